@@ -1,0 +1,49 @@
+# One command per task, the same locally and in CI.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := runc etcd-server etcd-client
+PROTOS := $(wildcard proto/snapwake/v1/*.proto)
+
+.PHONY: install proto proto-check lint test test-unit test-gpu run bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	bash scripts/install-system.sh $(APT_PACKAGES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch 2.13.0 is the CPU build on local disk; a GPU machine brings its own torch.
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+proto: $(STAMP)
+	$(PY) -m snapwake.protogen
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy snapwake services runtime
+
+# pytest exits 5 when it collected no test: that is a failure, not a pass.
+test: $(STAMP)
+	$(PY) -m snapwake.protogen --check
+	$(PY) -m pytest -q -x --timeout=600 $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests
+
+run: $(STAMP)
+	$(PY) -m snapwake.devcluster $(RUN_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench.coldstart
+
+clean:
+	rm -rf var/ .pytest_cache .ruff_cache .mypy_cache

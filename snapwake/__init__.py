@@ -1,0 +1,1 @@
+"""Code shared by Snapwake's services, runtime and tools."""

@@ -1,0 +1,186 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from snapwake.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class LeaseSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEASE_SOURCE_UNSPECIFIED: _ClassVar[LeaseSource]
+    LEASE_SOURCE_WARM: _ClassVar[LeaseSource]
+    LEASE_SOURCE_COLD_START: _ClassVar[LeaseSource]
+    LEASE_SOURCE_NORMAL_START: _ClassVar[LeaseSource]
+LEASE_SOURCE_UNSPECIFIED: LeaseSource
+LEASE_SOURCE_WARM: LeaseSource
+LEASE_SOURCE_COLD_START: LeaseSource
+LEASE_SOURCE_NORMAL_START: LeaseSource
+
+class CreateFunctionRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: _types_pb2.FunctionSpec
+    def __init__(self, spec: _Optional[_Union[_types_pb2.FunctionSpec, _Mapping]] = ...) -> None: ...
+
+class CreateFunctionResponse(_message.Message):
+    __slots__ = ("function",)
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    function: _types_pb2.Function
+    def __init__(self, function: _Optional[_Union[_types_pb2.Function, _Mapping]] = ...) -> None: ...
+
+class GetFunctionRequest(_message.Message):
+    __slots__ = ("function_id",)
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    function_id: str
+    def __init__(self, function_id: _Optional[str] = ...) -> None: ...
+
+class GetFunctionResponse(_message.Message):
+    __slots__ = ("function",)
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    function: _types_pb2.Function
+    def __init__(self, function: _Optional[_Union[_types_pb2.Function, _Mapping]] = ...) -> None: ...
+
+class ListFunctionsRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class ListFunctionsResponse(_message.Message):
+    __slots__ = ("functions",)
+    FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    functions: _containers.RepeatedCompositeFieldContainer[_types_pb2.Function]
+    def __init__(self, functions: _Optional[_Iterable[_Union[_types_pb2.Function, _Mapping]]] = ...) -> None: ...
+
+class UpdateFunctionRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: _types_pb2.FunctionSpec
+    def __init__(self, spec: _Optional[_Union[_types_pb2.FunctionSpec, _Mapping]] = ...) -> None: ...
+
+class UpdateFunctionResponse(_message.Message):
+    __slots__ = ("function",)
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    function: _types_pb2.Function
+    def __init__(self, function: _Optional[_Union[_types_pb2.Function, _Mapping]] = ...) -> None: ...
+
+class DeleteFunctionRequest(_message.Message):
+    __slots__ = ("function_id",)
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    function_id: str
+    def __init__(self, function_id: _Optional[str] = ...) -> None: ...
+
+class DeleteFunctionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[_types_pb2.Node]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[_types_pb2.Node, _Mapping]]] = ...) -> None: ...
+
+class ListInstancesRequest(_message.Message):
+    __slots__ = ("function_id",)
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    function_id: str
+    def __init__(self, function_id: _Optional[str] = ...) -> None: ...
+
+class ListInstancesResponse(_message.Message):
+    __slots__ = ("instances",)
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    instances: _containers.RepeatedCompositeFieldContainer[_types_pb2.Instance]
+    def __init__(self, instances: _Optional[_Iterable[_Union[_types_pb2.Instance, _Mapping]]] = ...) -> None: ...
+
+class GetInstanceLogsRequest(_message.Message):
+    __slots__ = ("instance_id", "tail_bytes")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TAIL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    tail_bytes: int
+    def __init__(self, instance_id: _Optional[str] = ..., tail_bytes: _Optional[int] = ...) -> None: ...
+
+class GetInstanceLogsResponse(_message.Message):
+    __slots__ = ("logs",)
+    LOGS_FIELD_NUMBER: _ClassVar[int]
+    logs: str
+    def __init__(self, logs: _Optional[str] = ...) -> None: ...
+
+class ListSnapshotsRequest(_message.Message):
+    __slots__ = ("function_id",)
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    function_id: str
+    def __init__(self, function_id: _Optional[str] = ...) -> None: ...
+
+class ListSnapshotsResponse(_message.Message):
+    __slots__ = ("snapshots",)
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    snapshots: _containers.RepeatedCompositeFieldContainer[_types_pb2.Snapshot]
+    def __init__(self, snapshots: _Optional[_Iterable[_Union[_types_pb2.Snapshot, _Mapping]]] = ...) -> None: ...
+
+class AcquireLeaseRequest(_message.Message):
+    __slots__ = ("function_id", "request_id", "gateway_id")
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    function_id: str
+    request_id: str
+    gateway_id: str
+    def __init__(self, function_id: _Optional[str] = ..., request_id: _Optional[str] = ..., gateway_id: _Optional[str] = ...) -> None: ...
+
+class AcquireLeaseResponse(_message.Message):
+    __slots__ = ("lease_id", "instance_id", "endpoint", "source", "wait", "ttl")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    instance_id: str
+    endpoint: str
+    source: LeaseSource
+    wait: _duration_pb2.Duration
+    ttl: _duration_pb2.Duration
+    def __init__(self, lease_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., source: _Optional[_Union[LeaseSource, str]] = ..., wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class ReleaseLeaseRequest(_message.Message):
+    __slots__ = ("lease_id", "instance_failed")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FAILED_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    instance_failed: bool
+    def __init__(self, lease_id: _Optional[str] = ..., instance_failed: _Optional[bool] = ...) -> None: ...
+
+class ReleaseLeaseResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReportQueueRequest(_message.Message):
+    __slots__ = ("gateway_id", "depths")
+    class DepthsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPTHS_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    depths: _containers.ScalarMap[str, int]
+    def __init__(self, gateway_id: _Optional[str] = ..., depths: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ReportQueueResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
