@@ -26,6 +26,10 @@ Handover socket (the blobstore listens; runtimes connect)
           -> {"ok": true, "bytes": N, "alloc_bytes": A, "manifest": {...}, "dma_seconds": s}
           The client answers {"op": "mapped"} once it has imported and mapped the memory;
           only then does the blobstore drop its own handle.
+      {"op": "prepare", "snapshot_id": ..., "gpu": 0 | -1}
+          Start filling the memory now (the DMA overlaps the driver restore of the
+          container); reply {"ok": true} at once. A later ``load`` for the same snapshot and
+          gpu takes the prepared memory instead of allocating again.
       {"op": "store", "snapshot_id": ..., "manifest": {...}, "gpu": 0 | -1}
           Sent with the arena's file descriptor attached. The blobstore reads it (imports
           the device memory and copies it to host, or mmaps the memfd), checksums it per
