@@ -75,16 +75,18 @@ class StatSnapshotRequest(_message.Message):
     def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
 
 class StatSnapshotResponse(_message.Message):
-    __slots__ = ("manifest", "on_disk", "in_cache", "manifest_digest")
+    __slots__ = ("manifest", "on_disk", "in_cache", "manifest_digest", "bytes_written")
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     ON_DISK_FIELD_NUMBER: _ClassVar[int]
     IN_CACHE_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     manifest: Manifest
     on_disk: bool
     in_cache: bool
     manifest_digest: str
-    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., on_disk: _Optional[bool] = ..., in_cache: _Optional[bool] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
+    bytes_written: int
+    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., on_disk: _Optional[bool] = ..., in_cache: _Optional[bool] = ..., manifest_digest: _Optional[str] = ..., bytes_written: _Optional[int] = ...) -> None: ...
 
 class BlobListSnapshotsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,1 @@
+"""Snapwake services: gateway, scheduler, nodeagent, blobstore."""

@@ -1,0 +1,10 @@
+"""The blobstore: striped snapshot storage, a host-memory cache tier and the device handover.
+
+    store/      StripedStore (disk, N directories) beside MemoryStore (tests)
+    cache.py    byte budget + LRU of whole snapshots over one arena allocated (and pinned) once
+    device.py   exportable memory: MemfdLoader (CPU hosts) and CudaLoader (cuMemCreate + fd)
+    core.py     Blobstore: the synchronous logic shared by gRPC and the handover socket
+    peers.py    fetching a snapshot from a peer blobstore over gRPC
+    handover.py the Unix-socket server of snapwake.protocols (load, prepare, store)
+    api.py      the thin gRPC servicer
+"""

@@ -1,0 +1,38 @@
+"""``python -m services.blobstore [--listen ...] [--dirs a,b] ...``: run one blobstore."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from services.blobstore.app import BlobstoreApp
+from services.blobstore.config import BlobstoreConfig
+from snapwake import log
+from snapwake.config import ConfigError, load
+
+
+async def _run(cfg: BlobstoreConfig) -> None:
+    app = BlobstoreApp(cfg)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await app.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load(BlobstoreConfig, argv, prog="python -m services.blobstore")
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    log.setup("blobstore", cfg.log_level)
+    asyncio.run(_run(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

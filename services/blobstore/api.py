@@ -1,0 +1,108 @@
+"""The gRPC servicer: thin, async, and every blocking step runs in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.blobstore import manifest as mf
+from services.blobstore.core import Blobstore, Stat
+from services.blobstore.ids import check_snapshot_id
+from snapwake import errors
+from snapwake.grpcserver import translate_errors
+from snapwake.v1 import blobstore_pb2 as pb
+from snapwake.v1 import blobstore_pb2_grpc
+
+__all__ = ["BlobstoreApi", "MESSAGE_BYTES"]
+
+log = logging.getLogger(__name__)
+MESSAGE_BYTES = 1 << 20  # data messages of GetSnapshot stay at or under 1 MiB
+
+
+def _stat(s: Stat) -> pb.StatSnapshotResponse:
+    return pb.StatSnapshotResponse(manifest=s.manifest, on_disk=s.on_disk, in_cache=s.in_cache,
+                                   manifest_digest=mf.digest(s.manifest))
+
+
+class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
+    def __init__(self, core: Blobstore) -> None:
+        self.core = core
+
+    @translate_errors
+    async def PutSnapshot(self, request_iterator: AsyncIterator[pb.PutSnapshotRequest],  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> pb.PutSnapshotResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("manifest"):
+            raise errors.InvalidArgument("manifest: the first message must carry the manifest", field="manifest")
+        m = first.manifest
+        writer = await asyncio.to_thread(self.core.begin_put, m)
+        try:
+            index, buf = 0, bytearray()
+            async for msg in request_iterator:
+                buf += msg.data
+                while index < len(m.chunk_sha256) and len(buf) >= mf.chunk_span(m, index)[1]:
+                    n = mf.chunk_span(m, index)[1]
+                    await asyncio.to_thread(writer.write_chunk, index, memoryview(bytes(buf[:n])))
+                    del buf[:n]
+                    index += 1
+            if buf or index != len(m.chunk_sha256):
+                raise errors.InvalidArgument(
+                    f"data: got {index} of {len(m.chunk_sha256)} chunks (+{len(buf)} bytes)", field="data")
+            await asyncio.to_thread(writer.commit)
+        except BaseException:
+            await asyncio.to_thread(writer.abort)
+            raise
+        return pb.PutSnapshotResponse(snapshot_id=m.snapshot_id, bytes_written=m.arena_bytes,
+                                      manifest_digest=mf.digest(m))
+
+    async def GetSnapshot(self, request: pb.GetSnapshotRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetSnapshotResponse]:
+        # Not under translate_errors (a streaming method is an async generator): same mapping here.
+        try:
+            stat = await asyncio.to_thread(self.core.stat, request.snapshot_id)
+            m = stat.manifest
+            yield pb.GetSnapshotResponse(manifest=m)
+            for index in range(len(m.chunk_sha256)):
+                data = await asyncio.to_thread(self.core.read_chunk, m, index)
+                for off in range(0, len(data), MESSAGE_BYTES):
+                    yield pb.GetSnapshotResponse(data=data[off:off + MESSAGE_BYTES])
+        except errors.SnapwakeError as exc:
+            log.warning("GetSnapshot %s: %s", request.snapshot_id, exc.message)
+            await context.abort(exc.code, errors.grpc_details(exc))
+
+    @translate_errors
+    async def StatSnapshot(self, request: pb.StatSnapshotRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> pb.StatSnapshotResponse:
+        return _stat(await asyncio.to_thread(self.core.stat, request.snapshot_id))
+
+    @translate_errors
+    async def ListSnapshots(self, request: pb.BlobListSnapshotsRequest,  # noqa: N802
+                            context: grpc.aio.ServicerContext) -> pb.BlobListSnapshotsResponse:
+        stats = await asyncio.to_thread(self.core.list)
+        used, budget = self.core.cache.stats()
+        return pb.BlobListSnapshotsResponse(snapshots=[_stat(s) for s in stats],
+                                            cache_bytes_used=used, cache_bytes_budget=budget)
+
+    @translate_errors
+    async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest,  # noqa: N802
+                             context: grpc.aio.ServicerContext) -> pb.DeleteSnapshotResponse:
+        await asyncio.to_thread(self.core.delete, request.snapshot_id)
+        return pb.DeleteSnapshotResponse()
+
+    @translate_errors
+    async def PrewarmSnapshot(self, request: pb.PrewarmSnapshotRequest,  # noqa: N802
+                              context: grpc.aio.ServicerContext) -> pb.PrewarmSnapshotResponse:
+        r = await asyncio.to_thread(self.core.prewarm, request.snapshot_id)
+        return pb.PrewarmSnapshotResponse(was_cached=r.was_cached, fetched_from_peer=r.fetched_from_peer,
+                                          bytes=r.nbytes)
+
+    @translate_errors
+    async def VerifySnapshot(self, request: pb.VerifySnapshotRequest,  # noqa: N802
+                             context: grpc.aio.ServicerContext) -> pb.VerifySnapshotResponse:
+        sid = check_snapshot_id(request.snapshot_id)
+        bad = await asyncio.to_thread(self.core.verify, sid)
+        msg = "ok" if bad < 0 else f"snapshot {sid} is corrupt: chunk {bad} failed its sha256 check"
+        return pb.VerifySnapshotResponse(ok=bad < 0, bad_chunk=bad, message=msg)

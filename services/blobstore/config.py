@@ -1,0 +1,46 @@
+"""Blobstore configuration: read once in ``__main__`` (flags, then SNAPWAKE_* variables)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+
+from snapwake.config import parse_address
+
+__all__ = ["BlobstoreConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobstoreConfig:
+    """Snapwake blobstore: striped snapshot storage, cache tier and device handover."""
+
+    listen: str = field(default="127.0.0.1:7003", metadata={"help": "gRPC listen address host:port"})
+    dirs: tuple[str, ...] = field(default=("./var/blobstore/d0",), metadata={"help": "comma list of stripe directories, one per drive"})
+    handover_socket: str = field(default="./var/blobstore/handover.sock", metadata={"help": "Unix socket path for runtimes"})
+    cache_bytes: int = field(default=1 << 30, metadata={"help": "host-memory cache budget in bytes (pinned once on GPU hosts)"})
+    chunk_bytes: int = field(default=64 << 20, metadata={"help": "chunk size for new snapshots (a multiple of 4096 allows O_DIRECT)"})
+    peers: tuple[str, ...] = field(default=(), metadata={"help": "comma list of peer blobstores host:port to fetch missing snapshots from"})
+    gpu: str = field(default="auto", metadata={"help": "use CUDA: true, false or auto (true when a GPU is visible)"})
+    log_level: str = field(default="INFO", metadata={"help": "log level"})
+
+    def validate(self) -> list[str]:
+        """Every problem, each naming its key."""
+        problems = []
+        for key, value in [("listen", self.listen), *[("peers", p) for p in self.peers]]:
+            try:
+                parse_address(value)
+            except ValueError as exc:
+                problems.append(f"{key}: {exc}")
+        if not self.dirs:
+            problems.append("dirs: at least one stripe directory is needed")
+        if len(set(self.dirs)) != len(self.dirs):
+            problems.append(f"dirs: duplicate directories in {','.join(self.dirs)}")
+        if self.cache_bytes < 0:
+            problems.append(f"cache_bytes: must be >= 0, got {self.cache_bytes}")
+        if self.chunk_bytes <= 0:
+            problems.append(f"chunk_bytes: must be > 0, got {self.chunk_bytes}")
+        if self.gpu.lower() not in ("auto", "true", "false", "1", "0", "yes", "no"):
+            problems.append(f"gpu: expected true, false or auto, got {self.gpu!r}")
+        if not self.handover_socket:
+            problems.append("handover_socket: a path is needed")
+        return problems

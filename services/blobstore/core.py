@@ -1,0 +1,261 @@
+"""Blobstore: the synchronous logic behind both the gRPC API and the handover socket.
+
+Thread-safe; every operation on one snapshot id runs under that id's lock, so a fill, a
+refetch and a store never race. A corrupt or missing chunk found while filling the cache drops
+the local copy and refetches it from a peer; it is never served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from services.blobstore import manifest as mf
+from services.blobstore.cache import HostCache
+from services.blobstore.device import Exported, Loader
+from services.blobstore.ids import check_snapshot_id
+from services.blobstore.manifest import Manifest
+from services.blobstore.peers import PeerFetcher
+from services.blobstore.store.base import CorruptSnapshot, SnapshotStore, SnapshotWriter, check_chunk
+from snapwake import errors
+
+__all__ = ["Blobstore", "Prewarmed", "Stat"]
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stat:
+    manifest: Manifest
+    on_disk: bool
+    in_cache: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Prewarmed:
+    was_cached: bool
+    fetched_from_peer: bool
+    nbytes: int
+
+
+class Blobstore:
+    """Store + cache + peers + loaders. ``cuda`` is None on hosts without a GPU."""
+
+    def __init__(self, store: SnapshotStore, cache: HostCache, peers: PeerFetcher, memfd: Loader,
+                 cuda: Loader | None = None, gpu_count: int = 0, chunk_bytes: int = 64 << 20,
+                 prepare_ttl: float = 60.0) -> None:
+        self.store, self.cache, self.peers = store, cache, peers
+        self.memfd, self.cuda, self.gpu_count = memfd, cuda, gpu_count
+        self.chunk_bytes, self.prepare_ttl = chunk_bytes, prepare_ttl
+        self.workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blob-prepare")
+        self._locks: dict[str, threading.Lock] = {}
+        self._prepared: dict[tuple[str, int], Future[Exported]] = {}
+        self._meta = threading.Lock()
+        self.progress: dict[str, int] = {}  # bytes written so far, per snapshot being stored
+
+    def _lock(self, sid: str) -> threading.Lock:
+        with self._meta:
+            return self._locks.setdefault(sid, threading.Lock())
+
+    # -- queries -------------------------------------------------------------------------
+    def stat(self, sid: str) -> Stat:
+        check_snapshot_id(sid)
+        in_cache = self.cache.contains(sid)
+        try:
+            return Stat(self.store.manifest(sid), True, in_cache)
+        except errors.NotFound:
+            with self.cache.use(sid) as entry:
+                if entry is None:
+                    raise
+                return Stat(entry.manifest, False, True)
+
+    def list(self) -> list[Stat]:
+        return [Stat(m, True, self.cache.contains(m.snapshot_id)) for m in self.store.list()]
+
+    def verify(self, sid: str) -> int:
+        """Index of the first bad chunk on disk, or -1."""
+        return self.store.verify(check_snapshot_id(sid))
+
+    def delete(self, sid: str) -> None:
+        with self._lock(check_snapshot_id(sid)):
+            in_cache, on_disk = self.cache.remove(sid), self.store.delete(sid)
+        if not (in_cache or on_disk):
+            raise errors.NotFound(f"snapshot {sid} not found")
+        log.info("deleted %s", sid)
+
+    def read_chunk(self, m: Manifest, index: int) -> bytes:
+        """Chunk ``index``, from the cache if there, verified against its checksum either way."""
+        start, length = mf.chunk_span(m, index)
+        with self.cache.use(m.snapshot_id) as entry:
+            if entry is not None and entry.manifest.chunk_sha256 == m.chunk_sha256:
+                data = bytes(entry.view[start:start + length])
+                check_chunk(m, index, data)
+                return data
+        buf = bytearray(length)
+        self.store.read_chunk_into(m, index, memoryview(buf))
+        return bytes(buf)
+
+    # -- writes ----------------------------------------------------------------------------
+    def begin_put(self, m: Manifest, sid: str | None = None) -> SnapshotWriter:
+        """A writer for PutSnapshot; the stale cached copy (if any) goes at commit time."""
+        mf.validate(m, sid)
+        writer = self.store.begin(m)
+        commit = writer.commit
+
+        def commit_and_invalidate() -> None:
+            with self._lock(m.snapshot_id):
+                commit()
+                self.cache.remove(m.snapshot_id)
+        writer.commit = commit_and_invalidate  # type: ignore[method-assign]
+        return writer
+
+    def store_arena(self, sid: str, manifest_json: object, fd: int, gpu: int,
+                    progress: Progress | None = None) -> tuple[Manifest, str]:
+        """Copies the arena behind ``fd`` into the cache, checksums it, writes it striped."""
+        check_snapshot_id(sid)
+        m = mf.from_dict(manifest_json)
+        m.snapshot_id = m.snapshot_id or sid
+        m.chunk_bytes = m.chunk_bytes or self.chunk_bytes
+        mf.validate(m, sid, need_checksums=False)
+        loader = self._loader(gpu)
+        with self._lock(sid):
+            self.cache.remove(sid)
+            entry, evicted = self.cache.reserve(m)
+            try:
+                loader.import_into(fd, m.arena_bytes, gpu, entry.view, entry.address)
+                full = mf.fill_checksums(m, entry.view, self.chunk_bytes)
+                self._write(full, entry.view, progress)
+                self.cache.commit(sid, full)
+            except BaseException:
+                self.cache.abandon(sid)
+                raise
+            finally:
+                self.progress.pop(sid, None)
+        log.info("stored %s from %s: %d bytes (evicted %s)", sid, f"gpu {gpu}" if gpu >= 0 else "memfd",
+                 full.arena_bytes, evicted or "nothing")
+        return full, mf.digest(full)
+
+    def _write(self, m: Manifest, data: memoryview, progress: Progress | None) -> None:
+        writer = self.store.begin(m)
+        done, lock = [0], threading.Lock()
+        self.progress[m.snapshot_id] = 0
+
+        def write(index: int, start: int, length: int) -> None:
+            writer.write_chunk(index, data[start:start + length])
+            with lock:
+                done[0] += length
+                self.progress[m.snapshot_id] = done[0]
+                if progress is not None:
+                    progress(done[0])
+        try:
+            self.store.each_chunk(m, write)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    # -- cache fill --------------------------------------------------------------------------
+    def prewarm(self, sid: str) -> Prewarmed:
+        """Makes sure ``sid`` is in the cache, from disk or else from a peer."""
+        check_snapshot_id(sid)
+        with self._lock(sid):
+            with self.cache.use(sid) as entry:
+                if entry is not None:
+                    return Prewarmed(True, False, entry.manifest.arena_bytes)
+            from_peer = False
+            if not self.store.contains(sid):
+                self._refetch(sid, None)
+                from_peer = True
+            try:
+                m = self._read_to_cache(sid)
+            except CorruptSnapshot as exc:
+                log.error("%s; dropping the local copy and refetching", exc.message)
+                self.store.delete(sid)
+                self._refetch(sid, exc)
+                from_peer = True
+                m = self._read_to_cache(sid)
+        log.info("cached %s (%d bytes%s)", sid, m.arena_bytes, ", from a peer" if from_peer else "")
+        return Prewarmed(False, from_peer, m.arena_bytes)
+
+    def _refetch(self, sid: str, cause: CorruptSnapshot | None) -> None:
+        if self.peers.fetch(sid, self.store) is not None:
+            return
+        where = f"on peers {', '.join(self.peers.peers)}" if self.peers.peers else "(no peers configured)"
+        if cause is not None:
+            raise CorruptSnapshot(sid, cause.chunk, f"checksum failed; local copy dropped and no good copy {where}")
+        raise errors.NotFound(f"snapshot {sid} not found locally nor {where}")
+
+    def _read_to_cache(self, sid: str) -> Manifest:
+        m = self.store.manifest(sid)
+        entry, _evicted = self.cache.reserve(m)
+        try:
+            self.store.read_into(m, entry.view)
+        except BaseException:
+            self.cache.abandon(sid)
+            raise
+        self.cache.commit(sid)
+        return m
+
+    # -- exportable memory -----------------------------------------------------------------
+    def _loader(self, gpu: int) -> Loader:
+        if gpu < 0:
+            return self.memfd
+        if self.cuda is None or gpu >= self.gpu_count:
+            raise errors.InvalidArgument(
+                f"gpu: no GPU {gpu} on this host ({self.gpu_count} GPUs); use -1 for host memory", field="gpu")
+        return self.cuda
+
+    def load(self, sid: str, gpu: int) -> Exported:
+        """Exportable memory filled with ``sid``: the prepared one if any, else made now."""
+        check_snapshot_id(sid)
+        with self._meta:
+            prepared = self._prepared.pop((sid, gpu), None)
+        if prepared is not None:
+            return prepared.result()
+        return self._export(sid, gpu)
+
+    def _export(self, sid: str, gpu: int) -> Exported:
+        loader = self._loader(gpu)
+        for _attempt in range(2):  # an eviction between fill and use is retried once
+            self.prewarm(sid)
+            with self.cache.use(sid) as entry:
+                if entry is not None:
+                    return loader.export(entry, gpu)
+        raise errors.ResourceExhausted(f"cache: {sid} was evicted twice while loading; cache too small")
+
+    def prepare(self, sid: str, gpu: int) -> None:
+        """Starts filling memory for a later ``load``; unclaimed memory is freed after ``prepare_ttl``."""
+        check_snapshot_id(sid)
+        self._loader(gpu)
+        key = (sid, gpu)
+        with self._meta:
+            if key in self._prepared:
+                return
+            fut = self.workers.submit(self._export, sid, gpu)
+            self._prepared[key] = fut
+        timer = threading.Timer(self.prepare_ttl, self._expire, (key, fut))
+        timer.daemon = True
+        timer.start()
+
+    def _expire(self, key: tuple[str, int], fut: Future[Exported]) -> None:
+        with self._meta:
+            if self._prepared.get(key) is not fut:
+                return
+            del self._prepared[key]
+        if fut.exception() is None:
+            log.warning("prepared memory for %s gpu %d never loaded; freeing it", *key)
+            fut.result().release()
+
+    def close(self) -> None:
+        with self._meta:
+            pending = list(self._prepared.values())
+            self._prepared.clear()
+        for fut in pending:
+            if fut.done() and fut.exception() is None:
+                fut.result().release()
+        self.workers.shutdown(wait=False, cancel_futures=True)
+        self.store.close()

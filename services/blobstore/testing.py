@@ -1,0 +1,55 @@
+"""Helpers for tests (ours and other services'): a real blobstore in-process, and a put client."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from services.blobstore import manifest as mf
+from services.blobstore.app import BlobstoreApp
+from services.blobstore.config import BlobstoreConfig
+from snapwake.grpcserver import channel
+from snapwake.v1 import blobstore_pb2 as pb
+from snapwake.v1 import blobstore_pb2_grpc
+
+__all__ = ["put_snapshot", "running_blobstore"]
+
+
+@contextlib.asynccontextmanager
+async def running_blobstore(root: Path, peers: tuple[str, ...] = (), stripes: int = 2,
+                            cache_bytes: int = 4 << 20, chunk_bytes: int = 64 << 10,
+                            gpu: str = "false") -> AsyncIterator[BlobstoreApp]:
+    """A blobstore on a free loopback port, stripes under ``root``, memfd handover unless ``gpu``.
+
+    The handover socket lives in a short /tmp directory: Unix socket paths are limited to 107 bytes.
+    """
+    sock_dir = Path(tempfile.mkdtemp(prefix="bs-", dir="/tmp"))
+    cfg = BlobstoreConfig(listen="127.0.0.1:0", dirs=tuple(str(root / f"d{k}") for k in range(stripes)),
+                          handover_socket=str(sock_dir / "h.sock"), cache_bytes=cache_bytes,
+                          chunk_bytes=chunk_bytes, peers=peers, gpu=gpu)
+    app = BlobstoreApp(cfg)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop(grace=1.0)
+        with contextlib.suppress(OSError):
+            os.rmdir(sock_dir)  # the server already unlinked its socket
+
+
+async def put_snapshot(address: str, sid: str, data: bytes, chunk_bytes: int,
+                       message_bytes: int = 100_000, deadline: float = 30.0) -> pb.PutSnapshotResponse:
+    """Streams ``data`` as snapshot ``sid`` to the blobstore at ``address``."""
+    m = mf.fill_checksums(pb.Manifest(snapshot_id=sid, arena_bytes=len(data)), memoryview(data), chunk_bytes)
+
+    async def messages() -> AsyncIterator[pb.PutSnapshotRequest]:
+        yield pb.PutSnapshotRequest(manifest=m)
+        for off in range(0, len(data), message_bytes):
+            yield pb.PutSnapshotRequest(data=data[off:off + message_bytes])
+
+    async with channel(address) as ch:
+        stub = blobstore_pb2_grpc.BlobstoreServiceStub(ch)
+        return await stub.PutSnapshot(messages(), timeout=deadline)

@@ -1,0 +1,202 @@
+"""``make run``: etcd and the four services as local processes, with the demo model deployed.
+
+Everything lives under ``var/`` in the project (etcd data, snapshots, instance dirs, logs).
+Ctrl-C (SIGINT) or SIGTERM stops the services in reverse order; the nodeagent stops its
+containers on the way out, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from snapwake.testing import EtcdProcess, free_port, wait_for
+
+__all__ = ["Cluster", "ClusterConfig", "main"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where and how the local cluster runs."""
+
+    var_dir: Path = ROOT / "var"
+    """Folder for etcd data, snapshots, instance dirs and logs."""
+    gateway_port: int = 8000
+    """Port of the OpenAI gateway (0 picks a free one)."""
+    scheduler_port: int = 7001
+    nodeagent_port: int = 7002
+    blobstore_port: int = 7003
+    etcd_port: int = 2379
+    node_name: str = "node-0"
+    api_keys: str = ""
+    """``key:tenant,...``; empty turns auth off."""
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """Extra environment for every service (OTEL_* for tracing, say)."""
+
+
+class Cluster:
+    """Starts and stops the processes of one local cluster."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        port = lambda p: p or free_port()  # noqa: E731
+        self.ports = {"gateway": port(config.gateway_port), "scheduler": port(config.scheduler_port),
+                      "nodeagent": port(config.nodeagent_port), "blobstore": port(config.blobstore_port)}
+        self.etcd = EtcdProcess(config.var_dir / "etcd", port(config.etcd_port),
+                                log_path=config.var_dir / "logs" / "etcd.log")
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway']}"
+
+    @property
+    def scheduler_address(self) -> str:
+        return f"127.0.0.1:{self.ports['scheduler']}"
+
+    def _args(self, name: str) -> list[str]:
+        var, p, etcd = self.config.var_dir, self.ports, self.etcd.address
+        handover = str(var / "blobstore" / "handover.sock")
+        return {
+            "blobstore": ["--listen", f"127.0.0.1:{p['blobstore']}", "--dirs",
+                          f"{var}/blobstore/d0,{var}/blobstore/d1", "--handover-socket", handover],
+            "nodeagent": ["--name", self.config.node_name, "--listen", f"127.0.0.1:{p['nodeagent']}",
+                          "--etcd", etcd, "--blobstore", f"127.0.0.1:{p['blobstore']}",
+                          "--handover-socket", handover, "--state-dir", str(var / "nodeagent")],
+            "scheduler": ["--listen", f"127.0.0.1:{p['scheduler']}", "--etcd", etcd],
+            "gateway": ["--listen", f"127.0.0.1:{p['gateway']}", "--scheduler", self.scheduler_address,
+                        *(["--api-keys", self.config.api_keys] if self.config.api_keys else [])],
+        }[name]
+
+    def start_service(self, name: str, timeout: float = 60.0) -> subprocess.Popen[bytes]:
+        """Starts ``python -m services.<name>`` and waits until its port answers."""
+        logs = self.config.var_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", f"services.{name}", *self._args(name)],
+                                    stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
+                                    env={**os.environ, **self.config.extra_env, "PYTHONUNBUFFERED": "1"})
+        self.procs[name] = proc
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {logs / (name + '.log')}")
+            if name == "gateway":
+                import httpx
+                return httpx.get(self.gateway_url + "/healthz", timeout=1).status_code == 200
+            ch = grpc.insecure_channel(f"127.0.0.1:{self.ports[name]}")
+            try:
+                grpc.channel_ready_future(ch).result(timeout=1)
+                return True
+            finally:
+                ch.close()
+
+        wait_for(up, timeout, f"{name} on port {self.ports[name]}", interval=0.2)
+        return proc
+
+    def start(self) -> Cluster:
+        self.config.var_dir.mkdir(parents=True, exist_ok=True)
+        self.etcd.start()
+        for name in ("blobstore", "nodeagent", "scheduler", "gateway"):
+            self.start_service(name)
+        return self
+
+    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def stop(self) -> None:
+        for name in ("gateway", "scheduler", "nodeagent", "blobstore"):
+            self.stop_service(name)
+        self.etcd.stop()
+
+    def __enter__(self) -> Cluster:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeout: float = 180.0) -> None:
+    """Creates the demo function (if absent) and waits until it is READY."""
+    from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
+
+    spec = types_pb2.FunctionSpec(tenant="default", namespace="default", name=name, image="builtin",
+                                  model_dir=str(model_dir))
+    async with grpc.aio.insecure_channel(scheduler) as ch:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10)
+        deadline = time.monotonic() + timeout
+        fid = f"default/default/{name}"
+        while time.monotonic() < deadline:
+            got = await stub.GetFunction(scheduler_pb2.GetFunctionRequest(function_id=fid), timeout=10)
+            state = got.function.state
+            if state == types_pb2.FUNCTION_STATE_READY:
+                return
+            if state == types_pb2.FUNCTION_STATE_FAILED:
+                raise RuntimeError(f"demo function failed: {got.function.status_message}")
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"demo function not ready after {timeout:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make run", description=__doc__)
+    parser.add_argument("--gateway-port", type=int, default=8000)
+    parser.add_argument("--var-dir", type=Path, default=ROOT / "var")
+    opts = parser.parse_args(argv)
+    from runtime.demo import make_demo_model
+    from snapwake.log import setup
+
+    setup("devcluster")
+    config = ClusterConfig(var_dir=opts.var_dir.resolve(), gateway_port=opts.gateway_port)
+    model_dir = make_demo_model(config.var_dir / "models" / "demo", seed=0)
+    stop = [False]
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
+    with Cluster(config) as cluster:
+        print("deploying the demo model (snapshot build and pre-warm) ...", flush=True)
+        asyncio.run(deploy_demo(cluster.scheduler_address, model_dir))
+        url = cluster.gateway_url
+        print(f"\nSnapwake is up.\n  OpenAI base URL: {url}/v1\n  admin API (gRPC): {cluster.scheduler_address}\n"
+              f"  dashboard: {url}/dashboard/\n  logs: {config.var_dir / 'logs'}\n\nTry:\n"
+              f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"model\": \"demo\", \"stream\": true, \"messages\": [{{\"role\": \"user\", "
+              f"\"content\": \"hello\"}}]}}'\n\nCtrl-C stops everything.", flush=True)
+        try:
+            while not stop[0]:
+                time.sleep(0.5)
+                dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
+                if dead:
+                    print(f"service exited: {', '.join(dead)}; stopping", file=sys.stderr)
+                    return 1
+        except KeyboardInterrupt:
+            pass
+        print("\nstopping ...", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""GPU handover round trip, across two processes (run on a GPU machine: pytest -m gpu).
+
+This process runs the blobstore with CUDA; a child process plays the runtime: it exports a
+cuMemCreate allocation filled with a pattern (``store``), then asks for it back (``load``),
+imports the fd, copies it to host and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.blobstore.device import cuda_device_count
+from services.blobstore.testing import running_blobstore
+
+pytestmark = pytest.mark.gpu
+
+CHILD = r"""
+import ctypes, json, os, socket, sys
+from services.blobstore.cache import CacheEntry
+from services.blobstore.device import CudaLoader
+from snapwake.protocols import recv_message, send_message
+from snapwake.v1.blobstore_pb2 import Manifest
+
+path, sid, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+pattern = bytes((i * 13 + i // 65537) % 256 for i in range(n))
+host = (ctypes.c_ubyte * n).from_buffer_copy(pattern)
+loader = CudaLoader()
+exported = loader.export(CacheEntry(Manifest(snapshot_id=sid, arena_bytes=n), memoryview(host), ctypes.addressof(host)), 0)
+out = {}
+with socket.socket(socket.AF_UNIX) as s:
+    s.settimeout(60); s.connect(path)
+    send_message(s, {"op": "store", "snapshot_id": sid, "gpu": 0,
+                     "manifest": {"snapshot_id": sid, "arena_bytes": n}}, fds=[exported.fd])
+    out["store"] = recv_message(s)[0]
+exported.release()
+with socket.socket(socket.AF_UNIX) as s:
+    s.settimeout(60); s.connect(path)
+    send_message(s, {"op": "load", "snapshot_id": sid, "gpu": 0})
+    reply, fds = recv_message(s)
+    back = (ctypes.c_ubyte * n)()
+    loader.import_into(fds[0], n, 0, memoryview(back), ctypes.addressof(back))
+    os.close(fds[0])
+    send_message(s, {"op": "mapped"})
+    out["load"] = {k: v for k, v in reply.items() if k != "manifest"}
+out["equal"] = bytes(back) == pattern
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(cuda_device_count() == 0, reason="needs an NVIDIA GPU")
+async def test_cuda_store_and_load_round_trip(tmp_path: Path) -> None:
+    import asyncio
+
+    n = (96 << 20) + 12345  # not a multiple of the allocation granularity
+    async with running_blobstore(tmp_path, cache_bytes=256 << 20, chunk_bytes=16 << 20, gpu="true") as app:
+        proc = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-c", CHILD, app.cfg.handover_socket, "acme/default/gpu@1", str(n)],
+            capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out["store"]["ok"] and out["store"]["bytes"] == n
+        assert out["load"]["ok"] and out["load"]["bytes"] == n and out["load"]["alloc_bytes"] >= n
+        assert out["equal"]

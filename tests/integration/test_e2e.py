@@ -1,0 +1,114 @@
+"""The whole request path for real: etcd, the four services as processes, runc containers,
+and the real ``openai`` client against the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from snapwake.devcluster import Cluster, ClusterConfig, deploy_demo
+from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
+
+pytestmark = pytest.mark.integration
+
+
+def _runc_containers(root: Path) -> list[str]:
+    out = subprocess.run(["runc", "--root", str(root), "list", "-q"], capture_output=True, text=True)
+    return [line for line in out.stdout.split() if line]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[Cluster]:
+    var = tmp_path_factory.mktemp("cluster")
+    config = ClusterConfig(var_dir=var, gateway_port=0, scheduler_port=0, nodeagent_port=0,
+                           blobstore_port=0, etcd_port=0)
+    with Cluster(config) as c:
+        asyncio.run(deploy_demo(c.scheduler_address, demo_model_dir, timeout=240))
+        yield c
+
+
+def _client(cluster: Cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.gateway_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models_lists_demo(cluster: Cluster) -> None:
+    ids = [m.id for m in _client(cluster).models.list()]
+    assert "demo" in ids
+
+
+def test_chat_completion_streamed_through_every_service(cluster: Cluster) -> None:
+    stream = _client(cluster).chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "hello there"}], max_tokens=8,
+        temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens >= 1
+    assert text, "the stream carried no text"
+
+
+def test_greedy_is_repeatable_and_matches_streaming(cluster: Cluster) -> None:
+    client = _client(cluster)
+    kwargs = dict(model="demo", prompt="the quick brown", max_tokens=6, temperature=0)
+    a = client.completions.create(**kwargs)
+    b = client.completions.create(**kwargs)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices)
+    assert a.choices[0].text == b.choices[0].text == streamed
+    assert a.usage.completion_tokens == 6 or a.choices[0].finish_reason == "stop"
+
+
+def test_unknown_model_is_404_with_param(cluster: Cluster) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        _client(cluster).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert err.value.body["param"] == "model"
+
+
+def test_per_function_url(cluster: Cluster) -> None:
+    r = httpx.post(cluster.gateway_url + "/funcs/default/default/demo/v1/chat/completions",
+                   json={"model": "anything", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "chat.completion"
+    assert r.headers.get("x-request-id")
+
+
+def test_failed_start_answers_503_fast(cluster: Cluster, tmp_path: Path) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    spec = types_pb2.FunctionSpec(tenant="default", namespace="default", name="broken", image="builtin",
+                                  model_dir=str(broken))
+    spec.policy.snapshot_mode = types_pb2.SNAPSHOT_MODE_NONE
+    spec.policy.start_timeout.FromSeconds(60)
+    with grpc.insecure_channel(cluster.scheduler_address) as ch:
+        scheduler_pb2_grpc.SchedulerServiceStub(ch).CreateFunction(
+            scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10)
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as err:
+        _client(cluster).chat.completions.create(model="broken", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 503
+    assert "start" in str(err.value.body).lower()
+    assert time.monotonic() - t0 < 60
+
+
+def test_logs_and_instances_visible_through_admin_api(cluster: Cluster) -> None:
+    with grpc.insecure_channel(cluster.scheduler_address) as ch:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+        instances = stub.ListInstances(scheduler_pb2.ListInstancesRequest(function_id="default/default/demo"),
+                                       timeout=10).instances
+        serving = [i for i in instances if i.state in (types_pb2.INSTANCE_STATE_RUNNING,
+                                                       types_pb2.INSTANCE_STATE_IDLE)]
+        assert serving, instances
+        logs = stub.GetInstanceLogs(scheduler_pb2.GetInstanceLogsRequest(instance_id=serving[0].id), timeout=10)
+        assert logs.logs
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetFunction(scheduler_pb2.GetFunctionRequest(function_id="default/default/missing"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
