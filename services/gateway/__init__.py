@@ -1,0 +1,20 @@
+"""The Snapwake gateway: the OpenAI REST API, per-function URLs, API keys, one bounded queue per
+function, and the proxy (with SSE streaming) to a leased instance.
+
+    config.py            GatewayConfig (frozen, loaded once in __main__)
+    models.py            OpenAI model id <-> function id, and the cached function catalogue
+    protocol.py          request validation (unknown fields accepted and logged)
+    errors.py            the one OpenAI error body and the exception -> HTTP mapping
+    middleware.py        request id and API-key auth, plain ASGI
+    queue.py             the bounded per-function queue: a pure core and its asyncio edge
+    scheduler_client.py  the SchedulerClient interface and its gRPC implementation
+    proxy.py             relaying a request to an instance (JSON or SSE)
+    serving.py           the logic behind each endpoint
+    api_router.py        HTTP only: routes to serving
+    app.py               build_app()
+"""
+
+from services.gateway.app import build_app
+from services.gateway.config import GatewayConfig
+
+__all__ = ["GatewayConfig", "build_app"]

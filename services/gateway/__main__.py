@@ -1,0 +1,61 @@
+"""``python -m services.gateway``: load the config, run uvicorn, drain on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import uvicorn
+
+from services.gateway.app import build_app
+from services.gateway.config import GatewayConfig
+from services.gateway.scheduler_client import GrpcSchedulerClient
+from snapwake import log as snapwake_log
+from snapwake import telemetry
+from snapwake.config import ConfigError, load, parse_address
+
+try:
+    from opentelemetry.instrumentation.starlette import StarletteInstrumentor
+except ImportError:  # tracing is optional
+    StarletteInstrumentor = None  # type: ignore[assignment,misc]
+
+log = logging.getLogger("services.gateway")
+
+
+async def serve(config: GatewayConfig) -> None:
+    """Runs until a signal; uvicorn stops accepting, lets requests finish for ``shutdown_grace``."""
+    client = GrpcSchedulerClient(config.scheduler, config.gateway_id, config.rpc_timeout)
+    try:
+        app = build_app(client, config)
+        host, port = parse_address(config.listen)
+        if StarletteInstrumentor is not None:
+            StarletteInstrumentor.instrument_app(app)
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=host, port=port, log_config=None, access_log=False,
+            timeout_graceful_shutdown=int(config.shutdown_grace), lifespan="on"))
+        log.info("gateway %s listening on %s, scheduler %s", config.gateway_id, config.listen,
+                 ",".join(config.scheduler))
+        await server.serve()  # installs SIGINT/SIGTERM handlers itself
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load(GatewayConfig, argv, prog="python -m services.gateway").with_gateway_id()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    snapwake_log.setup("gateway", config.log_level)
+    try:
+        telemetry.setup_tracing("snapwake-gateway")
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

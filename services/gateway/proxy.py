@@ -1,0 +1,148 @@
+"""Relaying one request to a leased instance's OpenAI server.
+
+``Upstream.open`` sends the request and returns once the instance's response headers arrived;
+connection failures before that are ``InstanceUnreachable`` (the caller marks the instance
+failed and may retry on another lease, since nothing reached the client yet). ``RelayResponse``
+streams the SSE bytes on as they come; an upstream failure after the stream started is sent as
+``data: {"error": ...}`` before the stream ends, and a client that disconnects cancels the
+upstream read. httpx exceptions are translated here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Mapping
+
+import httpx
+from starlette.types import Message, Receive, Scope, Send
+
+from services.gateway.errors import error_body
+from services.gateway.scheduler_client import Lease
+from snapwake import errors
+
+try:
+    from opentelemetry.propagate import inject as otel_inject
+except ImportError:  # tracing is optional
+    otel_inject = None  # type: ignore[assignment]
+
+__all__ = ["InstanceUnreachable", "RelayResponse", "Upstream", "wait_disconnect"]
+
+log = logging.getLogger(__name__)
+
+
+class InstanceUnreachable(errors.Unavailable):
+    """The instance did not answer at all; nothing was relayed yet."""
+
+
+class Upstream:
+    """One pooled HTTP client for every instance, with a short connect and a long read timeout."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=connect_timeout,
+                                pool=connect_timeout)
+        self._client = httpx.AsyncClient(timeout=timeout, transport=transport,
+                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+
+    async def open(self, lease: Lease, path: str, body: bytes, request_id: str) -> httpx.Response:
+        """POSTs ``body`` to the instance; returns with the headers read and the body not yet."""
+        headers = {"content-type": "application/json", "x-request-id": request_id,
+                   "accept": "application/json, text/event-stream"}
+        if otel_inject is not None:
+            otel_inject(headers)
+        request = self._client.build_request("POST", f"http://{lease.endpoint}{path}", content=body,
+                                             headers=headers)
+        try:
+            return await self._client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+                raise InstanceUnreachable(f"instance {lease.instance_id} did not accept a connection") from None
+            raise errors.DeadlineExceeded(f"instance {lease.instance_id} did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise InstanceUnreachable(
+                f"instance {lease.instance_id} at {lease.endpoint} failed: {type(exc).__name__}") from None
+
+    async def read(self, response: httpx.Response, lease: Lease) -> bytes:
+        """The whole body of a non-streaming answer."""
+        try:
+            return await response.aread()
+        except httpx.TimeoutException:
+            raise errors.DeadlineExceeded(f"instance {lease.instance_id} did not finish in time") from None
+        except httpx.TransportError as exc:
+            raise InstanceUnreachable(
+                f"instance {lease.instance_id} broke off its answer: {type(exc).__name__}") from None
+        finally:
+            await response.aclose()
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+async def wait_disconnect(receive: Receive) -> None:
+    """Returns when the client disconnects (call it only after the request body was read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse_error(exc: BaseException) -> bytes:
+    body = error_body(f"the instance failed mid-stream: {type(exc).__name__}: {exc}",
+                      "server_error", None, "upstream_error")
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+class RelayResponse:
+    """An ASGI response that relays an upstream SSE stream byte for byte.
+
+    ``on_first_byte`` runs once when the first bytes go out (CS-TTFT); ``on_close(failed)``
+    runs exactly once at the end, however it ends (the caller releases the lease there).
+    """
+
+    def __init__(self, upstream: httpx.Response, on_first_byte: Callable[[], None],
+                 on_close: Callable[[bool], None], headers: Mapping[str, str] | None = None) -> None:
+        self._upstream = upstream
+        self._on_first_byte, self._on_close = on_first_byte, on_close
+        self._headers = dict(headers or {})
+        self._failed = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.ensure_future(self._pump(send))
+        watch = asyncio.ensure_future(wait_disconnect(receive))
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done() and not pump.done():
+                log.info("client disconnected; cancelling the upstream request")
+        finally:
+            for task in (pump, watch):
+                task.cancel()
+            await asyncio.gather(pump, watch, return_exceptions=True)
+            await self._upstream.aclose()
+            self._on_close(self._failed)
+
+    async def _pump(self, send: Send) -> None:
+        content_type = self._upstream.headers.get("content-type", "text/event-stream")
+        headers = [(b"content-type", content_type.encode()), (b"cache-control", b"no-cache"),
+                   *((k.lower().encode(), v.encode()) for k, v in self._headers.items())]
+        await send({"type": "http.response.start", "status": self._upstream.status_code, "headers": headers})
+        tail, first = b"\n\n", True
+        try:
+            async for chunk in self._upstream.aiter_raw():
+                if not chunk:
+                    continue
+                if first:
+                    first = False
+                    self._on_first_byte()
+                await send(_body(chunk, more=True))
+                tail = (tail + chunk)[-2:]
+        except httpx.HTTPError as exc:
+            # A read timeout is a slow instance, not a dead one.
+            self._failed = not isinstance(exc, httpx.TimeoutException)
+            log.warning("upstream stream failed: %s: %s", type(exc).__name__, exc)
+            separator = b"" if tail == b"\n\n" else b"\n\n"
+            await send(_body(separator + _sse_error(exc), more=True))
+        await send(_body(b"", more=False))
+
+
+def _body(chunk: bytes, more: bool) -> Message:
+    return {"type": "http.response.body", "body": chunk, "more_body": more}

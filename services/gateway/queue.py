@@ -1,0 +1,165 @@
+"""The bounded per-function request queue.
+
+``QueueBook`` is the pure core: how many requests wait per function, and whether one more may.
+``LeaseQueue`` is its asyncio edge: a request takes a slot (or is refused with 429), then a
+worker task asks the scheduler for a lease with the deadline that is left of the function's
+``queue_timeout`` (503 when it runs out). The OpenTelemetry context is captured at enqueue time
+and attached in the worker, so the lease span sits under the request's trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from services.gateway.errors import QueueFull, QueueTimeout
+from services.gateway.scheduler_client import FunctionInfo, Lease, SchedulerClient
+from snapwake import errors
+
+try:
+    from opentelemetry import context as otel_context
+except ImportError:  # tracing is optional
+    otel_context = None  # type: ignore[assignment]
+
+__all__ = ["Admission", "LeaseQueue", "QueueBook"]
+
+log = logging.getLogger(__name__)
+
+
+class Admission(enum.Enum):
+    ADMITTED = "admitted"  # the request holds a slot; it must leave() when it stops waiting
+    FULL = "full"  # queue_len requests already wait: answer 429 with Retry-After
+
+
+class QueueBook:
+    """Waiting requests per function (pure, synchronous)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, int] = {}
+
+    def enter(self, function_id: str, limit: int) -> Admission:
+        """Takes a slot unless ``limit`` requests already wait."""
+        if self._waiting.get(function_id, 0) >= limit:
+            return Admission.FULL
+        self._waiting[function_id] = self._waiting.get(function_id, 0) + 1
+        return Admission.ADMITTED
+
+    def leave(self, function_id: str) -> None:
+        """Gives the slot back (lease acquired, timed out, failed or cancelled)."""
+        left = self._waiting.get(function_id, 0) - 1
+        if left < 0:
+            raise RuntimeError(f"leave() without enter() for {function_id}")
+        self._waiting[function_id] = left
+
+    def depth(self, function_id: str) -> int:
+        return self._waiting.get(function_id, 0)
+
+    def depths(self) -> dict[str, int]:
+        """Every function seen since the last ``prune``, zeros included (a drop to 0 is news)."""
+        return dict(self._waiting)
+
+    def prune(self) -> None:
+        """Forgets functions with nobody waiting (after their 0 has been reported)."""
+        self._waiting = {f: n for f, n in self._waiting.items() if n}
+
+
+class LeaseQueue:
+    """Queues requests per function and gets each one a lease from the scheduler."""
+
+    def __init__(self, client: SchedulerClient, default_len: int, default_timeout: float,
+                 on_depth: Callable[[str, int], None] = lambda f, n: None) -> None:
+        self._client = client
+        self._book = QueueBook()
+        self._default_len, self._default_timeout = default_len, default_timeout
+        self._on_depth = on_depth
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def limits(self, fn: FunctionInfo) -> tuple[int, float]:
+        """The function's (queue_len, queue_timeout), with the gateway's defaults for zeros."""
+        return fn.queue_len or self._default_len, fn.queue_timeout or self._default_timeout
+
+    async def acquire(self, fn: FunctionInfo, request_id: str) -> Lease:
+        """Waits in ``fn``'s queue for a lease. Raises ``QueueFull`` (429), ``QueueTimeout``
+        (503), ``StartFailed`` (503, at once) or the scheduler's error."""
+        limit, timeout = self.limits(fn)
+        if self._book.enter(fn.function_id, limit) is Admission.FULL:
+            raise QueueFull(f"{limit} requests already wait for {fn.function_id}; retry later")
+        self._on_depth(fn.function_id, self._book.depth(fn.function_id))
+        captured = otel_context.get_current() if otel_context else None
+        worker = self._spawn(self._lease(fn.function_id, request_id, timeout, captured))
+        try:
+            done, _ = await asyncio.wait({worker}, timeout=timeout)
+        except asyncio.CancelledError:  # the client went away
+            self._abandon(worker)
+            raise
+        finally:
+            self._book.leave(fn.function_id)
+            self._on_depth(fn.function_id, self._book.depth(fn.function_id))
+        if not done:
+            self._abandon(worker)
+            raise QueueTimeout(f"no instance of {fn.function_id} became free within {timeout:g}s")
+        try:
+            return worker.result()
+        except errors.DeadlineExceeded as exc:
+            raise QueueTimeout(f"no instance of {fn.function_id} became free within {timeout:g}s: "
+                               f"{exc.message}") from None
+
+    async def _lease(self, function_id: str, request_id: str, max_wait: float, captured: Any) -> Lease:
+        token = otel_context.attach(captured) if otel_context and captured is not None else None
+        try:
+            return await self._client.acquire_lease(function_id, request_id, max_wait)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+
+    def _abandon(self, worker: asyncio.Task[Lease]) -> None:
+        """Cancels a worker; a lease that arrives anyway is released, never leaked."""
+        def release_late(task: asyncio.Task[Lease]) -> None:
+            if not task.cancelled() and task.exception() is None:
+                self.release(task.result())
+        worker.add_done_callback(release_late)
+        worker.cancel()
+
+    def release(self, lease: Lease, instance_failed: bool = False) -> None:
+        """Returns a lease in the background: cancellation of the request must not skip it."""
+        self._spawn(self._release(lease, instance_failed))
+
+    async def _release(self, lease: Lease, instance_failed: bool) -> None:
+        try:
+            await self._client.release_lease(lease.lease_id, instance_failed)
+        except errors.SnapwakeError as exc:  # the lease's TTL reclaims it
+            log.warning("ReleaseLease %s failed: %s", lease.lease_id, exc.message)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def report_forever(self, interval: float) -> None:
+        """Sends queue depths to the scheduler every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            depths = self._book.depths()
+            if not depths:
+                continue
+            try:
+                await self._client.report_queue(depths)
+            except errors.SnapwakeError as exc:
+                log.warning("ReportQueue failed: %s", exc.message)
+                continue
+            self._book.prune()
+
+    def depths(self) -> Mapping[str, int]:
+        return self._book.depths()
+
+    async def drain(self, grace: float = 5.0) -> None:
+        """Waits (bounded) for background releases to finish."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while self._background:
+                    await asyncio.gather(*self._background, return_exceptions=True)

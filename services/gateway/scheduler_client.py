@@ -1,0 +1,188 @@
+"""What the gateway needs from the scheduler, and its gRPC implementation.
+
+``SchedulerClient`` is the interface ``serving`` depends on; ``GrpcSchedulerClient`` talks to
+``snapwake.v1.SchedulerService`` and ``LeaseService``. With several scheduler addresses only the
+elected leader answers; the others say UNAVAILABLE "not the leader", and the client moves on to
+the next address and remembers the one that answered. gRPC errors are translated here, once,
+through ``snapwake.errors.from_rpc_error``.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from snapwake import errors
+from snapwake.grpcserver import channel
+from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
+
+__all__ = ["FunctionInfo", "GrpcSchedulerClient", "Lease", "LeaseSource", "SchedulerClient"]
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+class LeaseSource(enum.Enum):
+    """How the leased instance came to serve the request (mirrors ``snapwake.v1.LeaseSource``)."""
+
+    UNSPECIFIED = 0
+    WARM = 1  # a running or idle instance with free concurrency
+    COLD_START = 2  # a standby restored from its snapshot
+    NORMAL_START = 3  # a container started from scratch
+
+    @property
+    def started(self) -> bool:
+        """True when the request waited for an instance start (these feed the CS-TTFT metric)."""
+        return self in (LeaseSource.COLD_START, LeaseSource.NORMAL_START)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One instance, leased for one request; always released."""
+
+    lease_id: str
+    instance_id: str
+    endpoint: str  # host:port of the instance's OpenAI server
+    source: LeaseSource = LeaseSource.WARM
+    wait_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class FunctionInfo:
+    """What the gateway needs of a deployed function."""
+
+    function_id: str  # tenant/namespace/name
+    queue_len: int  # 0: the gateway's default
+    queue_timeout: float  # seconds; 0: the gateway's default
+    state: int = types_pb2.FUNCTION_STATE_READY
+    status_message: str = ""
+    created_unix: int = 0
+
+    @property
+    def tenant(self) -> str:
+        return self.function_id.split("/", 1)[0]
+
+    @classmethod
+    def from_proto(cls, fn: types_pb2.Function) -> FunctionInfo:
+        policy = fn.spec.policy
+        return cls(function_id=fn.id, queue_len=policy.queue_len,
+                   queue_timeout=policy.queue_timeout.ToTimedelta().total_seconds(),
+                   state=fn.state, status_message=fn.status_message, created_unix=fn.create_time.seconds)
+
+
+class SchedulerClient(abc.ABC):
+    """The scheduler, as the gateway sees it. Every method is bounded by a deadline."""
+
+    @abc.abstractmethod
+    async def list_functions(self) -> list[FunctionInfo]:
+        """Every deployed function, of every tenant, whether or not an instance runs."""
+
+    @abc.abstractmethod
+    async def acquire_lease(self, function_id: str, request_id: str, max_wait: float) -> Lease:
+        """Blocks up to ``max_wait`` seconds for an instance. Raises ``StartFailed`` when its
+        start failed, ``DeadlineExceeded`` on timeout, ``NotFound`` for an unknown function."""
+
+    @abc.abstractmethod
+    async def release_lease(self, lease_id: str, instance_failed: bool = False) -> None:
+        """Returns the lease; ``instance_failed`` asks the scheduler to check the instance."""
+
+    @abc.abstractmethod
+    async def report_queue(self, depths: Mapping[str, int]) -> None:
+        """Reports waiting requests per function id (the autoscaler's input)."""
+
+    async def close(self) -> None:  # noqa: B027 - an optional hook; most fakes hold nothing
+        """Releases connections."""
+
+
+def _not_leader(err: grpc.RpcError) -> bool:
+    # A follower answers "not the leader"; an address that is down answers UNAVAILABLE without
+    # details of ours. Both mean: try the next address. A start failure is final.
+    if err.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    return not (err.details() or "").startswith(errors.START_FAILED_TAG)
+
+
+class GrpcSchedulerClient(SchedulerClient):
+    """``SchedulerClient`` over gRPC, with leader failover across ``addresses``."""
+
+    def __init__(self, addresses: Sequence[str], gateway_id: str, rpc_timeout: float = 5.0) -> None:
+        if not addresses:
+            raise errors.InvalidArgument("at least one scheduler address is required", field="scheduler")
+        self._channels = [channel(a) for a in addresses]
+        self._addresses = list(addresses)
+        self._admin = [scheduler_pb2_grpc.SchedulerServiceStub(c) for c in self._channels]
+        self._leases = [scheduler_pb2_grpc.LeaseServiceStub(c) for c in self._channels]
+        self._current = 0
+        self._gateway_id = gateway_id
+        self._rpc_timeout = rpc_timeout
+
+    async def _call(self, invoke: Callable[[int, float], Awaitable[R]], budget: float) -> R:
+        """Runs ``invoke(index, remaining)`` on the leader, trying each address once."""
+        deadline = time.monotonic() + budget
+        last: grpc.RpcError | None = None
+        for step in range(len(self._addresses)):
+            index = (self._current + step) % len(self._addresses)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                result = await invoke(index, remaining)
+            except grpc.RpcError as err:
+                if not _not_leader(err):
+                    raise errors.from_rpc_error(err) from None
+                log.info("scheduler %s unavailable (%s); trying the next", self._addresses[index], err.details())
+                last = err
+                continue
+            self._current = index
+            return result
+        if last is not None:
+            raise errors.Unavailable(f"no scheduler leader reachable at {', '.join(self._addresses)}: "
+                                     f"{last.details()}")
+        raise errors.DeadlineExceeded("scheduler call ran out of time")
+
+    async def list_functions(self) -> list[FunctionInfo]:
+        async def invoke(i: int, t: float) -> Any:
+            return await self._admin[i].ListFunctions(scheduler_pb2.ListFunctionsRequest(), timeout=t)
+
+        response = await self._call(invoke, self._rpc_timeout)
+        return [FunctionInfo.from_proto(f) for f in response.functions]
+
+    async def acquire_lease(self, function_id: str, request_id: str, max_wait: float) -> Lease:
+        request = scheduler_pb2.AcquireLeaseRequest(function_id=function_id, request_id=request_id,
+                                                    gateway_id=self._gateway_id)
+
+        async def invoke(i: int, t: float) -> Any:
+            return await self._leases[i].AcquireLease(request, timeout=t)
+
+        r = await self._call(invoke, max_wait)
+        return Lease(lease_id=r.lease_id, instance_id=r.instance_id, endpoint=r.endpoint,
+                     source=LeaseSource(r.source) if r.source in LeaseSource._value2member_map_
+                     else LeaseSource.UNSPECIFIED,
+                     wait_seconds=r.wait.ToTimedelta().total_seconds())
+
+    async def release_lease(self, lease_id: str, instance_failed: bool = False) -> None:
+        request = scheduler_pb2.ReleaseLeaseRequest(lease_id=lease_id, instance_failed=instance_failed)
+
+        async def invoke(i: int, t: float) -> Any:
+            return await self._leases[i].ReleaseLease(request, timeout=t)
+
+        await self._call(invoke, self._rpc_timeout)
+
+    async def report_queue(self, depths: Mapping[str, int]) -> None:
+        request = scheduler_pb2.ReportQueueRequest(gateway_id=self._gateway_id, depths=dict(depths))
+
+        async def invoke(i: int, t: float) -> Any:
+            return await self._leases[i].ReportQueue(request, timeout=t)
+
+        await self._call(invoke, self._rpc_timeout)
+
+    async def close(self) -> None:
+        for c in self._channels:
+            await c.close()

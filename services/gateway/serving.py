@@ -1,0 +1,162 @@
+"""The logic behind each endpoint: find the function, queue for a lease, relay to the instance.
+
+``OpenAIServing`` depends only on the ``SchedulerClient`` interface, so the same code runs over
+gRPC in production and over an in-memory scheduler in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import ASGIApp
+
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import error_response
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.models import FunctionCatalog, function_id_for, model_id_for
+from services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    OpenAIRequest,
+    parse_body,
+)
+from services.gateway.proxy import InstanceUnreachable, RelayResponse, Upstream
+from services.gateway.queue import LeaseQueue
+from services.gateway.scheduler_client import FunctionInfo, Lease, SchedulerClient
+from snapwake import errors
+from snapwake.v1 import types_pb2
+
+__all__ = ["ENDPOINTS", "OpenAIServing", "RequestContext"]
+
+log = logging.getLogger(__name__)
+
+# Instance-side path -> what its body must look like.
+ENDPOINTS: dict[str, type[OpenAIRequest]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
+}
+
+
+@dataclass
+class RequestContext:
+    """Per-request facts from the middleware and the URL."""
+
+    request_id: str
+    tenant: str
+    arrival: float  # time.monotonic() at arrival
+    fixed_function: str | None = None  # per-function URLs fix the function by path
+
+
+class OpenAIServing:
+    """Models listing and generation requests for every function behind one gateway."""
+
+    def __init__(self, client: SchedulerClient, config: GatewayConfig, metrics: GatewayMetrics,
+                 upstream: Upstream | None = None) -> None:
+        self.metrics = metrics
+        self.catalog = FunctionCatalog(client, ttl=config.models_cache_seconds)
+        self.queue = LeaseQueue(client, config.default_queue_len, config.default_queue_timeout,
+                                on_depth=lambda f, n: metrics.queue_depth.labels(f).set(n))
+        self.upstream = upstream or Upstream(config.connect_timeout, config.read_timeout)
+        self.retry_after = config.retry_after
+
+    @staticmethod
+    def _model_card(fn: FunctionInfo) -> dict[str, Any]:
+        return {"id": model_id_for(fn.function_id), "object": "model", "created": fn.created_unix,
+                "owned_by": fn.tenant}
+
+    async def list_models(self, tenant: str, function_id: str | None = None) -> dict[str, Any]:
+        """``GET /v1/models``: every deployed function, running or scaled to zero."""
+        functions = [await self.catalog.get(function_id)] if function_id else await self.catalog.list(tenant)
+        return {"object": "list", "data": [self._model_card(f) for f in functions]}
+
+    async def get_model(self, model: str, tenant: str) -> dict[str, Any]:
+        """``GET /v1/models/{model}``; ``NotFound`` with param ``model``."""
+        return self._model_card(await self.catalog.get(function_id_for(model, tenant), model))
+
+    def error(self, exc: BaseException) -> Response:
+        return error_response(exc, self.retry_after)
+
+    async def generate(self, path: str, raw: bytes, ctx: RequestContext) -> ASGIApp:
+        """``POST`` of a generation endpoint; every failure comes back as an OpenAI error."""
+        label = ctx.fixed_function or "unknown"
+        try:
+            request, body = parse_body(raw, ENDPOINTS[path])
+            fn = await self._resolve(request, ctx)
+            label = fn.function_id
+            if "model" not in body:  # a per-function URL needs none; the instance may want one
+                raw = json.dumps({**body, "model": model_id_for(fn.function_id)}).encode()
+            response = await self._forward(fn, path, raw, request.streaming, ctx)
+        except Exception as exc:  # noqa: BLE001 - the HTTP boundary: everything becomes an OpenAI error
+            response = self.error(exc)
+        status = getattr(response, "status_code", 200)
+        self.metrics.requests.labels(label, str(status)).inc()
+        return response
+
+    async def _resolve(self, request: OpenAIRequest, ctx: RequestContext) -> FunctionInfo:
+        if ctx.fixed_function is not None:
+            fn = await self.catalog.get(ctx.fixed_function)
+        elif request.model is None:
+            raise errors.InvalidArgument("model: field required", field="model")
+        else:
+            fn = await self.catalog.get(function_id_for(request.model, ctx.tenant), request.model)
+        if fn.state == types_pb2.FUNCTION_STATE_FAILED:
+            raise errors.StartFailed(f"function {fn.function_id} failed to deploy: {fn.status_message}")
+        return fn
+
+    async def _lease(self, fn: FunctionInfo, ctx: RequestContext) -> Lease:
+        started = time.monotonic()
+        try:
+            return await self.queue.acquire(fn, ctx.request_id)
+        finally:
+            self.metrics.queue_wait.labels(fn.function_id).observe(time.monotonic() - started)
+
+    def _first_byte(self, fn: FunctionInfo, lease: Lease, ctx: RequestContext) -> Callable[[], None]:
+        def observe() -> None:
+            if lease.source.started:
+                elapsed = time.monotonic() - ctx.arrival
+                self.metrics.cs_ttft.labels(fn.function_id, lease.source.name.lower()).observe(elapsed)
+                log.info("first byte %.3fs after arrival (%s)", elapsed, lease.source.name,
+                         extra={"request_id": ctx.request_id, "instance_id": lease.instance_id})
+        return observe
+
+    async def _forward(self, fn: FunctionInfo, path: str, raw: bytes, streaming: bool,
+                       ctx: RequestContext) -> ASGIApp:
+        """Relays on one lease; on a connection failure, once more on another lease."""
+        lease = await self._lease(fn, ctx)
+        try:
+            return await self._attempt(fn, lease, path, raw, streaming, ctx)
+        except InstanceUnreachable as exc:
+            log.warning("%s; retrying on another instance", exc.message, extra={"request_id": ctx.request_id})
+        return await self._attempt(fn, await self._lease(fn, ctx), path, raw, streaming, ctx)
+
+    async def _attempt(self, fn: FunctionInfo, lease: Lease, path: str, raw: bytes, streaming: bool,
+                       ctx: RequestContext) -> ASGIApp:
+        """One try on ``lease``; the lease is released on every path out of here, or handed to
+        the ``RelayResponse`` that releases it when the stream ends."""
+        failed, handed_over = False, False
+        try:
+            response = await self.upstream.open(lease, path, raw, ctx.request_id)
+            content_type = response.headers.get("content-type", "application/json")
+            if streaming and response.status_code == 200 and content_type.startswith("text/event-stream"):
+                relay = RelayResponse(response, self._first_byte(fn, lease, ctx),
+                                      lambda broke: self.queue.release(lease, broke))
+                handed_over = True
+                return relay
+            content = await self.upstream.read(response, lease)
+            self._first_byte(fn, lease, ctx)()
+            return Response(content, status_code=response.status_code, media_type=content_type)
+        except InstanceUnreachable:
+            failed = True
+            raise
+        finally:
+            if not handed_over:
+                self.queue.release(lease, failed)
+

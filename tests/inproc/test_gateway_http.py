@@ -1,0 +1,308 @@
+"""The gateway under a real uvicorn, in front of a real (small) OpenAI server on a free port.
+
+The scheduler is the in-memory ``InMemoryScheduler`` (the gRPC client has its own test); the
+client is the real ``openai`` package wherever it can observe the behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from services.gateway import GatewayConfig, build_app
+from services.gateway.scheduler_client import FunctionInfo, LeaseSource
+from services.gateway.scheduler_fake import InMemoryScheduler
+from snapwake.testing import free_port
+
+pytestmark = pytest.mark.timeout(30)
+
+KEY, TENANT = "sk-acme", "acme"
+
+
+def _words(body: dict[str, Any]) -> list[str]:
+    if "messages" in body:
+        return str(body["messages"][-1]["content"]).split()
+    return str(body["prompt"]).split()
+
+
+def _chunk(body: dict[str, Any], i: int, word: str | None, usage: dict[str, int] | None = None) -> bytes:
+    choices = [] if usage else [{"index": 0, "delta": {"content": word} if word else {},
+                                 "finish_reason": None if word else "stop"}]
+    data: dict[str, Any] = {"id": f"c{i}", "object": "chat.completion.chunk", "created": 0,
+                            "model": body.get("model"), "choices": choices}
+    if usage:
+        data["usage"] = usage
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+async def _chat(request: Request) -> Any:
+    """Echoes the last user message word by word; "user" selects a misbehaviour."""
+    body = await request.json()
+    words = [w + " " for w in _words(body)]
+    usage = {"prompt_tokens": len(words), "completion_tokens": len(words), "total_tokens": 2 * len(words)}
+    if not body.get("stream"):
+        return JSONResponse({"id": "c", "object": "chat.completion", "created": 0, "model": body.get("model"),
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": "".join(words)}}],
+                             "usage": usage, "x_request_id": request.headers.get("x-request-id")})
+
+    async def events() -> AsyncIterator[bytes]:
+        for i, word in enumerate(words):
+            yield _chunk(body, i, word)
+            if body.get("user") == "break" and i == 1:
+                raise RuntimeError("instance died mid-stream")
+            if body.get("user") == "slow":
+                await asyncio.sleep(0.2)
+        yield _chunk(body, len(words), None)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield _chunk(body, len(words) + 1, None, usage)
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Any) -> AsyncIterator[str]:
+    """Runs ``app`` under uvicorn on a free loopback port in this event loop."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                           lifespan="on", timeout_graceful_shutdown=2))
+    task = asyncio.ensure_future(server.serve())
+    async with asyncio.timeout(10):
+        while not server.started:
+            assert not task.done(), "uvicorn exited during start-up"
+            await asyncio.sleep(0.01)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[str]:
+    app = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"]),
+                            Route("/v1/completions", _chat, methods=["POST"])])
+    async with serve(app) as address:
+        yield address
+
+
+def _fn(name: str, queue_len: int = 8, queue_timeout: float = 5.0, namespace: str = "default") -> FunctionInfo:
+    return FunctionInfo(f"{TENANT}/{namespace}/{name}", queue_len, queue_timeout, created_unix=1700000000)
+
+
+@pytest.fixture
+def scheduler(upstream: str) -> InMemoryScheduler:
+    s = InMemoryScheduler()
+    s.deploy(_fn("chat"), [upstream], concurrency=4)
+    s.deploy(_fn("cold"), [upstream], source=LeaseSource.COLD_START)
+    s.deploy(_fn("asleep", queue_len=1, queue_timeout=0.4), [])  # scaled to zero, never starts
+    s.deploy(_fn("broken", queue_timeout=30), [], start_error="image missing: registry.local/nope")
+    s.deploy(_fn("flaky"), [f"127.0.0.1:{free_port()}", upstream])  # first endpoint refuses
+    s.deploy(_fn("tuned", namespace="team"), [upstream])
+    return s
+
+
+@pytest.fixture
+async def gateway(scheduler: InMemoryScheduler) -> AsyncIterator[str]:
+    config = GatewayConfig(api_keys=(f"{KEY}:{TENANT}", "sk-other:other"), report_interval=0.1,
+                           connect_timeout=1.0, read_timeout=5.0)
+    async with serve(build_app(scheduler, config)) as address:
+        yield f"http://{address}"
+
+
+@pytest.fixture
+async def client(gateway: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(base_url=gateway + "/v1", api_key=KEY, max_retries=0, timeout=10) as c:
+        yield c
+
+
+async def _eventually(check: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
+    """Polls ``check`` (state of the in-memory scheduler) for at most ``seconds``."""
+    for _ in range(int(seconds / 0.02)):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"{what} not seen within {seconds}s")
+
+
+async def _released(scheduler: InMemoryScheduler, function_id: str) -> None:
+    await _eventually(lambda: scheduler.in_use(function_id) == 0, f"release of {function_id}'s leases")
+
+
+async def test_streaming_relay_with_usage(client: openai.AsyncOpenAI, scheduler: InMemoryScheduler) -> None:
+    prompt = "the quick brown fox jumps"
+    stream = await client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": prompt}], stream=True,
+        stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.split() == prompt.split()
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len(prompt.split())
+    assert {c.model for c in chunks} == {"chat"}
+    await _released(scheduler, "acme/default/chat")
+    assert all(not failed for _, failed in scheduler.released)
+
+
+async def test_non_streaming_and_completions(client: openai.AsyncOpenAI) -> None:
+    chat = await client.chat.completions.create(model="team/tuned", messages=[{"role": "user", "content": "a b c"}])
+    assert chat.choices[0].message.content.split() == ["a", "b", "c"]
+    assert chat.model == "team/tuned"
+    done = await client.completions.with_raw_response.create(model="chat", prompt="x y")
+    assert done.status_code == 200
+
+
+async def test_models_list_includes_scaled_to_zero(client: openai.AsyncOpenAI) -> None:
+    models = {m.id: m async for m in client.models.list()}
+    assert {"chat", "asleep", "broken", "team/tuned"} <= set(models)
+    assert all(m.owned_by == TENANT for m in models.values())
+    assert (await client.models.retrieve("team/tuned")).id == "team/tuned"
+    assert (await client.models.retrieve("acme/default/asleep")).id == "asleep"
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.models.retrieve("nope")
+    assert info.value.body["param"] == "model"
+
+
+async def test_unknown_model_is_404(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["param"] == "model" and info.value.code == "model_not_found"
+
+
+async def test_other_tenant_sees_nothing_of_acme(gateway: str) -> None:
+    async with openai.AsyncOpenAI(base_url=gateway + "/v1", api_key="sk-other", max_retries=0) as other:
+        assert [m.id async for m in other.models.list()] == []
+        with pytest.raises(openai.NotFoundError):
+            await other.chat.completions.create(model="acme/default/chat", messages=[{"role": "user", "content": "x"}])
+
+
+async def test_bad_key_is_401_with_json_body(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as http:
+        r = await http.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        missing = await http.get("/v1/models")
+        health = await http.get("/healthz")
+    assert r.status_code == 401 and missing.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key" and r.json()["error"]["type"] == "authentication_error"
+    assert health.status_code == 200
+    async with openai.AsyncOpenAI(base_url=gateway + "/v1", api_key="wrong", max_retries=0) as bad:
+        with pytest.raises(openai.AuthenticationError):
+            await bad.models.list()
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b"{not json", "body"),
+    (b'{"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}', "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
+    (b'{"model": "chat"}', "messages"),
+])
+async def test_bad_request_is_400_naming_field(gateway: str, body: bytes, param: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        r = await http.post("/v1/chat/completions", content=body)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == param
+
+
+async def test_full_queue_is_429_with_retry_after(gateway: str, scheduler: InMemoryScheduler) -> None:
+    body = {"model": "asleep", "messages": [{"role": "user", "content": "x"}]}
+    async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {KEY}"}, timeout=5) as http:
+        waiting = asyncio.ensure_future(http.post("/v1/chat/completions", json=body))
+        # The first request takes the only slot (and the gateway reports it).
+        await _eventually(lambda: any(r.get("acme/default/asleep") for r in scheduler.reports), "queue report")
+        full = await http.post("/v1/chat/completions", json=body)
+        timed_out = await waiting
+    assert full.status_code == 429 and full.headers["retry-after"] == "1"
+    assert full.json()["error"]["code"] == "queue_full"
+    assert timed_out.status_code == 503 and "retry-after" in timed_out.headers
+    assert timed_out.json()["error"]["code"] == "queue_timeout"
+
+
+async def test_start_failure_is_503_at_once(client: openai.AsyncOpenAI) -> None:
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "x"}])
+    assert time.monotonic() - started < 2  # its queue_timeout is 30 s
+    assert info.value.status_code == 503 and "image missing" in info.value.message
+    assert info.value.response.headers["retry-after"] == "1"
+
+
+async def test_request_id_echoed_or_generated(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        given = await http.post("/v1/chat/completions", headers={"X-Request-Id": "req-42"},
+                                json={"model": "chat", "messages": [{"role": "user", "content": "x"}]})
+        made = await http.get("/v1/models")
+        refused = await http.get("/v1/models", headers={"Authorization": "Bearer nope"})
+    assert given.headers["x-request-id"] == "req-42"
+    assert given.json()["x_request_id"] == "req-42"  # passed on to the instance
+    assert len(made.headers["x-request-id"]) == 32
+    assert refused.headers["x-request-id"]
+
+
+async def test_per_function_url_fixes_the_function(gateway: str) -> None:
+    base = f"{gateway}/funcs/acme/team/tuned/v1"
+    async with openai.AsyncOpenAI(base_url=base, api_key=KEY, max_retries=0) as fn_client:
+        chat = await fn_client.chat.completions.create(model="whatever", messages=[{"role": "user", "content": "a"}])
+        assert chat.choices[0].message.content.strip() == "a"
+        assert [m.id async for m in fn_client.models.list()] == ["team/tuned"]
+    async with openai.AsyncOpenAI(base_url=base, api_key="sk-other", max_retries=0) as stranger:
+        with pytest.raises(openai.NotFoundError):
+            await stranger.chat.completions.create(model="x", messages=[{"role": "user", "content": "a"}])
+
+
+async def test_mid_stream_failure_is_an_sse_error(client: openai.AsyncOpenAI, scheduler: InMemoryScheduler) -> None:
+    stream = await client.chat.completions.create(
+        model="chat", messages=[{"role": "user", "content": "one two three four"}], stream=True, user="break")
+    got: list[str] = []
+    with pytest.raises(openai.APIError, match="mid-stream"):
+        async for chunk in stream:
+            got.append(chunk.choices[0].delta.content or "")
+    assert "".join(got).split() == ["one", "two"]
+    await _released(scheduler, "acme/default/chat")
+    assert scheduler.released[-1][1] is True  # instance_failed
+
+
+async def test_dead_instance_is_retried_on_another_lease(client: openai.AsyncOpenAI,
+                                                         scheduler: InMemoryScheduler) -> None:
+    chat = await client.chat.completions.create(model="flaky", messages=[{"role": "user", "content": "ok"}])
+    assert chat.choices[0].message.content.strip() == "ok"
+    assert [failed for _, failed in scheduler.released] == [True, False]
+
+
+async def test_client_disconnect_releases_the_lease(gateway: str, scheduler: InMemoryScheduler) -> None:
+    body = {"model": "chat", "stream": True, "user": "slow",
+            "messages": [{"role": "user", "content": " ".join(["w"] * 50)}]}
+    async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            async for _ in r.aiter_bytes():
+                break
+            assert scheduler.in_use("acme/default/chat") == 1
+    started = time.monotonic()
+    await _released(scheduler, "acme/default/chat")
+    assert time.monotonic() - started < 2  # not after the 10 s the whole answer would take
+
+
+async def test_metrics_count_cold_start_ttft_and_queue(client: openai.AsyncOpenAI, gateway: str) -> None:
+    stream = await client.chat.completions.create(model="cold", messages=[{"role": "user", "content": "x y"}],
+                                                  stream=True)
+    _ = [c async for c in stream]
+    await client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
+    async with httpx.AsyncClient(base_url=gateway) as http:
+        text = (await http.get("/metrics")).text
+    assert 'snapwake_cold_start_ttft_seconds_count{function="acme/default/cold",source="cold_start"} 1.0' in text
+    assert 'function="acme/default/chat"' not in "".join(line for line in text.splitlines() if "cold_start_ttft" in line)
+    assert 'snapwake_gateway_requests_total{function="acme/default/chat",status="200"} 1.0' in text
+    assert 'snapwake_queue_wait_seconds_count{function="acme/default/cold"} 1.0' in text
+    assert 'snapwake_gateway_queue_depth{function="acme/default/cold"} 0.0' in text
