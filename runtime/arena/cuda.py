@@ -1,0 +1,166 @@
+"""Device-memory arena through the CUDA virtual memory API (measured in probes/ipc_model.py).
+
+A virtual address range is reserved once, then physical memory is mapped into it: created here
+(``cuMemCreate`` with a POSIX-fd handle type, so it can be exported to the blobstore) or
+imported from a file descriptor the blobstore handed over. ``release`` unmaps and frees the
+physical memory but keeps the reservation, so tensor pointers (and captured CUDA graphs) stay
+valid for the next ``attach`` at the same address.
+
+``cuda.bindings`` is imported lazily, so importing this module on a machine without CUDA works.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from snapwake.errors import FailedPrecondition, StartFailed
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["CudaArena"]
+
+
+def _cu() -> Any:
+    from cuda.bindings import driver
+
+    return driver
+
+
+def _ok(result: Any, what: str) -> Any:
+    """Unwraps a cuda-python ``(err, *values)`` tuple; raises StartFailed naming the call."""
+    cu = _cu()
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        raise StartFailed(f"{what} failed: {err!r}")
+    return rest[0] if len(rest) == 1 else None
+
+
+class _Cai:
+    """Presents a raw device range to ``torch.as_tensor`` as a flat uint8 array."""
+
+    def __init__(self, ptr: int, size: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (ptr, False),
+                                         "version": 3}
+
+
+class CudaArena:
+    """An ``Arena`` in device memory of one GPU."""
+
+    def __init__(self, gpu_index: int, reserve_bytes: int = 0) -> None:
+        self.gpu = gpu_index
+        self._reserve_bytes = reserve_bytes
+        self._ctx: Any = None
+        self._va = 0
+        self._va_size = 0
+        self._handle: Any = None
+        self._mapped = 0
+        self._granularity = 0
+
+    @property
+    def size(self) -> int:
+        return self._mapped
+
+    def _enter(self) -> Any:
+        """Makes torch's primary context current in this thread (calls arrive from workers)."""
+        cu = _cu()
+        if self._ctx is None:
+            import torch
+
+            torch.cuda.set_device(self.gpu)
+            torch.cuda.init()
+            _ok(cu.cuInit(0), "cuInit")
+            dev = _ok(cu.cuDeviceGet(self.gpu), "cuDeviceGet")
+            self._ctx = _ok(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+            self._granularity = int(_ok(cu.cuMemGetAllocationGranularity(
+                self._prop(), cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
+                "cuMemGetAllocationGranularity"))
+        _ok(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        return cu
+
+    def _prop(self) -> Any:
+        cu = _cu()
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = self.gpu
+        prop.requestedHandleTypes = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+        return prop
+
+    def _round(self, size: int) -> int:
+        g = self._granularity
+        return (max(size, 1) + g - 1) // g * g
+
+    def _reserve(self, size: int) -> None:
+        cu = _cu()
+        if self._va == 0:
+            self._va_size = self._round(max(size, self._reserve_bytes))
+            self._va = int(_ok(cu.cuMemAddressReserve(self._va_size, 0, 0, 0), "cuMemAddressReserve"))
+        elif size > self._va_size:
+            raise FailedPrecondition(f"arena of {size} bytes does not fit the reserved {self._va_size}")
+
+    def _map(self, handle: Any, size: int) -> None:
+        cu = _cu()
+        try:
+            _ok(cu.cuMemMap(self._va, size, 0, handle, 0), "cuMemMap")
+        except StartFailed:
+            cu.cuMemRelease(handle)
+            raise
+        access = cu.CUmemAccessDesc()
+        access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        access.location.id = self.gpu
+        access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        _ok(cu.cuMemSetAccess(self._va, size, [access], 1), "cuMemSetAccess")
+        self._handle, self._mapped = handle, size
+
+    def allocate(self, size: int) -> None:
+        self._check_empty()
+        cu = self._enter()
+        size = self._round(size)
+        self._reserve(size)
+        self._map(_ok(cu.cuMemCreate(size, self._prop(), 0), "cuMemCreate"), size)
+
+    def attach(self, fd: int, size: int) -> None:
+        self._check_empty()
+        try:
+            cu = self._enter()
+            handle = _ok(cu.cuMemImportFromShareableHandle(
+                fd, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+                "cuMemImportFromShareableHandle")
+        finally:
+            os.close(fd)  # the imported handle keeps the memory alive
+        size = self._round(size)
+        self._reserve(size)
+        self._map(handle, size)
+
+    def tensor(self) -> torch.Tensor:
+        import torch
+
+        if not self._mapped:
+            raise FailedPrecondition("the arena is not mapped")
+        return torch.as_tensor(_Cai(self._va, self._mapped), device=f"cuda:{self.gpu}")
+
+    def export_fd(self) -> int:
+        if not self._mapped:
+            raise FailedPrecondition("the arena is not mapped")
+        cu = self._enter()
+        return int(_ok(cu.cuMemExportToShareableHandle(
+            self._handle, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+            "cuMemExportToShareableHandle"))
+
+    def release(self) -> None:
+        import torch
+
+        if not self._mapped:
+            return
+        cu = self._enter()
+        torch.cuda.synchronize(self.gpu)
+        _ok(cu.cuMemUnmap(self._va, self._mapped), "cuMemUnmap")
+        _ok(cu.cuMemRelease(self._handle), "cuMemRelease")
+        self._handle, self._mapped = None, 0
+        torch.cuda.empty_cache()  # the KV cache and activations go back to the driver too
+
+    def _check_empty(self) -> None:
+        if self._mapped:
+            raise FailedPrecondition("the arena is already mapped; release it first")
