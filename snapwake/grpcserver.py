@@ -26,10 +26,12 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 def _interceptors() -> list[Any]:
     try:
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
     except ImportError:  # tracing is optional in stripped-down images
         return []
-    return [aio_server_interceptor()]
+    # Health is excluded: the aio interceptor breaks streaming handlers that use
+    # context.write (health Watch), open-telemetry/opentelemetry-python-contrib#3066.
+    return [aio_server_interceptor(filter_=filters.negate(filters.health_check()))]
 
 
 def _client_interceptors() -> list[Any]:

@@ -38,7 +38,7 @@ class GatewayConfig:
 
     listen: str = _field("127.0.0.1:8000", "host:port the HTTP server listens on.")
     scheduler: tuple[str, ...] = _field(
-        ("127.0.0.1:7000",), "Scheduler gRPC addresses (host:port,...); the leader is found by trying each.")
+        ("127.0.0.1:7001",), "Scheduler gRPC addresses (host:port,...); the leader is found by trying each.")
     api_keys: tuple[str, ...] = _field(
         (), "API keys as key:tenant,...; none configured turns auth off (tenant 'default').")
     gateway_id: str = _field("", "This gateway's id for leases and queue reports; random when empty.")

@@ -1,0 +1,413 @@
+"""The ``snapwake`` admin command line: deploy, list, get, delete, logs, snapshots, nodes, instances.
+
+It talks to the scheduler's admin API (``SchedulerService``) with a deadline on every call and
+tries the next ``--scheduler`` address when one answers UNAVAILABLE (a standby scheduler says
+"not the leader"; a dead one refuses the connection). Every failure prints one line and exits
+with a code a script can test:
+
+    0 ok, 1 other error, 2 usage or bad input, 3 not found, 4 already exists, 5 unavailable.
+
+Progress of ``deploy --wait`` goes to stderr, so ``-o json`` output on stdout stays parseable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+import yaml
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from snapwake import errors
+from snapwake.grpcserver import channel
+from snapwake.v1 import scheduler_pb2 as pb
+from snapwake.v1 import scheduler_pb2_grpc
+from snapwake.v1 import types_pb2 as t
+
+__all__ = ["AdminClient", "build_spec", "main", "parse_duration", "parse_size"]
+
+EXIT_CODES: dict[type[errors.SnapwakeError], int] = {
+    errors.InvalidArgument: 2, errors.NotFound: 3, errors.AlreadyExists: 4,
+    errors.Unavailable: 5, errors.DeadlineExceeded: 5,
+}
+DEFAULT_SCHEDULER = "127.0.0.1:7001"
+
+
+class AdminClient:
+    """SchedulerService over several addresses; sticks to the one that answered last."""
+
+    def __init__(self, addresses: Sequence[str], timeout: float) -> None:
+        if not addresses:
+            raise errors.InvalidArgument("--scheduler: no address given")
+        self.addresses = list(addresses)
+        self.timeout = timeout
+
+    async def call(self, method: str, request: Message) -> Any:
+        """Calls ``method``; raises the domain error, or Unavailable once every address failed."""
+        last = ""
+        for address in list(self.addresses):
+            async with channel(address) as ch:
+                stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+                try:
+                    response = await getattr(stub, method)(request, timeout=self.timeout)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise errors.from_rpc_error(exc) from None
+                    last = f"{address}: {exc.details()}"
+                    continue
+            self.addresses.remove(address)
+            self.addresses.insert(0, address)
+            return response
+        raise errors.Unavailable(f"no scheduler answered (last {last})")
+
+
+# ---- spec: YAML and flags to FunctionSpec -------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SIZE_FIELDS = ("resources.gpu_memory_bytes", "resources.host_memory_bytes")
+_DURATION_FIELDS = ("policy.queue_timeout", "policy.idle_timeout", "policy.start_timeout")
+# Flag name -> FunctionSpec path (the YAML uses the same paths, nested).
+_FLAGS = {
+    "name": "name", "namespace": "namespace", "tenant": "tenant", "image": "image",
+    "model_dir": "model_dir", "http_port": "http_port", "health_path": "health_path",
+    "sample_request": "sample_request", "gpu_memory": "resources.gpu_memory_bytes",
+    "gpu_count": "resources.gpu_count", "host_memory": "resources.host_memory_bytes",
+    "cpu_millis": "resources.cpu_millis", "min": "policy.min_instances",
+    "max": "policy.max_instances", "standby_per_node": "policy.standby_per_node",
+    "concurrency": "policy.concurrency", "queue_len": "policy.queue_len",
+    "queue_timeout": "policy.queue_timeout", "idle_timeout": "policy.idle_timeout",
+    "start_timeout": "policy.start_timeout", "snapshot_mode": "policy.snapshot_mode",
+}
+
+
+def parse_size(value: Any) -> int:
+    """``20GiB``/``20G``/``512MiB``/``1024`` to bytes (K/M/G/T are powers of 1024 either way,
+    since GPU slices are always thought of in GiB)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size like 20GiB, got {value!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def parse_duration(value: Any) -> float:
+    """``30s``/``500ms``/``5m``/``1h``/a number of seconds, to seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"expected a duration like 30s or 5m, got {value!r}")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2) or "s"]
+
+
+def _put(doc: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        doc = doc.setdefault(p, {})
+    doc[leaf] = value
+
+
+def _normalise(doc: dict[str, Any], path: str, convert: Callable[[Any], Any]) -> None:
+    *parents, leaf = path.split(".")
+    node: Any = doc
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf in node:
+        try:
+            node[leaf] = convert(node[leaf])
+        except ValueError as exc:
+            raise errors.InvalidArgument(f"{path}: {exc}", field=path) from None
+
+
+def build_spec(doc: Any, flags: dict[str, Any], env: Sequence[str] = ()) -> t.FunctionSpec:
+    """Merges a YAML document (FunctionSpec fields) with flags (which win) into a FunctionSpec."""
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise errors.InvalidArgument("spec: the YAML top level must be a mapping of FunctionSpec fields")
+    for key, path in _FLAGS.items():
+        if flags.get(key) is not None:
+            _put(doc, path, flags[key])
+    for item in env:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise errors.InvalidArgument(f"--env: expected KEY=VALUE, got {item!r}", field="env")
+        _put(doc, "env", {**doc.get("env", {}), k: v})
+    if flags.get("cmd"):
+        doc["command"] = list(flags["cmd"])
+    doc.setdefault("tenant", "default")
+    doc.setdefault("namespace", "default")
+    for path in _SIZE_FIELDS:
+        _normalise(doc, path, parse_size)
+    for path in _DURATION_FIELDS:
+        _normalise(doc, path, lambda v: f"{parse_duration(v):.3f}s")
+    _normalise(doc, "policy.snapshot_mode",
+               lambda v: v if str(v).startswith("SNAPSHOT_MODE_") else "SNAPSHOT_MODE_" + str(v).upper())
+    try:
+        return json_format.ParseDict(doc, t.FunctionSpec())
+    except json_format.ParseError as exc:
+        raise errors.InvalidArgument("spec: " + str(exc).splitlines()[0].rstrip(".")) from None
+
+
+# ---- deploy --wait ------------------------------------------------------------------------------
+
+class _Bar:
+    """tqdm when installed (it is, through transformers), else a plain text bar."""
+
+    def __init__(self, desc: str, total: int, unit: str, err: TextIO) -> None:
+        self.err, self.desc, self.total, self.n = err, desc, total, 0
+        try:
+            from tqdm import tqdm
+
+            self.tqdm: Any = tqdm(desc=desc, total=total or None, unit=unit, unit_scale=unit == "B",
+                                  file=err, leave=True, dynamic_ncols=True)
+        except ImportError:
+            self.tqdm = None
+
+    def update(self, n: int, total: int) -> None:
+        if self.tqdm is not None:
+            self.tqdm.total = total or None
+            self.tqdm.update(n - self.tqdm.n)
+        elif (n, total) != (self.n, self.total):
+            frac = n / total if total else 0.0
+            self.err.write(f"\r{self.desc} [{'#' * int(frac * 30):<30}] {n}/{total}")
+        self.n, self.total = n, total
+
+    def close(self) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
+        else:
+            self.err.write("\n")
+
+
+async def _wait_snapshot(client: AdminClient, fn: t.Function, deadline: float, err: TextIO) -> t.Function:
+    bar = _Bar("snapshot", 0, "B", err)
+    try:
+        while True:
+            fn = (await client.call("GetFunction", pb.GetFunctionRequest(function_id=fn.id))).function
+            if fn.state == t.FUNCTION_STATE_FAILED:
+                raise errors.FailedPrecondition(f"function {fn.id} failed: {fn.status_message}")
+            snaps = (await client.call("ListSnapshots", pb.ListSnapshotsRequest(function_id=fn.id))).snapshots
+            snap = next((s for s in snaps if s.revision == fn.revision), None)
+            if snap is not None:
+                bar.update(snap.bytes_written, snap.total_bytes)
+            if fn.state == t.FUNCTION_STATE_READY or (snap and snap.state == t.SNAPSHOT_STATE_READY):
+                return fn
+            if time.monotonic() > deadline:
+                got = f"{snap.bytes_written}/{snap.total_bytes} bytes" if snap else "not started"
+                raise errors.DeadlineExceeded(f"--wait-timeout: snapshot of {fn.id} still building ({got})")
+            await asyncio.sleep(0.5)
+    finally:
+        bar.close()
+
+
+async def _wait_standby(client: AdminClient, fn: t.Function, deadline: float, err: TextIO) -> None:
+    nodes = (await client.call("ListNodes", pb.ListNodesRequest())).nodes
+    need = fn.spec.resources.gpu_count
+    target = fn.spec.policy.standby_per_node * sum(1 for n in nodes if len(n.gpus) >= need)
+    if target == 0:
+        return
+    bar = _Bar("pre-warm", target, "standby", err)
+    try:
+        while True:
+            insts = (await client.call("ListInstances", pb.ListInstancesRequest(function_id=fn.id))).instances
+            ready = sum(1 for i in insts if i.revision == fn.revision and i.state == t.INSTANCE_STATE_STANDBY)
+            bar.update(min(ready, target), target)
+            if ready >= target:
+                return
+            if time.monotonic() > deadline:
+                raise errors.DeadlineExceeded(f"--wait-timeout: {ready}/{target} standby instances of {fn.id}")
+            await asyncio.sleep(0.5)
+    finally:
+        bar.close()
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snapwake", description="Snapwake admin command line.")
+    p.add_argument("--scheduler", help="host:port[,host:port...] of the schedulers "
+                   f"(default: $SNAPWAKE_SCHEDULER, else {DEFAULT_SCHEDULER})")
+    p.add_argument("--output", "-o", choices=("table", "json"), default="table")
+    p.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, seconds")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    d = sub.add_parser("deploy", help="create (or --update) a function from -f YAML and/or flags")
+    d.add_argument("-f", "--file", type=Path, help="YAML file of FunctionSpec fields")
+    d.add_argument("--update", action="store_true", help="update an existing function (new revision)")
+    d.add_argument("--wait", action="store_true", help="show snapshot and pre-warm progress until done")
+    d.add_argument("--wait-timeout", type=float, default=900.0, help="seconds --wait may take")
+    for flag in _FLAGS:
+        d.add_argument("--" + flag.replace("_", "-"), dest=flag, help=f"spec field {_FLAGS[flag]}")
+    d.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    d.add_argument("--command", dest="cmd", nargs="+", help="command of a custom image")
+    sub.add_parser("list", help="list functions").add_argument("--tenant", default="")
+    sub.add_parser("get", help="show one function").add_argument("function_id")
+    sub.add_parser("delete", help="delete a function").add_argument("function_id")
+    lg = sub.add_parser("logs", help="an instance's container output")
+    lg.add_argument("instance_id")
+    lg.add_argument("--tail-bytes", type=int, default=0)
+    sub.add_parser("snapshots", help="list snapshots").add_argument("function_id", nargs="?", default="")
+    sub.add_parser("nodes", help="list nodes")
+    sub.add_parser("instances", help="list instances").add_argument("function_id", nargs="?", default="")
+    return p
+
+
+def _load_yaml(path: Path | None) -> Any:
+    if path is None:
+        return None
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise errors.InvalidArgument(f"-f: cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise errors.InvalidArgument(f"-f: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+
+
+async def _deploy(client: AdminClient, args: argparse.Namespace, err: TextIO) -> t.Function:
+    spec = build_spec(_load_yaml(args.file), vars(args), args.env)
+    if args.update:
+        fn = (await client.call("UpdateFunction", pb.UpdateFunctionRequest(spec=spec))).function
+    else:
+        fn = (await client.call("CreateFunction", pb.CreateFunctionRequest(spec=spec))).function
+    if args.wait:
+        deadline = time.monotonic() + args.wait_timeout
+        if fn.spec.policy.snapshot_mode != t.SNAPSHOT_MODE_NONE:
+            fn = await _wait_snapshot(client, fn, deadline, err)
+        await _wait_standby(client, fn, deadline, err)
+        fn = (await client.call("GetFunction", pb.GetFunctionRequest(function_id=fn.id))).function
+    return fn
+
+
+async def _run(client: AdminClient, args: argparse.Namespace, err: TextIO) -> tuple[str, Any]:
+    """Runs one subcommand; returns (kind, message) for output."""
+    c = args.command
+    if c == "deploy":
+        return "function", await _deploy(client, args, err)
+    if c == "list":
+        return "functions", await client.call("ListFunctions", pb.ListFunctionsRequest(tenant=args.tenant))
+    if c == "get":
+        req = pb.GetFunctionRequest(function_id=args.function_id)
+        return "function", (await client.call("GetFunction", req)).function
+    if c == "delete":
+        await client.call("DeleteFunction", pb.DeleteFunctionRequest(function_id=args.function_id))
+        return "deleted", args.function_id
+    if c == "logs":
+        req = pb.GetInstanceLogsRequest(instance_id=args.instance_id, tail_bytes=args.tail_bytes)
+        return "logs", await client.call("GetInstanceLogs", req)
+    if c == "snapshots":
+        return "snapshots", await client.call("ListSnapshots", pb.ListSnapshotsRequest(function_id=args.function_id))
+    if c == "nodes":
+        return "nodes", await client.call("ListNodes", pb.ListNodesRequest())
+    return "instances", await client.call("ListInstances", pb.ListInstancesRequest(function_id=args.function_id))
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f}Gi" if n else "-"
+
+
+def _enum(value: int, enum: Any, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix)
+
+
+def _age(ts: Any) -> str:
+    if not ts.seconds:
+        return "-"
+    s = int(datetime.now(UTC).timestamp() - ts.seconds)
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces, like kubectl."""
+    cells = [list(headers)] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n"
+                   for r in cells)
+
+
+def _rows(kind: str, value: Any) -> tuple[list[str], list[list[Any]]]:
+    if kind == "functions":
+        return ["ID", "REV", "STATE", "IMAGE", "GPU MEM", "MIN/MAX", "MODE", "MESSAGE"], [
+            [f.id, f.revision, _enum(f.state, t.FunctionState, "FUNCTION_STATE_"), f.spec.image or "-",
+             _gib(f.spec.resources.gpu_memory_bytes), f"{f.spec.policy.min_instances}/{f.spec.policy.max_instances}",
+             _enum(f.spec.policy.snapshot_mode, t.SnapshotMode, "SNAPSHOT_MODE_"), f.status_message]
+            for f in value.functions]
+    if kind == "instances":
+        return ["ID", "FUNCTION", "REV", "NODE", "GPU", "MEM", "STATE", "ENDPOINT", "LAST START", "AGE"], [
+            [i.id, i.function_id, i.revision, i.node or "-", i.gpu_index, _gib(i.gpu_memory_bytes),
+             _enum(i.state, t.InstanceState, "INSTANCE_STATE_"), i.endpoint or "-",
+             f"{i.last_start_seconds:.3f}s" if i.last_start_seconds else "-", _age(i.create_time)]
+            for i in value.instances]
+    if kind == "nodes":
+        return ["NAME", "ADDRESS", "BLOBSTORE", "GPUS (reserved/total)", "CACHED", "HEARTBEAT"], [
+            [n.name, n.address, n.blobstore_address or "-",
+             " ".join(f"{g.index}:{_gib(g.memory_reserved_bytes)}/{_gib(g.memory_total_bytes)}" for g in n.gpus)
+             or "-", len(n.cached_snapshots), _age(n.heartbeat_time)] for n in value.nodes]
+    return ["ID", "STATE", "PROGRESS", "SIZE", "DISK", "CACHE", "ATTEMPTS", "MESSAGE"], [
+        [s.id, _enum(s.state, t.SnapshotState, "SNAPSHOT_STATE_"),
+         f"{100 * s.bytes_written // s.total_bytes}%" if s.total_bytes else "-", _gib(s.total_bytes),
+         ",".join(s.disk_nodes) or "-", ",".join(s.cache_nodes) or "-", s.attempts, s.message]
+        for s in value.snapshots]
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, Message):
+        return json_format.MessageToDict(value, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
+    return value
+
+
+def render(kind: str, value: Any, output: str) -> str:
+    """The text printed on stdout for a result."""
+    if output == "json":
+        return json.dumps({"deleted": value} if kind == "deleted" else _to_json(value), indent=2) + "\n"
+    if kind == "deleted":
+        return f"deleted {value}\n"
+    if kind == "logs":
+        return value.logs
+    if kind == "function":
+        return yaml.safe_dump(_to_json(value), sort_keys=False)
+    return table(*_rows(kind, value))
+
+
+def _exit_code(exc: errors.SnapwakeError) -> int:
+    return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``snapwake``; returns the exit status."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage and the problem
+        return int(exc.code or 0)
+    addresses = args.scheduler or os.environ.get("SNAPWAKE_SCHEDULER") or DEFAULT_SCHEDULER
+    try:
+        client = AdminClient([a.strip() for a in addresses.split(",") if a.strip()], args.timeout)
+        kind, value = asyncio.run(_run(client, args, sys.stderr))
+    except errors.SnapwakeError as exc:
+        name = "error" if type(exc) is errors.SnapwakeError else type(exc).__name__
+        print(f"snapwake: {name}: {exc.message}".replace("\n", " "), file=sys.stderr)
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        print("snapwake: interrupted", file=sys.stderr)
+        return 130
+    sys.stdout.write(render(kind, value, args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
