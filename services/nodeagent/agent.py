@@ -1,0 +1,238 @@
+"""The node: its etcd registration under a lease, its live instances and the reconcile loop.
+
+Actual state is reported to etcd, never cached as truth: every instance write goes through
+this node's lease, so a dead nodeagent's keys vanish by themselves. On start the agent removes
+what a previous run left behind (containers under its runc root, instance dirs, instance keys).
+The per-request flows (start, restore, suspend, stop) are in ``operations.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+
+from services.nodeagent import probe
+from services.nodeagent.config import NodeAgentConfig
+from services.nodeagent.gpu import Checkpointer
+from services.nodeagent.machine import InstanceMachine, activity_move
+from services.nodeagent.runtime import ContainerRuntime
+from snapwake import errors, keys
+from snapwake.grpcserver import channel
+from snapwake.lifecycle import SERVING
+from snapwake.store import LeaseKeeper, Store
+from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc, types_pb2
+
+__all__ = ["Live", "NodeAgent"]
+
+log = logging.getLogger(__name__)
+S = types_pb2.InstanceState
+
+
+@dataclass
+class Live:
+    """One instance this node runs (or ran, until its key lingers out)."""
+
+    machine: InstanceMachine
+    container_id: str
+    dir: Path
+    port: int
+    gpu: bool
+    pid: int = 0
+    # Serialises the flows on one instance; the reconcile loop skips a locked instance.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def id(self) -> str:
+        return self.machine.id
+
+    @property
+    def control_socket(self) -> Path:
+        return self.dir / "control.sock"
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "output.log"
+
+
+class NodeAgent:
+    """Owns this node's containers and its keys in etcd."""
+
+    def __init__(self, config: NodeAgentConfig, store: Store, runtime: ContainerRuntime,
+                 checkpointer: Checkpointer, gpus: list[types_pb2.Gpu], host_memory: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config, self.store, self.runtime, self.checkpointer = config, store, runtime, checkpointer
+        self.gpus, self.host_memory, self.clock = gpus, host_memory, clock
+        self.instances: dict[str, Live] = {}
+        self.cached_snapshots: list[str] = []
+        self.lease = LeaseKeeper(store, config.lease_ttl, on_lost=self._on_lease_lost)
+        self.http = httpx.AsyncClient()
+        self._blob_channel = channel(config.blobstore)
+        self._reconciler: asyncio.Task[None] | None = None
+
+    # --- life of the agent ---------------------------------------------------------------
+    async def start(self) -> None:
+        """Cleans up a previous run, takes the lease, registers the node, starts reconciling."""
+        config = self.config
+        config.instances_dir.mkdir(parents=True, exist_ok=True)
+        await self.cleanup_orphans()
+        await self.lease.start()
+        await self.register()
+        self._reconciler = asyncio.create_task(self._reconcile_forever(), name="reconcile")
+        log.info("node %s registered (lease %x, %d GPUs)", config.name, self.lease.lease_id, len(self.gpus))
+
+    async def stop(self) -> None:
+        """Stops every container, then revokes the lease (which deletes our keys)."""
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciler
+        await asyncio.gather(*(self.destroy(live) for live in list(self.instances.values())),
+                             return_exceptions=True)
+        for live in list(self.instances.values()):
+            shutil.rmtree(live.dir, ignore_errors=True)
+        self.instances.clear()
+        await self.lease.stop(revoke=True)
+        await self.http.aclose()
+        await self._blob_channel.close()
+
+    async def cleanup_orphans(self) -> None:
+        """Removes containers, instance dirs and keys a previous run of this node left behind."""
+        for state in await self.runtime.list():
+            log.warning("removing orphan container %s (pid %d)", state.id, state.pid)
+            await self.runtime.kill(state.id)
+            await self.runtime.delete(state.id)
+        for path in self.config.instances_dir.iterdir():
+            shutil.rmtree(path, ignore_errors=True)
+        old = await self.store.client.get(keys.node_key(self.config.name).encode())
+        if old is not None and old.lease:  # the old lease may still run for a few seconds
+            with contextlib.suppress(Exception):
+                await self.store.client.revoke_lease(old.lease)
+        for entry in await self.store.list(keys.INSTANCES, types_pb2.Instance):
+            if entry.value.node == self.config.name:  # type: ignore[attr-defined]
+                await self.store.delete(entry.key, entry.mod_revision)
+
+    # --- etcd ----------------------------------------------------------------------------
+    def node_record(self) -> types_pb2.Node:
+        node = types_pb2.Node(name=self.config.name, address=self.config.advertise_address,
+                              blobstore_address=self.config.blobstore, host_memory_bytes=self.host_memory,
+                              cached_snapshots=sorted(self.cached_snapshots))
+        reserved: dict[int, int] = {}
+        for live in self.instances.values():
+            inst = live.machine.instance
+            if live.gpu and live.machine.live and inst.state != S.INSTANCE_STATE_STANDBY:
+                reserved[inst.gpu_index] = reserved.get(inst.gpu_index, 0) + inst.gpu_memory_bytes
+        for gpu in self.gpus:
+            copy = node.gpus.add()
+            copy.CopyFrom(gpu)
+            copy.memory_reserved_bytes = reserved.get(gpu.index, 0)
+        node.heartbeat_time.FromNanoseconds(int(self.clock() * 1e9))
+        return node
+
+    async def register(self) -> None:
+        await self.store.put(keys.node_key(self.config.name), self.node_record(), lease=self.lease.lease_id)
+
+    async def publish(self, live: Live) -> None:
+        """Writes the instance's actual state under this node's lease."""
+        await self.store.put(keys.instance_key(live.id), live.machine.instance, lease=self.lease.lease_id)
+
+    async def move(self, live: Live, new: int, message: str = "") -> None:
+        live.machine.move(new, self.clock(), message)
+        await self.publish(live)
+        if live.gpu:  # the node record's reserved GPU memory follows its instances
+            await self.register()
+
+    async def _on_lease_lost(self) -> None:
+        log.warning("lease lost: re-registering node %s and %d instances", self.config.name, len(self.instances))
+        await self.register()
+        for live in list(self.instances.values()):
+            await self.publish(live)
+
+    # --- containers ----------------------------------------------------------------------
+    async def destroy(self, live: Live) -> None:
+        """Kills and deletes the container (bounded); the instance dir stays for its logs."""
+        with contextlib.suppress(errors.SnapwakeError):
+            await self.runtime.kill(live.container_id, "KILL")
+        try:
+            await self.runtime.delete(live.container_id)
+        except errors.SnapwakeError as exc:
+            log.error("cannot delete container %s: %s", live.container_id, exc, extra={"instance_id": live.id})
+
+    async def fail(self, live: Live, reason: str) -> None:
+        """Marks the instance FAILED with ``reason`` and removes its container."""
+        log.warning("instance failed: %s", reason, extra={"instance_id": live.id})
+        if live.machine.can_move(S.INSTANCE_STATE_FAILED):
+            await self.move(live, S.INSTANCE_STATE_FAILED, reason[-2000:])
+        await self.destroy(live)
+        live.pid = 0
+
+    async def forget(self, live: Live) -> None:
+        """Deletes the key and the instance dir of an instance that is over."""
+        self.instances.pop(live.id, None)
+        with contextlib.suppress(Exception):
+            await self.store.delete(keys.instance_key(live.id))
+        shutil.rmtree(live.dir, ignore_errors=True)
+
+    # --- reconcile -----------------------------------------------------------------------
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reconcile_interval)
+            try:
+                await self.reconcile_once()
+            except Exception:  # noqa: BLE001 - keep reconciling; etcd or runc may be back next pass
+                log.exception("reconcile pass failed")
+
+    async def reconcile_once(self) -> None:
+        """One pass: dead containers, RUNNING/IDLE, RSS, expired keys, the blobstore's cache."""
+        for live in list(self.instances.values()):
+            if live.lock.locked():
+                continue
+            async with live.lock:
+                await self._reconcile_instance(live)
+        await self._poll_blobstore()
+
+    async def _reconcile_instance(self, live: Live) -> None:
+        machine = live.machine
+        if machine.expired(self.clock(), self.config.ended_linger):
+            await self.forget(live)
+            return
+        if not machine.live:
+            return
+        state = await self.runtime.state(live.container_id)
+        if state is None or not state.alive:
+            await self.fail(live, "container exited unexpectedly; output:\n" + probe.tail(live.log_path, 1500))
+            return
+        changed = False
+        if machine.state in SERVING:
+            with contextlib.suppress(errors.SnapwakeError):
+                status = await probe.control(live.control_socket, {"op": "status"}, 2.0)
+                new = activity_move(machine.state, int(status.get("inflight", 0)))
+                if new is not None:
+                    machine.move(new, self.clock())
+                    changed = True
+        rss = probe.host_rss_bytes(live.pid)
+        if abs(rss - machine.instance.host_rss_bytes) > (16 << 20):
+            machine.instance.host_rss_bytes = rss
+            changed = True
+        if changed:
+            await self.publish(live)
+
+    async def _poll_blobstore(self) -> None:
+        stub = blobstore_pb2_grpc.BlobstoreServiceStub(self._blob_channel)
+        try:
+            resp = await stub.ListSnapshots(blobstore_pb2.BlobListSnapshotsRequest(), timeout=2.0)
+        except grpc.RpcError as exc:
+            log.debug("blobstore %s: %s", self.config.blobstore, errors.from_rpc_error(exc).message)
+            return
+        cached = sorted(s.manifest.snapshot_id for s in resp.snapshots if s.in_cache and s.manifest.snapshot_id)
+        if cached != sorted(self.cached_snapshots):
+            self.cached_snapshots = cached
+            await self.register()

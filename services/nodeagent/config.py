@@ -1,0 +1,83 @@
+"""The nodeagent's configuration: a frozen dataclass loaded once in ``__main__``."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapwake.config import parse_address
+
+__all__ = ["NodeAgentConfig"]
+
+_REPO = str(Path(__file__).resolve().parents[2])
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class NodeAgentConfig:
+    """Snapwake nodeagent: runs instance containers on one node."""
+
+    name: str = field(default="node-1", metadata=_help("node name; its etcd key is /snapwake/nodes/{name}"))
+    listen: str = field(default="127.0.0.1:7070", metadata=_help("host:port the gRPC server binds"))
+    advertise: str = field(default="", metadata=_help("host:port others dial (default: listen)"))
+    etcd: str = field(default="127.0.0.1:2379", metadata=_help("etcd client address host:port"))
+    blobstore: str = field(default="127.0.0.1:7080", metadata=_help("this node's blobstore gRPC address"))
+    handover_socket: str = field(default="/tmp/snapwake/handover.sock",
+                                 metadata=_help("the blobstore's handover Unix socket (bound into containers)"))
+    state_dir: str = field(default="/tmp/snapwake/nodeagent",
+                           metadata=_help("instance dirs and the runc root live here"))
+    runtime: str = field(default="runc", metadata=_help("container runtime: runc | fake (tests only)"))
+    runc_binary: str = field(default="runc", metadata=_help("path of the runc binary"))
+    python: str = field(default=sys.executable, metadata=_help("python executable the containers run"))
+    repo_root: str = field(default=_REPO, metadata=_help("directory holding the runtime package (bound ro)"))
+    lease_ttl: int = field(default=5, metadata=_help("etcd lease TTL in seconds"))
+    gpus: str = field(default="auto", metadata=_help("auto: use NVML's GPUs; none: run everything on CPU"))
+    start_timeout: float = field(default=120.0, metadata=_help("default bound on a container start (s)"))
+    reconcile_interval: float = field(default=1.0, metadata=_help("seconds between reconcile passes"))
+    ended_linger: float = field(default=5.0, metadata=_help("seconds an ENDED/FAILED key stays visible"))
+    log_level: str = field(default="INFO", metadata=_help("logging level"))
+
+    @property
+    def advertise_address(self) -> str:
+        return self.advertise or self.listen
+
+    @property
+    def instances_dir(self) -> Path:
+        return Path(self.state_dir) / "instances"
+
+    @property
+    def runc_root(self) -> Path:
+        return Path(self.state_dir) / "runc"
+
+    def validate(self) -> list[str]:
+        """Every bad key, by name."""
+        bad = []
+        for key in ("listen", "etcd", "blobstore"):
+            try:
+                parse_address(getattr(self, key))
+            except ValueError as exc:
+                bad.append(f"{key}: {exc}")
+        if self.advertise:
+            try:
+                parse_address(self.advertise)
+            except ValueError as exc:
+                bad.append(f"advertise: {exc}")
+        if self.runtime not in ("runc", "fake"):
+            bad.append(f"runtime: expected runc or fake, got {self.runtime!r}")
+        if self.gpus not in ("auto", "none"):
+            bad.append(f"gpus: expected auto or none, got {self.gpus!r}")
+        if self.lease_ttl < 2:
+            bad.append(f"lease_ttl: must be at least 2 seconds, got {self.lease_ttl}")
+        if not self.name or "/" in self.name:
+            bad.append(f"name: must be non-empty without '/', got {self.name!r}")
+        if not Path(self.handover_socket).is_absolute():
+            bad.append(f"handover_socket: must be an absolute path, got {self.handover_socket!r}")
+        if not Path(self.repo_root, "runtime").is_dir():
+            bad.append(f"repo_root: {self.repo_root} has no runtime package")
+        if self.start_timeout <= 0 or self.reconcile_interval <= 0:
+            bad.append("start_timeout/reconcile_interval: must be positive")
+        return bad

@@ -1,0 +1,110 @@
+"""The per-instance state machine (pure): the lifecycle of snapwake.lifecycle plus timestamps.
+
+The agent owns one ``InstanceMachine`` per container. Every move goes through
+``check_transition`` (an illegal move is a bug and raises) and stamps when the state was
+entered; the yes/no questions the reconcile loop asks are derived from those stamps.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from snapwake.lifecycle import LIVE, TRANSITIONS, check_transition
+from snapwake.v1 import nodeagent_pb2, types_pb2
+
+__all__ = ["InstanceMachine", "StartPlan", "activity_move", "plan_start"]
+
+S = types_pb2.InstanceState
+T = nodeagent_pb2.StartTarget
+
+
+class StartPlan(enum.Enum):
+    """How a StartInstance target unfolds: (state after CREATING, runtime --start-mode, goal)."""
+
+    RUNNING = (S.INSTANCE_STATE_STARTING, "load", S.INSTANCE_STATE_RUNNING)
+    STANDBY = (S.INSTANCE_STATE_STARTING, "standby", S.INSTANCE_STATE_STANDBY)
+    SNAPSHOT = (S.INSTANCE_STATE_SNAPSHOTTING, "snapshot", S.INSTANCE_STATE_ENDED)
+
+    @property
+    def first(self) -> int:
+        return int(self.value[0])
+
+    @property
+    def start_mode(self) -> str:
+        return str(self.value[1])
+
+    @property
+    def goal(self) -> int:
+        return int(self.value[2])
+
+
+_PLANS: dict[int, StartPlan] = {T.START_TARGET_RUNNING: StartPlan.RUNNING, T.START_TARGET_STANDBY: StartPlan.STANDBY,
+          T.START_TARGET_SNAPSHOT: StartPlan.SNAPSHOT}
+
+
+def plan_start(target: int) -> StartPlan | None:
+    """The plan for a StartInstance target, or None when the target is not a valid one."""
+    return _PLANS.get(target)
+
+
+def activity_move(state: int, inflight: int) -> int | None:
+    """RUNNING <-> IDLE from the runtime's in-flight count; None when nothing changes."""
+    if state == S.INSTANCE_STATE_RUNNING and inflight == 0:
+        return S.INSTANCE_STATE_IDLE
+    if state == S.INSTANCE_STATE_IDLE and inflight > 0:
+        return S.INSTANCE_STATE_RUNNING
+    return None
+
+
+def _stamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+class InstanceMachine:
+    """One instance's actual state, as reported to etcd."""
+
+    def __init__(self, instance: types_pb2.Instance, now: float) -> None:
+        self.instance = instance
+        self.entered_at: dict[int, float] = {}
+        self.instance.create_time.CopyFrom(_stamp(now))
+        self.move(S.INSTANCE_STATE_CREATING, now)
+
+    @property
+    def id(self) -> str:
+        return self.instance.id
+
+    @property
+    def state(self) -> int:
+        return int(self.instance.state)
+
+    @property
+    def live(self) -> bool:
+        """Not yet stopping, ended or failed: the container should be up."""
+        return self.state in LIVE
+
+    def move(self, new: int, now: float, message: str = "") -> types_pb2.Instance:
+        """Moves to ``new`` (raising ``IllegalTransition`` if the lifecycle forbids it)."""
+        check_transition(self.id, self.state, new)
+        self.instance.state = new  # type: ignore[assignment]
+        self.instance.update_time.CopyFrom(_stamp(now))
+        if message:
+            self.instance.message = message
+        self.entered_at[new] = now
+        return self.instance
+
+    def can_move(self, new: int) -> bool:
+        """Whether ``new`` is allowed now (without logging a move)."""
+        allowed = TRANSITIONS.get(self.state, frozenset())
+        if self.state in LIVE:
+            allowed = allowed | {S.INSTANCE_STATE_FAILED, S.INSTANCE_STATE_STOPPING}
+        return new in allowed
+
+    def expired(self, now: float, linger: float) -> bool:
+        """An ENDED or FAILED instance whose key has been visible for ``linger`` seconds."""
+        if self.state not in (S.INSTANCE_STATE_ENDED, S.INSTANCE_STATE_FAILED):
+            return False
+        return now - self.entered_at.get(self.state, now) >= linger

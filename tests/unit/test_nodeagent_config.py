@@ -1,0 +1,63 @@
+"""NodeAgentConfig validation names every bad key; the fake runtime honours the interface."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.nodeagent.bundle import BundleSpec, write_bundle
+from services.nodeagent.config import NodeAgentConfig
+from services.nodeagent.runtime import ContainerStatus, FakeRuntime
+from snapwake.config import ConfigError, load
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--listen", "nope"], "listen"),
+    (["--etcd", "host"], "etcd"),
+    (["--blobstore", "x:99999"], "blobstore"),
+    (["--advertise", "a:b"], "advertise"),
+    (["--runtime", "docker"], "runtime"),
+    (["--gpus", "2"], "gpus"),
+    (["--lease-ttl", "1"], "lease_ttl"),
+    (["--lease-ttl", "soon"], "--lease-ttl"),
+    (["--name", "a/b"], "name"),
+    (["--handover-socket", "rel.sock"], "handover_socket"),
+    (["--repo-root", "/nonexistent"], "repo_root"),
+])
+def test_bad_keys_are_named(argv: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load(NodeAgentConfig, argv, env={})
+
+
+def test_defaults_and_derived_paths() -> None:
+    config = load(NodeAgentConfig, ["--state-dir", "/s", "--listen", "0.0.0.0:1"], env={})
+    assert config.runc_root == Path("/s/runc") and config.instances_dir == Path("/s/instances")
+    assert config.advertise_address == "0.0.0.0:1"
+    assert load(NodeAgentConfig, [], env={"SNAPWAKE_ADVERTISE": "h:2"}).advertise_address == "h:2"
+
+
+async def test_fake_runtime_runs_the_bundle_process(tmp_path: Path) -> None:
+    spec = BundleSpec(args=(sys.executable, "-c", "import os,time; print(os.environ['X'], flush=True); time.sleep(30)"),
+                      env={"X": "hello"}, cwd=str(tmp_path), hostname="i-1")
+    bundle = write_bundle(tmp_path / "bundle", spec)
+    runtime = FakeRuntime()
+    pid = await runtime.run("sw-a", bundle, tmp_path / "out.log")
+    assert (await runtime.state("sw-a")).pid == pid  # type: ignore[union-attr]
+    assert [s.id for s in await runtime.list()] == ["sw-a"]
+    for _ in range(100):
+        if (tmp_path / "out.log").read_text().strip() == "hello":
+            break
+        await asyncio.sleep(0.05)
+    assert (tmp_path / "out.log").read_text().strip() == "hello"
+    await runtime.kill("sw-a")
+    for _ in range(100):
+        state = await runtime.state("sw-a")
+        if state is not None and state.status is ContainerStatus.STOPPED:
+            break
+        await asyncio.sleep(0.05)
+    assert state is not None and not state.alive
+    await runtime.delete("sw-a")
+    assert await runtime.state("sw-a") is None and await runtime.list() == []
