@@ -7,6 +7,7 @@ revision and retries a bounded number of times on a lost race.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -82,7 +83,7 @@ class Store:
     async def list(self, prefix: str, cls: type[M]) -> list[Entry]:
         return (await self.list_at(prefix, cls))[0]
 
-    async def list_at(self, prefix: str, cls: type[M]) -> tuple[list[Entry], int]:
+    async def list_at(self, prefix: str, cls: type[M]) -> tuple[builtins.list[Entry], int]:
         """Lists ``prefix`` and returns the store revision it was read at (to watch from +1)."""
         result = await self.client.get_prefix(prefix.encode())
         entries = [Entry(kv.key.decode(), _decode(kv.value, cls), kv.mod_revision) for kv in result]

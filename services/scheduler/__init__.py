@@ -1,0 +1,1 @@
+"""The Snapwake scheduler: admin API, placement, leases, autoscaling and leader election."""

@@ -1,0 +1,44 @@
+"""``python -m services.scheduler [--listen host:port] [--etcd host:port] ...``."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from services.scheduler.app import Scheduler
+from services.scheduler.config import SchedulerConfig
+from snapwake import errors, log
+from snapwake.config import ConfigError, load
+from snapwake.store import Store
+
+
+async def serve(cfg: SchedulerConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Store.connect(cfg.etcd) as store:
+        scheduler = Scheduler(cfg, store)
+        await scheduler.start()
+        await stop.wait()
+        await scheduler.stop()
+
+
+def main() -> int:
+    try:
+        cfg = load(SchedulerConfig, prog="python -m services.scheduler")
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    log.setup("scheduler", cfg.log_level)
+    try:
+        asyncio.run(serve(cfg))
+    except errors.Unavailable as exc:
+        print(f"scheduler: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The gRPC servicers (thin): SchedulerService (admin) and LeaseService (gateways).
+
+Admin reads go to etcd, not the mirror, so a client reads its own writes. A scheduler that
+is not the leader answers every call UNAVAILABLE naming the leader, and the caller retries
+there.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import Protocol
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.scheduler import spec as specs
+from services.scheduler.lease import LeaseBroker, QueueDepths
+from services.scheduler.nodes import NodeClient
+from services.scheduler.state import ClusterState
+from snapwake import errors, keys
+from snapwake.grpcserver import translate_errors
+from snapwake.v1 import scheduler_pb2 as pb
+from snapwake.v1 import scheduler_pb2_grpc
+from snapwake.v1.types_pb2 import Function, FunctionState, Instance, Node, Snapshot, SnapshotMode
+
+__all__ = ["LeaseServicer", "Leadership", "SchedulerServicer", "initial_state"]
+
+_DEFAULT_LOG_TAIL = 64 << 10
+
+
+class Leadership(Protocol):
+    def require(self) -> None:
+        """Raises ``Unavailable`` naming the leader unless this process leads."""
+        ...
+
+
+def initial_state(spec: specs.FunctionSpec) -> int:
+    """PENDING while an arena snapshot must be built, else READY."""
+    if spec.policy.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_ARENA:
+        return FunctionState.FUNCTION_STATE_PENDING
+    return FunctionState.FUNCTION_STATE_READY
+
+
+def _now() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
+    def __init__(self, state: ClusterState, nodes: NodeClient, leader: Leadership) -> None:
+        self.state, self.nodes, self.leader = state, nodes, leader
+
+    @translate_errors
+    async def CreateFunction(self, request: pb.CreateFunctionRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.CreateFunctionResponse:
+        self.leader.require()
+        spec = specs.normalize(request.spec)
+        now = _now()
+        fn = Function(id=specs.function_id(spec), spec=spec, revision=1, state=initial_state(spec),  # type: ignore[arg-type]
+                      create_time=now, update_time=now)
+        await self.state.create_function(fn)
+        return pb.CreateFunctionResponse(function=fn)
+
+    @translate_errors
+    async def GetFunction(self, request: pb.GetFunctionRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.GetFunctionResponse:
+        self.leader.require()
+        specs.split_function_id(request.function_id)
+        entry = await self.state.store.get(keys.function_key(request.function_id), Function)
+        if entry is None:
+            raise errors.NotFound(f"function {request.function_id} does not exist", field="function_id")
+        return pb.GetFunctionResponse(function=entry.value)
+
+    @translate_errors
+    async def ListFunctions(self, request: pb.ListFunctionsRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.ListFunctionsResponse:
+        self.leader.require()
+        prefix = keys.FUNCTIONS + (request.tenant + "/" if request.tenant else "")
+        found: list[Function] = [e.value for e in await self.state.store.list(prefix, Function)]  # type: ignore[misc]
+        return pb.ListFunctionsResponse(functions=sorted(found, key=attrgetter("id")))
+
+    @translate_errors
+    async def UpdateFunction(self, request: pb.UpdateFunctionRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.UpdateFunctionResponse:
+        self.leader.require()
+        spec = specs.normalize(request.spec)
+        fid = specs.function_id(spec)
+
+        def bump(fn: Function) -> Function:
+            fn.spec.CopyFrom(spec)
+            fn.revision += 1
+            fn.state = initial_state(spec)  # type: ignore[assignment]
+            fn.status_message = ""
+            fn.update_time.CopyFrom(_now())
+            return fn
+
+        try:
+            fn = await self.state.update_function(fid, bump)
+        except errors.NotFound as exc:
+            raise errors.NotFound(f"function {fid} does not exist", field="spec.name") from exc
+        return pb.UpdateFunctionResponse(function=fn)
+
+    @translate_errors
+    async def DeleteFunction(self, request: pb.DeleteFunctionRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.DeleteFunctionResponse:
+        self.leader.require()
+        specs.split_function_id(request.function_id)
+        await self.state.delete_function(request.function_id)
+        await self.state.delete_snapshots(request.function_id)
+        return pb.DeleteFunctionResponse()
+
+    @translate_errors
+    async def ListNodes(self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.ListNodesResponse:
+        self.leader.require()
+        found: list[Node] = [e.value for e in await self.state.store.list(keys.NODES, Node)]  # type: ignore[misc]
+        return pb.ListNodesResponse(nodes=sorted(found, key=attrgetter("name")))
+
+    @translate_errors
+    async def ListInstances(self, request: pb.ListInstancesRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.ListInstancesResponse:
+        self.leader.require()
+        every: list[Instance] = [e.value for e in await self.state.store.list(keys.INSTANCES, Instance)]  # type: ignore[misc]
+        found = [i for i in every if not request.function_id or i.function_id == request.function_id]
+        return pb.ListInstancesResponse(instances=sorted(found, key=attrgetter("id")))
+
+    @translate_errors
+    async def GetInstanceLogs(self, request: pb.GetInstanceLogsRequest, context: grpc.aio.ServicerContext
+                              ) -> pb.GetInstanceLogsResponse:
+        self.leader.require()
+        entry = await self.state.store.get(keys.instance_key(request.instance_id), Instance)
+        if entry is None:
+            raise errors.NotFound(f"instance {request.instance_id} does not exist", field="instance_id")
+        node = await self.state.store.get(keys.node_key(entry.value.node), Node)
+        if node is None:
+            raise errors.NotFound(f"node {entry.value.node} of {request.instance_id} is gone", field="instance_id")
+        logs = await self.nodes.logs(node.value, request.instance_id, request.tail_bytes or _DEFAULT_LOG_TAIL)
+        return pb.GetInstanceLogsResponse(logs=logs)
+
+    @translate_errors
+    async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.ListSnapshotsResponse:
+        self.leader.require()
+        prefix = keys.SNAPSHOTS + (request.function_id + "/" if request.function_id else "")
+        found: list[Snapshot] = [e.value for e in await self.state.store.list(prefix, Snapshot)]  # type: ignore[misc]
+        return pb.ListSnapshotsResponse(snapshots=sorted(found, key=attrgetter("id")))
+
+
+class LeaseServicer(scheduler_pb2_grpc.LeaseServiceServicer):
+    def __init__(self, broker: LeaseBroker, queues: QueueDepths, leader: Leadership) -> None:
+        self.broker, self.queues, self.leader = broker, queues, leader
+
+    @translate_errors
+    async def AcquireLease(self, request: pb.AcquireLeaseRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.AcquireLeaseResponse:
+        self.leader.require()
+        specs.split_function_id(request.function_id)
+        remaining = context.time_remaining()
+        grant = await self.broker.acquire(request.function_id, request.gateway_id,
+                                          remaining if remaining is not None else float("inf"))
+        wait, ttl = Duration(), Duration()
+        wait.FromNanoseconds(int(grant.wait_s * 1e9))
+        ttl.FromNanoseconds(int(self.broker.table.ttl_s * 1e9))
+        return pb.AcquireLeaseResponse(lease_id=grant.lease.lease_id, instance_id=grant.instance.id,
+                                       endpoint=grant.instance.endpoint, source=grant.source,  # type: ignore[arg-type]
+                                       wait=wait, ttl=ttl)
+
+    @translate_errors
+    async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.ReleaseLeaseResponse:
+        self.leader.require()
+        self.broker.release(request.lease_id, request.instance_failed)
+        return pb.ReleaseLeaseResponse()
+
+    @translate_errors
+    async def ReportQueue(self, request: pb.ReportQueueRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.ReportQueueResponse:
+        self.leader.require()
+        self.queues.report(request.gateway_id, dict(request.depths))
+        return pb.ReportQueueResponse()

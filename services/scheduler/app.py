@@ -1,0 +1,83 @@
+"""Wires the scheduler together: etcd view, election, lease broker, controller, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+
+from services.scheduler.api import LeaseServicer, SchedulerServicer
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.controller import Controller
+from services.scheduler.election import Election
+from services.scheduler.lease import LeaseBroker, QueueDepths
+from services.scheduler.leasetable import LeaseTable
+from services.scheduler.nodes import NodeClient
+from services.scheduler.snapshots import SnapshotBuilder
+from services.scheduler.starter import Starter
+from services.scheduler.state import ClusterState
+from snapwake.grpcserver import GrpcServer
+from snapwake.store import Store
+from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+__all__ = ["Scheduler"]
+
+log = logging.getLogger(__name__)
+SERVICES = [scheduler_pb2.DESCRIPTOR.services_by_name[n].full_name for n in ("SchedulerService", "LeaseService")]
+
+
+class Scheduler:
+    """One scheduler process. ``await start()``; ``port`` is the bound gRPC port."""
+
+    def __init__(self, cfg: SchedulerConfig, store: Store) -> None:
+        self.cfg, self.store = cfg, store
+        self.state = ClusterState(store)
+        self.nodes = NodeClient(cfg.node_rpc_timeout_s)
+        self.table = LeaseTable(time.monotonic, cfg.lease_ttl_s)
+        self.queues = QueueDepths(time.monotonic)
+        self.starter = Starter(self.state, self.nodes, self.table, cfg.node_stale_s)
+        self.broker = LeaseBroker(self.state, self.starter, self.table)
+        self.controller = Controller(self.state, self.starter, self.broker, self.queues,
+                                     SnapshotBuilder(self.state, self.starter, cfg.snapshot_attempts),
+                                     cfg.reconcile_interval_s)
+        self.server = GrpcServer(cfg.listen, SERVICES)
+        self.port = self.server.port
+        host = cfg.listen.rpartition(":")[0]
+        self.address = cfg.advertise or f"{host}:{self.port}"
+        self.election = Election(store, "sched-" + secrets.token_hex(4), self.address, cfg.election_ttl_s,
+                                 self._elected, self._deposed)
+        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
+            SchedulerServicer(self.state, self.nodes, self.election), self.server.server)
+        scheduler_pb2_grpc.add_LeaseServiceServicer_to_server(
+            LeaseServicer(self.broker, self.queues, self.election), self.server.server)
+        self._election_task: asyncio.Task[None] | None = None
+
+    async def _elected(self) -> None:
+        # The mirror is kept in sync whether or not we lead; only the leader's soft state
+        # (leases, starts in flight) must start empty, since a past term's is stale.
+        self.broker.reset()
+        self.controller.start()
+
+    async def _deposed(self) -> None:
+        await self.controller.stop()
+        self.broker.reset()
+
+    async def start(self) -> None:
+        await self.state.start()
+        await self.server.start()
+        self._election_task = asyncio.create_task(self.election.run(), name="election")
+        log.info("scheduler serving on %s (advertised %s)", self.cfg.listen, self.address)
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Drains the server, resigns leadership so a standby takes over at once, closes clients."""
+        await self.server.stop(grace_s)
+        if self._election_task is not None:
+            self._election_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._election_task
+        await self.election.resign()
+        await self.controller.stop()
+        await self.state.stop()
+        await self.nodes.close()

@@ -1,0 +1,44 @@
+"""Scheduler configuration: flags, then ``SNAPWAKE_*`` variables, then these defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from snapwake.config import parse_address
+
+__all__ = ["SchedulerConfig"]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Snapwake scheduler: admin API, leases, placement and autoscaling."""
+
+    listen: str = field(default="127.0.0.1:7001", metadata={"help": "gRPC listen address host:port"})
+    advertise: str = field(default="", metadata={
+        "help": "address other processes reach this scheduler at (default: the listen address)"})
+    etcd: str = field(default="127.0.0.1:2379", metadata={"help": "etcd client address host:port"})
+    election_ttl_s: int = field(default=5, metadata={"help": "leader lease TTL in seconds"})
+    lease_ttl_s: float = field(default=600.0, metadata={
+        "help": "how long a gateway's instance lease lives unless released (bounds one request)"})
+    node_rpc_timeout_s: float = field(default=10.0, metadata={
+        "help": "deadline of nodeagent calls, added to the function's start_timeout for starts"})
+    node_stale_s: float = field(default=30.0, metadata={
+        "help": "a node whose heartbeat is older than this gets no new instances"})
+    reconcile_interval_s: float = field(default=1.0, metadata={"help": "controller loop period"})
+    snapshot_attempts: int = field(default=3, metadata={"help": "snapshot builds before a function FAILS"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("listen", "etcd") + (("advertise",) if self.advertise else ()):
+            try:
+                parse_address(getattr(self, name))
+            except ValueError as exc:
+                problems.append(f"{name}: {exc}")
+        for name in ("election_ttl_s", "lease_ttl_s", "node_rpc_timeout_s", "node_stale_s",
+                     "reconcile_interval_s", "snapshot_attempts"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name}: must be positive")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            problems.append(f"log_level: unknown level {self.log_level!r}")
+        return problems

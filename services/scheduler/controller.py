@@ -1,0 +1,144 @@
+"""The reconcile loop (leader only): snapshots, standbys, min/max instances, scale in, cleanup.
+
+Each pass compares the desired state (functions in etcd) with the actual state (instances and
+snapshots in etcd) and starts at most one operation per (function, kind); operations run as
+tasks so one slow node does not stall the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+from services.scheduler.lease import COUNTED, LeaseBroker, QueueDepths
+from services.scheduler.snapshots import SnapshotBuilder
+from services.scheduler.spec import seconds
+from services.scheduler.starter import Starter
+from services.scheduler.state import ClusterState
+from snapwake import errors
+from snapwake.v1.nodeagent_pb2 import StartTarget
+from snapwake.v1.types_pb2 import Function, FunctionState, Instance, InstanceState, SnapshotMode
+
+__all__ = ["Controller"]
+
+log = logging.getLogger(__name__)
+S = InstanceState
+_STOPPABLE = COUNTED | {S.INSTANCE_STATE_STANDBY, S.INSTANCE_STATE_SNAPSHOTTING}
+
+
+class Controller:
+    def __init__(self, state: ClusterState, starter: Starter, broker: LeaseBroker, queues: QueueDepths,
+                 builder: SnapshotBuilder, interval_s: float) -> None:
+        self.state, self.starter, self.broker, self.queues = state, starter, broker, queues
+        self.builder, self.interval_s = builder, interval_s
+        self._ops: dict[str, asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._standbys_started: dict[str, tuple[str, float]] = {}  # iid -> (node, when)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="controller")
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._task, *self._ops.values()] if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._task = None
+        self._ops.clear()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self.reconcile()
+            except Exception:  # noqa: BLE001 - a bad pass must not end reconciliation
+                log.exception("reconcile pass failed")
+            await asyncio.sleep(self.interval_s)
+
+    def _spawn(self, key: str, make: Callable[[], Awaitable[None]]) -> None:
+        if key in self._ops:
+            return
+
+        async def run() -> None:
+            try:
+                await make()
+            except errors.SnapwakeError as exc:
+                log.warning("%s: %s", key, exc.message)
+            finally:
+                self._ops.pop(key, None)
+
+        self._ops[key] = asyncio.create_task(run(), name=key)
+
+    def reconcile(self) -> None:
+        """One pass over every function and instance; starts operations, never awaits them."""
+        functions = {f.id: f for f in self.state.functions()}
+        for fn in functions.values():
+            if fn.state == FunctionState.FUNCTION_STATE_PENDING:
+                self.builder.reconcile(fn, self._spawn)
+            elif fn.state == FunctionState.FUNCTION_STATE_READY:
+                self._scale(fn)
+                self._standbys(fn)
+        self._cleanup(functions)
+
+    def _scale(self, fn: Function) -> None:
+        live = self.broker.live_count(fn)
+        mine = [i for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision]
+        in_use = sum(self.broker.table.in_use(i.id) for i in mine)
+        wanted = math.ceil((self.queues.total(fn.id) + in_use) / fn.spec.policy.concurrency)
+        wanted = min(max(wanted, fn.spec.policy.min_instances), fn.spec.policy.max_instances)
+        if live < wanted:
+            self.broker.ensure_start(fn)
+            return
+        idle_after = seconds(fn.spec.policy.idle_timeout)
+        now = time.time()
+        idle = sorted((i for i in mine if i.state == S.INSTANCE_STATE_IDLE and self.broker.table.in_use(i.id) == 0
+                       and now - i.update_time.ToNanoseconds() / 1e9 > idle_after),
+                      key=lambda i: i.update_time.ToNanoseconds())
+        if idle and live > max(wanted, fn.spec.policy.min_instances):
+            self._stop(idle[0], f"idle for more than {idle_after:.0f}s")
+
+    def _standbys(self, fn: Function) -> None:
+        per_node = fn.spec.policy.standby_per_node
+        if not per_node or fn.spec.policy.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_NONE:
+            return
+        now = time.monotonic()
+        seen = {i.id for i in self.state.instances()}
+        # A started standby counts from its start's answer until the watch shows it.
+        self._standbys_started = {k: v for k, v in self._standbys_started.items()
+                                  if k not in seen and now - v[1] < 30}
+        for node in self.state.nodes():
+            have = {i.id for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision
+                    and i.node == node.name and i.state == S.INSTANCE_STATE_STANDBY}
+            have |= {iid for iid, (n, _) in self._standbys_started.items() if n == node.name}
+            if len(have) < per_node:
+                self._spawn(f"standby {fn.id}@{fn.revision} on {node.name}", self._standby_op(fn, node.name))
+
+    def _standby_op(self, fn: Function, node_name: str) -> Callable[[], Awaitable[None]]:
+        return lambda: self._start_standby(fn, node_name)
+
+    async def _start_standby(self, fn: Function, node_name: str) -> None:
+        placement = await self.starter.place(fn, {node_name})
+        if placement is None:
+            return
+        inst = await self.starter.start_target(fn, placement.node, placement.gpu_index,
+                                               StartTarget.START_TARGET_STANDBY)
+        self._standbys_started[inst.id] = (node_name, time.monotonic())
+
+    def _cleanup(self, functions: dict[str, Function]) -> None:
+        for inst in self.state.instances():
+            fn = functions.get(inst.function_id)
+            stale = fn is None or inst.revision < fn.revision
+            if stale and inst.state in _STOPPABLE and self.broker.table.in_use(inst.id) == 0:
+                self._stop(inst, "its function was deleted" if fn is None else "old revision, drained")
+
+    def _stop(self, inst: Instance, why: str) -> None:
+        node = self.state.node(inst.node)
+        if node is None:
+            return
+        log.info("stopping: %s", why, extra={"instance_id": inst.id})
+        self._spawn(f"stop {inst.id}", lambda: self.starter.nodes.stop(node, inst.id))

@@ -1,0 +1,205 @@
+"""AcquireLease: hand a gateway one slot of an instance, starting one if needed.
+
+Decision order per attempt: (a) a RUNNING/IDLE instance of the current revision with a free
+slot, least loaded first; (b)/(c) otherwise one shared start per function (restore a standby,
+else a normal start; see ``starter``) unless ``max_instances`` are up; (d) otherwise wait
+until a lease is released or an instance becomes ready. Concurrent waiters share the start:
+if it fails, every one of them gets ``StartFailed`` with the reason at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+
+from services.scheduler.leasetable import Lease, LeaseTable
+from services.scheduler.spec import seconds
+from services.scheduler.starter import Starter, StartResult
+from services.scheduler.state import ClusterState
+from snapwake import errors, keys
+from snapwake.lifecycle import SERVING
+from snapwake.v1.scheduler_pb2 import LeaseSource
+from snapwake.v1.types_pb2 import Function, FunctionState, Instance, InstanceState
+
+__all__ = ["Grant", "LeaseBroker", "QueueDepths"]
+
+log = logging.getLogger(__name__)
+S = InstanceState
+# Instances that count against max_instances: everything that holds or is about to hold a GPU.
+COUNTED = frozenset({S.INSTANCE_STATE_CREATING, S.INSTANCE_STATE_STARTING, S.INSTANCE_STATE_RESTORING,
+                     S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_IDLE})
+# After "no capacity", wait this long (or for a change) before trying to place again.
+_NO_ROOM_BACKOFF_S = 0.5
+_SUSPECT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Grant:
+    lease: Lease
+    instance: Instance
+    source: int  # LeaseSource
+    wait_s: float
+
+
+class QueueDepths:
+    """Latest queue depth per gateway and function; reports older than ``stale_s`` are ignored."""
+
+    def __init__(self, clock: Callable[[], float], stale_s: float = 15.0) -> None:
+        self.clock, self.stale_s = clock, stale_s
+        self._reports: dict[str, tuple[dict[str, int], float]] = {}
+
+    def report(self, gateway_id: str, depths: dict[str, int]) -> None:
+        self._reports[gateway_id] = (dict(depths), self.clock())
+
+    def total(self, function_id: str) -> int:
+        now = self.clock()
+        return sum(d.get(function_id, 0) for d, at in self._reports.values() if now - at <= self.stale_s)
+
+
+class LeaseBroker:
+    def __init__(self, state: ClusterState, starter: Starter, table: LeaseTable) -> None:
+        self.state, self.starter, self.table = state, starter, table
+        self._events: dict[str, asyncio.Event] = {}
+        self._starts: dict[str, asyncio.Task[StartResult | None]] = {}
+        self._no_room_until: dict[str, float] = {}
+        self._suspect: dict[str, float] = {}
+        state.subscribe(self._on_change)
+
+    # Wake-ups ---------------------------------------------------------------------------
+    def _event(self, fid: str) -> asyncio.Event:
+        return self._events.setdefault(fid, asyncio.Event())
+
+    def wake(self, fid: str | None = None) -> None:
+        for key in [fid] if fid else list(self._events):
+            event = self._events.pop(key, None)
+            if event is not None:
+                event.set()
+
+    def _on_change(self, key: str, value: Message | None) -> None:
+        if isinstance(value, Instance):
+            if value.state in (S.INSTANCE_STATE_ENDED, S.INSTANCE_STATE_FAILED, S.INSTANCE_STATE_STOPPING):
+                self.table.drop_instance(value.id)
+            self.wake(value.function_id)
+        elif isinstance(value, Function):
+            self.wake(value.id)
+        else:
+            if value is None and key.startswith(keys.INSTANCES):
+                self.table.drop_instance(key.removeprefix(keys.INSTANCES))
+            self.wake()
+
+    # Decisions --------------------------------------------------------------------------
+    def live_count(self, fn: Function) -> int:
+        return sum(1 for i in self.state.instances()
+                   if i.function_id == fn.id and i.revision == fn.revision and i.state in COUNTED)
+
+    def _try_warm(self, fn: Function, gateway_id: str) -> tuple[Lease, Instance] | None:
+        now = time.monotonic()
+        conc = fn.spec.policy.concurrency
+        ready = [i for i in self.state.instances()
+                 if i.function_id == fn.id and i.revision == fn.revision and i.state in SERVING
+                 and i.endpoint and self._suspect.get(i.id, 0.0) <= now]
+        for inst in sorted(ready, key=lambda i: (self.table.in_use(i.id), i.id)):
+            lease = self.table.try_grant(inst.id, fn.id, gateway_id, conc)
+            if lease is not None:
+                return lease, inst
+        return None
+
+    def ensure_start(self, fn: Function) -> asyncio.Task[StartResult | None] | None:
+        task = self._starts.get(fn.id)
+        if task is not None:
+            return task
+        if self._no_room_until.get(fn.id, 0.0) > time.monotonic():
+            return None
+        if self.live_count(fn) >= fn.spec.policy.max_instances:
+            return None
+        task = asyncio.create_task(self._run_start(fn), name=f"start {fn.id}")
+        task.add_done_callback(_log_failure)
+        self._starts[fn.id] = task
+        return task
+
+    async def _run_start(self, fn: Function) -> StartResult | None:
+        try:
+            result = await self.starter.start(fn)
+            if result is None:
+                self._no_room_until[fn.id] = time.monotonic() + _NO_ROOM_BACKOFF_S
+            return result
+        finally:
+            self._starts.pop(fn.id, None)
+            self.wake(fn.id)
+
+    async def acquire(self, function_id: str, gateway_id: str, timeout_s: float) -> Grant:
+        """Blocks up to ``min(timeout_s, queue_timeout)`` for a lease."""
+        began = time.monotonic()
+        fn = self._function(function_id)
+        deadline = began + min(timeout_s, seconds(fn.spec.policy.queue_timeout))
+        while True:
+            fn = self._function(function_id)
+            task = None
+            if fn.state == FunctionState.FUNCTION_STATE_READY:
+                got = self._try_warm(fn, gateway_id)
+                if got is not None:
+                    lease, inst = got
+                    # A waiter that began before this instance's start ended waited for it.
+                    how, ended = self.starter.origin.get(inst.id, (LeaseSource.LEASE_SOURCE_WARM, 0.0))
+                    source = how if ended >= began else LeaseSource.LEASE_SOURCE_WARM
+                    return Grant(lease, inst, source, time.monotonic() - began)
+                task = self.ensure_start(fn)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                why = " (its snapshot is still being built)" \
+                    if fn.state == FunctionState.FUNCTION_STATE_PENDING else ""
+                raise errors.DeadlineExceeded(
+                    f"no instance of {function_id} became free within {time.monotonic() - began:.1f}s{why}")
+            await self._wait(fn.id, task, min(remaining, _NO_ROOM_BACKOFF_S * 4))
+
+    async def _wait(self, fid: str, task: asyncio.Task[StartResult | None] | None, bound_s: float) -> None:
+        event = self._event(fid)
+        waiter = asyncio.ensure_future(event.wait())
+        pending = {waiter} | ({task} if task is not None else set())
+        try:
+            await asyncio.wait(pending, timeout=bound_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+        if task is not None and task.done():
+            task.result()  # raises StartFailed for every waiter sharing this start
+
+    def _function(self, function_id: str) -> Function:
+        fn = self.state.function(function_id)
+        if fn is None:
+            raise errors.NotFound(f"function {function_id} does not exist", field="function_id")
+        if fn.state == FunctionState.FUNCTION_STATE_FAILED:
+            raise errors.FailedPrecondition(f"function {function_id} failed: {fn.status_message}")
+        return fn
+
+    def release(self, lease_id: str, instance_failed: bool) -> Lease | None:
+        lease = self.table.release(lease_id)
+        if lease is None:
+            return None
+        if instance_failed:
+            log.warning("gateway reports instance failed; not leasing it for %.0fs", _SUSPECT_S,
+                        extra={"instance_id": lease.instance_id})
+            self._suspect[lease.instance_id] = time.monotonic() + _SUSPECT_S
+        self.wake(lease.function_id)
+        return lease
+
+    def reset(self) -> None:
+        """Forgets soft state (on losing or gaining leadership)."""
+        self.table.clear()
+        for task in self._starts.values():
+            task.cancel()
+        self._starts.clear()
+        self.wake()
+
+
+def _log_failure(task: asyncio.Task[StartResult | None]) -> None:
+    # Retrieves the outcome so a start nobody waited for (the autoscaler's) is logged once.
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("%s failed: %s", task.get_name(), exc)

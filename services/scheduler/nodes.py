@@ -1,0 +1,82 @@
+"""Client for the nodeagents: one channel per address, a deadline on every call, and the one
+place where their gRPC errors are translated into the domain tree."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from snapwake import errors
+from snapwake.grpcserver import channel
+from snapwake.v1 import nodeagent_pb2 as na
+from snapwake.v1.nodeagent_pb2_grpc import NodeAgentServiceStub
+from snapwake.v1.types_pb2 import FunctionSpec, Instance, Node
+
+__all__ = ["NodeClient"]
+
+log = logging.getLogger(__name__)
+
+
+class NodeClient:
+    """Calls ``NodeAgentService`` on ``Node.address``."""
+
+    def __init__(self, rpc_timeout_s: float) -> None:
+        self.rpc_timeout_s = rpc_timeout_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, node: Node) -> NodeAgentServiceStub:
+        if node.address not in self._channels:
+            self._channels[node.address] = channel(node.address)
+        return NodeAgentServiceStub(self._channels[node.address])
+
+    async def start(self, node: Node, instance_id: str, function_id: str, revision: int, spec: FunctionSpec,
+                    target: int, gpu_index: int, timeout_s: float) -> Instance:
+        """Starts a container; raises ``StartFailed`` with the node's reason."""
+        req = na.StartInstanceRequest(instance_id=instance_id, function_id=function_id, revision=revision,
+                                      spec=spec, target=target, gpu_index=gpu_index,  # type: ignore[arg-type]
+                                      gpu_memory_bytes=spec.resources.gpu_memory_bytes,
+                                      timeout=Duration(seconds=int(timeout_s)))
+        try:
+            resp = await self._stub(node).StartInstance(req, timeout=timeout_s + self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise errors.StartFailed(f"node {node.name}: start of {instance_id}: {exc.details() or exc.code()}"
+                                     ) from exc
+        return resp.instance
+
+    async def restore(self, node: Node, instance_id: str, gpu_index: int, timeout_s: float) -> Instance:
+        """Standby to running; raises ``StartFailed`` with the node's reason."""
+        try:
+            resp = await self._stub(node).RestoreInstance(
+                na.RestoreInstanceRequest(instance_id=instance_id, gpu_index=gpu_index),
+                timeout=timeout_s + self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise errors.StartFailed(
+                f"node {node.name}: restore of {instance_id}: {exc.details() or exc.code()}") from exc
+        return resp.instance
+
+    async def stop(self, node: Node, instance_id: str) -> None:
+        try:
+            await self._stub(node).StopInstance(na.StopInstanceRequest(instance_id=instance_id),
+                                                timeout=self.rpc_timeout_s * 4)
+        except grpc.aio.AioRpcError as exc:
+            err = errors.from_rpc_error(exc)
+            if not isinstance(err, errors.NotFound):
+                raise err from exc
+
+    async def logs(self, node: Node, instance_id: str, tail_bytes: int) -> str:
+        try:
+            resp = await self._stub(node).GetInstanceLogs(
+                na.NodeGetInstanceLogsRequest(instance_id=instance_id, tail_bytes=tail_bytes),
+                timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise errors.from_rpc_error(exc) from exc
+        return resp.logs
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            with contextlib.suppress(Exception):
+                await ch.close()
+        self._channels.clear()

@@ -1,0 +1,50 @@
+"""Filter: one GPU of the node has room for the function's memory slice.
+
+Used memory on a GPU is the sum of the slices of the instances that hold GPU memory there
+(standbys hold none), or what the node reports as reserved, whichever is larger. Among the
+GPUs that fit, the tightest fit wins so large holes stay free for large slices.
+"""
+
+from __future__ import annotations
+
+from services.scheduler.policy.framework import ClusterView, CycleState, Request, Status
+from snapwake.v1.types_pb2 import Instance, InstanceState, Node
+
+__all__ = ["GPU_HOLDING", "GpuSlice", "gpu_free_bytes"]
+
+S = InstanceState
+# States whose instance has (or is about to have) its slice on the GPU. STARTING counts
+# because a standby attaches its weights once while warming up.
+GPU_HOLDING = frozenset({S.INSTANCE_STATE_CREATING, S.INSTANCE_STATE_SNAPSHOTTING, S.INSTANCE_STATE_STARTING,
+                         S.INSTANCE_STATE_RESTORING, S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_IDLE})
+
+
+def gpu_free_bytes(node: Node, instances: list[Instance]) -> dict[int, int]:
+    """Free bytes per GPU index of ``node`` given the instances on it."""
+    free: dict[int, int] = {}
+    for gpu in node.gpus:
+        used = sum(i.gpu_memory_bytes for i in instances
+                   if i.gpu_index == gpu.index and i.state in GPU_HOLDING)
+        free[gpu.index] = gpu.memory_total_bytes - max(used, gpu.memory_reserved_bytes)
+    return free
+
+
+class GpuSlice:
+    name = "GpuSlice"
+
+    def filter(self, state: CycleState, req: Request, node: Node, view: ClusterView) -> Status:
+        if req.gpu_count == 0:
+            state.gpu_by_node[node.name] = -1
+            return Status()
+        if not node.gpus:
+            return Status.unschedulable("no GPUs")
+        free = gpu_free_bytes(node, view.on_node(node.name))
+        fits = {idx: f for idx, f in free.items() if f >= req.gpu_memory_bytes}
+        if not fits:
+            most = max(free.values())
+            return Status.unschedulable(
+                f"no GPU has {req.gpu_memory_bytes} bytes free (most free: {most})")
+        idx = min(fits, key=lambda i: (fits[i], i))
+        state.gpu_by_node[node.name] = idx
+        state.free_by_node[node.name] = fits[idx] - req.gpu_memory_bytes
+        return Status()

@@ -1,0 +1,92 @@
+"""Building a function revision's arena snapshot, with bounded retries.
+
+The Snapshot record in etcd is the truth: BUILDING while a node builds it (``attempts``
+counts builds begun), READY when the node stored it, FAILED with the node's reason. After
+``max_attempts`` failed builds the function becomes FAILED with that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from google.protobuf.duration_pb2 import Duration
+
+from services.scheduler.starter import Starter
+from services.scheduler.state import ClusterState
+from snapwake import errors, keys
+from snapwake.v1.nodeagent_pb2 import StartTarget
+from snapwake.v1.types_pb2 import Function, FunctionState, InstanceState, Snapshot, SnapshotState
+
+__all__ = ["SnapshotBuilder"]
+
+log = logging.getLogger(__name__)
+Spawn = Callable[[str, Callable[[], Awaitable[None]]], None]
+
+
+class SnapshotBuilder:
+    def __init__(self, state: ClusterState, starter: Starter, max_attempts: int) -> None:
+        self.state, self.starter, self.max_attempts = state, starter, max_attempts
+
+    def reconcile(self, fn: Function, spawn: Spawn) -> None:
+        """Moves one PENDING function toward READY or FAILED."""
+        snap = self.state.snapshot(fn.id, fn.revision)
+        key = f"snapshot {fn.id}@{fn.revision}"
+        if snap is None or snap.state in (SnapshotState.SNAPSHOT_STATE_FAILED, SnapshotState.SNAPSHOT_STATE_CORRUPT):
+            if snap is not None and snap.attempts >= self.max_attempts:
+                spawn(f"fail {fn.id}", lambda: self._fail(fn, snap))
+            else:
+                spawn(key, lambda: self._build(fn, snap))
+        elif snap.state == SnapshotState.SNAPSHOT_STATE_READY:
+            spawn(f"ready {fn.id}", lambda: self._set_function(fn, FunctionState.FUNCTION_STATE_READY, ""))
+        elif not self._building_somewhere(fn):
+            # BUILDING with no node working on it: a previous leader died mid-build. Retry.
+            spawn(key, lambda: self._build(fn, snap))
+
+    def _building_somewhere(self, fn: Function) -> bool:
+        return any(i.function_id == fn.id and i.revision == fn.revision
+                   and i.state in (InstanceState.INSTANCE_STATE_CREATING, InstanceState.INSTANCE_STATE_SNAPSHOTTING)
+                   for i in self.state.instances())
+
+    async def _build(self, fn: Function, prev: Snapshot | None) -> None:
+        placement = await self.starter.place(fn)
+        if placement is None:
+            return  # no room now; the next pass tries again without spending an attempt
+        snap = Snapshot(id=keys.snapshot_id(fn.id, fn.revision), function_id=fn.id, revision=fn.revision,
+                        state=SnapshotState.SNAPSHOT_STATE_BUILDING,
+                        attempts=(prev.attempts if prev else 0) + 1)
+        await self.state.put_snapshot(snap)
+        began = time.monotonic()
+        log.info("building snapshot, attempt %d", snap.attempts, extra={"function_id": fn.id})
+        try:
+            await self.starter.start_target(fn, placement.node, placement.gpu_index,
+                                            StartTarget.START_TARGET_SNAPSHOT)
+        except errors.StartFailed as exc:
+            await self._mark(fn, SnapshotState.SNAPSHOT_STATE_FAILED, exc.message, time.monotonic() - began)
+            return
+        await self._mark(fn, SnapshotState.SNAPSHOT_STATE_READY, "", time.monotonic() - began)
+
+    async def _mark(self, fn: Function, state: int, message: str, took_s: float) -> None:
+        def mutate(snap: Snapshot) -> Snapshot | None:
+            if snap.state != SnapshotState.SNAPSHOT_STATE_BUILDING:
+                return None  # the node already wrote its outcome
+            snap.state, snap.message = state, message  # type: ignore[assignment]
+            snap.build_duration.CopyFrom(Duration(seconds=int(took_s), nanos=int(took_s % 1 * 1e9)))
+            return snap
+
+        await self.state.store.update(keys.snapshot_key(fn.id, fn.revision), Snapshot, mutate)
+
+    async def _fail(self, fn: Function, snap: Snapshot) -> None:
+        why = f"snapshot build failed after {snap.attempts} attempts: {snap.message or 'no reason given'}"
+        await self._set_function(fn, FunctionState.FUNCTION_STATE_FAILED, why)
+
+    async def _set_function(self, fn: Function, state: int, message: str) -> None:
+        def mutate(cur: Function) -> Function | None:
+            if cur.revision != fn.revision or cur.state != FunctionState.FUNCTION_STATE_PENDING:
+                return None
+            cur.state, cur.status_message = state, message  # type: ignore[assignment]
+            return cur
+
+        await self.state.update_function(fn.id, mutate)
+        log.info("function is now %s %s", FunctionState.Name(state), message, extra={"function_id": fn.id})

@@ -1,0 +1,165 @@
+"""Validation and defaulting of ``FunctionSpec`` (pure).
+
+``normalize`` returns a new spec with every default filled in, or raises ``InvalidArgument``
+naming the first bad field (``spec.policy.max_instances``). The scheduler does not look at
+files: it may run on another host, so a missing ``config.json`` is the node's start failure.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from google.protobuf.duration_pb2 import Duration
+
+from snapwake.errors import InvalidArgument
+from snapwake.v1.types_pb2 import FunctionSpec, SnapshotMode
+
+__all__ = ["BUILTIN_IMAGE", "DEFAULT_SAMPLE_REQUEST", "function_id", "normalize", "split_function_id"]
+
+BUILTIN_IMAGE = "builtin"
+DEFAULT_SAMPLE_REQUEST = json.dumps(
+    {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1})
+_PART = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Upper bounds catch typos (an idle_timeout in milliseconds, a max of 1e6) before they bite.
+_MAX_INSTANCES = 1000
+_MAX_CONCURRENCY = 1024
+_MAX_QUEUE_LEN = 100_000
+_MAX_DURATION_S = 24 * 3600
+
+
+def _check_part(value: str, field: str) -> None:
+    if not _PART.fullmatch(value):
+        raise InvalidArgument(
+            f"{field} {value!r} must be 1-63 chars of [a-z0-9-], starting and ending alphanumeric",
+            field=field)
+
+
+def split_function_id(fid: str, field: str = "function_id") -> tuple[str, str, str]:
+    """Splits and checks ``tenant/namespace/name``."""
+    parts = fid.split("/")
+    if len(parts) != 3:
+        raise InvalidArgument(f"{field} {fid!r} must be tenant/namespace/name", field=field)
+    for part in parts:
+        _check_part(part, field)
+    return parts[0], parts[1], parts[2]
+
+
+def function_id(spec: FunctionSpec) -> str:
+    return f"{spec.tenant}/{spec.namespace}/{spec.name}"
+
+
+def _seconds(d: Duration) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def _duration(d: Duration, default_s: int, field: str) -> None:
+    if d.seconds == 0 and d.nanos == 0:
+        d.FromSeconds(default_s)
+    if d.seconds < 0 or d.nanos < 0 or d.nanos >= 1_000_000_000:
+        raise InvalidArgument(f"{field} must be a positive duration", field=field)
+    if _seconds(d) > _MAX_DURATION_S:
+        raise InvalidArgument(f"{field} must be at most {_MAX_DURATION_S}s", field=field)
+
+
+def _bounded(value: int, low: int, high: int, field: str) -> None:
+    if not low <= value <= high:
+        raise InvalidArgument(f"{field} must be between {low} and {high}, got {value}", field=field)
+
+
+def _identity(spec: FunctionSpec) -> None:
+    spec.tenant = spec.tenant or "default"
+    spec.namespace = spec.namespace or "default"
+    if not spec.name:
+        raise InvalidArgument("spec.name is required", field="spec.name")
+    for field in ("tenant", "namespace", "name"):
+        _check_part(getattr(spec, field), f"spec.{field}")
+
+
+def _image(spec: FunctionSpec) -> None:
+    spec.image = spec.image or BUILTIN_IMAGE
+    if spec.image == BUILTIN_IMAGE:
+        if not spec.model_dir or not spec.model_dir.startswith("/"):
+            raise InvalidArgument("spec.model_dir must be an absolute path for the builtin image",
+                                  field="spec.model_dir")
+        if spec.command:
+            raise InvalidArgument("spec.command must be empty for the builtin image", field="spec.command")
+    elif any(not part for part in spec.command):
+        raise InvalidArgument("spec.command must not contain empty arguments", field="spec.command")
+    spec.http_port = spec.http_port or 8000
+    _bounded(spec.http_port, 1, 65535, "spec.http_port")
+    spec.health_path = spec.health_path or "/health"
+    if not spec.health_path.startswith("/"):
+        raise InvalidArgument("spec.health_path must start with '/'", field="spec.health_path")
+    if not spec.sample_request and spec.image == BUILTIN_IMAGE:
+        spec.sample_request = DEFAULT_SAMPLE_REQUEST
+    if spec.sample_request:
+        try:
+            body = json.loads(spec.sample_request)
+        except ValueError as exc:
+            raise InvalidArgument(f"spec.sample_request is not JSON: {exc}", field="spec.sample_request") from exc
+        if not isinstance(body, dict):
+            raise InvalidArgument("spec.sample_request must be a JSON object", field="spec.sample_request")
+    for key in spec.env:
+        if not _ENV.fullmatch(key):
+            raise InvalidArgument(f"spec.env key {key!r} is not a valid variable name", field="spec.env")
+
+
+def _resources(spec: FunctionSpec) -> None:
+    r = spec.resources
+    # Multi-GPU instances need tensor parallelism in the runtime; refuse rather than misplace.
+    _bounded(r.gpu_count, 0, 1, "spec.resources.gpu_count")
+    if r.gpu_count and not r.gpu_memory_bytes:
+        raise InvalidArgument("spec.resources.gpu_memory_bytes is required when gpu_count is 1",
+                              field="spec.resources.gpu_memory_bytes")
+    r.cpu_millis = r.cpu_millis or 1000
+    _bounded(r.cpu_millis, 1, 1_024_000, "spec.resources.cpu_millis")
+
+
+def _policy(spec: FunctionSpec) -> None:
+    had_policy = spec.HasField("policy")
+    p = spec.policy
+    builtin = spec.image == BUILTIN_IMAGE
+    if p.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_UNSPECIFIED:
+        p.snapshot_mode = SnapshotMode.SNAPSHOT_MODE_ARENA if builtin else SnapshotMode.SNAPSHOT_MODE_NONE
+    if p.snapshot_mode not in SnapshotMode.values():
+        raise InvalidArgument(f"spec.policy.snapshot_mode {p.snapshot_mode} is unknown",
+                              field="spec.policy.snapshot_mode")
+    if p.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_ARENA and not builtin:
+        raise InvalidArgument("spec.policy.snapshot_mode ARENA needs the builtin image",
+                              field="spec.policy.snapshot_mode")
+    p.max_instances = p.max_instances or 4
+    _bounded(p.max_instances, 1, _MAX_INSTANCES, "spec.policy.max_instances")
+    _bounded(p.min_instances, 0, p.max_instances, "spec.policy.min_instances")
+    no_snapshot = p.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_NONE
+    # 0 is a real choice for standbys, so the default applies only when no policy was given.
+    if not had_policy and not no_snapshot:
+        p.standby_per_node = 1
+    if no_snapshot and p.standby_per_node:
+        raise InvalidArgument("spec.policy.standby_per_node must be 0 when snapshot_mode is NONE",
+                              field="spec.policy.standby_per_node")
+    _bounded(p.standby_per_node, 0, 64, "spec.policy.standby_per_node")
+    p.concurrency = p.concurrency or 4
+    _bounded(p.concurrency, 1, _MAX_CONCURRENCY, "spec.policy.concurrency")
+    p.queue_len = p.queue_len or 64
+    _bounded(p.queue_len, 1, _MAX_QUEUE_LEN, "spec.policy.queue_len")
+    _duration(p.queue_timeout, 30, "spec.policy.queue_timeout")
+    _duration(p.idle_timeout, 300, "spec.policy.idle_timeout")
+    _duration(p.start_timeout, 120, "spec.policy.start_timeout")
+
+
+def normalize(spec: FunctionSpec) -> FunctionSpec:
+    """Returns a validated copy of ``spec`` with defaults filled in; raises ``InvalidArgument``."""
+    out = FunctionSpec()
+    out.CopyFrom(spec)
+    _identity(out)
+    _image(out)
+    _resources(out)
+    _policy(out)
+    return out
+
+
+def seconds(d: Duration) -> float:
+    """A ``Duration`` as float seconds."""
+    return _seconds(d)

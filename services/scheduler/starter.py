@@ -1,0 +1,170 @@
+"""Bringing up one instance for a function: restore a standby, else start one normally.
+
+Placement runs the policy framework over the mirror plus the starts in flight (their slices
+are reserved here until the watch shows them), and evicts LRU idle instances when no GPU has
+room. ``None`` means "no capacity now": the caller waits; ``StartFailed`` means the node tried
+and failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from dataclasses import dataclass
+
+from services.scheduler import policy
+from services.scheduler.leasetable import LeaseTable
+from services.scheduler.nodes import NodeClient
+from services.scheduler.policy.eviction import GpuRoom, plan_eviction
+from services.scheduler.policy.filter_gpu_slice import gpu_free_bytes
+from services.scheduler.spec import seconds
+from services.scheduler.state import ClusterState
+from snapwake import keys
+from snapwake.v1.nodeagent_pb2 import StartTarget
+from snapwake.v1.scheduler_pb2 import LeaseSource
+from snapwake.v1.types_pb2 import Function, Instance, InstanceState, Node
+
+__all__ = ["StartResult", "Starter", "new_instance_id"]
+
+log = logging.getLogger(__name__)
+S = InstanceState
+
+
+def new_instance_id() -> str:
+    return "i-" + secrets.token_hex(6)
+
+
+@dataclass(frozen=True)
+class StartResult:
+    instance: Instance
+    source: int  # LeaseSource
+
+
+class Starter:
+    def __init__(self, state: ClusterState, nodes: NodeClient, table: LeaseTable, stale_after_s: float) -> None:
+        self.state, self.nodes, self.table = state, nodes, table
+        self.filters = policy.default_filters(stale_after_s)
+        self.scores = policy.default_scores()
+        self.pending: dict[str, Instance] = {}
+        self.restoring: set[str] = set()
+        # instance id -> (LeaseSource of its start, when the start ended; inf while in flight).
+        self.origin: dict[str, tuple[int, float]] = {}
+
+    def _begin(self, iid: str, source: int) -> None:
+        now = time.monotonic()
+        self.origin = {k: v for k, v in self.origin.items() if now - v[1] < 600}
+        self.origin[iid] = (source, math.inf)
+
+    def _end(self, iid: str) -> None:
+        if iid in self.origin:
+            self.origin[iid] = (self.origin[iid][0], time.monotonic())
+
+    def view(self, only: set[str] | None = None) -> policy.ClusterView:
+        self.prune()
+        nodes = tuple(n for n in self.state.nodes() if only is None or n.name in only)
+        held = {i.id: i for i in self.state.instances()}
+        held.update(self.pending)
+        return policy.ClusterView(nodes, tuple(held.values()))
+
+    def request(self, fn: Function) -> policy.Request:
+        return policy.Request(fn.id, fn.revision, fn.spec.resources.gpu_count,
+                              fn.spec.resources.gpu_memory_bytes, keys.snapshot_id(fn.id, fn.revision),
+                              time.time())
+
+    async def place(self, fn: Function, only: set[str] | None = None) -> policy.Placement | None:
+        """A node and GPU for one instance of ``fn``, evicting idle instances if that makes room."""
+        req = self.request(fn)
+        status, placement = policy.schedule(req, self.view(only), self.filters, self.scores)
+        if placement is not None:
+            return placement
+        if req.gpu_count and await self._evict_for(req, only):
+            status, placement = policy.schedule(req, self.view(only), self.filters, self.scores)
+        if placement is None:
+            log.info("no placement: %s", status.message, extra={"function_id": fn.id})
+        return placement
+
+    async def _evict_for(self, req: policy.Request, only: set[str] | None) -> bool:
+        view = self.view(only)
+        rooms = [GpuRoom(n.name, idx, free) for n in view.nodes
+                 for idx, free in gpu_free_bytes(n, view.on_node(n.name)).items()]
+        mins = {f.id: f.spec.policy.min_instances for f in self.state.functions()}
+        plan = plan_eviction(req.gpu_memory_bytes, rooms, list(view.instances), mins, self.table.busy_instances())
+        node = self.state.node(plan.node) if plan else None
+        if plan is None or node is None:
+            return False
+        for victim in plan.victims:
+            log.info("evicting idle instance for %s", req.function_id, extra={"instance_id": victim.id})
+            await self.nodes.stop(node, victim.id)
+            # Counted as gone now; the watch confirms when the node deletes the key.
+            self.pending[victim.id] = _with_state(victim, S.INSTANCE_STATE_STOPPING)
+        return True
+
+    async def start(self, fn: Function) -> StartResult | None:
+        """Restores a standby of ``fn`` or starts a new instance; None when nothing fits."""
+        standbys = [i for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision
+                    and i.state == S.INSTANCE_STATE_STANDBY and i.id not in self.restoring]
+        if standbys:
+            placement = await self.place(fn, {i.node for i in standbys})
+            if placement is not None:
+                chosen = next(i for i in standbys if i.node == placement.node.name)
+                return await self._restore(fn, chosen, placement)
+        placement = await self.place(fn)
+        if placement is None:
+            return None
+        inst = await self._start(fn, placement.node, placement.gpu_index, StartTarget.START_TARGET_RUNNING)
+        return StartResult(inst, LeaseSource.LEASE_SOURCE_NORMAL_START)
+
+    async def _restore(self, fn: Function, standby: Instance, placement: policy.Placement) -> StartResult:
+        reserved = _with_state(standby, S.INSTANCE_STATE_RESTORING)
+        reserved.gpu_index, reserved.gpu_memory_bytes = placement.gpu_index, fn.spec.resources.gpu_memory_bytes
+        self.pending[standby.id] = reserved
+        self.restoring.add(standby.id)
+        self._begin(standby.id, LeaseSource.LEASE_SOURCE_COLD_START)
+        try:
+            inst = await self.nodes.restore(placement.node, standby.id, placement.gpu_index,
+                                            seconds(fn.spec.policy.start_timeout))
+        finally:
+            self.pending.pop(standby.id, None)
+            self.restoring.discard(standby.id)
+            self._end(standby.id)
+        self.state.note_started(inst)
+        return StartResult(inst, LeaseSource.LEASE_SOURCE_COLD_START)
+
+    async def _start(self, fn: Function, node: Node, gpu_index: int, target: int) -> Instance:
+        iid = new_instance_id()
+        self.pending[iid] = Instance(id=iid, function_id=fn.id, revision=fn.revision, node=node.name,
+                                     gpu_index=gpu_index, gpu_memory_bytes=fn.spec.resources.gpu_memory_bytes,
+                                     state=S.INSTANCE_STATE_CREATING)
+        if target == StartTarget.START_TARGET_RUNNING:
+            self._begin(iid, LeaseSource.LEASE_SOURCE_NORMAL_START)
+        try:
+            inst = await self.nodes.start(node, iid, fn.id, fn.revision, fn.spec, target, gpu_index,
+                                          seconds(fn.spec.policy.start_timeout))
+        finally:
+            self.pending.pop(iid, None)
+            self._end(iid)
+        if target == StartTarget.START_TARGET_RUNNING:
+            self.state.note_started(inst)
+        return inst
+
+    async def start_target(self, fn: Function, node: Node, gpu_index: int, target: int) -> Instance:
+        """A start the controller asks for (standby or snapshot build) on a chosen node."""
+        return await self._start(fn, node, gpu_index, target)
+
+    def prune(self) -> None:
+        """Drops eviction markers the watch has caught up with."""
+        live = {i.id for i in self.state.instances()}
+        for iid, inst in list(self.pending.items()):
+            if inst.state == S.INSTANCE_STATE_STOPPING and iid not in live:
+                del self.pending[iid]
+
+
+def _with_state(inst: Instance, state: int) -> Instance:
+    out = Instance()
+    out.CopyFrom(inst)
+    out.state = state  # type: ignore[assignment]
+    return out
+
+

@@ -1,0 +1,185 @@
+"""The scheduler's view of etcd: functions, nodes, instances and snapshots.
+
+On start every prefix is listed and then watched from the listed revision + 1, so the
+in-memory mirror is always a replay of etcd and a restarted scheduler rebuilds it the same
+way. Writes go straight to etcd (CAS where they read first); the mirror catches up through the
+watch. The one thing held outside etcd is ``note_started``: an instance a nodeagent just
+reported ready in its RPC answer, kept until the watch shows that instance, so a lease can be
+handed out without waiting for the watch round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from google.protobuf.message import Message
+
+from snapwake import errors, keys
+from snapwake.store import Store
+from snapwake.v1.types_pb2 import Function, Instance, InstanceState, Node, Snapshot
+
+__all__ = ["ClusterState", "Mirror"]
+
+log = logging.getLogger(__name__)
+Listener = Callable[[str, Message | None], None]
+# How long an instance reported by an RPC answer stands in for the watch.
+_FRESH_TTL_S = 30.0
+_TERMINAL = frozenset({InstanceState.INSTANCE_STATE_ENDED, InstanceState.INSTANCE_STATE_FAILED,
+                       InstanceState.INSTANCE_STATE_STOPPING})
+
+
+@dataclass
+class Mirror:
+    """One prefix mirrored: key -> (message, mod revision). Applies only newer events."""
+
+    prefix: str
+    cls: type[Message]
+    items: dict[str, tuple[Message, int]] = field(default_factory=dict)
+    # Revision of the last delete per key, so a stale put replayed after it is ignored.
+    tombstones: dict[str, int] = field(default_factory=dict)
+
+    def reset(self, entries: list[tuple[str, Message, int]]) -> None:
+        self.items = {k: (v, rev) for k, v, rev in entries}
+        self.tombstones = {}
+
+    def apply(self, key: str, value: Message | None, revision: int) -> bool:
+        """Applies one event; returns False if it was older than what we hold."""
+        held = self.items.get(key)
+        if held is not None and held[1] >= revision or self.tombstones.get(key, 0) >= revision:
+            return False
+        if value is None:
+            self.items.pop(key, None)
+            self.tombstones[key] = revision
+        else:
+            self.items[key] = (value, revision)
+        return True
+
+    def values(self) -> list[Message]:
+        return [v for v, _ in self.items.values()]
+
+
+class ClusterState:
+    """The etcd view. ``await start()`` lists and watches; ``stop()`` cancels the watches."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.mirrors = {name: Mirror(prefix, cls) for name, prefix, cls in (
+            ("functions", keys.FUNCTIONS, Function), ("nodes", keys.NODES, Node),
+            ("instances", keys.INSTANCES, Instance), ("snapshots", keys.SNAPSHOTS, Snapshot))}
+        self._listeners: list[Listener] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._fresh: dict[str, tuple[Instance, float]] = {}
+
+    def subscribe(self, listener: Listener) -> None:
+        """``listener(key, value_or_None)`` runs on the event loop after each applied change."""
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        for mirror in self.mirrors.values():
+            rev = await self._relist(mirror)
+            self._tasks.append(asyncio.create_task(self._watch(mirror, rev), name=f"watch {mirror.prefix}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+
+    async def _relist(self, mirror: Mirror) -> int:
+        entries, rev = await self.store.list_at(mirror.prefix, mirror.cls)
+        mirror.reset([(e.key, e.value, e.mod_revision) for e in entries])  # type: ignore[attr-defined]
+        self._notify(mirror.prefix, None)
+        return rev
+
+    async def _watch(self, mirror: Mirror, rev: int) -> None:
+        while True:
+            try:
+                async for ev in self.store.watch(mirror.prefix, mirror.cls, start_revision=rev + 1):
+                    rev = max(rev, ev.revision)
+                    if mirror.apply(ev.key, ev.value, ev.revision):
+                        self._notify(ev.key, ev.value)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - etcd hiccup or compaction: relist and rewatch
+                log.warning("watch on %s broke (%s); relisting", mirror.prefix, exc)
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(Exception):
+                    rev = await self._relist(mirror)
+
+    def _notify(self, key: str, value: Message | None) -> None:
+        for listener in self._listeners:
+            try:
+                listener(key, value)
+            except Exception:  # noqa: BLE001 - one bad listener must not stop the watch
+                log.exception("state listener failed for %s", key)
+
+    # Reads -----------------------------------------------------------------------------
+    def functions(self) -> list[Function]:
+        return self.mirrors["functions"].values()  # type: ignore[return-value]
+
+    def function(self, function_id: str) -> Function | None:
+        held = self.mirrors["functions"].items.get(keys.function_key(function_id))
+        return held[0] if held else None  # type: ignore[return-value]
+
+    def nodes(self) -> list[Node]:
+        return self.mirrors["nodes"].values()  # type: ignore[return-value]
+
+    def node(self, name: str) -> Node | None:
+        held = self.mirrors["nodes"].items.get(keys.node_key(name))
+        return held[0] if held else None  # type: ignore[return-value]
+
+    def snapshots(self) -> list[Snapshot]:
+        return self.mirrors["snapshots"].values()  # type: ignore[return-value]
+
+    def snapshot(self, function_id: str, revision: int) -> Snapshot | None:
+        held = self.mirrors["snapshots"].items.get(keys.snapshot_key(function_id, revision))
+        return held[0] if held else None  # type: ignore[return-value]
+
+    def instances(self) -> list[Instance]:
+        """Instances in etcd, plus those an RPC answer reported that the watch has not shown yet."""
+        mirror = self.mirrors["instances"]
+        now = time.monotonic()
+        for iid, (_, at) in list(self._fresh.items()):
+            key = keys.instance_key(iid)
+            seen = mirror.items.get(key)
+            gone = key in mirror.tombstones
+            if gone or now - at > _FRESH_TTL_S or (seen and seen[0].state in _TERMINAL | {  # type: ignore[attr-defined]
+                    InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_IDLE}):
+                del self._fresh[iid]
+        held: dict[str, Instance] = {v.id: v for v in mirror.values()}  # type: ignore[attr-defined]
+        for iid, (inst, _) in self._fresh.items():
+            held[iid] = inst
+        return list(held.values())
+
+    def instance(self, instance_id: str) -> Instance | None:
+        return next((i for i in self.instances() if i.id == instance_id), None)
+
+    def note_started(self, inst: Instance) -> None:
+        """Records a ready instance from a nodeagent's answer until the watch shows it."""
+        self._fresh[inst.id] = (inst, time.monotonic())
+        self._notify(keys.instance_key(inst.id), inst)
+
+    # Writes ----------------------------------------------------------------------------
+    async def create_function(self, fn: Function) -> None:
+        if not await self.store.create(keys.function_key(fn.id), fn):
+            raise errors.AlreadyExists(f"function {fn.id} already exists", field="spec.name")
+
+    async def update_function(self, function_id: str, mutate: Callable[[Function], Function | None]) -> Function:
+        return await self.store.update(keys.function_key(function_id), Function, mutate)
+
+    async def delete_function(self, function_id: str) -> None:
+        if not await self.store.delete(keys.function_key(function_id)):
+            raise errors.NotFound(f"function {function_id} does not exist", field="function_id")
+
+    async def put_snapshot(self, snap: Snapshot) -> None:
+        await self.store.put(keys.snapshot_key(snap.function_id, snap.revision), snap)
+
+    async def delete_snapshots(self, function_id: str) -> None:
+        await self.store.client.delete_prefix(f"{keys.SNAPSHOTS}{function_id}/".encode())

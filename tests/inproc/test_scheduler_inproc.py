@@ -1,0 +1,398 @@
+"""The scheduler over real etcd and real gRPC: admin API, leases, snapshots, election.
+
+The nodeagent here is a small real gRPC server written for these tests (it registers a node
+in etcd and writes instance keys like the real one); the integration layer runs the real one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from services.scheduler.app import Scheduler
+from services.scheduler.config import SchedulerConfig
+from snapwake import keys
+from snapwake.grpcserver import GrpcServer, channel
+from snapwake.store import Store
+from snapwake.testing import EtcdProcess
+from snapwake.v1 import nodeagent_pb2 as na
+from snapwake.v1 import nodeagent_pb2_grpc, scheduler_pb2_grpc
+from snapwake.v1 import scheduler_pb2 as pb
+from snapwake.v1.types_pb2 import (
+    FunctionSpec,
+    FunctionState,
+    Gpu,
+    Instance,
+    InstanceState,
+    Node,
+    Policy,
+    Resources,
+    Snapshot,
+    SnapshotMode,
+    SnapshotState,
+)
+
+S = InstanceState
+# One loop for the module: grpc.aio keeps per-loop pollers that break across loops.
+pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio(loop_scope="module")]
+
+
+@dataclass
+class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
+    """A NodeAgentService that writes etcd like the real agent but runs no containers."""
+
+    store: Store
+    name: str = "node-a"
+    start_delay_s: float = 0.2
+    fail_reason: str = ""
+    calls: list[tuple[str, int]] = field(default_factory=list)
+    server: GrpcServer | None = None
+
+    async def register(self) -> None:
+        self.server = GrpcServer("127.0.0.1:0", [na.DESCRIPTOR.services_by_name["NodeAgentService"].full_name])
+        nodeagent_pb2_grpc.add_NodeAgentServiceServicer_to_server(self, self.server.server)
+        await self.server.start()
+        node = Node(name=self.name, address=f"127.0.0.1:{self.server.port}",
+                    gpus=[Gpu(index=0, memory_total_bytes=80 << 30)])
+        await self.store.put(keys.node_key(self.name), node)
+
+    async def _put(self, inst: Instance) -> Instance:
+        await self.store.put(keys.instance_key(inst.id), inst)
+        return inst
+
+    async def StartInstance(self, request: na.StartInstanceRequest, context: grpc.aio.ServicerContext
+                            ) -> na.StartInstanceResponse:
+        self.calls.append(("start", request.target))
+        inst = await self._put(Instance(id=request.instance_id, function_id=request.function_id,
+                                        revision=request.revision, node=self.name, gpu_index=request.gpu_index,
+                                        gpu_memory_bytes=request.gpu_memory_bytes, state=S.INSTANCE_STATE_CREATING))
+        await asyncio.sleep(self.start_delay_s)
+        if self.fail_reason:
+            inst.state, inst.message = S.INSTANCE_STATE_FAILED, self.fail_reason
+            await self._put(inst)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self.fail_reason)
+        if request.target == na.START_TARGET_SNAPSHOT:
+            await self.store.delete(keys.instance_key(inst.id))
+            return na.StartInstanceResponse(instance=inst)
+        inst.state = S.INSTANCE_STATE_STANDBY if request.target == na.START_TARGET_STANDBY else S.INSTANCE_STATE_RUNNING
+        inst.endpoint = f"127.0.0.1:9{len(self.calls):03d}"
+        return na.StartInstanceResponse(instance=await self._put(inst))
+
+    async def RestoreInstance(self, request: na.RestoreInstanceRequest, context: grpc.aio.ServicerContext
+                              ) -> na.RestoreInstanceResponse:
+        self.calls.append(("restore", 0))
+        got = await self.store.get(keys.instance_key(request.instance_id), Instance)
+        assert got is not None
+        inst = Instance()
+        inst.CopyFrom(got.value)
+        inst.state, inst.gpu_index = S.INSTANCE_STATE_RUNNING, request.gpu_index
+        return na.RestoreInstanceResponse(instance=await self._put(inst))
+
+    async def StopInstance(self, request: na.StopInstanceRequest, context: grpc.aio.ServicerContext
+                           ) -> na.StopInstanceResponse:
+        self.calls.append(("stop", 0))
+        await self.store.delete(keys.instance_key(request.instance_id))
+        return na.StopInstanceResponse()
+
+    async def GetInstanceLogs(self, request: na.NodeGetInstanceLogsRequest, context: grpc.aio.ServicerContext
+                              ) -> na.NodeGetInstanceLogsResponse:
+        return na.NodeGetInstanceLogsResponse(logs=f"log of {request.instance_id} tail={request.tail_bytes}")
+
+    def count(self, kind: str, target: int | None = None) -> int:
+        return sum(1 for k, t in self.calls if k == kind and (target is None or t == target))
+
+
+def cfg(etcd: EtcdProcess) -> SchedulerConfig:
+    return SchedulerConfig(listen="127.0.0.1:0", etcd=etcd.address, election_ttl_s=2, reconcile_interval_s=0.1)
+
+
+async def wait_until(check: Callable[[], bool], limit_s: float, what: str) -> None:
+    deadline = time.monotonic() + limit_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not true after {limit_s}s")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running(store: Store, etcd: EtcdProcess) -> AsyncIterator[Scheduler]:
+    sched = Scheduler(cfg(etcd), store)
+    await sched.start()
+    try:
+        yield sched
+    finally:
+        await sched.stop(grace_s=0.5)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def store(etcd_server: EtcdProcess) -> AsyncIterator[Store]:
+    async with Store.connect(etcd_server.address) as s:
+        await s.client.delete_prefix(keys.PREFIX.encode())
+        yield s
+        await s.client.delete_prefix(keys.PREFIX.encode())
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def leader(store: Store, etcd_server: EtcdProcess) -> AsyncIterator[Scheduler]:
+    async with running(store, etcd_server) as sched:
+        await wait_until(lambda: sched.election.is_leader, 10, "leadership")
+        yield sched
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def node(store: Store) -> AsyncIterator[FakeNode]:
+    fake = FakeNode(store)
+    await fake.register()
+    yield fake
+    assert fake.server is not None
+    await fake.server.stop(0)
+
+
+def stubs(sched: Scheduler) -> tuple[scheduler_pb2_grpc.SchedulerServiceStub, scheduler_pb2_grpc.LeaseServiceStub]:
+    ch = channel(f"127.0.0.1:{sched.port}")
+    return scheduler_pb2_grpc.SchedulerServiceStub(ch), scheduler_pb2_grpc.LeaseServiceStub(ch)
+
+
+def custom(name: str, concurrency: int = 2, max_instances: int = 1) -> FunctionSpec:
+    return FunctionSpec(name=name, image="example/echo:1", command=["serve"],
+                        policy=Policy(concurrency=concurrency, max_instances=max_instances))
+
+
+async def code_of(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call  # type: ignore[misc]
+    return info.value.code(), info.value.details() or ""
+
+
+async def test_admin_crud(leader: Scheduler) -> None:
+    admin, _ = stubs(leader)
+    spec = FunctionSpec(name="llama", model_dir="/models/llama")
+    created = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function
+    assert (created.id, created.revision, created.state) == ("default/default/llama", 1, FunctionState.FUNCTION_STATE_PENDING)
+    assert created.spec.policy.max_instances == 4
+    assert (await code_of(admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)))[0] \
+        == grpc.StatusCode.ALREADY_EXISTS
+    code, details = await code_of(admin.CreateFunction(pb.CreateFunctionRequest(
+        spec=FunctionSpec(name="x", model_dir="/m", policy=Policy(min_instances=9, max_instances=2))), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.policy.min_instances" in details
+    other = custom("echo")
+    other.tenant = "acme"
+    ready = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=other), timeout=5)).function
+    assert ready.state == FunctionState.FUNCTION_STATE_READY
+    got = (await admin.GetFunction(pb.GetFunctionRequest(function_id=created.id), timeout=5)).function
+    assert got == created
+    listed = (await admin.ListFunctions(pb.ListFunctionsRequest(tenant="acme"), timeout=5)).functions
+    assert [f.id for f in listed] == ["acme/default/echo"]
+    assert len((await admin.ListFunctions(pb.ListFunctionsRequest(), timeout=5)).functions) == 2
+    other.policy.concurrency = 8
+    updated = (await admin.UpdateFunction(pb.UpdateFunctionRequest(spec=other), timeout=5)).function
+    assert (updated.revision, updated.spec.policy.concurrency) == (2, 8)
+    await admin.DeleteFunction(pb.DeleteFunctionRequest(function_id=created.id), timeout=5)
+    for call in (admin.GetFunction(pb.GetFunctionRequest(function_id=created.id), timeout=5),
+                 admin.DeleteFunction(pb.DeleteFunctionRequest(function_id=created.id), timeout=5),
+                 admin.UpdateFunction(pb.UpdateFunctionRequest(spec=custom("nope")), timeout=5)):
+        assert (await code_of(call))[0] == grpc.StatusCode.NOT_FOUND
+    code, details = await code_of(admin.GetFunction(pb.GetFunctionRequest(function_id="bad id"), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "function_id" in details
+
+
+async def test_restarted_scheduler_sees_functions(store: Store, etcd_server: EtcdProcess) -> None:
+    async with running(store, etcd_server) as first:
+        await wait_until(lambda: first.election.is_leader, 10, "first leadership")
+        admin, _ = stubs(first)
+        await admin.CreateFunction(pb.CreateFunctionRequest(spec=custom("kept")), timeout=5)
+    async with running(store, etcd_server) as second:
+        await wait_until(lambda: second.election.is_leader, 10, "second leadership")
+        assert second.state.function("default/default/kept") is not None
+        admin, _ = stubs(second)
+        got = (await admin.GetFunction(pb.GetFunctionRequest(function_id="default/default/kept"), timeout=5))
+        assert got.function.revision == 1
+
+
+async def test_burst_never_exceeds_concurrency(leader: Scheduler, node: FakeNode) -> None:
+    admin, leases = stubs(leader)
+    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=custom("burst")), timeout=5)).function.id
+    holding: dict[str, int] = {}
+    peak = 0
+    sources: list[int] = []
+
+    async def one(k: int) -> None:
+        nonlocal peak
+        got = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, request_id=f"r{k}", gateway_id="gw"),
+                                        timeout=20)
+        sources.append(got.source)
+        holding[got.instance_id] = holding.get(got.instance_id, 0) + 1
+        peak = max(peak, holding[got.instance_id])
+        await asyncio.sleep(0.05)
+        holding[got.instance_id] -= 1
+        await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=got.lease_id), timeout=5)
+
+    await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(20))), 30)
+    assert peak == 2 and len(sources) == 20
+    assert node.count("start", na.START_TARGET_RUNNING) == 1
+    assert sources.count(pb.LEASE_SOURCE_NORMAL_START) >= 1
+    assert set(sources) <= {pb.LEASE_SOURCE_NORMAL_START, pb.LEASE_SOURCE_WARM}
+    assert len(leader.table) == 0
+
+
+async def test_failing_start_fails_all_waiters_fast(leader: Scheduler, node: FakeNode) -> None:
+    node.fail_reason = "model dir /nope has no config.json"
+    admin, leases = stubs(leader)
+    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=custom("broken")), timeout=5)).function.id
+    began = time.monotonic()
+    calls = [leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=20)
+             for _ in range(6)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert time.monotonic() - began < 5
+    assert node.count("start") == 1
+    for res in results:
+        assert isinstance(res, grpc.aio.AioRpcError) and res.code() == grpc.StatusCode.UNAVAILABLE
+        assert (res.details() or "").startswith("start failed: ") and "no config.json" in (res.details() or "")
+
+
+async def test_wait_times_out_when_max_is_busy(leader: Scheduler, node: FakeNode) -> None:
+    admin, leases = stubs(leader)
+    spec = custom("busy", concurrency=1)
+    spec.policy.queue_timeout.FromSeconds(1)
+    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    held = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    assert held.source == pb.LEASE_SOURCE_NORMAL_START and held.endpoint
+    code, details = await code_of(leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid), timeout=10))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and fid in details
+    assert (await code_of(leases.AcquireLease(pb.AcquireLeaseRequest(function_id="a/b/none"), timeout=5)))[0] \
+        == grpc.StatusCode.NOT_FOUND
+    logs = await admin.GetInstanceLogs(pb.GetInstanceLogsRequest(instance_id=held.instance_id), timeout=5)
+    assert logs.logs == f"log of {held.instance_id} tail=65536"
+
+
+async def test_arena_function_snapshot_standby_and_cold_start(leader: Scheduler, node: FakeNode) -> None:
+    admin, leases = stubs(leader)
+    spec = FunctionSpec(name="tiny", model_dir="/models/tiny", resources=Resources(gpu_count=1, gpu_memory_bytes=1 << 30))
+    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    await wait_until(lambda: (f := leader.state.function(fid)) is not None
+                     and f.state == FunctionState.FUNCTION_STATE_READY, 10, "function READY")
+    snaps = (await admin.ListSnapshots(pb.ListSnapshotsRequest(function_id=fid), timeout=5)).snapshots
+    assert [(s.id, s.state, s.attempts) for s in snaps] == [(f"{fid}@1", SnapshotState.SNAPSHOT_STATE_READY, 1)]
+    await wait_until(lambda: any(i.state == S.INSTANCE_STATE_STANDBY for i in leader.state.instances()), 10,
+                     "a standby")
+    got = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    assert got.source == pb.LEASE_SOURCE_COLD_START and node.count("restore") == 1
+    # The controller replaces the standby that was just consumed.
+    await wait_until(lambda: node.count("start", na.START_TARGET_STANDBY) == 2, 10, "standby replaced")
+
+
+async def test_snapshot_build_fails_after_three_attempts(leader: Scheduler, node: FakeNode) -> None:
+    node.fail_reason, node.start_delay_s = "out of host memory", 0.0
+    admin, leases = stubs(leader)
+    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(
+        spec=FunctionSpec(name="doomed", model_dir="/models/x")), timeout=5)).function.id
+    await wait_until(lambda: (f := leader.state.function(fid)) is not None
+                     and f.state == FunctionState.FUNCTION_STATE_FAILED, 15, "function FAILED")
+    fn = leader.state.function(fid)
+    assert fn is not None and "after 3 attempts" in fn.status_message and "out of host memory" in fn.status_message
+    assert node.count("start", na.START_TARGET_SNAPSHOT) == 3
+    code, details = await code_of(leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid), timeout=5))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "out of host memory" in details
+    entry = await leader.store.get(keys.snapshot_key(fid, 1), Snapshot)
+    assert entry is not None and entry.value.state == SnapshotState.SNAPSHOT_STATE_FAILED
+
+
+async def test_second_scheduler_takes_over(store: Store, etcd_server: EtcdProcess) -> None:
+    async with running(store, etcd_server) as first, running(store, etcd_server) as second:
+        await wait_until(lambda: first.election.is_leader or second.election.is_leader, 10, "a leader")
+        lead, follow = (first, second) if first.election.is_leader else (second, first)
+        await wait_until(lambda: follow.election.leader_address == lead.address, 5, "follower knows leader")
+        admin, _ = stubs(follow)
+        code, details = await code_of(admin.ListFunctions(pb.ListFunctionsRequest(), timeout=5))
+        assert code == grpc.StatusCode.UNAVAILABLE and f"leader is at {lead.address}" in details
+        await lead.stop(grace_s=0.2)
+        await wait_until(lambda: follow.election.is_leader, 10, "takeover")
+        await admin.CreateFunction(pb.CreateFunctionRequest(spec=custom("after")), timeout=5)
+
+
+async def test_takeover_after_leader_lease_expires(store: Store, etcd_server: EtcdProcess) -> None:
+    """A leader that dies without resigning: its lease expires and the standby takes over."""
+    async with running(store, etcd_server) as first:
+        await wait_until(lambda: first.election.is_leader, 10, "first leadership")
+        keeper = first.election._keeper
+        assert keeper is not None and keeper._task is not None
+        keeper._task.cancel()  # stop refreshing, like a process frozen or killed
+        async with running(store, etcd_server) as second:
+            began = time.monotonic()
+            await wait_until(lambda: second.election.is_leader, 15, "takeover after expiry")
+            assert time.monotonic() - began < 10
+
+
+def mine(sched: Scheduler, fid: str, *states: int) -> list[Instance]:
+    return [i for i in sched.state.instances() if i.function_id == fid and (not states or i.state in states)]
+
+
+async def test_min_instances_and_queue_depth_scale_out(leader: Scheduler, node: FakeNode) -> None:
+    admin, leases = stubs(leader)
+    spec = custom("scaled", concurrency=1, max_instances=3)
+    spec.policy.min_instances = 1
+    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    await wait_until(lambda: len(mine(leader, fid, S.INSTANCE_STATE_RUNNING)) == 1, 10, "min_instances running")
+    await leases.ReportQueue(pb.ReportQueueRequest(gateway_id="gw", depths={fid: 5}), timeout=5)
+    await wait_until(lambda: len(mine(leader, fid, S.INSTANCE_STATE_RUNNING)) == 3, 10, "scaled to max")
+    await asyncio.sleep(0.5)
+    assert len(mine(leader, fid)) == 3 and node.count("start") == 3  # never past max_instances
+
+
+async def test_idle_scale_in_and_old_revision_drain(leader: Scheduler, node: FakeNode, store: Store) -> None:
+    admin, leases = stubs(leader)
+    spec = custom("shrink", concurrency=1, max_instances=2)
+    spec.policy.idle_timeout.FromSeconds(1)
+    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    a = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    b = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    assert a.instance_id != b.instance_id
+    # Instance a goes idle (as its nodeagent would report) long ago; b is updated to revision 2's
+    # predecessor and keeps its lease, so it must not be drained until released.
+    await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=a.lease_id), timeout=5)
+    got = await store.get(keys.instance_key(a.instance_id), Instance)
+    assert got is not None
+    idle = got.value
+    idle.state = S.INSTANCE_STATE_IDLE
+    idle.update_time.FromSeconds(int(time.time()) - 60)
+    await store.put(keys.instance_key(a.instance_id), idle)
+    await wait_until(lambda: leader.state.instance(a.instance_id) is None, 10, "idle instance stopped")
+    spec.policy.concurrency = 2
+    await admin.UpdateFunction(pb.UpdateFunctionRequest(spec=spec), timeout=5)
+    await asyncio.sleep(0.5)
+    assert leader.state.instance(b.instance_id) is not None  # still leased: not drained yet
+    await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=b.lease_id), timeout=5)
+    await wait_until(lambda: leader.state.instance(b.instance_id) is None, 10, "old revision drained")
+    c = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    inst = leader.state.instance(c.instance_id)
+    assert inst is not None and inst.revision == 2
+
+
+async def test_cold_start_evicts_lru_idle_instance(leader: Scheduler, node: FakeNode, store: Store) -> None:
+    admin, leases = stubs(leader)
+
+    def gpu_fn(name: str, gib: int) -> FunctionSpec:
+        return FunctionSpec(name=name, image="example/echo:1", resources=Resources(gpu_count=1, gpu_memory_bytes=gib << 30),
+                            policy=Policy(snapshot_mode=SnapshotMode.SNAPSHOT_MODE_NONE, concurrency=1))
+
+    big = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn("big", 60)), timeout=5)).function.id
+    other = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn("other", 40)), timeout=5)).function.id
+    held = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=big, gateway_id="gw"), timeout=10)
+    await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=held.lease_id), timeout=5)
+    got = await store.get(keys.instance_key(held.instance_id), Instance)
+    assert got is not None
+    got.value.state = S.INSTANCE_STATE_IDLE
+    got.value.update_time.FromSeconds(int(time.time()))
+    await store.put(keys.instance_key(held.instance_id), got.value)
+    await wait_until(lambda: (i := leader.state.instance(held.instance_id)) is not None
+                     and i.state == S.INSTANCE_STATE_IDLE, 5, "idle visible")
+    second = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=other, gateway_id="gw"), timeout=10)
+    assert second.source == pb.LEASE_SOURCE_NORMAL_START
+    assert node.count("stop") == 1 and leader.state.instance(held.instance_id) is None

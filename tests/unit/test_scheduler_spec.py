@@ -1,0 +1,116 @@
+"""Spec validation and defaults: one row per bad field, and the defaults a bare spec gets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from services.scheduler.spec import DEFAULT_SAMPLE_REQUEST, normalize, split_function_id
+from snapwake.errors import InvalidArgument
+from snapwake.v1.types_pb2 import FunctionSpec, Policy, Resources, SnapshotMode
+
+
+def base() -> FunctionSpec:
+    return FunctionSpec(name="llama", model_dir="/models/llama")
+
+
+def custom() -> FunctionSpec:
+    return FunctionSpec(name="svc", image="ghcr.io/acme/svc:1", command=["serve"])
+
+
+def with_(make: Callable[[], FunctionSpec], **changes: object) -> Callable[[], FunctionSpec]:
+    def build() -> FunctionSpec:
+        spec = make()
+        for path, value in changes.items():
+            target: object = spec
+            *parents, leaf = path.split("__")
+            for p in parents:
+                target = getattr(target, p)
+            if isinstance(value, list):
+                getattr(target, leaf).extend(value)
+            elif isinstance(value, dict):
+                getattr(target, leaf).update(value)
+            else:
+                setattr(target, leaf, value)
+        return spec
+    return build
+
+
+BAD = [
+    ("spec.name", with_(base, name="")),
+    ("spec.name", with_(base, name="Llama")),
+    ("spec.name", with_(base, name="-x")),
+    ("spec.name", with_(base, name="a" * 64)),
+    ("spec.tenant", with_(base, tenant="a_b")),
+    ("spec.namespace", with_(base, namespace="x/y")),
+    ("spec.model_dir", with_(base, model_dir="")),
+    ("spec.model_dir", with_(base, model_dir="relative/path")),
+    ("spec.command", with_(base, command=["python"])),
+    ("spec.command", with_(custom, command=["serve", ""])),
+    ("spec.http_port", with_(base, http_port=70000)),
+    ("spec.health_path", with_(base, health_path="health")),
+    ("spec.sample_request", with_(base, sample_request="{not json")),
+    ("spec.sample_request", with_(base, sample_request="[1, 2]")),
+    ("spec.env", with_(base, env={"1BAD": "x"})),
+    ("spec.resources.gpu_count", with_(base, resources__gpu_count=2, resources__gpu_memory_bytes=1)),
+    ("spec.resources.gpu_memory_bytes", with_(base, resources__gpu_count=1)),
+    ("spec.resources.cpu_millis", with_(base, resources__cpu_millis=2_000_000)),
+    ("spec.policy.max_instances", with_(base, policy__max_instances=1001)),
+    ("spec.policy.min_instances", with_(base, policy__max_instances=2, policy__min_instances=3)),
+    ("spec.policy.concurrency", with_(base, policy__concurrency=5000)),
+    ("spec.policy.queue_len", with_(base, policy__queue_len=1_000_000)),
+    ("spec.policy.standby_per_node", with_(base, policy__standby_per_node=65)),
+    ("spec.policy.standby_per_node",
+     with_(custom, policy__snapshot_mode=SnapshotMode.SNAPSHOT_MODE_NONE, policy__standby_per_node=1)),
+    ("spec.policy.snapshot_mode", with_(custom, policy__snapshot_mode=SnapshotMode.SNAPSHOT_MODE_ARENA)),
+    ("spec.policy.snapshot_mode", with_(base, policy__snapshot_mode=99)),
+    ("spec.policy.queue_timeout", with_(base, policy__queue_timeout__seconds=-1)),
+    ("spec.policy.idle_timeout", with_(base, policy__idle_timeout__seconds=10 ** 6)),
+    ("spec.policy.start_timeout", with_(base, policy__start_timeout__seconds=-5)),
+]
+
+
+@pytest.mark.parametrize(("field", "make"), BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
+def test_bad_field_is_named(field: str, make: Callable[[], FunctionSpec]) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        normalize(make())
+    assert info.value.field == field
+    assert field in info.value.message
+
+
+def test_defaults_for_builtin() -> None:
+    spec = normalize(base())
+    assert (spec.tenant, spec.namespace, spec.image) == ("default", "default", "builtin")
+    assert (spec.http_port, spec.health_path, spec.sample_request) == (8000, "/health", DEFAULT_SAMPLE_REQUEST)
+    p = spec.policy
+    assert (p.min_instances, p.max_instances, p.standby_per_node, p.concurrency, p.queue_len) == (0, 4, 1, 4, 64)
+    assert (p.queue_timeout.seconds, p.idle_timeout.seconds, p.start_timeout.seconds) == (30, 300, 120)
+    assert p.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_ARENA
+
+
+def test_defaults_for_custom_image() -> None:
+    spec = normalize(custom())
+    assert spec.policy.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_NONE
+    assert spec.policy.standby_per_node == 0
+    assert spec.sample_request == ""
+
+
+def test_explicit_values_are_kept_and_input_untouched() -> None:
+    given = FunctionSpec(name="x", model_dir="/m", resources=Resources(gpu_count=1, gpu_memory_bytes=1 << 30),
+                         policy=Policy(max_instances=2, concurrency=1, standby_per_node=0))
+    spec = normalize(given)
+    assert (spec.policy.max_instances, spec.policy.concurrency, spec.policy.standby_per_node) == (2, 1, 0)
+    assert given.tenant == "" and not given.policy.HasField("queue_timeout")
+
+
+@pytest.mark.parametrize(("fid", "ok"), [
+    ("a/b/c", True), ("t1/default/llama-3", True), ("a/b", False), ("a/b/c/d", False),
+    ("A/b/c", False), ("a//c", False), ("a/b/c-", False),
+])
+def test_function_ids(fid: str, ok: bool) -> None:
+    if ok:
+        assert split_function_id(fid) == tuple(fid.split("/"))
+    else:
+        with pytest.raises(InvalidArgument, match="function_id"):
+            split_function_id(fid)
