@@ -61,6 +61,7 @@ class EtcdProcess:
                 "--listen-client-urls", c, "--advertise-client-urls", c,
                 "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
                 "--initial-cluster", f"snapwake={p}", "--logger", "zap", "--log-level", "warn"]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                      env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.environ.get(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -12,6 +11,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import BaseRoute, Mount
 
+from services.gateway import dashboard
 from services.gateway.api_router import routes
 from services.gateway.config import GatewayConfig
 from services.gateway.metrics import GatewayMetrics
@@ -25,14 +25,12 @@ __all__ = ["build_app"]
 log = logging.getLogger(__name__)
 
 
-def _dashboard(client: SchedulerClient) -> list[BaseRoute]:
-    """The dashboard at /dashboard when its package is present (it is built separately)."""
-    try:
-        module = importlib.import_module("services.gateway.dashboard")
-    except ImportError:
+def _dashboard(client: SchedulerClient, config: GatewayConfig) -> list[BaseRoute]:
+    """The read-only dashboard at /dashboard, when the client offers the scheduler's admin lists
+    (the gRPC client does; the in-memory one does not, and has nothing to show)."""
+    if not isinstance(client, dashboard.AdminLists):
         return []
-    build = getattr(module, "build_app", None)
-    return [Mount("/dashboard", app=build(client))] if callable(build) else []
+    return [Mount("/dashboard", app=dashboard.build_app(client, per_tenant=bool(config.keys)))]
 
 
 def build_app(client: SchedulerClient, config: GatewayConfig, upstream: Upstream | None = None) -> Starlette:
@@ -53,6 +51,10 @@ def build_app(client: SchedulerClient, config: GatewayConfig, upstream: Upstream
             await serving.queue.drain()
             await serving.upstream.close()
 
-    app = Starlette(routes=[*routes(serving), *_dashboard(client)], lifespan=lifespan,
-                    middleware=[Middleware(RequestIdMiddleware), Middleware(AuthMiddleware, keys=config.keys)])
+    # DashboardKeyMiddleware turns the dashboard's key cookie into the Bearer header that
+    # AuthMiddleware checks, so it must run first.
+    app = Starlette(routes=[*routes(serving), *_dashboard(client, config)], lifespan=lifespan,
+                    middleware=[Middleware(RequestIdMiddleware),
+                                Middleware(dashboard.DashboardKeyMiddleware, keys=config.keys),
+                                Middleware(AuthMiddleware, keys=config.keys)])
     return app

@@ -86,6 +86,11 @@ class FunctionCatalog:
         """The function, or ``NotFound`` naming ``model`` (the id the caller used)."""
         functions = await self._refresh(self._ttl)
         if function_id not in functions:
+            # The cached list may predate a CreateFunction that just returned: wait out the
+            # refresh floor (at most min_refresh) so the miss is answered from a newer list.
+            age = self._clock() - self._fetched_at
+            if 0 <= age < self._min_refresh:
+                await asyncio.sleep(self._min_refresh - age)
             functions = await self._refresh(self._min_refresh)
         if function_id not in functions:
             raise _unknown(model or function_id)

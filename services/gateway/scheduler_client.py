@@ -148,11 +148,37 @@ class GrpcSchedulerClient(SchedulerClient):
         raise errors.DeadlineExceeded("scheduler call ran out of time")
 
     async def list_functions(self) -> list[FunctionInfo]:
+        return [FunctionInfo.from_proto(f) for f in await self.list_function_records()]
+
+    # The admin lists below feed the dashboard; they return the scheduler's records as they are.
+
+    async def list_function_records(self) -> list[types_pb2.Function]:
+        """Every deployed function, as the scheduler's ``Function`` records."""
         async def invoke(i: int, t: float) -> Any:
             return await self._admin[i].ListFunctions(scheduler_pb2.ListFunctionsRequest(), timeout=t)
 
-        response = await self._call(invoke, self._rpc_timeout)
-        return [FunctionInfo.from_proto(f) for f in response.functions]
+        return list((await self._call(invoke, self._rpc_timeout)).functions)
+
+    async def list_instances(self) -> list[types_pb2.Instance]:
+        """Every instance of every function, in any state."""
+        async def invoke(i: int, t: float) -> Any:
+            return await self._admin[i].ListInstances(scheduler_pb2.ListInstancesRequest(), timeout=t)
+
+        return list((await self._call(invoke, self._rpc_timeout)).instances)
+
+    async def list_nodes(self) -> list[types_pb2.Node]:
+        """Every registered node with its GPUs and cached snapshots."""
+        async def invoke(i: int, t: float) -> Any:
+            return await self._admin[i].ListNodes(scheduler_pb2.ListNodesRequest(), timeout=t)
+
+        return list((await self._call(invoke, self._rpc_timeout)).nodes)
+
+    async def list_snapshots(self) -> list[types_pb2.Snapshot]:
+        """Every snapshot record, with where it is stored."""
+        async def invoke(i: int, t: float) -> Any:
+            return await self._admin[i].ListSnapshots(scheduler_pb2.ListSnapshotsRequest(), timeout=t)
+
+        return list((await self._call(invoke, self._rpc_timeout)).snapshots)
 
     async def acquire_lease(self, function_id: str, request_id: str, max_wait: float) -> Lease:
         request = scheduler_pb2.AcquireLeaseRequest(function_id=function_id, request_id=request_id,

@@ -85,10 +85,17 @@ async function poll() {
   try {
     const resp = await fetch(base + "api/state", {cache: "no-store", signal: AbortSignal.timeout(5000)});
     const st = await resp.json();
-    if (!st.ok) throw Object.assign(new Error(st.error || ("HTTP " + resp.status)), {fromServer: true});
+    if (resp.status === 401) {
+      throw Object.assign(new Error("this gateway needs an API key: open " + base + "?key=YOUR_KEY"), {fromServer: true});
+    }
+    if (!st.ok) {
+      const why = typeof st.error === "string" ? st.error : (st.error && st.error.message) || ("HTTP " + resp.status);
+      throw Object.assign(new Error(why), {fromServer: true});
+    }
     render(st);
     banner.classList.remove("show");
-    document.getElementById("updated").textContent = "updated " + new Date(st.time * 1000).toLocaleTimeString();
+    document.getElementById("updated").textContent = "updated " + new Date(st.time * 1000).toLocaleTimeString() +
+      (st.tenant ? " \u00b7 tenant " + st.tenant : "");
   } catch (e) {
     const why = e.fromServer ? e.message : "cannot reach the gateway: " + (e.message || e);
     banner.textContent = why + " (retrying every second)";
