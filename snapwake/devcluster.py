@@ -44,6 +44,8 @@ class ClusterConfig:
     """``key:tenant,...``; empty turns auth off."""
     extra_env: dict[str, str] = field(default_factory=dict)
     """Extra environment for every service (OTEL_* for tracing, say)."""
+    extra_args: dict[str, list[str]] = field(default_factory=dict)
+    """Extra flags per service name (``{"blobstore": ["--cache-bytes", "..."]}``)."""
 
 
 class Cluster:
@@ -85,7 +87,8 @@ class Cluster:
         logs = self.config.var_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", f"services.{name}", *self._args(name)],
+            args = [*self._args(name), *self.config.extra_args.get(name, [])]
+            proc = subprocess.Popen([sys.executable, "-m", f"services.{name}", *args],
                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
                                     env={**os.environ, **self.config.extra_env, "PYTHONUNBUFFERED": "1"})
         self.procs[name] = proc

@@ -7,7 +7,7 @@ mkdir -p .whl .deb
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_34_x86_64)
 pkgs=(aetcd==1.0.0 starlette==1.10.0 uvicorn==0.54.0 grpcio==1.85.1 grpcio-health-checking==1.85.1
-      grpcio-reflection==1.85.1 protobuf==7.36.2 openai==3.54.0 distro jiter sniffio pydantic pydantic-core
+      grpcio-reflection==1.85.1 protobuf==7.36.2 openai==3.54.0 distro jiter httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 sniffio pydantic pydantic-core
       annotated-types typing-inspection prometheus_client==0.26.0 pytest-asyncio==1.5.0 transformers==5.23.0 huggingface_hub==2.4.0
       asgiref==3.13.0 googleapis-common-protos==1.76.0 opentelemetry-api==1.45.1 opentelemetry-sdk==1.45.1
       opentelemetry-exporter-otlp-common==0.66b1 opentelemetry-exporter-otlp-proto-common==1.45.1

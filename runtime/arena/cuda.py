@@ -159,6 +159,11 @@ class CudaArena:
         _ok(cu.cuMemUnmap(self._va, self._mapped), "cuMemUnmap")
         _ok(cu.cuMemRelease(self._handle), "cuMemRelease")
         self._handle, self._mapped = None, 0
+        # cuBLAS keeps its workspace in the caching allocator (32 MiB on Hopper); drop it so the
+        # driver checkpoint of the standby has as little device state as possible to move.
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            clear()
         torch.cuda.empty_cache()  # the KV cache and activations go back to the driver too
 
     def _check_empty(self) -> None:

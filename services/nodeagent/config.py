@@ -33,6 +33,8 @@ class NodeAgentConfig:
     runtime: str = field(default="runc", metadata=_help("container runtime: runc | fake (tests only)"))
     runc_binary: str = field(default="runc", metadata=_help("path of the runc binary"))
     python: str = field(default=sys.executable, metadata=_help("python executable the containers run"))
+    python_path: tuple[str, ...] = field(default=(), metadata=_help(
+        "extra import dirs for containers, comma separated (bound read-only, before repo_root)"))
     repo_root: str = field(default=_REPO, metadata=_help("directory holding the runtime package (bound ro)"))
     lease_ttl: int = field(default=5, metadata=_help("etcd lease TTL in seconds"))
     gpus: str = field(default="auto", metadata=_help("auto: use NVML's GPUs; none: run everything on CPU"))

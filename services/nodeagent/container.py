@@ -50,7 +50,7 @@ def bundle_spec(config: NodeAgentConfig, req: nodeagent_pb2.StartInstanceRequest
         start_mode=plan.start_mode, control_socket=control, handover_socket=config.handover_socket,
         snapshot_id=keys.snapshot_id(req.function_id, req.revision), sample_request=spec.sample_request)
     env = {**dict(spec.env), "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
-           "PYTHONUNBUFFERED": "1", "PYTHONPATH": config.repo_root, "HF_HUB_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1", "PYTHONPATH": ":".join([*config.python_path, config.repo_root]), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "SNAPWAKE_CONTROL_SOCKET": control,
            "SNAPWAKE_HANDOVER_SOCKET": config.handover_socket}
     system, links = host_layout()
@@ -59,5 +59,6 @@ def bundle_spec(config: NodeAgentConfig, req: nodeagent_pb2.StartInstanceRequest
     return BundleSpec(
         args=args, env=env, cwd=str(instance_dir), hostname=req.instance_id,
         ro_binds=(*system, *python_dirs(config.python), os.path.realpath(config.repo_root),
+                  *(os.path.realpath(p) for p in config.python_path),
                   os.path.realpath(spec.model_dir), handover_dir),
         rw_binds=(str(instance_dir),), symlinks=links, gpu=use_gpu)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs bench/coldstart on the GPU machine (carry .whl and .deb). Results and logs go to $OUT.
+set -uo pipefail
+SITE=/opt/snapwake-site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/*.whl || exit 1
+mkdir -p /opt/debs && for f in .deb/*.deb; do dpkg -x "$f" /opt/debs; done
+export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 PATH=/opt/debs/usr/sbin:/opt/debs/usr/bin:$PATH
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m bench.coldstart --python-path $SITE --runc /opt/debs/usr/sbin/runc --out "$OUT/coldstart.json" "$@" 2>&1 | tee "$OUT/coldstart.log"
+rc=${PIPESTATUS[0]}
+for d in /tmp/snapwake-bench/*/logs; do [ -d "$d" ] && tar czf "$OUT/logs-$(basename "$(dirname "$d")").tgz" -C "$d" . ; done
+find /tmp/snapwake-bench -name output.log -path '*instances*' | head -5 | xargs -r tail -n 30 > "$OUT/instance-logs.txt" 2>/dev/null
+exit $rc
