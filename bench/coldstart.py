@@ -89,12 +89,12 @@ def first_token(url: str, model: str, timeout: float = 300) -> float:
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {r.status_code}: {r.read()[:500]!r}")
+        ttft = None
         for line in r.iter_lines():
-            if line.startswith("data: ") and '"choices":[{' in line.replace(" ", ""):
+            if ttft is None and line.startswith("data: ") and '"choices":[{' in line.replace(" ", ""):
                 ttft = time.monotonic() - t0
-                for _ in r.iter_lines():
-                    pass
-                return ttft
+        if ttft is not None:
+            return ttft
     raise RuntimeError("stream ended without a token")
 
 

@@ -271,7 +271,8 @@ def machine() -> dict[str, Any]:
 
 def with_defaults(config: DensityConfig) -> DensityConfig:
     """Fills in the work dir (a fresh temp dir) and cpu-mode model count."""
-    work = config.work_dir or tempfile.mkdtemp(prefix="snapwake-density-")
+    # Short on purpose: Unix socket paths under it must stay below 108 bytes.
+    work = config.work_dir or tempfile.mkdtemp(prefix="swd-", dir="/tmp")
     return dataclasses.replace(config, work_dir=work, n_models=config.n_models or 8)
 
 
@@ -342,16 +343,19 @@ async def deploy(stub: Any, specs: Sequence[Any], timeout_s: float) -> float:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise RuntimeError(f"CreateFunction {spec.name}: {exc.code().name}: {exc.details()}") from None
-    pending = {f"default/default/{s.name}" for s in specs}
+    pending = {f"default/default/{s.name}": "" for s in specs}
     while pending:
         if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"{len(pending)} functions not READY after {timeout_s:.0f}s: {sorted(pending)[:5]}")
+            why = "; ".join(f"{fid}: {msg or 'no status'}" for fid, msg in sorted(pending.items())[:3])
+            raise TimeoutError(f"{len(pending)} functions not READY after {timeout_s:.0f}s ({why})")
         for fid in sorted(pending):
             got = (await stub.GetFunction(scheduler_pb2.GetFunctionRequest(function_id=fid), timeout=10)).function
             if got.state == types_pb2.FUNCTION_STATE_FAILED:
                 raise RuntimeError(f"function {fid} FAILED: {got.status_message}")
             if got.state == types_pb2.FUNCTION_STATE_READY:
-                pending.discard(fid)
+                del pending[fid]
+            else:
+                pending[fid] = got.status_message
         await asyncio.sleep(0.5)
     return time.monotonic() - t0
 

@@ -1,109 +1,120 @@
-"""The dashboard's JSON endpoint and error state, under httpx's ASGI transport."""
+"""``build_state``, the dashboard's pure core: grouping, GPU slices, tiers, cold starts, tenants.
+
+The endpoint, the gateway mount, the key cookie and the page itself are tested over real gRPC
+and a real browser in ``test_dashboard_live.py``.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
+from typing import Any
 
-import httpx
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.gateway.dashboard import build_app, build_state
-from snapwake import errors
+from services.gateway.dashboard import build_state
+from services.gateway.dashboard.state import COLD_STARTS_SHOWN, OTHER_TENANT
 from snapwake.v1 import types_pb2 as t
 
 GiB = 1 << 30
+LLAMA, TINY, RIVAL = "acme/default/llama", "acme/default/tiny", "other/default/llama"
 
 
-class FakeClient:
-    """The admin lists a small cluster would return; ``down`` makes every call fail."""
-
-    def __init__(self) -> None:
-        self.down: Exception | None = None
-        spec = t.FunctionSpec(resources=t.Resources(gpu_memory_bytes=20 * GiB))
-        self.functions = [t.Function(id="acme/default/llama", revision=2, state=t.FUNCTION_STATE_READY, spec=spec),
-                          t.Function(id="acme/default/tiny", revision=1, state=t.FUNCTION_STATE_PENDING)]
-        self.instances = [
-            t.Instance(id="i-00000000000a", function_id="acme/default/llama", node="n1", gpu_index=0,
-                       gpu_memory_bytes=20 * GiB, state=t.INSTANCE_STATE_RUNNING, last_start_seconds=0.41,
-                       update_time=Timestamp(seconds=1000)),
-            t.Instance(id="i-00000000000b", function_id="acme/default/llama", node="n1", gpu_index=0,
-                       gpu_memory_bytes=20 * GiB, state=t.INSTANCE_STATE_STANDBY),
-            t.Instance(id="i-00000000000c", function_id="acme/default/llama", node="n1", gpu_index=1,
-                       gpu_memory_bytes=20 * GiB, state=t.INSTANCE_STATE_IDLE, last_start_seconds=0.38,
-                       update_time=Timestamp(seconds=2000))]
-        self.nodes = [t.Node(name="n1", address="10.0.0.1:7001", heartbeat_time=Timestamp(seconds=2990),
-                             cached_snapshots=["acme/default/llama@2"],
-                             gpus=[t.Gpu(index=0, name="H100", memory_total_bytes=80 * GiB),
-                                   t.Gpu(index=1, name="H100", memory_total_bytes=80 * GiB)])]
-        self.snapshots = [t.Snapshot(id="acme/default/llama@2", function_id="acme/default/llama", revision=2,
-                                     state=t.SNAPSHOT_STATE_READY, disk_nodes=["n1", "n2"], cache_nodes=["n1"]),
-                          t.Snapshot(id="acme/default/tiny@1", function_id="acme/default/tiny", revision=1,
-                                     state=t.SNAPSHOT_STATE_BUILDING, bytes_written=5, total_bytes=10)]
-
-    async def _answer(self, value: Sequence) -> Sequence:
-        await asyncio.sleep(0)
-        if self.down is not None:
-            raise self.down
-        return value
-
-    async def list_functions(self) -> Sequence[t.Function]:
-        return await self._answer(self.functions)
-
-    async def list_instances(self) -> Sequence[t.Instance]:
-        return await self._answer(self.instances)
-
-    async def list_nodes(self) -> Sequence[t.Node]:
-        return await self._answer(self.nodes)
-
-    async def list_snapshots(self) -> Sequence[t.Snapshot]:
-        return await self._answer(self.snapshots)
+def _inst(iid: str, fn: str, state: int, gpu: int = 0, start: float = 0.0, at: int = 0) -> t.Instance:
+    return t.Instance(id=iid, function_id=fn, node="n1", gpu_index=gpu, gpu_memory_bytes=20 * GiB, state=state,
+                      last_start_seconds=start, update_time=Timestamp(seconds=at))
 
 
-def test_build_state_groups_slices_and_cold_starts() -> None:
-    c = FakeClient()
-    st = build_state(c.functions, c.instances, c.nodes, c.snapshots, now=3000.0)
-    llama, tiny = st["functions"]
-    assert llama["instances_by_state"] == {"RUNNING": 1, "STANDBY": 1, "IDLE": 1}
-    assert tiny["instances_by_state"] == {} and tiny["state"] == "PENDING"
-    gpu0, gpu1 = st["nodes"][0]["gpus"]
+FUNCTIONS = [t.Function(id=LLAMA, revision=2, state=t.FUNCTION_STATE_READY,
+                        spec=t.FunctionSpec(resources=t.Resources(gpu_memory_bytes=20 * GiB))),
+             t.Function(id=TINY, revision=1, state=t.FUNCTION_STATE_PENDING),
+             t.Function(id=RIVAL, revision=1, state=t.FUNCTION_STATE_READY)]
+INSTANCES = [_inst("i-00000000000a", LLAMA, t.INSTANCE_STATE_RUNNING, start=0.41, at=1000),
+             _inst("i-00000000000b", LLAMA, t.INSTANCE_STATE_STANDBY),
+             _inst("i-00000000000c", LLAMA, t.INSTANCE_STATE_IDLE, gpu=1, start=0.38, at=2000),
+             _inst("i-00000000000d", RIVAL, t.INSTANCE_STATE_RESTORING, gpu=1, start=0.5, at=2500)]
+NODES = [t.Node(name="n1", address="10.0.0.1:7001", heartbeat_time=Timestamp(seconds=2990),
+                cached_snapshots=[LLAMA + "@2", RIVAL + "@1"],
+                gpus=[t.Gpu(index=0, name="H100", memory_total_bytes=80 * GiB),
+                      t.Gpu(index=1, name="H100", memory_total_bytes=80 * GiB)]),
+         t.Node(name="n0", address="10.0.0.0:7001")]
+SNAPSHOTS = [t.Snapshot(id=LLAMA + "@2", function_id=LLAMA, revision=2, state=t.SNAPSHOT_STATE_READY,
+                        disk_nodes=["n1", "n2"], cache_nodes=["n1"]),
+             t.Snapshot(id=TINY + "@1", function_id=TINY, revision=1, state=t.SNAPSHOT_STATE_BUILDING,
+                        bytes_written=5, total_bytes=10),
+             t.Snapshot(id=RIVAL + "@1", function_id=RIVAL, revision=1, state=t.SNAPSHOT_STATE_READY,
+                        disk_nodes=["n1"])]
+
+
+def _state(tenant: str | None) -> dict[str, Any]:
+    return build_state(FUNCTIONS, INSTANCES, NODES, SNAPSHOTS, now=3000.0, tenant=tenant)
+
+
+def test_functions_group_their_instances_by_state() -> None:
+    llama, tiny, rival = _state(None)["functions"]
+    assert (llama["id"], llama["instances_by_state"]) == (LLAMA, {"RUNNING": 1, "STANDBY": 1, "IDLE": 1})
+    assert (tiny["state"], tiny["instances_by_state"], tiny["instances"]) == ("PENDING", {}, [])
+    assert llama["gpu_memory_bytes"] == 20 * GiB and rival["instances_by_state"] == {"RESTORING": 1}
+
+
+def test_nodes_sorted_with_heartbeat_age_and_only_gpu_holding_slices() -> None:
+    n0, n1 = _state(None)["nodes"]
+    assert (n0["name"], n0["heartbeat_age_seconds"], n0["gpus"]) == ("n0", None, [])
+    assert n1["heartbeat_age_seconds"] == 10.0
+    gpu0, gpu1 = n1["gpus"]
     assert [s["instance_id"] for s in gpu0["slices"]] == ["i-00000000000a"]  # the standby holds no GPU
-    assert [s["state"] for s in gpu1["slices"]] == ["IDLE"]
-    assert st["nodes"][0]["heartbeat_age_seconds"] == 10.0
-    assert [(s["id"], s["tier"]) for s in st["snapshots"]] == [("acme/default/llama@2", "cache"),
-                                                               ("acme/default/tiny@1", "none")]
-    assert [c["instance_id"] for c in st["cold_starts"]] == ["i-00000000000c", "i-00000000000a"]  # newest first
+    assert [(s["state"], s["function_id"]) for s in gpu1["slices"]] == [("IDLE", LLAMA), ("RESTORING", RIVAL)]
 
 
-async def test_state_endpoint_reports_outage_and_recovers() -> None:
-    client = FakeClient()
-    transport = httpx.ASGITransport(app=build_app(client, timeout=1.0))
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
-        page = await http.get("/")
-        assert page.status_code == 200 and "api/state" in page.text
-        ok = await http.get("/api/state")
-        assert ok.status_code == 200 and ok.json()["ok"] is True
-        assert ok.json()["functions"][0]["id"] == "acme/default/llama"
-        client.down = errors.Unavailable("connection refused")
-        bad = await http.get("/api/state")
-        assert bad.status_code == 503
-        assert bad.json() == {"ok": False, "error": "scheduler unreachable: connection refused",
-                              "time": pytest.approx(bad.json()["time"])}
-        client.down = None
-        again = await http.get("/api/state")
-        assert again.status_code == 200 and len(again.json()["snapshots"]) == 2
+@pytest.mark.parametrize(("tenant", "tiers"), [
+    (None, [(LLAMA + "@2", "cache"), (TINY + "@1", "none"), (RIVAL + "@1", "cache")]),  # sorted by id
+    ("acme", [(LLAMA + "@2", "cache"), (TINY + "@1", "none")]),
+    ("other", [(RIVAL + "@1", "cache")]),
+    ("nobody", []),
+])
+def test_snapshot_tiers_per_tenant(tenant: str | None, tiers: list[tuple[str, str]]) -> None:
+    assert [(s["id"], s["tier"]) for s in _state(tenant)["snapshots"]] == tiers
 
 
-async def test_state_endpoint_bounds_a_hung_scheduler() -> None:
-    client = FakeClient()
+@pytest.mark.parametrize(("record_cache", "node_cache", "disk", "tier", "cache_nodes"), [
+    ([], [], [], "none", []),
+    ([], [], ["n1"], "disk", []),
+    (["n2"], [], ["n1"], "cache", ["n2"]),
+    ([], ["n1"], ["n1"], "cache", ["n1"]),  # only the node record knows it is cached
+    (["n2"], ["n1", "n2"], [], "cache", ["n1", "n2"]),
+])
+def test_cache_tier_merges_snapshot_and_node_records(record_cache: list[str], node_cache: list[str],
+                                                    disk: list[str], tier: str, cache_nodes: list[str]) -> None:
+    snap = t.Snapshot(id=LLAMA + "@2", function_id=LLAMA, cache_nodes=record_cache, disk_nodes=disk)
+    nodes = [t.Node(name=n, cached_snapshots=[snap.id] if n in node_cache else [TINY + "@1"]) for n in ("n1", "n2")]
+    (got,) = build_state([], [], nodes, [snap], now=0.0)["snapshots"]
+    assert (got["tier"], got["cache_nodes"], got["disk_nodes"]) == (tier, cache_nodes, disk)
 
-    async def hang() -> Sequence[t.Node]:
-        await asyncio.sleep(30)
-        return []
 
-    client.list_nodes = hang  # type: ignore[method-assign]
-    transport = httpx.ASGITransport(app=build_app(client, timeout=0.2))
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
-        resp = await asyncio.wait_for(http.get("/api/state"), 5)
-    assert resp.status_code == 503 and "no answer within 0.2s" in resp.json()["error"]
+@pytest.mark.parametrize(("tenant", "functions", "cold", "cached", "gpu1"), [
+    (None, [LLAMA, TINY, RIVAL], ["i-00000000000d", "i-00000000000c", "i-00000000000a"],
+     [LLAMA + "@2", RIVAL + "@1"], [LLAMA, RIVAL]),
+    ("acme", [LLAMA, TINY], ["i-00000000000c", "i-00000000000a"], [LLAMA + "@2"], [LLAMA, OTHER_TENANT]),
+    ("other", [RIVAL], ["i-00000000000d"], [RIVAL + "@1"], [OTHER_TENANT, RIVAL]),
+    # "acm" is a prefix of "acme" but not its tenant
+    ("acm", [], [], [], [OTHER_TENANT, OTHER_TENANT]),
+])
+def test_tenant_sees_its_own_and_only_the_size_of_others(tenant: str | None, functions: list[str],
+                                                         cold: list[str], cached: list[str],
+                                                         gpu1: list[str]) -> None:
+    st = _state(tenant)
+    assert st["tenant"] == tenant
+    assert [f["id"] for f in st["functions"]] == functions
+    assert [c["instance_id"] for c in st["cold_starts"]] == cold  # newest first
+    n1 = st["nodes"][1]
+    assert n1["cached_snapshots"] == cached
+    slices = n1["gpus"][1]["slices"]
+    assert [s["function_id"] for s in slices] == gpu1 and [s["bytes"] for s in slices] == [20 * GiB] * 2
+    assert all(s["instance_id"] == "" and s["state"] == "" for s in slices if s["function_id"] == OTHER_TENANT)
+
+
+def test_cold_starts_are_capped() -> None:
+    many = [_inst(f"i-{n:012x}", LLAMA, t.INSTANCE_STATE_IDLE, start=0.1, at=n) for n in range(30)]
+    cold = build_state(FUNCTIONS, many, [], [], now=100.0)["cold_starts"]
+    assert len(cold) == COLD_STARTS_SHOWN and cold[0]["at"] == 29.0
+    assert cold[0] == {"instance_id": "i-00000000001d", "function_id": LLAMA, "node": "n1", "seconds": 0.1,
+                       "at": 29.0}

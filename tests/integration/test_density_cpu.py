@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,11 +25,19 @@ FIELDS = {
 }
 
 
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """pytest's tmp_path is too long for the Unix sockets the nodeagent makes under it."""
+    path = Path(tempfile.mkdtemp(prefix="swd-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.timeout(600)
-def test_density_cpu_trace_is_answered_correctly(tmp_path: Path) -> None:
+def test_density_cpu_trace_is_answered_correctly(tmp_path: Path, short_dir: Path) -> None:
     out = tmp_path / "density-cpu.json"
     config = DensityConfig(mode="cpu", out=str(out), n_models=8, duration_s=20.0, rate=1.5, burstiness=3.0,
-                           max_tokens=8, seed=1, work_dir=str(tmp_path / "work"), request_timeout_s=60.0,
+                           max_tokens=8, seed=1, work_dir=str(short_dir), request_timeout_s=60.0,
                            ready_timeout_s=400.0, idle_timeout_s=3.0, queue_timeout_s=20.0)
     report = asyncio.run(run(config))
     print(markdown_table(report))

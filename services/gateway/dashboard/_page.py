@@ -8,6 +8,7 @@ PAGE = """<!doctype html>
 <head>
 <meta charset="utf-8">
 <title>Snapwake</title>
+<link rel="icon" href="data:,">
 <style>
  body { font: 14px system-ui, sans-serif; margin: 0 1.5em 2em; color: #222; }
  h1 { font-size: 20px; margin: .8em 0 .2em; } h2 { font-size: 16px; margin: 1.4em 0 .4em; }
@@ -36,8 +37,14 @@ PAGE = """<!doctype html>
 <script>
 "use strict";
 const base = location.pathname.replace(/\\/?$/, "/");
-const GiB = 1024 ** 3;
-const gib = (n) => n ? (n / GiB).toFixed(1) + " GiB" : "-";
+// Byte counts in the largest unit that keeps them >= 1 (a demo snapshot is under a MiB).
+function size(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+}
+const sizeOrDash = (n) => n ? size(n) : "-";
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => "&#" + c.charCodeAt(0) + ";");
 const badge = (s, n) => `<span class="state ${esc(s)}">${esc(s)}${n === undefined ? "" : " " + n}</span>`;
 const palette = ["#7fb3ff", "#ffb37f", "#9be39b", "#d49bff", "#ffd36b", "#7fe0e0"];
@@ -50,7 +57,7 @@ function rows(id, head, body) {
 function gpuBar(g) {
   const parts = g.slices.map((s) => {
     const w = g.memory_total_bytes ? 100 * s.bytes / g.memory_total_bytes : 0;
-    return `<div class="slice" title="${esc(s.instance_id)} ${esc(s.function_id)} ${esc(s.state)} ${gib(s.bytes)}"
+    return `<div class="slice" title="${esc(s.instance_id)} ${esc(s.function_id)} ${esc(s.state)} ${sizeOrDash(s.bytes)}"
       style="width:${w}%;background:${color(s.function_id)}">${esc(s.function_id)}</div>`;
   }).join("");
   return `<div class="gpu">${parts}</div>`;
@@ -58,7 +65,7 @@ function gpuBar(g) {
 function render(st) {
   rows("functions", ["function", "rev", "state", "slice", "instances"], st.functions.map((f) => [
     esc(f.id), f.revision, badge(f.state) + (f.message ? ` <span class="muted">${esc(f.message)}</span>` : ""),
-    gib(f.gpu_memory_bytes),
+    sizeOrDash(f.gpu_memory_bytes),
     Object.entries(f.instances_by_state).map(([s, n]) => badge(s, n)).join("") || '<span class="muted">scaled to zero</span>']));
   const gpuRows = [];
   for (const n of st.nodes) {
@@ -67,14 +74,14 @@ function render(st) {
     for (const g of n.gpus) {
       const used = g.slices.reduce((a, s) => a + s.bytes, 0);
       gpuRows.push([esc(n.name), esc(n.address), hb, `${g.index}: ${esc(g.name)}`,
-        gpuBar(g) + `<span class="muted">${gib(used)} in use, ${gib(g.memory_reserved_bytes)} reserved of ${gib(g.memory_total_bytes)}</span>`,
+        gpuBar(g) + `<span class="muted">${sizeOrDash(used)} in use, ${size(g.memory_reserved_bytes)} reserved of ${sizeOrDash(g.memory_total_bytes)}</span>`,
         n.cached_snapshots.length]);
     }
   }
   rows("nodes", ["node", "address", "heartbeat", "GPU", "memory slices", "cached snapshots"], gpuRows);
   rows("snapshots", ["snapshot", "state", "progress", "tier", "cache nodes", "disk nodes"], st.snapshots.map((s) => [
     esc(s.id), badge(s.state) + (s.message ? ` <span class="muted">${esc(s.message)}</span>` : ""),
-    s.total_bytes ? `${Math.floor(100 * s.bytes_written / s.total_bytes)}% of ${gib(s.total_bytes)}` : "-",
+    s.total_bytes ? `${Math.floor(100 * s.bytes_written / s.total_bytes)}% of ${sizeOrDash(s.total_bytes)}` : "-",
     badge(s.tier), esc(s.cache_nodes.join(", ")) || "-", esc(s.disk_nodes.join(", ")) || "-"]));
   rows("coldstarts", ["when", "function", "instance", "node", "CS-TTFT"], st.cold_starts.map((c) => [
     c.at ? new Date(c.at * 1000).toLocaleTimeString() : "-", esc(c.function_id), esc(c.instance_id), esc(c.node),

@@ -14,12 +14,14 @@ from collections.abc import Mapping
 from urllib.parse import parse_qs
 
 from starlette.requests import cookie_parser
-from starlette.responses import RedirectResponse
+from starlette.responses import HTMLResponse, RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["COOKIE", "DashboardKeyMiddleware"]
 
 COOKIE = "snapwake_dashboard_key"
+_ASK_FOR_KEY = ("<!doctype html><title>Snapwake</title><p>This gateway needs an API key. "
+                "Open <code>{prefix}/?key=YOUR_KEY</code> once; the key is kept in a cookie.</p>")
 
 
 class DashboardKeyMiddleware:
@@ -46,6 +48,10 @@ class DashboardKeyMiddleware:
         headers = dict(scope["headers"])
         if b"authorization" not in headers:
             key = key or cookie_parser(headers.get(b"cookie", b"").decode("latin-1")).get(COOKIE, "")
+            if not key and scope["path"] in (self.prefix, self.prefix + "/"):
+                # A person, not a program: say how to get in rather than the API's JSON 401.
+                return await HTMLResponse(_ASK_FOR_KEY.format(prefix=self.prefix), status_code=401)(
+                    scope, receive, send)
             if key:
                 bearer = (b"authorization", b"Bearer " + key.encode("latin-1", "replace"))
                 scope = {**scope, "headers": [*scope["headers"], bearer]}

@@ -66,11 +66,14 @@ def _node(n: t.Node, instances: Sequence[t.Instance], tenant: str | None, now: f
             "gpus": [_gpu(n, g, instances, tenant) for g in n.gpus]}
 
 
-def _snapshot(s: t.Snapshot) -> dict[str, Any]:
-    tier = "cache" if s.cache_nodes else "disk" if s.disk_nodes else "none"
+def _snapshot(s: t.Snapshot, nodes: Sequence[t.Node]) -> dict[str, Any]:
+    # Nodes report their host-memory cache on their own record (polled from the blobstore), so
+    # that is the fresher source; the snapshot record's list is merged in.
+    cache = sorted({*s.cache_nodes, *(n.name for n in nodes if s.id in n.cached_snapshots)})
+    tier = "cache" if cache else "disk" if s.disk_nodes else "none"
     return {"id": s.id, "function_id": s.function_id, "revision": s.revision,
             "state": _name(s.state, t.SnapshotState, "SNAPSHOT_STATE_"), "bytes_written": s.bytes_written,
-            "total_bytes": s.total_bytes, "disk_nodes": list(s.disk_nodes), "cache_nodes": list(s.cache_nodes),
+            "total_bytes": s.total_bytes, "disk_nodes": list(s.disk_nodes), "cache_nodes": cache,
             "tier": tier, "message": s.message}
 
 
@@ -93,7 +96,8 @@ def build_state(functions: Sequence[t.Function], instances: Sequence[t.Instance]
         "ok": True, "time": now, "tenant": tenant,
         "functions": [_function(f, own) for f in sorted(functions, key=lambda f: f.id) if _mine(f.id, tenant)],
         "nodes": [_node(n, instances, tenant, now) for n in sorted(nodes, key=lambda n: n.name)],
-        "snapshots": [_snapshot(s) for s in sorted(snapshots, key=lambda s: s.id) if _mine(s.function_id, tenant)],
+        "snapshots": [_snapshot(s, nodes) for s in sorted(snapshots, key=lambda s: s.id)
+                      if _mine(s.function_id, tenant)],
         "cold_starts": [{"instance_id": i.id, "function_id": i.function_id, "node": i.node,
                          "seconds": i.last_start_seconds, "at": _ts(i.update_time)}
                         for i in cold[:COLD_STARTS_SHOWN]],
