@@ -118,7 +118,9 @@ def arena_mode(model: Path, preset: str, slice_bytes: int, opts: argparse.Namesp
         blob_pid = c.procs["blobstore"].pid
         apps = _gpu_apps()
         r["gpu_apps_at_standby_mib"] = {str(p): m for p, m in apps.items()}
-        r["standby_gpu_mib"] = sum(m for p, m in apps.items() if p != blob_pid)
+        # The bench itself made the weights on this GPU; the blobstore holds its context and
+        # pinned cache. Everything else on the GPU belongs to the standby.
+        r["standby_gpu_mib"] = sum(m for p, m in apps.items() if p not in (blob_pid, os.getpid()))
         r["standby_rss_bytes"] = sb.host_rss_bytes
         na = nodeagent_pb2_grpc.NodeAgentServiceStub(grpc.insecure_channel(f"127.0.0.1:{c.ports['nodeagent']}"))
         r["cs_ttft_s"], r["warm_ttft_s"], r["restore_s"] = [], [], []

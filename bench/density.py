@@ -50,7 +50,8 @@ EXTRA_PRESETS: dict[str, dict[str, int]] = {
     "4b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=24,
                num_key_value_heads=8, head_dim=128, vocab_size=128256),
 }
-# Default GPU mix: 34 models, 24 of about 0.4 GB, 8 of about 1 GB, 2 of about 8 GB.
+# Default GPU mix: 34 models, 24 of about 0.4 GB, 8 of about 1 GB, 2 of about 8 GB (33 GB of
+# weights; at most about 72 GB of GPU slices if every model were resident at once).
 DEFAULT_GPU_MIX = ("small:24", "1g:8", "4b:2")
 
 
@@ -73,7 +74,8 @@ class DensityConfig:
     max_tokens: int = _field(16, "Largest max_tokens of a request (smallest is a quarter of it).")
     seed: int = _field(0, "Trace and model seed.")
     work_dir: str = _field("", "Cluster var dir and models (default: a fresh temp dir).")
-    models_dir: str = _field("", "Where the gpu-mode models are written (default: work dir); reused.")
+    models_dir: str = _field("", "Where the gpu-mode models are written and reused (default: a tmpfs folder, "
+                                 "since models plus snapshots of the default mix outgrow a 64 GiB disk).")
     request_timeout_s: float = _field(120.0, "A request with no answer by then counts as lost.")
     ready_timeout_s: float = _field(900.0, "Bound on every function becoming READY.")
     concurrency: int = _field(4, "policy.concurrency of every function.")
@@ -200,6 +202,8 @@ def summarise(results: Sequence[RequestResult], trace: Sequence[tr.Event], durat
     out.update(models_requested=tr.static_gpus_needed(trace), static_gpus_needed=tr.static_gpus_needed(trace),
                static_busy_fraction_per_gpu=tr.static_busy_fraction(trace, duration_s, service_s),
                median_warm_request_s=service_s)
+    rejected = [f"{r.status} {r.detail or 'no code'}" for r in results if r.outcome in (Outcome.REJECTED, Outcome.UNAVAILABLE)]
+    out["rejections_by_code"] = {k: rejected.count(k) for k in sorted(set(rejected))}
     out["error_samples"] = sorted({r.detail for r in results if r.outcome in (Outcome.ERROR, Outcome.LOST)})[:10]
     return out
 
@@ -302,7 +306,7 @@ def make_models(config: DensityConfig) -> list[tuple[str, Path, int]]:
     # make_random_llama looks presets up by name; the extra sizes belong to this benchmark only.
     for name, shape in EXTRA_PRESETS.items():
         PRESETS.setdefault(name, shape)
-    root = Path(config.models_dir) if config.models_dir else work / "models"
+    root = Path(config.models_dir) if config.models_dir else Path("/dev/shm/snapwake-density-models")
     out = []
     for i, preset in enumerate(parse_mix(config.gpu_mix)):
         path = make_random_llama(root / f"m{i}-{preset}", preset, seed=config.seed * 1000 + i)
@@ -379,8 +383,12 @@ class GpuSampler:
     """Samples one GPU's utilisation with NVML every ``interval_s`` while running."""
 
     def __init__(self, index: int, interval_s: float = 0.1) -> None:
-        import pynvml
+        from snapwake.errors import Unavailable
 
+        try:
+            import pynvml
+        except ImportError as exc:
+            raise Unavailable("gpu mode needs NVML: install nvidia-ml-py") from exc
         self._nvml = pynvml
         try:
             pynvml.nvmlInit()
@@ -389,8 +397,6 @@ class GpuSampler:
                          "gpu_memory_bytes": pynvml.nvmlDeviceGetMemoryInfo(self._handle).total,
                          "driver": pynvml.nvmlSystemGetDriverVersion()}
         except pynvml.NVMLError as exc:
-            from snapwake.errors import Unavailable
-
             raise Unavailable(f"NVML on GPU {index}: {exc}") from exc
         self.interval_s = interval_s
         self.samples: list[tuple[float, int, int]] = []

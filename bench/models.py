@@ -83,6 +83,8 @@ def make_random_llama(path: Path, preset: str, seed: int = 0, shard_bytes: int =
             flush()
     if shard:
         flush()
+    del gen
+    torch.cuda.empty_cache()
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": index}, indent=1))
     (path / "config.json").write_text(json.dumps(config, indent=1))

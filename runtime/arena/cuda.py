@@ -11,6 +11,8 @@ valid for the next ``attach`` at the same address.
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +38,8 @@ def _ok(result: Any, what: str) -> Any:
         raise StartFailed(f"{what} failed: {err!r}")
     return rest[0] if len(rest) == 1 else None
 
+
+log = logging.getLogger(__name__)
 
 class _Cai:
     """Presents a raw device range to ``torch.as_tensor`` as a flat uint8 array."""
@@ -164,7 +168,12 @@ class CudaArena:
         clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
         if clear is not None:
             clear()
+        gc.collect()  # KV caches caught in reference cycles hold caching-allocator blocks
         torch.cuda.empty_cache()  # the KV cache and activations go back to the driver too
+        free, total = torch.cuda.mem_get_info(self.gpu)
+        log.info("released arena: torch allocated %d MiB, reserved %d MiB; device free %d of %d MiB",
+                 torch.cuda.memory_allocated(self.gpu) >> 20, torch.cuda.memory_reserved(self.gpu) >> 20,
+                 free >> 20, total >> 20)
 
     def _check_empty(self) -> None:
         if self._mapped:
