@@ -115,6 +115,9 @@ def arena_mode(model: Path, preset: str, slice_bytes: int, opts: argparse.Namesp
 
         sb = _wait("a settled STANDBY instance", settled_standby, 900)
         r["standby_ready_s"] = time.monotonic() - t0
+        # The nodeagent samples RSS on its reconcile pass (1 s); give it two passes.
+        time.sleep(2.5)
+        sb = next(i for i in instances() if i.id == sb.id)
         blob_pid = c.procs["blobstore"].pid
         apps = _gpu_apps()
         r["gpu_apps_at_standby_mib"] = {str(p): m for p, m in apps.items()}

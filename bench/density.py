@@ -153,14 +153,15 @@ def classify_status(status: int, headers: dict[str, str], body: object) -> tuple
     body (``body`` is the inner ``error`` object, as the ``openai`` client parses it)."""
     if status not in (429, 503):
         return Outcome.ERROR, f"status {status}"
+    error = body if isinstance(body, dict) else {}
     problems = []
     if not headers.get("retry-after", "").strip().isdigit():
         problems.append("no numeric Retry-After")
-    if not (isinstance(body, dict) and isinstance(body.get("message"), str) and isinstance(body.get("type"), str)):
+    if not (isinstance(error.get("message"), str) and isinstance(error.get("type"), str)):
         problems.append("no OpenAI error body")
     if problems:
         return Outcome.ERROR, f"malformed {status}: " + ", ".join(problems)
-    return (Outcome.REJECTED if status == 429 else Outcome.UNAVAILABLE), str(body.get("code") or "")  # type: ignore[union-attr]
+    return (Outcome.REJECTED if status == 429 else Outcome.UNAVAILABLE), str(error.get("code") or "")
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -239,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     report = asyncio.run(run(config))
     print(markdown_table(report))
+    print(f"\nresults: {config.out_path}\nservice logs: {report['config']['work_dir']}/var/logs")
     return 0 if report["outcomes"]["lost"] == 0 and report["outcomes"]["error"] == 0 else 1
 
 

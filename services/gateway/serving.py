@@ -145,14 +145,17 @@ class OpenAIServing:
         try:
             response = await self.upstream.open(lease, path, raw, ctx.request_id)
             content_type = response.headers.get("content-type", "application/json")
+            # How the instance came to serve this request, for clients and benchmarks.
+            headers = {"x-snapwake-lease-source": lease.source.name.lower(),
+                       "x-snapwake-instance": lease.instance_id}
             if streaming and response.status_code == 200 and content_type.startswith("text/event-stream"):
                 relay = RelayResponse(response, self._first_byte(fn, lease, ctx),
-                                      lambda broke: self.queue.release(lease, broke))
+                                      lambda broke: self.queue.release(lease, broke), headers=headers)
                 handed_over = True
                 return relay
             content = await self.upstream.read(response, lease)
             self._first_byte(fn, lease, ctx)()
-            return Response(content, status_code=response.status_code, media_type=content_type)
+            return Response(content, status_code=response.status_code, media_type=content_type, headers=headers)
         except InstanceUnreachable:
             failed = True
             raise

@@ -77,6 +77,7 @@ class NodeAgent:
         self.http = httpx.AsyncClient()
         self._blob_channel = channel(config.blobstore)
         self._reconciler: asyncio.Task[None] | None = None
+        self._registered_at = float("-inf")
 
     # --- life of the agent ---------------------------------------------------------------
     async def start(self) -> None:
@@ -139,6 +140,7 @@ class NodeAgent:
 
     async def register(self) -> None:
         await self.store.put(keys.node_key(self.config.name), self.node_record(), lease=self.lease.lease_id)
+        self._registered_at = self.clock()
 
     async def publish(self, live: Live) -> None:
         """Writes the instance's actual state under this node's lease."""
@@ -198,6 +200,10 @@ class NodeAgent:
             async with live.lock:
                 await self._reconcile_instance(live)
         await self._poll_blobstore()
+        # The heartbeat: schedulers stop placing on a node whose record has not been
+        # rewritten lately, even while its etcd lease is alive (a stuck agent).
+        if self.clock() - self._registered_at >= self.config.heartbeat_interval:
+            await self.register()
 
     async def _reconcile_instance(self, live: Live) -> None:
         machine = live.machine

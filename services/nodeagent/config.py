@@ -39,6 +39,8 @@ class NodeAgentConfig:
     lease_ttl: int = field(default=5, metadata=_help("etcd lease TTL in seconds"))
     gpus: str = field(default="auto", metadata=_help("auto: use NVML's GPUs; none: run everything on CPU"))
     start_timeout: float = field(default=120.0, metadata=_help("default bound on a container start (s)"))
+    heartbeat_interval: float = field(default=5.0, metadata=_help(
+        "seconds between rewrites of the node record (schedulers skip stale nodes)"))
     reconcile_interval: float = field(default=1.0, metadata=_help("seconds between reconcile passes"))
     ended_linger: float = field(default=5.0, metadata=_help("seconds an ENDED/FAILED key stays visible"))
     log_level: str = field(default="INFO", metadata=_help("logging level"))
