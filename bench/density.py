@@ -84,6 +84,8 @@ class DensityConfig:
     queue_timeout_s: float = _field(30.0, "policy.queue_timeout of every function.")
     idle_timeout_s: float = _field(5.0, "policy.idle_timeout of every function (short: churn).")
     gpu_index: int = _field(0, "GPU sampled with NVML in gpu mode.")
+    python_path: str = _field("", "Extra import dirs for containers (carried wheels on the GPU machine).")
+    runc: str = _field("runc", "runc binary the nodeagent drives.")
 
     def validate(self) -> list[str]:
         errs = [] if self.mode in ("cpu", "gpu") else [f"mode must be cpu or gpu, got {self.mode!r}"]
@@ -474,8 +476,13 @@ async def run(config: DensityConfig) -> dict[str, Any]:
                             max_tokens=(lo, config.max_tokens))
     trace = tr.generate(params)
     sampler = GpuSampler(config.gpu_index) if config.mode == "gpu" else None
+    extra: dict[str, list[str]] = {"nodeagent": ["--runc-binary", config.runc, "--start-timeout", "600",
+                                                 *(["--python-path", config.python_path] if config.python_path else [])]}
+    if config.mode == "gpu":
+        total = sum(m[2] for m in models)
+        extra["blobstore"] = ["--cache-bytes", str(total + (4 << 30)), "--gpu", "true", "--chunk-bytes", str(256 << 20)]
     cluster = Cluster(ClusterConfig(var_dir=work / "var", gateway_port=0, scheduler_port=0, nodeagent_port=0,
-                                    blobstore_port=0, etcd_port=0))
+                                    blobstore_port=0, etcd_port=0, extra_args=extra))
     started = time.monotonic()
     # Cluster.start opens etcd's log before it creates logs/ (reported to the lead).
     (work / "var" / "logs").mkdir(parents=True, exist_ok=True)
