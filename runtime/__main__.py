@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.instrumentation.starlette import StarletteInstrumentor
+
 from runtime.arena import make_arena
 from runtime.config import RuntimeConfig
 from runtime.control import ControlServer
@@ -27,6 +29,7 @@ from runtime.openai import create_app
 from runtime.openai.requests import prepare_chat, prepare_completion
 from snapwake import config as sw_config
 from snapwake import log as sw_log
+from snapwake import telemetry
 from snapwake.errors import SnapwakeError
 
 log = logging.getLogger("runtime")
@@ -76,6 +79,7 @@ async def serve(cfg: RuntimeConfig) -> int:
     if control:
         await control.start()
     app = create_app(instance, cfg.served_model or model_dir.name)
+    StarletteInstrumentor.instrument_app(app)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower(),
                                            lifespan="off", timeout_graceful_shutdown=5))
     serving = asyncio.create_task(server.serve())
@@ -97,6 +101,7 @@ async def serve(cfg: RuntimeConfig) -> int:
 def main(argv: list[str] | None = None) -> None:
     cfg = sw_config.load(RuntimeConfig, argv, prog="python -m runtime")
     sw_log.setup("runtime", cfg.log_level)
+    telemetry.setup_tracing("snapwake-runtime")
     raise SystemExit(asyncio.run(serve(cfg)))
 
 

@@ -13,6 +13,8 @@ import logging
 import os
 from typing import Any
 
+from opentelemetry import propagate, trace
+
 from runtime.instance import Instance
 from snapwake.errors import InvalidArgument, SnapwakeError
 from snapwake.protocols import MAX_LINE
@@ -32,7 +34,11 @@ def handle(instance: Instance, msg: dict[str, Any]) -> dict[str, Any]:
             return instance.release()
         if op == "attach":
             gpu = msg.get("gpu")
-            return instance.attach(str(msg.get("snapshot_id") or ""), gpu if isinstance(gpu, int) else None)
+            # Continues the nodeagent's restore trace when it sent a traceparent.
+            parent = msg.get("traceparent")
+            context = propagate.extract({"traceparent": parent}) if isinstance(parent, str) else None
+            with trace.get_tracer("snapwake").start_as_current_span("attach", context=context):
+                return instance.attach(str(msg.get("snapshot_id") or ""), gpu if isinstance(gpu, int) else None)
         if op == "snapshot":
             return instance.snapshot(str(msg.get("snapshot_id") or ""))
         raise InvalidArgument(f"unknown op {op!r}", field="op")

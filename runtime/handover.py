@@ -10,10 +10,20 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from opentelemetry import propagate
+
 from snapwake.errors import StartFailed, Unavailable
 from snapwake.protocols import recv_message, send_message
 
-__all__ = ["load", "store"]
+__all__ = ["load", "store", "traceparent"]
+
+
+def traceparent() -> dict[str, str]:
+    """The current span as ``{"traceparent": ...}`` (``{}`` untraced), so the blobstore's spans
+    join the caller's trace."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return {"traceparent": carrier["traceparent"]} if "traceparent" in carrier else {}
 
 
 def _connect(path: str, timeout: float) -> socket.socket:
@@ -34,7 +44,7 @@ def load(path: str, snapshot_id: str, gpu: int, mapper: Callable[[int, dict[str,
     sock = _connect(path, timeout)
     fds: list[int] = []
     try:
-        send_message(sock, {"op": "load", "snapshot_id": snapshot_id, "gpu": gpu})
+        send_message(sock, {"op": "load", "snapshot_id": snapshot_id, "gpu": gpu, **traceparent()})
         reply, fds = recv_message(sock)
         if not reply.get("ok"):
             raise StartFailed(f"blobstore refused load of {snapshot_id}: {reply.get('error', reply)}")

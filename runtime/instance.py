@@ -81,6 +81,9 @@ class Instance:
         self.runtime_config: dict[str, Any] = {}
         self.engine: Engine | None = None
         self.inflight = 0
+        # The most requests ever in this process at once: lets tests check the scheduler's
+        # concurrency limit from the instance's side, not from the scheduler's own books.
+        self.inflight_peak = 0
         self.last_request_unix = 0.0
 
     def _move(self, new: Phase) -> None:
@@ -185,7 +188,8 @@ class Instance:
         import os
 
         return {"ok": True, "phase": self.phase.value, "arena_bytes": self.arena_bytes if self.engine else 0,
-                "pid": os.getpid(), "inflight": self.inflight, "last_request_unix": self.last_request_unix}
+                "pid": os.getpid(), "inflight": self.inflight,
+                "inflight_peak": self.inflight_peak, "last_request_unix": self.last_request_unix}
 
     def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
             emit: Callable[[Piece], None]) -> None:

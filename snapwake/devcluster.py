@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -45,7 +44,12 @@ class ClusterConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     """Extra environment for every service (OTEL_* for tracing, say)."""
     extra_args: dict[str, list[str]] = field(default_factory=dict)
-    """Extra flags per service name (``{"blobstore": ["--cache-bytes", "..."]}``)."""
+    """Extra flags per service name (``{"blobstore": ["--cache-bytes", "..."]}``); a kind's flags
+    go to every process of that kind, ``"nodeagent-1"`` adds flags for that one process."""
+    schedulers: int = 1
+    """Scheduler processes; one leads through the etcd election, the others stand by."""
+    nodes: int = 1
+    """Nodes, each a nodeagent and a blobstore (peers of each other) with its own dirs."""
 
 
 class Cluster:
@@ -56,6 +60,12 @@ class Cluster:
         port = lambda p: p or free_port()  # noqa: E731
         self.ports = {"gateway": port(config.gateway_port), "scheduler": port(config.scheduler_port),
                       "nodeagent": port(config.nodeagent_port), "blobstore": port(config.blobstore_port)}
+        # Extra schedulers and nodes are "kind-i" (i >= 1) on free ports; index 0 keeps the plain
+        # names, ports and dirs above, so a one-node cluster is what it always was.
+        for kind, count in (("scheduler", config.schedulers), ("nodeagent", config.nodes),
+                            ("blobstore", config.nodes)):
+            for i in range(1, count):
+                self.ports[f"{kind}-{i}"] = free_port()
         self.etcd = EtcdProcess(config.var_dir / "etcd", port(config.etcd_port),
                                 log_path=config.var_dir / "logs" / "etcd.log")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -68,28 +78,62 @@ class Cluster:
     def scheduler_address(self) -> str:
         return f"127.0.0.1:{self.ports['scheduler']}"
 
+    @property
+    def scheduler_addresses(self) -> list[str]:
+        """Every scheduler's address, the first one's first (what the gateway is given)."""
+        return [self.address(n) for n in self.names("scheduler")]
+
+    def address(self, name: str) -> str:
+        """``127.0.0.1:port`` of the process ``name`` (``"nodeagent-1"``, say)."""
+        return f"127.0.0.1:{self.ports[name]}"
+
+    def names(self, kind: str) -> list[str]:
+        """Process names of one kind: ``["scheduler", "scheduler-1", ...]``."""
+        count = {"scheduler": self.config.schedulers, "nodeagent": self.config.nodes,
+                 "blobstore": self.config.nodes}.get(kind, 1)
+        return [kind] + [f"{kind}-{i}" for i in range(1, count)]
+
+    def node_name(self, name: str) -> str:
+        """The node name of a ``nodeagent``/``blobstore`` process name."""
+        _, _, index = name.partition("-")
+        return f"{self.config.node_name}-{index}" if index else self.config.node_name
+
+    def state_dir(self, name: str) -> Path:
+        """A nodeagent's state dir (its runc root is ``runc/`` inside)."""
+        return self.config.var_dir / name
+
     def _args(self, name: str) -> list[str]:
         var, p, etcd = self.config.var_dir, self.ports, self.etcd.address
-        handover = str(var / "blobstore" / "handover.sock")
+        kind, _, index = name.partition("-")
+        suffix = f"-{index}" if index else ""
+        blob = f"blobstore{suffix}"
+        handover = str(var / blob / "handover.sock")
+        peers = [self.address(b) for b in self.names("blobstore") if b != blob]
         return {
-            "blobstore": ["--listen", f"127.0.0.1:{p['blobstore']}", "--dirs",
-                          f"{var}/blobstore/d0,{var}/blobstore/d1", "--handover-socket", handover],
-            "nodeagent": ["--name", self.config.node_name, "--listen", f"127.0.0.1:{p['nodeagent']}",
-                          "--etcd", etcd, "--blobstore", f"127.0.0.1:{p['blobstore']}",
-                          "--handover-socket", handover, "--state-dir", str(var / "nodeagent")],
-            "scheduler": ["--listen", f"127.0.0.1:{p['scheduler']}", "--etcd", etcd],
-            "gateway": ["--listen", f"127.0.0.1:{p['gateway']}", "--scheduler", self.scheduler_address,
+            "blobstore": ["--listen", f"127.0.0.1:{p[name]}", "--dirs",
+                          f"{var}/{blob}/d0,{var}/{blob}/d1", "--handover-socket", handover,
+                          *(["--peers", ",".join(peers)] if peers else [])],
+            "nodeagent": ["--name", self.node_name(name), "--listen", f"127.0.0.1:{p[name]}",
+                          "--etcd", etcd, "--blobstore", f"127.0.0.1:{p[blob]}",
+                          "--handover-socket", handover, "--state-dir", str(self.state_dir(name))],
+            "scheduler": ["--listen", f"127.0.0.1:{p[name]}", "--etcd", etcd],
+            "gateway": ["--listen", f"127.0.0.1:{p['gateway']}", "--scheduler", ",".join(self.scheduler_addresses),
                         *(["--api-keys", self.config.api_keys] if self.config.api_keys else [])],
-        }[name]
+        }[kind]
 
     def start_service(self, name: str, timeout: float = 60.0) -> subprocess.Popen[bytes]:
         """Starts ``python -m services.<name>`` and waits until its port answers."""
         logs = self.config.var_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{name}.log", "ab") as log:
-            args = [*self._args(name), *self.config.extra_args.get(name, [])]
-            proc = subprocess.Popen([sys.executable, "-m", f"services.{name}", *args],
+            kind = name.partition("-")[0]
+            args = [*self._args(name), *self.config.extra_args.get(kind, []),
+                    *(self.config.extra_args.get(name, []) if name != kind else [])]
+            proc = subprocess.Popen([sys.executable, "-m", f"services.{kind}", *args],
                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
+                                    # Own session: a terminal's Ctrl-C reaches only the launcher,
+                                    # which then stops the services in order.
+                                    start_new_session=True,
                                     env={**os.environ, **self.config.extra_env, "PYTHONUNBUFFERED": "1"})
         self.procs[name] = proc
 
@@ -112,7 +156,10 @@ class Cluster:
     def start(self) -> Cluster:
         self.config.var_dir.mkdir(parents=True, exist_ok=True)
         self.etcd.start()
-        for name in ("blobstore", "nodeagent", "scheduler", "gateway"):
+        for blob, agent in zip(self.names("blobstore"), self.names("nodeagent"), strict=True):
+            self.start_service(blob)
+            self.start_service(agent)
+        for name in (*self.names("scheduler"), "gateway"):
             self.start_service(name)
         return self
 
@@ -128,7 +175,8 @@ class Cluster:
             proc.wait(5)
 
     def stop(self) -> None:
-        for name in ("gateway", "scheduler", "nodeagent", "blobstore"):
+        order = ("gateway", "scheduler", "nodeagent", "blobstore")
+        for name in sorted(self.procs, key=lambda n: order.index(n.partition("-")[0])):
             self.stop_service(name)
         self.etcd.stop()
 
@@ -143,7 +191,7 @@ class Cluster:
         self.stop()
 
 
-async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeout: float = 180.0) -> None:
+async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeout: float = 180.0) -> None:  # noqa: ASYNC109
     """Creates the demo function (if absent) and waits until it is READY."""
     from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
@@ -151,12 +199,24 @@ async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeo
                                   model_dir=str(model_dir))
     async with grpc.aio.insecure_channel(scheduler) as ch:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await stub.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10)
         deadline = time.monotonic() + timeout
         fid = f"default/default/{name}"
+        created = False
         while time.monotonic() < deadline:
-            got = await stub.GetFunction(scheduler_pb2.GetFunctionRequest(function_id=fid), timeout=10)
+            try:
+                if not created:
+                    await stub.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10)
+                    created = True
+                got = await stub.GetFunction(scheduler_pb2.GetFunctionRequest(function_id=fid), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    created = True
+                elif exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                # UNAVAILABLE: a scheduler restarted on a kept etcd waits out the old
+                # leader's election lease before it answers.
+                await asyncio.sleep(0.5)
+                continue
             state = got.function.state
             if state == types_pb2.FUNCTION_STATE_READY:
                 return

@@ -36,6 +36,13 @@ Handover socket (the blobstore listens; runtimes connect)
           chunk, writes it striped and caches it. -> {"ok": true, "bytes": N,
           "manifest_digest": "..."}
     The manifest JSON is ``blobstore_pb2.Manifest`` in JSON form (field names as in proto).
+
+Trace context (both sockets)
+    Any request may carry an optional ``"traceparent": "00-<trace id>-<span id>-<flags>"``
+    (W3C Trace Context). The receiver starts its span for the request as a child of it, so one
+    trace runs gateway -> scheduler -> nodeagent -> blobstore/runtime. The nodeagent sends it in
+    ``prepare`` (handover) and ``attach`` (control); the runtime in ``load``. A missing or
+    malformed value only means the receiver's span starts a trace of its own.
 """
 
 from __future__ import annotations

@@ -64,6 +64,7 @@ class EtcdProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                     start_new_session=True,
                                      env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.environ.get(
                                          "ETCD_UNSUPPORTED_ARCH", "")})
         log.close()

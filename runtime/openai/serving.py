@@ -14,6 +14,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
 from runtime.engine import Piece
 from runtime.instance import Instance
 from runtime.openai import sse
@@ -36,15 +39,20 @@ async def pieces(instance: Instance, req: Prepared, cancel: threading.Event) -> 
         except RuntimeError:  # the loop closed (server shutting down): nobody is listening
             cancel.set()
 
+    parent = otel_context.get_current()  # the HTTP server span; the worker thread starts empty
+
     def work() -> None:
         try:
-            instance.run(req.prompt_ids, req.params, cancel, put)
+            with trace.get_tracer("snapwake").start_as_current_span(
+                    "generate", context=parent, attributes={"snapwake.prompt_tokens": len(req.prompt_ids)}):
+                instance.run(req.prompt_ids, req.params, cancel, put)
         except BaseException as exc:  # handed to the request's task, raised there
             put(exc)
         finally:
             put(_END)
 
     instance.inflight += 1
+    instance.inflight_peak = max(instance.inflight_peak, instance.inflight)
     instance.last_request_unix = time.time()
     threading.Thread(target=work, name="generate", daemon=True).start()
     try:

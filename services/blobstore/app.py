@@ -11,6 +11,7 @@ from services.blobstore.config import BlobstoreConfig
 from services.blobstore.core import Blobstore
 from services.blobstore.device import CudaLoader, MemfdLoader, cuda_device_count, pinned_arena
 from services.blobstore.handover import HandoverServer
+from services.blobstore.metrics import BlobstoreCollector
 from services.blobstore.peers import PeerFetcher
 from services.blobstore.store.striped import StripedStore
 from snapwake.grpcserver import GrpcServer
@@ -46,6 +47,10 @@ class BlobstoreApp:
         name = blobstore_pb2.DESCRIPTOR.services_by_name["BlobstoreService"].full_name
         self.grpc = GrpcServer(cfg.listen, [name])
         blobstore_pb2_grpc.add_BlobstoreServiceServicer_to_server(BlobstoreApi(self.core), self.grpc.server)
+
+    def collector(self) -> BlobstoreCollector:
+        """This blobstore's series; register it with a Prometheus registry."""
+        return BlobstoreCollector(self.core.stats, self.core.cache.stats)
 
     @property
     def address(self) -> str:

@@ -22,6 +22,7 @@ class BlobstoreConfig:
     peers: tuple[str, ...] = field(default=(), metadata={"help": "comma list of peer blobstores host:port to fetch missing snapshots from"})
     gpu: str = field(default="auto", metadata={"help": "use CUDA: true, false or auto (true when a GPU is visible)"})
     log_level: str = field(default="INFO", metadata={"help": "log level"})
+    metrics_port: int = field(default=0, metadata={"help": "port serving Prometheus /metrics (0: off)"})
 
     def validate(self) -> list[str]:
         """Every problem, each naming its key."""
@@ -41,6 +42,8 @@ class BlobstoreConfig:
             problems.append(f"chunk_bytes: must be > 0, got {self.chunk_bytes}")
         if self.gpu.lower() not in ("auto", "true", "false", "1", "0", "yes", "no"):
             problems.append(f"gpu: expected true, false or auto, got {self.gpu!r}")
+        if not 0 <= self.metrics_port < 65536:
+            problems.append(f"metrics_port: out of range: {self.metrics_port}")
         if not self.handover_socket:
             problems.append("handover_socket: a path is needed")
         return problems

@@ -7,6 +7,7 @@ the local copy and refetches it from a peer; it is never served.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import threading
@@ -18,9 +19,10 @@ from services.blobstore.cache import HostCache
 from services.blobstore.device import Exported, Loader
 from services.blobstore.ids import check_snapshot_id
 from services.blobstore.manifest import Manifest
+from services.blobstore.metrics import BlobStats
 from services.blobstore.peers import PeerFetcher
 from services.blobstore.store.base import CorruptSnapshot, SnapshotStore, SnapshotWriter, check_chunk
-from snapwake import errors
+from snapwake import errors, telemetry
 
 __all__ = ["Blobstore", "Prewarmed", "Stat"]
 
@@ -56,6 +58,7 @@ class Blobstore:
         self._prepared: dict[tuple[str, int], Future[Exported]] = {}
         self._meta = threading.Lock()
         self.progress: dict[str, int] = {}  # bytes written so far, per snapshot being stored
+        self.stats = BlobStats()  # cache hits and DMA totals, for /metrics
 
     def _lock(self, sid: str) -> threading.Lock:
         with self._meta:
@@ -164,6 +167,7 @@ class Blobstore:
         check_snapshot_id(sid)
         with self._lock(sid):
             with self.cache.use(sid) as entry:
+                self.stats.lookup(entry is not None)
                 if entry is not None:
                     return Prewarmed(True, False, entry.manifest.arena_bytes)
             from_peer = False
@@ -224,7 +228,10 @@ class Blobstore:
             self.prewarm(sid)
             with self.cache.use(sid) as entry:
                 if entry is not None:
-                    return loader.export(entry, gpu)
+                    with telemetry.traced("dma", attributes={"snapwake.snapshot_id": sid, "snapwake.gpu": gpu}):
+                        exported = loader.export(entry, gpu)
+                    self.stats.dma(exported.nbytes, exported.dma_seconds)
+                    return exported
         raise errors.ResourceExhausted(f"cache: {sid} was evicted twice while loading; cache too small")
 
     def prepare(self, sid: str, gpu: int) -> None:
@@ -235,7 +242,8 @@ class Blobstore:
         with self._meta:
             if key in self._prepared:
                 return
-            fut = self.workers.submit(self._export, sid, gpu)
+            # The worker continues the caller's trace (the handover ``prepare`` span).
+            fut = self.workers.submit(contextvars.copy_context().run, self._export, sid, gpu)
             self._prepared[key] = fut
         timer = threading.Timer(self.prepare_ttl, self._expire, (key, fut))
         timer.daemon = True

@@ -12,8 +12,11 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
+
+from opentelemetry import propagate, trace
 
 from services.blobstore import manifest as mf
 from services.blobstore.core import Blobstore
@@ -30,6 +33,15 @@ def _field(msg: dict[str, Any], name: str, kind: type, default: Any = None) -> A
     if value is None or not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
         raise errors.InvalidArgument(f"{name}: expected {kind.__name__}, got {value!r}", field=name)
     return value
+
+
+def _span(msg: dict[str, Any]) -> AbstractContextManager[trace.Span]:
+    """A span for one request, continuing the sender's trace when it sent a ``traceparent``."""
+    op = msg.get("op")
+    parent = msg.get("traceparent")
+    context = propagate.extract({"traceparent": parent}) if isinstance(parent, str) else None
+    name = f"handover.{op}" if op in ("load", "prepare", "store") else "handover"
+    return trace.get_tracer("snapwake").start_as_current_span(name, context=context)
 
 
 class HandoverServer:
@@ -85,7 +97,8 @@ class HandoverServer:
                 except (ConnectionError, OSError, ValueError):
                     return
                 try:
-                    self._handle(conn, msg, fds)
+                    with _span(msg):
+                        self._handle(conn, msg, fds)
                 except (ConnectionError, OSError) as exc:
                     log.warning("handover client went away during %s: %s", msg.get("op"), exc)
                     return

@@ -18,7 +18,7 @@ from typing import Any
 
 from services.gateway.errors import QueueFull, QueueTimeout
 from services.gateway.scheduler_client import FunctionInfo, Lease, SchedulerClient
-from snapwake import errors
+from snapwake import errors, telemetry
 
 try:
     from opentelemetry import context as otel_context
@@ -111,7 +111,8 @@ class LeaseQueue:
     async def _lease(self, function_id: str, request_id: str, max_wait: float, captured: Any) -> Lease:
         token = otel_context.attach(captured) if otel_context and captured is not None else None
         try:
-            return await self._client.acquire_lease(function_id, request_id, max_wait)
+            async with telemetry.traced("lease.acquire", attributes={"snapwake.function_id": function_id}):
+                return await self._client.acquire_lease(function_id, request_id, max_wait)
         finally:
             if token is not None:
                 otel_context.detach(token)

@@ -10,6 +10,7 @@ through ``snapwake.errors.from_rpc_error``.
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 import logging
 import time
@@ -27,6 +28,8 @@ __all__ = ["FunctionInfo", "GrpcSchedulerClient", "Lease", "LeaseSource", "Sched
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+# Pause between rounds over every address while none leads (an election is under way).
+_NO_LEADER_PAUSE_S = 0.2
 
 
 class LeaseSource(enum.Enum):
@@ -124,24 +127,34 @@ class GrpcSchedulerClient(SchedulerClient):
         self._rpc_timeout = rpc_timeout
 
     async def _call(self, invoke: Callable[[int, float], Awaitable[R]], budget: float) -> R:
-        """Runs ``invoke(index, remaining)`` on the leader, trying each address once."""
+        """Runs ``invoke(index, remaining)`` on the leader, trying each address in turn.
+
+        While no address leads (the leader died and its election lease has not run out yet),
+        the round is repeated after a short pause until ``budget`` is spent: a failover delays
+        requests by the election gap instead of failing them with 503.
+        """
         deadline = time.monotonic() + budget
         last: grpc.RpcError | None = None
-        for step in range(len(self._addresses)):
-            index = (self._current + step) % len(self._addresses)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        while True:
+            for step in range(len(self._addresses)):
+                index = (self._current + step) % len(self._addresses)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    result = await invoke(index, remaining)
+                except grpc.RpcError as err:
+                    if not _not_leader(err):
+                        raise errors.from_rpc_error(err) from None
+                    log.info("scheduler %s unavailable (%s); trying the next", self._addresses[index],
+                             err.details())
+                    last = err
+                    continue
+                self._current = index
+                return result
+            if deadline - time.monotonic() <= _NO_LEADER_PAUSE_S:
                 break
-            try:
-                result = await invoke(index, remaining)
-            except grpc.RpcError as err:
-                if not _not_leader(err):
-                    raise errors.from_rpc_error(err) from None
-                log.info("scheduler %s unavailable (%s); trying the next", self._addresses[index], err.details())
-                last = err
-                continue
-            self._current = index
-            return result
+            await asyncio.sleep(_NO_LEADER_PAUSE_S)
         if last is not None:
             raise errors.Unavailable(f"no scheduler leader reachable at {', '.join(self._addresses)}: "
                                      f"{last.details()}")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
 from starlette.responses import Response
 from starlette.types import ASGIApp
 
@@ -30,7 +31,7 @@ from services.gateway.protocol import (
 from services.gateway.proxy import InstanceUnreachable, RelayResponse, Upstream
 from services.gateway.queue import LeaseQueue
 from services.gateway.scheduler_client import FunctionInfo, Lease, SchedulerClient
-from snapwake import errors
+from snapwake import errors, telemetry
 from snapwake.v1 import types_pb2
 
 __all__ = ["ENDPOINTS", "OpenAIServing", "RequestContext"]
@@ -114,12 +115,15 @@ class OpenAIServing:
     async def _lease(self, fn: FunctionInfo, ctx: RequestContext) -> Lease:
         started = time.monotonic()
         try:
-            return await self.queue.acquire(fn, ctx.request_id)
+            # The queue carries this span's context into its worker, so lease.acquire nests here.
+            async with telemetry.traced("queue.wait", attributes={"snapwake.function_id": fn.function_id}):
+                return await self.queue.acquire(fn, ctx.request_id)
         finally:
             self.metrics.queue_wait.labels(fn.function_id).observe(time.monotonic() - started)
 
     def _first_byte(self, fn: FunctionInfo, lease: Lease, ctx: RequestContext) -> Callable[[], None]:
         def observe() -> None:
+            _first_token_span(ctx, lease)
             if lease.source.started:
                 elapsed = time.monotonic() - ctx.arrival
                 self.metrics.cs_ttft.labels(fn.function_id, lease.source.name.lower()).observe(elapsed)
@@ -163,3 +167,11 @@ class OpenAIServing:
             if not handed_over:
                 self.queue.release(lease, failed)
 
+
+def _first_token_span(ctx: RequestContext, lease: Lease) -> None:
+    """A span from the request's arrival to its first byte, so traces show the TTFT itself."""
+    elapsed_ns = int((time.monotonic() - ctx.arrival) * 1e9)
+    span = trace.get_tracer("snapwake").start_span(
+        "first_token", start_time=time.time_ns() - elapsed_ns,
+        attributes={"snapwake.lease_source": lease.source.name.lower(), "snapwake.instance_id": lease.instance_id})
+    span.end()

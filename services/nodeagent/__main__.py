@@ -7,13 +7,19 @@ leaving no process, container or key behind.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import signal
 import sys
+from collections.abc import Mapping
+
+from prometheus_client import REGISTRY
 
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.server import serve
 from snapwake import config as config_loader
 from snapwake import log as logsetup
+from snapwake import telemetry
 from snapwake.errors import SnapwakeError
 
 
@@ -26,6 +32,13 @@ async def _run(config: NodeAgentConfig) -> None:
         await stop.wait()
 
 
+def tracing_env(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The OTEL_* variables to hand on to containers, as KEY=VALUE; OTEL_SERVICE_NAME stays
+    here (the runtime names itself)."""
+    return tuple(f"{k}={v}" for k, v in sorted(env.items())
+                 if k.startswith("OTEL_") and k != "OTEL_SERVICE_NAME")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         config = config_loader.load(NodeAgentConfig, argv, prog="python -m services.nodeagent")
@@ -33,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     logsetup.setup("nodeagent", config.log_level)
+    config = dataclasses.replace(config, container_env=(*tracing_env(os.environ), *config.container_env))
+    try:
+        telemetry.setup_tracing("snapwake-nodeagent")
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if config.metrics_port:
+        REGISTRY.register(telemetry.gpu_metrics_collector())
+        telemetry.start_metrics_server(config.metrics_port)
     try:
         asyncio.run(_run(config))
     except SnapwakeError as exc:  # etcd unreachable, runc missing: say so in one line

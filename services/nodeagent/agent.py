@@ -47,6 +47,8 @@ class Live:
     port: int
     gpu: bool
     pid: int = 0
+    # SNAPSHOT_MODE_PROCESS: standby, restore and suspend are whole-process driver checkpoints.
+    process_mode: bool = False
     # Serialises the flows on one instance; the reconcile loop skips a locked instance.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -78,6 +80,11 @@ class NodeAgent:
         self._blob_channel = channel(config.blobstore)
         self._reconciler: asyncio.Task[None] | None = None
         self._registered_at = float("-inf")
+
+    @property
+    def blob_channel(self) -> grpc.aio.Channel:
+        """The channel to this node's blobstore."""
+        return self._blob_channel
 
     # --- life of the agent ---------------------------------------------------------------
     async def start(self) -> None:

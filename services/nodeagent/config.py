@@ -44,6 +44,10 @@ class NodeAgentConfig:
     reconcile_interval: float = field(default=1.0, metadata=_help("seconds between reconcile passes"))
     ended_linger: float = field(default=5.0, metadata=_help("seconds an ENDED/FAILED key stays visible"))
     log_level: str = field(default="INFO", metadata=_help("logging level"))
+    metrics_port: int = field(default=0, metadata=_help("port serving Prometheus /metrics (0: off)"))
+    container_env: tuple[str, ...] = field(default=(), metadata=_help(
+        "extra KEY=VALUE variables for every container, comma separated; main adds the OTEL_* "
+        "tracing variables it was started with"))
 
     @property
     def advertise_address(self) -> str:
@@ -82,6 +86,10 @@ class NodeAgentConfig:
             bad.append(f"handover_socket: must be an absolute path, got {self.handover_socket!r}")
         if not Path(self.repo_root, "runtime").is_dir():
             bad.append(f"repo_root: {self.repo_root} has no runtime package")
+        if not 0 <= self.metrics_port < 65536:
+            bad.append(f"metrics_port: out of range: {self.metrics_port}")
+        bad.extend(f"container_env: expected KEY=VALUE, got {item!r}"
+                   for item in self.container_env if not item.partition("=")[0] or "=" not in item)
         if self.start_timeout <= 0 or self.reconcile_interval <= 0:
             bad.append("start_timeout/reconcile_interval: must be positive")
         return bad

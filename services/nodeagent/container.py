@@ -9,7 +9,8 @@ from pathlib import Path
 
 from services.nodeagent.bundle import BundleSpec, host_layout, runtime_args
 from services.nodeagent.config import NodeAgentConfig
-from services.nodeagent.machine import StartPlan
+from services.nodeagent.machine import StartPlan, runtime_start_mode
+from services.nodeagent.process_mode import is_process as process_mode
 from snapwake import errors, keys
 from snapwake.v1 import nodeagent_pb2
 
@@ -47,12 +48,14 @@ def bundle_spec(config: NodeAgentConfig, req: nodeagent_pb2.StartInstanceRequest
         config.python, model_dir=os.path.realpath(spec.model_dir), port=port,
         device="cuda" if use_gpu else "cpu", gpu_index=req.gpu_index,
         gpu_memory_bytes=req.gpu_memory_bytes or spec.resources.gpu_memory_bytes,
-        start_mode=plan.start_mode, control_socket=control, handover_socket=config.handover_socket,
+        start_mode=runtime_start_mode(plan, process_mode(spec)), control_socket=control,
+        handover_socket=config.handover_socket,
         snapshot_id=keys.snapshot_id(req.function_id, req.revision), sample_request=spec.sample_request)
     env = {**dict(spec.env), "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
            "PYTHONUNBUFFERED": "1", "PYTHONPATH": ":".join([*config.python_path, config.repo_root]), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "SNAPWAKE_CONTROL_SOCKET": control,
-           "SNAPWAKE_HANDOVER_SOCKET": config.handover_socket}
+           "SNAPWAKE_HANDOVER_SOCKET": config.handover_socket,
+           **dict(item.split("=", 1) for item in config.container_env)}
     system, links = host_layout()
     # The socket's directory, not the socket: a restarted blobstore makes a new socket inode.
     handover_dir = str(Path(config.handover_socket).parent)

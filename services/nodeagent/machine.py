@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from snapwake.lifecycle import LIVE, TRANSITIONS, check_transition
 from snapwake.v1 import nodeagent_pb2, types_pb2
 
-__all__ = ["InstanceMachine", "StartPlan", "activity_move", "plan_start"]
+__all__ = ["InstanceMachine", "StartPlan", "activity_move", "plan_start", "runtime_start_mode"]
 
 S = types_pb2.InstanceState
 T = nodeagent_pb2.StartTarget
@@ -47,6 +47,12 @@ _PLANS: dict[int, StartPlan] = {T.START_TARGET_RUNNING: StartPlan.RUNNING, T.STA
 def plan_start(target: int) -> StartPlan | None:
     """The plan for a StartInstance target, or None when the target is not a valid one."""
     return _PLANS.get(target)
+
+
+def runtime_start_mode(plan: StartPlan, process_mode: bool) -> str:
+    """The runtime's ``--start-mode``: a PROCESS-mode standby is a normal ``load``, because the
+    driver, not the runtime, takes its GPU state away."""
+    return "load" if plan is StartPlan.STANDBY and process_mode else plan.start_mode
 
 
 def activity_move(state: int, inflight: int) -> int | None:

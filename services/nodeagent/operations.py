@@ -15,12 +15,13 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from services.nodeagent import probe
+from services.nodeagent import integrity, probe, process_mode
 from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.bundle import write_bundle
 from services.nodeagent.container import bundle_spec, free_port
 from services.nodeagent.machine import InstanceMachine, StartPlan, plan_start
-from snapwake import errors, keys
+from services.nodeagent.tracing import in_span, traceparent
+from snapwake import errors, keys, telemetry
 from snapwake.v1 import nodeagent_pb2, types_pb2
 
 __all__ = ["get_logs", "restore_instance", "start_instance", "stop_instance", "suspend_instance"]
@@ -44,6 +45,9 @@ def validate_start(req: nodeagent_pb2.StartInstanceRequest) -> StartPlan:
         keys.split_snapshot_id(keys.snapshot_id(req.function_id, req.revision))
     except ValueError as exc:
         raise errors.InvalidArgument(f"function_id: {exc}", field="function_id") from exc
+    if plan is StartPlan.SNAPSHOT and process_mode.is_process(req.spec):
+        raise errors.InvalidArgument("target: a SNAPSHOT_MODE_PROCESS function has no snapshot to build",
+                                     field="target")
     if req.spec.image not in ("", "builtin"):
         raise errors.InvalidArgument(f"spec.image: only the builtin runtime image is supported, "
                                      f"got {req.spec.image!r}", field="spec.image")
@@ -90,9 +94,14 @@ async def _wait_phase(agent: NodeAgent, live: Live, want: str) -> None:
         await asyncio.sleep(_POLL)
 
 
-async def _reach_goal(agent: NodeAgent, live: Live, plan: StartPlan, deadline: float) -> None:
+async def _reach_goal(agent: NodeAgent, live: Live, plan: StartPlan, deadline: float, sample: str = "") -> None:
     if plan is StartPlan.STANDBY:
-        await _wait_phase(agent, live, "released")
+        if live.process_mode:  # loaded normally: warm it up, then the driver takes the whole process
+            await _wait_phase(agent, live, "serving")
+            await process_mode.warm_up(agent.http, live.machine.instance.endpoint, sample,
+                                       max(1.0, deadline - time.monotonic()))
+        else:
+            await _wait_phase(agent, live, "released")
         if live.gpu:
             await agent.checkpointer.checkpoint(live.pid)
         await agent.move(live, S.INSTANCE_STATE_STANDBY)
@@ -133,6 +142,7 @@ async def _record_snapshot(agent: NodeAgent, inst: types_pb2.Instance, reply: di
         await agent.store.create(key, mutate(types_pb2.Snapshot()))
 
 
+@telemetry.traced("container.start")
 async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceRequest) -> types_pb2.Instance:
     """Starts a container and returns once it reached ``req.target`` (see module docstring)."""
     plan = validate_start(req)
@@ -146,7 +156,8 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
         gpu_index=req.gpu_index, gpu_memory_bytes=req.gpu_memory_bytes or req.spec.resources.gpu_memory_bytes,
         endpoint=f"127.0.0.1:{port}")
     idir = agent.config.instances_dir / req.instance_id
-    live = Live(InstanceMachine(inst, agent.clock()), agent.runtime.prefix + req.instance_id, idir, port, use_gpu)
+    live = Live(InstanceMachine(inst, agent.clock()), agent.runtime.prefix + req.instance_id, idir, port, use_gpu,
+                process_mode=process_mode.is_process(req.spec))
     agent.instances[req.instance_id] = live
     async with live.lock:
         deadline = time.monotonic() + timeout
@@ -155,8 +166,12 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
             idir.mkdir(parents=True, exist_ok=True)
             bundle = write_bundle(idir / "bundle", bundle_spec(agent.config, req, plan, port, idir, use_gpu))
             await agent.move(live, plan.first)
+            if plan is StartPlan.STANDBY and not live.process_mode:  # a corrupt snapshot fails here, marked
+                await integrity.prewarm(agent.blob_channel, agent.store, agent.config.name, inst,
+                                        max(1.0, deadline - time.monotonic()))
             live.pid = await agent.runtime.run(live.container_id, bundle, live.log_path)
-            await asyncio.wait_for(_reach_goal(agent, live, plan, deadline), deadline - time.monotonic())
+            await asyncio.wait_for(_reach_goal(agent, live, plan, deadline, req.spec.sample_request),
+                                   deadline - time.monotonic())
             return live.machine.instance
         except TimeoutError:
             reason = f"{req.instance_id} did not become {plan.name.lower()} within {timeout:.0f}s"
@@ -167,33 +182,41 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
             raise
         output = probe.tail(live.log_path, 1500).strip()
         reason += f"; container output:\n{output}" if output else "; the container wrote no output"
+        await integrity.note_failure(agent.store, agent.config.name, inst, reason)
         await agent.fail(live, reason)
         raise errors.StartFailed(reason)
 
 
+@telemetry.traced("restore")
 async def restore_instance(agent: NodeAgent, req: nodeagent_pb2.RestoreInstanceRequest,
                            limit_s: float = 60.0) -> nodeagent_pb2.RestoreInstanceResponse:
-    """STANDBY -> RESTORING -> RUNNING: blobstore prepare and driver restore at once, then attach."""
+    """STANDBY -> RESTORING -> RUNNING: blobstore prepare and driver restore at once, then attach
+    (process mode: the driver restore alone, see ``process_mode``)."""
     live = _get(agent, req.instance_id)
     async with live.lock:
         inst = live.machine.instance
         if inst.state != S.INSTANCE_STATE_STANDBY:
-            raise errors.FailedPrecondition(f"instance {inst.id} is {S.Name(inst.state)}, not STANDBY")
+            why = f" ({inst.message.splitlines()[0]})" if inst.message else ""  # a dead standby says so
+            raise errors.FailedPrecondition(f"instance {inst.id} is {S.Name(inst.state)}{why}, not STANDBY")
         if live.gpu and req.gpu_index != inst.gpu_index:
             raise errors.InvalidArgument(f"gpu_index: the standby was checkpointed on GPU {inst.gpu_index}",
                                          field="gpu_index")
         started = time.perf_counter()
         await agent.move(live, S.INSTANCE_STATE_RESTORING)
+        if live.process_mode:
+            return await _restore_process(agent, live, started, limit_s)
         sid, gpu = keys.snapshot_id(inst.function_id, inst.revision), inst.gpu_index if live.gpu else -1
         restore: Awaitable[float] = agent.checkpointer.restore(live.pid) if live.gpu else _zero()
         try:
             _, restore_s = await asyncio.wait_for(asyncio.gather(
-                probe.handover(agent.config.handover_socket, {"op": "prepare", "snapshot_id": sid, "gpu": gpu},
-                               limit_s), restore), limit_s)
-            attach = await probe.control(live.control_socket, {"op": "attach", "snapshot_id": sid, "gpu": gpu},
-                                         limit_s)
+                _prepare(agent.config.handover_socket, sid, gpu, limit_s), in_span("driver_restore", restore)),
+                limit_s)
+            async with telemetry.traced("attach"):
+                attach = await probe.control(live.control_socket, {"op": "attach", "snapshot_id": sid, "gpu": gpu,
+                                                                   **traceparent()}, limit_s)
         except (TimeoutError, errors.SnapwakeError) as exc:
             reason = f"restore of {inst.id} failed: {getattr(exc, 'message', None) or 'timed out'}"
+            await integrity.note_failure(agent.store, agent.config.name, inst, reason)
             await agent.fail(live, reason + "; output:\n" + probe.tail(live.log_path, 1500))
             raise errors.StartFailed(reason) from exc
         total = time.perf_counter() - started
@@ -210,6 +233,33 @@ async def _zero() -> float:
     return 0.0
 
 
+async def _restore_process(agent: NodeAgent, live: Live, started: float,
+                           limit_s: float) -> nodeagent_pb2.RestoreInstanceResponse:
+    """RESTORING -> RUNNING for a whole-process checkpoint: the driver restore alone (under the lock)."""
+    inst = live.machine.instance
+    try:
+        restore_s = await asyncio.wait_for(process_mode.restore(
+            agent.checkpointer, agent.http, live.pid, inst.endpoint, live.gpu), limit_s)
+    except (TimeoutError, errors.SnapwakeError) as exc:
+        reason = f"restore of {inst.id} failed: {getattr(exc, 'message', None) or 'timed out'}"
+        await agent.fail(live, reason + "; output:\n" + probe.tail(live.log_path, 1500))
+        raise errors.StartFailed(reason) from exc
+    total = time.perf_counter() - started
+    inst.last_start_seconds = total
+    await agent.move(live, S.INSTANCE_STATE_RUNNING)
+    resp = nodeagent_pb2.RestoreInstanceResponse(instance=inst)
+    resp.restore_duration.FromNanoseconds(int(restore_s * 1e9))
+    resp.total_duration.FromNanoseconds(int(total * 1e9))
+    return resp
+
+
+async def _prepare(handover_socket: str, sid: str, gpu: int, limit_s: float) -> dict[str, Any]:
+    """Asks the blobstore to start the DMA now, inside a span it continues (``traceparent``)."""
+    async with telemetry.traced("dma.prepare"):
+        return await probe.handover(handover_socket, {"op": "prepare", "snapshot_id": sid, "gpu": gpu,
+                                                      **traceparent()}, limit_s)
+
+
 async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 60.0) -> types_pb2.Instance:
     """IDLE -> STANDBY: the runtime releases its weights and KV, then the driver checkpoints it."""
     live = _get(agent, instance_id)
@@ -222,7 +272,8 @@ async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 
         if machine.state != S.INSTANCE_STATE_IDLE:
             raise errors.FailedPrecondition(f"instance {instance_id} is {S.Name(machine.state)}, not IDLE")
         try:
-            await probe.control(live.control_socket, {"op": "release"}, limit_s)
+            if not live.process_mode:  # process mode: the checkpoint takes the weights too
+                await probe.control(live.control_socket, {"op": "release"}, limit_s)
             if live.gpu:
                 await agent.checkpointer.checkpoint(live.pid)
         except errors.SnapwakeError as exc:

@@ -6,9 +6,12 @@ import asyncio
 import signal
 import sys
 
+from prometheus_client import REGISTRY
+
 from services.scheduler.app import Scheduler
 from services.scheduler.config import SchedulerConfig
-from snapwake import errors, log
+from services.scheduler.metrics import InstancesCollector
+from snapwake import errors, log, telemetry
 from snapwake.config import ConfigError, load
 from snapwake.store import Store
 
@@ -20,6 +23,9 @@ async def serve(cfg: SchedulerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with Store.connect(cfg.etcd) as store:
         scheduler = Scheduler(cfg, store)
+        if cfg.metrics_port:
+            REGISTRY.register(InstancesCollector(scheduler.state))
+            telemetry.start_metrics_server(cfg.metrics_port)
         await scheduler.start()
         await stop.wait()
         await scheduler.stop()
@@ -32,6 +38,11 @@ def main() -> int:
         print(exc, file=sys.stderr)
         return 2
     log.setup("scheduler", cfg.log_level)
+    try:
+        telemetry.setup_tracing("snapwake-scheduler")
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     try:
         asyncio.run(serve(cfg))
     except errors.Unavailable as exc:

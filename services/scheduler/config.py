@@ -27,6 +27,7 @@ class SchedulerConfig:
     reconcile_interval_s: float = field(default=1.0, metadata={"help": "controller loop period"})
     snapshot_attempts: int = field(default=3, metadata={"help": "snapshot builds before a function FAILS"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    metrics_port: int = field(default=0, metadata={"help": "port serving Prometheus /metrics (0: off)"})
 
     def validate(self) -> list[str]:
         problems = []
@@ -39,6 +40,8 @@ class SchedulerConfig:
                      "reconcile_interval_s", "snapshot_attempts"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}: must be positive")
+        if not 0 <= self.metrics_port < 65536:
+            problems.append(f"metrics_port: out of range: {self.metrics_port}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append(f"log_level: unknown level {self.log_level!r}")
         return problems

@@ -17,9 +17,10 @@ from collections.abc import Awaitable, Callable
 from services.scheduler.lease import COUNTED, LeaseBroker, QueueDepths
 from services.scheduler.snapshots import SnapshotBuilder
 from services.scheduler.spec import seconds
-from services.scheduler.starter import Starter
+from services.scheduler.starter import Starter, snapshot_usable
 from services.scheduler.state import ClusterState
 from snapwake import errors
+from snapwake.lifecycle import SERVING
 from snapwake.v1.nodeagent_pb2 import StartTarget
 from snapwake.v1.types_pb2 import Function, FunctionState, Instance, InstanceState, SnapshotMode
 
@@ -82,7 +83,10 @@ class Controller:
                 self.builder.reconcile(fn, self._spawn)
             elif fn.state == FunctionState.FUNCTION_STATE_READY:
                 self._scale(fn)
-                self._standbys(fn)
+                if snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
+                    self._standbys(fn)
+                else:  # marked corrupt by a node (or lost): rebuild it; requests get normal starts meanwhile
+                    self.builder.reconcile(fn, self._spawn)
         self._cleanup(functions)
 
     def _scale(self, fn: Function) -> None:
@@ -133,12 +137,30 @@ class Controller:
         for inst in self.state.instances():
             fn = functions.get(inst.function_id)
             stale = fn is None or inst.revision < fn.revision
-            if stale and inst.state in _STOPPABLE and self.broker.table.in_use(inst.id) == 0:
+            if stale and inst.state in _STOPPABLE and self.broker.table.in_use(inst.id) == 0 \
+                    and not self._bridging(fn, inst):
                 self._stop(inst, "its function was deleted" if fn is None else "old revision, drained")
+
+    def _bridging(self, fn: Function | None, inst: Instance) -> bool:
+        """An old-revision instance that keeps serving until its function's new revision has an
+        instance up (the broker leases it meanwhile): while the new snapshot is being built, or
+        while ``min_instances`` asks for one that is starting. Not past ``idle_timeout`` idle."""
+        if fn is None or inst.state not in SERVING:
+            return False
+        if fn.state != FunctionState.FUNCTION_STATE_PENDING and not (
+                fn.state == FunctionState.FUNCTION_STATE_READY and fn.spec.policy.min_instances > 0):
+            return False
+        if any(i.function_id == fn.id and i.revision == fn.revision and i.state in SERVING
+               for i in self.state.instances()):
+            return False
+        idle_s = time.time() - inst.update_time.ToNanoseconds() / 1e9
+        return not (inst.state == S.INSTANCE_STATE_IDLE and idle_s > seconds(fn.spec.policy.idle_timeout))
 
     def _stop(self, inst: Instance, why: str) -> None:
         node = self.state.node(inst.node)
         if node is None:
             return
+        if not self.broker.table.retire(inst.id):
+            return  # a lease went out since the decision: it is not idle any more
         log.info("stopping: %s", why, extra={"instance_id": inst.id})
         self._spawn(f"stop {inst.id}", lambda: self.starter.nodes.stop(node, inst.id))

@@ -22,7 +22,7 @@ from services.scheduler.leasetable import Lease, LeaseTable
 from services.scheduler.spec import seconds
 from services.scheduler.starter import Starter, StartResult
 from services.scheduler.state import ClusterState
-from snapwake import errors, keys
+from snapwake import errors, keys, telemetry
 from snapwake.lifecycle import SERVING
 from snapwake.v1.scheduler_pb2 import LeaseSource
 from snapwake.v1.types_pb2 import Function, FunctionState, Instance, InstanceState
@@ -101,9 +101,12 @@ class LeaseBroker:
     def _try_warm(self, fn: Function, gateway_id: str) -> tuple[Lease, Instance] | None:
         now = time.monotonic()
         conc = fn.spec.policy.concurrency
-        ready = [i for i in self.state.instances()
-                 if i.function_id == fn.id and i.revision == fn.revision and i.state in SERVING
-                 and i.endpoint and self._suspect.get(i.id, 0.0) <= now]
+        usable = [i for i in self.state.instances()
+                  if i.function_id == fn.id and i.state in SERVING and i.endpoint
+                  and self._suspect.get(i.id, 0.0) <= now]
+        # After UpdateFunction the old revision serves until the new one has an instance up
+        # (its snapshot may still be building), so a rollout never stalls requests.
+        ready = [i for i in usable if i.revision == fn.revision] or [i for i in usable if i.revision < fn.revision]
         for inst in sorted(ready, key=lambda i: (self.table.in_use(i.id), i.id)):
             lease = self.table.try_grant(inst.id, fn.id, gateway_id, conc)
             if lease is not None:
@@ -133,6 +136,7 @@ class LeaseBroker:
             self._starts.pop(fn.id, None)
             self.wake(fn.id)
 
+    @telemetry.traced("lease")
     async def acquire(self, function_id: str, gateway_id: str, timeout_s: float) -> Grant:
         """Blocks up to ``min(timeout_s, queue_timeout)`` for a lease."""
         began = time.monotonic()
@@ -141,14 +145,17 @@ class LeaseBroker:
         while True:
             fn = self._function(function_id)
             task = None
-            if fn.state == FunctionState.FUNCTION_STATE_READY:
+            if fn.state in (FunctionState.FUNCTION_STATE_READY, FunctionState.FUNCTION_STATE_PENDING):
                 got = self._try_warm(fn, gateway_id)
                 if got is not None:
                     lease, inst = got
+                    if inst.revision != fn.revision and fn.state == FunctionState.FUNCTION_STATE_READY:
+                        self.ensure_start(fn)  # bring the new revision up; the old one drains then
                     # A waiter that began before this instance's start ended waited for it.
                     how, ended = self.starter.origin.get(inst.id, (LeaseSource.LEASE_SOURCE_WARM, 0.0))
                     source = how if ended >= began else LeaseSource.LEASE_SOURCE_WARM
                     return Grant(lease, inst, source, time.monotonic() - began)
+            if fn.state == FunctionState.FUNCTION_STATE_READY:
                 task = self.ensure_start(fn)
             remaining = deadline - time.monotonic()
             if remaining <= 0:

@@ -33,6 +33,16 @@ class LeaseTable:
         self._leases: dict[str, Lease] = {}
         self._seq = itertools.count(1)
         self._tag = secrets.token_hex(4)
+        # Instances being stopped: never leased again, so a stop decided while the instance
+        # had no lease cannot race a new lease and cut a request off mid-stream.
+        self._retired: set[str] = set()
+
+    def retire(self, instance_id: str) -> bool:
+        """Stops new leases on ``instance_id``; False if it has a lease out (keep it)."""
+        if self.in_use(instance_id):
+            return False
+        self._retired.add(instance_id)
+        return True
 
     def in_use(self, instance_id: str) -> int:
         return sum(1 for lease in self._leases.values() if lease.instance_id == instance_id)
@@ -43,7 +53,7 @@ class LeaseTable:
     def try_grant(self, instance_id: str, function_id: str, gateway_id: str, concurrency: int) -> Lease | None:
         """A lease on ``instance_id`` if it has a free slot, else None."""
         self.expire()
-        if self.in_use(instance_id) >= concurrency:
+        if instance_id in self._retired or self.in_use(instance_id) >= concurrency:
             return None
         lease = Lease(f"l-{self._tag}-{next(self._seq)}", instance_id, function_id, gateway_id,
                       self.clock() + self.ttl_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -15,9 +16,26 @@ from snapwake.v1 import nodeagent_pb2 as na
 from snapwake.v1.nodeagent_pb2_grpc import NodeAgentServiceStub
 from snapwake.v1.types_pb2 import FunctionSpec, Instance, Node
 
-__all__ = ["NodeClient"]
+__all__ = ["NodeClient", "NodeUnreachable"]
 
 log = logging.getLogger(__name__)
+# How long a node that did not answer is left out of placement. Its etcd keys expire with its
+# lease (a few seconds) if it is dead; if it comes back, it is placed on again after this.
+_UNREACHABLE_S = 10.0
+
+
+class NodeUnreachable(errors.StartFailed):
+    """The nodeagent did not answer at all (dead, or its keys not yet expired): nothing was
+    started there, so the caller may place the instance elsewhere."""
+
+
+def _start_error(node: Node, what: str, exc: grpc.aio.AioRpcError) -> errors.StartFailed:
+    # A start the node tried and failed comes back tagged as StartFailed; a bare UNAVAILABLE
+    # means the call never reached a working nodeagent.
+    message = f"node {node.name}: {what}: {exc.details() or exc.code()}"
+    if exc.code() == grpc.StatusCode.UNAVAILABLE and not (exc.details() or "").startswith(errors.START_FAILED_TAG):
+        return NodeUnreachable(message)
+    return errors.StartFailed(message)
 
 
 class NodeClient:
@@ -26,6 +44,17 @@ class NodeClient:
     def __init__(self, rpc_timeout_s: float) -> None:
         self.rpc_timeout_s = rpc_timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._unreachable: dict[str, float] = {}  # node name -> monotonic time it may be tried again
+
+    def reachable(self, name: str) -> bool:
+        """False for a while after a call to the node found no nodeagent answering."""
+        return self._unreachable.get(name, 0.0) <= time.monotonic()
+
+    def _mark(self, node: Node, err: errors.StartFailed) -> errors.StartFailed:
+        if isinstance(err, NodeUnreachable):
+            log.warning("node %s unreachable; not placing there for %.0fs", node.name, _UNREACHABLE_S)
+            self._unreachable[node.name] = time.monotonic() + _UNREACHABLE_S
+        return err
 
     def _stub(self, node: Node) -> NodeAgentServiceStub:
         if node.address not in self._channels:
@@ -42,8 +71,7 @@ class NodeClient:
         try:
             resp = await self._stub(node).StartInstance(req, timeout=timeout_s + self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise errors.StartFailed(f"node {node.name}: start of {instance_id}: {exc.details() or exc.code()}"
-                                     ) from exc
+            raise self._mark(node, _start_error(node, f"start of {instance_id}", exc)) from exc
         return resp.instance
 
     async def restore(self, node: Node, instance_id: str, gpu_index: int, timeout_s: float) -> Instance:
@@ -53,8 +81,7 @@ class NodeClient:
                 na.RestoreInstanceRequest(instance_id=instance_id, gpu_index=gpu_index),
                 timeout=timeout_s + self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise errors.StartFailed(
-                f"node {node.name}: restore of {instance_id}: {exc.details() or exc.code()}") from exc
+            raise self._mark(node, _start_error(node, f"restore of {instance_id}", exc)) from exc
         return resp.instance
 
     async def stop(self, node: Node, instance_id: str) -> None:

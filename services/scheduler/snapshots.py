@@ -34,7 +34,9 @@ class SnapshotBuilder:
         snap = self.state.snapshot(fn.id, fn.revision)
         key = f"snapshot {fn.id}@{fn.revision}"
         if snap is None or snap.state in (SnapshotState.SNAPSHOT_STATE_FAILED, SnapshotState.SNAPSHOT_STATE_CORRUPT):
-            if snap is not None and snap.attempts >= self.max_attempts:
+            # A corrupt snapshot was built fine once: it is always rebuilt, only failed builds count.
+            if snap is not None and snap.state == SnapshotState.SNAPSHOT_STATE_FAILED \
+                    and snap.attempts >= self.max_attempts:
                 spawn(f"fail {fn.id}", lambda: self._fail(fn, snap))
             else:
                 spawn(key, lambda: self._build(fn, snap))

@@ -16,20 +16,36 @@ from dataclasses import dataclass
 
 from services.scheduler import policy
 from services.scheduler.leasetable import LeaseTable
-from services.scheduler.nodes import NodeClient
+from services.scheduler.nodes import NodeClient, NodeUnreachable
 from services.scheduler.policy.eviction import GpuRoom, plan_eviction
 from services.scheduler.policy.filter_gpu_slice import gpu_free_bytes
 from services.scheduler.spec import seconds
 from services.scheduler.state import ClusterState
-from snapwake import keys
+from snapwake import keys, telemetry
 from snapwake.v1.nodeagent_pb2 import StartTarget
 from snapwake.v1.scheduler_pb2 import LeaseSource
-from snapwake.v1.types_pb2 import Function, Instance, InstanceState, Node
+from snapwake.v1.types_pb2 import (
+    Function,
+    Instance,
+    InstanceState,
+    Node,
+    Snapshot,
+    SnapshotMode,
+    SnapshotState,
+)
 
-__all__ = ["StartResult", "Starter", "new_instance_id"]
+__all__ = ["StartResult", "Starter", "new_instance_id", "snapshot_usable"]
 
 log = logging.getLogger(__name__)
 S = InstanceState
+
+
+def snapshot_usable(fn: Function, snap: Snapshot | None) -> bool:
+    """Whether ``fn``'s standbys may attach its snapshot: always outside ARENA mode (nothing to
+    attach), else only while the record is READY (never a corrupt or rebuilding one)."""
+    if fn.spec.policy.snapshot_mode != SnapshotMode.SNAPSHOT_MODE_ARENA:
+        return True
+    return snap is not None and snap.state == SnapshotState.SNAPSHOT_STATE_READY
 
 
 def new_instance_id() -> str:
@@ -63,7 +79,8 @@ class Starter:
 
     def view(self, only: set[str] | None = None) -> policy.ClusterView:
         self.prune()
-        nodes = tuple(n for n in self.state.nodes() if only is None or n.name in only)
+        nodes = tuple(n for n in self.state.nodes()
+                      if (only is None or n.name in only) and self.nodes.reachable(n.name))
         held = {i.id: i for i in self.state.instances()}
         held.update(self.pending)
         return policy.ClusterView(nodes, tuple(held.values()))
@@ -73,6 +90,7 @@ class Starter:
                               fn.spec.resources.gpu_memory_bytes, keys.snapshot_id(fn.id, fn.revision),
                               time.time())
 
+    @telemetry.traced("placement")
     async def place(self, fn: Function, only: set[str] | None = None) -> policy.Placement | None:
         """A node and GPU for one instance of ``fn``, evicting idle instances if that makes room."""
         req = self.request(fn)
@@ -94,6 +112,10 @@ class Starter:
         node = self.state.node(plan.node) if plan else None
         if plan is None or node is None:
             return False
+        if any(self.table.in_use(v.id) for v in plan.victims):
+            return False
+        for victim in plan.victims:
+            self.table.retire(victim.id)
         for victim in plan.victims:
             log.info("evicting idle instance for %s", req.function_id, extra={"instance_id": victim.id})
             await self.nodes.stop(node, victim.id)
@@ -105,17 +127,28 @@ class Starter:
         """Restores a standby of ``fn`` or starts a new instance; None when nothing fits."""
         standbys = [i for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision
                     and i.state == S.INSTANCE_STATE_STANDBY and i.id not in self.restoring]
+        if standbys and not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
+            standbys = []  # its snapshot is corrupt or being rebuilt: never attach it, start normally
         if standbys:
             placement = await self.place(fn, {i.node for i in standbys})
             if placement is not None:
                 chosen = next(i for i in standbys if i.node == placement.node.name)
-                return await self._restore(fn, chosen, placement)
+                try:
+                    return await self._restore(fn, chosen, placement)
+                except NodeUnreachable as exc:
+                    log.warning("%s; placing elsewhere", exc.message, extra={"function_id": fn.id})
+                    return None  # the caller places again; the view now leaves that node out
         placement = await self.place(fn)
         if placement is None:
             return None
-        inst = await self._start(fn, placement.node, placement.gpu_index, StartTarget.START_TARGET_RUNNING)
+        try:
+            inst = await self._start(fn, placement.node, placement.gpu_index, StartTarget.START_TARGET_RUNNING)
+        except NodeUnreachable as exc:  # a dead node whose keys have not expired yet
+            log.warning("%s; placing elsewhere", exc.message, extra={"function_id": fn.id})
+            return None  # the caller places again; the view now leaves that node out
         return StartResult(inst, LeaseSource.LEASE_SOURCE_NORMAL_START)
 
+    @telemetry.traced("cold_start")
     async def _restore(self, fn: Function, standby: Instance, placement: policy.Placement) -> StartResult:
         reserved = _with_state(standby, S.INSTANCE_STATE_RESTORING)
         reserved.gpu_index, reserved.gpu_memory_bytes = placement.gpu_index, fn.spec.resources.gpu_memory_bytes
@@ -132,6 +165,7 @@ class Starter:
         self.state.note_started(inst)
         return StartResult(inst, LeaseSource.LEASE_SOURCE_COLD_START)
 
+    @telemetry.traced("start")
     async def _start(self, fn: Function, node: Node, gpu_index: int, target: int) -> Instance:
         iid = new_instance_id()
         self.pending[iid] = Instance(id=iid, function_id=fn.id, revision=fn.revision, node=node.name,

@@ -146,12 +146,17 @@ class ClusterState:
         """Instances in etcd, plus those an RPC answer reported that the watch has not shown yet."""
         mirror = self.mirrors["instances"]
         now = time.monotonic()
-        for iid, (_, at) in list(self._fresh.items()):
+        for iid, (fresh, at) in list(self._fresh.items()):
             key = keys.instance_key(iid)
             seen = mirror.items.get(key)
             gone = key in mirror.tombstones
-            if gone or now - at > _FRESH_TTL_S or (seen and seen[0].state in _TERMINAL | {  # type: ignore[attr-defined]
-                    InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_IDLE}):
+            # The mirror's copy at least as new as the answer (the node stamps every move) wins:
+            # an instance suspended right after its start must not stay "RUNNING" here.
+            caught_up = seen is not None and (
+                seen[0].state in _TERMINAL | {InstanceState.INSTANCE_STATE_RUNNING,  # type: ignore[attr-defined]
+                                              InstanceState.INSTANCE_STATE_IDLE}
+                or seen[0].update_time.ToNanoseconds() >= fresh.update_time.ToNanoseconds())  # type: ignore[attr-defined]
+            if gone or now - at > _FRESH_TTL_S or caught_up:
                 del self._fresh[iid]
         held: dict[str, Instance] = {v.id: v for v in mirror.values()}  # type: ignore[attr-defined]
         for iid, (inst, _) in self._fresh.items():

@@ -134,3 +134,21 @@ async def test_no_leader_reachable_is_unavailable() -> None:
     finally:
         await client.close()
         await server.stop(0)
+
+
+async def test_acquire_waits_out_an_election_gap() -> None:
+    # Both addresses are followers (the leader just died); one wins the election 0.6 s later.
+    # The lease call keeps trying within its budget instead of failing with "no leader".
+    a, b = Leases(leader=False), Leases(leader=False)
+    servers = [await _server(a), await _server(b)]
+    client = GrpcSchedulerClient([f"127.0.0.1:{s.port}" for s in servers], "gw-test", rpc_timeout=1)
+    asyncio.get_running_loop().call_later(0.6, setattr, b, "leader", True)
+    try:
+        started = time.monotonic()
+        lease = await client.acquire_lease("acme/default/chat", "req-4", max_wait=5)
+        assert lease.lease_id == "l-1"
+        assert 0.5 < time.monotonic() - started < 3
+    finally:
+        await client.close()
+        for s in servers:
+            await s.stop(0)

@@ -20,16 +20,19 @@ pytestmark = pytest.mark.integration
 FIELDS = {
     "requests", "served", "outcomes", "errors", "cold_starts", "cs_ttft_source", "cs_ttft_p50_s",
     "cs_ttft_p99_s", "warm_hit_rate", "ttft_p50_s", "ttft_p99_s", "static_gpus_needed",
-    "static_busy_fraction_per_gpu", "gpu_busy_fraction", "standby_rss_bytes", "standby_rss_bytes_median",
+    "static_busy_fraction_per_gpu", "rejections_by_code", "gpu_busy_fraction", "standby_rss_bytes", "standby_rss_bytes_median",
     "machine", "config", "trace", "models", "deploy_s", "replay_s", "wall_s",
 }
 
 
 @pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """pytest's tmp_path is too long for the Unix sockets the nodeagent makes under it."""
+def short_dir(tmp_path: Path) -> Iterator[Path]:
+    """pytest's tmp_path is too long for the Unix sockets the nodeagent makes under it; the
+    service logs are copied into tmp_path afterwards so a failure can be read."""
     path = Path(tempfile.mkdtemp(prefix="swd-", dir="/tmp"))
     yield path
+    if (path / "var" / "logs").is_dir():
+        shutil.copytree(path / "var" / "logs", tmp_path / "logs", dirs_exist_ok=True)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -45,10 +48,11 @@ def test_density_cpu_trace_is_answered_correctly(tmp_path: Path, short_dir: Path
     outcomes = report["outcomes"]
     # Every request got an answer: 200, or a 429/503 with Retry-After and an OpenAI error body
     # (a malformed one counts as "error").
-    assert outcomes["lost"] == 0, report["error_samples"]
-    assert outcomes["error"] == 0, report["error_samples"]
+    why = {"errors": report["error_samples"], "rejections": report["rejections_by_code"]}
+    assert outcomes["lost"] == 0, why
+    assert outcomes["error"] == 0, why
     assert outcomes["ok"] + outcomes["429"] + outcomes["503"] == report["requests"] == report["trace"]["events"]
-    assert report["served"] > 0
+    assert report["served"] > 0, why
     assert report["cold_starts"] >= 1 and report["cs_ttft_p99_s"] is not None
     assert 0 <= report["warm_hit_rate"] <= 1
     assert report["gpu_busy_fraction"] is None  # no GPU in cpu mode

@@ -64,3 +64,13 @@ def test_queue_depths_sum_fresh_reports() -> None:
     assert q.total("t/d/f") == 5
     clock.now += 2  # gw1's report is now stale
     assert (q.total("t/d/f"), q.total("t/d/g"), q.total("t/d/h")) == (2, 1, 0)
+
+
+def test_retired_instance_gets_no_new_lease_and_busy_one_cannot_retire() -> None:
+    table = LeaseTable(clock=lambda: 0.0, ttl_s=60)
+    held = table.try_grant("i-busy", "t/n/f", "g", concurrency=2)
+    assert held is not None
+    assert table.retire("i-busy") is False
+    assert table.try_grant("i-busy", "t/n/f", "g", concurrency=2) is not None
+    assert table.retire("i-idle") is True
+    assert table.try_grant("i-idle", "t/n/f", "g", concurrency=2) is None
