@@ -518,6 +518,12 @@ async def run(config: DensityConfig) -> dict[str, Any]:
         standby_rss_bytes=rss, standby_rss_bytes_median=percentile(rss_values, 50) if rss_values else None,
         standby_rss_bytes_max=rss_values[-1] if rss_values else None,
         deploy_s=deploy_s, replay_s=replay_s, wall_s=time.monotonic() - started)
+    if report["gpu_busy_fraction"] is not None and report["static_gpus_needed"]:
+        # The same trace is the same GPU work: spread over one GPU per model, each GPU is busy
+        # the measured shared-GPU busy time divided by the number of GPUs. (The service-time
+        # estimate above counts queueing under contention as work, so it overstates this.)
+        report["static_busy_fraction_per_gpu_service_time_estimate"] = report["static_busy_fraction_per_gpu"]
+        report["static_busy_fraction_per_gpu"] = report["gpu_busy_fraction"] / report["static_gpus_needed"]
     out = config.out_path
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str) + "\n")

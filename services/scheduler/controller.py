@@ -104,7 +104,10 @@ class Controller:
                        and now - i.update_time.ToNanoseconds() / 1e9 > idle_after),
                       key=lambda i: i.update_time.ToNanoseconds())
         if idle and live > max(wanted, fn.spec.policy.min_instances):
-            self._stop(idle[0], f"idle for more than {idle_after:.0f}s")
+            if self.starter.parkable(idle[0]):
+                self._park(idle[0], f"idle for more than {idle_after:.0f}s")
+            else:
+                self._stop(idle[0], f"idle for more than {idle_after:.0f}s")
 
     def _standbys(self, fn: Function) -> None:
         per_node = fn.spec.policy.standby_per_node
@@ -119,6 +122,11 @@ class Controller:
             have = {i.id for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision
                     and i.node == node.name and i.state == S.INSTANCE_STATE_STANDBY}
             have |= {iid for iid, (n, _) in self._standbys_started.items() if n == node.name}
+            # A serving instance parks back into a standby when it idles out, so it covers the
+            # need: starting a fresh standby after every cold start would cost a container
+            # start, a weight attach and a warm-up per request burst, the churn density dies of.
+            have |= {i.id for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision
+                     and i.node == node.name and i.state in SERVING}
             if len(have) < per_node:
                 self._spawn(f"standby {fn.id}@{fn.revision} on {node.name}", self._standby_op(fn, node.name))
 
@@ -155,6 +163,13 @@ class Controller:
             return False
         idle_s = time.time() - inst.update_time.ToNanoseconds() / 1e9
         return not (inst.state == S.INSTANCE_STATE_IDLE and idle_s > seconds(fn.spec.policy.idle_timeout))
+
+    def _park(self, inst: Instance, why: str) -> None:
+        node = self.state.node(inst.node)
+        if node is None or self.broker.table.in_use(inst.id):
+            return
+        log.info("parking as a standby: %s", why, extra={"instance_id": inst.id})
+        self._spawn(f"park {inst.id}", lambda: self.starter.park(node, inst))
 
     def _stop(self, inst: Instance, why: str) -> None:
         node = self.state.node(inst.node)

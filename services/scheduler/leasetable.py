@@ -44,6 +44,10 @@ class LeaseTable:
         self._retired.add(instance_id)
         return True
 
+    def unretire(self, instance_id: str) -> None:
+        """Lets ``instance_id`` be leased again (it was parked as a standby, not stopped)."""
+        self._retired.discard(instance_id)
+
     def in_use(self, instance_id: str) -> int:
         return sum(1 for lease in self._leases.values() if lease.instance_id == instance_id)
 

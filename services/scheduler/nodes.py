@@ -84,6 +84,15 @@ class NodeClient:
             raise self._mark(node, _start_error(node, f"restore of {instance_id}", exc)) from exc
         return resp.instance
 
+    async def suspend(self, node: Node, instance_id: str) -> Instance:
+        """Idle to standby: the node releases the GPU memory and checkpoints the context."""
+        try:
+            resp = await self._stub(node).SuspendInstance(na.SuspendInstanceRequest(instance_id=instance_id),
+                                                          timeout=self.rpc_timeout_s * 6)
+        except grpc.aio.AioRpcError as exc:
+            raise errors.from_rpc_error(exc) from exc
+        return resp.instance
+
     async def stop(self, node: Node, instance_id: str) -> None:
         try:
             await self._stub(node).StopInstance(na.StopInstanceRequest(instance_id=instance_id),

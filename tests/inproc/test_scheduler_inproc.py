@@ -95,6 +95,16 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
         inst.state, inst.gpu_index = S.INSTANCE_STATE_RUNNING, request.gpu_index
         return na.RestoreInstanceResponse(instance=await self._put(inst))
 
+    async def SuspendInstance(self, request: na.SuspendInstanceRequest, context: grpc.aio.ServicerContext
+                              ) -> na.SuspendInstanceResponse:
+        self.calls.append(("suspend", 0))
+        got = await self.store.get(keys.instance_key(request.instance_id), Instance)
+        assert got is not None
+        inst = Instance()
+        inst.CopyFrom(got.value)
+        inst.state = S.INSTANCE_STATE_STANDBY
+        return na.SuspendInstanceResponse(instance=await self._put(inst))
+
     async def StopInstance(self, request: na.StopInstanceRequest, context: grpc.aio.ServicerContext
                            ) -> na.StopInstanceResponse:
         self.calls.append(("stop", 0))
@@ -284,8 +294,24 @@ async def test_arena_function_snapshot_standby_and_cold_start(leader: Scheduler,
                      "a standby")
     got = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
     assert got.source == pb.LEASE_SOURCE_COLD_START and node.count("restore") == 1
-    # The controller replaces the standby that was just consumed.
-    await wait_until(lambda: node.count("start", na.START_TARGET_STANDBY) == 2, 10, "standby replaced")
+    # The serving instance covers the node's standby need: no fresh standby container is started.
+    await asyncio.sleep(1.5)
+    assert node.count("start", na.START_TARGET_STANDBY) == 1
+    # Once idle past idle_timeout it is parked back into the standby (suspend, not stop) ...
+    await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=got.lease_id), timeout=5)
+    entry = await leader.store.get(keys.instance_key(got.instance_id), Instance)
+    assert entry is not None
+    idle = entry.value
+    idle.state = S.INSTANCE_STATE_IDLE
+    idle.update_time.FromSeconds(int(time.time()) - 3600)
+    await leader.store.put(keys.instance_key(got.instance_id), idle)
+    await wait_until(lambda: node.count("suspend") == 1, 10, "idle instance parked")
+    assert node.count("stop") == 0
+    await wait_until(lambda: (i := leader.state.instance(got.instance_id)) is not None
+                     and i.state == S.INSTANCE_STATE_STANDBY, 10, "parked instance is the standby again")
+    # ... and the next request is a cold start of that same container.
+    again = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    assert again.source == pb.LEASE_SOURCE_COLD_START and again.instance_id == got.instance_id
 
 
 async def test_snapshot_build_fails_after_three_attempts(leader: Scheduler, node: FakeNode) -> None:
