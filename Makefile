@@ -30,6 +30,7 @@ lint: $(STAMP)
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 test: $(STAMP)
 	$(PY) -m snapwake.protogen --check
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -x --timeout=600 $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc
 

@@ -68,7 +68,7 @@ def build_skeleton(model_config: dict[str, Any], dtype: str | None = None) -> Sk
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    kind = model_config.get("model_type")
+    kind = str(model_config.get("model_type") or "")
     if kind not in CONFIG_MAPPING:
         raise InvalidArgument(f"unsupported model_type {kind!r}", field="model_type")
     config = CONFIG_MAPPING[kind].from_dict(dict(model_config))
