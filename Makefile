@@ -31,7 +31,7 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(PY) -m snapwake.protogen --check
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -x --timeout=600 $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -q --timeout=600 $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc
 
 test-unit: $(STAMP)

@@ -270,13 +270,35 @@ def test_corrupt_chunk_is_never_served_and_the_snapshot_is_rebuilt(cluster: Clus
             blobstore_pb2.VerifySnapshotRequest(snapshot_id=keys.snapshot_id(DEMO, 1)), timeout=30)
     assert verified.ok, verified.message
 
-    # Standbys come back on the rebuilt snapshot and cold-start to the same text.
-    standby = _wait_standby(cluster)
+    # Standbys come back on the rebuilt snapshot and cold-start to the same text. (A serving
+    # instance covers the node's standby need, so stop it first.)
     _stop_serving(cluster)
+    standby = _wait_standby(cluster)
     assert _chat(cluster, "demo") == (reference, "cold_start", standby.id)
 
 
+def test_idle_instance_parks_back_into_the_standby_and_cold_starts_again(cluster: Cluster, demo_model_dir: Path,
+                                                                        reference: str) -> None:
+    spec = types_pb2.FunctionSpec(tenant="default", namespace="default", name="parky", image="builtin",
+                                  model_dir=str(demo_model_dir))
+    spec.policy.snapshot_mode = types_pb2.SNAPSHOT_MODE_ARENA
+    spec.policy.standby_per_node = 1
+    spec.policy.idle_timeout.FromSeconds(2)
+    fid = _admin(cluster).CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=10).function.id
+    wait_for(lambda: _admin(cluster).GetFunction(pb.GetFunctionRequest(function_id=fid), timeout=10).function.state
+             == types_pb2.FUNCTION_STATE_READY, 120, "parky READY", interval=0.25)
+    standby = _wait_standby(cluster, fid)
+    text, source, first = _chat(cluster, "parky")
+    assert (text, source, first) == (reference, "cold_start", standby.id)
+    # Idle past idle_timeout: the same container is suspended back to STANDBY (no new container).
+    wait_for(lambda: [(i.id, i.state) for i in _instances(cluster, fid)] == [(first, S.INSTANCE_STATE_STANDBY)],
+             60, "the idle instance parked as the only standby", interval=0.25)
+    assert _chat(cluster, "parky") == (reference, "cold_start", first)
+    _admin(cluster).DeleteFunction(pb.DeleteFunctionRequest(function_id=fid), timeout=10)
+
+
 def test_cold_start_after_a_nodeagent_restart(cluster: Cluster, reference: str) -> None:
+    _stop_serving(cluster)
     _wait_standby(cluster)
     before = _containers(cluster)
     assert before
