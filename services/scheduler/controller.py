@@ -169,6 +169,8 @@ class Controller:
         if node is None or self.broker.table.in_use(inst.id):
             return
         log.info("parking as a standby: %s", why, extra={"instance_id": inst.id})
+        # _spawn runs one park per instance at a time; a repeat after it finished (the watch
+        # still showed IDLE) gets FAILED_PRECONDITION from the node and is ignored.
         self._spawn(f"park {inst.id}", lambda: self.starter.park(node, inst))
 
     def _stop(self, inst: Instance, why: str) -> None:

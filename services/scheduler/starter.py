@@ -149,6 +149,9 @@ class Starter:
         try:
             parked = await self.nodes.suspend(node, inst.id)
             self.pending[inst.id] = parked
+        except errors.FailedPrecondition as exc:
+            # Not IDLE any more (already parked, or serving again): nothing to undo.
+            log.info("not parked: %s", exc.message, extra={"instance_id": inst.id})
         except errors.SnapwakeError as exc:
             log.warning("parking failed (%s); stopping it", exc.message, extra={"instance_id": inst.id})
             await self.nodes.stop(node, inst.id)
