@@ -26,6 +26,8 @@ proto: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy snapwake services runtime
+	# buf's STANDARD lint of the protos (buf ships on the npm registry).
+	cd proto && npx --yes @bufbuild/buf@1.75.0 lint
 
 # pytest exits 5 when it collected no test: that is a failure, not a pass.
 test: $(STAMP)

@@ -79,11 +79,11 @@ class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
         return _stat(await asyncio.to_thread(self.core.stat, request.snapshot_id))
 
     @translate_errors
-    async def ListSnapshots(self, request: pb.BlobListSnapshotsRequest,  # noqa: N802
-                            context: grpc.aio.ServicerContext) -> pb.BlobListSnapshotsResponse:
+    async def ListSnapshots(self, request: pb.BlobstoreServiceListSnapshotsRequest,  # noqa: N802
+                            context: grpc.aio.ServicerContext) -> pb.BlobstoreServiceListSnapshotsResponse:
         stats = await asyncio.to_thread(self.core.list)
         used, budget = self.core.cache.stats()
-        return pb.BlobListSnapshotsResponse(snapshots=[_stat(s) for s in stats],
+        return pb.BlobstoreServiceListSnapshotsResponse(snapshots=[_stat(s) for s in stats],
                                             cache_bytes_used=used, cache_bytes_budget=budget)
 
     @translate_errors

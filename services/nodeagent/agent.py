@@ -241,7 +241,7 @@ class NodeAgent:
     async def _poll_blobstore(self) -> None:
         stub = blobstore_pb2_grpc.BlobstoreServiceStub(self._blob_channel)
         try:
-            resp = await stub.ListSnapshots(blobstore_pb2.BlobListSnapshotsRequest(), timeout=2.0)
+            resp = await stub.ListSnapshots(blobstore_pb2.BlobstoreServiceListSnapshotsRequest(), timeout=2.0)
         except grpc.RpcError as exc:
             log.debug("blobstore %s: %s", self.config.blobstore, errors.from_rpc_error(exc).message)
             return

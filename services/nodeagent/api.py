@@ -48,13 +48,13 @@ class NodeAgentServicer(nodeagent_pb2_grpc.NodeAgentServiceServicer):
         return nodeagent_pb2.StopInstanceResponse()
 
     @translate_errors
-    async def ListInstances(self, request: nodeagent_pb2.NodeListInstancesRequest,
-                            context: grpc.aio.ServicerContext) -> nodeagent_pb2.NodeListInstancesResponse:
-        return nodeagent_pb2.NodeListInstancesResponse(
+    async def ListInstances(self, request: nodeagent_pb2.NodeAgentServiceListInstancesRequest,
+                            context: grpc.aio.ServicerContext) -> nodeagent_pb2.NodeAgentServiceListInstancesResponse:
+        return nodeagent_pb2.NodeAgentServiceListInstancesResponse(
             instances=[live.machine.instance for live in self.agent.instances.values()])
 
     @translate_errors
-    async def GetInstanceLogs(self, request: nodeagent_pb2.NodeGetInstanceLogsRequest,
-                              context: grpc.aio.ServicerContext) -> nodeagent_pb2.NodeGetInstanceLogsResponse:
+    async def GetInstanceLogs(self, request: nodeagent_pb2.NodeAgentServiceGetInstanceLogsRequest,
+                              context: grpc.aio.ServicerContext) -> nodeagent_pb2.NodeAgentServiceGetInstanceLogsResponse:
         logs = operations.get_logs(self.agent, request.instance_id, request.tail_bytes)
-        return nodeagent_pb2.NodeGetInstanceLogsResponse(logs=logs)
+        return nodeagent_pb2.NodeAgentServiceGetInstanceLogsResponse(logs=logs)

@@ -105,7 +105,7 @@ class NodeClient:
     async def logs(self, node: Node, instance_id: str, tail_bytes: int) -> str:
         try:
             resp = await self._stub(node).GetInstanceLogs(
-                na.NodeGetInstanceLogsRequest(instance_id=instance_id, tail_bytes=tail_bytes),
+                na.NodeAgentServiceGetInstanceLogsRequest(instance_id=instance_id, tail_bytes=tail_bytes),
                 timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise errors.from_rpc_error(exc) from exc

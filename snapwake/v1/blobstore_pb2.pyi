@@ -88,11 +88,11 @@ class StatSnapshotResponse(_message.Message):
     bytes_written: int
     def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., on_disk: _Optional[bool] = ..., in_cache: _Optional[bool] = ..., manifest_digest: _Optional[str] = ..., bytes_written: _Optional[int] = ...) -> None: ...
 
-class BlobListSnapshotsRequest(_message.Message):
+class BlobstoreServiceListSnapshotsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class BlobListSnapshotsResponse(_message.Message):
+class BlobstoreServiceListSnapshotsResponse(_message.Message):
     __slots__ = ("snapshots", "cache_bytes_used", "cache_bytes_budget")
     SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_USED_FIELD_NUMBER: _ClassVar[int]

@@ -53,8 +53,8 @@ class BlobstoreServiceStub:
                 _registered_method=True)
         self.ListSnapshots = channel.unary_unary(
                 '/snapwake.v1.BlobstoreService/ListSnapshots',
-                request_serializer=snapwake_dot_v1_dot_blobstore__pb2.BlobListSnapshotsRequest.SerializeToString,
-                response_deserializer=snapwake_dot_v1_dot_blobstore__pb2.BlobListSnapshotsResponse.FromString,
+                request_serializer=snapwake_dot_v1_dot_blobstore__pb2.BlobstoreServiceListSnapshotsRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_blobstore__pb2.BlobstoreServiceListSnapshotsResponse.FromString,
                 _registered_method=True)
         self.DeleteSnapshot = channel.unary_unary(
                 '/snapwake.v1.BlobstoreService/DeleteSnapshot',
@@ -144,8 +144,8 @@ def add_BlobstoreServiceServicer_to_server(servicer, server):
             ),
             'ListSnapshots': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSnapshots,
-                    request_deserializer=snapwake_dot_v1_dot_blobstore__pb2.BlobListSnapshotsRequest.FromString,
-                    response_serializer=snapwake_dot_v1_dot_blobstore__pb2.BlobListSnapshotsResponse.SerializeToString,
+                    request_deserializer=snapwake_dot_v1_dot_blobstore__pb2.BlobstoreServiceListSnapshotsRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_blobstore__pb2.BlobstoreServiceListSnapshotsResponse.SerializeToString,
             ),
             'DeleteSnapshot': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteSnapshot,
@@ -271,8 +271,8 @@ class BlobstoreService:
             request,
             target,
             '/snapwake.v1.BlobstoreService/ListSnapshots',
-            snapwake_dot_v1_dot_blobstore__pb2.BlobListSnapshotsRequest.SerializeToString,
-            snapwake_dot_v1_dot_blobstore__pb2.BlobListSnapshotsResponse.FromString,
+            snapwake_dot_v1_dot_blobstore__pb2.BlobstoreServiceListSnapshotsRequest.SerializeToString,
+            snapwake_dot_v1_dot_blobstore__pb2.BlobstoreServiceListSnapshotsResponse.FromString,
             options,
             channel_credentials,
             insecure,

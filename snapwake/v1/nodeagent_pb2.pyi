@@ -92,17 +92,17 @@ class StopInstanceResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class NodeListInstancesRequest(_message.Message):
+class NodeAgentServiceListInstancesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class NodeListInstancesResponse(_message.Message):
+class NodeAgentServiceListInstancesResponse(_message.Message):
     __slots__ = ("instances",)
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[_types_pb2.Instance]
     def __init__(self, instances: _Optional[_Iterable[_Union[_types_pb2.Instance, _Mapping]]] = ...) -> None: ...
 
-class NodeGetInstanceLogsRequest(_message.Message):
+class NodeAgentServiceGetInstanceLogsRequest(_message.Message):
     __slots__ = ("instance_id", "tail_bytes")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     TAIL_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -110,7 +110,7 @@ class NodeGetInstanceLogsRequest(_message.Message):
     tail_bytes: int
     def __init__(self, instance_id: _Optional[str] = ..., tail_bytes: _Optional[int] = ...) -> None: ...
 
-class NodeGetInstanceLogsResponse(_message.Message):
+class NodeAgentServiceGetInstanceLogsResponse(_message.Message):
     __slots__ = ("logs",)
     LOGS_FIELD_NUMBER: _ClassVar[int]
     logs: str

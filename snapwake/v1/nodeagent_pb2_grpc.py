@@ -57,13 +57,13 @@ class NodeAgentServiceStub:
                 _registered_method=True)
         self.ListInstances = channel.unary_unary(
                 '/snapwake.v1.NodeAgentService/ListInstances',
-                request_serializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeListInstancesRequest.SerializeToString,
-                response_deserializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeListInstancesResponse.FromString,
+                request_serializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeAgentServiceListInstancesRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeAgentServiceListInstancesResponse.FromString,
                 _registered_method=True)
         self.GetInstanceLogs = channel.unary_unary(
                 '/snapwake.v1.NodeAgentService/GetInstanceLogs',
-                request_serializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeGetInstanceLogsRequest.SerializeToString,
-                response_deserializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeGetInstanceLogsResponse.FromString,
+                request_serializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeAgentServiceGetInstanceLogsRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeAgentServiceGetInstanceLogsResponse.FromString,
                 _registered_method=True)
 
 
@@ -135,13 +135,13 @@ def add_NodeAgentServiceServicer_to_server(servicer, server):
             ),
             'ListInstances': grpc.unary_unary_rpc_method_handler(
                     servicer.ListInstances,
-                    request_deserializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeListInstancesRequest.FromString,
-                    response_serializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeListInstancesResponse.SerializeToString,
+                    request_deserializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeAgentServiceListInstancesRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeAgentServiceListInstancesResponse.SerializeToString,
             ),
             'GetInstanceLogs': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInstanceLogs,
-                    request_deserializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeGetInstanceLogsRequest.FromString,
-                    response_serializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeGetInstanceLogsResponse.SerializeToString,
+                    request_deserializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeAgentServiceGetInstanceLogsRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_nodeagent__pb2.NodeAgentServiceGetInstanceLogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -278,8 +278,8 @@ class NodeAgentService:
             request,
             target,
             '/snapwake.v1.NodeAgentService/ListInstances',
-            snapwake_dot_v1_dot_nodeagent__pb2.NodeListInstancesRequest.SerializeToString,
-            snapwake_dot_v1_dot_nodeagent__pb2.NodeListInstancesResponse.FromString,
+            snapwake_dot_v1_dot_nodeagent__pb2.NodeAgentServiceListInstancesRequest.SerializeToString,
+            snapwake_dot_v1_dot_nodeagent__pb2.NodeAgentServiceListInstancesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -305,8 +305,8 @@ class NodeAgentService:
             request,
             target,
             '/snapwake.v1.NodeAgentService/GetInstanceLogs',
-            snapwake_dot_v1_dot_nodeagent__pb2.NodeGetInstanceLogsRequest.SerializeToString,
-            snapwake_dot_v1_dot_nodeagent__pb2.NodeGetInstanceLogsResponse.FromString,
+            snapwake_dot_v1_dot_nodeagent__pb2.NodeAgentServiceGetInstanceLogsRequest.SerializeToString,
+            snapwake_dot_v1_dot_nodeagent__pb2.NodeAgentServiceGetInstanceLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,

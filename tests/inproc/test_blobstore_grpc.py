@@ -62,14 +62,14 @@ async def test_put_get_stat_list_delete(tmp_path: Path) -> None:
         assert (warm.was_cached, warm.fetched_from_peer, warm.bytes) == (False, False, len(data))
         again = await stub.PrewarmSnapshot(pb.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
         assert again.was_cached
-        listing = await stub.ListSnapshots(pb.BlobListSnapshotsRequest(), timeout=T)
+        listing = await stub.ListSnapshots(pb.BlobstoreServiceListSnapshotsRequest(), timeout=T)
         assert [s.manifest.snapshot_id for s in listing.snapshots] == [SID]
         assert listing.snapshots[0].in_cache
         assert listing.cache_bytes_budget == 4 << 20
         assert len(data) <= listing.cache_bytes_used < len(data) + 4096
 
         await stub.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=SID), timeout=T)
-        listing = await stub.ListSnapshots(pb.BlobListSnapshotsRequest(), timeout=T)
+        listing = await stub.ListSnapshots(pb.BlobstoreServiceListSnapshotsRequest(), timeout=T)
         assert list(listing.snapshots) == [] and listing.cache_bytes_used == 0
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await stub.StatSnapshot(pb.StatSnapshotRequest(snapshot_id=SID), timeout=T)
@@ -105,7 +105,7 @@ async def test_put_rejects_data_that_does_not_match_manifest(tmp_path: Path) -> 
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await stub.PutSnapshot(messages(), timeout=T)
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk 1" in exc.value.details()
-        listing = await stub.ListSnapshots(pb.BlobListSnapshotsRequest(), timeout=T)
+        listing = await stub.ListSnapshots(pb.BlobstoreServiceListSnapshotsRequest(), timeout=T)
         assert list(listing.snapshots) == []  # the half-written snapshot never became visible
 
 

@@ -118,5 +118,5 @@ async def test_store_without_fd_is_refused(tmp_path: Path) -> None:
         assert reply == {"ok": False, "error": "fd: store needs exactly one file descriptor, got 0"}
         async with channel(app.address) as ch:
             listing = await blobstore_pb2_grpc.BlobstoreServiceStub(ch).ListSnapshots(
-                pb.BlobListSnapshotsRequest(), timeout=30)
+                pb.BlobstoreServiceListSnapshotsRequest(), timeout=30)
         assert list(listing.snapshots) == []

@@ -81,10 +81,10 @@ async def test_start_running_serves_then_stops(node: Node, demo_model_dir: Path)
     body = reply.json()
     assert body["model"] == "demo" and body["choices"][0]["message"]["role"] == "assistant"
 
-    logs = await node.stub.GetInstanceLogs(nodeagent_pb2.NodeGetInstanceLogsRequest(instance_id=iid), timeout=10)
+    logs = await node.stub.GetInstanceLogs(nodeagent_pb2.NodeAgentServiceGetInstanceLogsRequest(instance_id=iid), timeout=10)
     assert logs.logs.strip()
 
-    listed = await node.stub.ListInstances(nodeagent_pb2.NodeListInstancesRequest(), timeout=10)
+    listed = await node.stub.ListInstances(nodeagent_pb2.NodeAgentServiceListInstancesRequest(), timeout=10)
     assert [i.id for i in listed.instances] == [iid]
 
     await node.stub.StopInstance(nodeagent_pb2.StopInstanceRequest(instance_id=iid), timeout=30)
@@ -142,7 +142,7 @@ async def test_bad_start_requests(node: Node, tmp_path: Path, mutate, code: grpc
 @pytest.mark.parametrize("call", ["logs", "stop", "suspend", "restore"])
 async def test_unknown_instance_is_not_found(node: Node, call: str) -> None:
     iid = "i-ffffffffffff"
-    rpc = {"logs": lambda: node.stub.GetInstanceLogs(nodeagent_pb2.NodeGetInstanceLogsRequest(instance_id=iid)),
+    rpc = {"logs": lambda: node.stub.GetInstanceLogs(nodeagent_pb2.NodeAgentServiceGetInstanceLogsRequest(instance_id=iid)),
            "stop": lambda: node.stub.StopInstance(nodeagent_pb2.StopInstanceRequest(instance_id=iid)),
            "suspend": lambda: node.stub.SuspendInstance(nodeagent_pb2.SuspendInstanceRequest(instance_id=iid)),
            "restore": lambda: node.stub.RestoreInstance(nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))}

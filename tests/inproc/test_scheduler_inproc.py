@@ -111,9 +111,9 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
         await self.store.delete(keys.instance_key(request.instance_id))
         return na.StopInstanceResponse()
 
-    async def GetInstanceLogs(self, request: na.NodeGetInstanceLogsRequest, context: grpc.aio.ServicerContext
-                              ) -> na.NodeGetInstanceLogsResponse:
-        return na.NodeGetInstanceLogsResponse(logs=f"log of {request.instance_id} tail={request.tail_bytes}")
+    async def GetInstanceLogs(self, request: na.NodeAgentServiceGetInstanceLogsRequest, context: grpc.aio.ServicerContext
+                              ) -> na.NodeAgentServiceGetInstanceLogsResponse:
+        return na.NodeAgentServiceGetInstanceLogsResponse(logs=f"log of {request.instance_id} tail={request.tail_bytes}")
 
     def count(self, kind: str, target: int | None = None) -> int:
         return sum(1 for k, t in self.calls if k == kind and (target is None or t == target))

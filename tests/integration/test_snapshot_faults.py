@@ -309,7 +309,7 @@ def test_cold_start_after_a_nodeagent_restart(cluster: Cluster, reference: str) 
     standby = _wait_standby(cluster)
     assert not any(i.state in SERVING for i in _instances(cluster, DEMO))
     assert _chat(cluster, "demo") == (reference, "cold_start", standby.id)
-    live = _agent(cluster).ListInstances(nodeagent_pb2.NodeListInstancesRequest(), timeout=10).instances
+    live = _agent(cluster).ListInstances(nodeagent_pb2.NodeAgentServiceListInstancesRequest(), timeout=10).instances
     known = {f"sw-{i.id}" for i in live if i.state not in (S.INSTANCE_STATE_ENDED, S.INSTANCE_STATE_FAILED)}
     # (a standby being started may not have its container yet, hence a subset)
     after = _containers(cluster)
