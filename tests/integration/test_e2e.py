@@ -112,3 +112,48 @@ def test_logs_and_instances_visible_through_admin_api(cluster: Cluster) -> None:
         with pytest.raises(grpc.RpcError) as err:
             stub.GetFunction(scheduler_pb2.GetFunctionRequest(function_id="default/default/missing"), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _grpcurl(address: str, method: str, body: str) -> dict:
+    """What ``grpcurl -plaintext -d BODY ADDRESS METHOD`` does: resolve the method through server
+    reflection (no generated code), encode the JSON body, call, decode the answer to JSON."""
+    from google.protobuf import descriptor_pool, json_format, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(address) as ch:
+        if method == "list":
+            return {"services": list(ProtoReflectionDescriptorDatabase(ch).get_services())}
+        service_name, method_name = method.rsplit("/", 1)
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(ch))
+        desc = pool.FindServiceByName(service_name).FindMethodByName(method_name)
+        req_cls = message_factory.GetMessageClass(desc.input_type)
+        resp_cls = message_factory.GetMessageClass(desc.output_type)
+        call = ch.unary_unary(f"/{service_name}/{method_name}", request_serializer=req_cls.SerializeToString,
+                              response_deserializer=resp_cls.FromString)
+        return json_format.MessageToDict(call(json_format.Parse(body, req_cls()), timeout=30))
+
+
+def test_readme_grpcurl_lines_work_through_reflection(cluster: Cluster, demo_model_dir: Path) -> None:
+    """The README's grpcurl lines, run through reflection the way grpcurl runs them."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    lines = re.findall(r"grpcurl -plaintext (?:-d '([^']*)' )?127\.0\.0\.1:7001 (\S+)", readme.replace("\\\n", " "))
+    assert {m for _, m in lines} >= {"snapwake.v1.SchedulerService/ListFunctions",
+                                     "snapwake.v1.SchedulerService/CreateFunction",
+                                     "snapwake.v1.SchedulerService/ListInstances"}, lines
+    answers = {}
+    for body, method in lines:
+        body = body.replace("/models/my-llama", str(demo_model_dir))
+        answers[method] = _grpcurl(cluster.scheduler_address, method, body or "{}")
+    assert {"snapwake.v1.SchedulerService", "snapwake.v1.LeaseService",
+            "grpc.health.v1.Health"} <= set(answers["list"]["services"])
+    created = answers["snapwake.v1.SchedulerService/CreateFunction"]["function"]
+    assert created["id"] == "default/default/mymodel" and created["spec"]["modelDir"] == str(demo_model_dir)
+    listed = answers["snapwake.v1.SchedulerService/ListFunctions"].get("functions", [])
+    assert any(f["id"] == "default/default/demo" for f in listed)
+    assert all(i["functionId"] == "default/default/demo"
+               for i in answers["snapwake.v1.SchedulerService/ListInstances"].get("instances", []))
+    with grpc.insecure_channel(cluster.scheduler_address) as ch:
+        scheduler_pb2_grpc.SchedulerServiceStub(ch).DeleteFunction(
+            scheduler_pb2.DeleteFunctionRequest(function_id="default/default/mymodel"), timeout=10)
