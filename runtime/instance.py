@@ -21,6 +21,7 @@ from typing import Any
 
 from runtime import handover, manifest
 from runtime.arena import Arena
+from runtime.budget import kv_bytes_per_token, plan_slice
 from runtime.engine import Engine, Piece
 from runtime.manifest import TensorSpec
 from runtime.model import (
@@ -64,6 +65,8 @@ class Settings:
     handover_socket: str = ""
     dtype: str | None = None
     handover_timeout: float = 120.0
+    # The GPU memory slice (0: none); see runtime.budget.
+    gpu_memory_bytes: int = 0
 
 
 class Instance:
@@ -96,8 +99,18 @@ class Instance:
         assert self.skeleton is not None
         bind(self.skeleton, self.specs, self.arena.tensor())
         config = self.skeleton.config
+        budget = plan_slice(self.settings.gpu_memory_bytes, self.arena_bytes,
+                            kv_bytes_per_token(config, self.skeleton.model.dtype.itemsize),
+                            int(getattr(config, "max_position_embeddings", 2048)))
+        gpu = getattr(self.arena, "gpu", -1)
+        if budget.allocator_bytes and gpu >= 0:
+            import torch
+
+            # The arena lives outside PyTorch's allocator; cap the allocator at the rest of the slice.
+            total = torch.cuda.get_device_properties(gpu).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget.allocator_bytes / total), gpu)
         self.engine = Engine(self.skeleton.model, self.tokenizer, eos_ids(self.settings.model_dir, config),
-                             int(getattr(config, "max_position_embeddings", 2048)))
+                             budget.max_context)
 
     def load_from_dir(self) -> dict[str, Any]:
         """Reads the checkpoint into a fresh arena (start modes load and snapshot)."""

@@ -152,3 +152,32 @@ def test_client_disconnect_frees_the_instance(base_url: str, instance: Instance,
     wait_for(lambda: instance.inflight == 0, 10, "in-flight count back to 0")
     assert instance.last_request_unix > 0
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices
+
+
+def test_gpu_memory_slice_sizes_the_context_and_refuses_what_cannot_fit(demo_model_dir: Path) -> None:
+    """The slice bounds the KV cache: a slice with room for 100 tokens of KV limits the context to
+    100 (a longer request is a 400 naming max_tokens), and one without room refuses the start."""
+    from runtime.budget import kv_bytes_per_token
+    from runtime.openai.requests import prepare_completion
+    from snapwake.errors import InvalidArgument, StartFailed
+
+    tok = load_tokenizer(demo_model_dir)
+    probe = Instance(Settings(demo_model_dir), MemfdArena(), tok)
+    probe.load_from_dir()
+    assert probe.skeleton is not None
+    per_token = kv_bytes_per_token(probe.skeleton.config, probe.skeleton.model.dtype.itemsize)
+    arena = probe.arena_bytes
+    probe.release()
+
+    sized = Instance(Settings(demo_model_dir, gpu_memory_bytes=(256 << 20) + arena + 100 * per_token),
+                     MemfdArena(), tok)
+    sized.load_from_dir()
+    assert sized.engine is not None and sized.engine.max_context == 100
+    with pytest.raises(InvalidArgument) as err:
+        prepare_completion({"model": "m", "prompt": "hello", "max_tokens": 200}, tok, sized.engine.max_context)
+    assert err.value.field == "max_tokens"
+    sized.release()
+
+    tiny = Instance(Settings(demo_model_dir, gpu_memory_bytes=1 << 20), MemfdArena(), tok)
+    with pytest.raises(StartFailed, match="gpu_memory_bytes"):
+        tiny.load_from_dir()
