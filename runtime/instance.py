@@ -100,7 +100,7 @@ class Instance:
         bind(self.skeleton, self.specs, self.arena.tensor())
         config = self.skeleton.config
         budget = plan_slice(self.settings.gpu_memory_bytes, self.arena_bytes,
-                            kv_bytes_per_token(config, self.skeleton.model.dtype.itemsize),
+                            kv_bytes_per_token(config, int(self.skeleton.model.dtype.itemsize)),
                             int(getattr(config, "max_position_embeddings", 2048)))
         gpu = getattr(self.arena, "gpu", -1)
         if budget.allocator_bytes and gpu >= 0:
