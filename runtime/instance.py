@@ -99,8 +99,9 @@ class Instance:
         assert self.skeleton is not None
         bind(self.skeleton, self.specs, self.arena.tensor())
         config = self.skeleton.config
+        dtype_bytes = next(self.skeleton.model.parameters()).element_size()  # the KV cache's dtype too
         budget = plan_slice(self.settings.gpu_memory_bytes, self.arena_bytes,
-                            kv_bytes_per_token(config, int(self.skeleton.model.dtype.itemsize)),
+                            kv_bytes_per_token(config, dtype_bytes),
                             int(getattr(config, "max_position_embeddings", 2048)))
         gpu = getattr(self.arena, "gpu", -1)
         if budget.allocator_bytes and gpu >= 0:
