@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import uvicorn
+from dashboard_driver import badges, chromium, script_errors, wait
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from starlette.applications import Starlette
@@ -243,72 +244,37 @@ def test_keys_gate_the_dashboard_and_scope_it_to_the_tenant() -> None:
 
 # --- the page in a real headless Chromium ---------------------------------------------------
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
 @pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("Debian chromium and chromium-driver are not installed (scripts/install-browser.sh)")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download a driver
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1200,800", f"--user-data-dir={tmp_path / 'chromium'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to catch script errors
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
-    try:
+def browser(tmp_path: Path) -> Iterator[Any]:
+    with chromium(tmp_path / "chromium", required=False) as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def _script_errors(driver: Any) -> list[str]:
-    """Console errors other than the 503s the page is meant to answer with a banner."""
-    return [e["message"] for e in driver.get_log("browser")
-            if e["level"] == "SEVERE" and "status of 503" not in e["message"]]
-
-
-def _wait(driver: Any, check: Any, seconds: float, what: str) -> Any:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, seconds, poll_frequency=0.1).until(check, f"{what} not seen within {seconds}s")
 
 
 def _badges(driver: Any) -> list[str]:
-    """The state badges of the demo function's row: its own state, then "STATE count" each.
-
-    Read in one script, since the page re-renders its tables every second (stale elements)."""
-    return list(driver.execute_script(
-        "const row = [...document.querySelectorAll('#functions tr')].find("
-        "  (r) => r.cells[0] && r.cells[0].textContent === arguments[0]);"
-        "return row ? [...row.querySelectorAll('.state')].map((b) => b.textContent) : [];", DEMO))
+    return badges(driver, DEMO)
 
 
 def test_page_in_chromium_follows_state_and_outage(stack: Stack, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
     browser.get(stack.url + "/dashboard/")
-    before = _wait(browser, lambda d: _badges(d) or False, 15, "the demo function")
+    before = wait(browser, lambda d: _badges(d) or False, 15, "the demo function")
     assert before == ["READY", "STANDBY 1"]
     assert _chat(stack.url).status_code == 200
-    after = _wait(browser, lambda d: [b for b in _badges(d) if b.split()[0] in ("RUNNING", "IDLE")], 10,
+    after = wait(browser, lambda d: [b for b in _badges(d) if b.split()[0] in ("RUNNING", "IDLE")], 10,
                   "a RUNNING or IDLE demo instance")
     assert after != before and "i-0123456789ab" in browser.find_element(By.ID, "coldstarts").text
     assert "300 ms" in browser.find_element(By.ID, "coldstarts").text
     banner = browser.find_element(By.ID, "banner")
     assert not banner.is_displayed()
     stack.run(stack.stop_scheduler())
-    _wait(browser, lambda d: banner.is_displayed() and "scheduler unreachable" in banner.text, 15, "the banner")
+    wait(browser, lambda d: banner.is_displayed() and "scheduler unreachable" in banner.text, 15, "the banner")
     stack.run(stack.start_scheduler())
-    _wait(browser, lambda d: not banner.is_displayed(), 20, "the banner going away")
+    wait(browser, lambda d: not banner.is_displayed(), 20, "the banner going away")
     assert browser.save_screenshot(str(tmp_path / "dashboard.png"))
-    assert _script_errors(browser) == []
+    assert script_errors(browser) == []
 
 
 def test_page_in_chromium_with_a_key(browser: Any) -> None:
@@ -318,7 +284,7 @@ def test_page_in_chromium_with_a_key(browser: Any) -> None:
         browser.get(stack.url + "/dashboard/")
         assert "?key=YOUR_KEY" in browser.find_element(By.TAG_NAME, "body").text
         browser.get(stack.url + "/dashboard/?key=" + KEY)
-        assert _wait(browser, lambda d: _badges(d) or False, 15, "the demo function") == ["READY", "STANDBY 1"]
+        assert wait(browser, lambda d: _badges(d) or False, 15, "the demo function") == ["READY", "STANDBY 1"]
         assert browser.current_url == stack.url + "/dashboard/"  # the key left the address bar
         assert "(other tenant)" in browser.find_element(By.ID, "nodes").get_attribute("innerHTML")
         assert "tenant default" in browser.find_element(By.ID, "updated").text

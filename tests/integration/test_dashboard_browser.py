@@ -15,13 +15,13 @@ from typing import Any
 
 import openai
 import pytest
+from dashboard_driver import badges, chromium, script_errors, wait
 
 from snapwake.devcluster import ROOT, Cluster, ClusterConfig, deploy_demo
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 DEMO = "default/default/demo"
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCREENSHOT = ROOT / "docs" / "dashboard.png"
 
 
@@ -35,48 +35,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
 
 
 @pytest.fixture
-def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Debian's Chromium through its own chromedriver; nothing is downloaded."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.fail("Debian chromium and chromium-driver are missing: run scripts/install-browser.sh")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download a driver
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1100,760", f"--user-data-dir={tmp_path / 'chromium'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to catch script errors
-    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
-    try:
+def browser(tmp_path: Path) -> Iterator[Any]:
+    with chromium(tmp_path / "chromium", required=True) as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def _script_errors(driver: Any) -> list[str]:
-    """Console errors other than the 503s the page is meant to answer with a banner."""
-    return [e["message"] for e in driver.get_log("browser")
-            if e["level"] == "SEVERE" and "status of 503" not in e["message"]]
-
-
-def _wait(driver: Any, check: Any, seconds: float, what: str) -> Any:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, seconds, poll_frequency=0.2).until(check, f"{what} not seen within {seconds}s")
 
 
 def _badges(driver: Any) -> list[str]:
-    """The state badges of the demo function's row: its own state, then "STATE count" each.
-
-    Read in one script, since the page re-renders its tables every second (stale elements)."""
-    return list(driver.execute_script(
-        "const row = [...document.querySelectorAll('#functions tr')].find("
-        "  (r) => r.cells[0] && r.cells[0].textContent === arguments[0]);"
-        "return row ? [...row.querySelectorAll('.state')].map((b) => b.textContent) : [];", DEMO))
+    return badges(driver, DEMO)
 
 
 def _serving(badges: list[str]) -> list[str]:
@@ -87,13 +52,13 @@ def test_dashboard_follows_a_request_and_a_scheduler_outage(cluster: Cluster, br
     from selenium.webdriver.common.by import By
 
     browser.get(cluster.gateway_url + "/dashboard/")
-    before = _wait(browser, lambda d: _badges(d) or False, 20, "the demo function")
+    before = wait(browser, lambda d: _badges(d) or False, 20, "the demo function")
     assert before[0] == "READY"
     client = openai.OpenAI(base_url=cluster.gateway_url + "/v1", api_key="unused", max_retries=0, timeout=60)
     reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=4, temperature=0)
     assert reply.choices[0].message.content
-    after = _wait(browser, lambda d: _serving(_badges(d)) and _badges(d), 20, "a RUNNING or IDLE demo instance")
+    after = wait(browser, lambda d: _serving(_badges(d)) and _badges(d), 20, "a RUNNING or IDLE demo instance")
     assert after != before, "the page did not change after the request"
     assert "node-0" in browser.find_element(By.ID, "nodes").text
 
@@ -101,10 +66,10 @@ def test_dashboard_follows_a_request_and_a_scheduler_outage(cluster: Cluster, br
     assert not banner.is_displayed()
     browser.save_screenshot(str(SCREENSHOT))
     cluster.stop_service("scheduler")
-    _wait(browser, lambda d: banner.is_displayed() and "scheduler unreachable" in banner.text, 15,
+    wait(browser, lambda d: banner.is_displayed() and "scheduler unreachable" in banner.text, 15,
           "the scheduler-unreachable banner")
     cluster.start_service("scheduler")
-    _wait(browser, lambda d: not banner.is_displayed(), 30, "the banner going away")
+    wait(browser, lambda d: not banner.is_displayed(), 30, "the banner going away")
     assert _badges(browser)[0] == "READY"
-    assert _script_errors(browser) == []
+    assert script_errors(browser) == []
     assert SCREENSHOT.stat().st_size < 300_000  # small enough to commit
