@@ -10,8 +10,8 @@ from prometheus_client import REGISTRY
 
 from services.blobstore.app import BlobstoreApp
 from services.blobstore.config import BlobstoreConfig
-from snapwake import log, telemetry
-from snapwake.config import ConfigError, load
+from snapwake import telemetry
+from snapwake.service import bootstrap
 
 
 async def _run(cfg: BlobstoreConfig) -> None:
@@ -29,17 +29,7 @@ async def _run(cfg: BlobstoreConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = load(BlobstoreConfig, argv, prog="python -m services.blobstore")
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    log.setup("blobstore", cfg.log_level)
-    try:
-        telemetry.setup_tracing("snapwake-blobstore")
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    cfg = bootstrap(BlobstoreConfig, "blobstore", argv)
     asyncio.run(_run(cfg))
     return 0
 

@@ -11,9 +11,8 @@ import uvicorn
 from services.gateway.app import build_app
 from services.gateway.config import GatewayConfig
 from services.gateway.scheduler_client import GrpcSchedulerClient
-from snapwake import log as snapwake_log
-from snapwake import telemetry
-from snapwake.config import ConfigError, load, parse_address
+from snapwake.config import parse_address
+from snapwake.service import bootstrap
 
 try:
     from opentelemetry.instrumentation.starlette import StarletteInstrumentor
@@ -42,17 +41,7 @@ async def serve(config: GatewayConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = load(GatewayConfig, argv, prog="python -m services.gateway").with_gateway_id()
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    snapwake_log.setup("gateway", config.log_level)
-    try:
-        telemetry.setup_tracing("snapwake-gateway")
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    config = bootstrap(GatewayConfig, "gateway", argv).with_gateway_id()
     asyncio.run(serve(config))
     return 0
 

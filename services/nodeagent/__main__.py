@@ -17,10 +17,9 @@ from prometheus_client import REGISTRY
 
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.server import serve
-from snapwake import config as config_loader
-from snapwake import log as logsetup
 from snapwake import telemetry
 from snapwake.errors import SnapwakeError
+from snapwake.service import bootstrap
 
 
 async def _run(config: NodeAgentConfig) -> None:
@@ -40,18 +39,8 @@ def tracing_env(env: Mapping[str, str]) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = config_loader.load(NodeAgentConfig, argv, prog="python -m services.nodeagent")
-    except config_loader.ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    logsetup.setup("nodeagent", config.log_level)
+    config = bootstrap(NodeAgentConfig, "nodeagent", argv)
     config = dataclasses.replace(config, container_env=(*tracing_env(os.environ), *config.container_env))
-    try:
-        telemetry.setup_tracing("snapwake-nodeagent")
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
     if config.metrics_port:
         REGISTRY.register(telemetry.gpu_metrics_collector())
         telemetry.start_metrics_server(config.metrics_port)

@@ -11,8 +11,8 @@ from prometheus_client import REGISTRY
 from services.scheduler.app import Scheduler
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.metrics import InstancesCollector
-from snapwake import errors, log, telemetry
-from snapwake.config import ConfigError, load
+from snapwake import errors, telemetry
+from snapwake.service import bootstrap
 from snapwake.store import Store
 
 
@@ -31,18 +31,8 @@ async def serve(cfg: SchedulerConfig) -> None:
         await scheduler.stop()
 
 
-def main() -> int:
-    try:
-        cfg = load(SchedulerConfig, prog="python -m services.scheduler")
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    log.setup("scheduler", cfg.log_level)
-    try:
-        telemetry.setup_tracing("snapwake-scheduler")
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None) -> int:
+    cfg = bootstrap(SchedulerConfig, "scheduler", argv)
     try:
         asyncio.run(serve(cfg))
     except errors.Unavailable as exc:

@@ -1,0 +1,33 @@
+"""The start of every service's ``main``: config, logging and tracing, or one line and exit 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TypeVar
+
+from snapwake import log, telemetry
+from snapwake.config import ConfigError, load
+
+__all__ = ["bootstrap"]
+
+T = TypeVar("T")
+
+
+def bootstrap(cls: type[T], name: str, argv: Sequence[str] | None = None) -> T:
+    """Loads ``cls`` from flags and ``SNAPWAKE_*``, sets up logging and OTEL tracing.
+
+    A bad key (or a bad ``OTEL_*`` setting) is printed as one line naming it, and the process
+    exits with status 2: no stack trace for a configuration mistake."""
+    try:
+        cfg = load(cls, argv, prog=f"python -m services.{name}")
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+    log.setup(name, getattr(cfg, "log_level", "INFO"))
+    try:
+        telemetry.setup_tracing(f"snapwake-{name}")
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg
