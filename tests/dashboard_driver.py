@@ -23,7 +23,7 @@ _FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no
 def chromium(profile_dir: Path, required: bool) -> Iterator[Any]:
     """A Selenium driver; without Chromium a ``required`` test fails and any other skips."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        why = "Debian chromium and chromium-driver are missing: run make install (scripts/install-browser.sh)"
+        why = "Debian chromium and chromium-driver are missing: run make install (it installs them with apt)"
         pytest.fail(why) if required else pytest.skip(why)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
