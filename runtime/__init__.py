@@ -5,7 +5,8 @@ API over HTTP, and releases / re-attaches its weights on the nodeagent's control
     runtime.manifest    arena layout and the blobstore manifest (pure)
     runtime.arena       arena backends: memfd (CPU) and cuda (cuMem* VMM)
     runtime.model       HF model dir -> meta skeleton -> weights bound as arena views
-    runtime.engine      the token loop (KV cache, sampling, stop strings)
+    runtime.engine      continuous batching: admission, prefill, decode, sampling, stop strings
+    runtime.kvcache     the paged KV pool and its attention
     runtime.openai      the OpenAI-compatible HTTP app
     runtime.control     the control socket server; runtime.handover the blobstore client
     runtime.instance    the phase machine tying them together

@@ -14,20 +14,24 @@ from typing import Any
 
 from snapwake.errors import StartFailed
 
-__all__ = ["MIN_CONTEXT", "SliceBudget", "kv_bytes_per_token", "plan_slice"]
+__all__ = ["DEFAULT_POOL_SEQUENCES", "MIN_CONTEXT", "SliceBudget", "kv_bytes_per_token", "plan_slice"]
 
 # Shorter than this and the model could not answer a chat turn: refuse the start instead.
 MIN_CONTEXT = 64
 # Activations and library workspaces, kept out of the KV budget.
 _RESERVE_FRACTION, _RESERVE_MIN = 0.05, 256 << 20
+# With no slice, the KV pool holds this many full-context sequences (or half the free memory).
+DEFAULT_POOL_SEQUENCES = 16
 
 
 @dataclass(frozen=True)
 class SliceBudget:
-    """What a slice allows: the context length and the allocator cap (0 = no cap)."""
+    """What a slice allows: the context length, the KV pool and the allocator cap (0 = no cap)."""
 
     max_context: int
     allocator_bytes: int
+    kv_tokens: int
+    """Tokens the paged KV pool holds, shared by every request in flight."""
 
 
 def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
@@ -38,10 +42,16 @@ def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
 
 
-def plan_slice(slice_bytes: int, arena_bytes: int, per_token: int, max_positions: int) -> SliceBudget:
-    """The limits for a slice (0 means no slice was given: only the model's own limit holds)."""
+def plan_slice(slice_bytes: int, arena_bytes: int, per_token: int, max_positions: int,
+               free_bytes: int = 0) -> SliceBudget:
+    """The limits for a slice. With no slice (0), the pool holds ``DEFAULT_POOL_SEQUENCES``
+    full contexts, or half of ``free_bytes`` (what the device has free) when that is less."""
     if slice_bytes <= 0:
-        return SliceBudget(max_positions, 0)
+        tokens = DEFAULT_POOL_SEQUENCES * max_positions
+        if free_bytes > 0 and per_token > 0:
+            tokens = min(tokens, free_bytes // 2 // per_token)
+        tokens = max(tokens, MIN_CONTEXT)
+        return SliceBudget(min(max_positions, tokens), 0, tokens)
     reserve = max(_RESERVE_MIN, int(slice_bytes * _RESERVE_FRACTION))
     kv_room = slice_bytes - arena_bytes - reserve
     tokens = kv_room // per_token if per_token > 0 else max_positions
@@ -50,4 +60,4 @@ def plan_slice(slice_bytes: int, arena_bytes: int, per_token: int, max_positions
             f"gpu_memory_bytes: a slice of {slice_bytes / 2**30:.2f} GiB cannot hold the weights "
             f"({arena_bytes / 2**30:.2f} GiB), {reserve / 2**30:.2f} GiB of workspace and a KV cache of "
             f"{MIN_CONTEXT} tokens ({MIN_CONTEXT * per_token / 2**20:.1f} MiB)")
-    return SliceBudget(int(min(max_positions, tokens)), slice_bytes - arena_bytes)
+    return SliceBudget(int(min(max_positions, tokens)), slice_bytes - arena_bytes, int(tokens))

@@ -20,6 +20,7 @@ class RuntimeConfig:
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     gpu_index: int = field(default=0, metadata={"help": "GPU to use with --device cuda"})
     gpu_memory_bytes: int = field(default=0, metadata={"help": "GPU memory slice; sizes the reserved address range"})
+    max_batch: int = field(default=64, metadata={"help": "requests decoded together at most"})
     start_mode: str = field(default="load", metadata={"help": "load, snapshot or standby"})
     control_socket: str = field(default="", metadata={"help": "Unix socket path the runtime listens on"})
     handover_socket: str = field(default="", metadata={"help": "the blobstore's handover socket path"})
@@ -38,6 +39,8 @@ class RuntimeConfig:
             errors.append(f"--device: expected cpu or cuda, got {self.device!r}")
         if self.start_mode not in MODES:
             errors.append(f"--start-mode: expected one of {', '.join(MODES)}, got {self.start_mode!r}")
+        if not 1 <= self.max_batch <= 1024:
+            errors.append(f"--max-batch: expected 1..1024, got {self.max_batch}")
         if not 0 <= self.port < 65536:
             errors.append(f"--port: out of range: {self.port}")
         if self.start_mode == "standby" and not (self.snapshot_id and self.handover_socket):

@@ -3,9 +3,9 @@
     LOADING --> SERVING --> RELEASED --> LOADING (attach) --> SERVING ...
        \\--> FAILED         LOADING --> RELEASED (an attach that failed leaves nothing mapped)
 
-One lock serialises generation and phase changes: requests run one at a time (correctness
-first; a batching engine can replace this later), and ``release`` waits for the request being
-served to finish before it unmaps the weights.
+One lock serialises phase changes. Requests do not hold it: they go to the engine, which
+batches them (``runtime.engine``); ``release`` closes the engine, which lets the requests in it
+finish, before it unmaps the weights.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from runtime import handover, manifest
 from runtime.arena import Arena
 from runtime.budget import kv_bytes_per_token, plan_slice
 from runtime.engine import Engine, Piece
+from runtime.kvcache import BLOCK_SIZE, KVPool
 from runtime.manifest import TensorSpec
 from runtime.model import (
     Skeleton,
@@ -67,6 +68,8 @@ class Settings:
     handover_timeout: float = 120.0
     # The GPU memory slice (0: none); see runtime.budget.
     gpu_memory_bytes: int = 0
+    # Requests decoded together at most (the scheduler's concurrency keeps below it).
+    max_batch: int = 64
 
 
 class Instance:
@@ -100,18 +103,27 @@ class Instance:
         bind(self.skeleton, self.specs, self.arena.tensor())
         config = self.skeleton.config
         dtype_bytes = next(self.skeleton.model.parameters()).element_size()  # the KV cache's dtype too
+        import torch
+
+        gpu = getattr(self.arena, "gpu", -1)
+        free = torch.cuda.mem_get_info(gpu)[0] if gpu >= 0 else 0
         budget = plan_slice(self.settings.gpu_memory_bytes, self.arena_bytes,
                             kv_bytes_per_token(config, dtype_bytes),
-                            int(getattr(config, "max_position_embeddings", 2048)))
-        gpu = getattr(self.arena, "gpu", -1)
+                            int(getattr(config, "max_position_embeddings", 2048)), free)
         if budget.allocator_bytes and gpu >= 0:
-            import torch
-
             # The arena lives outside PyTorch's allocator; cap the allocator at the rest of the slice.
             total = torch.cuda.get_device_properties(gpu).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget.allocator_bytes / total), gpu)
+        heads = config.num_attention_heads
+        pool = KVPool(config.num_hidden_layers, max(1, budget.kv_tokens // BLOCK_SIZE),
+                      getattr(config, "num_key_value_heads", None) or heads,
+                      getattr(config, "head_dim", None) or config.hidden_size // heads,
+                      self.skeleton.dtype, self.arena.tensor().device)
+        max_context = min(budget.max_context, pool.tokens)
         self.engine = Engine(self.skeleton.model, self.tokenizer, eos_ids(self.settings.model_dir, config),
-                             budget.max_context)
+                             pool, max_context, max_batch=self.settings.max_batch)
+        log.info("KV pool: %d tokens (%.1f MiB), context %d, batch up to %d", pool.tokens, pool.nbytes / 2**20,
+                 max_context, self.settings.max_batch)
 
     def load_from_dir(self) -> dict[str, Any]:
         """Reads the checkpoint into a fresh arena (start modes load and snapshot)."""
@@ -164,6 +176,9 @@ class Instance:
         self._bind()
 
     def _drop(self) -> None:
+        if self.engine is not None:
+            self.engine.close()  # requests in it finish first (bounded)
+            self.engine.pool.free()
         self.engine = None
         if self.skeleton is not None:
             unbind(self.skeleton)
@@ -201,18 +216,21 @@ class Instance:
         """The control socket's status reply."""
         import os
 
-        return {"ok": True, "phase": self.phase.value, "arena_bytes": self.arena_bytes if self.engine else 0,
+        engine = self.engine
+        return {"ok": True, "phase": self.phase.value, "arena_bytes": self.arena_bytes if engine else 0,
                 "pid": os.getpid(), "inflight": self.inflight,
-                "inflight_peak": self.inflight_peak, "last_request_unix": self.last_request_unix}
+                "inflight_peak": self.inflight_peak, "last_request_unix": self.last_request_unix,
+                "kv_pool_tokens": engine.pool.tokens if engine else 0,
+                "engine": dict(engine.stats) if engine else {}}
 
     def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
             emit: Callable[[Piece], None]) -> None:
-        """Generates one completion under the lock, handing each piece to ``emit``."""
+        """Generates one completion in the engine's batch, handing each piece to ``emit``."""
         with self.lock:
-            if self.phase is not Phase.SERVING or self.engine is None:
+            engine = self.engine
+            if self.phase is not Phase.SERVING or engine is None:
                 raise Unavailable(f"the model is not serving (phase {self.phase.value})")
-            for piece in self.engine.generate(prompt_ids, params, cancel):
-                emit(piece)
+        engine.generate(prompt_ids, params, cancel, emit)
 
 
 def eos_ids(model_dir: Path, config: Any) -> set[int]:

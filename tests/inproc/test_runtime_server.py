@@ -155,8 +155,9 @@ def test_client_disconnect_frees_the_instance(base_url: str, instance: Instance,
 
 
 def test_gpu_memory_slice_sizes_the_context_and_refuses_what_cannot_fit(demo_model_dir: Path) -> None:
-    """The slice bounds the KV cache: a slice with room for 100 tokens of KV limits the context to
-    100 (a longer request is a 400 naming max_tokens), and one without room refuses the start."""
+    """The slice bounds the KV pool: a slice with room for 100 tokens of KV gets a pool of 96 (whole
+    blocks of 16) and a context of 96 (a longer request is a 400 naming max_tokens), and one
+    without room refuses the start."""
     from runtime.budget import kv_bytes_per_token
     from runtime.openai.requests import prepare_completion
     from snapwake.errors import InvalidArgument, StartFailed
@@ -172,7 +173,8 @@ def test_gpu_memory_slice_sizes_the_context_and_refuses_what_cannot_fit(demo_mod
     sized = Instance(Settings(demo_model_dir, gpu_memory_bytes=(256 << 20) + arena + 100 * per_token),
                      MemfdArena(), tok)
     sized.load_from_dir()
-    assert sized.engine is not None and sized.engine.max_context == 100
+    assert sized.engine is not None and sized.engine.max_context == 96
+    assert sized.engine.pool.tokens == 96 and sized.engine.pool.nbytes <= 100 * per_token
     with pytest.raises(InvalidArgument) as err:
         prepare_completion({"model": "m", "prompt": "hello", "max_tokens": 200}, tok, sized.engine.max_context)
     assert err.value.field == "max_tokens"

@@ -22,12 +22,22 @@ def test_head_dim_defaults_to_hidden_over_heads() -> None:
 
 
 @pytest.mark.parametrize(("slice_bytes", "arena", "per_token", "max_pos", "want"), [
-    (0, 15 * GIB, 128 << 10, 8192, SliceBudget(8192, 0)),  # no slice: the model's own limit
-    (20 * GIB, 15 * GIB, 128 << 10, 8192, SliceBudget(8192, 5 * GIB)),  # room for the full context
-    (2 * GIB, 0, 1 << 20, 100_000, SliceBudget((2 * GIB - 256 * MIB) // (1 << 20), 2 * GIB)),  # KV-bound
+    (0, 15 * GIB, 128 << 10, 8192, SliceBudget(8192, 0, 16 * 8192)),  # no slice: 16 full contexts
+    # room for the full context; the pool holds what the slice leaves (5 GiB - 1 GiB reserve)
+    (20 * GIB, 15 * GIB, 128 << 10, 8192, SliceBudget(8192, 5 * GIB, 4 * GIB // (128 << 10))),
+    (2 * GIB, 0, 1 << 20, 100_000, SliceBudget((2 * GIB - 256 * MIB) // (1 << 20), 2 * GIB,
+                                               (2 * GIB - 256 * MIB) // (1 << 20))),  # KV-bound
 ])
 def test_slice_plans(slice_bytes: int, arena: int, per_token: int, max_pos: int, want: SliceBudget) -> None:
     assert plan_slice(slice_bytes, arena, per_token, max_pos) == want
+
+
+def test_no_slice_pool_takes_at_most_half_of_free_memory() -> None:
+    got = plan_slice(0, 15 * GIB, 128 << 10, 8192, free_bytes=2 * GIB)
+    assert got.kv_tokens == GIB // (128 << 10)
+    assert got.max_context == 8192 and got.allocator_bytes == 0
+    tiny = plan_slice(0, 0, 1 << 20, 8192, free_bytes=16 * MIB)  # never below a minimal context
+    assert tiny.kv_tokens == MIN_CONTEXT and tiny.max_context == MIN_CONTEXT
 
 
 def test_context_is_what_the_kv_room_holds() -> None:

@@ -1,0 +1,174 @@
+"""The paged KV cache: one pool of fixed-size blocks per instance, and the attention over it.
+
+The pool is sized once, from the instance's GPU slice (``runtime.budget``), and never grows:
+a request holds the blocks its tokens need, and gives them back when it ends. So memory is
+spent on tokens actually in flight, not on ``max_context`` per request, and many short
+requests fit where one long one would.
+
+Layout, per layer: K and V as ``[num_blocks * block_size, kv_heads, head_dim]`` (a token's
+slot is ``block * block_size + offset``). The model runs with the attention implementation
+``snapwake_paged``, registered with transformers' ``AttentionInterface``: each step the
+engine passes a ``StepMeta`` (kwarg ``paged``) that says where the step's new K/V go and which
+blocks each sequence reads. Two kinds of step:
+
+- prefill: the new prompts of several sequences packed into one row; attention is causal
+  within each sequence (a block-diagonal mask), and reads only the step's own K/V.
+- decode: one token per sequence; each sequence reads its blocks (gathered through its block
+  table, up to the longest sequence in the step) under a length mask.
+
+``BlockAllocator`` is the pure part (a free list with counts); it is unit-tested alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from snapwake.errors import ResourceExhausted
+
+__all__ = ["ATTN_IMPLEMENTATION", "BLOCK_SIZE", "BlockAllocator", "KVPool", "StepMeta", "blocks_for",
+           "paged_attention", "register"]
+
+ATTN_IMPLEMENTATION = "snapwake_paged"
+BLOCK_SIZE = 16
+
+
+def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
+    """Blocks needed to hold ``tokens`` tokens."""
+    return -(-tokens // block_size)
+
+
+class BlockAllocator:
+    """Hands out block numbers from a fixed pool. Pure; not thread-safe (the engine thread owns it)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low numbers first
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def take(self, n: int) -> list[int]:
+        """``n`` blocks, or ``ResourceExhausted`` (nothing taken) when fewer are free."""
+        if n > len(self._free):
+            raise ResourceExhausted(f"the KV pool has {len(self._free)} free blocks, {n} needed")
+        return [self._free.pop() for _ in range(n)]
+
+    def give(self, blocks: list[int]) -> None:
+        """Returns blocks to the pool; giving one back twice is a bug and raises."""
+        if len(set(blocks)) != len(blocks) or len(self._free) + len(blocks) > self.num_blocks:
+            raise ValueError(f"blocks given back twice: {sorted(blocks)}")
+        self._free.extend(blocks)
+
+
+class KVPool:
+    """The K and V tensors of every layer, and their allocator."""
+
+    def __init__(self, layers: int, num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, block_size: int = BLOCK_SIZE) -> None:
+        shape = (layers, num_blocks * block_size, kv_heads, head_dim)
+        # Zeroed, not empty: masked-out slots still enter the attention product (weight 0), and
+        # 0 x NaN from stale memory would be NaN.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+
+    def free(self) -> None:
+        """Drops the K and V memory now (the instance is releasing its GPU memory)."""
+        self.k = self.v = torch.empty(0)
+
+    @property
+    def tokens(self) -> int:
+        return self.allocator.num_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @staticmethod
+    def bytes_per_block(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int,
+                        block_size: int = BLOCK_SIZE) -> int:
+        return 2 * layers * kv_heads * head_dim * dtype_bytes * block_size
+
+
+@dataclass
+class StepMeta:
+    """Where one forward step writes and reads in the pool (tensors on the model's device)."""
+
+    pool: KVPool
+    slots: torch.Tensor
+    """[T] int64: the pool slot of each new token, in packed order."""
+    prefill: bool
+    cu_seqlens: list[int] | None = None
+    """prefill: start offsets of each sequence in the packed row, plus the total."""
+    block_table: torch.Tensor | None = None
+    """decode: [S, max_blocks] int64, padded with block 0."""
+    seq_lens: torch.Tensor | None = None
+    """decode: [S] int64, tokens each sequence attends to (its new token included)."""
+    prefill_mask: torch.Tensor | None = None
+    """prefill: [1, 1, T, T] bool, causal within each sequence; built once per step."""
+
+
+def prefill_mask(cu_seqlens: list[int], device: torch.device | str) -> torch.Tensor:
+    """The block-diagonal causal mask of a packed prefill row."""
+    total = cu_seqlens[-1]
+    seq = torch.zeros(total, dtype=torch.int64)
+    for i, (a, b) in enumerate(zip(cu_seqlens, cu_seqlens[1:], strict=False)):
+        seq[a:b] = i
+    pos = torch.arange(total)
+    mask = (seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :])
+    return mask.to(device)[None, None]
+
+
+def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    paged: StepMeta | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention over the paged pool. ``query`` [1, H, T, D]; ``key``/``value`` [1, KVH, T, D] (the
+    step's new tokens, rotary applied). Returns [1, T, H, D] as transformers expects. Called
+    without a ``StepMeta`` (a plain forward of the model, outside the engine), it is SDPA."""
+    if paged is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    layer = module.layer_idx
+    kc, vc = paged.pool.k[layer], paged.pool.v[layer]
+    new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, KVH, D]
+    kc.index_copy_(0, paged.slots, new_k)
+    vc.index_copy_(0, paged.slots, new_v)
+    heads, dim = query.shape[1], query.shape[3]
+    if paged.prefill:
+        assert paged.prefill_mask is not None
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=paged.prefill_mask, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2), None
+    assert paged.block_table is not None and paged.seq_lens is not None
+    bs = paged.pool.block_size
+    seqs, width = paged.block_table.shape
+    kv_heads = kc.shape[1]
+    k = kc.view(-1, bs, kv_heads, dim)[paged.block_table].view(seqs, width * bs, kv_heads, dim).transpose(1, 2)
+    v = vc.view(-1, bs, kv_heads, dim)[paged.block_table].view(seqs, width * bs, kv_heads, dim).transpose(1, 2)
+    mask = torch.arange(width * bs, device=k.device)[None, :] < paged.seq_lens[:, None]
+    q = query[0].transpose(0, 1)[:, :, None, :]  # [S, H, 1, D]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None, None, :], scale=scaling, enable_gqa=True)
+    return out.view(seqs, heads, dim)[None], None  # [1, S(=T), H, D]
+
+
+_registered = False
+
+
+def register() -> None:
+    """Registers ``snapwake_paged`` with transformers (idempotent)."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)
+        _registered = True
