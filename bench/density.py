@@ -211,6 +211,23 @@ def summarise(results: Sequence[RequestResult], trace: Sequence[tr.Event], durat
     return out
 
 
+# Host memory kinds the nodeagent reports for each instance (Instance.host_{kind}_bytes).
+STANDBY_MEMORY = ("rss", "pss", "private")
+
+
+def standby_memory_report(mem: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """``standby_{kind}_bytes`` (per function) with its ``_median`` and ``_max``, for each kind.
+    RSS counts the shared libraries (libtorch, CUDA: about 1 GB) in full for every standby; PSS
+    shares them out; private is what each standby alone holds."""
+    report: dict[str, Any] = {}
+    for kind in STANDBY_MEMORY:
+        values = sorted(mem.get(kind, {}).values())
+        report[f"standby_{kind}_bytes"] = mem.get(kind, {})
+        report[f"standby_{kind}_bytes_median"] = percentile(values, 50) if values else None
+        report[f"standby_{kind}_bytes_max"] = values[-1] if values else None
+    return report
+
+
 def histogram_quantiles(text: str, name: str) -> dict[str, Any]:
     """Count and bucket-bound p50/p99 of a Prometheus histogram summed over its labels (pure)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -254,6 +271,11 @@ def markdown_table(report: dict[str, Any]) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     rss, o = report.get("standby_rss_bytes_median"), report["outcomes"]
+
+    def mib(kind: str) -> str:  # median / max
+        med, top = report.get(f"standby_{kind}_bytes_median"), report.get(f"standby_{kind}_bytes_max")
+        return f"{fmt(med / 2**20 if med else None)} / {fmt(top / 2**20 if top else None)}"
+
     rows = [("models deployed", report["models"]), ("requests", report["requests"]),
             ("served", report["served"]),
             ("429 / 503 / errors / lost", f"{o['429']} / {o['503']} / {o['error']} / {o['lost']}"),
@@ -261,6 +283,8 @@ def markdown_table(report: dict[str, Any]) -> str:
             ("CS-TTFT p99 (s)", fmt(report["cs_ttft_p99_s"])), ("warm hit rate", fmt(report["warm_hit_rate"])),
             ("GPU busy fraction", fmt(report["gpu_busy_fraction"])),
             ("standby host RSS per model (MiB, median)", fmt(rss / 2**20 if rss else None)),
+            ("standby host PSS per model (MiB, median / max)", mib("pss")),
+            ("standby host private per model (MiB, median / max)", mib("private")),
             ("static one-model-per-GPU: GPUs needed", report["static_gpus_needed"]),
             ("static: average busy fraction per GPU", fmt(report["static_busy_fraction_per_gpu"]))]
     return "\n".join(["| metric | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)])
@@ -368,18 +392,21 @@ async def deploy(stub: Any, specs: Sequence[Any], timeout_s: float) -> float:
     return time.monotonic() - t0
 
 
-async def standby_rss(stub: Any, fids: Sequence[str], timeout_s: float = 120.0) -> dict[str, int]:
-    """Host RSS of each function's STANDBY instance, waiting (bounded) until each has one."""
+async def standby_memory(stub: Any, fids: Sequence[str], timeout_s: float = 120.0) -> dict[str, dict[str, int]]:
+    """Host memory of each function's STANDBY instance, as {"rss"|"pss"|"private": {function:
+    bytes}}, waiting (bounded) until each has one with its RSS read. PSS and private are read in
+    the same pass as RSS; they stay out (not 0) where the node could not read them."""
     from snapwake.v1 import scheduler_pb2, types_pb2
 
     deadline = time.monotonic() + timeout_s
-    rss: dict[str, int] = {}
     while True:
         got = await stub.ListInstances(scheduler_pb2.ListInstancesRequest(), timeout=10)
-        rss = {i.function_id: i.host_rss_bytes for i in got.instances
-               if i.state == types_pb2.INSTANCE_STATE_STANDBY and i.function_id in fids and i.host_rss_bytes}
-        if len(rss) == len(fids) or time.monotonic() > deadline:
-            return rss
+        standbys = [i for i in got.instances
+                    if i.state == types_pb2.INSTANCE_STATE_STANDBY and i.function_id in fids and i.host_rss_bytes]
+        mem = {kind: {i.function_id: getattr(i, f"host_{kind}_bytes") for i in standbys
+                      if getattr(i, f"host_{kind}_bytes")} for kind in STANDBY_MEMORY}
+        if len(mem["rss"]) == len(fids) or time.monotonic() > deadline:
+            return mem
         await asyncio.sleep(1.0)
 
 
@@ -492,7 +519,7 @@ async def run(config: DensityConfig) -> dict[str, Any]:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
             deploy_s = await deploy(stub, [function_spec(config, *m) for m in models], config.ready_timeout_s)
             fids = [f"default/default/{n}" for n in names]
-            rss = await standby_rss(stub, fids)
+            memory = await standby_memory(stub, fids)
             stop = asyncio.Event()
             sampling = asyncio.create_task(sampler.run(stop)) if sampler else None
             t_replay = time.monotonic()
@@ -506,7 +533,6 @@ async def run(config: DensityConfig) -> dict[str, Any]:
     finally:
         await asyncio.to_thread(cluster.stop)
     report = summarise(results, trace, config.duration_s, histogram_quantiles(metrics, telemetry.COLD_START_TTFT))
-    rss_values = sorted(rss.values())
     report.update(
         bench="density", mode=config.mode, models=len(models), model_presets=[m[0].split("-", 1)[1] for m in models],
         model_bytes=[m[2] for m in models], machine={**machine(), **(sampler.info if sampler else {})},
@@ -515,8 +541,7 @@ async def run(config: DensityConfig) -> dict[str, Any]:
         gpu_busy_fraction=sampler.busy_fraction() if sampler else None,
         gpu_samples=len(sampler.samples) if sampler else 0,
         gpu_memory_used_max_bytes=max((s[2] for s in sampler.samples), default=None) if sampler else None,
-        standby_rss_bytes=rss, standby_rss_bytes_median=percentile(rss_values, 50) if rss_values else None,
-        standby_rss_bytes_max=rss_values[-1] if rss_values else None,
+        **standby_memory_report(memory),
         deploy_s=deploy_s, replay_s=replay_s, wall_s=time.monotonic() - started)
     if report["gpu_busy_fraction"] is not None and report["static_gpus_needed"]:
         # The same trace is the same GPU work: spread over one GPU per model, each GPU is busy

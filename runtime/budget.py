@@ -18,8 +18,9 @@ __all__ = ["DEFAULT_POOL_SEQUENCES", "MIN_CONTEXT", "SliceBudget", "kv_bytes_per
 
 # Shorter than this and the model could not answer a chat turn: refuse the start instead.
 MIN_CONTEXT = 64
-# Activations and library workspaces, kept out of the KV budget.
-_RESERVE_FRACTION, _RESERVE_MIN = 0.05, 256 << 20
+# Activations, library workspaces and the decode CUDA graphs' memory pool, kept out of the KV
+# budget (256 MiB was too little for the graphs of a batch of 32 on the H100).
+_RESERVE_FRACTION, _RESERVE_MIN = 0.05, 768 << 20
 # With no slice, the KV pool holds this many full-context sequences (or half the free memory).
 DEFAULT_POOL_SEQUENCES = 16
 

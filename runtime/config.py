@@ -21,6 +21,7 @@ class RuntimeConfig:
     gpu_index: int = field(default=0, metadata={"help": "GPU to use with --device cuda"})
     gpu_memory_bytes: int = field(default=0, metadata={"help": "GPU memory slice; sizes the reserved address range"})
     max_batch: int = field(default=64, metadata={"help": "requests decoded together at most"})
+    cuda_graphs: bool = field(default=True, metadata={"help": "replay decode steps as CUDA graphs (cuda only)"})
     start_mode: str = field(default="load", metadata={"help": "load, snapshot or standby"})
     control_socket: str = field(default="", metadata={"help": "Unix socket path the runtime listens on"})
     handover_socket: str = field(default="", metadata={"help": "the blobstore's handover socket path"})

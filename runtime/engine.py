@@ -14,6 +14,14 @@ again (prompt plus what it generated so far) when blocks free up; its client see
 a short pause. Sampling is per request (greedy at temperature 0, else top-p with the request's
 own seeded generator); stop strings and detokenization are per request too.
 
+On CUDA, decode steps replay CUDA graphs: one per (batch, block-table width) bucket, both
+rounded up to a power of two, captured the second time a bucket is needed (a bucket seen once
+costs nothing). A decode step of a small model is otherwise bound by the CPU launching a few
+thousand kernels one by one; replaying a graph launches them all at once. Padding rows write
+their K/V into a scratch block kept out of the allocator, and read only it. The graphs live as
+long as the engine: ``close`` drops them with the KV pool, so a parked instance holds no GPU
+memory for them.
+
 ``close`` stops admitting, lets the running requests finish (bounded), and stops the thread;
 the instance calls it before it unmaps the weights.
 """
@@ -29,12 +37,12 @@ from typing import Any
 
 import torch
 
-from runtime.kvcache import ATTN_IMPLEMENTATION, KVPool, StepMeta, blocks_for, prefill_mask, register
+from runtime.kvcache import ATTN_IMPLEMENTATION, KVPool, StepMeta, blocks_for, register
 from runtime.sampling import SamplingParams
 from runtime.stops import StopFilter
 from snapwake.errors import ResourceExhausted, SnapwakeError, Unavailable
 
-__all__ = ["Engine", "Piece", "next_token"]
+__all__ = ["Engine", "Piece", "bucket", "next_token"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,21 @@ def next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (the CUDA graph buckets)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass
+class _Graph:
+    """A captured decode step and its static inputs: one int64 buffer holding, in order, the
+    input ids, positions, slots and sequence lengths ([batch] each), then the block table."""
+
+    graph: Any
+    packed: torch.Tensor
+    logits: torch.Tensor
 
 
 @dataclass(eq=False)
@@ -91,17 +114,23 @@ class Engine:
     """Generates completions for many requests at once with a bound model and its tokenizer."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, eos_ids: set[int], pool: KVPool,
-                 max_context: int, max_batch: int = 64, prefill_tokens: int = 2048) -> None:
+                 max_context: int, max_batch: int = 64, prefill_tokens: int = 4096,
+                 cuda_graphs: bool = True) -> None:
         register()
         model.config._attn_implementation = ATTN_IMPLEMENTATION
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.pool = pool
-        self.max_context = max_context
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self._device = next(model.parameters()).device
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._seen: dict[tuple[int, int], int] = {}
+        self._use_graphs = cuda_graphs and self._device.type == "cuda" and pool.allocator.num_blocks > 1
+        self._scratch = pool.allocator.take(1)[0] if self._use_graphs else -1
+        self._graph_pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
+        self.max_context = min(max_context, pool.allocator.free * pool.block_size)
         self._cv = threading.Condition()
         self._inbox: list[_Seq] = []
         self._waiting: deque[_Seq] = deque()
@@ -109,7 +138,8 @@ class Engine:
         self._closed = False
         self._fatal: BaseException | None = None
         self._order = 0
-        self.stats = {"steps": 0, "batch_peak": 0, "preempted": 0, "generated_tokens": 0}
+        self.stats = {"steps": 0, "batch_peak": 0, "preempted": 0, "generated_tokens": 0,
+                      "graphs": 0, "graph_steps": 0}
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -181,6 +211,7 @@ class Engine:
                         self._waiting.extend(self._inbox)
                         self._inbox.clear()
                     self._step()
+            self._graphs.clear()  # closing: the graphs' memory goes with the KV pool
         except BaseException as exc:  # a bug: fail everything now and every later request
             log.exception("engine thread failed")
             with self._cv:
@@ -203,7 +234,18 @@ class Engine:
     def _guarded(self, seqs: list[_Seq], fn: Callable[[list[_Seq]], None]) -> None:
         """Runs a forward step; if it fails, the requests in it fail and the engine goes on."""
         try:
-            fn(seqs)
+            try:
+                fn(seqs)
+            except torch.OutOfMemoryError:
+                if not self._graphs:
+                    raise
+                # The graphs' memory pool took the room: drop them, decode eagerly, retry the step
+                # (a step changes nothing before its forward has run).
+                log.warning("engine: out of memory with %d CUDA graphs; dropping them", len(self._graphs))
+                self._graphs.clear()
+                self._use_graphs = False
+                torch.cuda.empty_cache()
+                fn(seqs)
         except torch.OutOfMemoryError:
             log.warning("engine: out of memory in a step of %d requests", len(seqs))
             err = ResourceExhausted("the instance ran out of GPU memory in its slice; retry with fewer tokens")
@@ -252,8 +294,7 @@ class Engine:
             slots += [self._slot(seq, p) for p in range(len(toks))]
             cu.append(len(ids))
         dev = self._device
-        meta = StepMeta(self.pool, torch.tensor(slots, device=dev), prefill=True, cu_seqlens=cu,
-                        prefill_mask=prefill_mask(cu, dev))
+        meta = StepMeta(self.pool, torch.tensor(slots, device=dev), prefill=True, cu_seqlens=cu)
         last = torch.tensor([c - 1 for c in cu[1:]], device=dev)
         logits = self.model(input_ids=torch.tensor([ids], device=dev),
                             position_ids=torch.tensor([positions], device=dev),
@@ -287,19 +328,81 @@ class Engine:
         seqs = list(self._running)
         if not seqs:
             return
-        dev = self._device
         width = max(len(s.blocks) for s in seqs)
-        table = [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
-        meta = StepMeta(self.pool, torch.tensor([self._slot(s, s.kv_len) for s in seqs], device=dev),
-                        prefill=False, block_table=torch.tensor(table, device=dev),
-                        seq_lens=torch.tensor([s.kv_len + 1 for s in seqs], device=dev))
-        logits = self.model(input_ids=torch.tensor([[s.out[-1] for s in seqs]], device=dev),
-                            position_ids=torch.tensor([[s.kv_len for s in seqs]], device=dev),
-                            use_cache=False, logits_to_keep=0, paged=meta).logits[0]
+        logits = self._decode_graph(seqs, width) if self._use_graphs else None
+        if logits is None:
+            dev = self._device
+            table = [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
+            meta = StepMeta(self.pool, torch.tensor([self._slot(s, s.kv_len) for s in seqs], device=dev),
+                            prefill=False, block_table=torch.tensor(table, device=dev),
+                            seq_lens=torch.tensor([s.kv_len + 1 for s in seqs], device=dev))
+            logits = self.model(input_ids=torch.tensor([[s.out[-1] for s in seqs]], device=dev),
+                                position_ids=torch.tensor([[s.kv_len for s in seqs]], device=dev),
+                                use_cache=False, logits_to_keep=0, paged=meta).logits[0]
         for seq in seqs:
             seq.kv_len += 1
         self.stats["batch_peak"] = max(self.stats["batch_peak"], len(seqs))
         self._accept_all(seqs, logits)
+
+    def _decode_graph(self, seqs: list[_Seq], width: int) -> torch.Tensor | None:
+        """The decode step by graph replay; None when its bucket has no graph (yet)."""
+        n, key = len(seqs), (bucket(len(seqs)), bucket(width))
+        graph = self._graphs.get(key)
+        if graph is None:
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] < 2:
+                return None
+            try:
+                graph = self._capture(*key)
+            except Exception:  # an op that cannot be captured: decode eagerly from now on
+                log.exception("engine: CUDA graph capture failed; decoding without graphs")
+                self._use_graphs = False
+                self._graphs.clear()
+                return None
+        b, w = key
+        pad_slot = self._scratch * self.pool.block_size
+        table = [self._scratch] + [0] * (w - 1)
+        packed = ([s.out[-1] for s in seqs] + [0] * (b - n)
+                  + [s.kv_len for s in seqs] + [0] * (b - n)
+                  + [self._slot(s, s.kv_len) for s in seqs] + [pad_slot] * (b - n)
+                  + [s.kv_len + 1 for s in seqs] + [1] * (b - n))
+        for s in seqs:
+            packed += s.blocks + [0] * (w - len(s.blocks))
+        packed += table * (b - n)
+        graph.packed.copy_(torch.tensor(packed, dtype=torch.int64))
+        graph.graph.replay()
+        self.stats["graph_steps"] += 1
+        return graph.logits[0, :n]
+
+    def _capture(self, b: int, w: int) -> _Graph:
+        """Captures the decode step for ``b`` rows and ``w`` blocks of table (pad rows only)."""
+        dev = self._device
+        pad_slot = self._scratch * self.pool.block_size
+        packed = torch.zeros(4 * b + b * w, dtype=torch.int64, device=dev)
+        packed[2 * b:3 * b] = pad_slot
+        packed[3 * b:4 * b] = 1
+        table = packed[4 * b:].view(b, w)
+        table[:, 0] = self._scratch
+        meta = StepMeta(self.pool, packed[2 * b:3 * b], prefill=False, block_table=table,
+                        seq_lens=packed[3 * b:4 * b])
+        ids, pos = packed[:b].view(1, b), packed[b:2 * b].view(1, b)
+
+        def step() -> torch.Tensor:
+            return self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=0,
+                              paged=meta).logits
+
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            step()  # warm-up outside the capture (lazy initialisation, cuBLAS handles)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = step()
+        self._graphs[(b, w)] = captured = _Graph(graph, packed, logits)
+        self.stats["graphs"] += 1
+        log.info("engine: captured the decode step for batch %d, %d blocks", b, w)
+        return captured
 
     def _accept_all(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Samples one token per row of ``logits`` [S, V] and hands it to each request."""

@@ -70,6 +70,7 @@ class Settings:
     gpu_memory_bytes: int = 0
     # Requests decoded together at most (the scheduler's concurrency keeps below it).
     max_batch: int = 64
+    cuda_graphs: bool = True
 
 
 class Instance:
@@ -121,9 +122,10 @@ class Instance:
                       self.skeleton.dtype, self.arena.tensor().device)
         max_context = min(budget.max_context, pool.tokens)
         self.engine = Engine(self.skeleton.model, self.tokenizer, eos_ids(self.settings.model_dir, config),
-                             pool, max_context, max_batch=self.settings.max_batch)
+                             pool, max_context, max_batch=self.settings.max_batch,
+                             cuda_graphs=self.settings.cuda_graphs)
         log.info("KV pool: %d tokens (%.1f MiB), context %d, batch up to %d", pool.tokens, pool.nbytes / 2**20,
-                 max_context, self.settings.max_batch)
+                 self.engine.max_context, self.settings.max_batch)
 
     def load_from_dir(self) -> dict[str, Any]:
         """Reads the checkpoint into a fresh arena (start modes load and snapshot)."""

@@ -11,10 +11,13 @@ slot is ``block * block_size + offset``). The model runs with the attention impl
 engine passes a ``StepMeta`` (kwarg ``paged``) that says where the step's new K/V go and which
 blocks each sequence reads. Two kinds of step:
 
-- prefill: the new prompts of several sequences packed into one row; attention is causal
-  within each sequence (a block-diagonal mask), and reads only the step's own K/V.
+- prefill: the new prompts of several sequences packed into one row (the projections and MLPs
+  run once for all); attention is causal SDPA per sequence over the step's own K/V (flash,
+  no mask, memory linear in the prompt).
 - decode: one token per sequence; each sequence reads its blocks (gathered through its block
-  table, up to the longest sequence in the step) under a length mask.
+  table, up to the longest sequence in the step) under a length mask. Grouped-query heads are
+  folded into the query length, so K/V are never repeated per head, and rows are gathered in
+  chunks of at most ``GATHER_BYTES`` so a long context cannot outgrow the slice's workspace.
 
 ``BlockAllocator`` is the pure part (a free list with counts); it is unit-tested alone.
 """
@@ -33,6 +36,7 @@ __all__ = ["ATTN_IMPLEMENTATION", "BLOCK_SIZE", "BlockAllocator", "KVPool", "Ste
 
 ATTN_IMPLEMENTATION = "snapwake_paged"
 BLOCK_SIZE = 16
+GATHER_BYTES = 32 << 20  # K (and V) gathered at once in a decode step, per layer
 
 
 def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
@@ -111,19 +115,6 @@ class StepMeta:
     """decode: [S, max_blocks] int64, padded with block 0."""
     seq_lens: torch.Tensor | None = None
     """decode: [S] int64, tokens each sequence attends to (its new token included)."""
-    prefill_mask: torch.Tensor | None = None
-    """prefill: [1, 1, T, T] bool, causal within each sequence; built once per step."""
-
-
-def prefill_mask(cu_seqlens: list[int], device: torch.device | str) -> torch.Tensor:
-    """The block-diagonal causal mask of a packed prefill row."""
-    total = cu_seqlens[-1]
-    seq = torch.zeros(total, dtype=torch.int64)
-    for i, (a, b) in enumerate(zip(cu_seqlens, cu_seqlens[1:], strict=False)):
-        seq[a:b] = i
-    pos = torch.arange(total)
-    mask = (seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :])
-    return mask.to(device)[None, None]
 
 
 def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -139,26 +130,34 @@ def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
                                       dropout=dropout, **kwargs)
     layer = module.layer_idx
     kc, vc = paged.pool.k[layer], paged.pool.v[layer]
-    new_k, new_v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, KVH, D]
-    kc.index_copy_(0, paged.slots, new_k)
-    vc.index_copy_(0, paged.slots, new_v)
-    heads, dim = query.shape[1], query.shape[3]
+    kc.index_copy_(0, paged.slots, key[0].transpose(0, 1))  # [T, KVH, D]
+    vc.index_copy_(0, paged.slots, value[0].transpose(0, 1))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     if paged.prefill:
-        assert paged.prefill_mask is not None
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=paged.prefill_mask, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2), None
+        cu = paged.cu_seqlens
+        assert cu is not None
+        outs = [sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
+                     enable_gqa=True) for a, b in zip(cu, cu[1:], strict=False)]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).transpose(1, 2), None
     assert paged.block_table is not None and paged.seq_lens is not None
+    heads, dim = query.shape[1], query.shape[3]
     bs = paged.pool.block_size
     seqs, width = paged.block_table.shape
     kv_heads = kc.shape[1]
-    k = kc.view(-1, bs, kv_heads, dim)[paged.block_table].view(seqs, width * bs, kv_heads, dim).transpose(1, 2)
-    v = vc.view(-1, bs, kv_heads, dim)[paged.block_table].view(seqs, width * bs, kv_heads, dim).transpose(1, 2)
-    mask = torch.arange(width * bs, device=k.device)[None, :] < paged.seq_lens[:, None]
-    q = query[0].transpose(0, 1)[:, :, None, :]  # [S, H, 1, D]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask[:, None, None, :], scale=scaling, enable_gqa=True)
-    return out.view(seqs, heads, dim)[None], None  # [1, S(=T), H, D]
+    length = width * bs
+    q = query[0].transpose(0, 1).reshape(seqs, kv_heads, heads // kv_heads, dim)  # [S, KVH, G, D]
+    rows = max(1, GATHER_BYTES // (length * kv_heads * dim * kc.element_size()))
+    positions = torch.arange(length, device=kc.device)
+    outs = []
+    for r0 in range(0, seqs, rows):
+        table = paged.block_table[r0:r0 + rows]
+        n = table.shape[0]
+        k = kc.view(-1, bs, kv_heads, dim)[table].view(n, length, kv_heads, dim).transpose(1, 2)
+        v = vc.view(-1, bs, kv_heads, dim)[table].view(n, length, kv_heads, dim).transpose(1, 2)
+        mask = (positions[None, :] < paged.seq_lens[r0:r0 + rows, None])[:, None, None, :]
+        outs.append(sdpa(q[r0:r0 + n], k, v, attn_mask=mask, scale=scaling))  # [n, KVH, G, D]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.reshape(1, seqs, heads, dim), None
 
 
 _registered = False

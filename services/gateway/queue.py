@@ -4,7 +4,9 @@
 ``LeaseQueue`` is its asyncio edge: a request takes a slot (or is refused with 429), then a
 worker task asks the scheduler for a lease with the deadline that is left of the function's
 ``queue_timeout`` (503 when it runs out). The OpenTelemetry context is captured at enqueue time
-and attached in the worker, so the lease span sits under the request's trace.
+and attached in the worker, so the lease span sits under the request's trace. Every lease
+acquired and not yet released is listed in the periodic report, so a newly elected scheduler
+counts it too.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from services.gateway.errors import QueueFull, QueueTimeout
-from services.gateway.scheduler_client import FunctionInfo, Lease, SchedulerClient
+from services.gateway.scheduler_client import FunctionInfo, HeldLease, Lease, SchedulerClient
 from snapwake import errors, telemetry
 
 try:
@@ -77,6 +79,8 @@ class LeaseQueue:
         self._default_len, self._default_timeout = default_len, default_timeout
         self._on_depth = on_depth
         self._background: set[asyncio.Task[Any]] = set()
+        self._held: dict[str, HeldLease] = {}  # acquired, not yet released
+        self._reported_held = False  # the last report listed leases: the next must say if they went
 
     def limits(self, fn: FunctionInfo) -> tuple[int, float]:
         """The function's (queue_len, queue_timeout), with the gateway's defaults for zeros."""
@@ -112,7 +116,9 @@ class LeaseQueue:
         token = otel_context.attach(captured) if otel_context and captured is not None else None
         try:
             async with telemetry.traced("lease.acquire", attributes={"snapwake.function_id": function_id}):
-                return await self._client.acquire_lease(function_id, request_id, max_wait)
+                lease = await self._client.acquire_lease(function_id, request_id, max_wait)
+                self._held[lease.lease_id] = HeldLease(lease.lease_id, lease.instance_id, function_id)
+                return lease
         finally:
             if token is not None:
                 otel_context.detach(token)
@@ -127,6 +133,7 @@ class LeaseQueue:
 
     def release(self, lease: Lease, instance_failed: bool = False) -> None:
         """Returns a lease in the background: cancellation of the request must not skip it."""
+        self._held.pop(lease.lease_id, None)  # not reported from now on, even if the RPC fails
         self._spawn(self._release(lease, instance_failed))
 
     async def _release(self, lease: Lease, instance_failed: bool) -> None:
@@ -142,18 +149,24 @@ class LeaseQueue:
         return task
 
     async def report_forever(self, interval: float) -> None:
-        """Sends queue depths to the scheduler every ``interval`` seconds until cancelled."""
+        """Sends queue depths and held leases to the scheduler every ``interval`` seconds until
+        cancelled; the scheduler's grace after an election assumes this period."""
         while True:
             await asyncio.sleep(interval)
-            depths = self._book.depths()
-            if not depths:
+            depths, held = self._book.depths(), list(self._held.values())
+            if not depths and not held and not self._reported_held:
                 continue
             try:
-                await self._client.report_queue(depths)
+                await self._client.report_queue(depths, held)
             except errors.SnapwakeError as exc:
                 log.warning("ReportQueue failed: %s", exc.message)
                 continue
+            self._reported_held = bool(held)
             self._book.prune()
+
+    def held(self) -> list[HeldLease]:
+        """Leases acquired and not yet released, as the next report lists them."""
+        return list(self._held.values())
 
     def depths(self) -> Mapping[str, int]:
         return self._book.depths()

@@ -24,7 +24,7 @@ from snapwake import errors
 from snapwake.grpcserver import channel
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
-__all__ = ["FunctionInfo", "GrpcSchedulerClient", "Lease", "LeaseSource", "SchedulerClient"]
+__all__ = ["FunctionInfo", "GrpcSchedulerClient", "HeldLease", "Lease", "LeaseSource", "SchedulerClient"]
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -55,6 +55,15 @@ class Lease:
     endpoint: str  # host:port of the instance's OpenAI server
     source: LeaseSource = LeaseSource.WARM
     wait_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class HeldLease:
+    """A lease this gateway holds, as reported to the scheduler (a new leader adopts it)."""
+
+    lease_id: str
+    instance_id: str
+    function_id: str
 
 
 @dataclass(frozen=True)
@@ -97,8 +106,9 @@ class SchedulerClient(abc.ABC):
         """Returns the lease; ``instance_failed`` asks the scheduler to check the instance."""
 
     @abc.abstractmethod
-    async def report_queue(self, depths: Mapping[str, int]) -> None:
-        """Reports waiting requests per function id (the autoscaler's input)."""
+    async def report_queue(self, depths: Mapping[str, int], leases: Sequence[HeldLease] = ()) -> None:
+        """Reports waiting requests per function id (the autoscaler's input) and every lease
+        held (the leader's count of them survives a failover)."""
 
     async def close(self) -> None:  # noqa: B027 - an optional hook; most fakes hold nothing
         """Releases connections."""
@@ -214,8 +224,10 @@ class GrpcSchedulerClient(SchedulerClient):
 
         await self._call(invoke, self._rpc_timeout)
 
-    async def report_queue(self, depths: Mapping[str, int]) -> None:
-        request = scheduler_pb2.ReportQueueRequest(gateway_id=self._gateway_id, depths=dict(depths))
+    async def report_queue(self, depths: Mapping[str, int], leases: Sequence[HeldLease] = ()) -> None:
+        held = [scheduler_pb2.HeldLease(lease_id=h.lease_id, instance_id=h.instance_id, function_id=h.function_id)
+                for h in leases]
+        request = scheduler_pb2.ReportQueueRequest(gateway_id=self._gateway_id, depths=dict(depths), leases=held)
 
         async def invoke(i: int, t: float) -> Any:
             return await self._leases[i].ReportQueue(request, timeout=t)

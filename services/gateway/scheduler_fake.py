@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from services.gateway.scheduler_client import FunctionInfo, Lease, LeaseSource, SchedulerClient
+from services.gateway.scheduler_client import FunctionInfo, HeldLease, Lease, LeaseSource, SchedulerClient
 from snapwake import errors
 
 __all__ = ["InMemoryScheduler"]
@@ -38,6 +38,7 @@ class InMemoryScheduler(SchedulerClient):
         self._ids = itertools.count(1)
         self.released: list[tuple[str, bool]] = []  # (lease id, instance_failed)
         self.reports: list[dict[str, int]] = []
+        self.reported_leases: list[list[HeldLease]] = []  # one list per report
         self.list_calls = 0
 
     def deploy(self, info: FunctionInfo, endpoints: list[str], concurrency: int = 1,
@@ -87,5 +88,6 @@ class InMemoryScheduler(SchedulerClient):
                 d.endpoints.remove(endpoint)
             self._changed.notify_all()
 
-    async def report_queue(self, depths: Mapping[str, int]) -> None:
+    async def report_queue(self, depths: Mapping[str, int], leases: Sequence[HeldLease] = ()) -> None:
         self.reports.append(dict(depths))
+        self.reported_leases.append(list(leases))

@@ -21,6 +21,7 @@ import grpc
 import httpx
 
 from services.nodeagent import probe
+from services.nodeagent.admission import DriverGate
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.gpu import Checkpointer
 from services.nodeagent.machine import InstanceMachine, activity_move
@@ -74,6 +75,8 @@ class NodeAgent:
         self.config, self.store, self.runtime, self.checkpointer = config, store, runtime, checkpointer
         self.gpus, self.host_memory, self.clock = gpus, host_memory, clock
         self.instances: dict[str, Live] = {}
+        # Driver restores before checkpoints, each kind capped (``admission``).
+        self.gate = DriverGate(config.max_concurrent_restores, config.max_concurrent_checkpoints)
         self.cached_snapshots: list[str] = []
         self.lease = LeaseKeeper(store, config.lease_ttl, on_lost=self._on_lease_lost)
         self.http = httpx.AsyncClient()
@@ -231,9 +234,7 @@ class NodeAgent:
                 if new is not None:
                     machine.move(new, self.clock())
                     changed = True
-        rss = probe.host_rss_bytes(live.pid)
-        if abs(rss - machine.instance.host_rss_bytes) > (16 << 20):
-            machine.instance.host_rss_bytes = rss
+        if _note_memory(machine.instance, await asyncio.to_thread(probe.host_memory, live.pid)):
             changed = True
         if changed:
             await self.publish(live)
@@ -249,3 +250,13 @@ class NodeAgent:
         if cached != sorted(self.cached_snapshots):
             self.cached_snapshots = cached
             await self.register()
+
+
+def _note_memory(inst: types_pb2.Instance, mem: probe.HostMemory) -> bool:
+    """Records ``mem`` on the instance when a number moved by more than 16 MiB (so the etcd
+    record is not rewritten for every page); True when it did."""
+    old = (inst.host_rss_bytes, inst.host_pss_bytes, inst.host_private_bytes)
+    if all(abs(new - was) <= (16 << 20) for new, was in zip(mem, old, strict=True)):
+        return False
+    inst.host_rss_bytes, inst.host_pss_bytes, inst.host_private_bytes = mem
+    return True

@@ -45,6 +45,10 @@ class NodeAgentConfig:
     ended_linger: float = field(default=5.0, metadata=_help("seconds an ENDED/FAILED key stays visible"))
     log_level: str = field(default="INFO", metadata=_help("logging level"))
     metrics_port: int = field(default=0, metadata=_help("port serving Prometheus /metrics (0: off)"))
+    max_concurrent_restores: int = field(default=4, metadata=_help(
+        "driver restores (with their weight DMA) run at once on this node; more wait their turn"))
+    max_concurrent_checkpoints: int = field(default=1, metadata=_help(
+        "driver checkpoints run at once; one never starts while a restore runs or waits"))
     container_env: tuple[str, ...] = field(default=(), metadata=_help(
         "extra KEY=VALUE variables for every container, comma separated; main adds the OTEL_* "
         "tracing variables it was started with"))
@@ -90,6 +94,9 @@ class NodeAgentConfig:
             bad.append(f"metrics_port: out of range: {self.metrics_port}")
         bad.extend(f"container_env: expected KEY=VALUE, got {item!r}"
                    for item in self.container_env if not item.partition("=")[0] or "=" not in item)
+        for key in ("max_concurrent_restores", "max_concurrent_checkpoints"):
+            if getattr(self, key) < 1:
+                bad.append(f"{key}: must be at least 1, got {getattr(self, key)}")
         if self.start_timeout <= 0 or self.reconcile_interval <= 0:
             bad.append("start_timeout/reconcile_interval: must be positive")
         return bad

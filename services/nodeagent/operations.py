@@ -15,6 +15,8 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace
+
 from services.nodeagent import integrity, probe, process_mode
 from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.bundle import write_bundle
@@ -103,7 +105,7 @@ async def _reach_goal(agent: NodeAgent, live: Live, plan: StartPlan, deadline: f
         else:
             await _wait_phase(agent, live, "released")
         if live.gpu:
-            await agent.checkpointer.checkpoint(live.pid)
+            await _checkpoint(agent, live, deadline - time.monotonic())
         await agent.move(live, S.INSTANCE_STATE_STANDBY)
         return
     await _wait_phase(agent, live, "serving")
@@ -202,26 +204,36 @@ async def restore_instance(agent: NodeAgent, req: nodeagent_pb2.RestoreInstanceR
             raise errors.InvalidArgument(f"gpu_index: the standby was checkpointed on GPU {inst.gpu_index}",
                                          field="gpu_index")
         started = time.perf_counter()
-        await agent.move(live, S.INSTANCE_STATE_RESTORING)
-        if live.process_mode:
-            return await _restore_process(agent, live, started, limit_s)
-        sid, gpu = keys.snapshot_id(inst.function_id, inst.revision), inst.gpu_index if live.gpu else -1
-        restore: Awaitable[float] = agent.checkpointer.restore(live.pid) if live.gpu else _zero()
-        try:
-            _, restore_s = await asyncio.wait_for(asyncio.gather(
-                _prepare(agent.config.handover_socket, sid, gpu, limit_s), in_span("driver_restore", restore)),
-                limit_s)
-            async with telemetry.traced("attach"):
-                attach = await probe.control(live.control_socket, {"op": "attach", "snapshot_id": sid, "gpu": gpu,
-                                                                   **traceparent()}, limit_s)
-        except (TimeoutError, errors.SnapwakeError) as exc:
-            reason = f"restore of {inst.id} failed: {getattr(exc, 'message', None) or 'timed out'}"
-            await integrity.note_failure(agent.store, agent.config.name, inst, reason)
-            await agent.fail(live, reason + "; output:\n" + probe.tail(live.log_path, 1500))
-            raise errors.StartFailed(reason) from exc
-        total = time.perf_counter() - started
-        inst.last_start_seconds = total
-        await agent.move(live, S.INSTANCE_STATE_RUNNING)
+        # Waiting for a slot leaves the standby as it is: a wait that runs out fails nothing.
+        async with agent.gate.restore(limit_s) as waited:
+            trace.get_current_span().set_attribute("snapwake.driver_gate.wait_seconds", waited)
+            await agent.move(live, S.INSTANCE_STATE_RESTORING)
+            restore = _restore_process if live.process_mode else _restore_arena
+            return await restore(agent, live, started, max(0.1, limit_s - waited))
+
+
+async def _restore_arena(agent: NodeAgent, live: Live, started: float,
+                         limit_s: float) -> nodeagent_pb2.RestoreInstanceResponse:
+    """RESTORING -> RUNNING: blobstore prepare and driver restore at once, then attach (under the
+    lock and a restore slot)."""
+    inst = live.machine.instance
+    sid, gpu = keys.snapshot_id(inst.function_id, inst.revision), inst.gpu_index if live.gpu else -1
+    restore: Awaitable[float] = agent.checkpointer.restore(live.pid) if live.gpu else _zero()
+    try:
+        _, restore_s = await asyncio.wait_for(asyncio.gather(
+            _prepare(agent.config.handover_socket, sid, gpu, limit_s), in_span("driver_restore", restore)),
+            limit_s)
+        async with telemetry.traced("attach"):
+            attach = await probe.control(live.control_socket, {"op": "attach", "snapshot_id": sid, "gpu": gpu,
+                                                               **traceparent()}, limit_s)
+    except (TimeoutError, errors.SnapwakeError) as exc:
+        reason = f"restore of {inst.id} failed: {getattr(exc, 'message', None) or 'timed out'}"
+        await integrity.note_failure(agent.store, agent.config.name, inst, reason)
+        await agent.fail(live, reason + "; output:\n" + probe.tail(live.log_path, 1500))
+        raise errors.StartFailed(reason) from exc
+    total = time.perf_counter() - started
+    inst.last_start_seconds = total
+    await agent.move(live, S.INSTANCE_STATE_RUNNING)
     resp = nodeagent_pb2.RestoreInstanceResponse(instance=inst, dma_bytes=int(attach.get("bytes", 0)))
     resp.restore_duration.FromNanoseconds(int(restore_s * 1e9))
     resp.dma_duration.FromNanoseconds(int(float(attach.get("dma_seconds", 0.0)) * 1e9))
@@ -235,7 +247,8 @@ async def _zero() -> float:
 
 async def _restore_process(agent: NodeAgent, live: Live, started: float,
                            limit_s: float) -> nodeagent_pb2.RestoreInstanceResponse:
-    """RESTORING -> RUNNING for a whole-process checkpoint: the driver restore alone (under the lock)."""
+    """RESTORING -> RUNNING for a whole-process checkpoint: the driver restore alone (under the
+    lock and a restore slot)."""
     inst = live.machine.instance
     try:
         restore_s = await asyncio.wait_for(process_mode.restore(
@@ -275,12 +288,20 @@ async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 
             if not live.process_mode:  # process mode: the checkpoint takes the weights too
                 await probe.control(live.control_socket, {"op": "release"}, limit_s)
             if live.gpu:
-                await agent.checkpointer.checkpoint(live.pid)
+                await _checkpoint(agent, live, limit_s)
         except errors.SnapwakeError as exc:
             await agent.fail(live, f"suspend failed: {exc.message}")
             raise
         await agent.move(live, S.INSTANCE_STATE_STANDBY)
         return machine.instance
+
+
+async def _checkpoint(agent: NodeAgent, live: Live, limit_s: float) -> None:
+    """The driver checkpoint of a parked or new standby, once no restore on the node needs the
+    bus (``admission``); waiting longer than ``limit_s`` raises DeadlineExceeded."""
+    async with telemetry.traced("driver_checkpoint") as span, agent.gate.checkpoint(limit_s) as waited:
+        span.set_attribute("snapwake.driver_gate.wait_seconds", waited)
+        await agent.checkpointer.checkpoint(live.pid)
 
 
 async def stop_instance(agent: NodeAgent, instance_id: str) -> None:

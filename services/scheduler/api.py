@@ -178,5 +178,13 @@ class LeaseServicer(scheduler_pb2_grpc.LeaseServiceServicer):
     async def ReportQueue(self, request: pb.ReportQueueRequest, context: grpc.aio.ServicerContext
                           ) -> pb.ReportQueueResponse:
         self.leader.require()
+        for n, held in enumerate(request.leases):
+            for name in ("lease_id", "instance_id", "function_id"):
+                if not getattr(held, name):
+                    raise errors.InvalidArgument(f"leases[{n}].{name} is empty", field=f"leases[{n}].{name}")
+        if request.leases and not request.gateway_id:
+            raise errors.InvalidArgument("gateway_id is required with leases", field="gateway_id")
         self.queues.report(request.gateway_id, dict(request.depths))
+        if request.gateway_id:
+            self.broker.report(request.gateway_id, request.leases)
         return pb.ReportQueueResponse()

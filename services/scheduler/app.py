@@ -53,14 +53,29 @@ class Scheduler:
         scheduler_pb2_grpc.add_LeaseServiceServicer_to_server(
             LeaseServicer(self.broker, self.queues, self.election), self.server.server)
         self._election_task: asyncio.Task[None] | None = None
+        self._settling: asyncio.Task[None] | None = None
 
     async def _elected(self) -> None:
         # The mirror is kept in sync whether or not we lead; only the leader's soft state
-        # (leases, starts in flight) must start empty, since a past term's is stale.
+        # (leases, starts in flight) must start empty, since a past term's is stale. Leases
+        # still held from that term come back with the gateways' reports: until the grace
+        # window ends nothing is granted, and the controller (whose scale-in and cleanup read
+        # lease counts) waits too.
         self.broker.reset()
+        self.broker.settle(self.cfg.lease_adopt_grace_s)
+        self._settling = asyncio.create_task(self._control_after(self.cfg.lease_adopt_grace_s),
+                                             name="controller after grace")
+
+    async def _control_after(self, grace_s: float) -> None:
+        await asyncio.sleep(grace_s)
         self.controller.start()
 
     async def _deposed(self) -> None:
+        if self._settling is not None:
+            self._settling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._settling
+            self._settling = None
         await self.controller.stop()
         self.broker.reset()
 

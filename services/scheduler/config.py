@@ -20,6 +20,9 @@ class SchedulerConfig:
     election_ttl_s: int = field(default=5, metadata={"help": "leader lease TTL in seconds"})
     lease_ttl_s: float = field(default=600.0, metadata={
         "help": "how long a gateway's instance lease lives unless released (bounds one request)"})
+    lease_adopt_grace_s: float = field(default=2.0, metadata={
+        "help": "after winning an election, grant and stop nothing for this long while gateways "
+                "report the leases they hold (at least the gateways' report_interval plus margin)"})
     node_rpc_timeout_s: float = field(default=10.0, metadata={
         "help": "deadline of nodeagent calls, added to the function's start_timeout for starts"})
     node_stale_s: float = field(default=30.0, metadata={
@@ -40,6 +43,8 @@ class SchedulerConfig:
                      "reconcile_interval_s", "snapshot_attempts"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}: must be positive")
+        if self.lease_adopt_grace_s < 0:
+            problems.append("lease_adopt_grace_s: must not be negative")
         if not 0 <= self.metrics_port < 65536:
             problems.append(f"metrics_port: out of range: {self.metrics_port}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

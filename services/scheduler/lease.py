@@ -5,6 +5,10 @@ slot, least loaded first; (b)/(c) otherwise one shared start per function (resto
 else a normal start; see ``starter``) unless ``max_instances`` are up; (d) otherwise wait
 until a lease is released or an instance becomes ready. Concurrent waiters share the start:
 if it fails, every one of them gets ``StartFailed`` with the reason at once.
+
+A new leader knows no leases until the gateways report the ones they hold (``report``), so
+for ``settle``'s grace window after an election nothing is granted or started: requests wait
+(within their deadline) until the reports are in and ``free`` counts the adopted leases.
 """
 
 from __future__ import annotations
@@ -12,19 +16,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from services.scheduler.leasetable import Lease, LeaseTable
+from services.scheduler.leasetable import Adoption, Lease, LeaseTable
 from services.scheduler.spec import seconds
 from services.scheduler.starter import Starter, StartResult
 from services.scheduler.state import ClusterState
 from snapwake import errors, keys, telemetry
 from snapwake.lifecycle import SERVING
-from snapwake.v1.scheduler_pb2 import LeaseSource
+from snapwake.v1.scheduler_pb2 import HeldLease, LeaseSource
 from snapwake.v1.types_pb2 import Function, FunctionState, Instance, InstanceState
 
 __all__ = ["Grant", "LeaseBroker", "QueueDepths"]
@@ -34,6 +39,8 @@ S = InstanceState
 # Instances that count against max_instances: everything that holds or is about to hold a GPU.
 COUNTED = frozenset({S.INSTANCE_STATE_CREATING, S.INSTANCE_STATE_STARTING, S.INSTANCE_STATE_RESTORING,
                      S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_IDLE})
+# Instances whose leases are forgotten (and never adopted): they serve nothing any more.
+_GONE = frozenset({S.INSTANCE_STATE_ENDED, S.INSTANCE_STATE_FAILED, S.INSTANCE_STATE_STOPPING})
 # After "no capacity", wait this long (or for a change) before trying to place again.
 _NO_ROOM_BACKOFF_S = 0.5
 _SUSPECT_S = 10.0
@@ -69,6 +76,7 @@ class LeaseBroker:
         self._starts: dict[str, asyncio.Task[StartResult | None]] = {}
         self._no_room_until: dict[str, float] = {}
         self._suspect: dict[str, float] = {}
+        self._grants_from = 0.0  # monotonic time before which settle() holds grants back
         state.subscribe(self._on_change)
 
     # Wake-ups ---------------------------------------------------------------------------
@@ -83,7 +91,7 @@ class LeaseBroker:
 
     def _on_change(self, key: str, value: Message | None) -> None:
         if isinstance(value, Instance):
-            if value.state in (S.INSTANCE_STATE_ENDED, S.INSTANCE_STATE_FAILED, S.INSTANCE_STATE_STOPPING):
+            if value.state in _GONE:
                 self.table.drop_instance(value.id)
             self.wake(value.function_id)
         elif isinstance(value, Function):
@@ -136,6 +144,33 @@ class LeaseBroker:
             self._starts.pop(fn.id, None)
             self.wake(fn.id)
 
+    def settle(self, grace_s: float) -> None:
+        """Grants and starts nothing for ``grace_s`` (after an election): the gateways' reports
+        of leases held from the last term come in meanwhile."""
+        self._grants_from = time.monotonic() + grace_s
+
+    def settling_s(self) -> float:
+        """Seconds left of the grace window ``settle`` opened; 0 once grants flow."""
+        return max(0.0, self._grants_from - time.monotonic())
+
+    def report(self, gateway_id: str, held: Sequence[HeldLease]) -> dict[str, Adoption]:
+        """Takes one gateway's list of the leases it holds: known ones live on, unknown ones on
+        live instances are adopted, and its earlier-reported ones left out are released."""
+        outcomes: dict[str, Adoption] = {}
+        for h in held:
+            inst = self.state.instance(h.instance_id)
+            if inst is None or inst.state in _GONE or inst.function_id != h.function_id:
+                continue  # nothing left to count it against
+            outcome = outcomes[h.lease_id] = self.table.adopt(h.lease_id, h.instance_id, h.function_id, gateway_id)
+            if outcome is Adoption.ADOPTED:
+                log.info("adopted lease %s of gateway %s", h.lease_id, gateway_id,
+                         extra={"instance_id": h.instance_id})
+        for lease in self.table.drop_unreported(gateway_id, {h.lease_id for h in held}):
+            log.info("lease %s left out of gateway %s's report; released", lease.lease_id, gateway_id,
+                     extra={"instance_id": lease.instance_id})
+            self.wake(lease.function_id)
+        return outcomes
+
     @telemetry.traced("lease")
     async def acquire(self, function_id: str, gateway_id: str, timeout_s: float) -> Grant:
         """Blocks up to ``min(timeout_s, queue_timeout)`` for a lease."""
@@ -145,7 +180,9 @@ class LeaseBroker:
         while True:
             fn = self._function(function_id)
             task = None
-            if fn.state in (FunctionState.FUNCTION_STATE_READY, FunctionState.FUNCTION_STATE_PENDING):
+            settling = self.settling_s()
+            if not settling and fn.state in (FunctionState.FUNCTION_STATE_READY,
+                                             FunctionState.FUNCTION_STATE_PENDING):
                 got = self._try_warm(fn, gateway_id)
                 if got is not None:
                     lease, inst = got
@@ -155,15 +192,16 @@ class LeaseBroker:
                     how, ended = self.starter.origin.get(inst.id, (LeaseSource.LEASE_SOURCE_WARM, 0.0))
                     source = how if ended >= began else LeaseSource.LEASE_SOURCE_WARM
                     return Grant(lease, inst, source, time.monotonic() - began)
-            if fn.state == FunctionState.FUNCTION_STATE_READY:
+            if not settling and fn.state == FunctionState.FUNCTION_STATE_READY:
                 task = self.ensure_start(fn)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 why = " (its snapshot is still being built)" \
                     if fn.state == FunctionState.FUNCTION_STATE_PENDING else ""
+                why = " (a new leader is collecting the gateways' leases)" if settling else why
                 raise errors.DeadlineExceeded(
                     f"no instance of {function_id} became free within {time.monotonic() - began:.1f}s{why}")
-            await self._wait(fn.id, task, min(remaining, _NO_ROOM_BACKOFF_S * 4))
+            await self._wait(fn.id, task, min(remaining, _NO_ROOM_BACKOFF_S * 4, settling or math.inf))
 
     async def _wait(self, fid: str, task: asyncio.Task[StartResult | None] | None, bound_s: float) -> None:
         event = self._event(fid)

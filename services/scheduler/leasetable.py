@@ -1,19 +1,26 @@
 """Lease accounting (pure): who holds a slot of which instance, until when.
 
 This is soft state of the leader: a lease lives only as long as one proxied request, so it is
-not written to etcd. A new leader starts with no leases; gateways' in-flight requests finish
-and their releases are ignored (unknown lease ids are a no-op). Each lease carries a TTL so a
-dead gateway's leases expire and its slots come back.
+not written to etcd. A new leader starts with no leases and learns the ones still held from the
+gateways' periodic reports: ``adopt`` counts a reported lease it does not know, unless it was
+released or expired here (ids are remembered, boundedly, so a report that raced its release
+cannot bring it back). Each lease carries a TTL, restarted by every report that lists it, so a
+dead gateway's leases expire and its slots come back; a lease its gateway reported once and
+then leaves out of a report was released by it (the ReleaseLease was lost) and goes at once.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
 
-__all__ = ["Lease", "LeaseTable"]
+__all__ = ["Adoption", "Lease", "LeaseTable"]
+
+# Released ids remembered against late reports; a report races its release by one RPC at most.
+_REMEMBER_RELEASED = 65536
 
 
 @dataclass(frozen=True)
@@ -23,6 +30,16 @@ class Lease:
     function_id: str
     gateway_id: str
     expires_at: float
+    reported: bool = False  # its gateway listed it in a report: leaving it out later releases it
+
+
+class Adoption(enum.Enum):
+    """What ``LeaseTable.adopt`` did with one lease a gateway reports holding."""
+
+    ADOPTED = "adopted"  # unknown here (an earlier leader granted it): counted from now on
+    REFRESHED = "refreshed"  # already counted: its TTL starts again
+    RELEASED = "released"  # released or expired here: a stale report, never brought back
+    RETIRED = "retired"  # its instance is being stopped: not counted
 
 
 class LeaseTable:
@@ -36,6 +53,7 @@ class LeaseTable:
         # Instances being stopped: never leased again, so a stop decided while the instance
         # had no lease cannot race a new lease and cut a request off mid-stream.
         self._retired: set[str] = set()
+        self._released: dict[str, None] = {}  # insertion-ordered: the oldest is forgotten first
 
     def retire(self, instance_id: str) -> bool:
         """Stops new leases on ``instance_id``; False if it has a lease out (keep it)."""
@@ -65,27 +83,58 @@ class LeaseTable:
         return lease
 
     def release(self, lease_id: str) -> Lease | None:
-        """Removes a lease; unknown or expired ids return None (a release after failover)."""
+        """Removes a lease; unknown or expired ids return None (a release after failover). Either
+        way the id is remembered, so a later report cannot adopt it."""
+        self._remember(lease_id)
         return self._leases.pop(lease_id, None)
+
+    def adopt(self, lease_id: str, instance_id: str, function_id: str, gateway_id: str) -> Adoption:
+        """Counts a lease ``gateway_id`` reports holding, even past concurrency (its request is
+        in flight whatever this table says; ``free`` is then 0 until enough are released)."""
+        self.expire()
+        known = self._leases.get(lease_id)
+        if known is not None:
+            self._leases[lease_id] = replace(known, expires_at=self.clock() + self.ttl_s, reported=True)
+            return Adoption.REFRESHED
+        if lease_id in self._released:
+            return Adoption.RELEASED
+        if instance_id in self._retired:
+            return Adoption.RETIRED
+        self._leases[lease_id] = Lease(lease_id, instance_id, function_id, gateway_id,
+                                       self.clock() + self.ttl_s, reported=True)
+        return Adoption.ADOPTED
+
+    def drop_unreported(self, gateway_id: str, held: Collection[str]) -> list[Lease]:
+        """Releases ``gateway_id``'s leases that an earlier report listed and ``held`` (its
+        latest report) does not. A gateway reports one at a time, so such a lease was released."""
+        return self._drop(lambda lease: lease.reported and lease.gateway_id == gateway_id
+                          and lease.lease_id not in held)
 
     def expire(self) -> list[Lease]:
         now = self.clock()
-        gone = [lease for lease in self._leases.values() if lease.expires_at <= now]
-        for lease in gone:
-            del self._leases[lease.lease_id]
-        return gone
+        return self._drop(lambda lease: lease.expires_at <= now)
 
     def drop_instance(self, instance_id: str) -> list[Lease]:
         """Forgets every lease on an instance that ended."""
-        gone = [lease for lease in self._leases.values() if lease.instance_id == instance_id]
+        return self._drop(lambda lease: lease.instance_id == instance_id)
+
+    def _drop(self, which: Callable[[Lease], bool]) -> list[Lease]:
+        gone = [lease for lease in self._leases.values() if which(lease)]
         for lease in gone:
             del self._leases[lease.lease_id]
+            self._remember(lease.lease_id)
         return gone
+
+    def _remember(self, lease_id: str) -> None:
+        self._released[lease_id] = None
+        if len(self._released) > _REMEMBER_RELEASED:
+            del self._released[next(iter(self._released))]
 
     def busy_instances(self) -> frozenset[str]:
         return frozenset(lease.instance_id for lease in self._leases.values())
 
     def clear(self) -> None:
+        """Forgets every lease (a new term); released ids stay remembered, they stay dead."""
         self._leases.clear()
 
     def __len__(self) -> int:

@@ -167,7 +167,7 @@ class ReleaseLeaseResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReportQueueRequest(_message.Message):
-    __slots__ = ("gateway_id", "depths")
+    __slots__ = ("gateway_id", "depths", "leases")
     class DepthsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -177,9 +177,21 @@ class ReportQueueRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     DEPTHS_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     depths: _containers.ScalarMap[str, int]
-    def __init__(self, gateway_id: _Optional[str] = ..., depths: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    leases: _containers.RepeatedCompositeFieldContainer[HeldLease]
+    def __init__(self, gateway_id: _Optional[str] = ..., depths: _Optional[_Mapping[str, int]] = ..., leases: _Optional[_Iterable[_Union[HeldLease, _Mapping]]] = ...) -> None: ...
+
+class HeldLease(_message.Message):
+    __slots__ = ("lease_id", "instance_id", "function_id")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    instance_id: str
+    function_id: str
+    def __init__(self, lease_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., function_id: _Optional[str] = ...) -> None: ...
 
 class ReportQueueResponse(_message.Message):
     __slots__ = ()

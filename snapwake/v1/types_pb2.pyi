@@ -159,7 +159,7 @@ class Function(_message.Message):
     def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., revision: _Optional[int] = ..., state: _Optional[_Union[FunctionState, str]] = ..., status_message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("id", "function_id", "revision", "node", "gpu_index", "gpu_memory_bytes", "state", "endpoint", "message", "create_time", "update_time", "last_start_seconds", "host_rss_bytes")
+    __slots__ = ("id", "function_id", "revision", "node", "gpu_index", "gpu_memory_bytes", "state", "endpoint", "message", "create_time", "update_time", "last_start_seconds", "host_rss_bytes", "host_pss_bytes", "host_private_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,8 @@ class Instance(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_START_SECONDS_FIELD_NUMBER: _ClassVar[int]
     HOST_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_PSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_PRIVATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     function_id: str
     revision: int
@@ -186,7 +188,9 @@ class Instance(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     last_start_seconds: float
     host_rss_bytes: int
-    def __init__(self, id: _Optional[str] = ..., function_id: _Optional[str] = ..., revision: _Optional[int] = ..., node: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[InstanceState, str]] = ..., endpoint: _Optional[str] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_start_seconds: _Optional[float] = ..., host_rss_bytes: _Optional[int] = ...) -> None: ...
+    host_pss_bytes: int
+    host_private_bytes: int
+    def __init__(self, id: _Optional[str] = ..., function_id: _Optional[str] = ..., revision: _Optional[int] = ..., node: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[InstanceState, str]] = ..., endpoint: _Optional[str] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_start_seconds: _Optional[float] = ..., host_rss_bytes: _Optional[int] = ..., host_pss_bytes: _Optional[int] = ..., host_private_bytes: _Optional[int] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "name", "memory_total_bytes", "memory_reserved_bytes")

@@ -81,6 +81,14 @@ async def test_start_running_serves_then_stops(node: Node, demo_model_dir: Path)
     body = reply.json()
     assert body["model"] == "demo" and body["choices"][0]["message"]["role"] == "assistant"
 
+    for _ in range(40):  # the reconcile loop (every 0.5 s) reads the container's smaps_rollup
+        stored = await _instance(node.store, iid)
+        if stored is not None and stored.host_private_bytes:
+            break
+        await asyncio.sleep(0.25)
+    assert stored is not None
+    assert 0 < stored.host_private_bytes <= stored.host_pss_bytes <= stored.host_rss_bytes, stored
+
     logs = await node.stub.GetInstanceLogs(nodeagent_pb2.NodeAgentServiceGetInstanceLogsRequest(instance_id=iid), timeout=10)
     assert logs.logs.strip()
 

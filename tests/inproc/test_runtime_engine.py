@@ -86,6 +86,19 @@ def test_batched_greedy_matches_transformers_generate(demo_model_dir: Path, engi
     assert engine.pool.allocator.free == engine.pool.allocator.num_blocks
 
 
+def test_decode_gathers_in_row_chunks_without_changing_the_text(demo_model_dir: Path, engine: Engine,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a 1-byte gather budget every sequence is gathered alone: same tokens as one gather."""
+    from runtime import kvcache
+
+    monkeypatch.setattr(kvcache, "GATHER_BYTES", 1)
+    prompts = _prompts(5)
+    want = _reference(demo_model_dir, prompts, 12)
+    got = _run_all(engine, prompts, SamplingParams(max_tokens=12, temperature=0))
+    for pieces, tokens in zip(got, want, strict=True):
+        assert "".join(p.text for p in pieces) == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
 def test_a_full_pool_preempts_and_recomputes_without_changing_the_text(demo_model_dir: Path) -> None:
     """8 blocks (128 tokens) for 4 requests that grow to ~50 tokens each: some must be preempted."""
     eng = _engine(demo_model_dir, blocks=8)
@@ -148,3 +161,24 @@ def test_close_lets_running_requests_finish_then_refuses_new_ones(demo_model_dir
     assert got[-1].finish_reason == "length" and got[-1].completion_tokens == 64
     with pytest.raises(Unavailable, match="being released"):
         eng.submit([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), threading.Event(), got.append)
+
+
+@pytest.mark.gpu
+def test_batched_greedy_on_cuda_with_graphs_matches_transformers_generate(demo_model_dir: Path) -> None:
+    model = _model(demo_model_dir).to("cuda")
+    cfg = model.config
+    pool = KVPool(cfg.num_hidden_layers, 64, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cuda")
+    eng = Engine(model, load_tokenizer(demo_model_dir), EOS, pool, 512)
+    try:
+        prompts = _prompts(8)
+        ref = _model(demo_model_dir).to("cuda")
+        with torch.inference_mode():
+            want = [ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=20, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        got = _run_all(eng, prompts, SamplingParams(max_tokens=20, temperature=0))
+        for pieces, tokens in zip(got, want, strict=True):
+            assert "".join(p.text for p in pieces) == eng.tokenizer.decode(tokens, skip_special_tokens=True)
+        assert eng.stats["batch_peak"] > 1
+        assert eng.stats["graphs"] > 0 and eng.stats["graph_steps"] > 0  # decode steps replayed graphs
+    finally:
+        eng.close(10)

@@ -170,7 +170,7 @@ def test_gpu_memory_slice_sizes_the_context_and_refuses_what_cannot_fit(demo_mod
     arena = probe.arena_bytes
     probe.release()
 
-    sized = Instance(Settings(demo_model_dir, gpu_memory_bytes=(256 << 20) + arena + 100 * per_token),
+    sized = Instance(Settings(demo_model_dir, gpu_memory_bytes=(768 << 20) + arena + 100 * per_token),
                      MemfdArena(), tok)
     sized.load_from_dir()
     assert sized.engine is not None and sized.engine.max_context == 96

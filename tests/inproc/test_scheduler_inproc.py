@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from services.gateway.errors import QueueTimeout
+from services.gateway.queue import LeaseQueue
+from services.gateway.scheduler_client import FunctionInfo, GrpcSchedulerClient, Lease, LeaseSource
 from services.scheduler.app import Scheduler
 from services.scheduler.config import SchedulerConfig
 from snapwake import keys
@@ -119,8 +123,11 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
         return sum(1 for k, t in self.calls if k == kind and (target is None or t == target))
 
 
-def cfg(etcd: EtcdProcess) -> SchedulerConfig:
-    return SchedulerConfig(listen="127.0.0.1:0", etcd=etcd.address, election_ttl_s=2, reconcile_interval_s=0.1)
+def cfg(etcd: EtcdProcess, **overrides: object) -> SchedulerConfig:
+    # No gateway reports to these schedulers unless a test does: a short grace window will do.
+    base = SchedulerConfig(listen="127.0.0.1:0", etcd=etcd.address, election_ttl_s=2, reconcile_interval_s=0.1,
+                           lease_adopt_grace_s=0.3)
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
 
 async def wait_until(check: Callable[[], bool], limit_s: float, what: str) -> None:
@@ -132,8 +139,8 @@ async def wait_until(check: Callable[[], bool], limit_s: float, what: str) -> No
 
 
 @contextlib.asynccontextmanager
-async def running(store: Store, etcd: EtcdProcess) -> AsyncIterator[Scheduler]:
-    sched = Scheduler(cfg(etcd), store)
+async def running(store: Store, etcd: EtcdProcess, **overrides: object) -> AsyncIterator[Scheduler]:
+    sched = Scheduler(cfg(etcd, **overrides), store)
     await sched.start()
     try:
         yield sched
@@ -152,7 +159,8 @@ async def store(etcd_server: EtcdProcess) -> AsyncIterator[Store]:
 @pytest_asyncio.fixture(loop_scope="module")
 async def leader(store: Store, etcd_server: EtcdProcess) -> AsyncIterator[Scheduler]:
     async with running(store, etcd_server) as sched:
-        await wait_until(lambda: sched.election.is_leader, 10, "leadership")
+        # Leading, and past the grace window in which a new leader collects the gateways' leases.
+        await wait_until(lambda: sched.election.is_leader and not sched.broker.settling_s(), 10, "leadership")
         yield sched
 
 
@@ -422,3 +430,87 @@ async def test_cold_start_evicts_lru_idle_instance(leader: Scheduler, node: Fake
     second = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=other, gateway_id="gw"), timeout=10)
     assert second.source == pb.LEASE_SOURCE_NORMAL_START
     assert node.count("stop") == 1 and leader.state.instance(held.instance_id) is None
+
+
+# --- leases across a failover -----------------------------------------------------------
+
+async def test_new_leader_counts_leases_held_from_the_last_term(store: Store, etcd_server: EtcdProcess,
+                                                                node: FakeNode) -> None:
+    """A grants two leases (concurrency 2, max_instances 1) to a real gateway queue and dies.
+    B starts with an empty table; the gateway's next report lists both leases, and a request
+    sent into B's grace window finds the instance full instead of a third slot."""
+    async with running(store, etcd_server) as a:
+        await wait_until(lambda: a.election.is_leader and not a.broker.settling_s(), 10, "A leads")
+        async with running(store, etcd_server, lease_adopt_grace_s=1.5) as b:
+            admin, _ = stubs(a)
+            spec = custom("adopted", concurrency=2, max_instances=1)
+            # The scheduler gives up before the gateway does, so no abandoned AcquireLease
+            # is left waiting on the scheduler to take the slot released below.
+            spec.policy.queue_timeout.FromSeconds(2)
+            fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+            client = GrpcSchedulerClient([a.address, b.address], "gw-adopt", rpc_timeout=2)
+            queue = LeaseQueue(client, default_len=10, default_timeout=3)
+            reporter = asyncio.create_task(queue.report_forever(0.2))
+            info = FunctionInfo(fid, queue_len=10, queue_timeout=3)
+            got: list[Lease] = []
+            try:
+                first, second = got[:] = [await queue.acquire(info, f"r{k}") for k in range(2)]
+                iid = first.instance_id
+                assert second.instance_id == iid and a.table.in_use(iid) == 2
+                await a.stop(grace_s=0.2)
+                await wait_until(lambda: b.election.is_leader, 10, "B takes over")
+                began = time.monotonic()
+                with pytest.raises(QueueTimeout, match="within 2.0s"):
+                    await queue.acquire(info, "r-into-grace")
+                assert time.monotonic() - began >= 1.9  # it waited out its queue_timeout, not a slot
+                assert b.table.in_use(iid) == 2 and node.count("start") == 1
+                queue.release(first)
+                third = await queue.acquire(info, "r-after-release")
+                got.append(third)
+                assert (third.instance_id, third.source) == (iid, LeaseSource.WARM)
+                assert {h.lease_id for h in queue.held()} == {second.lease_id, third.lease_id}
+                await asyncio.sleep(0.5)  # a few more reports: the released lease stays released
+                assert b.table.in_use(iid) == 2
+            finally:
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
+                still = {h.lease_id for h in queue.held()}
+                for lease in got:
+                    if lease.lease_id in still:
+                        queue.release(lease)
+                await queue.drain()
+                await client.close()
+
+
+async def test_reported_leases_are_adopted_once_and_never_resurrected(leader: Scheduler, node: FakeNode) -> None:
+    admin, leases = stubs(leader)
+    spec = custom("reported", concurrency=2, max_instances=1)
+    spec.policy.queue_timeout.FromSeconds(1)
+    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    held = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw-r"), timeout=10)
+    iid = held.instance_id
+
+    async def report(*lease_ids: str, gateway_id: str = "gw-r", instance_id: str = iid) -> None:
+        await leases.ReportQueue(pb.ReportQueueRequest(gateway_id=gateway_id, leases=[
+            pb.HeldLease(lease_id=lid, instance_id=instance_id, function_id=fid) for lid in lease_ids]), timeout=5)
+
+    await report(held.lease_id, "l-prev-term")  # one lease granted by an earlier leader
+    assert leader.table.in_use(iid) == 2
+    code, _ = await code_of(leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=5))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id="l-prev-term"), timeout=5)
+    third = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=5)
+    assert third.instance_id == iid
+    await report(held.lease_id, "l-prev-term")  # sent before the release, arriving after it
+    assert leader.table.in_use(iid) == 2
+    await report("l-ghost", gateway_id="gw-other", instance_id="i-000000000bad")  # no such instance: not counted
+    assert len(leader.table) == 2
+    # gw-r's next report lists nothing: it released both (its ReleaseLease was lost).
+    await report()
+    assert leader.table.in_use(iid) == 1  # the other gateway's lease stays
+    code, details = await code_of(leases.ReportQueue(pb.ReportQueueRequest(
+        gateway_id="gw-r", leases=[pb.HeldLease(lease_id="l-x", function_id=fid)]), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "leases[0].instance_id" in details
+    code, details = await code_of(report("l-x", gateway_id=""))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "gateway_id" in details

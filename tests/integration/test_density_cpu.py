@@ -21,6 +21,7 @@ FIELDS = {
     "requests", "served", "outcomes", "errors", "cold_starts", "cs_ttft_source", "cs_ttft_p50_s",
     "cs_ttft_p99_s", "warm_hit_rate", "ttft_p50_s", "ttft_p99_s", "static_gpus_needed",
     "static_busy_fraction_per_gpu", "rejections_by_code", "gpu_busy_fraction", "standby_rss_bytes", "standby_rss_bytes_median",
+    "standby_pss_bytes_median", "standby_pss_bytes_max", "standby_private_bytes_median", "standby_private_bytes_max",
     "machine", "config", "trace", "models", "deploy_s", "replay_s", "wall_s",
 }
 

@@ -17,6 +17,7 @@ from bench.density import (
     markdown_table,
     parse_mix,
     percentile,
+    standby_memory_report,
     summarise,
 )
 from snapwake.config import ConfigError, load
@@ -188,3 +189,25 @@ def test_markdown_table_has_every_row() -> None:
     s.update(models=1, gpu_busy_fraction=None, standby_rss_bytes_median=300 * 2**20)
     table = markdown_table(s)
     assert "| CS-TTFT p99 (s) | 0.500 |" in table and "| standby host RSS per model (MiB, median) | 300.000 |" in table
+    assert "| standby host PSS per model (MiB, median / max) | n/a / n/a |" in table
+
+
+def test_standby_memory_is_reported_per_kind_with_median_and_max() -> None:
+    mib = 2**20
+    report = standby_memory_report({"rss": {"a": 1200 * mib, "b": 1300 * mib, "c": 2100 * mib},
+                                    "pss": {"a": 300 * mib, "b": 400 * mib, "c": 1000 * mib},
+                                    "private": {"a": 100 * mib, "b": 150 * mib, "c": 800 * mib}})
+    assert report["standby_rss_bytes"]["c"] == 2100 * mib and report["standby_rss_bytes_median"] == 1300 * mib
+    assert (report["standby_pss_bytes_median"], report["standby_pss_bytes_max"]) == (400 * mib, 1000 * mib)
+    assert (report["standby_private_bytes_median"], report["standby_private_bytes_max"]) == (150 * mib, 800 * mib)
+    s = summarise([_ok(0, 0.5, "cold_start")], [_ev(0, 0)], 10.0)
+    s.update(models=3, gpu_busy_fraction=None, **report)
+    table = markdown_table(s)
+    assert "| standby host PSS per model (MiB, median / max) | 400.000 / 1000.000 |" in table
+    assert "| standby host private per model (MiB, median / max) | 150.000 / 800.000 |" in table
+
+
+def test_standby_memory_missing_kind_reads_none() -> None:
+    report = standby_memory_report({"rss": {"a": 5}})
+    assert report["standby_pss_bytes"] == {} and report["standby_pss_bytes_median"] is None
+    assert report["standby_private_bytes_max"] is None and report["standby_rss_bytes_max"] == 5

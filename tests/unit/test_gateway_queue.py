@@ -1,10 +1,16 @@
-"""The queue's pure core: admission and bookkeeping."""
+"""The queue's pure core (admission and bookkeeping), and its report of held leases."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+
 import pytest
 
-from services.gateway.queue import Admission, QueueBook
+from services.gateway.queue import Admission, LeaseQueue, QueueBook
+from services.gateway.scheduler_client import FunctionInfo, Lease
+from services.gateway.scheduler_fake import InMemoryScheduler
 
 A, F = Admission.ADMITTED, Admission.FULL
 
@@ -41,3 +47,37 @@ def test_zero_depths_are_reported_once_then_pruned() -> None:
     assert book.depths() == {"f": 1, "g": 0}
     book.prune()
     assert book.depths() == {"f": 1}
+
+
+async def test_held_leases_are_reported_until_released() -> None:
+    """Every report lists the leases acquired and not yet released; one more report after the
+    last release says they went, then the gateway falls quiet again."""
+    scheduler = InMemoryScheduler()
+    info = FunctionInfo("t/d/f", queue_len=5, queue_timeout=2)
+    scheduler.deploy(info, ["127.0.0.1:9"], concurrency=2)
+    queue = LeaseQueue(scheduler, default_len=5, default_timeout=2)
+    reporter = asyncio.create_task(queue.report_forever(0.01))
+
+    async def last_report_lists(*leases: Lease) -> None:
+        want = {(lease.lease_id, lease.instance_id, "t/d/f") for lease in leases}
+        deadline = time.monotonic() + 5
+        while not scheduler.reported_leases or {
+                (h.lease_id, h.instance_id, h.function_id) for h in scheduler.reported_leases[-1]} != want:
+            assert time.monotonic() < deadline, f"no report listed {want}: {scheduler.reported_leases[-3:]}"
+            await asyncio.sleep(0.01)
+
+    try:
+        first, second = await queue.acquire(info, "r1"), await queue.acquire(info, "r2")
+        await last_report_lists(first, second)
+        queue.release(first)
+        await last_report_lists(second)
+        queue.release(second)
+        await last_report_lists()
+        reports = len(scheduler.reported_leases)
+        await asyncio.sleep(0.1)
+        assert len(scheduler.reported_leases) == reports  # nothing held, nothing waiting: quiet
+        assert [lease_id for lease_id, _ in scheduler.released] == [first.lease_id, second.lease_id]
+    finally:
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter

@@ -25,8 +25,8 @@ def test_head_dim_defaults_to_hidden_over_heads() -> None:
     (0, 15 * GIB, 128 << 10, 8192, SliceBudget(8192, 0, 16 * 8192)),  # no slice: 16 full contexts
     # room for the full context; the pool holds what the slice leaves (5 GiB - 1 GiB reserve)
     (20 * GIB, 15 * GIB, 128 << 10, 8192, SliceBudget(8192, 5 * GIB, 4 * GIB // (128 << 10))),
-    (2 * GIB, 0, 1 << 20, 100_000, SliceBudget((2 * GIB - 256 * MIB) // (1 << 20), 2 * GIB,
-                                               (2 * GIB - 256 * MIB) // (1 << 20))),  # KV-bound
+    (2 * GIB, 0, 1 << 20, 100_000, SliceBudget((2 * GIB - 768 * MIB) // (1 << 20), 2 * GIB,
+                                               (2 * GIB - 768 * MIB) // (1 << 20))),  # KV-bound
 ])
 def test_slice_plans(slice_bytes: int, arena: int, per_token: int, max_pos: int, want: SliceBudget) -> None:
     assert plan_slice(slice_bytes, arena, per_token, max_pos) == want

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from runtime.kvcache import BlockAllocator, blocks_for, prefill_mask
+from runtime.kvcache import BlockAllocator, blocks_for
 from snapwake.errors import ResourceExhausted
 
 
@@ -45,15 +44,3 @@ def test_giving_a_block_back_twice_is_refused() -> None:
 def test_allocator_refuses_an_empty_pool() -> None:
     with pytest.raises(ValueError, match="num_blocks"):
         BlockAllocator(0)
-
-
-def test_prefill_mask_is_causal_within_each_packed_sequence_only() -> None:
-    mask = prefill_mask([0, 2, 5], "cpu")[0, 0]
-    want = torch.tensor([
-        [1, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0],
-        [0, 0, 1, 0, 0],
-        [0, 0, 1, 1, 0],
-        [0, 0, 1, 1, 1],
-    ], dtype=torch.bool)
-    assert torch.equal(mask, want)
