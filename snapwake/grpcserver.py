@@ -34,12 +34,38 @@ def _interceptors() -> list[Any]:
     return [aio_server_interceptor(filter_=filters.negate(filters.health_check()))]
 
 
+async def _awaited(call: Any) -> Any:
+    """Awaits ``call`` inside the interceptor chain, so a client cancel reaches the server.
+
+    OTel's aio client interceptor awaits ``call.code()``, which does not cancel the RPC when the
+    caller is cancelled: the server handler runs on and a granted lease is never released
+    (open-telemetry/opentelemetry-python-contrib#3271). Awaiting the call itself does.
+    """
+    try:
+        await call
+    except grpc.RpcError:
+        pass  # the returned call carries the status; awaiting it raises for the caller
+    return call
+
+
+# Two classes: grpc.aio files an interceptor under the first RPC kind it subclasses only.
+class _AwaitUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await _awaited(await continuation(details, request))
+
+
+class _AwaitStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await _awaited(await continuation(details, request_iterator))
+
+
 def _client_interceptors() -> list[Any]:
     try:
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
     except ImportError:
         return []
-    return list(aio_client_interceptors())
+    # The _Await* interceptors must come after (inside) the OTel ones.
+    return [*aio_client_interceptors(), _AwaitUnaryUnary(), _AwaitStreamUnary()]
 
 
 def channel(address: str) -> grpc.aio.Channel:

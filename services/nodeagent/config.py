@@ -47,8 +47,8 @@ class NodeAgentConfig:
     metrics_port: int = field(default=0, metadata=_help("port serving Prometheus /metrics (0: off)"))
     max_concurrent_restores: int = field(default=4, metadata=_help(
         "driver restores (with their weight DMA) run at once on this node; more wait their turn"))
-    max_concurrent_checkpoints: int = field(default=1, metadata=_help(
-        "driver checkpoints run at once; one never starts while a restore runs or waits"))
+    max_concurrent_checkpoints: int = field(default=2, metadata=_help(
+        "driver checkpoints (parking, new standbys) run at once; more wait their turn"))
     container_env: tuple[str, ...] = field(default=(), metadata=_help(
         "extra KEY=VALUE variables for every container, comma separated; main adds the OTEL_* "
         "tracing variables it was started with"))

@@ -55,6 +55,7 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
     store: Store
     name: str = "node-a"
     start_delay_s: float = 0.2
+    restore_delay_s: float = 0.0
     fail_reason: str = ""
     calls: list[tuple[str, int]] = field(default_factory=list)
     server: GrpcServer | None = None
@@ -96,6 +97,10 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
         assert got is not None
         inst = Instance()
         inst.CopyFrom(got.value)
+        if self.restore_delay_s:  # RESTORING for a while, as a real node shows it
+            inst.state = S.INSTANCE_STATE_RESTORING
+            await self._put(inst)
+            await asyncio.sleep(self.restore_delay_s)
         inst.state, inst.gpu_index = S.INSTANCE_STATE_RUNNING, request.gpu_index
         return na.RestoreInstanceResponse(instance=await self._put(inst))
 
@@ -320,6 +325,23 @@ async def test_arena_function_snapshot_standby_and_cold_start(leader: Scheduler,
     # ... and the next request is a cold start of that same container.
     again = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
     assert again.source == pb.LEASE_SOURCE_COLD_START and again.instance_id == got.instance_id
+
+
+async def test_a_standby_being_restored_still_covers_the_standby_need(leader: Scheduler, node: FakeNode) -> None:
+    """While the only standby is RESTORING (2 s here; ~0.7 s on the H100), the controller must
+    not start a fresh standby: the restored instance parks back into one when it idles out."""
+    node.restore_delay_s = 2.0
+    admin, leases = stubs(leader)
+    spec = FunctionSpec(name="slowrestore", model_dir="/models/tiny",
+                        resources=Resources(gpu_count=1, gpu_memory_bytes=1 << 30))
+    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    await wait_until(lambda: any(i.function_id == fid and i.state == S.INSTANCE_STATE_STANDBY
+                                 for i in leader.state.instances()), 15, "a standby")
+    got = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=15)
+    assert got.source == pb.LEASE_SOURCE_COLD_START
+    await asyncio.sleep(1.0)
+    assert node.count("start", na.START_TARGET_STANDBY) == 1
+    await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=got.lease_id), timeout=5)
 
 
 async def test_snapshot_build_fails_after_three_attempts(leader: Scheduler, node: FakeNode) -> None:
