@@ -36,6 +36,11 @@ class InstanceUnreachable(errors.Unavailable):
     """The instance did not answer at all; nothing was relayed yet."""
 
 
+class InstanceNotServing(errors.Unavailable):
+    """The instance answered 503 (released, or being parked as a standby): it generated
+    nothing, so the request can go to another lease. The instance itself is fine."""
+
+
 class Upstream:
     """One pooled HTTP client for every instance, with a short connect and a long read timeout."""
 

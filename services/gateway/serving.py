@@ -28,7 +28,7 @@ from services.gateway.protocol import (
     OpenAIRequest,
     parse_body,
 )
-from services.gateway.proxy import InstanceUnreachable, RelayResponse, Upstream
+from services.gateway.proxy import InstanceNotServing, InstanceUnreachable, RelayResponse, Upstream
 from services.gateway.queue import LeaseQueue
 from services.gateway.scheduler_client import FunctionInfo, Lease, SchedulerClient
 from snapwake import errors, telemetry
@@ -133,11 +133,12 @@ class OpenAIServing:
 
     async def _forward(self, fn: FunctionInfo, path: str, raw: bytes, streaming: bool,
                        ctx: RequestContext) -> ASGIApp:
-        """Relays on one lease; on a connection failure, once more on another lease."""
+        """Relays on one lease; when the instance did not answer, or answered that it is not
+        serving (503: a lease that raced its instance's parking), once more on another lease."""
         lease = await self._lease(fn, ctx)
         try:
             return await self._attempt(fn, lease, path, raw, streaming, ctx)
-        except InstanceUnreachable as exc:
+        except (InstanceUnreachable, InstanceNotServing) as exc:
             log.warning("%s; retrying on another instance", exc.message, extra={"request_id": ctx.request_id})
         return await self._attempt(fn, await self._lease(fn, ctx), path, raw, streaming, ctx)
 
@@ -158,6 +159,9 @@ class OpenAIServing:
                 handed_over = True
                 return relay
             content = await self.upstream.read(response, lease)
+            if response.status_code == 503:
+                raise InstanceNotServing(f"instance {lease.instance_id} is not serving: "
+                                         f"{content[:200].decode(errors='replace')}")
             self._first_byte(fn, lease, ctx)()
             return Response(content, status_code=response.status_code, media_type=content_type, headers=headers)
         except InstanceUnreachable:

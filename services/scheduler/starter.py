@@ -144,8 +144,11 @@ class Starter:
         return len(standbys) < fn.spec.policy.standby_per_node
 
     async def park(self, node: Node, inst: Instance) -> None:
-        """Suspends ``inst`` to STANDBY; it can be leased again once the node reports that."""
-        self.table.retire(inst.id)
+        """Suspends ``inst`` to STANDBY; it can be leased again once the node reports that.
+        A lease granted between the decision to park and now keeps it serving."""
+        if not self.table.retire(inst.id):
+            log.info("not parked: a lease went out since the decision", extra={"instance_id": inst.id})
+            return
         try:
             parked = await self.nodes.suspend(node, inst.id)
             self.pending[inst.id] = parked

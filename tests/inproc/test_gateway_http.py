@@ -104,9 +104,41 @@ def _fn(name: str, queue_len: int = 8, queue_timeout: float = 5.0, namespace: st
     return FunctionInfo(f"{TENANT}/{namespace}/{name}", queue_len, queue_timeout, created_unix=1700000000)
 
 
+def _not_serving() -> JSONResponse:
+    """What a runtime answers while its weights are released (a standby being parked)."""
+    return JSONResponse({"error": {"message": "the model is not serving (phase released)",
+                                   "type": "service_unavailable", "param": None, "code": None}}, 503,
+                        headers={"Retry-After": "1"})
+
+
 @pytest.fixture
-def scheduler(upstream: str) -> InMemoryScheduler:
+async def parked() -> AsyncIterator[str]:
+    async def answer(request: Request) -> Any:
+        return _not_serving()
+
+    async with serve(Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"])])) as address:
+        yield address
+
+
+@pytest.fixture
+async def parking() -> AsyncIterator[str]:
+    """Not serving on every other call: the fake scheduler leases the same endpoint again after
+    a release, so the retry lands here while the instance serves again."""
+    calls = [0]
+
+    async def answer(request: Request) -> Any:
+        calls[0] += 1
+        return _not_serving() if calls[0] % 2 else await _chat(request)
+
+    async with serve(Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"])])) as address:
+        yield address
+
+
+@pytest.fixture
+def scheduler(upstream: str, parked: str, parking: str) -> InMemoryScheduler:
     s = InMemoryScheduler()
+    s.deploy(_fn("parking"), [parking])  # the first lease raced its instance's parking
+    s.deploy(_fn("allparked"), [parked, parked])
     s.deploy(_fn("chat"), [upstream], concurrency=4)
     s.deploy(_fn("cold"), [upstream], source=LeaseSource.COLD_START)
     s.deploy(_fn("asleep", queue_len=1, queue_timeout=0.4), [])  # scaled to zero, never starts
@@ -279,6 +311,31 @@ async def test_dead_instance_is_retried_on_another_lease(client: openai.AsyncOpe
     chat = await client.chat.completions.create(model="flaky", messages=[{"role": "user", "content": "ok"}])
     assert chat.choices[0].message.content.strip() == "ok"
     assert [failed for _, failed in scheduler.released] == [True, False]
+
+
+async def test_a_not_serving_instance_is_retried_on_another_lease(client: openai.AsyncOpenAI,
+                                                                  scheduler: InMemoryScheduler) -> None:
+    for stream in (False, True):
+        scheduler.released.clear()
+        if stream:
+            chunks = await client.chat.completions.create(model="parking", stream=True,
+                                                          messages=[{"role": "user", "content": "ok"}])
+            text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+        else:
+            chat = await client.chat.completions.create(model="parking", messages=[{"role": "user", "content": "ok"}])
+            text = chat.choices[0].message.content or ""
+        assert text.strip() == "ok"
+        await _released(scheduler, "acme/default/parking")
+        # Both leases released, neither as failed: a parked instance is healthy.
+        assert [failed for _, failed in scheduler.released] == [False, False]
+
+
+async def test_not_serving_twice_is_a_503_with_retry_after(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        r = await http.post("/v1/chat/completions", json={"model": "allparked",
+                                                          "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 503 and r.headers["retry-after"].isdigit()
+    assert "not serving" in r.json()["error"]["message"]
 
 
 async def test_client_disconnect_releases_the_lease(gateway: str, scheduler: InMemoryScheduler) -> None:
