@@ -1,7 +1,10 @@
 """Llama-architecture models of real sizes with seeded random weights, for GPU benchmarks.
 
 Nothing is downloaded: the weights are drawn on the GPU from a seeded generator and written as
-sharded bf16 safetensors in the Hugging Face layout, with the demo model's tokenizer.
+sharded bf16 safetensors in the Hugging Face layout, with the demo model's tokenizer grown to
+the model's vocabulary (``full_vocab_tokenizer``): every id the model can pick decodes to text,
+so a client sees its first token when the model produces it (with the demo's 512 tokens, most
+ids decoded to nothing and client-side TTFT counted many decode steps).
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["PRESETS", "make_random_llama"]
+__all__ = ["PRESETS", "full_vocab_tokenizer", "make_random_llama"]
+
+TOKENIZER_VERSION = 2  # in config.json: models written with the 512-token tokenizer are rewritten
 
 # Shapes of well-known open models, so the kernels and sizes match what users deploy.
 PRESETS: dict[str, dict[str, int]] = {
@@ -53,7 +58,8 @@ def make_random_llama(path: Path, preset: str, seed: int = 0, shard_bytes: int =
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **c,
               "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
               "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-              "torch_dtype": "bfloat16", "use_cache": True, "snapwake_seed": seed}
+              "torch_dtype": "bfloat16", "use_cache": True, "snapwake_seed": seed,
+              "snapwake_tokenizer": TOKENIZER_VERSION}
     if (path / "config.json").exists() and json.loads((path / "config.json").read_text()) == config:
         return path
     shutil.rmtree(path, ignore_errors=True)
@@ -90,7 +96,21 @@ def make_random_llama(path: Path, preset: str, seed: int = 0, shard_bytes: int =
     (path / "config.json").write_text(json.dumps(config, indent=1))
     with tempfile.TemporaryDirectory() as tmp:
         demo = make_demo_model(Path(tmp) / "demo")
-        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        for f in ("tokenizer_config.json", "generation_config.json"):
             if (demo / f).exists():
                 shutil.copy(demo / f, path / f)
+        (path / "tokenizer.json").write_text(full_vocab_tokenizer((demo / "tokenizer.json").read_text(),
+                                                                  c["vocab_size"]))
     return path
+
+
+def full_vocab_tokenizer(tokenizer_json: str, vocab_size: int) -> str:
+    """The demo's byte-level BPE tokenizer with tokens added up to ``vocab_size``: id ``i`` past
+    the demo's own decodes to `` t{i}``. Encoding is unchanged (no merges lead to them)."""
+    tok = json.loads(tokenizer_json)
+    vocab: dict[str, int] = tok["model"]["vocab"]
+    taken = set(vocab.values()) | {t["id"] for t in tok.get("added_tokens", [])}
+    for i in range(vocab_size):
+        if i not in taken:
+            vocab[f"\u0120t{i}"] = i  # "Ġ" is the byte-level space
+    return json.dumps(tok)
