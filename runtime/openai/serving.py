@@ -86,10 +86,14 @@ async def collect(instance: Instance, req: Prepared, chat: bool, cancel: threadi
 async def stream(instance: Instance, req: Prepared, chat: bool, cancel: threading.Event) -> AsyncIterator[bytes]:
     """The completion as SSE events, ending with ``[DONE]``; errors mid-stream become an event."""
     rid, created, n = _id(chat), int(time.time()), 0
-    if chat:
-        yield sse.event(sse.chat_chunk(rid, req.model, created, {"role": "assistant", "content": ""}, None))
+    # The role chunk goes out with the first piece, not before the prefill: the first byte a
+    # client (or the gateway's CS-TTFT metric) sees is then the first token's.
+    role = chat
     try:
         async for p in pieces(instance, req, cancel):
+            if role:
+                role = False
+                yield sse.event(sse.chat_chunk(rid, req.model, created, {"role": "assistant", "content": ""}, None))
             n = p.completion_tokens
             if chat:
                 delta = {"content": p.text} if p.text else {}

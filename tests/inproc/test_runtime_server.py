@@ -183,3 +183,30 @@ def test_gpu_memory_slice_sizes_the_context_and_refuses_what_cannot_fit(demo_mod
     tiny = Instance(Settings(demo_model_dir, gpu_memory_bytes=1 << 20), MemfdArena(), tok)
     with pytest.raises(StartFailed, match="gpu_memory_bytes"):
         tiny.load_from_dir()
+
+
+async def test_a_chat_stream_sends_nothing_before_the_first_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The role chunk goes out with the first piece: a stream's first byte means a first token."""
+    import asyncio
+
+    from runtime.engine import Piece
+    from runtime.openai import serving
+    from runtime.openai.requests import Prepared
+    from runtime.sampling import SamplingParams
+
+    first_piece = asyncio.Event()
+
+    async def pieces(instance: object, req: object, cancel: object):  # type: ignore[no-untyped-def]
+        await first_piece.wait()
+        yield Piece("hi", "stop", 1)
+
+    monkeypatch.setattr(serving, "pieces", pieces)
+    req = Prepared("m", [1, 2], SamplingParams(max_tokens=4, stream=True))
+    events = serving.stream(None, req, True, threading.Event())  # type: ignore[arg-type]
+    early = asyncio.ensure_future(events.__anext__())
+    await asyncio.sleep(0.2)
+    assert not early.done()  # nothing sent while the (first) piece does not exist
+    first_piece.set()
+    role = await asyncio.wait_for(early, 5)
+    assert b'"role":"assistant"' in role
+    assert b'"content":"hi"' in await asyncio.wait_for(events.__anext__(), 5)
