@@ -56,6 +56,9 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
     name: str = "node-a"
     start_delay_s: float = 0.2
     restore_delay_s: float = 0.0
+    stop_delay_s: float = 0.0
+    stops_in_flight: int = 0
+    stops_in_flight_peak: int = 0
     fail_reason: str = ""
     calls: list[tuple[str, int]] = field(default_factory=list)
     server: GrpcServer | None = None
@@ -117,7 +120,13 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
     async def StopInstance(self, request: na.StopInstanceRequest, context: grpc.aio.ServicerContext
                            ) -> na.StopInstanceResponse:
         self.calls.append(("stop", 0))
-        await self.store.delete(keys.instance_key(request.instance_id))
+        self.stops_in_flight += 1
+        self.stops_in_flight_peak = max(self.stops_in_flight_peak, self.stops_in_flight)
+        try:
+            await asyncio.sleep(self.stop_delay_s)
+            await self.store.delete(keys.instance_key(request.instance_id))
+        finally:
+            self.stops_in_flight -= 1
         return na.StopInstanceResponse()
 
     async def GetInstanceLogs(self, request: na.NodeAgentServiceGetInstanceLogsRequest, context: grpc.aio.ServicerContext
@@ -452,6 +461,33 @@ async def test_cold_start_evicts_lru_idle_instance(leader: Scheduler, node: Fake
     second = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=other, gateway_id="gw"), timeout=10)
     assert second.source == pb.LEASE_SOURCE_NORMAL_START
     assert node.count("stop") == 1 and leader.state.instance(held.instance_id) is None
+
+
+async def test_a_start_evicts_all_its_victims_at_once(leader: Scheduler, node: FakeNode, store: Store) -> None:
+    """A 70 GiB start on an 80 GiB GPU holding three idle 25 GiB instances evicts all three in
+    parallel: it waits for one eviction, not three in a row."""
+    node.stop_delay_s = 0.5
+    admin, leases = stubs(leader)
+
+    def gpu_fn(name: str, gib: int) -> FunctionSpec:
+        return FunctionSpec(name=name, image="example/echo:1", resources=Resources(gpu_count=1, gpu_memory_bytes=gib << 30),
+                            policy=Policy(snapshot_mode=SnapshotMode.SNAPSHOT_MODE_NONE, concurrency=1))
+
+    for name in ("e1", "e2", "e3"):
+        fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn(name, 25)), timeout=5)).function.id
+        held = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
+        await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=held.lease_id), timeout=5)
+        got = await store.get(keys.instance_key(held.instance_id), Instance)
+        assert got is not None
+        got.value.state = S.INSTANCE_STATE_IDLE
+        got.value.update_time.FromSeconds(int(time.time()))
+        await store.put(keys.instance_key(held.instance_id), got.value)
+        await wait_until(lambda i=held.instance_id: (x := leader.state.instance(i)) is not None
+                         and x.state == S.INSTANCE_STATE_IDLE, 5, "idle visible")
+    big = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn("huge", 70)), timeout=5)).function.id
+    got_big = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=big, gateway_id="gw"), timeout=15)
+    assert got_big.source == pb.LEASE_SOURCE_NORMAL_START
+    assert node.count("stop") == 3 and node.stops_in_flight_peak == 3
 
 
 # --- leases across a failover -----------------------------------------------------------
