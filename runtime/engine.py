@@ -130,7 +130,7 @@ class Engine:
         self._use_graphs = cuda_graphs and self._device.type == "cuda" and pool.allocator.num_blocks > 1
         self._scratch = pool.allocator.take(1)[0] if self._use_graphs else -1
         self._graph_pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
-        self.max_context = min(max_context, pool.allocator.free * pool.block_size)
+        self.max_context = min(max_context, (pool.max_blocks - (1 if self._use_graphs else 0)) * pool.block_size)
         self._cv = threading.Condition()
         self._inbox: list[_Seq] = []
         self._waiting: deque[_Seq] = deque()
@@ -265,6 +265,8 @@ class Engine:
             if out and n > budget:
                 break
             need = blocks_for(n + 1, self.pool.block_size)
+            while need > allocator.free and self._grow():
+                pass
             if need > allocator.free:
                 if not self._running and not out:  # it could never fit: fail it instead of waiting forever
                     self._waiting.popleft()
@@ -309,11 +311,22 @@ class Engine:
         bs = self.pool.block_size
         for seq in sorted(self._running, key=lambda s: s.order):
             while seq in self._running and len(seq.blocks) < blocks_for(seq.kv_len + 1, bs):
-                if self.pool.allocator.free:
+                if self.pool.allocator.free or self._grow():
                     seq.blocks += self.pool.allocator.take(1)
                     continue
                 victim = max(self._running, key=lambda s: s.order)
                 self._preempt(victim)
+
+    def _grow(self) -> bool:
+        """Grows the KV pool towards its budget; the decode graphs point at the old tensors, so
+        they go first (their memory helps the growth too) and are captured again on use."""
+        if not self.pool.can_grow():
+            return False
+        self._graphs.clear()
+        grown = self.pool.grow()
+        log.info("engine: KV pool %s to %d blocks (budget %d)", "grew" if grown else "could not grow",
+                 self.pool.allocator.num_blocks, self.pool.max_blocks)
+        return grown
 
     def _preempt(self, seq: _Seq) -> None:
         self._running.remove(seq)

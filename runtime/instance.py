@@ -42,6 +42,9 @@ __all__ = ["Instance", "Phase", "Settings"]
 
 log = logging.getLogger(__name__)
 
+# The KV pool starts this big and doubles on demand up to what the slice allows.
+INITIAL_KV_TOKENS = 4096
+
 
 class Phase(enum.Enum):
     LOADING = "loading"    # weights are being read or attached; nothing is served
@@ -119,12 +122,14 @@ class Instance:
         pool = KVPool(config.num_hidden_layers, max(1, budget.kv_tokens // BLOCK_SIZE),
                       getattr(config, "num_key_value_heads", None) or heads,
                       getattr(config, "head_dim", None) or config.hidden_size // heads,
-                      self.skeleton.dtype, self.arena.tensor().device)
+                      self.skeleton.dtype, self.arena.tensor().device,
+                      initial_blocks=INITIAL_KV_TOKENS // BLOCK_SIZE)
         max_context = min(budget.max_context, pool.tokens)
         self.engine = Engine(self.skeleton.model, self.tokenizer, eos_ids(self.settings.model_dir, config),
                              pool, max_context, max_batch=self.settings.max_batch,
                              cuda_graphs=self.settings.cuda_graphs)
-        log.info("KV pool: %d tokens (%.1f MiB), context %d, batch up to %d", pool.tokens, pool.nbytes / 2**20,
+        log.info("KV pool: up to %d tokens (%.1f MiB allocated now), context %d, batch up to %d", pool.tokens,
+                 pool.nbytes / 2**20,
                  self.engine.max_context, self.settings.max_batch)
 
     def load_from_dir(self) -> dict[str, Any]:

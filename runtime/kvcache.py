@@ -63,6 +63,13 @@ class BlockAllocator:
             raise ResourceExhausted(f"the KV pool has {len(self._free)} free blocks, {n} needed")
         return [self._free.pop() for _ in range(n)]
 
+    def extend(self, num_blocks: int) -> None:
+        """Grows the pool to ``num_blocks``; the new numbers are free."""
+        if num_blocks < self.num_blocks:
+            raise ValueError(f"cannot shrink the pool from {self.num_blocks} to {num_blocks} blocks")
+        self._free[:0] = range(num_blocks - 1, self.num_blocks - 1, -1)  # after the free low ones
+        self.num_blocks = num_blocks
+
     def give(self, blocks: list[int]) -> None:
         """Returns blocks to the pool; giving one back twice is a bug and raises."""
         if len(set(blocks)) != len(blocks) or len(self._free) + len(blocks) > self.num_blocks:
@@ -71,34 +78,72 @@ class BlockAllocator:
 
 
 class KVPool:
-    """The K and V tensors of every layer, and their allocator."""
+    """The K and V tensors of every layer, and their allocator.
+
+    ``num_blocks`` is the budget (what the slice allows); the tensors start at
+    ``initial_blocks`` and ``grow`` doubles them, layer by layer, up to the budget. So an
+    instance holds KV memory for the load it has seen, not for its whole slice: a
+    process-mode checkpoint (which moves every device allocation to host memory) and the
+    zeroing at attach stay small.
+    """
 
     def __init__(self, layers: int, num_blocks: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str, block_size: int = BLOCK_SIZE) -> None:
-        shape = (layers, num_blocks * block_size, kv_heads, head_dim)
+                 device: torch.device | str, block_size: int = BLOCK_SIZE, initial_blocks: int | None = None) -> None:
+        self.max_blocks = num_blocks
+        self.block_size = block_size
+        self.kv_heads, self.head_dim, self.dtype, self.device = kv_heads, head_dim, dtype, device
+        cap = num_blocks if initial_blocks is None else max(1, min(num_blocks, initial_blocks))
+        self.k = [self._zeros(cap) for _ in range(layers)]
+        self.v = [self._zeros(cap) for _ in range(layers)]
+        self.allocator = BlockAllocator(cap)
+
+    def _zeros(self, blocks: int) -> torch.Tensor:
         # Zeroed, not empty: masked-out slots still enter the attention product (weight 0), and
         # 0 x NaN from stale memory would be NaN.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.block_size = block_size
-        self.allocator = BlockAllocator(num_blocks)
+        return torch.zeros((blocks * self.block_size, self.kv_heads, self.head_dim), dtype=self.dtype,
+                           device=self.device)
+
+    def can_grow(self) -> bool:
+        return self.allocator.num_blocks < self.max_blocks
+
+    def grow(self) -> bool:
+        """Doubles the pool (up to the budget), keeping every block's contents and number. One
+        layer at a time, the old tensor freed before the next, so the peak is one layer over.
+        Out of device memory, the budget shrinks to what there is and it returns False."""
+        old = self.allocator.num_blocks
+        new = min(self.max_blocks, 2 * old)
+        if new <= old:
+            return False
+        try:
+            for tensors in (self.k, self.v):
+                for i, t in enumerate(tensors):
+                    if t.shape[0] == new * self.block_size:
+                        continue  # grown by an attempt that ran out of memory later
+                    bigger = self._zeros(new)
+                    bigger[: t.shape[0]].copy_(t)
+                    tensors[i] = bigger
+                    del t
+                    if torch.device(self.device).type == "cuda":
+                        torch.cuda.empty_cache()  # the old segment back to the driver for the next layer
+        except torch.OutOfMemoryError:
+            self.max_blocks = old
+            return False
+        self.allocator.extend(new)
+        return True
 
     def free(self) -> None:
         """Drops the K and V memory now (the instance is releasing its GPU memory)."""
-        self.k = self.v = torch.empty(0)
+        self.k, self.v = [], []
 
     @property
     def tokens(self) -> int:
-        return self.allocator.num_blocks * self.block_size
+        """Tokens the pool can hold at its budget."""
+        return self.max_blocks * self.block_size
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-    @staticmethod
-    def bytes_per_block(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int,
-                        block_size: int = BLOCK_SIZE) -> int:
-        return 2 * layers * kv_heads * head_dim * dtype_bytes * block_size
+        """Bytes allocated now."""
+        return sum(t.nbytes for t in (*self.k, *self.v))
 
 
 @dataclass

@@ -99,6 +99,25 @@ def test_decode_gathers_in_row_chunks_without_changing_the_text(demo_model_dir: 
         assert "".join(p.text for p in pieces) == engine.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
+def test_the_pool_grows_under_load_and_the_text_does_not_change(demo_model_dir: Path) -> None:
+    """A pool that starts at 2 blocks (budget 64) grows as 8 requests come in."""
+    model = _model(demo_model_dir)
+    cfg = model.config
+    pool = KVPool(cfg.num_hidden_layers, 64, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu",
+                  initial_blocks=2)
+    eng = Engine(model, load_tokenizer(demo_model_dir), EOS, pool, 512)
+    try:
+        prompts = _prompts(8)
+        want = _reference(demo_model_dir, prompts, 20)
+        got = _run_all(eng, prompts, SamplingParams(max_tokens=20, temperature=0))
+        for pieces, tokens in zip(got, want, strict=True):
+            assert "".join(p.text for p in pieces) == eng.tokenizer.decode(tokens, skip_special_tokens=True)
+        assert 2 < pool.allocator.num_blocks <= 64 and pool.allocator.free == pool.allocator.num_blocks
+        assert eng.max_context == 512  # the context follows the budget, not the current size
+    finally:
+        eng.close(10)
+
+
 def test_a_full_pool_preempts_and_recomputes_without_changing_the_text(demo_model_dir: Path) -> None:
     """8 blocks (128 tokens) for 4 requests that grow to ~50 tokens each: some must be preempted."""
     eng = _engine(demo_model_dir, blocks=8)
