@@ -201,3 +201,25 @@ def test_batched_greedy_on_cuda_with_graphs_matches_transformers_generate(demo_m
         assert eng.stats["graphs"] > 0 and eng.stats["graph_steps"] > 0  # decode steps replayed graphs
     finally:
         eng.close(10)
+
+
+@pytest.mark.gpu
+def test_pool_growth_on_cuda_recaptures_graphs_and_keeps_the_text(demo_model_dir: Path) -> None:
+    model = _model(demo_model_dir).to("cuda")
+    cfg = model.config
+    pool = KVPool(cfg.num_hidden_layers, 64, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cuda",
+                  initial_blocks=2)
+    eng = Engine(model, load_tokenizer(demo_model_dir), EOS, pool, 512)
+    try:
+        prompts = _prompts(8)
+        ref = _model(demo_model_dir).to("cuda")
+        with torch.inference_mode():
+            want = [ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=40, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        for _ in range(2):  # the second round replays graphs captured after the pool grew
+            got = _run_all(eng, prompts, SamplingParams(max_tokens=40, temperature=0))
+            for pieces, tokens in zip(got, want, strict=True):
+                assert "".join(p.text for p in pieces) == eng.tokenizer.decode(tokens, skip_special_tokens=True)
+        assert pool.allocator.num_blocks > 2 and eng.stats["graph_steps"] > 0
+    finally:
+        eng.close(10)
