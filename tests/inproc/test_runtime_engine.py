@@ -71,6 +71,11 @@ def _run_all(eng: Engine, prompts: list[list[int]], params: SamplingParams) -> l
     return got
 
 
+def _assert_same_text(eng: Engine, got: list[list[Piece]], want: list[list[int]]) -> None:
+    for pieces, tokens in zip(got, want, strict=True):
+        assert "".join(p.text for p in pieces) == eng.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
 def _prompts(n: int) -> list[list[int]]:
     return [[1, 5 + i, 40, 77] + list(range(100, 100 + 5 * i)) for i in range(n)]
 
@@ -79,9 +84,8 @@ def test_batched_greedy_matches_transformers_generate(demo_model_dir: Path, engi
     prompts = _prompts(8)
     want = _reference(demo_model_dir, prompts, 20)
     got = _run_all(engine, prompts, SamplingParams(max_tokens=20, temperature=0))
-    for pieces, tokens in zip(got, want, strict=True):
-        assert "".join(p.text for p in pieces) == engine.tokenizer.decode(tokens, skip_special_tokens=True)
-        assert pieces[-1].finish_reason == "length" and pieces[-1].completion_tokens == 20
+    _assert_same_text(engine, got, want)
+    assert all(p[-1].finish_reason == "length" and p[-1].completion_tokens == 20 for p in got)
     assert engine.stats["batch_peak"] > 1  # the requests really were decoded together
     assert engine.pool.allocator.free == engine.pool.allocator.num_blocks
 
@@ -95,8 +99,7 @@ def test_decode_gathers_in_row_chunks_without_changing_the_text(demo_model_dir: 
     prompts = _prompts(5)
     want = _reference(demo_model_dir, prompts, 12)
     got = _run_all(engine, prompts, SamplingParams(max_tokens=12, temperature=0))
-    for pieces, tokens in zip(got, want, strict=True):
-        assert "".join(p.text for p in pieces) == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    _assert_same_text(engine, got, want)
 
 
 def test_the_pool_grows_under_load_and_the_text_does_not_change(demo_model_dir: Path) -> None:
@@ -110,8 +113,7 @@ def test_the_pool_grows_under_load_and_the_text_does_not_change(demo_model_dir: 
         prompts = _prompts(8)
         want = _reference(demo_model_dir, prompts, 20)
         got = _run_all(eng, prompts, SamplingParams(max_tokens=20, temperature=0))
-        for pieces, tokens in zip(got, want, strict=True):
-            assert "".join(p.text for p in pieces) == eng.tokenizer.decode(tokens, skip_special_tokens=True)
+        _assert_same_text(eng, got, want)
         assert 2 < pool.allocator.num_blocks <= 64 and pool.allocator.free == pool.allocator.num_blocks
         assert eng.max_context == 512  # the context follows the budget, not the current size
     finally:
@@ -125,8 +127,7 @@ def test_a_full_pool_preempts_and_recomputes_without_changing_the_text(demo_mode
         prompts = _prompts(4)
         want = _reference(demo_model_dir, prompts, 32)
         got = _run_all(eng, prompts, SamplingParams(max_tokens=32, temperature=0))
-        for pieces, tokens in zip(got, want, strict=True):
-            assert "".join(p.text for p in pieces) == eng.tokenizer.decode(tokens, skip_special_tokens=True)
+        _assert_same_text(eng, got, want)
         assert eng.stats["preempted"] > 0
         assert eng.pool.allocator.free == 8
     finally:
@@ -182,21 +183,28 @@ def test_close_lets_running_requests_finish_then_refuses_new_ones(demo_model_dir
         eng.submit([1, 2, 3], SamplingParams(max_tokens=4, temperature=0), threading.Event(), got.append)
 
 
+def _cuda_engine(model_dir: Path, initial_blocks: int | None = None) -> Engine:
+    model = _model(model_dir).to("cuda")
+    cfg = model.config
+    pool = KVPool(cfg.num_hidden_layers, 64, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cuda",
+                  initial_blocks=initial_blocks)
+    return Engine(model, load_tokenizer(model_dir), EOS, pool, 512)
+
+
+def _cuda_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    ref = _model(model_dir).to("cuda")
+    with torch.inference_mode():
+        return [ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+
+
 @pytest.mark.gpu
 def test_batched_greedy_on_cuda_with_graphs_matches_transformers_generate(demo_model_dir: Path) -> None:
-    model = _model(demo_model_dir).to("cuda")
-    cfg = model.config
-    pool = KVPool(cfg.num_hidden_layers, 64, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cuda")
-    eng = Engine(model, load_tokenizer(demo_model_dir), EOS, pool, 512)
+    eng = _cuda_engine(demo_model_dir)
     try:
         prompts = _prompts(8)
-        ref = _model(demo_model_dir).to("cuda")
-        with torch.inference_mode():
-            want = [ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=20, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-        got = _run_all(eng, prompts, SamplingParams(max_tokens=20, temperature=0))
-        for pieces, tokens in zip(got, want, strict=True):
-            assert "".join(p.text for p in pieces) == eng.tokenizer.decode(tokens, skip_special_tokens=True)
+        want = _cuda_reference(demo_model_dir, prompts, 20)
+        _assert_same_text(eng, _run_all(eng, prompts, SamplingParams(max_tokens=20, temperature=0)), want)
         assert eng.stats["batch_peak"] > 1
         assert eng.stats["graphs"] > 0 and eng.stats["graph_steps"] > 0  # decode steps replayed graphs
     finally:
@@ -205,21 +213,12 @@ def test_batched_greedy_on_cuda_with_graphs_matches_transformers_generate(demo_m
 
 @pytest.mark.gpu
 def test_pool_growth_on_cuda_recaptures_graphs_and_keeps_the_text(demo_model_dir: Path) -> None:
-    model = _model(demo_model_dir).to("cuda")
-    cfg = model.config
-    pool = KVPool(cfg.num_hidden_layers, 64, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cuda",
-                  initial_blocks=2)
-    eng = Engine(model, load_tokenizer(demo_model_dir), EOS, pool, 512)
+    eng = _cuda_engine(demo_model_dir, initial_blocks=2)
     try:
         prompts = _prompts(8)
-        ref = _model(demo_model_dir).to("cuda")
-        with torch.inference_mode():
-            want = [ref.generate(torch.tensor([p], device="cuda"), max_new_tokens=40, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        want = _cuda_reference(demo_model_dir, prompts, 40)
         for _ in range(2):  # the second round replays graphs captured after the pool grew
-            got = _run_all(eng, prompts, SamplingParams(max_tokens=40, temperature=0))
-            for pieces, tokens in zip(got, want, strict=True):
-                assert "".join(p.text for p in pieces) == eng.tokenizer.decode(tokens, skip_special_tokens=True)
-        assert pool.allocator.num_blocks > 2 and eng.stats["graph_steps"] > 0
+            _assert_same_text(eng, _run_all(eng, prompts, SamplingParams(max_tokens=40, temperature=0)), want)
+        assert eng.pool.allocator.num_blocks > 2 and eng.stats["graph_steps"] > 0
     finally:
         eng.close(10)

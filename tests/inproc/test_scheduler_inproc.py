@@ -440,16 +440,16 @@ async def test_idle_scale_in_and_old_revision_drain(leader: Scheduler, node: Fak
     assert inst is not None and inst.revision == 2
 
 
-async def test_cold_start_evicts_lru_idle_instance(leader: Scheduler, node: FakeNode, store: Store) -> None:
+def gpu_fn(name: str, gib: int) -> FunctionSpec:
+    return FunctionSpec(name=name, image="example/echo:1", resources=Resources(gpu_count=1, gpu_memory_bytes=gib << 30),
+                        policy=Policy(snapshot_mode=SnapshotMode.SNAPSHOT_MODE_NONE, concurrency=1))
+
+
+async def idle_instance_of(leader: Scheduler, store: Store, spec: FunctionSpec) -> str:
+    """Creates the function, serves one request on it, and marks its instance IDLE; its id."""
     admin, leases = stubs(leader)
-
-    def gpu_fn(name: str, gib: int) -> FunctionSpec:
-        return FunctionSpec(name=name, image="example/echo:1", resources=Resources(gpu_count=1, gpu_memory_bytes=gib << 30),
-                            policy=Policy(snapshot_mode=SnapshotMode.SNAPSHOT_MODE_NONE, concurrency=1))
-
-    big = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn("big", 60)), timeout=5)).function.id
-    other = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn("other", 40)), timeout=5)).function.id
-    held = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=big, gateway_id="gw"), timeout=10)
+    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    held = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
     await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=held.lease_id), timeout=5)
     got = await store.get(keys.instance_key(held.instance_id), Instance)
     assert got is not None
@@ -458,9 +458,16 @@ async def test_cold_start_evicts_lru_idle_instance(leader: Scheduler, node: Fake
     await store.put(keys.instance_key(held.instance_id), got.value)
     await wait_until(lambda: (i := leader.state.instance(held.instance_id)) is not None
                      and i.state == S.INSTANCE_STATE_IDLE, 5, "idle visible")
+    return held.instance_id
+
+
+async def test_cold_start_evicts_lru_idle_instance(leader: Scheduler, node: FakeNode, store: Store) -> None:
+    admin, leases = stubs(leader)
+    idle = await idle_instance_of(leader, store, gpu_fn("big", 60))
+    other = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn("other", 40)), timeout=5)).function.id
     second = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=other, gateway_id="gw"), timeout=10)
     assert second.source == pb.LEASE_SOURCE_NORMAL_START
-    assert node.count("stop") == 1 and leader.state.instance(held.instance_id) is None
+    assert node.count("stop") == 1 and leader.state.instance(idle) is None
 
 
 async def test_a_start_evicts_all_its_victims_at_once(leader: Scheduler, node: FakeNode, store: Store) -> None:
@@ -468,22 +475,8 @@ async def test_a_start_evicts_all_its_victims_at_once(leader: Scheduler, node: F
     parallel: it waits for one eviction, not three in a row."""
     node.stop_delay_s = 0.5
     admin, leases = stubs(leader)
-
-    def gpu_fn(name: str, gib: int) -> FunctionSpec:
-        return FunctionSpec(name=name, image="example/echo:1", resources=Resources(gpu_count=1, gpu_memory_bytes=gib << 30),
-                            policy=Policy(snapshot_mode=SnapshotMode.SNAPSHOT_MODE_NONE, concurrency=1))
-
     for name in ("e1", "e2", "e3"):
-        fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn(name, 25)), timeout=5)).function.id
-        held = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
-        await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=held.lease_id), timeout=5)
-        got = await store.get(keys.instance_key(held.instance_id), Instance)
-        assert got is not None
-        got.value.state = S.INSTANCE_STATE_IDLE
-        got.value.update_time.FromSeconds(int(time.time()))
-        await store.put(keys.instance_key(held.instance_id), got.value)
-        await wait_until(lambda i=held.instance_id: (x := leader.state.instance(i)) is not None
-                         and x.state == S.INSTANCE_STATE_IDLE, 5, "idle visible")
+        await idle_instance_of(leader, store, gpu_fn(name, 25))
     big = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn("huge", 70)), timeout=5)).function.id
     got_big = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=big, gateway_id="gw"), timeout=15)
     assert got_big.source == pb.LEASE_SOURCE_NORMAL_START
