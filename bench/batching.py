@@ -20,6 +20,7 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ from bench.density import percentile
 __all__ = ["main"]
 
 
-def _nvml_busy() -> tuple[Any, Any]:
-    """A sampler of NVML GPU utilisation (every 50 ms) and the function that stops it."""
+def _nvml_busy() -> Callable[[], float | None]:
+    """Starts sampling NVML GPU utilisation every 50 ms; the function it returns stops the
+    sampler and gives the mean."""
     import pynvml
 
     pynvml.nvmlInit()
@@ -48,7 +50,7 @@ def _nvml_busy() -> tuple[Any, Any]:
         stop.set()
         t.join(2)
         return statistics.fmean(samples) if samples else None
-    return done, handle
+    return done
 
 
 def run_load(instance: Any, concurrency: int, requests: int, prompt_len: int, max_tokens: int) -> dict[str, Any]:
@@ -92,7 +94,7 @@ def run_load(instance: Any, concurrency: int, requests: int, prompt_len: int, ma
                         itl.append((stamps[-1] - stamps[0]) / (counts[-1] - counts[0]))
                 tokens[0] += last[0]
 
-    busy_done, _ = _nvml_busy()
+    busy_done = _nvml_busy()
     t0 = time.monotonic()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:

@@ -143,9 +143,6 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
-    def device(self) -> torch.device:
-        return self._device
-
     # --- the callers' side ------------------------------------------------------------------
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
@@ -191,11 +188,6 @@ class Engine:
                 for seq in [*self._inbox, *self._waiting, *self._running]:
                     seq.cancel.set()
             self._thread.join(30.0)
-
-    def busy(self) -> int:
-        """Requests in the engine (queued or running)."""
-        with self._cv:
-            return len(self._inbox) + len(self._waiting) + len(self._running)
 
     # --- the engine thread ------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
 """The paged KV cache: one pool of fixed-size blocks per instance, and the attention over it.
 
-The pool is sized once, from the instance's GPU slice (``runtime.budget``), and never grows:
-a request holds the blocks its tokens need, and gives them back when it ends. So memory is
-spent on tokens actually in flight, not on ``max_context`` per request, and many short
-requests fit where one long one would.
+The pool's budget comes from the instance's GPU slice (``runtime.budget``); it starts small
+and doubles on demand up to that budget (``KVPool.grow``). A request holds the blocks its
+tokens need and gives them back when it ends, so memory goes to tokens actually in flight,
+not to ``max_context`` per request, and many short requests fit where one long one would.
 
 Layout, per layer: K and V as ``[num_blocks * block_size, kv_heads, head_dim]`` (a token's
 slot is ``block * block_size + offset``). The model runs with the attention implementation

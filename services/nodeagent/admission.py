@@ -17,7 +17,7 @@ but p90 1.7 s. So on a node:
 
 Every wait is bounded by the caller's ``limit_s``; a wait that runs out raises
 ``DeadlineExceeded`` naming what it waited for.
-The gate is pure asyncio (no I/O, no clock but for the reported wait), one per agent.
+The gate is two FIFO ``asyncio.Semaphore``s with counters for the messages, one per agent.
 """
 
 from __future__ import annotations
@@ -25,111 +25,72 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from snapwake import errors
 
 __all__ = ["DriverGate"]
 
-_RESTORE, _CHECKPOINT = "restore", "checkpoint"
+
+class _Slots:
+    """``limit`` slots of one kind of driver work, handed out in arrival order."""
+
+    def __init__(self, kind: str, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"max_{kind}s: must be at least 1, got {limit}")
+        self.kind, self.running, self.waiting = kind, 0, 0
+        self._sem = asyncio.Semaphore(limit)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, limit_s: float, busy: Callable[[], str]) -> AsyncIterator[float]:
+        started = time.monotonic()
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(max(0.0, limit_s)):
+                await self._sem.acquire()
+        except TimeoutError:
+            raise errors.DeadlineExceeded(
+                f"{self.kind} waited {limit_s:.1f}s for a driver slot on this node ({busy()})") from None
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            yield time.monotonic() - started
+        finally:
+            self.running -= 1
+            self._sem.release()
 
 
 class DriverGate:
-    """Orders driver restores and checkpoints on one node (see module docstring)."""
+    """Bounds driver restores and checkpoints on one node (see module docstring)."""
 
     def __init__(self, max_restores: int = 4, max_checkpoints: int = 2) -> None:
-        if max_restores < 1:
-            raise ValueError(f"max_restores: must be at least 1, got {max_restores}")
-        if max_checkpoints < 1:
-            raise ValueError(f"max_checkpoints: must be at least 1, got {max_checkpoints}")
-        self.max_restores, self.max_checkpoints = max_restores, max_checkpoints
-        self.restoring = 0  # restores holding a slot
-        self.checkpointing = 0  # checkpoints holding a slot
-        self._restore_queue: deque[asyncio.Future[None]] = deque()
-        self._checkpoint_queue: deque[asyncio.Future[None]] = deque()
+        self._restores, self._checkpoints = _Slots("restore", max_restores), _Slots("checkpoint", max_checkpoints)
+
+    @property
+    def restoring(self) -> int:
+        return self._restores.running
+
+    @property
+    def checkpointing(self) -> int:
+        return self._checkpoints.running
 
     @property
     def restores_waiting(self) -> int:
-        return len(self._restore_queue)
+        return self._restores.waiting
 
     @property
     def checkpoints_waiting(self) -> int:
-        return len(self._checkpoint_queue)
+        return self._checkpoints.waiting
 
-    @contextlib.asynccontextmanager
-    async def restore(self, limit_s: float) -> AsyncIterator[float]:
+    def restore(self, limit_s: float) -> contextlib.AbstractAsyncContextManager[float]:
         """Holds a restore slot for the block; yields the seconds it waited for one."""
-        started = time.monotonic()
-        if self.restoring < self.max_restores and not self._restore_queue:
-            self.restoring += 1
-        else:
-            await self._wait(_RESTORE, limit_s)
-        try:
-            yield time.monotonic() - started
-        finally:
-            self.restoring -= 1
-            self._grant()
+        return self._restores.hold(limit_s, self._busy)
 
-    @contextlib.asynccontextmanager
-    async def checkpoint(self, limit_s: float) -> AsyncIterator[float]:
+    def checkpoint(self, limit_s: float) -> contextlib.AbstractAsyncContextManager[float]:
         """Holds a checkpoint slot for the block; yields the seconds it waited for one."""
-        started = time.monotonic()
-        if self._checkpoint_may_start() and not self._checkpoint_queue:
-            self.checkpointing += 1
-        else:
-            await self._wait(_CHECKPOINT, limit_s)
-        try:
-            yield time.monotonic() - started
-        finally:
-            self.checkpointing -= 1
-            self._grant()
-
-    def _checkpoint_may_start(self) -> bool:
-        return self.checkpointing < self.max_checkpoints
+        return self._checkpoints.hold(limit_s, self._busy)
 
     def _busy(self) -> str:
         return (f"{self.restoring} restores running, {self.restores_waiting} waiting; "
                 f"{self.checkpointing} checkpoints running, {self.checkpoints_waiting} waiting")
-
-    async def _wait(self, kind: str, limit_s: float) -> None:
-        """Queues a future that ``_grant`` resolves once it has counted a slot for it."""
-        queue = self._restore_queue if kind == _RESTORE else self._checkpoint_queue
-        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue.append(granted)
-        try:
-            async with asyncio.timeout(max(0.0, limit_s)):
-                await granted
-        except BaseException as exc:  # timed out or cancelled: give back what this waiter holds
-            if granted.done() and not granted.cancelled():  # the slot came just before the end
-                self._release(kind)
-            elif granted in queue:
-                queue.remove(granted)
-            self._grant()  # a restore leaving the queue may let a checkpoint start
-            if isinstance(exc, TimeoutError):
-                raise errors.DeadlineExceeded(
-                    f"{kind} waited {limit_s:.1f}s for a driver slot on this node ({self._busy()})") from None
-            raise
-
-    def _release(self, kind: str) -> None:
-        if kind == _RESTORE:
-            self.restoring -= 1
-        else:
-            self.checkpointing -= 1
-
-    def _grant(self) -> None:
-        """Hands free slots to waiters of each kind, in FIFO order."""
-        while self.restoring < self.max_restores and self._restore_queue:
-            if _resolve(self._restore_queue.popleft()):
-                self.restoring += 1
-        while self._checkpoint_may_start() and self._checkpoint_queue:
-            if _resolve(self._checkpoint_queue.popleft()):
-                self.checkpointing += 1
-
-
-def _resolve(waiter: asyncio.Future[None]) -> bool:
-    """Wakes ``waiter``; False when it was cancelled meanwhile (its task cleans up after itself)."""
-    if waiter.done():
-        return False
-    waiter.set_result(None)
-    return True

@@ -297,8 +297,8 @@ async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 
 
 
 async def _checkpoint(agent: NodeAgent, live: Live, limit_s: float) -> None:
-    """The driver checkpoint of a parked or new standby, once no restore on the node needs the
-    bus (``admission``); waiting longer than ``limit_s`` raises DeadlineExceeded."""
+    """The driver checkpoint of a parked or new standby, in one of the node's checkpoint slots
+    (``admission``); waiting longer than ``limit_s`` for one raises DeadlineExceeded."""
     async with telemetry.traced("driver_checkpoint") as span, agent.gate.checkpoint(limit_s) as waited:
         span.set_attribute("snapwake.driver_gate.wait_seconds", waited)
         await agent.checkpointer.checkpoint(live.pid)

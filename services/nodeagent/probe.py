@@ -33,29 +33,24 @@ async def health_phase(client: httpx.AsyncClient, endpoint: str, limit_s: float 
 
 async def control(socket_path: str | Path, msg: dict[str, Any], limit_s: float) -> dict[str, Any]:
     """One control request; a refused, timed-out or ``ok: false`` answer raises Unavailable."""
-    op = msg.get("op")
-    try:
-        reply = await protocols.request(str(socket_path), msg, limit_s)
-    except TimeoutError as exc:
-        raise errors.Unavailable(f"control {op}: no reply within {limit_s:.1f}s") from exc
-    except (OSError, ConnectionError, ValueError) as exc:
-        raise errors.Unavailable(f"control {op}: {exc}") from exc
-    if not reply.get("ok"):
-        raise errors.Unavailable(f"control {op} failed: {reply.get('error', reply)}")
-    return reply
+    return await _request("control", str(socket_path), msg, limit_s)
 
 
 async def handover(socket_path: str, msg: dict[str, Any], limit_s: float) -> dict[str, Any]:
-    """One request to the blobstore's handover socket (``prepare``)."""
+    """One request to the blobstore's handover socket (``prepare``); failures as ``control``."""
+    return await _request("handover", socket_path, msg, limit_s)
+
+
+async def _request(what: str, socket_path: str, msg: dict[str, Any], limit_s: float) -> dict[str, Any]:
     op = msg.get("op")
     try:
         reply = await protocols.request(socket_path, msg, limit_s)
     except TimeoutError as exc:
-        raise errors.Unavailable(f"handover {op}: no reply within {limit_s:.1f}s") from exc
+        raise errors.Unavailable(f"{what} {op}: no reply within {limit_s:.1f}s") from exc
     except (OSError, ConnectionError, ValueError) as exc:
-        raise errors.Unavailable(f"handover {op} at {socket_path}: {exc}") from exc
+        raise errors.Unavailable(f"{what} {op} at {socket_path}: {exc}") from exc
     if not reply.get("ok"):
-        raise errors.Unavailable(f"handover {op} failed: {reply.get('error', reply)}")
+        raise errors.Unavailable(f"{what} {op} failed: {reply.get('error', reply)}")
     return reply
 
 
@@ -70,9 +65,10 @@ def host_rss_bytes(pid: int) -> int:
 
 class HostMemory(NamedTuple):
     """A process's host memory, in bytes. RSS counts every resident page in full, shared
-    library pages too (libtorch and the CUDA libraries, about 1 GB that every standby maps from
-    the same page cache); PSS divides each page by the processes that map it; private (USS)
-    counts only the pages no other process maps, what stopping the process would give back."""
+    library pages too (libtorch and the CUDA libraries, which every standby maps from the same
+    page cache: RSS 2.1 GB against PSS 1.7 GB for a standby on the H100); PSS divides each page
+    by the processes that map it; private (USS) counts only the pages no other process maps,
+    what stopping the process would give back."""
 
     rss: int
     pss: int
