@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,11 @@ async def serve(cfg: RuntimeConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = sw_config.load(RuntimeConfig, argv, prog="python -m runtime")
+    try:
+        cfg = sw_config.load(RuntimeConfig, argv, prog="python -m runtime")
+    except sw_config.ConfigError as exc:  # one line naming every bad flag, as the services do
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
     sw_log.setup("runtime", cfg.log_level)
     telemetry.setup_tracing("snapwake-runtime")
     raise SystemExit(asyncio.run(serve(cfg)))

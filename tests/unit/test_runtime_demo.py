@@ -44,7 +44,19 @@ def test_tokenizer_and_chat_template(demo_model_dir: Path) -> None:
     (["--model-dir", "m", "--start-mode", "standby"], "--snapshot-id"),
     (["--model-dir", "m", "--sample-request", "{bad"], "--sample-request"),
     (["--model-dir", "m", "--port", "x"], "--port"),
+    (["--model-dir", "m", "--max-batch", "0"], "--max-batch: expected 1..1024, got 0"),
+    (["--model-dir", "m", "--cuda-graphs", "maybe"], "--cuda-graphs: expected a boolean"),
 ])
 def test_bad_config_names_the_key(argv: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         load(RuntimeConfig, argv, env={})
+
+
+def test_the_runtime_cli_refuses_bad_flags_in_one_line_with_exit_2() -> None:
+    import subprocess
+    import sys
+
+    got = subprocess.run([sys.executable, "-m", "runtime", "--model-dir", "m", "--max-batch", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert got.returncode == 2
+    assert got.stderr.strip().splitlines() == ["invalid configuration: --max-batch: expected 1..1024, got 0"]
