@@ -25,7 +25,7 @@ proto: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy snapwake services runtime
+	$(VENV)/bin/mypy snapwake services modelserver
 	# buf's STANDARD lint of the protos (buf ships on the npm registry).
 	cd proto && npx --yes @bufbuild/buf@1.75.0 lint
 

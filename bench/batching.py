@@ -1,6 +1,6 @@
 """bench/batching: what continuous batching and CUDA graphs buy one instance on one GPU.
 
-For each preset, one runtime ``Instance`` (CUDA arena, its GPU slice, the paged KV pool) serves
+For each preset, one model server ``Instance`` (CUDA arena, its GPU slice, the paged KV pool) serves
 ``--requests`` requests at concurrency 1 (the old engine's behaviour: one request at a time,
 which is the baseline) and at higher concurrencies. It reports aggregate decode tokens/s,
 TTFT and inter-token latency percentiles, and GPU busy (NVML) per run; ratios are against
@@ -55,7 +55,7 @@ def _nvml_busy() -> Callable[[], float | None]:
 
 def run_load(instance: Any, concurrency: int, requests: int, prompt_len: int, max_tokens: int) -> dict[str, Any]:
     """``requests`` requests, at most ``concurrency`` at once; per-request TTFT and token times."""
-    from runtime.sampling import SamplingParams
+    from modelserver.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
     lock = threading.Lock()
@@ -115,9 +115,9 @@ def run_load(instance: Any, concurrency: int, requests: int, prompt_len: int, ma
 
 def bench_preset(preset: str, models_dir: Path, args: argparse.Namespace, graphs: bool) -> dict[str, Any]:
     from bench.models import make_random_llama
-    from runtime.__main__ import load_tokenizer
-    from runtime.arena import make_arena
-    from runtime.instance import Instance, Settings
+    from modelserver.__main__ import load_tokenizer
+    from modelserver.arena import make_arena
+    from modelserver.instance import Instance, Settings
 
     model = make_random_llama(models_dir / preset, preset)
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))

@@ -3,7 +3,7 @@
 For each model size it measures, in one run:
   (a) baseline: a fresh process loads the safetensors directory (page cache warm) with
       transformers onto the GPU and answers one request (what users have today);
-  (b) process mode: the runtime process, loaded and warmed, is driver-checkpointed whole
+  (b) process mode: the model server process, loaded and warmed, is driver-checkpointed whole
       (weights included) and restored; TTFT of the first request after the restore;
   (c) arena mode through the whole platform: etcd, scheduler, nodeagent (runc), blobstore and
       gateway; a request to the gateway for a function whose only instance is a zero-GPU
@@ -99,12 +99,12 @@ def first_token(url: str, model: str, timeout: float = 300) -> float:
 
 
 def process_mode(model: Path, slice_bytes: int, repeats: int) -> dict[str, Any]:
-    """(b) whole-process driver checkpoint and restore of a loaded, warmed runtime."""
+    """(b) whole-process driver checkpoint and restore of a loaded, warmed model server."""
     from services.nodeagent.gpu.checkpoint import CudaCheckpointer
 
     port = free_port()
     tmp = Path(tempfile.mkdtemp())
-    proc = subprocess.Popen([sys.executable, "-m", "runtime", "--model-dir", str(model), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "modelserver", "--model-dir", str(model), "--port", str(port),
                              "--device", "cuda", "--gpu-index", "0", "--gpu-memory-bytes", str(slice_bytes),
                              "--start-mode", "load", "--control-socket", str(tmp / "c.sock"),
                              "--handover-socket", str(tmp / "h.sock")],
@@ -112,7 +112,7 @@ def process_mode(model: Path, slice_bytes: int, repeats: int) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     try:
         t0 = time.monotonic()
-        wait_for(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, 600, "runtime (process mode)")
+        wait_for(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, 600, "model server (process mode)")
         load_s = time.monotonic() - t0
         warm = first_token(url, "m")
         running_mib = gpu_used_by(proc.pid)

@@ -56,7 +56,7 @@ def _gpu_apps() -> dict[int, int]:
 
 
 def _dma(handover: str, sid: str) -> dict[str, float]:
-    """One handover ``load`` onto GPU 0 through the blobstore, as a runtime would do it."""
+    """One handover ``load`` onto GPU 0 through the blobstore, as a model server would do it."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(120)
         s.connect(handover)

@@ -325,7 +325,7 @@ def make_models(config: DensityConfig) -> list[tuple[str, Path, int]]:
     """Writes (or reuses) the models; returns (function name, model dir, weight bytes) each."""
     work = Path(config.work_dir)
     if config.mode == "cpu":
-        from runtime.demo import make_demo_model
+        from modelserver.demo import make_demo_model
 
         return [(f"d{i:02d}-tiny", make_demo_model(work / "models" / f"m{i}", seed=config.seed * 1000 + i), 0)
                 for i in range(config.n_models)]

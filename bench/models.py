@@ -51,7 +51,7 @@ def make_random_llama(path: Path, preset: str, seed: int = 0, shard_bytes: int =
     import torch
     from safetensors.torch import save_file
 
-    from runtime.demo import make_demo_model
+    from modelserver.demo import make_demo_model
 
     c = PRESETS[preset]
     path = Path(path)

@@ -1,1 +1,1 @@
-"""Code shared by Snapwake's services, runtime and tools."""
+"""Code shared by Snapwake's services, model server and tools."""

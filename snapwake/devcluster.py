@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-port", type=int, default=8000)
     parser.add_argument("--var-dir", type=Path, default=ROOT / "var")
     opts = parser.parse_args(argv)
-    from runtime.demo import make_demo_model
+    from modelserver.demo import make_demo_model
     from snapwake.log import setup
 
     setup("devcluster")

@@ -1,6 +1,6 @@
 """The two local Unix-socket protocols of a node. Both are JSON lines, one request, one reply.
 
-Control socket (the runtime listens; the nodeagent connects)
+Control socket (the model server listens; the nodeagent connects)
     Path inside the container: ``$SNAPWAKE_CONTROL_SOCKET`` (the nodeagent bind-mounts the
     instance directory there). Requests:
       {"op": "status"}
@@ -17,7 +17,7 @@ Control socket (the runtime listens; the nodeagent connects)
           -> {"ok": true, "bytes": N, "manifest_digest": "...", "seconds": s}
     A failure is {"ok": false, "error": "message that names the problem"}.
 
-Handover socket (the blobstore listens; runtimes connect)
+Handover socket (the blobstore listens; model servers connect)
     Path: ``$SNAPWAKE_HANDOVER_SOCKET`` (bind-mounted into each container).
       {"op": "load", "snapshot_id": ..., "gpu": 0 | -1}
           The blobstore fills exportable memory from its cache (device memory through
@@ -40,8 +40,8 @@ Handover socket (the blobstore listens; runtimes connect)
 Trace context (both sockets)
     Any request may carry an optional ``"traceparent": "00-<trace id>-<span id>-<flags>"``
     (W3C Trace Context). The receiver starts its span for the request as a child of it, so one
-    trace runs gateway -> scheduler -> nodeagent -> blobstore/runtime. The nodeagent sends it in
-    ``prepare`` (handover) and ``attach`` (control); the runtime in ``load``. A missing or
+    trace runs gateway -> scheduler -> nodeagent -> blobstore/modelserver. The nodeagent sends it in
+    ``prepare`` (handover) and ``attach`` (control); the model server in ``load``. A missing or
     malformed value only means the receiver's span starts a trace of its own.
 """
 

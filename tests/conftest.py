@@ -21,6 +21,6 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProces
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama-architecture model in the Hugging Face layout (seeded, made locally)."""
-    from runtime.demo import make_demo_model
+    from modelserver.demo import make_demo_model
 
     return make_demo_model(tmp_path_factory.mktemp("models") / "demo", seed=0)

@@ -16,7 +16,7 @@ class BlobstoreConfig:
 
     listen: str = field(default="127.0.0.1:7003", metadata={"help": "gRPC listen address host:port"})
     dirs: tuple[str, ...] = field(default=("./var/blobstore/d0",), metadata={"help": "comma list of stripe directories, one per drive"})
-    handover_socket: str = field(default="./var/blobstore/handover.sock", metadata={"help": "Unix socket path for runtimes"})
+    handover_socket: str = field(default="./var/blobstore/handover.sock", metadata={"help": "Unix socket path for model servers"})
     cache_bytes: int = field(default=1 << 30, metadata={"help": "host-memory cache budget in bytes (pinned once on GPU hosts)"})
     chunk_bytes: int = field(default=64 << 20, metadata={"help": "chunk size for new snapshots (a multiple of 4096 allows O_DIRECT)"})
     peers: tuple[str, ...] = field(default=(), metadata={"help": "comma list of peer blobstores host:port to fetch missing snapshots from"})

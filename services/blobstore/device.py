@@ -200,7 +200,7 @@ class CudaLoader:
         cu = _cu()
         _use_device(gpu)
         prop = self._prop(gpu)
-        size = self._size(nbytes, prop)  # a prefix of the runtime's (maybe larger) allocation
+        size = self._size(nbytes, prop)  # a prefix of the model server's (maybe larger) allocation
         handle = _ok(cu.cuMemImportFromShareableHandle(
             fd, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR), "cuMemImportFromShareableHandle")
         va = None

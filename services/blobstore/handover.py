@@ -1,4 +1,4 @@
-"""The handover socket: runtimes ask for an arena (``load``/``prepare``) or give one (``store``).
+"""The handover socket: model servers ask for an arena (``load``/``prepare``) or give one (``store``).
 
 The protocol is in ``snapwake.protocols``. One thread per connection, so a slow DMA for one
 container never blocks another; the work itself runs in ``Blobstore``.

@@ -33,7 +33,7 @@ async def _run(config: NodeAgentConfig) -> None:
 
 def tracing_env(env: Mapping[str, str]) -> tuple[str, ...]:
     """The OTEL_* variables to hand on to containers, as KEY=VALUE; OTEL_SERVICE_NAME stays
-    here (the runtime names itself)."""
+    here (the model server names itself)."""
     return tuple(f"{k}={v}" for k, v in sorted(env.items())
                  if k.startswith("OTEL_") and k != "OTEL_SERVICE_NAME")
 

@@ -23,13 +23,13 @@ import httpx
 from services.nodeagent import probe
 from services.nodeagent.admission import DriverGate
 from services.nodeagent.config import NodeAgentConfig
+from services.nodeagent.containers import Containers
 from services.nodeagent.gpu import Checkpointer
 from services.nodeagent.machine import InstanceMachine, activity_move
-from services.nodeagent.runtime import ContainerRuntime
 from snapwake import errors, keys
+from snapwake.etcd import Etcd, LeaseKeeper
 from snapwake.grpcserver import channel
 from snapwake.lifecycle import SERVING
-from snapwake.store import LeaseKeeper, Store
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc, types_pb2
 
 __all__ = ["Live", "NodeAgent"]
@@ -69,16 +69,16 @@ class Live:
 class NodeAgent:
     """Owns this node's containers and its keys in etcd."""
 
-    def __init__(self, config: NodeAgentConfig, store: Store, runtime: ContainerRuntime,
+    def __init__(self, config: NodeAgentConfig, etcd: Etcd, containers: Containers,
                  checkpointer: Checkpointer, gpus: list[types_pb2.Gpu], host_memory: int,
                  clock: Callable[[], float] = time.time) -> None:
-        self.config, self.store, self.runtime, self.checkpointer = config, store, runtime, checkpointer
+        self.config, self.etcd, self.containers, self.checkpointer = config, etcd, containers, checkpointer
         self.gpus, self.host_memory, self.clock = gpus, host_memory, clock
         self.instances: dict[str, Live] = {}
         # Driver restores before checkpoints, each kind capped (``admission``).
         self.gate = DriverGate(config.max_concurrent_restores, config.max_concurrent_checkpoints)
         self.cached_snapshots: list[str] = []
-        self.lease = LeaseKeeper(store, config.lease_ttl, on_lost=self._on_lease_lost)
+        self.lease = LeaseKeeper(etcd, config.lease_ttl, on_lost=self._on_lease_lost)
         self.http = httpx.AsyncClient()
         self._blob_channel = channel(config.blobstore)
         self._reconciler: asyncio.Task[None] | None = None
@@ -117,19 +117,19 @@ class NodeAgent:
 
     async def cleanup_orphans(self) -> None:
         """Removes containers, instance dirs and keys a previous run of this node left behind."""
-        for state in await self.runtime.list():
+        for state in await self.containers.list():
             log.warning("removing orphan container %s (pid %d)", state.id, state.pid)
-            await self.runtime.kill(state.id)
-            await self.runtime.delete(state.id)
+            await self.containers.kill(state.id)
+            await self.containers.delete(state.id)
         for path in self.config.instances_dir.iterdir():
             shutil.rmtree(path, ignore_errors=True)
-        old = await self.store.client.get(keys.node_key(self.config.name).encode())
+        old = await self.etcd.client.get(keys.node_key(self.config.name).encode())
         if old is not None and old.lease:  # the old lease may still run for a few seconds
             with contextlib.suppress(Exception):
-                await self.store.client.revoke_lease(old.lease)
-        for entry in await self.store.list(keys.INSTANCES, types_pb2.Instance):
+                await self.etcd.client.revoke_lease(old.lease)
+        for entry in await self.etcd.list(keys.INSTANCES, types_pb2.Instance):
             if entry.value.node == self.config.name:  # type: ignore[attr-defined]
-                await self.store.delete(entry.key, entry.mod_revision)
+                await self.etcd.delete(entry.key, entry.mod_revision)
 
     # --- etcd ----------------------------------------------------------------------------
     def node_record(self) -> types_pb2.Node:
@@ -149,12 +149,12 @@ class NodeAgent:
         return node
 
     async def register(self) -> None:
-        await self.store.put(keys.node_key(self.config.name), self.node_record(), lease=self.lease.lease_id)
+        await self.etcd.put(keys.node_key(self.config.name), self.node_record(), lease=self.lease.lease_id)
         self._registered_at = self.clock()
 
     async def publish(self, live: Live) -> None:
         """Writes the instance's actual state under this node's lease."""
-        await self.store.put(keys.instance_key(live.id), live.machine.instance, lease=self.lease.lease_id)
+        await self.etcd.put(keys.instance_key(live.id), live.machine.instance, lease=self.lease.lease_id)
 
     async def move(self, live: Live, new: int, message: str = "") -> None:
         live.machine.move(new, self.clock(), message)
@@ -172,9 +172,9 @@ class NodeAgent:
     async def destroy(self, live: Live) -> None:
         """Kills and deletes the container (bounded); the instance dir stays for its logs."""
         with contextlib.suppress(errors.SnapwakeError):
-            await self.runtime.kill(live.container_id, "KILL")
+            await self.containers.kill(live.container_id, "KILL")
         try:
-            await self.runtime.delete(live.container_id)
+            await self.containers.delete(live.container_id)
         except errors.SnapwakeError as exc:
             log.error("cannot delete container %s: %s", live.container_id, exc, extra={"instance_id": live.id})
 
@@ -190,7 +190,7 @@ class NodeAgent:
         """Deletes the key and the instance dir of an instance that is over."""
         self.instances.pop(live.id, None)
         with contextlib.suppress(Exception):
-            await self.store.delete(keys.instance_key(live.id))
+            await self.etcd.delete(keys.instance_key(live.id))
         shutil.rmtree(live.dir, ignore_errors=True)
 
     # --- reconcile -----------------------------------------------------------------------
@@ -222,7 +222,7 @@ class NodeAgent:
             return
         if not machine.live:
             return
-        state = await self.runtime.state(live.container_id)
+        state = await self.containers.state(live.container_id)
         if state is None or not state.alive:
             await self.fail(live, "container exited unexpectedly; output:\n" + probe.tail(live.log_path, 1500))
             return

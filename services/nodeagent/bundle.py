@@ -1,7 +1,7 @@
 """OCI bundles for instance containers.
 
 The rootfs is an empty directory; the host's system directories and the Python environment
-are bound into it read-only at the same paths, so the runtime runs exactly the code and
+are bound into it read-only at the same paths, so the model server runs exactly the code and
 interpreter the host has (the "builtin" image). Only the instance directory is writable.
 The container shares the host network (the nodeagent picks a loopback port), but has its own
 pid, ipc, uts and mount namespaces. ``build_config`` is pure; ``write_bundle`` does the I/O.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BundleSpec", "SYSTEM_DIRS", "build_config", "host_layout", "runtime_args", "write_bundle"]
+__all__ = ["BundleSpec", "SYSTEM_DIRS", "build_config", "host_layout", "modelserver_args", "write_bundle"]
 
 SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
 _CAPS = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_KILL", "CAP_SETGID", "CAP_SETUID",
@@ -40,11 +40,11 @@ class BundleSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def runtime_args(python: str, *, model_dir: str, port: int, device: str, gpu_index: int,
+def modelserver_args(python: str, *, model_dir: str, port: int, device: str, gpu_index: int,
                  gpu_memory_bytes: int, start_mode: str, control_socket: str, handover_socket: str,
                  snapshot_id: str = "", sample_request: str = "") -> tuple[str, ...]:
-    """The runtime's command line, as pinned in docs/CONTRACTS.md."""
-    args = [python, "-m", "runtime", "--model-dir", model_dir, "--host", "127.0.0.1", "--port", str(port),
+    """The model server's command line, as pinned in docs/CONTRACTS.md."""
+    args = [python, "-m", "modelserver", "--model-dir", model_dir, "--host", "127.0.0.1", "--port", str(port),
             "--device", device, "--gpu-index", str(gpu_index), "--gpu-memory-bytes", str(gpu_memory_bytes),
             "--start-mode", start_mode, "--control-socket", control_socket,
             "--handover-socket", handover_socket]

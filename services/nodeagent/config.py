@@ -30,12 +30,12 @@ class NodeAgentConfig:
                                  metadata=_help("the blobstore's handover Unix socket (bound into containers)"))
     state_dir: str = field(default="/tmp/snapwake/nodeagent",
                            metadata=_help("instance dirs and the runc root live here"))
-    runtime: str = field(default="runc", metadata=_help("container runtime: runc | fake (tests only)"))
+    containers: str = field(default="runc", metadata=_help("how containers run: runc | fake (tests only)"))
     runc_binary: str = field(default="runc", metadata=_help("path of the runc binary"))
     python: str = field(default=sys.executable, metadata=_help("python executable the containers run"))
     python_path: tuple[str, ...] = field(default=(), metadata=_help(
         "extra import dirs for containers, comma separated (bound read-only, before repo_root)"))
-    repo_root: str = field(default=_REPO, metadata=_help("directory holding the runtime package (bound ro)"))
+    repo_root: str = field(default=_REPO, metadata=_help("directory holding the model server package (bound ro)"))
     lease_ttl: int = field(default=5, metadata=_help("etcd lease TTL in seconds"))
     gpus: str = field(default="auto", metadata=_help("auto: use NVML's GPUs; none: run everything on CPU"))
     start_timeout: float = field(default=120.0, metadata=_help("default bound on a container start (s)"))
@@ -78,8 +78,8 @@ class NodeAgentConfig:
                 parse_address(self.advertise)
             except ValueError as exc:
                 bad.append(f"advertise: {exc}")
-        if self.runtime not in ("runc", "fake"):
-            bad.append(f"runtime: expected runc or fake, got {self.runtime!r}")
+        if self.containers not in ("runc", "fake"):
+            bad.append(f"containers: expected runc or fake, got {self.containers!r}")
         if self.gpus not in ("auto", "none"):
             bad.append(f"gpus: expected auto or none, got {self.gpus!r}")
         if self.lease_ttl < 2:
@@ -88,8 +88,8 @@ class NodeAgentConfig:
             bad.append(f"name: must be non-empty without '/', got {self.name!r}")
         if not Path(self.handover_socket).is_absolute():
             bad.append(f"handover_socket: must be an absolute path, got {self.handover_socket!r}")
-        if not Path(self.repo_root, "runtime").is_dir():
-            bad.append(f"repo_root: {self.repo_root} has no runtime package")
+        if not Path(self.repo_root, "modelserver").is_dir():
+            bad.append(f"repo_root: {self.repo_root} has no modelserver package")
         if not 0 <= self.metrics_port < 65536:
             bad.append(f"metrics_port: out of range: {self.metrics_port}")
         bad.extend(f"container_env: expected KEY=VALUE, got {item!r}"

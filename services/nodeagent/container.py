@@ -1,4 +1,4 @@
-"""What one instance's container looks like: its runtime command line, env and mounts."""
+"""What one instance's container looks like: its model server command line, env and mounts."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import socket
 import sys
 from pathlib import Path
 
-from services.nodeagent.bundle import BundleSpec, host_layout, runtime_args
+from services.nodeagent.bundle import BundleSpec, host_layout, modelserver_args
 from services.nodeagent.config import NodeAgentConfig
-from services.nodeagent.machine import StartPlan, runtime_start_mode
+from services.nodeagent.machine import StartPlan, modelserver_start_mode
 from services.nodeagent.process_mode import is_process as process_mode
 from snapwake import errors, keys
 from snapwake.v1 import nodeagent_pb2
@@ -41,14 +41,14 @@ def python_dirs(python: str) -> tuple[str, ...]:
 
 def bundle_spec(config: NodeAgentConfig, req: nodeagent_pb2.StartInstanceRequest, plan: StartPlan,
                 port: int, instance_dir: Path, use_gpu: bool) -> BundleSpec:
-    """The container for a built-in runtime instance (see docs/CONTRACTS.md, Node layout)."""
+    """The container for a built-in model server instance (see docs/CONTRACTS.md, Node layout)."""
     spec = req.spec
     control = str(instance_dir / "control.sock")
-    args = runtime_args(
+    args = modelserver_args(
         config.python, model_dir=os.path.realpath(spec.model_dir), port=port,
         device="cuda" if use_gpu else "cpu", gpu_index=req.gpu_index,
         gpu_memory_bytes=req.gpu_memory_bytes or spec.resources.gpu_memory_bytes,
-        start_mode=runtime_start_mode(plan, process_mode(spec)), control_socket=control,
+        start_mode=modelserver_start_mode(plan, process_mode(spec)), control_socket=control,
         handover_socket=config.handover_socket,
         snapshot_id=keys.snapshot_id(req.function_id, req.revision), sample_request=spec.sample_request)
     env = {**dict(spec.env), "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",

@@ -16,7 +16,7 @@ import re
 import grpc
 
 from snapwake import errors, keys
-from snapwake.store import Store
+from snapwake.etcd import Etcd
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc, types_pb2
 
 __all__ = ["corrupt_detail", "note_failure", "prewarm"]
@@ -42,7 +42,7 @@ def _mark(snap: types_pb2.Snapshot, node: str, detail: str) -> types_pb2.Snapsho
     return snap
 
 
-async def note_failure(store: Store, node: str, inst: types_pb2.Instance, message: str) -> None:
+async def note_failure(etcd: Etcd, node: str, inst: types_pb2.Instance, message: str) -> None:
     """Marks the instance's snapshot record CORRUPT when ``message`` reports a corrupt chunk.
 
     Only a READY record is marked (a BUILDING one is a rebuild already under way); the scheduler
@@ -54,13 +54,13 @@ async def note_failure(store: Store, node: str, inst: types_pb2.Instance, messag
     log.error("snapshot %s is corrupt on %s: %s", keys.snapshot_id(inst.function_id, inst.revision), node, detail,
               extra={"instance_id": inst.id})
     try:
-        await store.update(keys.snapshot_key(inst.function_id, inst.revision), types_pb2.Snapshot,
+        await etcd.update(keys.snapshot_key(inst.function_id, inst.revision), types_pb2.Snapshot,
                            lambda snap: _mark(snap, node, detail))
     except errors.NotFound:  # built outside the scheduler (tools, tests): no record to mark
         return
 
 
-async def prewarm(channel: grpc.aio.Channel, store: Store, node: str, inst: types_pb2.Instance,
+async def prewarm(channel: grpc.aio.Channel, etcd: Etcd, node: str, inst: types_pb2.Instance,
                   limit_s: float) -> None:
     """Has the blobstore cache the instance's snapshot (from disk or a peer, every chunk verified)
     before a standby attaches it; raises ``StartFailed`` with the blobstore's reason (corrupt,
@@ -71,5 +71,5 @@ async def prewarm(channel: grpc.aio.Channel, store: Store, node: str, inst: type
         await stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=sid), timeout=limit_s)
     except grpc.RpcError as exc:
         message = f"pre-warm of {sid} failed: {errors.from_rpc_error(exc).message}"
-        await note_failure(store, node, inst, message)
+        await note_failure(etcd, node, inst, message)
         raise errors.StartFailed(message) from exc

@@ -14,14 +14,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from snapwake.lifecycle import LIVE, TRANSITIONS, check_transition
 from snapwake.v1 import nodeagent_pb2, types_pb2
 
-__all__ = ["InstanceMachine", "StartPlan", "activity_move", "plan_start", "runtime_start_mode"]
+__all__ = ["InstanceMachine", "StartPlan", "activity_move", "plan_start", "modelserver_start_mode"]
 
 S = types_pb2.InstanceState
 T = nodeagent_pb2.StartTarget
 
 
 class StartPlan(enum.Enum):
-    """How a StartInstance target unfolds: (state after CREATING, runtime --start-mode, goal)."""
+    """How a StartInstance target unfolds: (state after CREATING, model server --start-mode, goal)."""
 
     RUNNING = (S.INSTANCE_STATE_STARTING, "load", S.INSTANCE_STATE_RUNNING)
     STANDBY = (S.INSTANCE_STATE_STARTING, "standby", S.INSTANCE_STATE_STANDBY)
@@ -49,14 +49,14 @@ def plan_start(target: int) -> StartPlan | None:
     return _PLANS.get(target)
 
 
-def runtime_start_mode(plan: StartPlan, process_mode: bool) -> str:
-    """The runtime's ``--start-mode``: a PROCESS-mode standby is a normal ``load``, because the
-    driver, not the runtime, takes its GPU state away."""
+def modelserver_start_mode(plan: StartPlan, process_mode: bool) -> str:
+    """The model server's ``--start-mode``: a PROCESS-mode standby is a normal ``load``, because the
+    driver, not the model server, takes its GPU state away."""
     return "load" if plan is StartPlan.STANDBY and process_mode else plan.start_mode
 
 
 def activity_move(state: int, inflight: int) -> int | None:
-    """RUNNING <-> IDLE from the runtime's in-flight count; None when nothing changes."""
+    """RUNNING <-> IDLE from the model server's in-flight count; None when nothing changes."""
     if state == S.INSTANCE_STATE_RUNNING and inflight == 0:
         return S.INSTANCE_STATE_IDLE
     if state == S.INSTANCE_STATE_IDLE and inflight > 0:

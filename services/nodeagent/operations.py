@@ -51,7 +51,7 @@ def validate_start(req: nodeagent_pb2.StartInstanceRequest) -> StartPlan:
         raise errors.InvalidArgument("target: a SNAPSHOT_MODE_PROCESS function has no snapshot to build",
                                      field="target")
     if req.spec.image not in ("", "builtin"):
-        raise errors.InvalidArgument(f"spec.image: only the builtin runtime image is supported, "
+        raise errors.InvalidArgument(f"spec.image: only the builtin model server image is supported, "
                                      f"got {req.spec.image!r}", field="spec.image")
     if not req.spec.model_dir or not Path(req.spec.model_dir).is_dir():
         raise errors.InvalidArgument(f"spec.model_dir: {req.spec.model_dir!r} is not a directory on this node",
@@ -74,13 +74,13 @@ def _get(agent: NodeAgent, instance_id: str) -> Live:
 
 
 async def _alive(agent: NodeAgent, live: Live) -> None:
-    state = await agent.runtime.state(live.container_id)
+    state = await agent.containers.state(live.container_id)
     if state is None or not state.alive:
         raise errors.StartFailed("the container exited before it was ready")
 
 
 async def _wait_phase(agent: NodeAgent, live: Live, want: str) -> None:
-    """Polls until the runtime reports ``want`` (health for serving, control status otherwise)."""
+    """Polls until the model server reports ``want`` (health for serving, control status otherwise)."""
     endpoint = live.machine.instance.endpoint
     while True:
         await _alive(agent, live)
@@ -89,7 +89,7 @@ async def _wait_phase(agent: NodeAgent, live: Live, want: str) -> None:
         else:
             try:
                 phase = (await probe.control(live.control_socket, {"op": "status"}, 2.0)).get("phase")
-            except errors.Unavailable:  # the runtime has not opened its socket yet
+            except errors.Unavailable:  # the model server has not opened its socket yet
                 phase = None
         if phase == want:
             return
@@ -139,9 +139,9 @@ async def _record_snapshot(agent: NodeAgent, inst: types_pb2.Instance, reply: di
         return snap
 
     try:
-        await agent.store.update(key, types_pb2.Snapshot, mutate)
+        await agent.etcd.update(key, types_pb2.Snapshot, mutate)
     except errors.NotFound:  # built outside the scheduler (tools, tests): create the record
-        await agent.store.create(key, mutate(types_pb2.Snapshot()))
+        await agent.etcd.create(key, mutate(types_pb2.Snapshot()))
 
 
 @telemetry.traced("container.start")
@@ -158,7 +158,7 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
         gpu_index=req.gpu_index, gpu_memory_bytes=req.gpu_memory_bytes or req.spec.resources.gpu_memory_bytes,
         endpoint=f"127.0.0.1:{port}")
     idir = agent.config.instances_dir / req.instance_id
-    live = Live(InstanceMachine(inst, agent.clock()), agent.runtime.prefix + req.instance_id, idir, port, use_gpu,
+    live = Live(InstanceMachine(inst, agent.clock()), agent.containers.prefix + req.instance_id, idir, port, use_gpu,
                 process_mode=process_mode.is_process(req.spec))
     agent.instances[req.instance_id] = live
     async with live.lock:
@@ -169,9 +169,9 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
             bundle = write_bundle(idir / "bundle", bundle_spec(agent.config, req, plan, port, idir, use_gpu))
             await agent.move(live, plan.first)
             if plan is StartPlan.STANDBY and not live.process_mode:  # a corrupt snapshot fails here, marked
-                await integrity.prewarm(agent.blob_channel, agent.store, agent.config.name, inst,
+                await integrity.prewarm(agent.blob_channel, agent.etcd, agent.config.name, inst,
                                         max(1.0, deadline - time.monotonic()))
-            live.pid = await agent.runtime.run(live.container_id, bundle, live.log_path)
+            live.pid = await agent.containers.run(live.container_id, bundle, live.log_path)
             await asyncio.wait_for(_reach_goal(agent, live, plan, deadline, req.spec.sample_request),
                                    deadline - time.monotonic())
             return live.machine.instance
@@ -184,7 +184,7 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
             raise
         output = probe.tail(live.log_path, 1500).strip()
         reason += f"; container output:\n{output}" if output else "; the container wrote no output"
-        await integrity.note_failure(agent.store, agent.config.name, inst, reason)
+        await integrity.note_failure(agent.etcd, agent.config.name, inst, reason)
         await agent.fail(live, reason)
         raise errors.StartFailed(reason)
 
@@ -228,7 +228,7 @@ async def _restore_arena(agent: NodeAgent, live: Live, started: float,
                                                                **traceparent()}, limit_s)
     except (TimeoutError, errors.SnapwakeError) as exc:
         reason = f"restore of {inst.id} failed: {getattr(exc, 'message', None) or 'timed out'}"
-        await integrity.note_failure(agent.store, agent.config.name, inst, reason)
+        await integrity.note_failure(agent.etcd, agent.config.name, inst, reason)
         await agent.fail(live, reason + "; output:\n" + probe.tail(live.log_path, 1500))
         raise errors.StartFailed(reason) from exc
     total = time.perf_counter() - started
@@ -274,7 +274,7 @@ async def _prepare(handover_socket: str, sid: str, gpu: int, limit_s: float) -> 
 
 
 async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 60.0) -> types_pb2.Instance:
-    """IDLE -> STANDBY: the runtime releases its weights and KV, then the driver checkpoints it."""
+    """IDLE -> STANDBY: the model server releases its weights and KV, then the driver checkpoints it."""
     live = _get(agent, instance_id)
     async with live.lock:
         machine = live.machine

@@ -1,4 +1,4 @@
-"""Talking to one container's runtime: HTTP health, the control socket, /proc and its log.
+"""Talking to one container's model server: HTTP health, the control socket, /proc and its log.
 
 Each call is bounded; failures become ``snapwake.errors`` here, once, at this boundary.
 """
@@ -18,7 +18,7 @@ __all__ = ["HostMemory", "control", "handover", "health_phase", "host_memory", "
 
 
 async def health_phase(client: httpx.AsyncClient, endpoint: str, limit_s: float = 2.0) -> str | None:
-    """The runtime's phase from ``GET /health`` ("serving" when it answers 200), None when it is
+    """The model server's phase from ``GET /health`` ("serving" when it answers 200), None when it is
     not listening yet."""
     try:
         resp = await client.get(f"http://{endpoint}/health", timeout=limit_s)

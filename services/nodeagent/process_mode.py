@@ -1,7 +1,7 @@
 """PROCESS snapshot mode: the driver checkpoints and restores the whole container process.
 
 Nothing inside the container cooperates (the mode is meant for images the platform did not
-build), so the standby is a normally started instance (runtime ``--start-mode load``) that the
+build), so the standby is a normally started instance (model server ``--start-mode load``) that the
 nodeagent warms up with the function's sample request over HTTP; then the driver moves the
 process's entire GPU state (weights included) into its host memory. Restore is the driver
 restore alone: no blobstore DMA, no attach. Suspend is the checkpoint again. It is slower than
@@ -70,6 +70,6 @@ async def restore(checkpointer: Checkpointer, http: httpx.AsyncClient, pid: int,
     seconds = await checkpointer.restore(pid) if gpu else 0.0
     phase = await probe.health_phase(http, endpoint)
     if phase != "serving":
-        raise errors.StartFailed(f"after the driver restore the runtime at {endpoint} "
+        raise errors.StartFailed(f"after the driver restore the model server at {endpoint} "
                                  f"answers {phase or 'nothing'} instead of serving")
     return seconds

@@ -1,4 +1,4 @@
-"""Assembles a running nodeagent from its config: etcd, runtime, GPUs, the agent, gRPC."""
+"""Assembles a running nodeagent from its config: etcd, containers, GPUs, the agent, gRPC."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from services.nodeagent.agent import NodeAgent
 from services.nodeagent.api import SERVICE_NAME, NodeAgentServicer
 from services.nodeagent.config import NodeAgentConfig
+from services.nodeagent.containers import Containers, FakeContainers, RuncContainers
 from services.nodeagent.gpu import (
     Checkpointer,
     CudaCheckpointer,
@@ -18,9 +19,8 @@ from services.nodeagent.gpu import (
     discover,
     host_memory_bytes,
 )
-from services.nodeagent.runtime import ContainerRuntime, FakeRuntime, RuncRuntime
+from snapwake.etcd import Etcd
 from snapwake.grpcserver import GrpcServer
-from snapwake.store import Store
 from snapwake.v1 import nodeagent_pb2_grpc
 
 __all__ = ["Running", "serve"]
@@ -40,10 +40,10 @@ class Running:
         return self.grpc.port
 
 
-def _runtime(config: NodeAgentConfig) -> ContainerRuntime:
-    if config.runtime == "fake":
-        return FakeRuntime()
-    return RuncRuntime(config.runc_root, binary=config.runc_binary)
+def _containers(config: NodeAgentConfig) -> Containers:
+    if config.containers == "fake":
+        return FakeContainers()
+    return RuncContainers(config.runc_root, binary=config.runc_binary)
 
 
 def _checkpointer(has_gpu: bool) -> Checkpointer:
@@ -55,8 +55,8 @@ async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
     """Runs the nodeagent until the context exits, then stops containers and revokes the lease."""
     gpus = discover() if config.gpus == "auto" else []
     Path(config.handover_socket).parent.mkdir(parents=True, exist_ok=True)
-    async with Store.connect(config.etcd) as store:
-        agent = NodeAgent(config, store, _runtime(config), _checkpointer(bool(gpus)), gpus, host_memory_bytes())
+    async with Etcd.connect(config.etcd) as etcd:
+        agent = NodeAgent(config, etcd, _containers(config), _checkpointer(bool(gpus)), gpus, host_memory_bytes())
         server = GrpcServer(config.listen, [SERVICE_NAME])
         nodeagent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(agent), server.server)
         await agent.start()

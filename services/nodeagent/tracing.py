@@ -1,7 +1,7 @@
 """Trace context for the nodeagent's Unix-socket messages, and spans around awaitables.
 
 The control and handover sockets carry the W3C ``traceparent`` as an optional JSON field
-(``snapwake.protocols``), so the runtime's and blobstore's spans join the request's trace.
+(``snapwake.protocols``), so the model server's and blobstore's spans join the request's trace.
 """
 
 from __future__ import annotations

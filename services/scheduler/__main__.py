@@ -12,8 +12,8 @@ from services.scheduler.app import Scheduler
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.metrics import InstancesCollector
 from snapwake import errors, telemetry
+from snapwake.etcd import Etcd
 from snapwake.service import bootstrap
-from snapwake.store import Store
 
 
 async def serve(cfg: SchedulerConfig) -> None:
@@ -21,8 +21,8 @@ async def serve(cfg: SchedulerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Store.connect(cfg.etcd) as store:
-        scheduler = Scheduler(cfg, store)
+    async with Etcd.connect(cfg.etcd) as etcd:
+        scheduler = Scheduler(cfg, etcd)
         if cfg.metrics_port:
             REGISTRY.register(InstancesCollector(scheduler.state))
             telemetry.start_metrics_server(cfg.metrics_port)

@@ -68,7 +68,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                           ) -> pb.GetFunctionResponse:
         self.leader.require()
         specs.split_function_id(request.function_id)
-        entry = await self.state.store.get(keys.function_key(request.function_id), Function)
+        entry = await self.state.etcd.get(keys.function_key(request.function_id), Function)
         if entry is None:
             raise errors.NotFound(f"function {request.function_id} does not exist", field="function_id")
         return pb.GetFunctionResponse(function=entry.value)
@@ -78,7 +78,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                             ) -> pb.ListFunctionsResponse:
         self.leader.require()
         prefix = keys.FUNCTIONS + (request.tenant + "/" if request.tenant else "")
-        found: list[Function] = [e.value for e in await self.state.store.list(prefix, Function)]  # type: ignore[misc]
+        found: list[Function] = [e.value for e in await self.state.etcd.list(prefix, Function)]  # type: ignore[misc]
         return pb.ListFunctionsResponse(functions=sorted(found, key=attrgetter("id")))
 
     @translate_errors
@@ -115,14 +115,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def ListNodes(self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext
                         ) -> pb.ListNodesResponse:
         self.leader.require()
-        found: list[Node] = [e.value for e in await self.state.store.list(keys.NODES, Node)]  # type: ignore[misc]
+        found: list[Node] = [e.value for e in await self.state.etcd.list(keys.NODES, Node)]  # type: ignore[misc]
         return pb.ListNodesResponse(nodes=sorted(found, key=attrgetter("name")))
 
     @translate_errors
     async def ListInstances(self, request: pb.ListInstancesRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ListInstancesResponse:
         self.leader.require()
-        every: list[Instance] = [e.value for e in await self.state.store.list(keys.INSTANCES, Instance)]  # type: ignore[misc]
+        every: list[Instance] = [e.value for e in await self.state.etcd.list(keys.INSTANCES, Instance)]  # type: ignore[misc]
         found = [i for i in every if not request.function_id or i.function_id == request.function_id]
         return pb.ListInstancesResponse(instances=sorted(found, key=attrgetter("id")))
 
@@ -130,10 +130,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def GetInstanceLogs(self, request: pb.GetInstanceLogsRequest, context: grpc.aio.ServicerContext
                               ) -> pb.GetInstanceLogsResponse:
         self.leader.require()
-        entry = await self.state.store.get(keys.instance_key(request.instance_id), Instance)
+        entry = await self.state.etcd.get(keys.instance_key(request.instance_id), Instance)
         if entry is None:
             raise errors.NotFound(f"instance {request.instance_id} does not exist", field="instance_id")
-        node = await self.state.store.get(keys.node_key(entry.value.node), Node)
+        node = await self.state.etcd.get(keys.node_key(entry.value.node), Node)
         if node is None:
             raise errors.NotFound(f"node {entry.value.node} of {request.instance_id} is gone", field="instance_id")
         logs = await self.nodes.logs(node.value, request.instance_id, request.tail_bytes or _DEFAULT_LOG_TAIL)
@@ -144,7 +144,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                             ) -> pb.ListSnapshotsResponse:
         self.leader.require()
         prefix = keys.SNAPSHOTS + (request.function_id + "/" if request.function_id else "")
-        found: list[Snapshot] = [e.value for e in await self.state.store.list(prefix, Snapshot)]  # type: ignore[misc]
+        found: list[Snapshot] = [e.value for e in await self.state.etcd.list(prefix, Snapshot)]  # type: ignore[misc]
         return pb.ListSnapshotsResponse(snapshots=sorted(found, key=attrgetter("id")))
 
 

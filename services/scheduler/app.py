@@ -18,8 +18,8 @@ from services.scheduler.nodes import NodeClient
 from services.scheduler.snapshots import SnapshotBuilder
 from services.scheduler.starter import Starter
 from services.scheduler.state import ClusterState
+from snapwake.etcd import Etcd
 from snapwake.grpcserver import GrpcServer
-from snapwake.store import Store
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 __all__ = ["Scheduler"]
@@ -31,9 +31,9 @@ SERVICES = [scheduler_pb2.DESCRIPTOR.services_by_name[n].full_name for n in ("Sc
 class Scheduler:
     """One scheduler process. ``await start()``; ``port`` is the bound gRPC port."""
 
-    def __init__(self, cfg: SchedulerConfig, store: Store) -> None:
-        self.cfg, self.store = cfg, store
-        self.state = ClusterState(store)
+    def __init__(self, cfg: SchedulerConfig, etcd: Etcd) -> None:
+        self.cfg, self.etcd = cfg, etcd
+        self.state = ClusterState(etcd)
         self.nodes = NodeClient(cfg.node_rpc_timeout_s)
         self.table = LeaseTable(time.monotonic, cfg.lease_ttl_s)
         self.queues = QueueDepths(time.monotonic)
@@ -46,7 +46,7 @@ class Scheduler:
         self.port = self.server.port
         host = cfg.listen.rpartition(":")[0]
         self.address = cfg.advertise or f"{host}:{self.port}"
-        self.election = Election(store, "sched-" + secrets.token_hex(4), self.address, cfg.election_ttl_s,
+        self.election = Election(etcd, "sched-" + secrets.token_hex(4), self.address, cfg.election_ttl_s,
                                  self._elected, self._deposed)
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
             SchedulerServicer(self.state, self.nodes, self.election), self.server.server)

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from snapwake import errors, keys
-from snapwake.store import LeaseKeeper, Store
+from snapwake.etcd import Etcd, LeaseKeeper
 from snapwake.v1.types_pb2 import Node
 
 __all__ = ["Election"]
@@ -25,9 +25,9 @@ Hook = Callable[[], Awaitable[None]]
 class Election:
     """Campaigns forever; ``on_elected``/``on_deposed`` run as leadership changes."""
 
-    def __init__(self, store: Store, ident: str, address: str, ttl_s: int, on_elected: Hook, on_deposed: Hook
+    def __init__(self, etcd: Etcd, ident: str, address: str, ttl_s: int, on_elected: Hook, on_deposed: Hook
                  ) -> None:
-        self.store, self.ident, self.address, self.ttl_s = store, ident, address, ttl_s
+        self.etcd, self.ident, self.address, self.ttl_s = etcd, ident, address, ttl_s
         self.on_elected, self.on_deposed = on_elected, on_deposed
         self.is_leader = False
         self.leader_address = ""
@@ -56,9 +56,9 @@ class Election:
 
     async def _campaign(self) -> bool:
         self._lost = asyncio.Event()
-        keeper = LeaseKeeper(self.store, self.ttl_s, on_lost=self._on_lease_lost)
+        keeper = LeaseKeeper(self.etcd, self.ttl_s, on_lost=self._on_lease_lost)
         lease = await keeper.start()
-        if await self.store.create(keys.LEADER, Node(name=self.ident, address=self.address), lease=lease):
+        if await self.etcd.create(keys.LEADER, Node(name=self.ident, address=self.address), lease=lease):
             self._keeper = keeper
             return True
         await keeper.stop(revoke=True)
@@ -84,12 +84,12 @@ class Election:
             await self.on_deposed()
 
     async def _follow(self) -> None:
-        entry = await self.store.get(keys.LEADER, Node)
+        entry = await self.etcd.get(keys.LEADER, Node)
         if entry is None:
             return
         self.leader_address = entry.value.address  # type: ignore[attr-defined]
         log.info("following leader at %s", self.leader_address)
-        async for ev in self.store.watch(keys.LEADER, Node, start_revision=entry.mod_revision + 1):
+        async for ev in self.etcd.watch(keys.LEADER, Node, start_revision=entry.mod_revision + 1):
             if ev.key != keys.LEADER:
                 continue
             if ev.value is None:

@@ -77,7 +77,7 @@ class SnapshotBuilder:
             snap.build_duration.CopyFrom(Duration(seconds=int(took_s), nanos=int(took_s % 1 * 1e9)))
             return snap
 
-        await self.state.store.update(keys.snapshot_key(fn.id, fn.revision), Snapshot, mutate)
+        await self.state.etcd.update(keys.snapshot_key(fn.id, fn.revision), Snapshot, mutate)
 
     async def _fail(self, fn: Function, snap: Snapshot) -> None:
         why = f"snapshot build failed after {snap.attempts} attempts: {snap.message or 'no reason given'}"

@@ -108,7 +108,7 @@ def _image(spec: FunctionSpec) -> None:
 
 def _resources(spec: FunctionSpec) -> None:
     r = spec.resources
-    # Multi-GPU instances need tensor parallelism in the runtime; refuse rather than misplace.
+    # Multi-GPU instances need tensor parallelism in the model server; refuse rather than misplace.
     _bounded(r.gpu_count, 0, 1, "spec.resources.gpu_count")
     if r.gpu_count and not r.gpu_memory_bytes:
         raise InvalidArgument("spec.resources.gpu_memory_bytes is required when gpu_count is 1",

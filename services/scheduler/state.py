@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import Message
 
 from snapwake import errors, keys
-from snapwake.store import Store
+from snapwake.etcd import Etcd
 from snapwake.v1.types_pb2 import Function, Instance, InstanceState, Node, Snapshot
 
 __all__ = ["ClusterState", "Mirror"]
@@ -66,8 +66,8 @@ class Mirror:
 class ClusterState:
     """The etcd view. ``await start()`` lists and watches; ``stop()`` cancels the watches."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
         self.mirrors = {name: Mirror(prefix, cls) for name, prefix, cls in (
             ("functions", keys.FUNCTIONS, Function), ("nodes", keys.NODES, Node),
             ("instances", keys.INSTANCES, Instance), ("snapshots", keys.SNAPSHOTS, Snapshot))}
@@ -93,7 +93,7 @@ class ClusterState:
         self._tasks.clear()
 
     async def _relist(self, mirror: Mirror) -> int:
-        entries, rev = await self.store.list_at(mirror.prefix, mirror.cls)
+        entries, rev = await self.etcd.list_at(mirror.prefix, mirror.cls)
         mirror.reset([(e.key, e.value, e.mod_revision) for e in entries])  # type: ignore[attr-defined]
         self._notify(mirror.prefix, None)
         return rev
@@ -101,7 +101,7 @@ class ClusterState:
     async def _watch(self, mirror: Mirror, rev: int) -> None:
         while True:
             try:
-                async for ev in self.store.watch(mirror.prefix, mirror.cls, start_revision=rev + 1):
+                async for ev in self.etcd.watch(mirror.prefix, mirror.cls, start_revision=rev + 1):
                     rev = max(rev, ev.revision)
                     if mirror.apply(ev.key, ev.value, ev.revision):
                         self._notify(ev.key, ev.value)
@@ -173,18 +173,18 @@ class ClusterState:
 
     # Writes ----------------------------------------------------------------------------
     async def create_function(self, fn: Function) -> None:
-        if not await self.store.create(keys.function_key(fn.id), fn):
+        if not await self.etcd.create(keys.function_key(fn.id), fn):
             raise errors.AlreadyExists(f"function {fn.id} already exists", field="spec.name")
 
     async def update_function(self, function_id: str, mutate: Callable[[Function], Function | None]) -> Function:
-        return await self.store.update(keys.function_key(function_id), Function, mutate)
+        return await self.etcd.update(keys.function_key(function_id), Function, mutate)
 
     async def delete_function(self, function_id: str) -> None:
-        if not await self.store.delete(keys.function_key(function_id)):
+        if not await self.etcd.delete(keys.function_key(function_id)):
             raise errors.NotFound(f"function {function_id} does not exist", field="function_id")
 
     async def put_snapshot(self, snap: Snapshot) -> None:
-        await self.store.put(keys.snapshot_key(snap.function_id, snap.revision), snap)
+        await self.etcd.put(keys.snapshot_key(snap.function_id, snap.revision), snap)
 
     async def delete_snapshots(self, function_id: str) -> None:
-        await self.store.client.delete_prefix(f"{keys.SNAPSHOTS}{function_id}/".encode())
+        await self.etcd.client.delete_prefix(f"{keys.SNAPSHOTS}{function_id}/".encode())

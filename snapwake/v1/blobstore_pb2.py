@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsnapwake/v1/blobstore.proto\x12\x0bsnapwake.v1\"\\\n\x0eManifestTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"\xaa\x01\n\x08Manifest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61rena_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x63hunk_sha256\x18\x04 \x03(\t\x12,\n\x07tensors\x18\x05 \x03(\x0b\x32\x1b.snapwake.v1.ManifestTensor\x12\x1b\n\x13runtime_config_json\x18\x06 \x01(\t\"W\n\x12PutSnapshotRequest\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.ManifestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"Z\n\x13PutSnapshotResponse\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x15\n\rbytes_written\x18\x02 \x01(\x04\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\t\")\n\x12GetSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"X\n\x13GetSnapshotResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.ManifestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"*\n\x13StatSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x92\x01\n\x14StatSnapshotResponse\x12\'\n\x08manifest\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Manifest\x12\x0f\n\x07on_disk\x18\x02 \x01(\x08\x12\x10\n\x08in_cache\x18\x03 \x01(\x08\x12\x17\n\x0fmanifest_digest\x18\x04 \x01(\t\x12\x15\n\rbytes_written\x18\x05 \x01(\x04\"&\n$BlobstoreServiceListSnapshotsRequest\"\x93\x01\n%BlobstoreServiceListSnapshotsResponse\x12\x34\n\tsnapshots\x18\x01 \x03(\x0b\x32!.snapwake.v1.StatSnapshotResponse\x12\x18\n\x10\x63\x61\x63he_bytes_used\x18\x02 \x01(\x04\x12\x1a\n\x12\x63\x61\x63he_bytes_budget\x18\x03 \x01(\x04\",\n\x15\x44\x65leteSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteSnapshotResponse\"-\n\x16PrewarmSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"W\n\x17PrewarmSnapshotResponse\x12\x12\n\nwas_cached\x18\x01 \x01(\x08\x12\x19\n\x11\x66\x65tched_from_peer\x18\x02 \x01(\x08\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\",\n\x15VerifySnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"H\n\x16VerifySnapshotResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x11\n\tbad_chunk\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t2\x9b\x05\n\x10\x42lobstoreService\x12R\n\x0bPutSnapshot\x12\x1f.snapwake.v1.PutSnapshotRequest\x1a .snapwake.v1.PutSnapshotResponse(\x01\x12R\n\x0bGetSnapshot\x12\x1f.snapwake.v1.GetSnapshotRequest\x1a .snapwake.v1.GetSnapshotResponse0\x01\x12S\n\x0cStatSnapshot\x12 .snapwake.v1.StatSnapshotRequest\x1a!.snapwake.v1.StatSnapshotResponse\x12v\n\rListSnapshots\x12\x31.snapwake.v1.BlobstoreServiceListSnapshotsRequest\x1a\x32.snapwake.v1.BlobstoreServiceListSnapshotsResponse\x12Y\n\x0e\x44\x65leteSnapshot\x12\".snapwake.v1.DeleteSnapshotRequest\x1a#.snapwake.v1.DeleteSnapshotResponse\x12\\\n\x0fPrewarmSnapshot\x12#.snapwake.v1.PrewarmSnapshotRequest\x1a$.snapwake.v1.PrewarmSnapshotResponse\x12Y\n\x0eVerifySnapshot\x12\".snapwake.v1.VerifySnapshotRequest\x1a#.snapwake.v1.VerifySnapshotResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsnapwake/v1/blobstore.proto\x12\x0bsnapwake.v1\"\\\n\x0eManifestTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\"\xae\x01\n\x08Manifest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61rena_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x63hunk_sha256\x18\x04 \x03(\t\x12,\n\x07tensors\x18\x05 \x03(\x0b\x32\x1b.snapwake.v1.ManifestTensor\x12\x1f\n\x17modelserver_config_json\x18\x06 \x01(\t\"W\n\x12PutSnapshotRequest\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.ManifestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"Z\n\x13PutSnapshotResponse\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\x12\x15\n\rbytes_written\x18\x02 \x01(\x04\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\t\")\n\x12GetSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"X\n\x13GetSnapshotResponse\x12)\n\x08manifest\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.ManifestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04item\"*\n\x13StatSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x92\x01\n\x14StatSnapshotResponse\x12\'\n\x08manifest\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Manifest\x12\x0f\n\x07on_disk\x18\x02 \x01(\x08\x12\x10\n\x08in_cache\x18\x03 \x01(\x08\x12\x17\n\x0fmanifest_digest\x18\x04 \x01(\t\x12\x15\n\rbytes_written\x18\x05 \x01(\x04\"&\n$BlobstoreServiceListSnapshotsRequest\"\x93\x01\n%BlobstoreServiceListSnapshotsResponse\x12\x34\n\tsnapshots\x18\x01 \x03(\x0b\x32!.snapwake.v1.StatSnapshotResponse\x12\x18\n\x10\x63\x61\x63he_bytes_used\x18\x02 \x01(\x04\x12\x1a\n\x12\x63\x61\x63he_bytes_budget\x18\x03 \x01(\x04\",\n\x15\x44\x65leteSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteSnapshotResponse\"-\n\x16PrewarmSnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"W\n\x17PrewarmSnapshotResponse\x12\x12\n\nwas_cached\x18\x01 \x01(\x08\x12\x19\n\x11\x66\x65tched_from_peer\x18\x02 \x01(\x08\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\",\n\x15VerifySnapshotRequest\x12\x13\n\x0bsnapshot_id\x18\x01 \x01(\t\"H\n\x16VerifySnapshotResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x11\n\tbad_chunk\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t2\x9b\x05\n\x10\x42lobstoreService\x12R\n\x0bPutSnapshot\x12\x1f.snapwake.v1.PutSnapshotRequest\x1a .snapwake.v1.PutSnapshotResponse(\x01\x12R\n\x0bGetSnapshot\x12\x1f.snapwake.v1.GetSnapshotRequest\x1a .snapwake.v1.GetSnapshotResponse0\x01\x12S\n\x0cStatSnapshot\x12 .snapwake.v1.StatSnapshotRequest\x1a!.snapwake.v1.StatSnapshotResponse\x12v\n\rListSnapshots\x12\x31.snapwake.v1.BlobstoreServiceListSnapshotsRequest\x1a\x32.snapwake.v1.BlobstoreServiceListSnapshotsResponse\x12Y\n\x0e\x44\x65leteSnapshot\x12\".snapwake.v1.DeleteSnapshotRequest\x1a#.snapwake.v1.DeleteSnapshotResponse\x12\\\n\x0fPrewarmSnapshot\x12#.snapwake.v1.PrewarmSnapshotRequest\x1a$.snapwake.v1.PrewarmSnapshotResponse\x12Y\n\x0eVerifySnapshot\x12\".snapwake.v1.VerifySnapshotRequest\x1a#.snapwake.v1.VerifySnapshotResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,35 +34,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MANIFESTTENSOR']._serialized_start=44
   _globals['_MANIFESTTENSOR']._serialized_end=136
   _globals['_MANIFEST']._serialized_start=139
-  _globals['_MANIFEST']._serialized_end=309
-  _globals['_PUTSNAPSHOTREQUEST']._serialized_start=311
-  _globals['_PUTSNAPSHOTREQUEST']._serialized_end=398
-  _globals['_PUTSNAPSHOTRESPONSE']._serialized_start=400
-  _globals['_PUTSNAPSHOTRESPONSE']._serialized_end=490
-  _globals['_GETSNAPSHOTREQUEST']._serialized_start=492
-  _globals['_GETSNAPSHOTREQUEST']._serialized_end=533
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=535
-  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=623
-  _globals['_STATSNAPSHOTREQUEST']._serialized_start=625
-  _globals['_STATSNAPSHOTREQUEST']._serialized_end=667
-  _globals['_STATSNAPSHOTRESPONSE']._serialized_start=670
-  _globals['_STATSNAPSHOTRESPONSE']._serialized_end=816
-  _globals['_BLOBSTORESERVICELISTSNAPSHOTSREQUEST']._serialized_start=818
-  _globals['_BLOBSTORESERVICELISTSNAPSHOTSREQUEST']._serialized_end=856
-  _globals['_BLOBSTORESERVICELISTSNAPSHOTSRESPONSE']._serialized_start=859
-  _globals['_BLOBSTORESERVICELISTSNAPSHOTSRESPONSE']._serialized_end=1006
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=1008
-  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=1052
-  _globals['_DELETESNAPSHOTRESPONSE']._serialized_start=1054
-  _globals['_DELETESNAPSHOTRESPONSE']._serialized_end=1078
-  _globals['_PREWARMSNAPSHOTREQUEST']._serialized_start=1080
-  _globals['_PREWARMSNAPSHOTREQUEST']._serialized_end=1125
-  _globals['_PREWARMSNAPSHOTRESPONSE']._serialized_start=1127
-  _globals['_PREWARMSNAPSHOTRESPONSE']._serialized_end=1214
-  _globals['_VERIFYSNAPSHOTREQUEST']._serialized_start=1216
-  _globals['_VERIFYSNAPSHOTREQUEST']._serialized_end=1260
-  _globals['_VERIFYSNAPSHOTRESPONSE']._serialized_start=1262
-  _globals['_VERIFYSNAPSHOTRESPONSE']._serialized_end=1334
-  _globals['_BLOBSTORESERVICE']._serialized_start=1337
-  _globals['_BLOBSTORESERVICE']._serialized_end=2004
+  _globals['_MANIFEST']._serialized_end=313
+  _globals['_PUTSNAPSHOTREQUEST']._serialized_start=315
+  _globals['_PUTSNAPSHOTREQUEST']._serialized_end=402
+  _globals['_PUTSNAPSHOTRESPONSE']._serialized_start=404
+  _globals['_PUTSNAPSHOTRESPONSE']._serialized_end=494
+  _globals['_GETSNAPSHOTREQUEST']._serialized_start=496
+  _globals['_GETSNAPSHOTREQUEST']._serialized_end=537
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_start=539
+  _globals['_GETSNAPSHOTRESPONSE']._serialized_end=627
+  _globals['_STATSNAPSHOTREQUEST']._serialized_start=629
+  _globals['_STATSNAPSHOTREQUEST']._serialized_end=671
+  _globals['_STATSNAPSHOTRESPONSE']._serialized_start=674
+  _globals['_STATSNAPSHOTRESPONSE']._serialized_end=820
+  _globals['_BLOBSTORESERVICELISTSNAPSHOTSREQUEST']._serialized_start=822
+  _globals['_BLOBSTORESERVICELISTSNAPSHOTSREQUEST']._serialized_end=860
+  _globals['_BLOBSTORESERVICELISTSNAPSHOTSRESPONSE']._serialized_start=863
+  _globals['_BLOBSTORESERVICELISTSNAPSHOTSRESPONSE']._serialized_end=1010
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_start=1012
+  _globals['_DELETESNAPSHOTREQUEST']._serialized_end=1056
+  _globals['_DELETESNAPSHOTRESPONSE']._serialized_start=1058
+  _globals['_DELETESNAPSHOTRESPONSE']._serialized_end=1082
+  _globals['_PREWARMSNAPSHOTREQUEST']._serialized_start=1084
+  _globals['_PREWARMSNAPSHOTREQUEST']._serialized_end=1129
+  _globals['_PREWARMSNAPSHOTRESPONSE']._serialized_start=1131
+  _globals['_PREWARMSNAPSHOTRESPONSE']._serialized_end=1218
+  _globals['_VERIFYSNAPSHOTREQUEST']._serialized_start=1220
+  _globals['_VERIFYSNAPSHOTREQUEST']._serialized_end=1264
+  _globals['_VERIFYSNAPSHOTRESPONSE']._serialized_start=1266
+  _globals['_VERIFYSNAPSHOTRESPONSE']._serialized_end=1338
+  _globals['_BLOBSTORESERVICE']._serialized_start=1341
+  _globals['_BLOBSTORESERVICE']._serialized_end=2008
 # @@protoc_insertion_point(module_scope)

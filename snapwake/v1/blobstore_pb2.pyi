@@ -21,20 +21,20 @@ class ManifestTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("snapshot_id", "arena_bytes", "chunk_bytes", "chunk_sha256", "tensors", "runtime_config_json")
+    __slots__ = ("snapshot_id", "arena_bytes", "chunk_bytes", "chunk_sha256", "tensors", "modelserver_config_json")
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
     ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SHA256_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
-    RUNTIME_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODELSERVER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     snapshot_id: str
     arena_bytes: int
     chunk_bytes: int
     chunk_sha256: _containers.RepeatedScalarFieldContainer[str]
     tensors: _containers.RepeatedCompositeFieldContainer[ManifestTensor]
-    runtime_config_json: str
-    def __init__(self, snapshot_id: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., chunk_sha256: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[ManifestTensor, _Mapping]]] = ..., runtime_config_json: _Optional[str] = ...) -> None: ...
+    modelserver_config_json: str
+    def __init__(self, snapshot_id: _Optional[str] = ..., arena_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., chunk_sha256: _Optional[_Iterable[str]] = ..., tensors: _Optional[_Iterable[_Union[ManifestTensor, _Mapping]]] = ..., modelserver_config_json: _Optional[str] = ...) -> None: ...
 
 class PutSnapshotRequest(_message.Message):
     __slots__ = ("manifest", "data")

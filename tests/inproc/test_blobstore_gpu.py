@@ -1,6 +1,6 @@
 """GPU handover round trip, across two processes (run on a GPU machine: pytest -m gpu).
 
-This process runs the blobstore with CUDA; a child process plays the runtime: it exports a
+This process runs the blobstore with CUDA; a child process plays the model server: it exports a
 cuMemCreate allocation filled with a pattern (``store``), then asks for it back (``load``),
 imports the fd, copies it to host and compares.
 """

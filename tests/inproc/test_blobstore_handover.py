@@ -31,7 +31,7 @@ def _connect(path: str) -> socket.socket:
 
 
 def store(path: str, sid: str, data: bytes, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What the runtime does on ``snapshot``: hand a memfd with the arena to the blobstore."""
+    """What the model server does on ``snapshot``: hand a memfd with the arena to the blobstore."""
     fd = os.memfd_create("arena")
     try:
         os.write(fd, data)
@@ -43,7 +43,7 @@ def store(path: str, sid: str, data: bytes, manifest: dict[str, Any]) -> dict[st
 
 
 def load(path: str, sid: str, op: str = "load") -> tuple[dict[str, Any], bytes | None]:
-    """What the runtime does on ``attach``: take the fd, map it, say "mapped"."""
+    """What the model server does on ``attach``: take the fd, map it, say "mapped"."""
     with _connect(path) as sock:
         if op == "prepare":
             send_message(sock, {"op": "prepare", "snapshot_id": sid, "gpu": -1})
@@ -63,7 +63,7 @@ def load(path: str, sid: str, op: str = "load") -> tuple[dict[str, Any], bytes |
 
 async def test_store_then_load_memfd(tmp_path: Path) -> None:
     data = arena(3 * CHUNK + 500)
-    manifest = {"snapshot_id": SID, "arena_bytes": len(data), "runtime_config_json": "{\"layers\": 2}",
+    manifest = {"snapshot_id": SID, "arena_bytes": len(data), "modelserver_config_json": "{\"layers\": 2}",
                 "tensors": [{"name": "w", "dtype": "bf16", "shape": [2, 4], "offset": "0", "nbytes": "16"}]}
     async with running_blobstore(tmp_path) as app, channel(app.address) as ch:
         sock = app.cfg.handover_socket
@@ -78,7 +78,7 @@ async def test_store_then_load_memfd(tmp_path: Path) -> None:
         assert loaded == data
         assert got["bytes"] == got["alloc_bytes"] == len(data) and got["dma_seconds"] >= 0
         assert got["manifest"]["tensors"][0]["name"] == "w"
-        assert got["manifest"]["runtime_config_json"] == "{\"layers\": 2}"
+        assert got["manifest"]["modelserver_config_json"] == "{\"layers\": 2}"
 
 
 async def test_prepare_then_load_and_many_clients(tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ def _fn(name: str, queue_len: int = 8, queue_timeout: float = 5.0, namespace: st
 
 
 def _not_serving() -> JSONResponse:
-    """What a runtime answers while its weights are released (a standby being parked)."""
+    """What a model server answers while its weights are released (a standby being parked)."""
     return JSONResponse({"error": {"message": "the model is not serving (phase released)",
                                    "type": "service_unavailable", "param": None, "code": None}}, 503,
                         headers={"Retry-After": "1"})

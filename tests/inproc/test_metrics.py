@@ -17,13 +17,13 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime import handover
+from modelserver import handover
 from services.blobstore import metrics as bm
 from services.blobstore.testing import put_snapshot, running_blobstore
 from services.scheduler.metrics import InstancesCollector, count_instances
 from services.scheduler.state import ClusterState
 from snapwake import keys, telemetry
-from snapwake.store import Store
+from snapwake.etcd import Etcd
 from snapwake.testing import EtcdProcess, free_port, wait_for
 from snapwake.v1 import types_pb2
 
@@ -75,7 +75,7 @@ def test_hit_ratio(lookups: list[bool], ratio: float | None) -> None:
 async def test_scheduler_instances_gauge_follows_etcd(etcd_server: EtcdProcess, metrics_port: int) -> None:
     fid = f"metrics/t{secrets.token_hex(3)}/fn"
     iids = [f"i-{secrets.token_hex(6)}" for _ in range(3)]
-    async with Store.connect(etcd_server.address) as store:
+    async with Etcd.connect(etcd_server.address) as store:
         state = ClusterState(store)
         await state.start()
         collector = InstancesCollector(state)
@@ -113,7 +113,7 @@ async def test_blobstore_cache_and_dma_series(tmp_path: Path, metrics_port: int)
             before = scrape(metrics_port)
             lookups0 = before[bm.CACHE_HITS][()] + before[bm.CACHE_MISSES][()]
             assert before[bm.CACHE_BYTES_BUDGET][()] == 4 << 20
-            for _ in range(2):  # what a runtime's attach does: load, map (here: close), ack
+            for _ in range(2):  # what a model server's attach does: load, map (here: close), ack
                 await asyncio.to_thread(handover.load, app.cfg.handover_socket, sid, -1,
                                         lambda fd, reply: os.close(fd), 30.0)
             after = scrape(metrics_port)
@@ -140,7 +140,7 @@ def _service_args(name: str, etcd: str, d: Path) -> list[str]:
         "blobstore": ["--listen", f"127.0.0.1:{free_port()}", "--dirs", str(d / "b0"),
                       "--handover-socket", str(d / "h.sock"), "--gpu", "false", "--cache-bytes", str(1 << 20)],
         "nodeagent": ["--name", f"metrics-{secrets.token_hex(3)}", "--listen", f"127.0.0.1:{free_port()}",
-                      "--etcd", etcd, "--runtime", "fake", "--gpus", "none", "--state-dir", str(d / "na"),
+                      "--etcd", etcd, "--containers", "fake", "--gpus", "none", "--state-dir", str(d / "na"),
                       "--handover-socket", str(d / "h.sock")],
     }[name]
 

@@ -17,8 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from snapwake import keys
+from snapwake.etcd import Etcd
 from snapwake.grpcserver import channel
-from snapwake.store import Store
 from snapwake.testing import EtcdProcess, free_port
 from snapwake.v1 import nodeagent_pb2_grpc, types_pb2
 from tests.inproc.test_nodeagent_support import runc_ids, start_request
@@ -118,7 +118,7 @@ async def test_crash_leaves_orphans_that_the_next_run_removes(
         assert runc_ids(root) == []
         assert not _alive(orphan_pid)
         assert not (state_dir / "instances" / "i-00000000e001").exists()
-        async with Store.connect(etcd_server.address) as store:
+        async with Etcd.connect(etcd_server.address) as store:
             assert await store.get(keys.instance_key("i-00000000e001"), types_pb2.Instance) is None
             assert await store.get(keys.node_key(name), types_pb2.Node) is not None
             inst = await _start(second, "i-00000000e002", demo_model_dir)

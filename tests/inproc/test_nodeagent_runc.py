@@ -1,4 +1,4 @@
-"""The nodeagent in process: real etcd, real runc, the real runtime in its container."""
+"""The nodeagent in process: real etcd, real runc, the real model server in its container."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.server import serve
 from snapwake import keys
+from snapwake.etcd import Etcd
 from snapwake.grpcserver import channel
-from snapwake.store import Store
 from snapwake.testing import EtcdProcess, free_port
 from snapwake.v1 import nodeagent_pb2, nodeagent_pb2_grpc, types_pb2
 from tests.inproc.test_nodeagent_support import runc_ids, start_request
@@ -31,7 +31,7 @@ S = types_pb2.InstanceState
 class Node:
     config: NodeAgentConfig
     stub: nodeagent_pb2_grpc.NodeAgentServiceStub
-    store: Store
+    store: Etcd
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ async def node(etcd_server: EtcdProcess) -> AsyncIterator[Node]:
         blobstore=f"127.0.0.1:{free_port()}", handover_socket=str(state / "hs" / "handover.sock"),
         state_dir=str(state), gpus="none", reconcile_interval=0.5, ended_linger=2.0)
     try:
-        async with serve(config) as running, Store.connect(etcd_server.address) as store:
+        async with serve(config) as running, Etcd.connect(etcd_server.address) as store:
             chan = channel(f"127.0.0.1:{running.port}")
             yield Node(config, nodeagent_pb2_grpc.NodeAgentServiceStub(chan), store)
             await chan.close()
@@ -52,7 +52,7 @@ async def node(etcd_server: EtcdProcess) -> AsyncIterator[Node]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-async def _instance(store: Store, instance_id: str) -> types_pb2.Instance | None:
+async def _instance(store: Etcd, instance_id: str) -> types_pb2.Instance | None:
     entry = await store.get(keys.instance_key(instance_id), types_pb2.Instance)
     return None if entry is None else entry.value  # type: ignore[return-value]
 

@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.server import serve
 from snapwake import keys
+from snapwake.etcd import Etcd
 from snapwake.grpcserver import channel
-from snapwake.store import Store
 from snapwake.testing import EtcdProcess, free_port
 from snapwake.v1 import nodeagent_pb2, nodeagent_pb2_grpc, types_pb2
 from tests.inproc.test_nodeagent_support import FUNCTION_ID, runc_ids, start_request
@@ -61,7 +61,7 @@ async def _healthy(address: str, proc: subprocess.Popen[bytes], log: Path, limit
 
 
 @pytest.fixture
-async def stack(etcd_server: EtcdProcess) -> AsyncIterator[tuple[NodeAgentConfig, nodeagent_pb2_grpc.NodeAgentServiceStub, Store]]:
+async def stack(etcd_server: EtcdProcess) -> AsyncIterator[tuple[NodeAgentConfig, nodeagent_pb2_grpc.NodeAgentServiceStub, Etcd]]:
     state = Path(tempfile.mkdtemp(prefix="swns-", dir="/tmp"))
     blob_addr, handover = f"127.0.0.1:{free_port()}", state / "hs" / "handover.sock"
     handover.parent.mkdir(parents=True)
@@ -72,7 +72,7 @@ async def stack(etcd_server: EtcdProcess) -> AsyncIterator[tuple[NodeAgentConfig
                              gpus="none", reconcile_interval=0.5, ended_linger=30.0)
     try:
         await _healthy(blob_addr, blob, log)
-        async with serve(config) as running, Store.connect(etcd_server.address) as store:
+        async with serve(config) as running, Etcd.connect(etcd_server.address) as store:
             chan = channel(f"127.0.0.1:{running.port}")
             yield config, nodeagent_pb2_grpc.NodeAgentServiceStub(chan), store
             await chan.close()

@@ -23,8 +23,8 @@ from services.gateway.scheduler_client import FunctionInfo, GrpcSchedulerClient,
 from services.scheduler.app import Scheduler
 from services.scheduler.config import SchedulerConfig
 from snapwake import keys
+from snapwake.etcd import Etcd
 from snapwake.grpcserver import GrpcServer, channel
-from snapwake.store import Store
 from snapwake.testing import EtcdProcess
 from snapwake.v1 import nodeagent_pb2 as na
 from snapwake.v1 import nodeagent_pb2_grpc, scheduler_pb2_grpc
@@ -52,7 +52,7 @@ pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio(loop_scope="module")]
 class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
     """A NodeAgentService that writes etcd like the real agent but runs no containers."""
 
-    store: Store
+    store: Etcd
     name: str = "node-a"
     start_delay_s: float = 0.2
     restore_delay_s: float = 0.0
@@ -153,7 +153,7 @@ async def wait_until(check: Callable[[], bool], limit_s: float, what: str) -> No
 
 
 @contextlib.asynccontextmanager
-async def running(store: Store, etcd: EtcdProcess, **overrides: object) -> AsyncIterator[Scheduler]:
+async def running(store: Etcd, etcd: EtcdProcess, **overrides: object) -> AsyncIterator[Scheduler]:
     sched = Scheduler(cfg(etcd, **overrides), store)
     await sched.start()
     try:
@@ -163,15 +163,15 @@ async def running(store: Store, etcd: EtcdProcess, **overrides: object) -> Async
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def store(etcd_server: EtcdProcess) -> AsyncIterator[Store]:
-    async with Store.connect(etcd_server.address) as s:
+async def store(etcd_server: EtcdProcess) -> AsyncIterator[Etcd]:
+    async with Etcd.connect(etcd_server.address) as s:
         await s.client.delete_prefix(keys.PREFIX.encode())
         yield s
         await s.client.delete_prefix(keys.PREFIX.encode())
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def leader(store: Store, etcd_server: EtcdProcess) -> AsyncIterator[Scheduler]:
+async def leader(store: Etcd, etcd_server: EtcdProcess) -> AsyncIterator[Scheduler]:
     async with running(store, etcd_server) as sched:
         # Leading, and past the grace window in which a new leader collects the gateways' leases.
         await wait_until(lambda: sched.election.is_leader and not sched.broker.settling_s(), 10, "leadership")
@@ -179,7 +179,7 @@ async def leader(store: Store, etcd_server: EtcdProcess) -> AsyncIterator[Schedu
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def node(store: Store) -> AsyncIterator[FakeNode]:
+async def node(store: Etcd) -> AsyncIterator[FakeNode]:
     fake = FakeNode(store)
     await fake.register()
     yield fake
@@ -235,7 +235,7 @@ async def test_admin_crud(leader: Scheduler) -> None:
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "function_id" in details
 
 
-async def test_restarted_scheduler_sees_functions(store: Store, etcd_server: EtcdProcess) -> None:
+async def test_restarted_scheduler_sees_functions(store: Etcd, etcd_server: EtcdProcess) -> None:
     async with running(store, etcd_server) as first:
         await wait_until(lambda: first.election.is_leader, 10, "first leadership")
         admin, _ = stubs(first)
@@ -321,12 +321,12 @@ async def test_arena_function_snapshot_standby_and_cold_start(leader: Scheduler,
     assert node.count("start", na.START_TARGET_STANDBY) == 1
     # Once idle past idle_timeout it is parked back into the standby (suspend, not stop) ...
     await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=got.lease_id), timeout=5)
-    entry = await leader.store.get(keys.instance_key(got.instance_id), Instance)
+    entry = await leader.etcd.get(keys.instance_key(got.instance_id), Instance)
     assert entry is not None
     idle = entry.value
     idle.state = S.INSTANCE_STATE_IDLE
     idle.update_time.FromSeconds(int(time.time()) - 3600)
-    await leader.store.put(keys.instance_key(got.instance_id), idle)
+    await leader.etcd.put(keys.instance_key(got.instance_id), idle)
     await wait_until(lambda: node.count("suspend") == 1, 10, "idle instance parked")
     assert node.count("stop") == 0
     await wait_until(lambda: (i := leader.state.instance(got.instance_id)) is not None
@@ -365,11 +365,11 @@ async def test_snapshot_build_fails_after_three_attempts(leader: Scheduler, node
     assert node.count("start", na.START_TARGET_SNAPSHOT) == 3
     code, details = await code_of(leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid), timeout=5))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "out of host memory" in details
-    entry = await leader.store.get(keys.snapshot_key(fid, 1), Snapshot)
+    entry = await leader.etcd.get(keys.snapshot_key(fid, 1), Snapshot)
     assert entry is not None and entry.value.state == SnapshotState.SNAPSHOT_STATE_FAILED
 
 
-async def test_second_scheduler_takes_over(store: Store, etcd_server: EtcdProcess) -> None:
+async def test_second_scheduler_takes_over(store: Etcd, etcd_server: EtcdProcess) -> None:
     async with running(store, etcd_server) as first, running(store, etcd_server) as second:
         await wait_until(lambda: first.election.is_leader or second.election.is_leader, 10, "a leader")
         lead, follow = (first, second) if first.election.is_leader else (second, first)
@@ -382,7 +382,7 @@ async def test_second_scheduler_takes_over(store: Store, etcd_server: EtcdProces
         await admin.CreateFunction(pb.CreateFunctionRequest(spec=custom("after")), timeout=5)
 
 
-async def test_takeover_after_leader_lease_expires(store: Store, etcd_server: EtcdProcess) -> None:
+async def test_takeover_after_leader_lease_expires(store: Etcd, etcd_server: EtcdProcess) -> None:
     """A leader that dies without resigning: its lease expires and the standby takes over."""
     async with running(store, etcd_server) as first:
         await wait_until(lambda: first.election.is_leader, 10, "first leadership")
@@ -411,7 +411,7 @@ async def test_min_instances_and_queue_depth_scale_out(leader: Scheduler, node: 
     assert len(mine(leader, fid)) == 3 and node.count("start") == 3  # never past max_instances
 
 
-async def test_idle_scale_in_and_old_revision_drain(leader: Scheduler, node: FakeNode, store: Store) -> None:
+async def test_idle_scale_in_and_old_revision_drain(leader: Scheduler, node: FakeNode, store: Etcd) -> None:
     admin, leases = stubs(leader)
     spec = custom("shrink", concurrency=1, max_instances=2)
     spec.policy.idle_timeout.FromSeconds(1)
@@ -445,7 +445,7 @@ def gpu_fn(name: str, gib: int) -> FunctionSpec:
                         policy=Policy(snapshot_mode=SnapshotMode.SNAPSHOT_MODE_NONE, concurrency=1))
 
 
-async def idle_instance_of(leader: Scheduler, store: Store, spec: FunctionSpec) -> str:
+async def idle_instance_of(leader: Scheduler, store: Etcd, spec: FunctionSpec) -> str:
     """Creates the function, serves one request on it, and marks its instance IDLE; its id."""
     admin, leases = stubs(leader)
     fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
@@ -461,7 +461,7 @@ async def idle_instance_of(leader: Scheduler, store: Store, spec: FunctionSpec) 
     return held.instance_id
 
 
-async def test_cold_start_evicts_lru_idle_instance(leader: Scheduler, node: FakeNode, store: Store) -> None:
+async def test_cold_start_evicts_lru_idle_instance(leader: Scheduler, node: FakeNode, store: Etcd) -> None:
     admin, leases = stubs(leader)
     idle = await idle_instance_of(leader, store, gpu_fn("big", 60))
     other = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn("other", 40)), timeout=5)).function.id
@@ -470,7 +470,7 @@ async def test_cold_start_evicts_lru_idle_instance(leader: Scheduler, node: Fake
     assert node.count("stop") == 1 and leader.state.instance(idle) is None
 
 
-async def test_a_start_evicts_all_its_victims_at_once(leader: Scheduler, node: FakeNode, store: Store) -> None:
+async def test_a_start_evicts_all_its_victims_at_once(leader: Scheduler, node: FakeNode, store: Etcd) -> None:
     """A 70 GiB start on an 80 GiB GPU holding three idle 25 GiB instances evicts all three in
     parallel: it waits for one eviction, not three in a row."""
     node.stop_delay_s = 0.5
@@ -485,7 +485,7 @@ async def test_a_start_evicts_all_its_victims_at_once(leader: Scheduler, node: F
 
 # --- leases across a failover -----------------------------------------------------------
 
-async def test_new_leader_counts_leases_held_from_the_last_term(store: Store, etcd_server: EtcdProcess,
+async def test_new_leader_counts_leases_held_from_the_last_term(store: Etcd, etcd_server: EtcdProcess,
                                                                 node: FakeNode) -> None:
     """A grants two leases (concurrency 2, max_instances 1) to a real gateway queue and dies.
     B starts with an empty table; the gateway's next report lists both leases, and a request

@@ -158,7 +158,7 @@ def cluster(request: pytest.FixtureRequest, demo_model_dir: Path) -> Iterator[Cl
 
 def test_burst_never_exceeds_instance_concurrency(cluster: Cluster) -> None:
     """20 requests at once against concurrency 1, max_instances 1: every one is answered and the
-    runtime never had two requests inside it (its own peak counter, read over the control
+    model server never had two requests inside it (its own peak counter, read over the control
     socket, is the measure; not the scheduler's books)."""
     fid = "default/default/solo"
     (inst,) = [i for i in instances(cluster, fid) if i.state in SERVING]

@@ -30,7 +30,7 @@ import pytest
 
 from snapwake import keys
 from snapwake.devcluster import Cluster, ClusterConfig, deploy_demo
-from snapwake.store import Store
+from snapwake.etcd import Etcd
 from snapwake.testing import wait_for
 from snapwake.v1 import (
     blobstore_pb2,
@@ -119,7 +119,7 @@ async def _history(etcd: str, prefix: str, cls: type, after_revision: int, until
     """Every change under ``prefix`` since ``after_revision`` (etcd keeps the history), read
     until the watch has been quiet for a moment or ``until`` seconds pass."""
     events = []
-    async with Store.connect(etcd) as store:
+    async with Etcd.connect(etcd) as store:
         stream = store.watch(prefix, cls, start_revision=after_revision + 1).__aiter__()
         deadline = time.monotonic() + until
         while time.monotonic() < deadline:
@@ -132,7 +132,7 @@ async def _history(etcd: str, prefix: str, cls: type, after_revision: int, until
 
 
 async def _mod_revision(etcd: str, key: str) -> int:
-    async with Store.connect(etcd) as store:
+    async with Etcd.connect(etcd) as store:
         entry = await store.get(key, types_pb2.Snapshot)
         assert entry is not None, key
         return int(entry.mod_revision)

@@ -26,7 +26,7 @@ from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 pytestmark = pytest.mark.integration
 
-SERVICES = ("gateway", "scheduler", "nodeagent", "blobstore", "runtime")
+SERVICES = ("gateway", "scheduler", "nodeagent", "blobstore", "modelserver")
 
 
 @dataclass(frozen=True)
@@ -163,8 +163,8 @@ def test_cold_start_request_is_one_trace_across_every_process(cluster: Cluster,
     for name in ("dma.prepare", "driver_restore", "attach"):
         assert chain("nodeagent", name)[0] == "nodeagent:restore"
     assert "nodeagent:dma.prepare" in chain("blobstore", "dma")
-    assert chain("runtime", "attach")[0] == "nodeagent:attach"
+    assert chain("modelserver", "attach")[0] == "nodeagent:attach"
     assert chain("scheduler", "cold_start")[0] == "scheduler:lease"
     assert chain("scheduler", "placement")[0] == "scheduler:lease"
-    assert f"gateway:{root.span.name}" in chain("runtime", "generate")
+    assert f"gateway:{root.span.name}" in chain("modelserver", "generate")
     assert chain("gateway", "first_token")[-1] == f"gateway:{root.span.name}"

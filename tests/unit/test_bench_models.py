@@ -7,7 +7,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from bench.models import full_vocab_tokenizer
-from runtime.demo import make_demo_model
+from modelserver.demo import make_demo_model
 
 
 def test_every_id_past_the_demo_vocab_decodes_to_text_and_encoding_is_unchanged(tmp_path: Path) -> None:

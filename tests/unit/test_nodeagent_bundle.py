@@ -1,4 +1,4 @@
-"""OCI bundle generation: mounts, namespaces, the runtime command line, and the container spec."""
+"""OCI bundle generation: mounts, namespaces, the model server command line, and the container spec."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.nodeagent.bundle import BundleSpec, build_config, runtime_args, write_bundle
+from services.nodeagent.bundle import BundleSpec, build_config, modelserver_args, write_bundle
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.container import bundle_spec
 from services.nodeagent.machine import StartPlan
@@ -15,7 +15,7 @@ from snapwake.v1 import nodeagent_pb2, types_pb2
 
 
 def _spec(**kw: object) -> BundleSpec:
-    base: dict[str, object] = dict(args=("/py", "-m", "runtime"), env={"A": "1"}, cwd="/state/i-1",
+    base: dict[str, object] = dict(args=("/py", "-m", "modelserver"), env={"A": "1"}, cwd="/state/i-1",
                                    hostname="i-1", ro_binds=("/usr", "/etc", "/work/repo", "/work/repo/.venv"),
                                    rw_binds=("/state/i-1",), symlinks=(("bin", "usr/bin"),))
     base.update(kw)
@@ -68,7 +68,7 @@ def test_namespaces_root_and_process() -> None:
     cfg = build_config(_spec())
     assert sorted(n["type"] for n in cfg["linux"]["namespaces"]) == ["ipc", "mount", "pid", "uts"]
     assert cfg["root"] == {"path": "rootfs", "readonly": True}
-    assert cfg["process"]["args"] == ["/py", "-m", "runtime"]
+    assert cfg["process"]["args"] == ["/py", "-m", "modelserver"]
     assert cfg["process"]["env"] == ["A=1"]
     assert cfg["process"]["cwd"] == "/state/i-1" and cfg["hostname"] == "i-1"
 
@@ -86,10 +86,10 @@ def test_write_bundle_makes_rootfs_symlinks(tmp_path: Path) -> None:
     ("t/n/f@1", "{}", ["--snapshot-id", "t/n/f@1", "--sample-request", "{}"]),
 ])
 def test_runtime_args(snapshot_id: str, sample: str, tail: list[str]) -> None:
-    args = runtime_args("/py", model_dir="/m", port=9000, device="cpu", gpu_index=0, gpu_memory_bytes=5,
+    args = modelserver_args("/py", model_dir="/m", port=9000, device="cpu", gpu_index=0, gpu_memory_bytes=5,
                         start_mode="load", control_socket="/s/c.sock", handover_socket="/h.sock",
                         snapshot_id=snapshot_id, sample_request=sample)
-    assert list(args[:3]) == ["/py", "-m", "runtime"]
+    assert list(args[:3]) == ["/py", "-m", "modelserver"]
     flags = dict(zip(args[3:21:2], args[4:21:2], strict=True))
     assert flags == {"--model-dir": "/m", "--host": "127.0.0.1", "--port": "9000", "--device": "cpu",
                      "--gpu-index": "0", "--gpu-memory-bytes": "5", "--start-mode": "load",

@@ -1,4 +1,4 @@
-"""NodeAgentConfig validation names every bad key; the fake runtime honours the interface."""
+"""NodeAgentConfig validation names every bad key; the fake model server honours the interface."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from services.nodeagent.bundle import BundleSpec, write_bundle
 from services.nodeagent.config import NodeAgentConfig
-from services.nodeagent.runtime import ContainerStatus, FakeRuntime
+from services.nodeagent.containers import ContainerStatus, FakeContainers
 from snapwake.config import ConfigError, load
 
 
@@ -19,7 +19,7 @@ from snapwake.config import ConfigError, load
     (["--etcd", "host"], "etcd"),
     (["--blobstore", "x:99999"], "blobstore"),
     (["--advertise", "a:b"], "advertise"),
-    (["--runtime", "docker"], "runtime"),
+    (["--containers", "docker"], "containers"),
     (["--gpus", "2"], "gpus"),
     (["--lease-ttl", "1"], "lease_ttl"),
     (["--lease-ttl", "soon"], "--lease-ttl"),
@@ -43,21 +43,21 @@ async def test_fake_runtime_runs_the_bundle_process(tmp_path: Path) -> None:
     spec = BundleSpec(args=(sys.executable, "-c", "import os,time; print(os.environ['X'], flush=True); time.sleep(30)"),
                       env={"X": "hello"}, cwd=str(tmp_path), hostname="i-1")
     bundle = write_bundle(tmp_path / "bundle", spec)
-    runtime = FakeRuntime()
-    pid = await runtime.run("sw-a", bundle, tmp_path / "out.log")
-    assert (await runtime.state("sw-a")).pid == pid  # type: ignore[union-attr]
-    assert [s.id for s in await runtime.list()] == ["sw-a"]
+    containers = FakeContainers()
+    pid = await containers.run("sw-a", bundle, tmp_path / "out.log")
+    assert (await containers.state("sw-a")).pid == pid  # type: ignore[union-attr]
+    assert [s.id for s in await containers.list()] == ["sw-a"]
     for _ in range(100):
         if (tmp_path / "out.log").read_text().strip() == "hello":
             break
         await asyncio.sleep(0.05)
     assert (tmp_path / "out.log").read_text().strip() == "hello"
-    await runtime.kill("sw-a")
+    await containers.kill("sw-a")
     for _ in range(100):
-        state = await runtime.state("sw-a")
+        state = await containers.state("sw-a")
         if state is not None and state.status is ContainerStatus.STOPPED:
             break
         await asyncio.sleep(0.05)
     assert state is not None and not state.alive
-    await runtime.delete("sw-a")
-    assert await runtime.state("sw-a") is None and await runtime.list() == []
+    await containers.delete("sw-a")
+    assert await containers.state("sw-a") is None and await containers.list() == []

@@ -8,7 +8,7 @@ import pytest
 
 from services.blobstore.store.base import CorruptSnapshot
 from services.nodeagent.integrity import _mark, corrupt_detail
-from services.nodeagent.machine import StartPlan, runtime_start_mode
+from services.nodeagent.machine import StartPlan, modelserver_start_mode
 from services.nodeagent.operations import validate_start
 from services.nodeagent.process_mode import warm_up_request
 from services.scheduler.snapshots import SnapshotBuilder
@@ -28,7 +28,7 @@ SID = "default/default/demo@1"
     (StartPlan.SNAPSHOT, False, "snapshot"),
 ])
 def test_runtime_start_mode(plan: StartPlan, process: bool, mode: str) -> None:
-    assert runtime_start_mode(plan, process) == mode
+    assert modelserver_start_mode(plan, process) == mode
 
 
 @pytest.mark.parametrize(("sample", "expected"), [

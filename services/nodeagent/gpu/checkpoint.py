@@ -3,7 +3,7 @@
 ``CudaCheckpointer`` calls ``cuCheckpointProcessLock/Checkpoint`` to move what is left of a
 released standby's GPU state (context, kernels: about 0.8 GB) into its host memory, and
 ``cuCheckpointProcessRestore/Unlock`` to bring it back (about 0.3 s on an H100).
-``NoGpuCheckpointer`` is for hosts without a GPU: a CPU runtime holds no device state, so
+``NoGpuCheckpointer`` is for hosts without a GPU: a CPU model server holds no device state, so
 there is nothing to checkpoint and the standby is simply the released process.
 The CUDA calls block, so they run in a worker thread.
 """

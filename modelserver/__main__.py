@@ -1,0 +1,116 @@
+"""python -m modelserver: the model server inside a function's container (docs/CONTRACTS.md).
+
+Start modes:
+  load      read the checkpoint into a model server-owned arena and serve.
+  snapshot  as load, run the sample request once, then serve and wait for the control
+            ``snapshot`` op.
+  standby   attach once from the blobstore (``--snapshot-id``); the skeleton is built from the
+            manifest's ``modelserver_config_json`` (the model dir is only read for the tokenizer),
+            run the sample request so every kernel is loaded, release, and wait for ``attach``.
+A start that fails exits with status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.instrumentation.starlette import StarletteInstrumentor
+
+from modelserver.arena import make_arena
+from modelserver.config import ModelServerConfig
+from modelserver.control import ControlServer
+from modelserver.instance import Instance, Settings
+from modelserver.openai import create_app
+from modelserver.openai.requests import prepare_chat, prepare_completion
+from snapwake import config as sw_config
+from snapwake import log as sw_log
+from snapwake import telemetry
+from snapwake.errors import SnapwakeError
+
+log = logging.getLogger("modelserver")
+
+DEFAULT_SAMPLE = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model's tokenizer (tokenizer.json + tokenizer_config.json), local files only."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def warm_up(instance: Instance, sample: dict[str, Any]) -> None:
+    """Runs the sample request once (loads every kernel; checks the weights answer)."""
+    assert instance.engine is not None
+    body = {"model": "warm-up", **sample, "stream": False}
+    prepare = prepare_completion if "prompt" in body else prepare_chat
+    req = prepare(body, instance.tokenizer, instance.engine.max_context)
+    instance.run(req.prompt_ids, req.params, threading.Event(), lambda piece: None)
+
+
+def start(cfg: ModelServerConfig, instance: Instance) -> None:
+    """The start mode's steps (blocking; run in a worker thread)."""
+    sample = json.loads(cfg.sample_request) if cfg.sample_request else DEFAULT_SAMPLE
+    if cfg.start_mode == "standby":
+        gpu = cfg.gpu_index if cfg.device == "cuda" else -1
+        log.info("standby: attach %s: %s", cfg.snapshot_id, instance.attach(cfg.snapshot_id, gpu))
+        warm_up(instance, sample)
+        log.info("standby: release: %s", instance.release())
+        return
+    log.info("load: %s", instance.load_from_dir())
+    if cfg.start_mode == "snapshot":
+        warm_up(instance, sample)
+        log.info("snapshot: warmed up; waiting for the snapshot op")
+
+
+async def serve(cfg: ModelServerConfig) -> int:
+    import uvicorn
+
+    model_dir = Path(cfg.model_dir)
+    instance = Instance(Settings(model_dir, cfg.handover_socket, cfg.dtype or None,
+                                 gpu_memory_bytes=cfg.gpu_memory_bytes, max_batch=cfg.max_batch,
+                                 cuda_graphs=cfg.cuda_graphs),
+                        make_arena(cfg.device, cfg.gpu_index, cfg.gpu_memory_bytes),
+                        await asyncio.to_thread(load_tokenizer, model_dir))
+    control = ControlServer(instance, cfg.control_socket) if cfg.control_socket else None
+    if control:
+        await control.start()
+    app = create_app(instance, cfg.served_model or model_dir.name)
+    StarletteInstrumentor.instrument_app(app)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower(),
+                                           lifespan="off", timeout_graceful_shutdown=5))
+    serving = asyncio.create_task(server.serve())
+    try:
+        await asyncio.to_thread(start, cfg, instance)
+    except SnapwakeError as exc:
+        log.error("start (%s) failed: %s", cfg.start_mode, exc.message)
+        server.should_exit = True
+        await serving
+        if control:
+            await control.stop()
+        return 1
+    await serving
+    if control:
+        await control.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = sw_config.load(ModelServerConfig, argv, prog="python -m modelserver")
+    except sw_config.ConfigError as exc:  # one line naming every bad flag, as the services do
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+    sw_log.setup("modelserver", cfg.log_level)
+    telemetry.setup_tracing("snapwake-modelserver")
+    raise SystemExit(asyncio.run(serve(cfg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""A Hugging Face model directory -> a skeleton on the meta device -> weights as arena views.
+
+Every parameter and persistent buffer lives in the arena at the offset the layout gives it;
+parameters are bound as views into the arena tensor. Non-persistent buffers (rotary
+``inv_freq``) are computed on the CPU when the skeleton is built and copied to the device at
+bind time: they are tiny, derived from the config, and never part of a snapshot. Tied weights
+(``lm_head`` sharing the embedding) are one arena tensor bound under every alias.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelserver.manifest import TensorSpec, plan
+from snapwake.errors import InvalidArgument, NotFound
+
+__all__ = ["Skeleton", "bind", "build_skeleton", "fill_from_safetensors", "read_model_config",
+           "modelserver_config", "unbind"]
+
+
+@dataclass
+class Skeleton:
+    """The model with no weights, and what binding needs to know about it."""
+
+    model: nn.Module
+    config: Any
+    dtype: torch.dtype
+    entries: list[tuple[str, str, tuple[int, ...]]]
+    """Arena tensors (name, dtype, shape) in model order; one per distinct tensor."""
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+    """Arena tensor name -> every module path it is bound under (tied weights have several)."""
+    cpu_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Non-persistent buffers, computed on the CPU, copied to the device at bind."""
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """``config.json`` of a model directory."""
+    path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise NotFound(f"{path} does not exist", field="model_dir") from exc
+    except ValueError as exc:
+        raise InvalidArgument(f"{path} is not valid JSON: {exc}", field="model_dir") from exc
+
+
+def modelserver_config(model_config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """What goes into the manifest's ``modelserver_config_json``: enough to rebuild the skeleton."""
+    return {"model_config": model_config, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _dtype(model_config: dict[str, Any], override: str | None) -> torch.dtype:
+    name = override or model_config.get("dtype") or model_config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidArgument(f"unknown dtype {name!r}", field="dtype")
+    return dtype
+
+
+def build_skeleton(model_config: dict[str, Any], dtype: str | None = None) -> Skeleton:
+    """Builds the model on the meta device (no weight memory) from a config dict."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    kind = str(model_config.get("model_type") or "")
+    if kind not in CONFIG_MAPPING:
+        raise InvalidArgument(f"unsupported model_type {kind!r}", field="model_type")
+    config = CONFIG_MAPPING[kind].from_dict(dict(model_config))
+    torch_dtype = _dtype(model_config, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.eval().requires_grad_(False)
+    sk = Skeleton(model, config, torch_dtype, [])
+    seen: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            sk.aliases[seen[id(p)]].append(name)
+            continue
+        seen[id(p)] = name
+        sk.aliases[name] = [name]
+        sk.entries.append((name, str(p.dtype).removeprefix("torch."), tuple(p.shape)))
+    _rebuild_buffers(sk)
+    return sk
+
+
+def _rebuild_buffers(sk: Skeleton) -> None:
+    """Persistent buffers join the arena; non-persistent ones are recomputed on the CPU by
+    re-creating their (small, config-driven) module there."""
+    for mod_name, mod in sk.model.named_modules():
+        for buf_name, buf in list(mod._buffers.items()):
+            full = f"{mod_name}.{buf_name}" if mod_name else buf_name
+            if buf is None:
+                continue
+            if buf_name not in mod._non_persistent_buffers_set:
+                sk.aliases[full] = [full]
+                sk.entries.append((full, str(buf.dtype).removeprefix("torch."), tuple(buf.shape)))
+                continue
+            if not hasattr(mod, "config"):
+                raise InvalidArgument(f"cannot rebuild buffer {full}: its module has no config",
+                                      field="architectures")
+            with torch.device("cpu"):
+                fresh = type(mod)(mod.config)
+            sk.cpu_buffers[full] = fresh._buffers[buf_name]
+
+
+def layout(sk: Skeleton) -> tuple[list[TensorSpec], int]:
+    """The arena layout of a skeleton."""
+    return plan(sk.entries)
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file holding it (sharded or not)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise NotFound(f"no *.safetensors in {model_dir}", field="model_dir")
+    out: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            out.update(dict.fromkeys(st.keys(), f))
+    return out
+
+
+def fill_from_safetensors(model_dir: Path, specs: list[TensorSpec], arena: torch.Tensor) -> None:
+    """Copies every tensor of the layout from the checkpoint into the arena (cast to its dtype)."""
+    from safetensors import safe_open
+
+    where = _weight_files(Path(model_dir))
+    missing = [s.name for s in specs if s.name not in where]
+    if missing:
+        raise InvalidArgument(f"checkpoint lacks {len(missing)} tensors, first {missing[0]}", field="model_dir")
+    by_file: dict[Path, list[TensorSpec]] = {}
+    for s in specs:
+        by_file.setdefault(where[s.name], []).append(s)
+    for path, group in by_file.items():
+        with safe_open(str(path), framework="pt") as st:
+            for s in group:
+                src = st.get_tensor(s.name)
+                if tuple(src.shape) != s.shape:
+                    raise InvalidArgument(f"{s.name}: checkpoint shape {tuple(src.shape)} != {s.shape}",
+                                          field="model_dir")
+                view(arena, s).copy_(src)
+
+
+def view(arena: torch.Tensor, s: TensorSpec) -> torch.Tensor:
+    """The arena bytes of ``s`` as a tensor of its dtype and shape."""
+    return arena[s.offset: s.offset + s.nbytes].view(getattr(torch, s.dtype)).view(s.shape)
+
+
+def _set(model: nn.Module, path: str, tensor: torch.Tensor, as_param: bool) -> None:
+    mod_name, _, leaf = path.rpartition(".")
+    mod = model.get_submodule(mod_name)
+    if as_param:
+        mod._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        mod._buffers[leaf] = tensor
+
+
+def bind(sk: Skeleton, specs: list[TensorSpec], arena: torch.Tensor) -> None:
+    """Binds every arena tensor (under all its aliases) and moves derived buffers to the device."""
+    known = {name for name, _, _ in sk.entries}
+    got = {s.name for s in specs}
+    if known != got:
+        extra = sorted(known ^ got)
+        raise InvalidArgument(f"manifest does not match the model: {extra[0]} and {len(extra) - 1} more",
+                              field="manifest")
+    params = {n for n, _ in sk.model.named_parameters(remove_duplicate=False)}
+    for s in specs:
+        if (s.dtype, s.shape) != next((d, sh) for n, d, sh in sk.entries if n == s.name):
+            raise InvalidArgument(f"manifest tensor {s.name} has the wrong dtype or shape", field="manifest")
+        t = view(arena, s)
+        for alias in sk.aliases[s.name]:
+            _set(sk.model, alias, t, alias in params)
+    for path, buf in sk.cpu_buffers.items():
+        _set(sk.model, path, buf.to(arena.device), as_param=False)
+
+
+def unbind(sk: Skeleton) -> None:
+    """Points every arena-bound tensor back at the meta device, dropping all arena views."""
+    params = {n for n, _ in sk.model.named_parameters(remove_duplicate=False)}
+    for name, dtype, shape in sk.entries:
+        meta = torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+        for alias in sk.aliases[name]:
+            _set(sk.model, alias, meta, alias in params)
+    for path, buf in sk.cpu_buffers.items():
+        _set(sk.model, path, buf, as_param=False)

@@ -1,0 +1,93 @@
+"""HTTP routes of the model server (Starlette). Thin: parse, gate on the phase, call serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from modelserver.instance import Instance, Phase
+from modelserver.openai import serving, sse
+from modelserver.openai.requests import prepare_chat, prepare_completion
+from snapwake.errors import InvalidArgument, SnapwakeError, Unavailable
+
+__all__ = ["create_app"]
+
+
+def error_response(exc: SnapwakeError) -> JSONResponse:
+    """The one mapping from a domain error to an OpenAI error response."""
+    headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else None
+    return JSONResponse(sse.error_body(exc.message, exc.openai_type, exc.field), exc.http_status, headers=headers)
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body())
+    except ValueError as exc:
+        raise InvalidArgument(f"the body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidArgument("the body must be a JSON object")
+    return body
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    cancel.set()
+
+
+def create_app(instance: Instance, served_model: str) -> Starlette:
+    """The OpenAI-compatible app for one instance; ``served_model`` is listed in /v1/models."""
+    created = int(time.time())
+
+    def gate() -> None:
+        if instance.phase is not Phase.SERVING:
+            raise Unavailable(f"the model is not serving (phase {instance.phase.value})")
+
+    async def health(request: Request) -> Response:
+        code = 200 if instance.phase is Phase.SERVING else 503
+        return JSONResponse({"phase": instance.phase.value}, code)
+
+    async def models(request: Request) -> Response:
+        gate()
+        return JSONResponse({"object": "list", "data": [
+            {"id": served_model, "object": "model", "created": created, "owned_by": "snapwake"}]})
+
+    async def complete(request: Request, chat: bool) -> Response:
+        gate()
+        body = await _body(request)
+        engine = instance.engine
+        if engine is None:
+            raise Unavailable("the model is not serving")
+        prepare = prepare_chat if chat else prepare_completion
+        req = prepare(body, instance.tokenizer, engine.max_context)
+        cancel = threading.Event()
+        if req.params.stream:
+            return StreamingResponse(serving.stream(instance, req, chat, cancel), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.create_task(_watch_disconnect(request, cancel))
+        try:
+            return JSONResponse(await serving.collect(instance, req, chat, cancel))
+        finally:
+            watcher.cancel()
+
+    async def chat_completions(request: Request) -> Response:
+        return await complete(request, chat=True)
+
+    async def completions(request: Request) -> Response:
+        return await complete(request, chat=False)
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        return error_response(exc)  # type: ignore[arg-type]
+
+    routes = [Route("/health", health), Route("/v1/models", models),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={SnapwakeError: on_error})

@@ -1,0 +1,65 @@
+"""``FakeContainers``: runs a bundle's process as a plain subprocess, without any isolation.
+
+Only for unit tests of the pure core on machines without runc; it honours the parts of the
+OCI config that matter to the nodeagent (args, env, cwd) and ignores mounts and namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal as signals
+import subprocess
+from pathlib import Path
+
+from services.nodeagent.containers.base import Containers, ContainerState, ContainerStatus
+from snapwake import errors
+
+__all__ = ["FakeContainers"]
+
+
+class FakeContainers(Containers):
+    """Containers are subprocesses of this process, keyed by id."""
+
+    def __init__(self, prefix: str = "sw-") -> None:
+        self.prefix = prefix
+        self._procs: dict[str, asyncio.subprocess.Process] = {}
+
+    async def run(self, container_id: str, bundle: Path, log_path: Path) -> int:
+        if container_id in self._procs:
+            raise errors.Unavailable(f"container {container_id} already exists")
+        process = json.loads((bundle / "config.json").read_text())["process"]
+        env = dict(e.split("=", 1) for e in process.get("env", []))
+        with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - an append-open, no I/O wait
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *process["args"], env=env, cwd=process.get("cwd") or "/", stdin=subprocess.DEVNULL,
+                    stdout=log_file, stderr=log_file, start_new_session=True)
+            except OSError as exc:
+                raise errors.Unavailable(f"cannot start {process['args'][0]}: {exc}") from exc
+        self._procs[container_id] = proc
+        return proc.pid
+
+    async def state(self, container_id: str) -> ContainerState | None:
+        proc = self._procs.get(container_id)
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            return ContainerState(container_id, ContainerStatus.RUNNING, proc.pid)
+        return ContainerState(container_id, ContainerStatus.STOPPED, 0)
+
+    async def kill(self, container_id: str, signal: str = "KILL") -> None:
+        proc = self._procs.get(container_id)
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(getattr(signals, "SIG" + signal.removeprefix("SIG")))
+
+    async def delete(self, container_id: str) -> None:
+        proc = self._procs.pop(container_id, None)
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+        if proc is not None:
+            await asyncio.wait_for(proc.wait(), 10)
+
+    async def list(self) -> list[ContainerState]:
+        states = [await self.state(cid) for cid in self._procs if cid.startswith(self.prefix)]
+        return [s for s in states if s is not None]
