@@ -11,7 +11,7 @@ GPU mode), standby host memory per model, and what a static one-model-per-GPU de
 need for the same trace. The pure part (``classify_status``, ``percentile``, ``summarise``,
 ``histogram_quantiles``) is unit-tested; the rest (``run`` and below) is I/O.
 
-How a request's lease came about is read from the gateway's ``x-snapwake-lease-source``
+How a request's claim came about is read from the gateway's ``x-snapwake-claim-source``
 response header (``warm`` | ``cold_start`` | ``normal_start``). Where the gateway does not send
 it, the cold-start numbers come from the gateway's ``snapwake_cold_start_ttft_seconds``
 histogram instead (bucket upper bounds, so coarser), and the JSON says which source was used.
@@ -39,7 +39,7 @@ from bench import trace as tr
 
 __all__ = ["DensityConfig", "Outcome", "RequestResult", "classify_status", "main", "percentile", "summarise"]
 
-LEASE_HEADER = "x-snapwake-lease-source"
+CLAIM_HEADER = "x-snapwake-claim-source"
 T = TypeVar("T")
 
 # Sizes beyond bench.models.PRESETS, chosen so a 30+ model mix fits the H100 box's 64 GiB disk
@@ -145,8 +145,8 @@ class RequestResult:
     ttft_s: float | None = None
     """Send to first content token, for OK requests."""
     total_s: float | None = None
-    lease_source: str = ""
-    """The gateway's ``x-snapwake-lease-source`` header; empty if it sent none."""
+    claim_source: str = ""
+    """The gateway's ``x-snapwake-claim-source`` header; empty if it sent none."""
     detail: str = ""
 
 
@@ -181,18 +181,18 @@ def summarise(results: Sequence[RequestResult], trace: Sequence[tr.Event], durat
     """The benchmark's numbers from the per-request results (pure).
 
     ``metrics_cold`` (``{"count": n, "p50_s": .., "p99_s": ..}`` from the gateway's histogram)
-    is used for the cold-start numbers when no result carries the lease-source header."""
+    is used for the cold-start numbers when no result carries the claim-source header."""
     counts = {o.value: sum(r.outcome is o for r in results) for o in Outcome}
     ok = [r for r in results if r.outcome is Outcome.OK]
-    by_header = any(r.lease_source for r in ok)
-    cold = [r.ttft_s for r in ok if r.lease_source in ("cold_start", "normal_start") and r.ttft_s is not None]
+    by_header = any(r.claim_source for r in ok)
+    cold = [r.ttft_s for r in ok if r.claim_source in ("cold_start", "normal_start") and r.ttft_s is not None]
     out: dict[str, Any] = {"requests": len(results), "served": len(ok), "outcomes": counts,
                            "errors": sum(counts[o.value] for o in (Outcome.ERROR, Outcome.LOST))}
     if by_header or not metrics_cold:
         n_cold = len(cold)
         out.update(cs_ttft_source="header" if by_header else "none", cold_starts=n_cold,
                    cs_ttft_p50_s=percentile(cold, 50), cs_ttft_p99_s=percentile(cold, 99),
-                   normal_starts=sum(r.lease_source == "normal_start" for r in ok))
+                   normal_starts=sum(r.claim_source == "normal_start" for r in ok))
     else:
         n_cold = int(metrics_cold["count"])
         out.update(cs_ttft_source="gateway_metrics", cold_starts=n_cold, cs_ttft_p50_s=metrics_cold["p50_s"],
@@ -200,7 +200,7 @@ def summarise(results: Sequence[RequestResult], trace: Sequence[tr.Event], durat
     out["warm_hit_rate"] = (len(ok) - n_cold) / len(ok) if ok else None
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     out.update(ttft_p50_s=percentile(ttft, 50), ttft_p99_s=percentile(ttft, 99))
-    warm_service = [r.total_s for r in ok if r.total_s is not None and r.lease_source in ("", "warm")]
+    warm_service = [r.total_s for r in ok if r.total_s is not None and r.claim_source in ("", "warm")]
     service_s = percentile(warm_service, 50) or 0.0
     out.update(models_requested=tr.static_gpus_needed(trace), static_gpus_needed=tr.static_gpus_needed(trace),
                static_busy_fraction_per_gpu=tr.static_busy_fraction(trace, duration_s, service_s),
@@ -449,7 +449,7 @@ async def _request(client: Any, name: str, i: int, e: tr.Event) -> RequestResult
     raw = await client.chat.completions.with_raw_response.create(
         model=name, messages=[{"role": "user", "content": _prompt(i, e)}], max_tokens=e.max_tokens,
         temperature=0, stream=True)
-    source = raw.headers.get(LEASE_HEADER, "")
+    source = raw.headers.get(CLAIM_HEADER, "")
     ttft = None
     async for chunk in raw.parse():
         if ttft is None and chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):

@@ -38,7 +38,7 @@ async def _awaited(call: Any) -> Any:
     """Awaits ``call`` inside the interceptor chain, so a client cancel reaches the server.
 
     OTel's aio client interceptor awaits ``call.code()``, which does not cancel the RPC when the
-    caller is cancelled: the server handler runs on and a granted lease is never released
+    caller is cancelled: the server handler runs on and a granted claim is never released
     (open-telemetry/opentelemetry-python-contrib#3271). Awaiting the call itself does.
     """
     try:

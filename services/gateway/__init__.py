@@ -1,5 +1,5 @@
 """The Snapwake gateway: the OpenAI REST API, per-function URLs, API keys, one bounded queue per
-function, and the proxy (with SSE streaming) to a leased instance.
+function, and the proxy (with SSE streaming) to a claimed instance.
 
     config.py            GatewayConfig (frozen, loaded once in __main__)
     models.py            OpenAI model id <-> function id, and the cached function catalogue

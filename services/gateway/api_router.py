@@ -24,7 +24,7 @@ _CLIENT_CLOSED = 499
 
 
 async def _until_disconnect(request: Request, work: Awaitable[ASGIApp]) -> ASGIApp:
-    """Runs ``work``; cancels it if the client disconnects first (which releases its lease)."""
+    """Runs ``work``; cancels it if the client disconnects first (which releases its claim)."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(wait_disconnect(request.receive))
     try:

@@ -34,18 +34,18 @@ def _field(default: T, help: str) -> T:
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    """Snapwake gateway: OpenAI REST API in front of the scheduler's leases."""
+    """Snapwake gateway: OpenAI REST API in front of the scheduler's claims."""
 
     listen: str = _field("127.0.0.1:8000", "host:port the HTTP server listens on.")
     scheduler: tuple[str, ...] = _field(
         ("127.0.0.1:7001",), "Scheduler gRPC addresses (host:port,...); the leader is found by trying each.")
     api_keys: tuple[str, ...] = _field(
         (), "API keys as key:tenant,...; none configured turns auth off (tenant 'default').")
-    gateway_id: str = _field("", "This gateway's id for leases and queue reports; random when empty.")
+    gateway_id: str = _field("", "This gateway's id for claims and queue reports; random when empty.")
     connect_timeout: float = _field(5.0, "Seconds to connect to an instance.")
     read_timeout: float = _field(
         600.0, "Seconds to wait between bytes from an instance (a long generation stays inside it).")
-    rpc_timeout: float = _field(5.0, "Deadline of scheduler calls other than AcquireLease.")
+    rpc_timeout: float = _field(5.0, "Deadline of scheduler calls other than AcquireClaim.")
     default_queue_len: int = _field(64, "Queue length for functions whose policy sets 0.")
     default_queue_timeout: float = _field(
         60.0, "Queue timeout (s) for functions whose policy sets none.")

@@ -20,12 +20,12 @@ class GatewayMetrics:
         self.requests = Counter("snapwake_gateway_requests", "Requests answered, by function and HTTP status.",
                                 ["function", "status"], registry=self.registry)
         self.queue_wait = Histogram(telemetry.QUEUE_WAIT,
-                                    "Time from enqueue to lease (or to giving up).", ["function"],
+                                    "Time from enqueue to claim (or to giving up).", ["function"],
                                     buckets=_BUCKETS, registry=self.registry)
         self.cs_ttft = Histogram(telemetry.COLD_START_TTFT,
                                  "Request arrival to first byte, for requests that waited for a start.",
                                  ["function", "source"], buckets=_BUCKETS, registry=self.registry)
-        self.queue_depth = Gauge("snapwake_gateway_queue_depth", "Requests waiting for a lease.",
+        self.queue_depth = Gauge("snapwake_gateway_queue_depth", "Requests waiting for a claim.",
                                  ["function"], registry=self.registry)
 
     def render(self) -> bytes:

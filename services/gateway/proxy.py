@@ -1,8 +1,8 @@
-"""Relaying one request to a leased instance's OpenAI server.
+"""Relaying one request to a claimed instance's OpenAI server.
 
 ``Upstream.open`` sends the request and returns once the instance's response headers arrived;
 connection failures before that are ``InstanceUnreachable`` (the caller marks the instance
-failed and may retry on another lease, since nothing reached the client yet). ``RelayResponse``
+failed and may retry on another claim, since nothing reached the client yet). ``RelayResponse``
 streams the SSE bytes on as they come; an upstream failure after the stream started is sent as
 ``data: {"error": ...}`` before the stream ends, and a client that disconnects cancels the
 upstream read. httpx exceptions are translated here and nowhere else.
@@ -19,7 +19,7 @@ import httpx
 from starlette.types import Message, Receive, Scope, Send
 
 from services.gateway.errors import error_body
-from services.gateway.scheduler_client import Lease
+from services.gateway.scheduler_client import Claim
 from snapwake import errors
 
 try:
@@ -38,7 +38,7 @@ class InstanceUnreachable(errors.Unavailable):
 
 class InstanceNotServing(errors.Unavailable):
     """The instance answered 503 (released, or being parked as a standby): it generated
-    nothing, so the request can go to another lease. The instance itself is fine."""
+    nothing, so the request can go to another claim. The instance itself is fine."""
 
 
 class Upstream:
@@ -51,33 +51,33 @@ class Upstream:
         self._client = httpx.AsyncClient(timeout=timeout, transport=transport,
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
 
-    async def open(self, lease: Lease, path: str, body: bytes, request_id: str) -> httpx.Response:
+    async def open(self, claim: Claim, path: str, body: bytes, request_id: str) -> httpx.Response:
         """POSTs ``body`` to the instance; returns with the headers read and the body not yet."""
         headers = {"content-type": "application/json", "x-request-id": request_id,
                    "accept": "application/json, text/event-stream"}
         if otel_inject is not None:
             otel_inject(headers)
-        request = self._client.build_request("POST", f"http://{lease.endpoint}{path}", content=body,
+        request = self._client.build_request("POST", f"http://{claim.endpoint}{path}", content=body,
                                              headers=headers)
         try:
             return await self._client.send(request, stream=True)
         except httpx.TimeoutException as exc:
             if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-                raise InstanceUnreachable(f"instance {lease.instance_id} did not accept a connection") from None
-            raise errors.DeadlineExceeded(f"instance {lease.instance_id} did not answer in time") from None
+                raise InstanceUnreachable(f"instance {claim.instance_id} did not accept a connection") from None
+            raise errors.DeadlineExceeded(f"instance {claim.instance_id} did not answer in time") from None
         except httpx.TransportError as exc:
             raise InstanceUnreachable(
-                f"instance {lease.instance_id} at {lease.endpoint} failed: {type(exc).__name__}") from None
+                f"instance {claim.instance_id} at {claim.endpoint} failed: {type(exc).__name__}") from None
 
-    async def read(self, response: httpx.Response, lease: Lease) -> bytes:
+    async def read(self, response: httpx.Response, claim: Claim) -> bytes:
         """The whole body of a non-streaming answer."""
         try:
             return await response.aread()
         except httpx.TimeoutException:
-            raise errors.DeadlineExceeded(f"instance {lease.instance_id} did not finish in time") from None
+            raise errors.DeadlineExceeded(f"instance {claim.instance_id} did not finish in time") from None
         except httpx.TransportError as exc:
             raise InstanceUnreachable(
-                f"instance {lease.instance_id} broke off its answer: {type(exc).__name__}") from None
+                f"instance {claim.instance_id} broke off its answer: {type(exc).__name__}") from None
         finally:
             await response.aclose()
 
@@ -101,7 +101,7 @@ class RelayResponse:
     """An ASGI response that relays an upstream SSE stream byte for byte.
 
     ``on_first_byte`` runs once when the first bytes go out (CS-TTFT); ``on_close(failed)``
-    runs exactly once at the end, however it ends (the caller releases the lease there).
+    runs exactly once at the end, however it ends (the caller releases the claim there).
     """
 
     def __init__(self, upstream: httpx.Response, on_first_byte: Callable[[], None],

@@ -1,10 +1,10 @@
 """The bounded per-function request queue.
 
 ``QueueBook`` is the pure core: how many requests wait per function, and whether one more may.
-``LeaseQueue`` is its asyncio edge: a request takes a slot (or is refused with 429), then a
-worker task asks the scheduler for a lease with the deadline that is left of the function's
+``ClaimQueue`` is its asyncio edge: a request takes a slot (or is refused with 429), then a
+worker task asks the scheduler for a claim with the deadline that is left of the function's
 ``queue_timeout`` (503 when it runs out). The OpenTelemetry context is captured at enqueue time
-and attached in the worker, so the lease span sits under the request's trace. Every lease
+and attached in the worker, so the claim span sits under the request's trace. Every claim
 acquired and not yet released is listed in the periodic report, so a newly elected scheduler
 counts it too.
 """
@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from services.gateway.errors import QueueFull, QueueTimeout
-from services.gateway.scheduler_client import FunctionInfo, HeldLease, Lease, SchedulerClient
+from services.gateway.scheduler_client import Claim, FunctionInfo, HeldClaim, SchedulerClient
 from snapwake import errors, telemetry
 
 try:
@@ -27,7 +27,7 @@ try:
 except ImportError:  # tracing is optional
     otel_context = None  # type: ignore[assignment]
 
-__all__ = ["Admission", "LeaseQueue", "QueueBook"]
+__all__ = ["Admission", "ClaimQueue", "QueueBook"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class QueueBook:
         return Admission.ADMITTED
 
     def leave(self, function_id: str) -> None:
-        """Gives the slot back (lease acquired, timed out, failed or cancelled)."""
+        """Gives the slot back (claim acquired, timed out, failed or cancelled)."""
         left = self._waiting.get(function_id, 0) - 1
         if left < 0:
             raise RuntimeError(f"leave() without enter() for {function_id}")
@@ -69,8 +69,8 @@ class QueueBook:
         self._waiting = {f: n for f, n in self._waiting.items() if n}
 
 
-class LeaseQueue:
-    """Queues requests per function and gets each one a lease from the scheduler."""
+class ClaimQueue:
+    """Queues requests per function and gets each one a claim from the scheduler."""
 
     def __init__(self, client: SchedulerClient, default_len: int, default_timeout: float,
                  on_depth: Callable[[str, int], None] = lambda f, n: None) -> None:
@@ -79,22 +79,22 @@ class LeaseQueue:
         self._default_len, self._default_timeout = default_len, default_timeout
         self._on_depth = on_depth
         self._background: set[asyncio.Task[Any]] = set()
-        self._held: dict[str, HeldLease] = {}  # acquired, not yet released
-        self._reported_held = False  # the last report listed leases: the next must say if they went
+        self._held: dict[str, HeldClaim] = {}  # acquired, not yet released
+        self._reported_held = False  # the last report listed claims: the next must say if they went
 
     def limits(self, fn: FunctionInfo) -> tuple[int, float]:
         """The function's (queue_len, queue_timeout), with the gateway's defaults for zeros."""
         return fn.queue_len or self._default_len, fn.queue_timeout or self._default_timeout
 
-    async def acquire(self, fn: FunctionInfo, request_id: str) -> Lease:
-        """Waits in ``fn``'s queue for a lease. Raises ``QueueFull`` (429), ``QueueTimeout``
+    async def acquire(self, fn: FunctionInfo, request_id: str) -> Claim:
+        """Waits in ``fn``'s queue for a claim. Raises ``QueueFull`` (429), ``QueueTimeout``
         (503), ``StartFailed`` (503, at once) or the scheduler's error."""
         limit, timeout = self.limits(fn)
         if self._book.enter(fn.function_id, limit) is Admission.FULL:
             raise QueueFull(f"{limit} requests already wait for {fn.function_id}; retry later")
         self._on_depth(fn.function_id, self._book.depth(fn.function_id))
         captured = otel_context.get_current() if otel_context else None
-        worker = self._spawn(self._lease(fn.function_id, request_id, timeout, captured))
+        worker = self._spawn(self._claim(fn.function_id, request_id, timeout, captured))
         try:
             done, _ = await asyncio.wait({worker}, timeout=timeout)
         except asyncio.CancelledError:  # the client went away
@@ -112,35 +112,35 @@ class LeaseQueue:
             raise QueueTimeout(f"no instance of {fn.function_id} became free within {timeout:g}s: "
                                f"{exc.message}") from None
 
-    async def _lease(self, function_id: str, request_id: str, max_wait: float, captured: Any) -> Lease:
+    async def _claim(self, function_id: str, request_id: str, max_wait: float, captured: Any) -> Claim:
         token = otel_context.attach(captured) if otel_context and captured is not None else None
         try:
-            async with telemetry.traced("lease.acquire", attributes={"snapwake.function_id": function_id}):
-                lease = await self._client.acquire_lease(function_id, request_id, max_wait)
-                self._held[lease.lease_id] = HeldLease(lease.lease_id, lease.instance_id, function_id)
-                return lease
+            async with telemetry.traced("claim.acquire", attributes={"snapwake.function_id": function_id}):
+                claim = await self._client.acquire_claim(function_id, request_id, max_wait)
+                self._held[claim.claim_id] = HeldClaim(claim.claim_id, claim.instance_id, function_id)
+                return claim
         finally:
             if token is not None:
                 otel_context.detach(token)
 
-    def _abandon(self, worker: asyncio.Task[Lease]) -> None:
-        """Cancels a worker; a lease that arrives anyway is released, never leaked."""
-        def release_late(task: asyncio.Task[Lease]) -> None:
+    def _abandon(self, worker: asyncio.Task[Claim]) -> None:
+        """Cancels a worker; a claim that arrives anyway is released, never leaked."""
+        def release_late(task: asyncio.Task[Claim]) -> None:
             if not task.cancelled() and task.exception() is None:
                 self.release(task.result())
         worker.add_done_callback(release_late)
         worker.cancel()
 
-    def release(self, lease: Lease, instance_failed: bool = False) -> None:
-        """Returns a lease in the background: cancellation of the request must not skip it."""
-        self._held.pop(lease.lease_id, None)  # not reported from now on, even if the RPC fails
-        self._spawn(self._release(lease, instance_failed))
+    def release(self, claim: Claim, instance_failed: bool = False) -> None:
+        """Returns a claim in the background: cancellation of the request must not skip it."""
+        self._held.pop(claim.claim_id, None)  # not reported from now on, even if the RPC fails
+        self._spawn(self._release(claim, instance_failed))
 
-    async def _release(self, lease: Lease, instance_failed: bool) -> None:
+    async def _release(self, claim: Claim, instance_failed: bool) -> None:
         try:
-            await self._client.release_lease(lease.lease_id, instance_failed)
-        except errors.SnapwakeError as exc:  # the lease's TTL reclaims it
-            log.warning("ReleaseLease %s failed: %s", lease.lease_id, exc.message)
+            await self._client.release_claim(claim.claim_id, instance_failed)
+        except errors.SnapwakeError as exc:  # the claim's TTL reclaims it
+            log.warning("ReleaseClaim %s failed: %s", claim.claim_id, exc.message)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -149,7 +149,7 @@ class LeaseQueue:
         return task
 
     async def report_forever(self, interval: float) -> None:
-        """Sends queue depths and held leases to the scheduler every ``interval`` seconds until
+        """Sends queue depths and held claims to the scheduler every ``interval`` seconds until
         cancelled; the scheduler's grace after an election assumes this period."""
         while True:
             await asyncio.sleep(interval)
@@ -164,8 +164,8 @@ class LeaseQueue:
             self._reported_held = bool(held)
             self._book.prune()
 
-    def held(self) -> list[HeldLease]:
-        """Leases acquired and not yet released, as the next report lists them."""
+    def held(self) -> list[HeldClaim]:
+        """Claims acquired and not yet released, as the next report lists them."""
         return list(self._held.values())
 
     def depths(self) -> Mapping[str, int]:

@@ -1,7 +1,7 @@
 """What the gateway needs from the scheduler, and its gRPC implementation.
 
 ``SchedulerClient`` is the interface ``serving`` depends on; ``GrpcSchedulerClient`` talks to
-``snapwake.v1.SchedulerService`` and ``LeaseService``. With several scheduler addresses only the
+``snapwake.v1.SchedulerService`` and ``ClaimService``. With several scheduler addresses only the
 elected leader answers; the others say UNAVAILABLE "not the leader", and the client moves on to
 the next address and remembers the one that answered. gRPC errors are translated here, once,
 through ``snapwake.errors.from_rpc_error``.
@@ -24,7 +24,7 @@ from snapwake import errors
 from snapwake.grpcserver import channel
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
-__all__ = ["FunctionInfo", "GrpcSchedulerClient", "HeldLease", "Lease", "LeaseSource", "SchedulerClient"]
+__all__ = ["Claim", "ClaimSource", "FunctionInfo", "GrpcSchedulerClient", "HeldClaim", "SchedulerClient"]
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -32,8 +32,8 @@ R = TypeVar("R")
 _NO_LEADER_PAUSE_S = 0.2
 
 
-class LeaseSource(enum.Enum):
-    """How the leased instance came to serve the request (mirrors ``snapwake.v1.LeaseSource``)."""
+class ClaimSource(enum.Enum):
+    """How the claimed instance came to serve the request (mirrors ``snapwake.v1.ClaimSource``)."""
 
     UNSPECIFIED = 0
     WARM = 1  # a running or idle instance with free concurrency
@@ -43,25 +43,25 @@ class LeaseSource(enum.Enum):
     @property
     def started(self) -> bool:
         """True when the request waited for an instance start (these feed the CS-TTFT metric)."""
-        return self in (LeaseSource.COLD_START, LeaseSource.NORMAL_START)
+        return self in (ClaimSource.COLD_START, ClaimSource.NORMAL_START)
 
 
 @dataclass(frozen=True)
-class Lease:
-    """One instance, leased for one request; always released."""
+class Claim:
+    """One instance, claimed for one request; always released."""
 
-    lease_id: str
+    claim_id: str
     instance_id: str
     endpoint: str  # host:port of the instance's OpenAI server
-    source: LeaseSource = LeaseSource.WARM
+    source: ClaimSource = ClaimSource.WARM
     wait_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
-class HeldLease:
-    """A lease this gateway holds, as reported to the scheduler (a new leader adopts it)."""
+class HeldClaim:
+    """A claim this gateway holds, as reported to the scheduler (a new leader adopts it)."""
 
-    lease_id: str
+    claim_id: str
     instance_id: str
     function_id: str
 
@@ -97,17 +97,17 @@ class SchedulerClient(abc.ABC):
         """Every deployed function, of every tenant, whether or not an instance runs."""
 
     @abc.abstractmethod
-    async def acquire_lease(self, function_id: str, request_id: str, max_wait: float) -> Lease:
+    async def acquire_claim(self, function_id: str, request_id: str, max_wait: float) -> Claim:
         """Blocks up to ``max_wait`` seconds for an instance. Raises ``StartFailed`` when its
         start failed, ``DeadlineExceeded`` on timeout, ``NotFound`` for an unknown function."""
 
     @abc.abstractmethod
-    async def release_lease(self, lease_id: str, instance_failed: bool = False) -> None:
-        """Returns the lease; ``instance_failed`` asks the scheduler to check the instance."""
+    async def release_claim(self, claim_id: str, instance_failed: bool = False) -> None:
+        """Returns the claim; ``instance_failed`` asks the scheduler to check the instance."""
 
     @abc.abstractmethod
-    async def report_queue(self, depths: Mapping[str, int], leases: Sequence[HeldLease] = ()) -> None:
-        """Reports waiting requests per function id (the autoscaler's input) and every lease
+    async def report_queue(self, depths: Mapping[str, int], claims: Sequence[HeldClaim] = ()) -> None:
+        """Reports waiting requests per function id (the autoscaler's input) and every claim
         held (the leader's count of them survives a failover)."""
 
     async def close(self) -> None:  # noqa: B027 - an optional hook; most fakes hold nothing
@@ -131,7 +131,7 @@ class GrpcSchedulerClient(SchedulerClient):
         self._channels = [channel(a) for a in addresses]
         self._addresses = list(addresses)
         self._admin = [scheduler_pb2_grpc.SchedulerServiceStub(c) for c in self._channels]
-        self._leases = [scheduler_pb2_grpc.LeaseServiceStub(c) for c in self._channels]
+        self._claims = [scheduler_pb2_grpc.ClaimServiceStub(c) for c in self._channels]
         self._current = 0
         self._gateway_id = gateway_id
         self._rpc_timeout = rpc_timeout
@@ -203,34 +203,34 @@ class GrpcSchedulerClient(SchedulerClient):
 
         return list((await self._call(invoke, self._rpc_timeout)).snapshots)
 
-    async def acquire_lease(self, function_id: str, request_id: str, max_wait: float) -> Lease:
-        request = scheduler_pb2.AcquireLeaseRequest(function_id=function_id, request_id=request_id,
+    async def acquire_claim(self, function_id: str, request_id: str, max_wait: float) -> Claim:
+        request = scheduler_pb2.AcquireClaimRequest(function_id=function_id, request_id=request_id,
                                                     gateway_id=self._gateway_id)
 
         async def invoke(i: int, t: float) -> Any:
-            return await self._leases[i].AcquireLease(request, timeout=t)
+            return await self._claims[i].AcquireClaim(request, timeout=t)
 
         r = await self._call(invoke, max_wait)
-        return Lease(lease_id=r.lease_id, instance_id=r.instance_id, endpoint=r.endpoint,
-                     source=LeaseSource(r.source) if r.source in LeaseSource._value2member_map_
-                     else LeaseSource.UNSPECIFIED,
+        return Claim(claim_id=r.claim_id, instance_id=r.instance_id, endpoint=r.endpoint,
+                     source=ClaimSource(r.source) if r.source in ClaimSource._value2member_map_
+                     else ClaimSource.UNSPECIFIED,
                      wait_seconds=r.wait.ToTimedelta().total_seconds())
 
-    async def release_lease(self, lease_id: str, instance_failed: bool = False) -> None:
-        request = scheduler_pb2.ReleaseLeaseRequest(lease_id=lease_id, instance_failed=instance_failed)
+    async def release_claim(self, claim_id: str, instance_failed: bool = False) -> None:
+        request = scheduler_pb2.ReleaseClaimRequest(claim_id=claim_id, instance_failed=instance_failed)
 
         async def invoke(i: int, t: float) -> Any:
-            return await self._leases[i].ReleaseLease(request, timeout=t)
+            return await self._claims[i].ReleaseClaim(request, timeout=t)
 
         await self._call(invoke, self._rpc_timeout)
 
-    async def report_queue(self, depths: Mapping[str, int], leases: Sequence[HeldLease] = ()) -> None:
-        held = [scheduler_pb2.HeldLease(lease_id=h.lease_id, instance_id=h.instance_id, function_id=h.function_id)
-                for h in leases]
-        request = scheduler_pb2.ReportQueueRequest(gateway_id=self._gateway_id, depths=dict(depths), leases=held)
+    async def report_queue(self, depths: Mapping[str, int], claims: Sequence[HeldClaim] = ()) -> None:
+        held = [scheduler_pb2.HeldClaim(claim_id=h.claim_id, instance_id=h.instance_id, function_id=h.function_id)
+                for h in claims]
+        request = scheduler_pb2.ReportQueueRequest(gateway_id=self._gateway_id, depths=dict(depths), claims=held)
 
         async def invoke(i: int, t: float) -> Any:
-            return await self._leases[i].ReportQueue(request, timeout=t)
+            return await self._claims[i].ReportQueue(request, timeout=t)
 
         await self._call(invoke, self._rpc_timeout)
 

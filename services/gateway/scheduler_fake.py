@@ -1,4 +1,4 @@
-"""``InMemoryScheduler``: a ``SchedulerClient`` that hands out leases on fixed endpoints.
+"""``InMemoryScheduler``: a ``SchedulerClient`` that hands out claims on fixed endpoints.
 
 It sits beside the gRPC client the way httpx's ``MockTransport`` sits beside its transports:
 for in-process tests of the gateway and for running the gateway against a local OpenAI server
@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from services.gateway.scheduler_client import FunctionInfo, HeldLease, Lease, LeaseSource, SchedulerClient
+from services.gateway.scheduler_client import Claim, ClaimSource, FunctionInfo, HeldClaim, SchedulerClient
 from snapwake import errors
 
 __all__ = ["InMemoryScheduler"]
@@ -23,7 +23,7 @@ class _Deployment:
     info: FunctionInfo
     endpoints: list[str]
     concurrency: int
-    source: LeaseSource
+    source: ClaimSource
     start_error: str | None = None
     in_use: dict[str, int] = field(default_factory=dict)
 
@@ -33,22 +33,22 @@ class InMemoryScheduler(SchedulerClient):
 
     def __init__(self) -> None:
         self._deployments: dict[str, _Deployment] = {}
-        self._leases: dict[str, tuple[str, str]] = {}  # lease id -> (function id, endpoint)
+        self._claims: dict[str, tuple[str, str]] = {}  # claim id -> (function id, endpoint)
         self._changed = asyncio.Condition()
         self._ids = itertools.count(1)
-        self.released: list[tuple[str, bool]] = []  # (lease id, instance_failed)
+        self.released: list[tuple[str, bool]] = []  # (claim id, instance_failed)
         self.reports: list[dict[str, int]] = []
-        self.reported_leases: list[list[HeldLease]] = []  # one list per report
+        self.reported_claims: list[list[HeldClaim]] = []  # one list per report
         self.list_calls = 0
 
     def deploy(self, info: FunctionInfo, endpoints: list[str], concurrency: int = 1,
-               source: LeaseSource = LeaseSource.WARM, start_error: str | None = None) -> None:
-        """Adds or replaces a function; ``start_error`` makes every AcquireLease a StartFailed."""
+               source: ClaimSource = ClaimSource.WARM, start_error: str | None = None) -> None:
+        """Adds or replaces a function; ``start_error`` makes every AcquireClaim a StartFailed."""
         self._deployments[info.function_id] = _Deployment(info, list(endpoints), concurrency, source,
                                                           start_error)
 
     def in_use(self, function_id: str) -> int:
-        """Leases of ``function_id`` not yet released."""
+        """Claims of ``function_id`` not yet released."""
         return sum(self._deployments[function_id].in_use.values())
 
     async def list_functions(self) -> list[FunctionInfo]:
@@ -58,7 +58,7 @@ class InMemoryScheduler(SchedulerClient):
     def _free(self, d: _Deployment) -> str | None:
         return next((e for e in d.endpoints if d.in_use.get(e, 0) < d.concurrency), None)
 
-    async def acquire_lease(self, function_id: str, request_id: str, max_wait: float) -> Lease:
+    async def acquire_claim(self, function_id: str, request_id: str, max_wait: float) -> Claim:
         d = self._deployments.get(function_id)
         if d is None:
             raise errors.NotFound(f"function {function_id} not found")
@@ -72,15 +72,15 @@ class InMemoryScheduler(SchedulerClient):
                 d.in_use[endpoint] = d.in_use.get(endpoint, 0) + 1
         except TimeoutError:
             raise errors.DeadlineExceeded(f"no free instance of {function_id}") from None
-        lease_id = f"lease-{next(self._ids)}"
-        self._leases[lease_id] = (function_id, endpoint)
-        return Lease(lease_id, f"i-{abs(hash(endpoint)) % 16**12:012x}", endpoint, d.source)
+        claim_id = f"claim-{next(self._ids)}"
+        self._claims[claim_id] = (function_id, endpoint)
+        return Claim(claim_id, f"i-{abs(hash(endpoint)) % 16**12:012x}", endpoint, d.source)
 
-    async def release_lease(self, lease_id: str, instance_failed: bool = False) -> None:
-        if lease_id not in self._leases:
-            raise errors.NotFound(f"lease {lease_id} not found")
-        function_id, endpoint = self._leases.pop(lease_id)
-        self.released.append((lease_id, instance_failed))
+    async def release_claim(self, claim_id: str, instance_failed: bool = False) -> None:
+        if claim_id not in self._claims:
+            raise errors.NotFound(f"claim {claim_id} not found")
+        function_id, endpoint = self._claims.pop(claim_id)
+        self.released.append((claim_id, instance_failed))
         async with self._changed:
             d = self._deployments[function_id]
             d.in_use[endpoint] -= 1
@@ -88,6 +88,6 @@ class InMemoryScheduler(SchedulerClient):
                 d.endpoints.remove(endpoint)
             self._changed.notify_all()
 
-    async def report_queue(self, depths: Mapping[str, int], leases: Sequence[HeldLease] = ()) -> None:
+    async def report_queue(self, depths: Mapping[str, int], claims: Sequence[HeldClaim] = ()) -> None:
         self.reports.append(dict(depths))
-        self.reported_leases.append(list(leases))
+        self.reported_claims.append(list(claims))

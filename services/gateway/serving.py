@@ -1,4 +1,4 @@
-"""The logic behind each endpoint: find the function, queue for a lease, relay to the instance.
+"""The logic behind each endpoint: find the function, queue for a claim, relay to the instance.
 
 ``OpenAIServing`` depends only on the ``SchedulerClient`` interface, so the same code runs over
 gRPC in production and over an in-memory scheduler in tests.
@@ -29,8 +29,8 @@ from services.gateway.protocol import (
     parse_body,
 )
 from services.gateway.proxy import InstanceNotServing, InstanceUnreachable, RelayResponse, Upstream
-from services.gateway.queue import LeaseQueue
-from services.gateway.scheduler_client import FunctionInfo, Lease, SchedulerClient
+from services.gateway.queue import ClaimQueue
+from services.gateway.scheduler_client import Claim, FunctionInfo, SchedulerClient
 from snapwake import errors, telemetry
 from snapwake.v1 import types_pb2
 
@@ -63,7 +63,7 @@ class OpenAIServing:
                  upstream: Upstream | None = None) -> None:
         self.metrics = metrics
         self.catalog = FunctionCatalog(client, ttl=config.models_cache_seconds)
-        self.queue = LeaseQueue(client, config.default_queue_len, config.default_queue_timeout,
+        self.queue = ClaimQueue(client, config.default_queue_len, config.default_queue_timeout,
                                 on_depth=lambda f, n: metrics.queue_depth.labels(f).set(n))
         self.upstream = upstream or Upstream(config.connect_timeout, config.read_timeout)
         self.retry_after = config.retry_after
@@ -112,70 +112,70 @@ class OpenAIServing:
             raise errors.StartFailed(f"function {fn.function_id} failed to deploy: {fn.status_message}")
         return fn
 
-    async def _lease(self, fn: FunctionInfo, ctx: RequestContext) -> Lease:
+    async def _claim(self, fn: FunctionInfo, ctx: RequestContext) -> Claim:
         started = time.monotonic()
         try:
-            # The queue carries this span's context into its worker, so lease.acquire nests here.
+            # The queue carries this span's context into its worker, so claim.acquire nests here.
             async with telemetry.traced("queue.wait", attributes={"snapwake.function_id": fn.function_id}):
                 return await self.queue.acquire(fn, ctx.request_id)
         finally:
             self.metrics.queue_wait.labels(fn.function_id).observe(time.monotonic() - started)
 
-    def _first_byte(self, fn: FunctionInfo, lease: Lease, ctx: RequestContext) -> Callable[[], None]:
+    def _first_byte(self, fn: FunctionInfo, claim: Claim, ctx: RequestContext) -> Callable[[], None]:
         def observe() -> None:
-            _first_token_span(ctx, lease)
-            if lease.source.started:
+            _first_token_span(ctx, claim)
+            if claim.source.started:
                 elapsed = time.monotonic() - ctx.arrival
-                self.metrics.cs_ttft.labels(fn.function_id, lease.source.name.lower()).observe(elapsed)
-                log.info("first byte %.3fs after arrival (%s)", elapsed, lease.source.name,
-                         extra={"request_id": ctx.request_id, "instance_id": lease.instance_id})
+                self.metrics.cs_ttft.labels(fn.function_id, claim.source.name.lower()).observe(elapsed)
+                log.info("first byte %.3fs after arrival (%s)", elapsed, claim.source.name,
+                         extra={"request_id": ctx.request_id, "instance_id": claim.instance_id})
         return observe
 
     async def _forward(self, fn: FunctionInfo, path: str, raw: bytes, streaming: bool,
                        ctx: RequestContext) -> ASGIApp:
-        """Relays on one lease; when the instance did not answer, or answered that it is not
-        serving (503: a lease that raced its instance's parking), once more on another lease."""
-        lease = await self._lease(fn, ctx)
+        """Relays on one claim; when the instance did not answer, or answered that it is not
+        serving (503: a claim that raced its instance's parking), once more on another claim."""
+        claim = await self._claim(fn, ctx)
         try:
-            return await self._attempt(fn, lease, path, raw, streaming, ctx)
+            return await self._attempt(fn, claim, path, raw, streaming, ctx)
         except (InstanceUnreachable, InstanceNotServing) as exc:
             log.warning("%s; retrying on another instance", exc.message, extra={"request_id": ctx.request_id})
-        return await self._attempt(fn, await self._lease(fn, ctx), path, raw, streaming, ctx)
+        return await self._attempt(fn, await self._claim(fn, ctx), path, raw, streaming, ctx)
 
-    async def _attempt(self, fn: FunctionInfo, lease: Lease, path: str, raw: bytes, streaming: bool,
+    async def _attempt(self, fn: FunctionInfo, claim: Claim, path: str, raw: bytes, streaming: bool,
                        ctx: RequestContext) -> ASGIApp:
-        """One try on ``lease``; the lease is released on every path out of here, or handed to
+        """One try on ``claim``; the claim is released on every path out of here, or handed to
         the ``RelayResponse`` that releases it when the stream ends."""
         failed, handed_over = False, False
         try:
-            response = await self.upstream.open(lease, path, raw, ctx.request_id)
+            response = await self.upstream.open(claim, path, raw, ctx.request_id)
             content_type = response.headers.get("content-type", "application/json")
             # How the instance came to serve this request, for clients and benchmarks.
-            headers = {"x-snapwake-lease-source": lease.source.name.lower(),
-                       "x-snapwake-instance": lease.instance_id}
+            headers = {"x-snapwake-claim-source": claim.source.name.lower(),
+                       "x-snapwake-instance": claim.instance_id}
             if streaming and response.status_code == 200 and content_type.startswith("text/event-stream"):
-                relay = RelayResponse(response, self._first_byte(fn, lease, ctx),
-                                      lambda broke: self.queue.release(lease, broke), headers=headers)
+                relay = RelayResponse(response, self._first_byte(fn, claim, ctx),
+                                      lambda broke: self.queue.release(claim, broke), headers=headers)
                 handed_over = True
                 return relay
-            content = await self.upstream.read(response, lease)
+            content = await self.upstream.read(response, claim)
             if response.status_code == 503:
-                raise InstanceNotServing(f"instance {lease.instance_id} is not serving: "
+                raise InstanceNotServing(f"instance {claim.instance_id} is not serving: "
                                          f"{content[:200].decode(errors='replace')}")
-            self._first_byte(fn, lease, ctx)()
+            self._first_byte(fn, claim, ctx)()
             return Response(content, status_code=response.status_code, media_type=content_type, headers=headers)
         except InstanceUnreachable:
             failed = True
             raise
         finally:
             if not handed_over:
-                self.queue.release(lease, failed)
+                self.queue.release(claim, failed)
 
 
-def _first_token_span(ctx: RequestContext, lease: Lease) -> None:
+def _first_token_span(ctx: RequestContext, claim: Claim) -> None:
     """A span from the request's arrival to its first byte, so traces show the TTFT itself."""
     elapsed_ns = int((time.monotonic() - ctx.arrival) * 1e9)
     span = trace.get_tracer("snapwake").start_span(
         "first_token", start_time=time.time_ns() - elapsed_ns,
-        attributes={"snapwake.lease_source": lease.source.name.lower(), "snapwake.instance_id": lease.instance_id})
+        attributes={"snapwake.claim_source": claim.source.name.lower(), "snapwake.instance_id": claim.instance_id})
     span.end()

@@ -1,1 +1,1 @@
-"""The Snapwake scheduler: admin API, placement, leases, autoscaling and leader election."""
+"""The Snapwake scheduler: admin API, placement, claims, autoscaling and leader election."""

@@ -1,4 +1,4 @@
-"""The gRPC servicers (thin): SchedulerService (admin) and LeaseService (gateways).
+"""The gRPC servicers (thin): SchedulerService (admin) and ClaimService (gateways).
 
 Admin reads go to etcd, not the mirror, so a client reads its own writes. A scheduler that
 is not the leader answers every call UNAVAILABLE naming the leader, and the caller retries
@@ -15,7 +15,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.scheduler import spec as specs
-from services.scheduler.lease import LeaseBroker, QueueDepths
+from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.nodes import NodeClient
 from services.scheduler.state import ClusterState
 from snapwake import errors, keys
@@ -24,7 +24,7 @@ from snapwake.v1 import scheduler_pb2 as pb
 from snapwake.v1 import scheduler_pb2_grpc
 from snapwake.v1.types_pb2 import Function, FunctionState, Instance, Node, Snapshot, SnapshotMode
 
-__all__ = ["LeaseServicer", "Leadership", "SchedulerServicer", "initial_state"]
+__all__ = ["ClaimServicer", "Leadership", "SchedulerServicer", "initial_state"]
 
 _DEFAULT_LOG_TAIL = 64 << 10
 
@@ -148,13 +148,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return pb.ListSnapshotsResponse(snapshots=sorted(found, key=attrgetter("id")))
 
 
-class LeaseServicer(scheduler_pb2_grpc.LeaseServiceServicer):
-    def __init__(self, broker: LeaseBroker, queues: QueueDepths, leader: Leadership) -> None:
+class ClaimServicer(scheduler_pb2_grpc.ClaimServiceServicer):
+    def __init__(self, broker: ClaimBroker, queues: QueueDepths, leader: Leadership) -> None:
         self.broker, self.queues, self.leader = broker, queues, leader
 
     @translate_errors
-    async def AcquireLease(self, request: pb.AcquireLeaseRequest, context: grpc.aio.ServicerContext
-                           ) -> pb.AcquireLeaseResponse:
+    async def AcquireClaim(self, request: pb.AcquireClaimRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.AcquireClaimResponse:
         self.leader.require()
         specs.split_function_id(request.function_id)
         remaining = context.time_remaining()
@@ -163,28 +163,28 @@ class LeaseServicer(scheduler_pb2_grpc.LeaseServiceServicer):
         wait, ttl = Duration(), Duration()
         wait.FromNanoseconds(int(grant.wait_s * 1e9))
         ttl.FromNanoseconds(int(self.broker.table.ttl_s * 1e9))
-        return pb.AcquireLeaseResponse(lease_id=grant.lease.lease_id, instance_id=grant.instance.id,
+        return pb.AcquireClaimResponse(claim_id=grant.claim.claim_id, instance_id=grant.instance.id,
                                        endpoint=grant.instance.endpoint, source=grant.source,  # type: ignore[arg-type]
                                        wait=wait, ttl=ttl)
 
     @translate_errors
-    async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: grpc.aio.ServicerContext
-                           ) -> pb.ReleaseLeaseResponse:
+    async def ReleaseClaim(self, request: pb.ReleaseClaimRequest, context: grpc.aio.ServicerContext
+                           ) -> pb.ReleaseClaimResponse:
         self.leader.require()
-        self.broker.release(request.lease_id, request.instance_failed)
-        return pb.ReleaseLeaseResponse()
+        self.broker.release(request.claim_id, request.instance_failed)
+        return pb.ReleaseClaimResponse()
 
     @translate_errors
     async def ReportQueue(self, request: pb.ReportQueueRequest, context: grpc.aio.ServicerContext
                           ) -> pb.ReportQueueResponse:
         self.leader.require()
-        for n, held in enumerate(request.leases):
-            for name in ("lease_id", "instance_id", "function_id"):
+        for n, held in enumerate(request.claims):
+            for name in ("claim_id", "instance_id", "function_id"):
                 if not getattr(held, name):
-                    raise errors.InvalidArgument(f"leases[{n}].{name} is empty", field=f"leases[{n}].{name}")
-        if request.leases and not request.gateway_id:
-            raise errors.InvalidArgument("gateway_id is required with leases", field="gateway_id")
+                    raise errors.InvalidArgument(f"claims[{n}].{name} is empty", field=f"claims[{n}].{name}")
+        if request.claims and not request.gateway_id:
+            raise errors.InvalidArgument("gateway_id is required with claims", field="gateway_id")
         self.queues.report(request.gateway_id, dict(request.depths))
         if request.gateway_id:
-            self.broker.report(request.gateway_id, request.leases)
+            self.broker.report(request.gateway_id, request.claims)
         return pb.ReportQueueResponse()

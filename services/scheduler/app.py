@@ -1,4 +1,4 @@
-"""Wires the scheduler together: etcd view, election, lease broker, controller, gRPC server."""
+"""Wires the scheduler together: etcd view, election, claim broker, controller, gRPC server."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import logging
 import secrets
 import time
 
-from services.scheduler.api import LeaseServicer, SchedulerServicer
+from services.scheduler.api import ClaimServicer, SchedulerServicer
+from services.scheduler.claims import ClaimBroker, QueueDepths
+from services.scheduler.claimtable import ClaimTable
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.controller import Controller
 from services.scheduler.election import Election
-from services.scheduler.lease import LeaseBroker, QueueDepths
-from services.scheduler.leasetable import LeaseTable
 from services.scheduler.nodes import NodeClient
 from services.scheduler.snapshots import SnapshotBuilder
 from services.scheduler.starter import Starter
@@ -25,7 +25,7 @@ from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc
 __all__ = ["Scheduler"]
 
 log = logging.getLogger(__name__)
-SERVICES = [scheduler_pb2.DESCRIPTOR.services_by_name[n].full_name for n in ("SchedulerService", "LeaseService")]
+SERVICES = [scheduler_pb2.DESCRIPTOR.services_by_name[n].full_name for n in ("SchedulerService", "ClaimService")]
 
 
 class Scheduler:
@@ -35,10 +35,10 @@ class Scheduler:
         self.cfg, self.etcd = cfg, etcd
         self.state = ClusterState(etcd)
         self.nodes = NodeClient(cfg.node_rpc_timeout_s)
-        self.table = LeaseTable(time.monotonic, cfg.lease_ttl_s)
+        self.table = ClaimTable(time.monotonic, cfg.claim_ttl_s)
         self.queues = QueueDepths(time.monotonic)
         self.starter = Starter(self.state, self.nodes, self.table, cfg.node_stale_s)
-        self.broker = LeaseBroker(self.state, self.starter, self.table)
+        self.broker = ClaimBroker(self.state, self.starter, self.table)
         self.controller = Controller(self.state, self.starter, self.broker, self.queues,
                                      SnapshotBuilder(self.state, self.starter, cfg.snapshot_attempts),
                                      cfg.reconcile_interval_s)
@@ -50,20 +50,20 @@ class Scheduler:
                                  self._elected, self._deposed)
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
             SchedulerServicer(self.state, self.nodes, self.election), self.server.server)
-        scheduler_pb2_grpc.add_LeaseServiceServicer_to_server(
-            LeaseServicer(self.broker, self.queues, self.election), self.server.server)
+        scheduler_pb2_grpc.add_ClaimServiceServicer_to_server(
+            ClaimServicer(self.broker, self.queues, self.election), self.server.server)
         self._election_task: asyncio.Task[None] | None = None
         self._settling: asyncio.Task[None] | None = None
 
     async def _elected(self) -> None:
         # The mirror is kept in sync whether or not we lead; only the leader's soft state
-        # (leases, starts in flight) must start empty, since a past term's is stale. Leases
+        # (claims, starts in flight) must start empty, since a past term's is stale. Claims
         # still held from that term come back with the gateways' reports: until the grace
         # window ends nothing is granted, and the controller (whose scale-in and cleanup read
-        # lease counts) waits too.
+        # claim counts) waits too.
         self.broker.reset()
-        self.broker.settle(self.cfg.lease_adopt_grace_s)
-        self._settling = asyncio.create_task(self._control_after(self.cfg.lease_adopt_grace_s),
+        self.broker.settle(self.cfg.claim_adopt_grace_s)
+        self._settling = asyncio.create_task(self._control_after(self.cfg.claim_adopt_grace_s),
                                              name="controller after grace")
 
     async def _control_after(self, grace_s: float) -> None:

@@ -11,18 +11,18 @@ __all__ = ["SchedulerConfig"]
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Snapwake scheduler: admin API, leases, placement and autoscaling."""
+    """Snapwake scheduler: admin API, claims, placement and autoscaling."""
 
     listen: str = field(default="127.0.0.1:7001", metadata={"help": "gRPC listen address host:port"})
     advertise: str = field(default="", metadata={
         "help": "address other processes reach this scheduler at (default: the listen address)"})
     etcd: str = field(default="127.0.0.1:2379", metadata={"help": "etcd client address host:port"})
     election_ttl_s: int = field(default=5, metadata={"help": "leader lease TTL in seconds"})
-    lease_ttl_s: float = field(default=600.0, metadata={
-        "help": "how long a gateway's instance lease lives unless released (bounds one request)"})
-    lease_adopt_grace_s: float = field(default=2.0, metadata={
+    claim_ttl_s: float = field(default=600.0, metadata={
+        "help": "how long a gateway's instance claim lives unless released (bounds one request)"})
+    claim_adopt_grace_s: float = field(default=2.0, metadata={
         "help": "after winning an election, grant and stop nothing for this long while gateways "
-                "report the leases they hold (at least the gateways' report_interval plus margin)"})
+                "report the claims they hold (at least the gateways' report_interval plus margin)"})
     node_rpc_timeout_s: float = field(default=10.0, metadata={
         "help": "deadline of nodeagent calls, added to the function's start_timeout for starts"})
     node_stale_s: float = field(default=30.0, metadata={
@@ -39,12 +39,12 @@ class SchedulerConfig:
                 parse_address(getattr(self, name))
             except ValueError as exc:
                 problems.append(f"{name}: {exc}")
-        for name in ("election_ttl_s", "lease_ttl_s", "node_rpc_timeout_s", "node_stale_s",
+        for name in ("election_ttl_s", "claim_ttl_s", "node_rpc_timeout_s", "node_stale_s",
                      "reconcile_interval_s", "snapshot_attempts"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}: must be positive")
-        if self.lease_adopt_grace_s < 0:
-            problems.append("lease_adopt_grace_s: must not be negative")
+        if self.claim_adopt_grace_s < 0:
+            problems.append("claim_adopt_grace_s: must not be negative")
         if not 0 <= self.metrics_port < 65536:
             problems.append(f"metrics_port: out of range: {self.metrics_port}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

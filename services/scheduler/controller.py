@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
-from services.scheduler.lease import COUNTED, LeaseBroker, QueueDepths
+from services.scheduler.claims import COUNTED, ClaimBroker, QueueDepths
 from services.scheduler.snapshots import SnapshotBuilder
 from services.scheduler.spec import seconds
 from services.scheduler.starter import Starter, snapshot_usable
@@ -32,7 +32,7 @@ _STOPPABLE = COUNTED | {S.INSTANCE_STATE_STANDBY, S.INSTANCE_STATE_SNAPSHOTTING}
 
 
 class Controller:
-    def __init__(self, state: ClusterState, starter: Starter, broker: LeaseBroker, queues: QueueDepths,
+    def __init__(self, state: ClusterState, starter: Starter, broker: ClaimBroker, queues: QueueDepths,
                  builder: SnapshotBuilder, interval_s: float) -> None:
         self.state, self.starter, self.broker, self.queues = state, starter, broker, queues
         self.builder, self.interval_s = builder, interval_s
@@ -154,8 +154,9 @@ class Controller:
 
     def _bridging(self, fn: Function | None, inst: Instance) -> bool:
         """An old-revision instance that keeps serving until its function's new revision has an
-        instance up (the broker leases it meanwhile): while the new snapshot is being built, or
-        while ``min_instances`` asks for one that is starting. Not past ``idle_timeout`` idle."""
+        instance up (the broker grants claims on it meanwhile): while the new snapshot is being
+        built, or while ``min_instances`` asks for one that is starting. Not past ``idle_timeout``
+        idle."""
         if fn is None or inst.state not in SERVING:
             return False
         if fn.state != FunctionState.FUNCTION_STATE_PENDING and not (
@@ -181,6 +182,6 @@ class Controller:
         if node is None:
             return
         if not self.broker.table.retire(inst.id):
-            return  # a lease went out since the decision: it is not idle any more
+            return  # a claim went out since the decision: it is not idle any more
         log.info("stopping: %s", why, extra={"instance_id": inst.id})
         self._spawn(f"stop {inst.id}", lambda: self.starter.nodes.stop(node, inst.id))

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from services.scheduler import policy
-from services.scheduler.leasetable import LeaseTable
+from services.scheduler.claimtable import ClaimTable
 from services.scheduler.nodes import NodeClient, NodeUnreachable
 from services.scheduler.policy.eviction import GpuRoom, plan_eviction
 from services.scheduler.policy.filter_gpu_slice import gpu_free_bytes
@@ -24,7 +24,7 @@ from services.scheduler.spec import seconds
 from services.scheduler.state import ClusterState
 from snapwake import errors, keys, telemetry
 from snapwake.v1.nodeagent_pb2 import StartTarget
-from snapwake.v1.scheduler_pb2 import LeaseSource
+from snapwake.v1.scheduler_pb2 import ClaimSource
 from snapwake.v1.types_pb2 import (
     Function,
     Instance,
@@ -56,17 +56,17 @@ def new_instance_id() -> str:
 @dataclass(frozen=True)
 class StartResult:
     instance: Instance
-    source: int  # LeaseSource
+    source: int  # ClaimSource
 
 
 class Starter:
-    def __init__(self, state: ClusterState, nodes: NodeClient, table: LeaseTable, stale_after_s: float) -> None:
+    def __init__(self, state: ClusterState, nodes: NodeClient, table: ClaimTable, stale_after_s: float) -> None:
         self.state, self.nodes, self.table = state, nodes, table
         self.filters = policy.default_filters(stale_after_s)
         self.scores = policy.default_scores()
         self.pending: dict[str, Instance] = {}
         self.restoring: set[str] = set()
-        # instance id -> (LeaseSource of its start, when the start ended; inf while in flight).
+        # instance id -> (ClaimSource of its start, when the start ended; inf while in flight).
         self.origin: dict[str, tuple[int, float]] = {}
 
     def _begin(self, iid: str, source: int) -> None:
@@ -150,10 +150,10 @@ class Starter:
         return len(standbys) < fn.spec.policy.standby_per_node
 
     async def park(self, node: Node, inst: Instance) -> None:
-        """Suspends ``inst`` to STANDBY; it can be leased again once the node reports that.
-        A lease granted between the decision to park and now keeps it serving."""
+        """Suspends ``inst`` to STANDBY; it can be claimed again once the node reports that.
+        A claim granted between the decision to park and now keeps it serving."""
         if not self.table.retire(inst.id):
-            log.info("not parked: a lease went out since the decision", extra={"instance_id": inst.id})
+            log.info("not parked: a claim went out since the decision", extra={"instance_id": inst.id})
             return
         try:
             parked = await self.nodes.suspend(node, inst.id)
@@ -192,7 +192,7 @@ class Starter:
         except NodeUnreachable as exc:  # a dead node whose keys have not expired yet
             log.warning("%s; placing elsewhere", exc.message, extra={"function_id": fn.id})
             return None  # the caller places again; the view now leaves that node out
-        return StartResult(inst, LeaseSource.LEASE_SOURCE_NORMAL_START)
+        return StartResult(inst, ClaimSource.CLAIM_SOURCE_NORMAL_START)
 
     @telemetry.traced("cold_start")
     async def _restore(self, fn: Function, standby: Instance, placement: policy.Placement) -> StartResult:
@@ -200,7 +200,7 @@ class Starter:
         reserved.gpu_index, reserved.gpu_memory_bytes = placement.gpu_index, fn.spec.resources.gpu_memory_bytes
         self.pending[standby.id] = reserved
         self.restoring.add(standby.id)
-        self._begin(standby.id, LeaseSource.LEASE_SOURCE_COLD_START)
+        self._begin(standby.id, ClaimSource.CLAIM_SOURCE_COLD_START)
         try:
             inst = await self.nodes.restore(placement.node, standby.id, placement.gpu_index,
                                             seconds(fn.spec.policy.start_timeout))
@@ -209,7 +209,7 @@ class Starter:
             self.restoring.discard(standby.id)
             self._end(standby.id)
         self.state.note_started(inst)
-        return StartResult(inst, LeaseSource.LEASE_SOURCE_COLD_START)
+        return StartResult(inst, ClaimSource.CLAIM_SOURCE_COLD_START)
 
     @telemetry.traced("start")
     async def _start(self, fn: Function, node: Node, gpu_index: int, target: int) -> Instance:
@@ -218,7 +218,7 @@ class Starter:
                                      gpu_index=gpu_index, gpu_memory_bytes=fn.spec.resources.gpu_memory_bytes,
                                      state=S.INSTANCE_STATE_CREATING)
         if target == StartTarget.START_TARGET_RUNNING:
-            self._begin(iid, LeaseSource.LEASE_SOURCE_NORMAL_START)
+            self._begin(iid, ClaimSource.CLAIM_SOURCE_NORMAL_START)
         try:
             inst = await self.nodes.start(node, iid, fn.id, fn.revision, fn.spec, target, gpu_index,
                                           seconds(fn.spec.policy.start_timeout))

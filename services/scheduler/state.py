@@ -4,7 +4,7 @@ On start every prefix is listed and then watched from the listed revision + 1, s
 in-memory mirror is always a replay of etcd and a restarted scheduler rebuilds it the same
 way. Writes go straight to etcd (CAS where they read first); the mirror catches up through the
 watch. The one thing held outside etcd is ``note_started``: an instance a nodeagent just
-reported ready in its RPC answer, kept until the watch shows that instance, so a lease can be
+reported ready in its RPC answer, kept until the watch shows that instance, so a claim can be
 handed out without waiting for the watch round trip.
 """
 

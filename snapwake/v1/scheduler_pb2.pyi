@@ -11,16 +11,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class LeaseSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class ClaimSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    LEASE_SOURCE_UNSPECIFIED: _ClassVar[LeaseSource]
-    LEASE_SOURCE_WARM: _ClassVar[LeaseSource]
-    LEASE_SOURCE_COLD_START: _ClassVar[LeaseSource]
-    LEASE_SOURCE_NORMAL_START: _ClassVar[LeaseSource]
-LEASE_SOURCE_UNSPECIFIED: LeaseSource
-LEASE_SOURCE_WARM: LeaseSource
-LEASE_SOURCE_COLD_START: LeaseSource
-LEASE_SOURCE_NORMAL_START: LeaseSource
+    CLAIM_SOURCE_UNSPECIFIED: _ClassVar[ClaimSource]
+    CLAIM_SOURCE_WARM: _ClassVar[ClaimSource]
+    CLAIM_SOURCE_COLD_START: _ClassVar[ClaimSource]
+    CLAIM_SOURCE_NORMAL_START: _ClassVar[ClaimSource]
+CLAIM_SOURCE_UNSPECIFIED: ClaimSource
+CLAIM_SOURCE_WARM: ClaimSource
+CLAIM_SOURCE_COLD_START: ClaimSource
+CLAIM_SOURCE_NORMAL_START: ClaimSource
 
 class CreateFunctionRequest(_message.Message):
     __slots__ = ("spec",)
@@ -128,7 +128,7 @@ class ListSnapshotsResponse(_message.Message):
     snapshots: _containers.RepeatedCompositeFieldContainer[_types_pb2.Snapshot]
     def __init__(self, snapshots: _Optional[_Iterable[_Union[_types_pb2.Snapshot, _Mapping]]] = ...) -> None: ...
 
-class AcquireLeaseRequest(_message.Message):
+class AcquireClaimRequest(_message.Message):
     __slots__ = ("function_id", "request_id", "gateway_id")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -138,36 +138,36 @@ class AcquireLeaseRequest(_message.Message):
     gateway_id: str
     def __init__(self, function_id: _Optional[str] = ..., request_id: _Optional[str] = ..., gateway_id: _Optional[str] = ...) -> None: ...
 
-class AcquireLeaseResponse(_message.Message):
-    __slots__ = ("lease_id", "instance_id", "endpoint", "source", "wait", "ttl")
-    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+class AcquireClaimResponse(_message.Message):
+    __slots__ = ("claim_id", "instance_id", "endpoint", "source", "wait", "ttl")
+    CLAIM_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
-    lease_id: str
+    claim_id: str
     instance_id: str
     endpoint: str
-    source: LeaseSource
+    source: ClaimSource
     wait: _duration_pb2.Duration
     ttl: _duration_pb2.Duration
-    def __init__(self, lease_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., source: _Optional[_Union[LeaseSource, str]] = ..., wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    def __init__(self, claim_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., source: _Optional[_Union[ClaimSource, str]] = ..., wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
-class ReleaseLeaseRequest(_message.Message):
-    __slots__ = ("lease_id", "instance_failed")
-    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+class ReleaseClaimRequest(_message.Message):
+    __slots__ = ("claim_id", "instance_failed")
+    CLAIM_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FAILED_FIELD_NUMBER: _ClassVar[int]
-    lease_id: str
+    claim_id: str
     instance_failed: bool
-    def __init__(self, lease_id: _Optional[str] = ..., instance_failed: _Optional[bool] = ...) -> None: ...
+    def __init__(self, claim_id: _Optional[str] = ..., instance_failed: _Optional[bool] = ...) -> None: ...
 
-class ReleaseLeaseResponse(_message.Message):
+class ReleaseClaimResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ReportQueueRequest(_message.Message):
-    __slots__ = ("gateway_id", "depths", "leases")
+    __slots__ = ("gateway_id", "depths", "claims")
     class DepthsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -177,21 +177,21 @@ class ReportQueueRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     DEPTHS_FIELD_NUMBER: _ClassVar[int]
-    LEASES_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     depths: _containers.ScalarMap[str, int]
-    leases: _containers.RepeatedCompositeFieldContainer[HeldLease]
-    def __init__(self, gateway_id: _Optional[str] = ..., depths: _Optional[_Mapping[str, int]] = ..., leases: _Optional[_Iterable[_Union[HeldLease, _Mapping]]] = ...) -> None: ...
+    claims: _containers.RepeatedCompositeFieldContainer[HeldClaim]
+    def __init__(self, gateway_id: _Optional[str] = ..., depths: _Optional[_Mapping[str, int]] = ..., claims: _Optional[_Iterable[_Union[HeldClaim, _Mapping]]] = ...) -> None: ...
 
-class HeldLease(_message.Message):
-    __slots__ = ("lease_id", "instance_id", "function_id")
-    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+class HeldClaim(_message.Message):
+    __slots__ = ("claim_id", "instance_id", "function_id")
+    CLAIM_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
-    lease_id: str
+    claim_id: str
     instance_id: str
     function_id: str
-    def __init__(self, lease_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., function_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, claim_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., function_id: _Optional[str] = ...) -> None: ...
 
 class ReportQueueResponse(_message.Message):
     __slots__ = ()

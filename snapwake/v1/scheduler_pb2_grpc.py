@@ -444,8 +444,8 @@ class SchedulerService:
             _registered_method=True)
 
 
-class LeaseServiceStub:
-    """LeaseService hands gateways an instance to send one request to.
+class ClaimServiceStub:
+    """ClaimService hands gateways an instance to send one request to.
     """
 
     def __init__(self, channel):
@@ -454,35 +454,35 @@ class LeaseServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.AcquireLease = channel.unary_unary(
-                '/snapwake.v1.LeaseService/AcquireLease',
-                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.AcquireLeaseRequest.SerializeToString,
-                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.AcquireLeaseResponse.FromString,
+        self.AcquireClaim = channel.unary_unary(
+                '/snapwake.v1.ClaimService/AcquireClaim',
+                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.AcquireClaimRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.AcquireClaimResponse.FromString,
                 _registered_method=True)
-        self.ReleaseLease = channel.unary_unary(
-                '/snapwake.v1.LeaseService/ReleaseLease',
-                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.ReleaseLeaseRequest.SerializeToString,
-                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.ReleaseLeaseResponse.FromString,
+        self.ReleaseClaim = channel.unary_unary(
+                '/snapwake.v1.ClaimService/ReleaseClaim',
+                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.ReleaseClaimRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.ReleaseClaimResponse.FromString,
                 _registered_method=True)
         self.ReportQueue = channel.unary_unary(
-                '/snapwake.v1.LeaseService/ReportQueue',
+                '/snapwake.v1.ClaimService/ReportQueue',
                 request_serializer=snapwake_dot_v1_dot_scheduler__pb2.ReportQueueRequest.SerializeToString,
                 response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.ReportQueueResponse.FromString,
                 _registered_method=True)
 
 
-class LeaseServiceServicer:
-    """LeaseService hands gateways an instance to send one request to.
+class ClaimServiceServicer:
+    """ClaimService hands gateways an instance to send one request to.
     """
 
-    def AcquireLease(self, request, context):
+    def AcquireClaim(self, request, context):
         """Blocks until an instance with free concurrency is ready, starting one if needed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReleaseLease(self, request, context):
+    def ReleaseClaim(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -496,17 +496,17 @@ class LeaseServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_LeaseServiceServicer_to_server(servicer, server):
+def add_ClaimServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'AcquireLease': grpc.unary_unary_rpc_method_handler(
-                    servicer.AcquireLease,
-                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.AcquireLeaseRequest.FromString,
-                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.AcquireLeaseResponse.SerializeToString,
+            'AcquireClaim': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireClaim,
+                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.AcquireClaimRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.AcquireClaimResponse.SerializeToString,
             ),
-            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReleaseLease,
-                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.ReleaseLeaseRequest.FromString,
-                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.ReleaseLeaseResponse.SerializeToString,
+            'ReleaseClaim': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseClaim,
+                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.ReleaseClaimRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.ReleaseClaimResponse.SerializeToString,
             ),
             'ReportQueue': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportQueue,
@@ -515,18 +515,18 @@ def add_LeaseServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'snapwake.v1.LeaseService', rpc_method_handlers)
+            'snapwake.v1.ClaimService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('snapwake.v1.LeaseService', rpc_method_handlers)
+    server.add_registered_method_handlers('snapwake.v1.ClaimService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class LeaseService:
-    """LeaseService hands gateways an instance to send one request to.
+class ClaimService:
+    """ClaimService hands gateways an instance to send one request to.
     """
 
     @staticmethod
-    def AcquireLease(request,
+    def AcquireClaim(request,
             target,
             options=(),
             channel_credentials=None,
@@ -539,9 +539,9 @@ class LeaseService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/snapwake.v1.LeaseService/AcquireLease',
-            snapwake_dot_v1_dot_scheduler__pb2.AcquireLeaseRequest.SerializeToString,
-            snapwake_dot_v1_dot_scheduler__pb2.AcquireLeaseResponse.FromString,
+            '/snapwake.v1.ClaimService/AcquireClaim',
+            snapwake_dot_v1_dot_scheduler__pb2.AcquireClaimRequest.SerializeToString,
+            snapwake_dot_v1_dot_scheduler__pb2.AcquireClaimResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -553,7 +553,7 @@ class LeaseService:
             _registered_method=True)
 
     @staticmethod
-    def ReleaseLease(request,
+    def ReleaseClaim(request,
             target,
             options=(),
             channel_credentials=None,
@@ -566,9 +566,9 @@ class LeaseService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/snapwake.v1.LeaseService/ReleaseLease',
-            snapwake_dot_v1_dot_scheduler__pb2.ReleaseLeaseRequest.SerializeToString,
-            snapwake_dot_v1_dot_scheduler__pb2.ReleaseLeaseResponse.FromString,
+            '/snapwake.v1.ClaimService/ReleaseClaim',
+            snapwake_dot_v1_dot_scheduler__pb2.ReleaseClaimRequest.SerializeToString,
+            snapwake_dot_v1_dot_scheduler__pb2.ReleaseClaimResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -593,7 +593,7 @@ class LeaseService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/snapwake.v1.LeaseService/ReportQueue',
+            '/snapwake.v1.ClaimService/ReportQueue',
             snapwake_dot_v1_dot_scheduler__pb2.ReportQueueRequest.SerializeToString,
             snapwake_dot_v1_dot_scheduler__pb2.ReportQueueResponse.FromString,
             options,

@@ -1,7 +1,7 @@
 """The dashboard through the real gateway, the real gRPC client and a small real gRPC scheduler.
 
-``TinyScheduler`` is a real ``SchedulerService``/``LeaseService`` server written for these tests
-(one function with a standby instance that a lease turns RUNNING, then IDLE); the instance is a
+``TinyScheduler`` is a real ``SchedulerService``/``ClaimService`` server written for these tests
+(one function with a standby instance that a claim turns RUNNING, then IDLE); the instance is a
 small echo OpenAI server. The whole stack runs in one event loop on a background thread, so the
 tests (and Selenium, which blocks) drive it from outside like any HTTP client. The integration
 layer runs the same browser checks against the real cluster.
@@ -51,7 +51,7 @@ async def _echo(request: Request) -> JSONResponse:
                          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
 
 
-class TinyScheduler(scheduler_pb2_grpc.SchedulerServiceServicer, scheduler_pb2_grpc.LeaseServiceServicer):
+class TinyScheduler(scheduler_pb2_grpc.SchedulerServiceServicer, scheduler_pb2_grpc.ClaimServiceServicer):
     """One node, the demo function with one standby instance, and another tenant's instance."""
 
     def __init__(self, endpoint: str) -> None:
@@ -86,16 +86,16 @@ class TinyScheduler(scheduler_pb2_grpc.SchedulerServiceServicer, scheduler_pb2_g
     async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Any) -> pb.ListSnapshotsResponse:
         return pb.ListSnapshotsResponse(snapshots=self.snapshots)
 
-    async def AcquireLease(self, request: pb.AcquireLeaseRequest, context: Any) -> pb.AcquireLeaseResponse:
+    async def AcquireClaim(self, request: pb.AcquireClaimRequest, context: Any) -> pb.AcquireClaimResponse:
         await asyncio.sleep(0.3)  # the "restore", long enough for a poll to miss or catch it
         self.demo.state, self.demo.last_start_seconds = t.INSTANCE_STATE_RUNNING, 0.3
         self.demo.update_time.GetCurrentTime()
-        return pb.AcquireLeaseResponse(lease_id="l-1", instance_id=self.demo.id, endpoint=self.demo.endpoint,
-                                       source=pb.LEASE_SOURCE_COLD_START, wait=Duration(nanos=300_000_000))
+        return pb.AcquireClaimResponse(claim_id="c-1", instance_id=self.demo.id, endpoint=self.demo.endpoint,
+                                       source=pb.CLAIM_SOURCE_COLD_START, wait=Duration(nanos=300_000_000))
 
-    async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: Any) -> pb.ReleaseLeaseResponse:
+    async def ReleaseClaim(self, request: pb.ReleaseClaimRequest, context: Any) -> pb.ReleaseClaimResponse:
         self.demo.state = t.INSTANCE_STATE_IDLE
-        return pb.ReleaseLeaseResponse()
+        return pb.ReleaseClaimResponse()
 
     async def ReportQueue(self, request: pb.ReportQueueRequest, context: Any) -> pb.ReportQueueResponse:
         return pb.ReportQueueResponse()
@@ -128,10 +128,10 @@ class Stack:
         return f"127.0.0.1:{port}"
 
     async def start_scheduler(self) -> None:
-        names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("SchedulerService", "LeaseService")]
+        names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("SchedulerService", "ClaimService")]
         self.grpc = GrpcServer(f"127.0.0.1:{self.scheduler_port}", names)
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(self.scheduler, self.grpc.server)
-        scheduler_pb2_grpc.add_LeaseServiceServicer_to_server(self.scheduler, self.grpc.server)
+        scheduler_pb2_grpc.add_ClaimServiceServicer_to_server(self.scheduler, self.grpc.server)
         await self.grpc.start()
 
     async def stop_scheduler(self) -> None:

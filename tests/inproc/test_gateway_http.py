@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from services.gateway import GatewayConfig, build_app
-from services.gateway.scheduler_client import FunctionInfo, LeaseSource
+from services.gateway.scheduler_client import ClaimSource, FunctionInfo
 from services.gateway.scheduler_fake import InMemoryScheduler
 from snapwake.testing import free_port
 
@@ -122,7 +122,7 @@ async def parked() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def parking() -> AsyncIterator[str]:
-    """Not serving on every other call: the fake scheduler leases the same endpoint again after
+    """Not serving on every other call: the fake scheduler hands out the same endpoint again after
     a release, so the retry lands here while the instance serves again."""
     calls = [0]
 
@@ -137,10 +137,10 @@ async def parking() -> AsyncIterator[str]:
 @pytest.fixture
 def scheduler(upstream: str, parked: str, parking: str) -> InMemoryScheduler:
     s = InMemoryScheduler()
-    s.deploy(_fn("parking"), [parking])  # the first lease raced its instance's parking
+    s.deploy(_fn("parking"), [parking])  # the first claim raced its instance's parking
     s.deploy(_fn("allparked"), [parked, parked])
     s.deploy(_fn("chat"), [upstream], concurrency=4)
-    s.deploy(_fn("cold"), [upstream], source=LeaseSource.COLD_START)
+    s.deploy(_fn("cold"), [upstream], source=ClaimSource.COLD_START)
     s.deploy(_fn("asleep", queue_len=1, queue_timeout=0.4), [])  # scaled to zero, never starts
     s.deploy(_fn("broken", queue_timeout=30), [], start_error="image missing: registry.local/nope")
     s.deploy(_fn("flaky"), [f"127.0.0.1:{free_port()}", upstream])  # first endpoint refuses
@@ -172,7 +172,7 @@ async def _eventually(check: Callable[[], bool], what: str, seconds: float = 5.0
 
 
 async def _released(scheduler: InMemoryScheduler, function_id: str) -> None:
-    await _eventually(lambda: scheduler.in_use(function_id) == 0, f"release of {function_id}'s leases")
+    await _eventually(lambda: scheduler.in_use(function_id) == 0, f"release of {function_id}'s claims")
 
 
 async def test_streaming_relay_with_usage(client: openai.AsyncOpenAI, scheduler: InMemoryScheduler) -> None:
@@ -326,7 +326,7 @@ async def test_a_not_serving_instance_is_retried_on_another_lease(client: openai
             text = chat.choices[0].message.content or ""
         assert text.strip() == "ok"
         await _released(scheduler, "acme/default/parking")
-        # Both leases released, neither as failed: a parked instance is healthy.
+        # Both claims released, neither as failed: a parked instance is healthy.
         assert [failed for _, failed in scheduler.released] == [False, False]
 
 

@@ -1,7 +1,7 @@
 """A client-side cancel on a ``snapwake.grpcserver.channel()`` reaches the server handler.
 
-The gateway cancels its AcquireLease when a queue times out or a client disconnects; if the
-scheduler never learns of it, the lease it grants is never released.
+The gateway cancels its AcquireClaim when a queue times out or a client disconnects; if the
+scheduler never learns of it, the claim it grants is never released.
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ class _Probe:
             raise
 
 
-class _Leases(scheduler_pb2_grpc.LeaseServiceServicer):
+class _Claims(scheduler_pb2_grpc.ClaimServiceServicer):
     def __init__(self, probe: _Probe) -> None:
         self.probe = probe
 
-    async def AcquireLease(self, request: scheduler_pb2.AcquireLeaseRequest,
-                           context: grpc.aio.ServicerContext) -> scheduler_pb2.AcquireLeaseResponse:
+    async def AcquireClaim(self, request: scheduler_pb2.AcquireClaimRequest,
+                           context: grpc.aio.ServicerContext) -> scheduler_pb2.AcquireClaimResponse:
         await self.probe.sleep()
-        return scheduler_pb2.AcquireLeaseResponse()
+        return scheduler_pb2.AcquireClaimResponse()
 
 
 class _Blobs(blobstore_pb2_grpc.BlobstoreServiceServicer):
@@ -61,7 +61,7 @@ async def _chunks() -> AsyncIterator[blobstore_pb2.PutSnapshotRequest]:
 
 
 def _acquire(ch: grpc.aio.Channel) -> Awaitable[object]:
-    return scheduler_pb2_grpc.LeaseServiceStub(ch).AcquireLease(scheduler_pb2.AcquireLeaseRequest(function_id="f"))
+    return scheduler_pb2_grpc.ClaimServiceStub(ch).AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id="f"))
 
 
 def _put(ch: grpc.aio.Channel) -> Awaitable[object]:
@@ -71,8 +71,8 @@ def _put(ch: grpc.aio.Channel) -> Awaitable[object]:
 @pytest.mark.parametrize("call", [_acquire, _put], ids=["unary_unary", "stream_unary"])
 async def test_client_cancel_reaches_the_server_handler(call: Callable[[grpc.aio.Channel], Awaitable[object]]) -> None:
     probe = _Probe()
-    server = GrpcServer("127.0.0.1:0", ["snapwake.v1.LeaseService", "snapwake.v1.BlobstoreService"])
-    scheduler_pb2_grpc.add_LeaseServiceServicer_to_server(_Leases(probe), server.server)
+    server = GrpcServer("127.0.0.1:0", ["snapwake.v1.ClaimService", "snapwake.v1.BlobstoreService"])
+    scheduler_pb2_grpc.add_ClaimServiceServicer_to_server(_Claims(probe), server.server)
     blobstore_pb2_grpc.add_BlobstoreServiceServicer_to_server(_Blobs(probe), server.server)
     await server.start()
     try:

@@ -1,4 +1,4 @@
-"""The scheduler over real etcd and real gRPC: admin API, leases, snapshots, election.
+"""The scheduler over real etcd and real gRPC: admin API, claims, snapshots, election.
 
 The nodeagent here is a small real gRPC server written for these tests (it registers a node
 in etcd and writes instance keys like the real one); the integration layer runs the real one.
@@ -18,8 +18,8 @@ import pytest
 import pytest_asyncio
 
 from services.gateway.errors import QueueTimeout
-from services.gateway.queue import LeaseQueue
-from services.gateway.scheduler_client import FunctionInfo, GrpcSchedulerClient, Lease, LeaseSource
+from services.gateway.queue import ClaimQueue
+from services.gateway.scheduler_client import Claim, ClaimSource, FunctionInfo, GrpcSchedulerClient
 from services.scheduler.app import Scheduler
 from services.scheduler.config import SchedulerConfig
 from snapwake import keys
@@ -140,7 +140,7 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
 def cfg(etcd: EtcdProcess, **overrides: object) -> SchedulerConfig:
     # No gateway reports to these schedulers unless a test does: a short grace window will do.
     base = SchedulerConfig(listen="127.0.0.1:0", etcd=etcd.address, election_ttl_s=2, reconcile_interval_s=0.1,
-                           lease_adopt_grace_s=0.3)
+                           claim_adopt_grace_s=0.3)
     return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
 
@@ -173,7 +173,7 @@ async def store(etcd_server: EtcdProcess) -> AsyncIterator[Etcd]:
 @pytest_asyncio.fixture(loop_scope="module")
 async def leader(store: Etcd, etcd_server: EtcdProcess) -> AsyncIterator[Scheduler]:
     async with running(store, etcd_server) as sched:
-        # Leading, and past the grace window in which a new leader collects the gateways' leases.
+        # Leading, and past the grace window in which a new leader collects the gateways' claims.
         await wait_until(lambda: sched.election.is_leader and not sched.broker.settling_s(), 10, "leadership")
         yield sched
 
@@ -187,9 +187,9 @@ async def node(store: Etcd) -> AsyncIterator[FakeNode]:
     await fake.server.stop(0)
 
 
-def stubs(sched: Scheduler) -> tuple[scheduler_pb2_grpc.SchedulerServiceStub, scheduler_pb2_grpc.LeaseServiceStub]:
+def stubs(sched: Scheduler) -> tuple[scheduler_pb2_grpc.SchedulerServiceStub, scheduler_pb2_grpc.ClaimServiceStub]:
     ch = channel(f"127.0.0.1:{sched.port}")
-    return scheduler_pb2_grpc.SchedulerServiceStub(ch), scheduler_pb2_grpc.LeaseServiceStub(ch)
+    return scheduler_pb2_grpc.SchedulerServiceStub(ch), scheduler_pb2_grpc.ClaimServiceStub(ch)
 
 
 def custom(name: str, concurrency: int = 2, max_instances: int = 1) -> FunctionSpec:
@@ -249,7 +249,7 @@ async def test_restarted_scheduler_sees_functions(store: Etcd, etcd_server: Etcd
 
 
 async def test_burst_never_exceeds_concurrency(leader: Scheduler, node: FakeNode) -> None:
-    admin, leases = stubs(leader)
+    admin, claims = stubs(leader)
     fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=custom("burst")), timeout=5)).function.id
     holding: dict[str, int] = {}
     peak = 0
@@ -257,29 +257,29 @@ async def test_burst_never_exceeds_concurrency(leader: Scheduler, node: FakeNode
 
     async def one(k: int) -> None:
         nonlocal peak
-        got = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, request_id=f"r{k}", gateway_id="gw"),
+        got = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, request_id=f"r{k}", gateway_id="gw"),
                                         timeout=20)
         sources.append(got.source)
         holding[got.instance_id] = holding.get(got.instance_id, 0) + 1
         peak = max(peak, holding[got.instance_id])
         await asyncio.sleep(0.05)
         holding[got.instance_id] -= 1
-        await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=got.lease_id), timeout=5)
+        await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
 
     await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(20))), 30)
     assert peak == 2 and len(sources) == 20
     assert node.count("start", na.START_TARGET_RUNNING) == 1
-    assert sources.count(pb.LEASE_SOURCE_NORMAL_START) >= 1
-    assert set(sources) <= {pb.LEASE_SOURCE_NORMAL_START, pb.LEASE_SOURCE_WARM}
+    assert sources.count(pb.CLAIM_SOURCE_NORMAL_START) >= 1
+    assert set(sources) <= {pb.CLAIM_SOURCE_NORMAL_START, pb.CLAIM_SOURCE_WARM}
     assert len(leader.table) == 0
 
 
 async def test_failing_start_fails_all_waiters_fast(leader: Scheduler, node: FakeNode) -> None:
     node.fail_reason = "model dir /nope has no config.json"
-    admin, leases = stubs(leader)
+    admin, claims = stubs(leader)
     fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=custom("broken")), timeout=5)).function.id
     began = time.monotonic()
-    calls = [leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=20)
+    calls = [claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=20)
              for _ in range(6)]
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert time.monotonic() - began < 5
@@ -290,22 +290,22 @@ async def test_failing_start_fails_all_waiters_fast(leader: Scheduler, node: Fak
 
 
 async def test_wait_times_out_when_max_is_busy(leader: Scheduler, node: FakeNode) -> None:
-    admin, leases = stubs(leader)
+    admin, claims = stubs(leader)
     spec = custom("busy", concurrency=1)
     spec.policy.queue_timeout.FromSeconds(1)
     fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
-    held = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
-    assert held.source == pb.LEASE_SOURCE_NORMAL_START and held.endpoint
-    code, details = await code_of(leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid), timeout=10))
+    held = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    assert held.source == pb.CLAIM_SOURCE_NORMAL_START and held.endpoint
+    code, details = await code_of(claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid), timeout=10))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and fid in details
-    assert (await code_of(leases.AcquireLease(pb.AcquireLeaseRequest(function_id="a/b/none"), timeout=5)))[0] \
+    assert (await code_of(claims.AcquireClaim(pb.AcquireClaimRequest(function_id="a/b/none"), timeout=5)))[0] \
         == grpc.StatusCode.NOT_FOUND
     logs = await admin.GetInstanceLogs(pb.GetInstanceLogsRequest(instance_id=held.instance_id), timeout=5)
     assert logs.logs == f"log of {held.instance_id} tail=65536"
 
 
 async def test_arena_function_snapshot_standby_and_cold_start(leader: Scheduler, node: FakeNode) -> None:
-    admin, leases = stubs(leader)
+    admin, claims = stubs(leader)
     spec = FunctionSpec(name="tiny", model_dir="/models/tiny", resources=Resources(gpu_count=1, gpu_memory_bytes=1 << 30))
     fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
     await wait_until(lambda: (f := leader.state.function(fid)) is not None
@@ -314,13 +314,13 @@ async def test_arena_function_snapshot_standby_and_cold_start(leader: Scheduler,
     assert [(s.id, s.state, s.attempts) for s in snaps] == [(f"{fid}@1", SnapshotState.SNAPSHOT_STATE_READY, 1)]
     await wait_until(lambda: any(i.state == S.INSTANCE_STATE_STANDBY for i in leader.state.instances()), 10,
                      "a standby")
-    got = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
-    assert got.source == pb.LEASE_SOURCE_COLD_START and node.count("restore") == 1
+    got = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    assert got.source == pb.CLAIM_SOURCE_COLD_START and node.count("restore") == 1
     # The serving instance covers the node's standby need: no fresh standby container is started.
     await asyncio.sleep(1.5)
     assert node.count("start", na.START_TARGET_STANDBY) == 1
     # Once idle past idle_timeout it is parked back into the standby (suspend, not stop) ...
-    await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=got.lease_id), timeout=5)
+    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
     entry = await leader.etcd.get(keys.instance_key(got.instance_id), Instance)
     assert entry is not None
     idle = entry.value
@@ -332,30 +332,30 @@ async def test_arena_function_snapshot_standby_and_cold_start(leader: Scheduler,
     await wait_until(lambda: (i := leader.state.instance(got.instance_id)) is not None
                      and i.state == S.INSTANCE_STATE_STANDBY, 10, "parked instance is the standby again")
     # ... and the next request is a cold start of that same container.
-    again = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
-    assert again.source == pb.LEASE_SOURCE_COLD_START and again.instance_id == got.instance_id
+    again = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    assert again.source == pb.CLAIM_SOURCE_COLD_START and again.instance_id == got.instance_id
 
 
 async def test_a_standby_being_restored_still_covers_the_standby_need(leader: Scheduler, node: FakeNode) -> None:
     """While the only standby is RESTORING (2 s here; ~0.7 s on the H100), the controller must
     not start a fresh standby: the restored instance parks back into one when it idles out."""
     node.restore_delay_s = 2.0
-    admin, leases = stubs(leader)
+    admin, claims = stubs(leader)
     spec = FunctionSpec(name="slowrestore", model_dir="/models/tiny",
                         resources=Resources(gpu_count=1, gpu_memory_bytes=1 << 30))
     fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
     await wait_until(lambda: any(i.function_id == fid and i.state == S.INSTANCE_STATE_STANDBY
                                  for i in leader.state.instances()), 15, "a standby")
-    got = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=15)
-    assert got.source == pb.LEASE_SOURCE_COLD_START
+    got = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=15)
+    assert got.source == pb.CLAIM_SOURCE_COLD_START
     await asyncio.sleep(1.0)
     assert node.count("start", na.START_TARGET_STANDBY) == 1
-    await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=got.lease_id), timeout=5)
+    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
 
 
 async def test_snapshot_build_fails_after_three_attempts(leader: Scheduler, node: FakeNode) -> None:
     node.fail_reason, node.start_delay_s = "out of host memory", 0.0
-    admin, leases = stubs(leader)
+    admin, claims = stubs(leader)
     fid = (await admin.CreateFunction(pb.CreateFunctionRequest(
         spec=FunctionSpec(name="doomed", model_dir="/models/x")), timeout=5)).function.id
     await wait_until(lambda: (f := leader.state.function(fid)) is not None
@@ -363,7 +363,7 @@ async def test_snapshot_build_fails_after_three_attempts(leader: Scheduler, node
     fn = leader.state.function(fid)
     assert fn is not None and "after 3 attempts" in fn.status_message and "out of host memory" in fn.status_message
     assert node.count("start", na.START_TARGET_SNAPSHOT) == 3
-    code, details = await code_of(leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid), timeout=5))
+    code, details = await code_of(claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid), timeout=5))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "out of host memory" in details
     entry = await leader.etcd.get(keys.snapshot_key(fid, 1), Snapshot)
     assert entry is not None and entry.value.state == SnapshotState.SNAPSHOT_STATE_FAILED
@@ -400,28 +400,28 @@ def mine(sched: Scheduler, fid: str, *states: int) -> list[Instance]:
 
 
 async def test_min_instances_and_queue_depth_scale_out(leader: Scheduler, node: FakeNode) -> None:
-    admin, leases = stubs(leader)
+    admin, claims = stubs(leader)
     spec = custom("scaled", concurrency=1, max_instances=3)
     spec.policy.min_instances = 1
     fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
     await wait_until(lambda: len(mine(leader, fid, S.INSTANCE_STATE_RUNNING)) == 1, 10, "min_instances running")
-    await leases.ReportQueue(pb.ReportQueueRequest(gateway_id="gw", depths={fid: 5}), timeout=5)
+    await claims.ReportQueue(pb.ReportQueueRequest(gateway_id="gw", depths={fid: 5}), timeout=5)
     await wait_until(lambda: len(mine(leader, fid, S.INSTANCE_STATE_RUNNING)) == 3, 10, "scaled to max")
     await asyncio.sleep(0.5)
     assert len(mine(leader, fid)) == 3 and node.count("start") == 3  # never past max_instances
 
 
 async def test_idle_scale_in_and_old_revision_drain(leader: Scheduler, node: FakeNode, store: Etcd) -> None:
-    admin, leases = stubs(leader)
+    admin, claims = stubs(leader)
     spec = custom("shrink", concurrency=1, max_instances=2)
     spec.policy.idle_timeout.FromSeconds(1)
     fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
-    a = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
-    b = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    a = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    b = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
     assert a.instance_id != b.instance_id
     # Instance a goes idle (as its nodeagent would report) long ago; b is updated to revision 2's
-    # predecessor and keeps its lease, so it must not be drained until released.
-    await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=a.lease_id), timeout=5)
+    # predecessor and keeps its claim, so it must not be drained until released.
+    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=a.claim_id), timeout=5)
     got = await store.get(keys.instance_key(a.instance_id), Instance)
     assert got is not None
     idle = got.value
@@ -432,10 +432,10 @@ async def test_idle_scale_in_and_old_revision_drain(leader: Scheduler, node: Fak
     spec.policy.concurrency = 2
     await admin.UpdateFunction(pb.UpdateFunctionRequest(spec=spec), timeout=5)
     await asyncio.sleep(0.5)
-    assert leader.state.instance(b.instance_id) is not None  # still leased: not drained yet
-    await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=b.lease_id), timeout=5)
+    assert leader.state.instance(b.instance_id) is not None  # still claimed: not drained yet
+    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=b.claim_id), timeout=5)
     await wait_until(lambda: leader.state.instance(b.instance_id) is None, 10, "old revision drained")
-    c = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    c = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
     inst = leader.state.instance(c.instance_id)
     assert inst is not None and inst.revision == 2
 
@@ -447,10 +447,10 @@ def gpu_fn(name: str, gib: int) -> FunctionSpec:
 
 async def idle_instance_of(leader: Scheduler, store: Etcd, spec: FunctionSpec) -> str:
     """Creates the function, serves one request on it, and marks its instance IDLE; its id."""
-    admin, leases = stubs(leader)
+    admin, claims = stubs(leader)
     fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
-    held = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=10)
-    await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=held.lease_id), timeout=5)
+    held = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=held.claim_id), timeout=5)
     got = await store.get(keys.instance_key(held.instance_id), Instance)
     assert got is not None
     got.value.state = S.INSTANCE_STATE_IDLE
@@ -462,11 +462,11 @@ async def idle_instance_of(leader: Scheduler, store: Etcd, spec: FunctionSpec) -
 
 
 async def test_cold_start_evicts_lru_idle_instance(leader: Scheduler, node: FakeNode, store: Etcd) -> None:
-    admin, leases = stubs(leader)
+    admin, claims = stubs(leader)
     idle = await idle_instance_of(leader, store, gpu_fn("big", 60))
     other = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn("other", 40)), timeout=5)).function.id
-    second = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=other, gateway_id="gw"), timeout=10)
-    assert second.source == pb.LEASE_SOURCE_NORMAL_START
+    second = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=other, gateway_id="gw"), timeout=10)
+    assert second.source == pb.CLAIM_SOURCE_NORMAL_START
     assert node.count("stop") == 1 and leader.state.instance(idle) is None
 
 
@@ -474,36 +474,36 @@ async def test_a_start_evicts_all_its_victims_at_once(leader: Scheduler, node: F
     """A 70 GiB start on an 80 GiB GPU holding three idle 25 GiB instances evicts all three in
     parallel: it waits for one eviction, not three in a row."""
     node.stop_delay_s = 0.5
-    admin, leases = stubs(leader)
+    admin, claims = stubs(leader)
     for name in ("e1", "e2", "e3"):
         await idle_instance_of(leader, store, gpu_fn(name, 25))
     big = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn("huge", 70)), timeout=5)).function.id
-    got_big = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=big, gateway_id="gw"), timeout=15)
-    assert got_big.source == pb.LEASE_SOURCE_NORMAL_START
+    got_big = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=big, gateway_id="gw"), timeout=15)
+    assert got_big.source == pb.CLAIM_SOURCE_NORMAL_START
     assert node.count("stop") == 3 and node.stops_in_flight_peak == 3
 
 
-# --- leases across a failover -----------------------------------------------------------
+# --- claims across a failover -----------------------------------------------------------
 
 async def test_new_leader_counts_leases_held_from_the_last_term(store: Etcd, etcd_server: EtcdProcess,
                                                                 node: FakeNode) -> None:
-    """A grants two leases (concurrency 2, max_instances 1) to a real gateway queue and dies.
-    B starts with an empty table; the gateway's next report lists both leases, and a request
+    """A grants two claims (concurrency 2, max_instances 1) to a real gateway queue and dies.
+    B starts with an empty table; the gateway's next report lists both claims, and a request
     sent into B's grace window finds the instance full instead of a third slot."""
     async with running(store, etcd_server) as a:
         await wait_until(lambda: a.election.is_leader and not a.broker.settling_s(), 10, "A leads")
-        async with running(store, etcd_server, lease_adopt_grace_s=1.5) as b:
+        async with running(store, etcd_server, claim_adopt_grace_s=1.5) as b:
             admin, _ = stubs(a)
             spec = custom("adopted", concurrency=2, max_instances=1)
-            # The scheduler gives up before the gateway does, so no abandoned AcquireLease
+            # The scheduler gives up before the gateway does, so no abandoned AcquireClaim
             # is left waiting on the scheduler to take the slot released below.
             spec.policy.queue_timeout.FromSeconds(2)
             fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
             client = GrpcSchedulerClient([a.address, b.address], "gw-adopt", rpc_timeout=2)
-            queue = LeaseQueue(client, default_len=10, default_timeout=3)
+            queue = ClaimQueue(client, default_len=10, default_timeout=3)
             reporter = asyncio.create_task(queue.report_forever(0.2))
             info = FunctionInfo(fid, queue_len=10, queue_timeout=3)
-            got: list[Lease] = []
+            got: list[Claim] = []
             try:
                 first, second = got[:] = [await queue.acquire(info, f"r{k}") for k in range(2)]
                 iid = first.instance_id
@@ -518,50 +518,50 @@ async def test_new_leader_counts_leases_held_from_the_last_term(store: Etcd, etc
                 queue.release(first)
                 third = await queue.acquire(info, "r-after-release")
                 got.append(third)
-                assert (third.instance_id, third.source) == (iid, LeaseSource.WARM)
-                assert {h.lease_id for h in queue.held()} == {second.lease_id, third.lease_id}
-                await asyncio.sleep(0.5)  # a few more reports: the released lease stays released
+                assert (third.instance_id, third.source) == (iid, ClaimSource.WARM)
+                assert {h.claim_id for h in queue.held()} == {second.claim_id, third.claim_id}
+                await asyncio.sleep(0.5)  # a few more reports: the released claim stays released
                 assert b.table.in_use(iid) == 2
             finally:
                 reporter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reporter
-                still = {h.lease_id for h in queue.held()}
-                for lease in got:
-                    if lease.lease_id in still:
-                        queue.release(lease)
+                still = {h.claim_id for h in queue.held()}
+                for claim in got:
+                    if claim.claim_id in still:
+                        queue.release(claim)
                 await queue.drain()
                 await client.close()
 
 
 async def test_reported_leases_are_adopted_once_and_never_resurrected(leader: Scheduler, node: FakeNode) -> None:
-    admin, leases = stubs(leader)
+    admin, claims = stubs(leader)
     spec = custom("reported", concurrency=2, max_instances=1)
     spec.policy.queue_timeout.FromSeconds(1)
     fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
-    held = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw-r"), timeout=10)
+    held = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw-r"), timeout=10)
     iid = held.instance_id
 
-    async def report(*lease_ids: str, gateway_id: str = "gw-r", instance_id: str = iid) -> None:
-        await leases.ReportQueue(pb.ReportQueueRequest(gateway_id=gateway_id, leases=[
-            pb.HeldLease(lease_id=lid, instance_id=instance_id, function_id=fid) for lid in lease_ids]), timeout=5)
+    async def report(*claim_ids: str, gateway_id: str = "gw-r", instance_id: str = iid) -> None:
+        await claims.ReportQueue(pb.ReportQueueRequest(gateway_id=gateway_id, claims=[
+            pb.HeldClaim(claim_id=lid, instance_id=instance_id, function_id=fid) for lid in claim_ids]), timeout=5)
 
-    await report(held.lease_id, "l-prev-term")  # one lease granted by an earlier leader
+    await report(held.claim_id, "c-prev-term")  # one claim granted by an earlier leader
     assert leader.table.in_use(iid) == 2
-    code, _ = await code_of(leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=5))
+    code, _ = await code_of(claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=5))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    await leases.ReleaseLease(pb.ReleaseLeaseRequest(lease_id="l-prev-term"), timeout=5)
-    third = await leases.AcquireLease(pb.AcquireLeaseRequest(function_id=fid, gateway_id="gw"), timeout=5)
+    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id="c-prev-term"), timeout=5)
+    third = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=5)
     assert third.instance_id == iid
-    await report(held.lease_id, "l-prev-term")  # sent before the release, arriving after it
+    await report(held.claim_id, "c-prev-term")  # sent before the release, arriving after it
     assert leader.table.in_use(iid) == 2
-    await report("l-ghost", gateway_id="gw-other", instance_id="i-000000000bad")  # no such instance: not counted
+    await report("c-ghost", gateway_id="gw-other", instance_id="i-000000000bad")  # no such instance: not counted
     assert len(leader.table) == 2
-    # gw-r's next report lists nothing: it released both (its ReleaseLease was lost).
+    # gw-r's next report lists nothing: it released both (its ReleaseClaim was lost).
     await report()
-    assert leader.table.in_use(iid) == 1  # the other gateway's lease stays
-    code, details = await code_of(leases.ReportQueue(pb.ReportQueueRequest(
-        gateway_id="gw-r", leases=[pb.HeldLease(lease_id="l-x", function_id=fid)]), timeout=5))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "leases[0].instance_id" in details
-    code, details = await code_of(report("l-x", gateway_id=""))
+    assert leader.table.in_use(iid) == 1  # the other gateway's claim stays
+    code, details = await code_of(claims.ReportQueue(pb.ReportQueueRequest(
+        gateway_id="gw-r", claims=[pb.HeldClaim(claim_id="c-x", function_id=fid)]), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "claims[0].instance_id" in details
+    code, details = await code_of(report("c-x", gateway_id=""))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "gateway_id" in details

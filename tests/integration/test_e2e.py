@@ -146,7 +146,7 @@ def test_readme_grpcurl_lines_work_through_reflection(cluster: Cluster, demo_mod
     for body, method in lines:
         body = body.replace("/models/my-llama", str(demo_model_dir))
         answers[method] = _grpcurl(cluster.scheduler_address, method, body or "{}")
-    assert {"snapwake.v1.SchedulerService", "snapwake.v1.LeaseService",
+    assert {"snapwake.v1.SchedulerService", "snapwake.v1.ClaimService",
             "grpc.health.v1.Health"} <= set(answers["list"]["services"])
     created = answers["snapwake.v1.SchedulerService/CreateFunction"]["function"]
     assert created["id"] == "default/default/mymodel" and created["spec"]["modelDir"] == str(demo_model_dir)

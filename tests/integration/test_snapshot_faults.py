@@ -70,12 +70,12 @@ def _snapshot(cluster: Cluster, fid: str = DEMO) -> types_pb2.Snapshot | None:
 
 
 def _chat(cluster: Cluster, model: str) -> tuple[str, str, str]:
-    """(greedy text, lease source, instance id) of one chat completion through the gateway."""
+    """(greedy text, claim source, instance id) of one chat completion through the gateway."""
     client = openai.OpenAI(base_url=cluster.gateway_url + "/v1", api_key="unused", max_retries=0, timeout=120)
     raw = client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES, max_tokens=8,
                                                            temperature=0)
     text = raw.parse().choices[0].message.content or ""
-    return text, raw.headers.get("x-snapwake-lease-source", ""), raw.headers.get("x-snapwake-instance", "")
+    return text, raw.headers.get("x-snapwake-claim-source", ""), raw.headers.get("x-snapwake-instance", "")
 
 
 def _wait_standby(cluster: Cluster, fid: str = DEMO, timeout: float = 90) -> types_pb2.Instance:

@@ -111,7 +111,7 @@ def _service(name: str) -> str:
 def _complete(spans: list[Got]) -> bool:
     names = {g.span.name for g in spans}
     return {_service(g.service) for g in spans} >= set(SERVICES) and \
-        {"queue.wait", "lease", "restore", "dma", "first_token", "generate", "attach"} <= names
+        {"queue.wait", "claim", "restore", "dma", "first_token", "generate", "attach"} <= names
 
 
 def _ancestors(span: trace_pb2.Span, by_id: dict[bytes, Got]) -> list[str]:
@@ -130,7 +130,7 @@ def test_cold_start_request_is_one_trace_across_every_process(cluster: Cluster,
             "stream": True}
     with httpx.stream("POST", cluster.gateway_url + "/v1/chat/completions", json=body, timeout=120) as r:
         assert r.status_code == 200, r.read()
-        assert r.headers["x-snapwake-lease-source"] == "cold_start"
+        assert r.headers["x-snapwake-claim-source"] == "cold_start"
         assert b"[DONE]" in r.read()
 
     deadline, trace = time.monotonic() + 30, None
@@ -158,13 +158,13 @@ def test_cold_start_request_is_one_trace_across_every_process(cluster: Cluster,
 
     # The request's path, process by process, each step below the one before it.
     assert chain("gateway", "queue.wait")[-1] == f"gateway:{root.span.name}"
-    assert "gateway:queue.wait" in chain("scheduler", "lease")
-    assert {"scheduler:lease", "gateway:queue.wait"} <= set(chain("nodeagent", "restore"))
+    assert "gateway:queue.wait" in chain("scheduler", "claim")
+    assert {"scheduler:claim", "gateway:queue.wait"} <= set(chain("nodeagent", "restore"))
     for name in ("dma.prepare", "driver_restore", "attach"):
         assert chain("nodeagent", name)[0] == "nodeagent:restore"
     assert "nodeagent:dma.prepare" in chain("blobstore", "dma")
     assert chain("modelserver", "attach")[0] == "nodeagent:attach"
-    assert chain("scheduler", "cold_start")[0] == "scheduler:lease"
-    assert chain("scheduler", "placement")[0] == "scheduler:lease"
+    assert chain("scheduler", "cold_start")[0] == "scheduler:claim"
+    assert chain("scheduler", "placement")[0] == "scheduler:claim"
     assert f"gateway:{root.span.name}" in chain("modelserver", "generate")
     assert chain("gateway", "first_token")[-1] == f"gateway:{root.span.name}"

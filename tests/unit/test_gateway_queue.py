@@ -1,4 +1,4 @@
-"""The queue's pure core (admission and bookkeeping), and its report of held leases."""
+"""The queue's pure core (admission and bookkeeping), and its report of held claims."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from services.gateway.queue import Admission, LeaseQueue, QueueBook
-from services.gateway.scheduler_client import FunctionInfo, Lease
+from services.gateway.queue import Admission, ClaimQueue, QueueBook
+from services.gateway.scheduler_client import Claim, FunctionInfo
 from services.gateway.scheduler_fake import InMemoryScheduler
 
 A, F = Admission.ADMITTED, Admission.FULL
@@ -50,20 +50,20 @@ def test_zero_depths_are_reported_once_then_pruned() -> None:
 
 
 async def test_held_leases_are_reported_until_released() -> None:
-    """Every report lists the leases acquired and not yet released; one more report after the
+    """Every report lists the claims acquired and not yet released; one more report after the
     last release says they went, then the gateway falls quiet again."""
     scheduler = InMemoryScheduler()
     info = FunctionInfo("t/d/f", queue_len=5, queue_timeout=2)
     scheduler.deploy(info, ["127.0.0.1:9"], concurrency=2)
-    queue = LeaseQueue(scheduler, default_len=5, default_timeout=2)
+    queue = ClaimQueue(scheduler, default_len=5, default_timeout=2)
     reporter = asyncio.create_task(queue.report_forever(0.01))
 
-    async def last_report_lists(*leases: Lease) -> None:
-        want = {(lease.lease_id, lease.instance_id, "t/d/f") for lease in leases}
+    async def last_report_lists(*claims: Claim) -> None:
+        want = {(claim.claim_id, claim.instance_id, "t/d/f") for claim in claims}
         deadline = time.monotonic() + 5
-        while not scheduler.reported_leases or {
-                (h.lease_id, h.instance_id, h.function_id) for h in scheduler.reported_leases[-1]} != want:
-            assert time.monotonic() < deadline, f"no report listed {want}: {scheduler.reported_leases[-3:]}"
+        while not scheduler.reported_claims or {
+                (h.claim_id, h.instance_id, h.function_id) for h in scheduler.reported_claims[-1]} != want:
+            assert time.monotonic() < deadline, f"no report listed {want}: {scheduler.reported_claims[-3:]}"
             await asyncio.sleep(0.01)
 
     try:
@@ -73,10 +73,10 @@ async def test_held_leases_are_reported_until_released() -> None:
         await last_report_lists(second)
         queue.release(second)
         await last_report_lists()
-        reports = len(scheduler.reported_leases)
+        reports = len(scheduler.reported_claims)
         await asyncio.sleep(0.1)
-        assert len(scheduler.reported_leases) == reports  # nothing held, nothing waiting: quiet
-        assert [lease_id for lease_id, _ in scheduler.released] == [first.lease_id, second.lease_id]
+        assert len(scheduler.reported_claims) == reports  # nothing held, nothing waiting: quiet
+        assert [claim_id for claim_id, _ in scheduler.released] == [first.claim_id, second.claim_id]
     finally:
         reporter.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -15,8 +15,8 @@ def test_defaults() -> None:
 
 def test_flags_beat_environment() -> None:
     cfg = load(SchedulerConfig, argv=["--listen", "0.0.0.0:7100"],
-               env={"SNAPWAKE_LISTEN": "127.0.0.1:1", "SNAPWAKE_LEASE_TTL_S": "30"})
-    assert (cfg.listen, cfg.lease_ttl_s) == ("0.0.0.0:7100", 30.0)
+               env={"SNAPWAKE_LISTEN": "127.0.0.1:1", "SNAPWAKE_CLAIM_TTL_S": "30"})
+    assert (cfg.listen, cfg.claim_ttl_s) == ("0.0.0.0:7100", 30.0)
 
 
 @pytest.mark.parametrize(("env", "named"), [
@@ -24,7 +24,7 @@ def test_flags_beat_environment() -> None:
     ({"SNAPWAKE_ETCD": "host:99999"}, "etcd"),
     ({"SNAPWAKE_ADVERTISE": "x"}, "advertise"),
     ({"SNAPWAKE_ELECTION_TTL_S": "0"}, "election_ttl_s"),
-    ({"SNAPWAKE_LEASE_TTL_S": "abc"}, "SNAPWAKE_LEASE_TTL_S"),
+    ({"SNAPWAKE_CLAIM_TTL_S": "abc"}, "SNAPWAKE_CLAIM_TTL_S"),
     ({"SNAPWAKE_RECONCILE_INTERVAL_S": "-1"}, "reconcile_interval_s"),
     ({"SNAPWAKE_LOG_LEVEL": "loud"}, "log_level"),
 ])

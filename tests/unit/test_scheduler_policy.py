@@ -122,7 +122,7 @@ IDLE = S.INSTANCE_STATE_IDLE
      {}, frozenset(), ("old",)),
     # Running instances are never victims.
     (20, [GpuRoom("a", 0, 0)], [inst("r", "a", 0, 40)], {}, frozenset(), None),
-    # A leased idle instance is not evicted.
+    # A claimed idle instance is not evicted.
     (20, [GpuRoom("a", 0, 0)], [inst("i", "a", 0, 40, IDLE, idle_since=1)], {}, frozenset({"i"}), None),
     # min_instances of the victim's function holds.
     (20, [GpuRoom("a", 0, 0)], [inst("i", "a", 0, 40, IDLE, "t/d/x", 1)], {"t/d/x": 1}, frozenset(), None),

@@ -1,7 +1,7 @@
 """Eviction (pure): which IDLE instances to stop so a start fits on some GPU.
 
 Least recently used first (an IDLE instance's ``update_time`` is when it went idle), never
-an instance with a lease out, and never below ``min_instances`` of the victim's function.
+an instance with a claim out, and never below ``min_instances`` of the victim's function.
 Among GPUs that can be freed enough, the plan with the fewest victims wins, then the one
 whose victims have been idle longest.
 """

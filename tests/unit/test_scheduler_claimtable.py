@@ -1,12 +1,12 @@
-"""Lease accounting with a fake clock: concurrency is never exceeded, TTLs expire, reported
-leases are adopted once and never brought back after their release."""
+"""Claim accounting with a fake clock: concurrency is never exceeded, TTLs expire, reported
+claims are adopted once and never brought back after their release."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.scheduler.lease import QueueDepths
-from services.scheduler.leasetable import _REMEMBER_RELEASED, Adoption, LeaseTable
+from services.scheduler.claims import QueueDepths
+from services.scheduler.claimtable import _REMEMBER_RELEASED, Adoption, ClaimTable
 
 
 class Clock:
@@ -19,36 +19,36 @@ class Clock:
 
 @pytest.mark.parametrize(("concurrency", "attempts", "granted"), [(1, 5, 1), (2, 20, 2), (4, 3, 3), (4, 4, 4)])
 def test_never_past_concurrency(concurrency: int, attempts: int, granted: int) -> None:
-    table = LeaseTable(Clock(), ttl_s=60)
+    table = ClaimTable(Clock(), ttl_s=60)
     got = [table.try_grant("i-1", "t/d/f", "gw", concurrency) for _ in range(attempts)]
     assert sum(g is not None for g in got) == granted
     assert table.in_use("i-1") == granted
-    assert len({g.lease_id for g in got if g}) == granted
+    assert len({g.claim_id for g in got if g}) == granted
 
 
 def test_release_frees_a_slot_and_unknown_release_is_noop() -> None:
-    table = LeaseTable(Clock(), ttl_s=60)
+    table = ClaimTable(Clock(), ttl_s=60)
     a = table.try_grant("i-1", "t/d/f", "gw", 1)
     assert a is not None and table.try_grant("i-1", "t/d/f", "gw", 1) is None
-    assert table.release(a.lease_id) == a
-    assert table.release(a.lease_id) is None
-    assert table.release("l-unknown") is None
+    assert table.release(a.claim_id) == a
+    assert table.release(a.claim_id) is None
+    assert table.release("c-unknown") is None
     assert table.try_grant("i-1", "t/d/f", "gw", 1) is not None
 
 
 def test_ttl_expiry_returns_slots_of_a_dead_gateway() -> None:
     clock = Clock()
-    table = LeaseTable(clock, ttl_s=10)
+    table = ClaimTable(clock, ttl_s=10)
     assert table.try_grant("i-1", "t/d/f", "dead-gw", 1) is not None
     clock.now += 9.9
     assert table.try_grant("i-1", "t/d/f", "gw", 1) is None
     clock.now += 0.2
-    lease = table.try_grant("i-1", "t/d/f", "gw", 1)
-    assert lease is not None and lease.gateway_id == "gw" and len(table) == 1
+    claim = table.try_grant("i-1", "t/d/f", "gw", 1)
+    assert claim is not None and claim.gateway_id == "gw" and len(table) == 1
 
 
 def test_drop_instance_and_busy() -> None:
-    table = LeaseTable(Clock(), ttl_s=10)
+    table = ClaimTable(Clock(), ttl_s=10)
     table.try_grant("i-1", "t/d/f", "gw", 2)
     table.try_grant("i-2", "t/d/f", "gw", 2)
     assert table.busy_instances() == {"i-1", "i-2"}
@@ -68,7 +68,7 @@ def test_queue_depths_sum_fresh_reports() -> None:
 
 
 def test_retired_instance_gets_no_new_lease_and_busy_one_cannot_retire() -> None:
-    table = LeaseTable(clock=lambda: 0.0, ttl_s=60)
+    table = ClaimTable(clock=lambda: 0.0, ttl_s=60)
     held = table.try_grant("i-busy", "t/n/f", "g", concurrency=2)
     assert held is not None
     assert table.retire("i-busy") is False
@@ -77,109 +77,109 @@ def test_retired_instance_gets_no_new_lease_and_busy_one_cannot_retire() -> None
     assert table.try_grant("i-idle", "t/n/f", "g", concurrency=2) is None
 
 
-# Adoption: a new leader counts the leases gateways report holding from the last term.
+# Adoption: a new leader counts the claims gateways report holding from the last term.
 
 def test_adopted_leases_count_against_concurrency() -> None:
-    table = LeaseTable(Clock(), ttl_s=60)
-    assert table.adopt("l-old-1", "i-1", "t/d/f", "gw") is Adoption.ADOPTED
-    assert table.adopt("l-old-2", "i-1", "t/d/f", "gw") is Adoption.ADOPTED
+    table = ClaimTable(Clock(), ttl_s=60)
+    assert table.adopt("c-old-1", "i-1", "t/d/f", "gw") is Adoption.ADOPTED
+    assert table.adopt("c-old-2", "i-1", "t/d/f", "gw") is Adoption.ADOPTED
     assert (table.in_use("i-1"), table.free("i-1", 2)) == (2, 0)
     assert table.try_grant("i-1", "t/d/f", "gw2", 2) is None
-    assert table.release("l-old-1") is not None
+    assert table.release("c-old-1") is not None
     assert table.try_grant("i-1", "t/d/f", "gw2", 2) is not None
 
 
 def test_adoption_past_concurrency_is_counted_and_blocks_grants() -> None:
-    table = LeaseTable(Clock(), ttl_s=60)
+    table = ClaimTable(Clock(), ttl_s=60)
     assert table.try_grant("i-1", "t/d/f", "gw", 1) is not None
-    assert table.adopt("l-old", "i-1", "t/d/f", "gw-b") is Adoption.ADOPTED  # its request is in flight
+    assert table.adopt("c-old", "i-1", "t/d/f", "gw-b") is Adoption.ADOPTED  # its request is in flight
     assert (table.in_use("i-1"), table.free("i-1", 1)) == (2, 0)
 
 
 @pytest.mark.parametrize("gone", ["release", "expire", "drop_instance"])
 def test_released_or_expired_lease_is_never_adopted(gone: str) -> None:
     clock = Clock()
-    table = LeaseTable(clock, ttl_s=10)
-    lease = table.try_grant("i-1", "t/d/f", "gw", 1)
-    assert lease is not None
+    table = ClaimTable(clock, ttl_s=10)
+    claim = table.try_grant("i-1", "t/d/f", "gw", 1)
+    assert claim is not None
     if gone == "release":
-        table.release(lease.lease_id)
+        table.release(claim.claim_id)
     elif gone == "expire":
         clock.now += 10
-        assert table.expire() == [lease]
+        assert table.expire() == [claim]
     else:
         table.drop_instance("i-1")
-    # A report that raced the release (it was sent before it) lists the lease once more.
-    assert table.adopt(lease.lease_id, "i-1", "t/d/f", "gw") is Adoption.RELEASED
+    # A report that raced the release (it was sent before it) lists the claim once more.
+    assert table.adopt(claim.claim_id, "i-1", "t/d/f", "gw") is Adoption.RELEASED
     assert table.in_use("i-1") == 0
 
 
 def test_release_of_unknown_id_blocks_a_later_adoption() -> None:
-    """After a failover the gateway's ReleaseLease can reach the new leader before its report."""
-    table = LeaseTable(Clock(), ttl_s=10)
-    assert table.release("l-from-old-leader") is None
-    assert table.adopt("l-from-old-leader", "i-1", "t/d/f", "gw") is Adoption.RELEASED
+    """After a failover the gateway's ReleaseClaim can reach the new leader before its report."""
+    table = ClaimTable(Clock(), ttl_s=10)
+    assert table.release("c-from-old-leader") is None
+    assert table.adopt("c-from-old-leader", "i-1", "t/d/f", "gw") is Adoption.RELEASED
     assert len(table) == 0
 
 
 def test_report_restarts_ttl_of_a_known_lease() -> None:
     clock = Clock()
-    table = LeaseTable(clock, ttl_s=10)
-    lease = table.try_grant("i-1", "t/d/f", "gw", 1)
-    assert lease is not None
+    table = ClaimTable(clock, ttl_s=10)
+    claim = table.try_grant("i-1", "t/d/f", "gw", 1)
+    assert claim is not None
     clock.now += 9
-    assert table.adopt(lease.lease_id, "i-1", "t/d/f", "gw") is Adoption.REFRESHED
+    assert table.adopt(claim.claim_id, "i-1", "t/d/f", "gw") is Adoption.REFRESHED
     clock.now += 9  # 18 s after the grant, 9 s after the report
     assert table.expire() == [] and table.in_use("i-1") == 1
     clock.now += 1
-    assert [g.lease_id for g in table.expire()] == [lease.lease_id]
+    assert [g.claim_id for g in table.expire()] == [claim.claim_id]
 
 
 def test_adopted_lease_expires_with_the_normal_ttl() -> None:
     clock = Clock()
-    table = LeaseTable(clock, ttl_s=10)
-    table.adopt("l-old", "i-1", "t/d/f", "dead-gw")
+    table = ClaimTable(clock, ttl_s=10)
+    table.adopt("c-old", "i-1", "t/d/f", "dead-gw")
     clock.now += 10
     assert table.try_grant("i-1", "t/d/f", "gw", 1) is not None
 
 
 def test_retired_instance_adopts_nothing() -> None:
-    table = LeaseTable(Clock(), ttl_s=10)
+    table = ClaimTable(Clock(), ttl_s=10)
     assert table.retire("i-1")
-    assert table.adopt("l-old", "i-1", "t/d/f", "gw") is Adoption.RETIRED
+    assert table.adopt("c-old", "i-1", "t/d/f", "gw") is Adoption.RETIRED
     assert table.in_use("i-1") == 0
 
 
 def test_lease_left_out_of_a_later_report_is_released() -> None:
-    table = LeaseTable(Clock(), ttl_s=600)
+    table = ClaimTable(Clock(), ttl_s=600)
     reported = table.try_grant("i-1", "t/d/f", "gw", 4)
     unreported = table.try_grant("i-1", "t/d/f", "gw", 4)  # granted after the report was taken
     other_gw = table.try_grant("i-1", "t/d/f", "gw-2", 4)
     assert reported and unreported and other_gw
-    table.adopt(reported.lease_id, "i-1", "t/d/f", "gw")
-    table.adopt(other_gw.lease_id, "i-1", "t/d/f", "gw-2")
-    table.adopt("l-old", "i-1", "t/d/f", "gw")
-    # gw's next report lists nothing: its ReleaseLease calls were lost, the slots come back now.
+    table.adopt(reported.claim_id, "i-1", "t/d/f", "gw")
+    table.adopt(other_gw.claim_id, "i-1", "t/d/f", "gw-2")
+    table.adopt("c-old", "i-1", "t/d/f", "gw")
+    # gw's next report lists nothing: its ReleaseClaim calls were lost, the slots come back now.
     dropped = table.drop_unreported("gw", set())
-    assert {g.lease_id for g in dropped} == {reported.lease_id, "l-old"}
-    assert table.in_use("i-1") == 2  # the unreported grant and the other gateway's lease stay
-    assert table.adopt("l-old", "i-1", "t/d/f", "gw") is Adoption.RELEASED
+    assert {g.claim_id for g in dropped} == {reported.claim_id, "c-old"}
+    assert table.in_use("i-1") == 2  # the unreported grant and the other gateway's claim stay
+    assert table.adopt("c-old", "i-1", "t/d/f", "gw") is Adoption.RELEASED
 
 
 def test_clear_forgets_leases_but_not_released_ids() -> None:
-    table = LeaseTable(Clock(), ttl_s=60)
+    table = ClaimTable(Clock(), ttl_s=60)
     held = table.try_grant("i-1", "t/d/f", "gw", 2)
     gone = table.try_grant("i-1", "t/d/f", "gw", 2)
     assert held and gone
-    table.release(gone.lease_id)
+    table.release(gone.claim_id)
     table.clear()  # deposed, then elected again: the gateway still holds ``held``
-    assert table.adopt(held.lease_id, "i-1", "t/d/f", "gw") is Adoption.ADOPTED
-    assert table.adopt(gone.lease_id, "i-1", "t/d/f", "gw") is Adoption.RELEASED
+    assert table.adopt(held.claim_id, "i-1", "t/d/f", "gw") is Adoption.ADOPTED
+    assert table.adopt(gone.claim_id, "i-1", "t/d/f", "gw") is Adoption.RELEASED
 
 
 def test_released_ids_are_remembered_boundedly() -> None:
-    table = LeaseTable(Clock(), ttl_s=60)
+    table = ClaimTable(Clock(), ttl_s=60)
     for n in range(_REMEMBER_RELEASED + 1):
-        table.release(f"l-{n}")
-    assert table.adopt("l-0", "i-1", "t/d/f", "gw") is Adoption.ADOPTED  # the oldest was forgotten
-    assert table.adopt("l-1", "i-1", "t/d/f", "gw") is Adoption.RELEASED
+        table.release(f"c-{n}")
+    assert table.adopt("c-0", "i-1", "t/d/f", "gw") is Adoption.ADOPTED  # the oldest was forgotten
+    assert table.adopt("c-1", "i-1", "t/d/f", "gw") is Adoption.RELEASED

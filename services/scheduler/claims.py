@@ -1,14 +1,14 @@
-"""AcquireLease: hand a gateway one slot of an instance, starting one if needed.
+"""AcquireClaim: hand a gateway one slot of an instance, starting one if needed.
 
 Decision order per attempt: (a) a RUNNING/IDLE instance of the current revision with a free
 slot, least loaded first; (b)/(c) otherwise one shared start per function (restore a standby,
 else a normal start; see ``starter``) unless ``max_instances`` are up; (d) otherwise wait
-until a lease is released or an instance becomes ready. Concurrent waiters share the start:
+until a claim is released or an instance becomes ready. Concurrent waiters share the start:
 if it fails, every one of them gets ``StartFailed`` with the reason at once.
 
-A new leader knows no leases until the gateways report the ones they hold (``report``), so
+A new leader knows no claims until the gateways report the ones they hold (``report``), so
 for ``settle``'s grace window after an election nothing is granted or started: requests wait
-(within their deadline) until the reports are in and ``free`` counts the adopted leases.
+(within their deadline) until the reports are in and ``free`` counts the adopted claims.
 """
 
 from __future__ import annotations
@@ -23,23 +23,23 @@ from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from services.scheduler.leasetable import Adoption, Lease, LeaseTable
+from services.scheduler.claimtable import Adoption, Claim, ClaimTable
 from services.scheduler.spec import seconds
 from services.scheduler.starter import Starter, StartResult
 from services.scheduler.state import ClusterState
 from snapwake import errors, keys, telemetry
 from snapwake.lifecycle import SERVING
-from snapwake.v1.scheduler_pb2 import HeldLease, LeaseSource
+from snapwake.v1.scheduler_pb2 import ClaimSource, HeldClaim
 from snapwake.v1.types_pb2 import Function, FunctionState, Instance, InstanceState
 
-__all__ = ["Grant", "LeaseBroker", "QueueDepths"]
+__all__ = ["ClaimBroker", "Grant", "QueueDepths"]
 
 log = logging.getLogger(__name__)
 S = InstanceState
 # Instances that count against max_instances: everything that holds or is about to hold a GPU.
 COUNTED = frozenset({S.INSTANCE_STATE_CREATING, S.INSTANCE_STATE_STARTING, S.INSTANCE_STATE_RESTORING,
                      S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_IDLE})
-# Instances whose leases are forgotten (and never adopted): they serve nothing any more.
+# Instances whose claims are forgotten (and never adopted): they serve nothing any more.
 _GONE = frozenset({S.INSTANCE_STATE_ENDED, S.INSTANCE_STATE_FAILED, S.INSTANCE_STATE_STOPPING})
 # After "no capacity", wait this long (or for a change) before trying to place again.
 _NO_ROOM_BACKOFF_S = 0.5
@@ -48,9 +48,9 @@ _SUSPECT_S = 10.0
 
 @dataclass(frozen=True)
 class Grant:
-    lease: Lease
+    claim: Claim
     instance: Instance
-    source: int  # LeaseSource
+    source: int  # ClaimSource
     wait_s: float
 
 
@@ -69,8 +69,8 @@ class QueueDepths:
         return sum(d.get(function_id, 0) for d, at in self._reports.values() if now - at <= self.stale_s)
 
 
-class LeaseBroker:
-    def __init__(self, state: ClusterState, starter: Starter, table: LeaseTable) -> None:
+class ClaimBroker:
+    def __init__(self, state: ClusterState, starter: Starter, table: ClaimTable) -> None:
         self.state, self.starter, self.table = state, starter, table
         self._events: dict[str, asyncio.Event] = {}
         self._starts: dict[str, asyncio.Task[StartResult | None]] = {}
@@ -106,7 +106,7 @@ class LeaseBroker:
         return sum(1 for i in self.state.instances()
                    if i.function_id == fn.id and i.revision == fn.revision and i.state in COUNTED)
 
-    def _try_warm(self, fn: Function, gateway_id: str) -> tuple[Lease, Instance] | None:
+    def _try_warm(self, fn: Function, gateway_id: str) -> tuple[Claim, Instance] | None:
         now = time.monotonic()
         conc = fn.spec.policy.concurrency
         usable = [i for i in self.state.instances()
@@ -116,9 +116,9 @@ class LeaseBroker:
         # (its snapshot may still be building), so a rollout never stalls requests.
         ready = [i for i in usable if i.revision == fn.revision] or [i for i in usable if i.revision < fn.revision]
         for inst in sorted(ready, key=lambda i: (self.table.in_use(i.id), i.id)):
-            lease = self.table.try_grant(inst.id, fn.id, gateway_id, conc)
-            if lease is not None:
-                return lease, inst
+            claim = self.table.try_grant(inst.id, fn.id, gateway_id, conc)
+            if claim is not None:
+                return claim, inst
         return None
 
     def ensure_start(self, fn: Function) -> asyncio.Task[StartResult | None] | None:
@@ -146,34 +146,34 @@ class LeaseBroker:
 
     def settle(self, grace_s: float) -> None:
         """Grants and starts nothing for ``grace_s`` (after an election): the gateways' reports
-        of leases held from the last term come in meanwhile."""
+        of claims held from the last term come in meanwhile."""
         self._grants_from = time.monotonic() + grace_s
 
     def settling_s(self) -> float:
         """Seconds left of the grace window ``settle`` opened; 0 once grants flow."""
         return max(0.0, self._grants_from - time.monotonic())
 
-    def report(self, gateway_id: str, held: Sequence[HeldLease]) -> dict[str, Adoption]:
-        """Takes one gateway's list of the leases it holds: known ones live on, unknown ones on
+    def report(self, gateway_id: str, held: Sequence[HeldClaim]) -> dict[str, Adoption]:
+        """Takes one gateway's list of the claims it holds: known ones live on, unknown ones on
         live instances are adopted, and its earlier-reported ones left out are released."""
         outcomes: dict[str, Adoption] = {}
         for h in held:
             inst = self.state.instance(h.instance_id)
             if inst is None or inst.state in _GONE or inst.function_id != h.function_id:
                 continue  # nothing left to count it against
-            outcome = outcomes[h.lease_id] = self.table.adopt(h.lease_id, h.instance_id, h.function_id, gateway_id)
+            outcome = outcomes[h.claim_id] = self.table.adopt(h.claim_id, h.instance_id, h.function_id, gateway_id)
             if outcome is Adoption.ADOPTED:
-                log.info("adopted lease %s of gateway %s", h.lease_id, gateway_id,
+                log.info("adopted claim %s of gateway %s", h.claim_id, gateway_id,
                          extra={"instance_id": h.instance_id})
-        for lease in self.table.drop_unreported(gateway_id, {h.lease_id for h in held}):
-            log.info("lease %s left out of gateway %s's report; released", lease.lease_id, gateway_id,
-                     extra={"instance_id": lease.instance_id})
-            self.wake(lease.function_id)
+        for claim in self.table.drop_unreported(gateway_id, {h.claim_id for h in held}):
+            log.info("claim %s left out of gateway %s's report; released", claim.claim_id, gateway_id,
+                     extra={"instance_id": claim.instance_id})
+            self.wake(claim.function_id)
         return outcomes
 
-    @telemetry.traced("lease")
+    @telemetry.traced("claim")
     async def acquire(self, function_id: str, gateway_id: str, timeout_s: float) -> Grant:
-        """Blocks up to ``min(timeout_s, queue_timeout)`` for a lease."""
+        """Blocks up to ``min(timeout_s, queue_timeout)`` for a claim."""
         began = time.monotonic()
         fn = self._function(function_id)
         deadline = began + min(timeout_s, seconds(fn.spec.policy.queue_timeout))
@@ -185,20 +185,20 @@ class LeaseBroker:
                                              FunctionState.FUNCTION_STATE_PENDING):
                 got = self._try_warm(fn, gateway_id)
                 if got is not None:
-                    lease, inst = got
+                    claim, inst = got
                     if inst.revision != fn.revision and fn.state == FunctionState.FUNCTION_STATE_READY:
                         self.ensure_start(fn)  # bring the new revision up; the old one drains then
                     # A waiter that began before this instance's start ended waited for it.
-                    how, ended = self.starter.origin.get(inst.id, (LeaseSource.LEASE_SOURCE_WARM, 0.0))
-                    source = how if ended >= began else LeaseSource.LEASE_SOURCE_WARM
-                    return Grant(lease, inst, source, time.monotonic() - began)
+                    how, ended = self.starter.origin.get(inst.id, (ClaimSource.CLAIM_SOURCE_WARM, 0.0))
+                    source = how if ended >= began else ClaimSource.CLAIM_SOURCE_WARM
+                    return Grant(claim, inst, source, time.monotonic() - began)
             if not settling and fn.state == FunctionState.FUNCTION_STATE_READY:
                 task = self.ensure_start(fn)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 why = " (its snapshot is still being built)" \
                     if fn.state == FunctionState.FUNCTION_STATE_PENDING else ""
-                why = " (a new leader is collecting the gateways' leases)" if settling else why
+                why = " (a new leader is collecting the gateways' claims)" if settling else why
                 raise errors.DeadlineExceeded(
                     f"no instance of {function_id} became free within {time.monotonic() - began:.1f}s{why}")
             await self._wait(fn.id, task, min(remaining, _NO_ROOM_BACKOFF_S * 4, settling or math.inf))
@@ -224,16 +224,16 @@ class LeaseBroker:
             raise errors.FailedPrecondition(f"function {function_id} failed: {fn.status_message}")
         return fn
 
-    def release(self, lease_id: str, instance_failed: bool) -> Lease | None:
-        lease = self.table.release(lease_id)
-        if lease is None:
+    def release(self, claim_id: str, instance_failed: bool) -> Claim | None:
+        claim = self.table.release(claim_id)
+        if claim is None:
             return None
         if instance_failed:
-            log.warning("gateway reports instance failed; not leasing it for %.0fs", _SUSPECT_S,
-                        extra={"instance_id": lease.instance_id})
-            self._suspect[lease.instance_id] = time.monotonic() + _SUSPECT_S
-        self.wake(lease.function_id)
-        return lease
+            log.warning("gateway reports instance failed; granting no claims on it for %.0fs", _SUSPECT_S,
+                        extra={"instance_id": claim.instance_id})
+            self._suspect[claim.instance_id] = time.monotonic() + _SUSPECT_S
+        self.wake(claim.function_id)
+        return claim
 
     def reset(self) -> None:
         """Forgets soft state (on losing or gaining leadership)."""
