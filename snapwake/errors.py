@@ -11,8 +11,12 @@
      +-- DeadlineExceeded
      +-- StartFailed          (an instance could not be started or restored)
 
-Lower libraries' exceptions are translated into these at exactly one place per boundary:
-``from_rpc_error`` for gRPC clients, ``abort_with`` for gRPC servicers.
+Lower libraries' exceptions are translated at exactly one place per boundary. For gRPC:
+
+- servers: ``snapwake.grpcserver.ErrorInterceptor``, which every ``GrpcServer`` installs, answers a
+  domain error with ``code`` and ``grpc_details`` and anything else with INTERNAL;
+- clients: ``snapwake.grpcclient.call`` (and ``stream``, ``blocking_stream``), which raise
+  ``from_rpc_error`` of a failed call.
 """
 
 from __future__ import annotations

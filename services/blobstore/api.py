@@ -1,4 +1,7 @@
-"""The gRPC servicer: thin, async, and every blocking step runs in a worker thread."""
+"""The gRPC servicer: thin, async, and every blocking step runs in a worker thread.
+
+Domain errors raised here are answered by ``snapwake.grpcserver.ErrorInterceptor``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ from services.blobstore import manifest as mf
 from services.blobstore.core import Blobstore, Stat
 from services.blobstore.ids import check_snapshot_id
 from snapwake import errors
-from snapwake.grpcserver import translate_errors
 from snapwake.v1 import blobstore_pb2 as pb
 from snapwake.v1 import blobstore_pb2_grpc
 
@@ -31,7 +33,6 @@ class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
     def __init__(self, core: Blobstore) -> None:
         self.core = core
 
-    @translate_errors
     async def PutSnapshot(self, request_iterator: AsyncIterator[pb.PutSnapshotRequest],  # noqa: N802
                           context: grpc.aio.ServicerContext) -> pb.PutSnapshotResponse:
         first = await anext(aiter(request_iterator), None)
@@ -60,7 +61,6 @@ class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest,  # noqa: N802
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetSnapshotResponse]:
-        # Not under translate_errors (a streaming method is an async generator): same mapping here.
         try:
             stat = await asyncio.to_thread(self.core.stat, request.snapshot_id)
             m = stat.manifest
@@ -69,16 +69,14 @@ class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
                 data = await asyncio.to_thread(self.core.read_chunk, m, index)
                 for off in range(0, len(data), MESSAGE_BYTES):
                     yield pb.GetSnapshotResponse(data=data[off:off + MESSAGE_BYTES])
-        except errors.SnapwakeError as exc:
+        except errors.SnapwakeError as exc:  # a peer's failed fetch is worth a line on this side too
             log.warning("GetSnapshot %s: %s", request.snapshot_id, exc.message)
-            await context.abort(exc.code, errors.grpc_details(exc))
+            raise
 
-    @translate_errors
     async def StatSnapshot(self, request: pb.StatSnapshotRequest,  # noqa: N802
                            context: grpc.aio.ServicerContext) -> pb.StatSnapshotResponse:
         return _stat(await asyncio.to_thread(self.core.stat, request.snapshot_id))
 
-    @translate_errors
     async def ListSnapshots(self, request: pb.BlobstoreServiceListSnapshotsRequest,  # noqa: N802
                             context: grpc.aio.ServicerContext) -> pb.BlobstoreServiceListSnapshotsResponse:
         stats = await asyncio.to_thread(self.core.list)
@@ -86,20 +84,17 @@ class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
         return pb.BlobstoreServiceListSnapshotsResponse(snapshots=[_stat(s) for s in stats],
                                             cache_bytes_used=used, cache_bytes_budget=budget)
 
-    @translate_errors
     async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest,  # noqa: N802
                              context: grpc.aio.ServicerContext) -> pb.DeleteSnapshotResponse:
         await asyncio.to_thread(self.core.delete, request.snapshot_id)
         return pb.DeleteSnapshotResponse()
 
-    @translate_errors
     async def PrewarmSnapshot(self, request: pb.PrewarmSnapshotRequest,  # noqa: N802
                               context: grpc.aio.ServicerContext) -> pb.PrewarmSnapshotResponse:
         r = await asyncio.to_thread(self.core.prewarm, request.snapshot_id)
         return pb.PrewarmSnapshotResponse(was_cached=r.was_cached, fetched_from_peer=r.fetched_from_peer,
                                           bytes=r.nbytes)
 
-    @translate_errors
     async def VerifySnapshot(self, request: pb.VerifySnapshotRequest,  # noqa: N802
                              context: grpc.aio.ServicerContext) -> pb.VerifySnapshotResponse:
         sid = check_snapshot_id(request.snapshot_id)

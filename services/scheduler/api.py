@@ -1,5 +1,7 @@
 """The gRPC servicers (thin): SchedulerService (admin) and ClaimService (gateways).
 
+Domain errors raised here are answered by ``snapwake.grpcserver.ErrorInterceptor``.
+
 Admin reads go to etcd, not the mirror, so a client reads its own writes. A scheduler that
 is not the leader answers every call UNAVAILABLE naming the leader, and the caller retries
 there.
@@ -19,7 +21,6 @@ from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.nodes import NodeClient
 from services.scheduler.state import ClusterState
 from snapwake import errors, keys
-from snapwake.grpcserver import translate_errors
 from snapwake.v1 import scheduler_pb2 as pb
 from snapwake.v1 import scheduler_pb2_grpc
 from snapwake.v1.types_pb2 import Function, FunctionState, Instance, Node, Snapshot, SnapshotMode
@@ -52,7 +53,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, state: ClusterState, nodes: NodeClient, leader: Leadership) -> None:
         self.state, self.nodes, self.leader = state, nodes, leader
 
-    @translate_errors
     async def CreateFunction(self, request: pb.CreateFunctionRequest, context: grpc.aio.ServicerContext
                              ) -> pb.CreateFunctionResponse:
         self.leader.require()
@@ -63,7 +63,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         await self.state.create_function(fn)
         return pb.CreateFunctionResponse(function=fn)
 
-    @translate_errors
     async def GetFunction(self, request: pb.GetFunctionRequest, context: grpc.aio.ServicerContext
                           ) -> pb.GetFunctionResponse:
         self.leader.require()
@@ -73,7 +72,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise errors.NotFound(f"function {request.function_id} does not exist", field="function_id")
         return pb.GetFunctionResponse(function=entry.value)
 
-    @translate_errors
     async def ListFunctions(self, request: pb.ListFunctionsRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ListFunctionsResponse:
         self.leader.require()
@@ -81,7 +79,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         found: list[Function] = [e.value for e in await self.state.etcd.list(prefix, Function)]  # type: ignore[misc]
         return pb.ListFunctionsResponse(functions=sorted(found, key=attrgetter("id")))
 
-    @translate_errors
     async def UpdateFunction(self, request: pb.UpdateFunctionRequest, context: grpc.aio.ServicerContext
                              ) -> pb.UpdateFunctionResponse:
         self.leader.require()
@@ -102,7 +99,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise errors.NotFound(f"function {fid} does not exist", field="spec.name") from exc
         return pb.UpdateFunctionResponse(function=fn)
 
-    @translate_errors
     async def DeleteFunction(self, request: pb.DeleteFunctionRequest, context: grpc.aio.ServicerContext
                              ) -> pb.DeleteFunctionResponse:
         self.leader.require()
@@ -111,14 +107,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         await self.state.delete_snapshots(request.function_id)
         return pb.DeleteFunctionResponse()
 
-    @translate_errors
     async def ListNodes(self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext
                         ) -> pb.ListNodesResponse:
         self.leader.require()
         found: list[Node] = [e.value for e in await self.state.etcd.list(keys.NODES, Node)]  # type: ignore[misc]
         return pb.ListNodesResponse(nodes=sorted(found, key=attrgetter("name")))
 
-    @translate_errors
     async def ListInstances(self, request: pb.ListInstancesRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ListInstancesResponse:
         self.leader.require()
@@ -126,7 +120,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         found = [i for i in every if not request.function_id or i.function_id == request.function_id]
         return pb.ListInstancesResponse(instances=sorted(found, key=attrgetter("id")))
 
-    @translate_errors
     async def GetInstanceLogs(self, request: pb.GetInstanceLogsRequest, context: grpc.aio.ServicerContext
                               ) -> pb.GetInstanceLogsResponse:
         self.leader.require()
@@ -139,7 +132,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         logs = await self.nodes.logs(node.value, request.instance_id, request.tail_bytes or _DEFAULT_LOG_TAIL)
         return pb.GetInstanceLogsResponse(logs=logs)
 
-    @translate_errors
     async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ListSnapshotsResponse:
         self.leader.require()
@@ -152,7 +144,6 @@ class ClaimServicer(scheduler_pb2_grpc.ClaimServiceServicer):
     def __init__(self, broker: ClaimBroker, queues: QueueDepths, leader: Leadership) -> None:
         self.broker, self.queues, self.leader = broker, queues, leader
 
-    @translate_errors
     async def AcquireClaim(self, request: pb.AcquireClaimRequest, context: grpc.aio.ServicerContext
                            ) -> pb.AcquireClaimResponse:
         self.leader.require()
@@ -167,14 +158,12 @@ class ClaimServicer(scheduler_pb2_grpc.ClaimServiceServicer):
                                        endpoint=grant.instance.endpoint, source=grant.source,  # type: ignore[arg-type]
                                        wait=wait, ttl=ttl)
 
-    @translate_errors
     async def ReleaseClaim(self, request: pb.ReleaseClaimRequest, context: grpc.aio.ServicerContext
                            ) -> pb.ReleaseClaimResponse:
         self.leader.require()
         self.broker.release(request.claim_id, request.instance_failed)
         return pb.ReleaseClaimResponse()
 
-    @translate_errors
     async def ReportQueue(self, request: pb.ReportQueueRequest, context: grpc.aio.ServicerContext
                           ) -> pb.ReportQueueResponse:
         self.leader.require()

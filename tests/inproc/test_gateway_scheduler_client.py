@@ -16,7 +16,7 @@ from google.protobuf import duration_pb2
 
 from services.gateway.scheduler_client import ClaimSource, GrpcSchedulerClient
 from snapwake import errors
-from snapwake.grpcserver import GrpcServer, translate_errors
+from snapwake.grpcserver import GrpcServer
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 pytestmark = pytest.mark.timeout(30)
@@ -32,7 +32,6 @@ class Claims(scheduler_pb2_grpc.ClaimServiceServicer):
         if not self.leader:
             raise errors.Unavailable("not the leader")
 
-    @translate_errors
     async def AcquireClaim(self, request: scheduler_pb2.AcquireClaimRequest,
                            context: grpc.aio.ServicerContext) -> scheduler_pb2.AcquireClaimResponse:
         self._check()
@@ -44,14 +43,12 @@ class Claims(scheduler_pb2_grpc.ClaimServiceServicer):
             claim_id="c-1", instance_id="i-000000000001", endpoint="127.0.0.1:9",
             source=scheduler_pb2.CLAIM_SOURCE_COLD_START, wait=duration_pb2.Duration(nanos=250_000_000))
 
-    @translate_errors
     async def ReleaseClaim(self, request: scheduler_pb2.ReleaseClaimRequest,
                            context: grpc.aio.ServicerContext) -> scheduler_pb2.ReleaseClaimResponse:
         self._check()
         self.released.append(request)
         return scheduler_pb2.ReleaseClaimResponse()
 
-    @translate_errors
     async def ReportQueue(self, request: scheduler_pb2.ReportQueueRequest,
                           context: grpc.aio.ServicerContext) -> scheduler_pb2.ReportQueueResponse:
         self._check()
@@ -60,7 +57,6 @@ class Claims(scheduler_pb2_grpc.ClaimServiceServicer):
 
 
 class Admin(scheduler_pb2_grpc.SchedulerServiceServicer):
-    @translate_errors
     async def ListFunctions(self, request: scheduler_pb2.ListFunctionsRequest,
                             context: grpc.aio.ServicerContext) -> scheduler_pb2.ListFunctionsResponse:
         spec = types_pb2.FunctionSpec(tenant="acme", namespace="default", name="chat", policy=types_pb2.Policy(

@@ -1,0 +1,112 @@
+"""The client side of every gRPC edge: the channel, and the one place its errors are translated.
+
+Every client makes its calls through these helpers, which raise the ``snapwake.errors`` class
+for a failed call's status (``errors.from_rpc_error``; a StartFailed comes back as StartFailed)
+and let ``asyncio.CancelledError`` through untouched:
+
+    response = await call(stub.Method, request, timeout=5.0)       # unary, or client-streaming
+    async for message in stream(stub.Method, request, timeout=5.0):  # server-streaming
+        ...
+    for message in blocking_stream(stub.Method, request, timeout=5.0):  # on a blocking channel
+        ...
+
+No code outside this module catches ``grpc.RpcError`` (tests/unit/test_architecture.py checks).
+The helpers are plain functions, not a client interceptor, so a caller's cancel reaches the
+server exactly as ``_awaited`` below arranges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from snapwake import errors
+
+__all__ = ["blocking_stream", "call", "channel", "stream"]
+
+R = TypeVar("R")
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise errors.from_rpc_error(err) from None
+
+
+async def call(rpc: Callable[..., Awaitable[R]], request: Any, *, timeout: float) -> R:
+    """Calls a unary-response RPC (``request`` may be an async iterator for client-streaming).
+
+    Raises the domain error for a failed call.
+    """
+    with _translated():
+        return await rpc(request, timeout=timeout)
+
+
+async def stream(rpc: Callable[..., Any], request: Any, *, timeout: float) -> AsyncIterator[Any]:
+    """Yields the responses of a server-streaming RPC; raises the domain error for a failed call.
+
+    Leaving the loop early cancels the call.
+    """
+    responses = rpc(request, timeout=timeout)
+    try:
+        with _translated():
+            async for message in responses:
+                yield message
+    finally:
+        responses.cancel()
+
+
+def blocking_stream(rpc: Callable[..., Iterable[R]], request: Any, *, timeout: float) -> Iterator[R]:
+    """``stream`` for a blocking channel (code that runs on worker threads)."""
+    responses = rpc(request, timeout=timeout)
+    try:
+        with _translated():
+            yield from responses
+    finally:
+        responses.cancel()  # type: ignore[attr-defined]
+
+
+async def _awaited(rpc_call: Any) -> Any:
+    """Awaits ``rpc_call`` inside the interceptor chain, so a client cancel reaches the server.
+
+    OTel's aio client interceptor awaits ``call.code()``, which does not cancel the RPC when the
+    caller is cancelled: the server handler runs on and a granted claim is never released
+    (open-telemetry/opentelemetry-python-contrib#3271). Awaiting the call itself does.
+    """
+    try:
+        await rpc_call
+    except grpc.RpcError:
+        pass  # the returned call carries the status; awaiting it raises for the caller (in ``call``)
+    return rpc_call
+
+
+# Two classes: grpc.aio files an interceptor under the first RPC kind it subclasses only.
+class _AwaitUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await _awaited(await continuation(details, request))
+
+
+class _AwaitStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await _awaited(await continuation(details, request_iterator))
+
+
+def _client_interceptors() -> list[Any]:
+    try:
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors
+    except ImportError:
+        return []
+    # The _Await* interceptors must come after (inside) the OTel ones.
+    return [*aio_client_interceptors(), _AwaitUnaryUnary(), _AwaitStreamUnary()]
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    """An insecure aio channel to ``address`` with trace propagation."""
+    return grpc.aio.insecure_channel(address, interceptors=_client_interceptors(),
+                                     options=[("grpc.max_receive_message_length", 64 << 20),
+                                              ("grpc.max_send_message_length", 64 << 20)])
