@@ -24,13 +24,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-import grpc
 import yaml
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from snapwake import errors
-from snapwake.grpcserver import channel
+from snapwake.grpcclient import call, channel
 from snapwake.v1 import scheduler_pb2 as pb
 from snapwake.v1 import scheduler_pb2_grpc
 from snapwake.v1 import types_pb2 as t
@@ -60,11 +59,9 @@ class AdminClient:
             async with channel(address) as ch:
                 stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
                 try:
-                    response = await getattr(stub, method)(request, timeout=self.timeout)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise errors.from_rpc_error(exc) from None
-                    last = f"{address}: {exc.details()}"
+                    response = await call(getattr(stub, method), request, timeout=self.timeout)
+                except errors.Unavailable as exc:  # a standby ("not the leader") or a dead address
+                    last = f"{address}: {exc.message}"
                     continue
             self.addresses.remove(address)
             self.addresses.insert(0, address)

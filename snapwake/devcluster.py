@@ -193,6 +193,8 @@ class Cluster:
 
 async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeout: float = 180.0) -> None:  # noqa: ASYNC109
     """Creates the demo function (if absent) and waits until it is READY."""
+    from snapwake import errors
+    from snapwake.grpcclient import call
     from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
     spec = types_pb2.FunctionSpec(tenant="default", namespace="default", name=name, image="builtin",
@@ -205,15 +207,12 @@ async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeo
         while time.monotonic() < deadline:
             try:
                 if not created:
-                    await stub.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10)
+                    await call(stub.CreateFunction, scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10)
                     created = True
-                got = await stub.GetFunction(scheduler_pb2.GetFunctionRequest(function_id=fid), timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
-                    created = True
-                elif exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                # UNAVAILABLE: a scheduler restarted on a kept etcd waits out the old
+                got = await call(stub.GetFunction, scheduler_pb2.GetFunctionRequest(function_id=fid), timeout=10)
+            except (errors.AlreadyExists, errors.Unavailable) as exc:
+                created = created or isinstance(exc, errors.AlreadyExists)
+                # Unavailable: a scheduler restarted on a kept etcd waits out the old
                 # leader's election lease before it answers.
                 await asyncio.sleep(0.5)
                 continue

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import grpc
 
 from services.blobstore import manifest as mf
 from services.blobstore.store.base import SnapshotStore
 from snapwake import errors
+from snapwake.grpcclient import blocking_stream
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc
 
 __all__ = ["PeerFetcher"]
@@ -34,7 +36,7 @@ class PeerFetcher:
                 self._fetch_one(peer, sid, store)
             except errors.NotFound:
                 continue
-            except (errors.SnapwakeError, grpc.RpcError) as exc:
+            except errors.SnapwakeError as exc:
                 log.warning("peer %s could not give %s: %s", peer, sid, exc)
                 continue
             log.info("fetched %s from peer %s", sid, peer)
@@ -44,21 +46,20 @@ class PeerFetcher:
     def _fetch_one(self, peer: str, sid: str, store: SnapshotStore) -> None:
         with grpc.insecure_channel(peer, options=_OPTIONS) as ch:
             stub = blobstore_pb2_grpc.BlobstoreServiceStub(ch)
-            stream = stub.GetSnapshot(blobstore_pb2.GetSnapshotRequest(snapshot_id=sid), timeout=self.timeout)
-            try:
-                first = next(stream)
-                if not first.HasField("manifest"):
-                    raise errors.InvalidArgument(f"peer {peer} sent data before the manifest", field="manifest")
-                m = mf.validate(first.manifest, sid)
-                self._receive(m, stream, store)
-            except grpc.RpcError as err:
-                raise errors.from_rpc_error(err) from None
+            stream = blocking_stream(stub.GetSnapshot, blobstore_pb2.GetSnapshotRequest(snapshot_id=sid),
+                                     timeout=self.timeout)
+            first = next(stream, None)
+            if first is None or not first.HasField("manifest"):
+                raise errors.InvalidArgument(f"peer {peer} sent data before the manifest", field="manifest")
+            m = mf.validate(first.manifest, sid)
+            self._receive(m, stream, store)
 
-    def _receive(self, m: mf.Manifest, stream: object, store: SnapshotStore) -> None:
+    def _receive(self, m: mf.Manifest, stream: Iterator[blobstore_pb2.GetSnapshotResponse],
+                 store: SnapshotStore) -> None:
         writer = store.begin(m)
         try:
             index, buf = 0, bytearray()
-            for msg in stream:  # type: ignore[attr-defined]
+            for msg in stream:
                 buf += msg.data
                 while index < len(m.chunk_sha256) and len(buf) >= mf.chunk_span(m, index)[1]:
                     n = mf.chunk_span(m, index)[1]

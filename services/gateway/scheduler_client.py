@@ -3,8 +3,8 @@
 ``SchedulerClient`` is the interface ``serving`` depends on; ``GrpcSchedulerClient`` talks to
 ``snapwake.v1.SchedulerService`` and ``ClaimService``. With several scheduler addresses only the
 elected leader answers; the others say UNAVAILABLE "not the leader", and the client moves on to
-the next address and remembers the one that answered. gRPC errors are translated here, once,
-through ``snapwake.errors.from_rpc_error``.
+the next address and remembers the one that answered. Every call goes through
+``snapwake.grpcclient.call``, so failures arrive here as ``snapwake.errors``.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import grpc
-
 from snapwake import errors
-from snapwake.grpcserver import channel
+from snapwake.grpcclient import call, channel
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 __all__ = ["Claim", "ClaimSource", "FunctionInfo", "GrpcSchedulerClient", "HeldClaim", "SchedulerClient"]
@@ -114,14 +112,6 @@ class SchedulerClient(abc.ABC):
         """Releases connections."""
 
 
-def _not_leader(err: grpc.RpcError) -> bool:
-    # A follower answers "not the leader"; an address that is down answers UNAVAILABLE without
-    # details of ours. Both mean: try the next address. A start failure is final.
-    if err.code() != grpc.StatusCode.UNAVAILABLE:
-        return False
-    return not (err.details() or "").startswith(errors.START_FAILED_TAG)
-
-
 class GrpcSchedulerClient(SchedulerClient):
     """``SchedulerClient`` over gRPC, with leader failover across ``addresses``."""
 
@@ -144,7 +134,7 @@ class GrpcSchedulerClient(SchedulerClient):
         requests by the election gap instead of failing them with 503.
         """
         deadline = time.monotonic() + budget
-        last: grpc.RpcError | None = None
+        last: errors.Unavailable | None = None
         while True:
             for step in range(len(self._addresses)):
                 index = (self._current + step) % len(self._addresses)
@@ -153,11 +143,12 @@ class GrpcSchedulerClient(SchedulerClient):
                     break
                 try:
                     result = await invoke(index, remaining)
-                except grpc.RpcError as err:
-                    if not _not_leader(err):
-                        raise errors.from_rpc_error(err) from None
+                except errors.Unavailable as err:
+                    # A follower answers "not the leader"; an address that is down answers
+                    # UNAVAILABLE too. Both mean: try the next address. A StartFailed (not an
+                    # Unavailable) is final, as is every other error.
                     log.info("scheduler %s unavailable (%s); trying the next", self._addresses[index],
-                             err.details())
+                             err.message)
                     last = err
                     continue
                 self._current = index
@@ -167,7 +158,7 @@ class GrpcSchedulerClient(SchedulerClient):
             await asyncio.sleep(_NO_LEADER_PAUSE_S)
         if last is not None:
             raise errors.Unavailable(f"no scheduler leader reachable at {', '.join(self._addresses)}: "
-                                     f"{last.details()}")
+                                     f"{last.message}")
         raise errors.DeadlineExceeded("scheduler call ran out of time")
 
     async def list_functions(self) -> list[FunctionInfo]:
@@ -178,28 +169,28 @@ class GrpcSchedulerClient(SchedulerClient):
     async def list_function_records(self) -> list[types_pb2.Function]:
         """Every deployed function, as the scheduler's ``Function`` records."""
         async def invoke(i: int, t: float) -> Any:
-            return await self._admin[i].ListFunctions(scheduler_pb2.ListFunctionsRequest(), timeout=t)
+            return await call(self._admin[i].ListFunctions, scheduler_pb2.ListFunctionsRequest(), timeout=t)
 
         return list((await self._call(invoke, self._rpc_timeout)).functions)
 
     async def list_instances(self) -> list[types_pb2.Instance]:
         """Every instance of every function, in any state."""
         async def invoke(i: int, t: float) -> Any:
-            return await self._admin[i].ListInstances(scheduler_pb2.ListInstancesRequest(), timeout=t)
+            return await call(self._admin[i].ListInstances, scheduler_pb2.ListInstancesRequest(), timeout=t)
 
         return list((await self._call(invoke, self._rpc_timeout)).instances)
 
     async def list_nodes(self) -> list[types_pb2.Node]:
         """Every registered node with its GPUs and cached snapshots."""
         async def invoke(i: int, t: float) -> Any:
-            return await self._admin[i].ListNodes(scheduler_pb2.ListNodesRequest(), timeout=t)
+            return await call(self._admin[i].ListNodes, scheduler_pb2.ListNodesRequest(), timeout=t)
 
         return list((await self._call(invoke, self._rpc_timeout)).nodes)
 
     async def list_snapshots(self) -> list[types_pb2.Snapshot]:
         """Every snapshot record, with where it is stored."""
         async def invoke(i: int, t: float) -> Any:
-            return await self._admin[i].ListSnapshots(scheduler_pb2.ListSnapshotsRequest(), timeout=t)
+            return await call(self._admin[i].ListSnapshots, scheduler_pb2.ListSnapshotsRequest(), timeout=t)
 
         return list((await self._call(invoke, self._rpc_timeout)).snapshots)
 
@@ -208,7 +199,7 @@ class GrpcSchedulerClient(SchedulerClient):
                                                     gateway_id=self._gateway_id)
 
         async def invoke(i: int, t: float) -> Any:
-            return await self._claims[i].AcquireClaim(request, timeout=t)
+            return await call(self._claims[i].AcquireClaim, request, timeout=t)
 
         r = await self._call(invoke, max_wait)
         return Claim(claim_id=r.claim_id, instance_id=r.instance_id, endpoint=r.endpoint,
@@ -220,7 +211,7 @@ class GrpcSchedulerClient(SchedulerClient):
         request = scheduler_pb2.ReleaseClaimRequest(claim_id=claim_id, instance_failed=instance_failed)
 
         async def invoke(i: int, t: float) -> Any:
-            return await self._claims[i].ReleaseClaim(request, timeout=t)
+            return await call(self._claims[i].ReleaseClaim, request, timeout=t)
 
         await self._call(invoke, self._rpc_timeout)
 
@@ -230,7 +221,7 @@ class GrpcSchedulerClient(SchedulerClient):
         request = scheduler_pb2.ReportQueueRequest(gateway_id=self._gateway_id, depths=dict(depths), claims=held)
 
         async def invoke(i: int, t: float) -> Any:
-            return await self._claims[i].ReportQueue(request, timeout=t)
+            return await call(self._claims[i].ReportQueue, request, timeout=t)
 
         await self._call(invoke, self._rpc_timeout)
 

@@ -28,7 +28,7 @@ from services.nodeagent.gpu import Checkpointer
 from services.nodeagent.machine import InstanceMachine, activity_move
 from snapwake import errors, keys
 from snapwake.etcd import Etcd, LeaseKeeper
-from snapwake.grpcserver import channel
+from snapwake.grpcclient import call, channel
 from snapwake.lifecycle import SERVING
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc, types_pb2
 
@@ -242,9 +242,9 @@ class NodeAgent:
     async def _poll_blobstore(self) -> None:
         stub = blobstore_pb2_grpc.BlobstoreServiceStub(self._blob_channel)
         try:
-            resp = await stub.ListSnapshots(blobstore_pb2.BlobstoreServiceListSnapshotsRequest(), timeout=2.0)
-        except grpc.RpcError as exc:
-            log.debug("blobstore %s: %s", self.config.blobstore, errors.from_rpc_error(exc).message)
+            resp = await call(stub.ListSnapshots, blobstore_pb2.BlobstoreServiceListSnapshotsRequest(), timeout=2.0)
+        except errors.SnapwakeError as exc:
+            log.debug("blobstore %s: %s", self.config.blobstore, exc.message)
             return
         cached = sorted(s.manifest.snapshot_id for s in resp.snapshots if s.in_cache and s.manifest.snapshot_id)
         if cached != sorted(self.cached_snapshots):

@@ -17,6 +17,7 @@ import grpc
 
 from snapwake import errors, keys
 from snapwake.etcd import Etcd
+from snapwake.grpcclient import call
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc, types_pb2
 
 __all__ = ["corrupt_detail", "note_failure", "prewarm"]
@@ -68,8 +69,8 @@ async def prewarm(channel: grpc.aio.Channel, etcd: Etcd, node: str, inst: types_
     sid = keys.snapshot_id(inst.function_id, inst.revision)
     stub = blobstore_pb2_grpc.BlobstoreServiceStub(channel)
     try:
-        await stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=sid), timeout=limit_s)
-    except grpc.RpcError as exc:
-        message = f"pre-warm of {sid} failed: {errors.from_rpc_error(exc).message}"
+        await call(stub.PrewarmSnapshot, blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=sid), timeout=limit_s)
+    except errors.SnapwakeError as exc:
+        message = f"pre-warm of {sid} failed: {exc.message}"
         await note_failure(etcd, node, inst, message)
         raise errors.StartFailed(message) from exc

@@ -1,5 +1,6 @@
-"""Client for the nodeagents: one channel per address, a deadline on every call, and the one
-place where their gRPC errors are translated into the domain tree."""
+"""Client for the nodeagents: one channel per address, a deadline on every call, and a failed
+start told apart from a node that did not answer (``NodeUnreachable``). Calls go through
+``snapwake.grpcclient.call``, so failures arrive as ``snapwake.errors``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from snapwake import errors
-from snapwake.grpcserver import channel
+from snapwake.grpcclient import call, channel
 from snapwake.v1 import nodeagent_pb2 as na
 from snapwake.v1.nodeagent_pb2_grpc import NodeAgentServiceStub
 from snapwake.v1.types_pb2 import FunctionSpec, Instance, Node
@@ -29,11 +30,12 @@ class NodeUnreachable(errors.StartFailed):
     started there, so the caller may place the instance elsewhere."""
 
 
-def _start_error(node: Node, what: str, exc: grpc.aio.AioRpcError) -> errors.StartFailed:
-    # A start the node tried and failed comes back tagged as StartFailed; a bare UNAVAILABLE
-    # means the call never reached a working nodeagent.
-    message = f"node {node.name}: {what}: {exc.details() or exc.code()}"
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and not (exc.details() or "").startswith(errors.START_FAILED_TAG):
+def _start_error(node: Node, what: str, err: errors.SnapwakeError) -> errors.StartFailed:
+    # A start the node tried and failed comes back as StartFailed; a plain Unavailable means the
+    # call never reached a working nodeagent. The message quotes the node's details as sent
+    # (grpc_details keeps StartFailed's tag), as it always has.
+    message = f"node {node.name}: {what}: {errors.grpc_details(err)}"
+    if isinstance(err, errors.Unavailable):
         return NodeUnreachable(message)
     return errors.StartFailed(message)
 
@@ -69,46 +71,36 @@ class NodeClient:
                                       gpu_memory_bytes=spec.resources.gpu_memory_bytes,
                                       timeout=Duration(seconds=int(timeout_s)))
         try:
-            resp = await self._stub(node).StartInstance(req, timeout=timeout_s + self.rpc_timeout_s)
-        except grpc.aio.AioRpcError as exc:
+            resp = await call(self._stub(node).StartInstance, req, timeout=timeout_s + self.rpc_timeout_s)
+        except errors.SnapwakeError as exc:
             raise self._mark(node, _start_error(node, f"start of {instance_id}", exc)) from exc
         return resp.instance
 
     async def restore(self, node: Node, instance_id: str, gpu_index: int, timeout_s: float) -> Instance:
         """Standby to running; raises ``StartFailed`` with the node's reason."""
         try:
-            resp = await self._stub(node).RestoreInstance(
-                na.RestoreInstanceRequest(instance_id=instance_id, gpu_index=gpu_index),
-                timeout=timeout_s + self.rpc_timeout_s)
-        except grpc.aio.AioRpcError as exc:
+            resp = await call(self._stub(node).RestoreInstance,
+                              na.RestoreInstanceRequest(instance_id=instance_id, gpu_index=gpu_index),
+                              timeout=timeout_s + self.rpc_timeout_s)
+        except errors.SnapwakeError as exc:
             raise self._mark(node, _start_error(node, f"restore of {instance_id}", exc)) from exc
         return resp.instance
 
     async def suspend(self, node: Node, instance_id: str) -> Instance:
         """Idle to standby: the node releases the GPU memory and checkpoints the context."""
-        try:
-            resp = await self._stub(node).SuspendInstance(na.SuspendInstanceRequest(instance_id=instance_id),
-                                                          timeout=self.rpc_timeout_s * 6)
-        except grpc.aio.AioRpcError as exc:
-            raise errors.from_rpc_error(exc) from exc
+        resp = await call(self._stub(node).SuspendInstance, na.SuspendInstanceRequest(instance_id=instance_id),
+                          timeout=self.rpc_timeout_s * 6)
         return resp.instance
 
     async def stop(self, node: Node, instance_id: str) -> None:
-        try:
-            await self._stub(node).StopInstance(na.StopInstanceRequest(instance_id=instance_id),
-                                                timeout=self.rpc_timeout_s * 4)
-        except grpc.aio.AioRpcError as exc:
-            err = errors.from_rpc_error(exc)
-            if not isinstance(err, errors.NotFound):
-                raise err from exc
+        with contextlib.suppress(errors.NotFound):  # already gone
+            await call(self._stub(node).StopInstance, na.StopInstanceRequest(instance_id=instance_id),
+                       timeout=self.rpc_timeout_s * 4)
 
     async def logs(self, node: Node, instance_id: str, tail_bytes: int) -> str:
-        try:
-            resp = await self._stub(node).GetInstanceLogs(
-                na.NodeAgentServiceGetInstanceLogsRequest(instance_id=instance_id, tail_bytes=tail_bytes),
-                timeout=self.rpc_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise errors.from_rpc_error(exc) from exc
+        resp = await call(self._stub(node).GetInstanceLogs,
+                          na.NodeAgentServiceGetInstanceLogsRequest(instance_id=instance_id, tail_bytes=tail_bytes),
+                          timeout=self.rpc_timeout_s)
         return resp.logs
 
     async def close(self) -> None:

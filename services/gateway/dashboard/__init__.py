@@ -17,7 +17,6 @@ import time
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-import grpc
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -39,7 +38,7 @@ _NO_STORE = {"Cache-Control": "no-store"}
 @runtime_checkable
 class AdminLists(Protocol):
     """What the dashboard needs from the gateway's scheduler client; each returns the scheduler's
-    records and raises a ``snapwake.errors.SnapwakeError`` (or ``grpc.RpcError``) when it cannot."""
+    records and raises a ``snapwake.errors.SnapwakeError`` when it cannot."""
 
     async def list_function_records(self) -> Sequence[t.Function]: ...
     async def list_instances(self) -> Sequence[t.Instance]: ...
@@ -47,13 +46,10 @@ class AdminLists(Protocol):
     async def list_snapshots(self) -> Sequence[t.Snapshot]: ...
 
 
-def _reason(exc: BaseException, timeout: float) -> str:
+def _reason(exc: errors.SnapwakeError | TimeoutError, timeout: float) -> str:
     if isinstance(exc, errors.SnapwakeError):
         return exc.message
-    if isinstance(exc, TimeoutError):
-        return f"no answer within {timeout:g}s"
-    assert isinstance(exc, grpc.RpcError)
-    return errors.from_rpc_error(exc).message
+    return f"no answer within {timeout:g}s"
 
 
 def build_app(client: AdminLists, timeout: float = 2.0, per_tenant: bool = False) -> Starlette:
@@ -70,7 +66,7 @@ def build_app(client: AdminLists, timeout: float = 2.0, per_tenant: bool = False
             lists = await asyncio.wait_for(asyncio.gather(
                 client.list_function_records(), client.list_instances(), client.list_nodes(),
                 client.list_snapshots()), timeout)
-        except (errors.SnapwakeError, grpc.RpcError, TimeoutError) as exc:
+        except (errors.SnapwakeError, TimeoutError) as exc:
             reason = _reason(exc, timeout)
             log.info("dashboard: scheduler unreachable: %s", reason)
             return JSONResponse({"ok": False, "error": f"scheduler unreachable: {reason}", "time": time.time()},

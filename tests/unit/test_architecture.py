@@ -1,0 +1,88 @@
+"""Checks on the shape of the production source (services/, snapwake/ but not its generated v1/,
+modelserver/), read as syntax trees."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _production_sources() -> Iterator[tuple[str, str]]:
+    for top in ("services", "snapwake", "modelserver"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if not rel.startswith("snapwake/v1/"):
+                yield rel, path.read_text()
+
+
+# ---- gRPC edges: one translation point per side --------------------------------------------------
+
+# The only module that may catch grpc.RpcError and call errors.from_rpc_error (the client side),
+# and the only one that may answer a status through the servicer context (the server side).
+_GRPC_CLIENT_EDGE = "snapwake/grpcclient.py"
+_GRPC_SERVER_EDGE = "snapwake/grpcserver.py"
+_CONTEXT_NAMES = {"context", "ctx", "servicer_context"}
+_STATUS_CALLS = {"abort", "abort_with_status", "set_code"}
+
+
+def _grpc_edge_violations(rel: str, source: str) -> list[str]:
+    """Where ``source`` (the file ``rel``) translates gRPC errors outside the two edge modules."""
+    found = [f"{rel}: mentions translate_errors"] if "translate_errors" in source else []
+    tree = ast.parse(source, rel)
+    for node in ast.walk(tree):
+        where = f"{rel}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.ExceptHandler) and node.type is not None and rel != _GRPC_CLIENT_EDGE \
+                and "RpcError" in ast.unparse(node.type):
+            found.append(f"{where}: catches {ast.unparse(node.type)}")
+        elif isinstance(node, ast.Call) and rel != _GRPC_CLIENT_EDGE:
+            name = ast.unparse(node.func)
+            if name.endswith("from_rpc_error"):
+                found.append(f"{where}: calls {name}")
+            elif name == "isinstance" and len(node.args) == 2 and "RpcError" in ast.unparse(node.args[1]):
+                found.append(f"{where}: tests isinstance(..., {ast.unparse(node.args[1])})")
+        if isinstance(node, ast.Call) and rel != _GRPC_SERVER_EDGE and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in _STATUS_CALLS and ast.unparse(node.func.value) in _CONTEXT_NAMES:
+            found.append(f"{where}: answers a status itself ({ast.unparse(node.func)})")
+        if isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("Servicer") for b in node.bases):
+            for fn in node.body:
+                if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and fn.decorator_list:
+                    decorators = ", ".join(ast.unparse(d) for d in fn.decorator_list)
+                    found.append(f"{rel}:{fn.lineno}: servicer method {node.name}.{fn.name} is decorated ({decorators})")
+    return found
+
+
+def test_grpc_errors_are_translated_only_at_the_edges() -> None:
+    """Servers answer through snapwake.grpcserver.ErrorInterceptor (no per-method decorator, no
+    context.abort in a servicer); clients translate only through snapwake.grpcclient."""
+    sources = dict(_production_sources())
+    assert _GRPC_CLIENT_EDGE in sources and _GRPC_SERVER_EDGE in sources
+    assert "except grpc.RpcError" in sources[_GRPC_CLIENT_EDGE]  # the check below looks at real code
+    violations = [v for rel, source in sources.items() for v in _grpc_edge_violations(rel, source)]
+    assert violations == []
+
+
+@pytest.mark.parametrize(("rel", "source"), [
+    ("services/x/client.py", "try:\n    f()\nexcept grpc.RpcError:\n    pass\n"),
+    ("services/x/client.py", "try:\n    f()\nexcept (ValueError, grpc.aio.AioRpcError) as e:\n    pass\n"),
+    ("snapwake/cli.py", "raise errors.from_rpc_error(exc)\n"),
+    ("services/x/dash.py", "ok = isinstance(exc, grpc.RpcError)\n"),
+    ("services/x/api.py", "async def f(context):\n    await context.abort(grpc.StatusCode.NOT_FOUND, 'x')\n"),
+    ("services/x/api.py", "from snapwake.grpcserver import translate_errors\n"),
+    ("services/x/api.py", "class A(pb_grpc.XServiceServicer):\n    @wrap\n    async def M(self, request, context):\n"
+                          "        return 1\n"),
+], ids=["except-RpcError", "except-AioRpcError-in-tuple", "from_rpc_error", "isinstance", "context.abort",
+        "translate_errors", "decorated-servicer-method"])
+def test_grpc_edge_check_catches_violations(rel: str, source: str) -> None:
+    assert _grpc_edge_violations(rel, source) != []
+
+
+def test_grpc_edge_check_passes_the_edges_and_unrelated_aborts() -> None:
+    assert _grpc_edge_violations(_GRPC_CLIENT_EDGE, "try:\n    f()\nexcept grpc.RpcError as e:\n"
+                                                    "    raise errors.from_rpc_error(e)\n") == []
+    assert _grpc_edge_violations(_GRPC_SERVER_EDGE, "async def f(context):\n    await context.abort(c, 'x')\n") == []
+    assert _grpc_edge_violations("services/blobstore/core.py", "writer.abort()\n") == []
