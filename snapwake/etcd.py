@@ -34,7 +34,7 @@ import builtins
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -121,7 +121,7 @@ class EtcdClient(abc.ABC):
 
     @abc.abstractmethod
     def watch(self, prefix: str, cls: type[M], start_revision: int | None = None
-              ) -> AsyncIterator[WatchEvent]:
+              ) -> AsyncGenerator[WatchEvent, None]:
         """Yields changes under ``prefix`` from ``start_revision`` (default: from now on), in
         revision order; the caller stops iterating to stop. A broken watch raises."""
 
@@ -267,7 +267,7 @@ class Etcd(EtcdClient):
         return int(done.deleted) if done is not None else 0
 
     async def watch(self, prefix: str, cls: type[M], start_revision: int | None = None
-                    ) -> AsyncIterator[WatchEvent]:
+                    ) -> AsyncGenerator[WatchEvent, None]:
         what = f"watch {prefix}"
         watch = await self._call(what, self._client.watch_prefix(prefix.encode(), start_revision=start_revision))
         events = aiter(watch)

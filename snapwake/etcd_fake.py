@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -181,7 +181,7 @@ class FakeEtcd(EtcdClient):
         return len(gone)
 
     async def watch(self, prefix: str, cls: type[M], start_revision: int | None = None
-                    ) -> AsyncIterator[WatchEvent]:
+                    ) -> AsyncGenerator[WatchEvent, None]:
         await self._enter(f"watch {prefix}")
         watcher = _Watcher(prefix)
         start = self.revision + 1 if start_revision is None else start_revision
