@@ -223,8 +223,11 @@ class Etcd(EtcdClient):
         await self._client.connect()
         await self._client.status()
 
+    def _translated(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return _translated(f"etcd at {self._address}: {what}", self._timeout)
+
     async def _call(self, what: str, call: Awaitable[T]) -> T:
-        with _translated(f"etcd at {self._address}: {what}", self._timeout):
+        with self._translated(what):
             return await asyncio.wait_for(call, self._timeout)
 
     async def get(self, key: str, cls: type[M]) -> Entry | None:
@@ -274,7 +277,7 @@ class Etcd(EtcdClient):
         try:
             while True:
                 # Translated around the wait only: the caller's code runs at the yield.
-                with _translated(f"etcd at {self._address}: {what}", self._timeout):
+                with self._translated(what):
                     ev = await anext(events, None)
                 if ev is None:  # the client was closed
                     return
