@@ -27,7 +27,7 @@ from services.nodeagent.containers import Containers
 from services.nodeagent.gpu import Checkpointer
 from services.nodeagent.machine import InstanceMachine, activity_move
 from snapwake import errors, keys
-from snapwake.etcd import Etcd, LeaseKeeper
+from snapwake.etcd import EtcdClient, LeaseKeeper
 from snapwake.grpcclient import call, channel
 from snapwake.lifecycle import SERVING
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc, types_pb2
@@ -69,7 +69,7 @@ class Live:
 class NodeAgent:
     """Owns this node's containers and its keys in etcd."""
 
-    def __init__(self, config: NodeAgentConfig, etcd: Etcd, containers: Containers,
+    def __init__(self, config: NodeAgentConfig, etcd: EtcdClient, containers: Containers,
                  checkpointer: Checkpointer, gpus: list[types_pb2.Gpu], host_memory: int,
                  clock: Callable[[], float] = time.time) -> None:
         self.config, self.etcd, self.containers, self.checkpointer = config, etcd, containers, checkpointer
@@ -123,10 +123,9 @@ class NodeAgent:
             await self.containers.delete(state.id)
         for path in self.config.instances_dir.iterdir():
             shutil.rmtree(path, ignore_errors=True)
-        old = await self.etcd.client.get(keys.node_key(self.config.name).encode())
+        old = await self.etcd.get(keys.node_key(self.config.name), types_pb2.Node)
         if old is not None and old.lease:  # the old lease may still run for a few seconds
-            with contextlib.suppress(Exception):
-                await self.etcd.client.revoke_lease(old.lease)
+            await self.etcd.revoke_lease(old.lease)
         for entry in await self.etcd.list(keys.INSTANCES, types_pb2.Instance):
             if entry.value.node == self.config.name:  # type: ignore[attr-defined]
                 await self.etcd.delete(entry.key, entry.mod_revision)

@@ -16,7 +16,7 @@ import re
 import grpc
 
 from snapwake import errors, keys
-from snapwake.etcd import Etcd
+from snapwake.etcd import EtcdClient
 from snapwake.grpcclient import call
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc, types_pb2
 
@@ -43,7 +43,7 @@ def _mark(snap: types_pb2.Snapshot, node: str, detail: str) -> types_pb2.Snapsho
     return snap
 
 
-async def note_failure(etcd: Etcd, node: str, inst: types_pb2.Instance, message: str) -> None:
+async def note_failure(etcd: EtcdClient, node: str, inst: types_pb2.Instance, message: str) -> None:
     """Marks the instance's snapshot record CORRUPT when ``message`` reports a corrupt chunk.
 
     Only a READY record is marked (a BUILDING one is a rebuild already under way); the scheduler
@@ -61,7 +61,7 @@ async def note_failure(etcd: Etcd, node: str, inst: types_pb2.Instance, message:
         return
 
 
-async def prewarm(channel: grpc.aio.Channel, etcd: Etcd, node: str, inst: types_pb2.Instance,
+async def prewarm(channel: grpc.aio.Channel, etcd: EtcdClient, node: str, inst: types_pb2.Instance,
                   limit_s: float) -> None:
     """Has the blobstore cache the instance's snapshot (from disk or a peer, every chunk verified)
     before a standby attaches it; raises ``StartFailed`` with the blobstore's reason (corrupt,

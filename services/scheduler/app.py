@@ -18,7 +18,7 @@ from services.scheduler.nodes import NodeClient
 from services.scheduler.snapshots import SnapshotBuilder
 from services.scheduler.starter import Starter
 from services.scheduler.state import ClusterState
-from snapwake.etcd import Etcd
+from snapwake.etcd import EtcdClient
 from snapwake.grpcserver import GrpcServer
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -31,7 +31,7 @@ SERVICES = [scheduler_pb2.DESCRIPTOR.services_by_name[n].full_name for n in ("Sc
 class Scheduler:
     """One scheduler process. ``await start()``; ``port`` is the bound gRPC port."""
 
-    def __init__(self, cfg: SchedulerConfig, etcd: Etcd) -> None:
+    def __init__(self, cfg: SchedulerConfig, etcd: EtcdClient) -> None:
         self.cfg, self.etcd = cfg, etcd
         self.state = ClusterState(etcd)
         self.nodes = NodeClient(cfg.node_rpc_timeout_s)

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from snapwake import errors, keys
-from snapwake.etcd import Etcd, LeaseKeeper
+from snapwake.etcd import EtcdClient, LeaseKeeper
 from snapwake.v1.types_pb2 import Node
 
 __all__ = ["Election"]
@@ -25,7 +25,7 @@ Hook = Callable[[], Awaitable[None]]
 class Election:
     """Campaigns forever; ``on_elected``/``on_deposed`` run as leadership changes."""
 
-    def __init__(self, etcd: Etcd, ident: str, address: str, ttl_s: int, on_elected: Hook, on_deposed: Hook
+    def __init__(self, etcd: EtcdClient, ident: str, address: str, ttl_s: int, on_elected: Hook, on_deposed: Hook
                  ) -> None:
         self.etcd, self.ident, self.address, self.ttl_s = etcd, ident, address, ttl_s
         self.on_elected, self.on_deposed = on_elected, on_deposed

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from services.scheduler import policy
 from services.scheduler.claimtable import ClaimTable
-from services.scheduler.nodes import NodeClient, NodeUnreachable
+from services.scheduler.nodes import NodeUnreachable
+from services.scheduler.nodes_base import Nodes
 from services.scheduler.policy.eviction import GpuRoom, plan_eviction
 from services.scheduler.policy.filter_gpu_slice import gpu_free_bytes
 from services.scheduler.spec import seconds
@@ -60,7 +61,7 @@ class StartResult:
 
 
 class Starter:
-    def __init__(self, state: ClusterState, nodes: NodeClient, table: ClaimTable, stale_after_s: float) -> None:
+    def __init__(self, state: ClusterState, nodes: Nodes, table: ClaimTable, stale_after_s: float) -> None:
         self.state, self.nodes, self.table = state, nodes, table
         self.filters = policy.default_filters(stale_after_s)
         self.scores = policy.default_scores()

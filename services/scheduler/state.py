@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import Message
 
 from snapwake import errors, keys
-from snapwake.etcd import Etcd
+from snapwake.etcd import EtcdClient
 from snapwake.v1.types_pb2 import Function, Instance, InstanceState, Node, Snapshot
 
 __all__ = ["ClusterState", "Mirror"]
@@ -66,7 +66,7 @@ class Mirror:
 class ClusterState:
     """The etcd view. ``await start()`` lists and watches; ``stop()`` cancels the watches."""
 
-    def __init__(self, etcd: Etcd) -> None:
+    def __init__(self, etcd: EtcdClient) -> None:
         self.etcd = etcd
         self.mirrors = {name: Mirror(prefix, cls) for name, prefix, cls in (
             ("functions", keys.FUNCTIONS, Function), ("nodes", keys.NODES, Node),
@@ -187,4 +187,4 @@ class ClusterState:
         await self.etcd.put(keys.snapshot_key(snap.function_id, snap.revision), snap)
 
     async def delete_snapshots(self, function_id: str) -> None:
-        await self.etcd.client.delete_prefix(f"{keys.SNAPSHOTS}{function_id}/".encode())
+        await self.etcd.delete_prefix(f"{keys.SNAPSHOTS}{function_id}/")

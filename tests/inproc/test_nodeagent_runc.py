@@ -62,8 +62,7 @@ async def test_node_is_registered_under_a_lease(node: Node) -> None:
     assert entry is not None
     assert entry.value.address == node.config.listen  # type: ignore[attr-defined]
     assert entry.value.host_memory_bytes > 0  # type: ignore[attr-defined]
-    raw = await node.store.client.get(keys.node_key(node.config.name).encode())
-    assert raw is not None and raw.lease != 0
+    assert entry.lease != 0
 
 
 async def test_start_running_serves_then_stops(node: Node, demo_model_dir: Path) -> None:

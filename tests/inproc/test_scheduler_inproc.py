@@ -165,9 +165,9 @@ async def running(store: Etcd, etcd: EtcdProcess, **overrides: object) -> AsyncI
 @pytest_asyncio.fixture(loop_scope="module")
 async def store(etcd_server: EtcdProcess) -> AsyncIterator[Etcd]:
     async with Etcd.connect(etcd_server.address) as s:
-        await s.client.delete_prefix(keys.PREFIX.encode())
+        await s.delete_prefix(keys.PREFIX)
         yield s
-        await s.client.delete_prefix(keys.PREFIX.encode())
+        await s.delete_prefix(keys.PREFIX)
 
 
 @pytest_asyncio.fixture(loop_scope="module")

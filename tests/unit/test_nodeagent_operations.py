@@ -1,0 +1,352 @@
+"""The nodeagent's flows without etcd, runc or a model: FakeEtcd, FakeContainers (plain
+subprocesses), a recording no-GPU checkpointer and ``stub_modelserver.py`` as the container's
+process (its side of the health and control contract, in milliseconds).
+
+The agent is given one GPU record so the GPU steps (checkpoint, restore, reserved memory on the
+node record) run; the checkpointer only records them. Not covered here, because they need a
+blobstore: an arena STANDBY start (its snapshot is pre-warmed over gRPC first) and the cache
+poll of the reconcile pass (it finds no blobstore and carries on). tests/inproc cover those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from services.nodeagent import operations
+from services.nodeagent.agent import NodeAgent
+from services.nodeagent.config import NodeAgentConfig
+from services.nodeagent.containers import FakeContainers
+from services.nodeagent.gpu import NoGpuCheckpointer
+from snapwake import errors, keys
+from snapwake.etcd_fake import FakeEtcd
+from snapwake.testing import free_port
+from snapwake.v1 import nodeagent_pb2, types_pb2
+
+pytestmark = pytest.mark.timeout(30)
+S = types_pb2.InstanceState
+STUB = Path(__file__).with_name("stub_modelserver.py")
+FUNCTION_ID, GIB = "t/d/f", 1 << 30
+SID = keys.snapshot_id(FUNCTION_ID, 1)
+T = TypeVar("T")
+
+
+class RecordingCheckpointer(NoGpuCheckpointer):
+    """No device state to move; records which pids were checkpointed and restored."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    async def checkpoint(self, pid: int) -> float:
+        self.calls.append(("checkpoint", pid))
+        return 0.0
+
+    async def restore(self, pid: int) -> float:
+        self.calls.append(("restore", pid))
+        return 0.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Harness:
+    state_dir: Path
+    config: NodeAgentConfig
+    etcd: FakeEtcd = field(default_factory=FakeEtcd)
+    containers: FakeContainers = field(default_factory=FakeContainers)
+    checkpointer: RecordingCheckpointer = field(default_factory=RecordingCheckpointer)
+    clock: Clock = field(default_factory=Clock)
+    handover: list[dict[str, Any]] = field(default_factory=list)  # what the blobstore was asked
+    agent: NodeAgent | None = None
+
+    async def start(self) -> NodeAgent:
+        self.agent = NodeAgent(self.config, self.etcd, self.containers, self.checkpointer,
+                               [types_pb2.Gpu(index=0, memory_total_bytes=80 * GIB)], 64 * GIB, clock=self.clock)
+        await self.agent.start()
+        return self.agent
+
+    async def instance(self, iid: str) -> types_pb2.Instance | None:
+        entry = await self.etcd.get(keys.instance_key(iid), types_pb2.Instance)
+        return None if entry is None else entry.value  # type: ignore[return-value]
+
+    async def node(self) -> types_pb2.Node:
+        entry = await self.etcd.get(keys.node_key(self.config.name), types_pb2.Node)
+        assert entry is not None, "the node is not registered"
+        return entry.value  # type: ignore[return-value]
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    # A short state dir: Unix socket paths (instance control sockets) are limited to 107 bytes.
+    state = Path(tempfile.mkdtemp(prefix="swun-", dir="/tmp"))
+    python = state / "python"  # the container's "python -m modelserver" runs the stub
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STUB}" "$@"\n')
+    python.chmod(0o755)
+    config = NodeAgentConfig(
+        name="node-u", listen="127.0.0.1:7070", blobstore=f"127.0.0.1:{free_port()}", state_dir=str(state),
+        handover_socket=str(state / "hs" / "handover.sock"), containers="fake", python=str(python),
+        lease_ttl=2, gpus="none", start_timeout=10, reconcile_interval=3600, ended_linger=5)
+    h = Harness(state, config)
+
+    async def handover(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        h.handover.append(json.loads(await reader.readline()))
+        writer.write(b'{"ok": true}\n')
+        await writer.drain()
+        writer.close()
+
+    Path(config.handover_socket).parent.mkdir(parents=True)
+    server = await asyncio.start_unix_server(handover, config.handover_socket)
+    try:
+        yield h
+    finally:
+        if h.agent is not None:
+            await h.agent.stop()
+        server.close()
+        for leftover in await h.containers.list():
+            await h.containers.delete(leftover.id)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+async def agent(harness: Harness) -> NodeAgent:
+    return await harness.start()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def eventually(fetch: Callable[[], Awaitable[T]], ok: Callable[[T], bool], limit_s: float = 5.0) -> T:
+    """Fetches until ``ok`` holds (every 20 ms, at most ``limit_s``); returns what it fetched."""
+    for _ in range(int(limit_s / 0.02)):
+        got = await fetch()
+        if ok(got):
+            return got
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not true after {limit_s}s: {got}")
+
+
+def start_request(iid: str, target: int = nodeagent_pb2.START_TARGET_RUNNING, timeout_s: int = 10,
+                  mode: int = types_pb2.SNAPSHOT_MODE_ARENA, env: dict[str, str] | None = None) -> nodeagent_pb2.StartInstanceRequest:
+    spec = types_pb2.FunctionSpec(
+        tenant="t", namespace="d", name="f", image="builtin", model_dir=tempfile.gettempdir(), env=env or {},
+        resources=types_pb2.Resources(gpu_count=1, gpu_memory_bytes=20 * GIB),
+        policy=types_pb2.Policy(snapshot_mode=mode),  # type: ignore[arg-type]
+        sample_request=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+    return nodeagent_pb2.StartInstanceRequest(instance_id=iid, function_id=FUNCTION_ID, revision=1, spec=spec,
+                                              target=target, gpu_index=0,  # type: ignore[arg-type]
+                                              timeout=Duration(seconds=timeout_s))
+
+
+async def test_start_cleans_up_a_previous_run_and_registers_under_a_lease(harness: Harness) -> None:
+    etcd, name = harness.etcd, harness.config.name
+    orphan_bundle = harness.state_dir / "orphan"
+    orphan_bundle.mkdir()
+    (orphan_bundle / "config.json").write_text(json.dumps({"process": {"args": ["sleep", "30"], "cwd": "/"}}))
+    orphan_pid = await harness.containers.run("sw-i-00000000dead", orphan_bundle, harness.state_dir / "orphan.log")
+    (harness.config.instances_dir / "i-00000000dead").mkdir(parents=True)
+    old_lease = await etcd.grant_lease(30)  # the crashed run's lease, still running
+    await etcd.put(keys.node_key(name), types_pb2.Node(name=name), lease=old_lease)
+    await etcd.put(keys.instance_key("i-00000000dead"), types_pb2.Instance(id="i-00000000dead", node=name))
+    await etcd.put(keys.instance_key("i-00000000beef"), types_pb2.Instance(id="i-00000000beef", node="other"))
+
+    agent = await harness.start()
+
+    assert await harness.containers.list() == [] and _gone(orphan_pid)
+    assert list(harness.config.instances_dir.iterdir()) == []
+    assert [e.key for e in await etcd.list(keys.INSTANCES, types_pb2.Instance)] == [
+        keys.instance_key("i-00000000beef")]  # another node's key is not ours to remove
+    assert await etcd.refresh_lease(old_lease) == 0
+    entry = await etcd.get(keys.node_key(name), types_pb2.Node)
+    assert entry is not None and entry.lease == agent.lease.lease_id != old_lease
+    node = entry.value
+    assert node.address == "127.0.0.1:7070" and node.host_memory_bytes == 64 * GIB  # type: ignore[attr-defined]
+    assert [g.memory_total_bytes for g in node.gpus] == [80 * GIB]  # type: ignore[attr-defined]
+
+
+async def test_start_running_then_stop_and_forget(harness: Harness, agent: NodeAgent) -> None:
+    iid = "i-00000000a001"
+    inst = await operations.start_instance(agent, start_request(iid))
+    assert inst.state == S.INSTANCE_STATE_RUNNING and inst.endpoint.startswith("127.0.0.1:")
+    stored = await harness.instance(iid)
+    assert stored is not None and stored.state == S.INSTANCE_STATE_RUNNING and stored.node == "node-u"
+    entry = await harness.etcd.get(keys.instance_key(iid), types_pb2.Instance)
+    assert entry is not None and entry.lease == agent.lease.lease_id  # dies with the node
+    assert (await harness.node()).gpus[0].memory_reserved_bytes == 20 * GIB
+    with pytest.raises(errors.AlreadyExists):
+        await operations.start_instance(agent, start_request(iid))
+
+    await operations.stop_instance(agent, iid)
+    stored = await harness.instance(iid)
+    assert stored is not None and (stored.state, stored.message) == (S.INSTANCE_STATE_ENDED, "stopped")
+    assert await harness.containers.state("sw-" + iid) is None
+    assert (await harness.node()).gpus[0].memory_reserved_bytes == 0
+    harness.clock.now += harness.config.ended_linger
+    await agent.reconcile_once()  # the ENDED key has lingered long enough
+    assert await harness.instance(iid) is None and iid not in agent.instances
+
+
+async def test_reconcile_reports_idle_and_a_dead_container(harness: Harness, agent: NodeAgent) -> None:
+    iid = "i-00000000a002"
+    await operations.start_instance(agent, start_request(iid))
+    await agent.reconcile_once()
+    stored = await harness.instance(iid)
+    assert stored is not None and stored.state == S.INSTANCE_STATE_IDLE  # status: inflight 0
+    assert stored.host_rss_bytes > 0
+    os.kill(agent.instances[iid].pid, signal.SIGKILL)
+    await eventually(lambda: harness.containers.state("sw-" + iid), lambda s: s is not None and not s.alive)
+    await agent.reconcile_once()
+    stored = await harness.instance(iid)
+    assert stored is not None and stored.state == S.INSTANCE_STATE_FAILED
+    assert "exited unexpectedly" in stored.message and "stub model server serving" in stored.message
+    assert await harness.containers.state("sw-" + iid) is None
+
+
+@pytest.mark.parametrize(("env", "timeout_s", "needle"), [
+    ({"STUB_BEHAVIOUR": "exit"}, 10, "no config.json"),  # the container's own words
+    ({"STUB_BEHAVIOUR": "hang"}, 1, "did not become running within 1s"),
+])
+async def test_a_failed_start_is_marked_failed_with_its_reason(
+        harness: Harness, agent: NodeAgent, env: dict[str, str], timeout_s: int, needle: str) -> None:
+    iid = "i-00000000b001"
+    with pytest.raises(errors.StartFailed, match=needle):
+        await operations.start_instance(agent, start_request(iid, timeout_s=timeout_s, env=env))
+    stored = await harness.instance(iid)
+    assert stored is not None and stored.state == S.INSTANCE_STATE_FAILED and needle in stored.message
+    assert await harness.containers.list() == []
+
+
+async def test_suspend_then_restore(harness: Harness, agent: NodeAgent) -> None:
+    iid = "i-00000000c001"
+    await operations.start_instance(agent, start_request(iid))
+    pid = agent.instances[iid].pid
+    parked = await operations.suspend_instance(agent, iid)
+    assert parked.state == S.INSTANCE_STATE_STANDBY
+    assert harness.checkpointer.calls == [("checkpoint", pid)]
+    assert (await harness.node()).gpus[0].memory_reserved_bytes == 0  # a standby holds no GPU memory
+    with pytest.raises(errors.InvalidArgument, match="gpu_index"):
+        await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid, gpu_index=1))
+
+    resp = await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))
+    assert resp.instance.state == S.INSTANCE_STATE_RUNNING and resp.dma_bytes == 1234
+    assert harness.checkpointer.calls[-1] == ("restore", pid)
+    assert [(m["op"], m["snapshot_id"], m["gpu"]) for m in harness.handover] == [("prepare", SID, 0)]
+    stored = await harness.instance(iid)
+    assert stored is not None and stored.state == S.INSTANCE_STATE_RUNNING
+    assert (await harness.node()).gpus[0].memory_reserved_bytes == 20 * GIB
+    with pytest.raises(errors.FailedPrecondition, match="RUNNING, not STANDBY"):
+        await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))
+
+
+async def test_suspend_refuses_a_busy_instance(harness: Harness, agent: NodeAgent) -> None:
+    iid = "i-00000000c002"
+    await operations.start_instance(agent, start_request(iid, env={"STUB_INFLIGHT": "1"}))
+    with pytest.raises(errors.FailedPrecondition, match="RUNNING, not IDLE"):
+        await operations.suspend_instance(agent, iid)
+    stored = await harness.instance(iid)
+    assert stored is not None and stored.state == S.INSTANCE_STATE_RUNNING and harness.checkpointer.calls == []
+
+
+async def test_a_corrupt_snapshot_met_on_restore_marks_its_record(harness: Harness, agent: NodeAgent) -> None:
+    iid, key = "i-00000000c003", keys.snapshot_key(FUNCTION_ID, 1)
+    await harness.etcd.put(key, types_pb2.Snapshot(id=SID, state=types_pb2.SNAPSHOT_STATE_READY,
+                                                   disk_nodes=["node-u", "node-v"]))
+    corrupt = f"snapshot {SID} is corrupt: chunk 3: checksum mismatch"
+    await operations.start_instance(agent, start_request(iid, env={"STUB_FAIL_ATTACH": corrupt}))
+    await operations.suspend_instance(agent, iid)
+    with pytest.raises(errors.StartFailed, match="chunk 3"):
+        await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))
+    stored = await harness.instance(iid)
+    assert stored is not None and stored.state == S.INSTANCE_STATE_FAILED
+    entry = await harness.etcd.get(key, types_pb2.Snapshot)
+    assert entry is not None
+    snap: types_pb2.Snapshot = entry.value  # type: ignore[assignment]
+    assert snap.state == types_pb2.SNAPSHOT_STATE_CORRUPT and list(snap.disk_nodes) == ["node-v"]
+    assert snap.message.startswith("node node-u: ") and "chunk 3" in snap.message
+    assert await harness.containers.list() == []
+
+
+async def test_a_snapshot_build_records_the_snapshot_and_ends(harness: Harness, agent: NodeAgent) -> None:
+    iid = "i-00000000d001"
+    inst = await operations.start_instance(agent, start_request(iid, target=nodeagent_pb2.START_TARGET_SNAPSHOT))
+    assert (inst.state, inst.message) == (S.INSTANCE_STATE_ENDED, f"snapshot {SID} stored")
+    entry = await harness.etcd.get(keys.snapshot_key(FUNCTION_ID, 1), types_pb2.Snapshot)
+    assert entry is not None
+    snap: types_pb2.Snapshot = entry.value  # type: ignore[assignment]
+    assert (snap.state, snap.bytes_written, snap.manifest_digest) == (
+        types_pb2.SNAPSHOT_STATE_READY, 4096, "sha256:stub")
+    assert list(snap.disk_nodes) == ["node-u"] and await harness.containers.list() == []
+
+
+async def test_a_process_mode_standby_is_warmed_checkpointed_and_restored(harness: Harness, agent: NodeAgent) -> None:
+    iid = "i-00000000e001"
+    req = start_request(iid, target=nodeagent_pb2.START_TARGET_STANDBY, mode=types_pb2.SNAPSHOT_MODE_PROCESS)
+    inst = await operations.start_instance(agent, req)
+    pid = agent.instances[iid].pid
+    assert inst.state == S.INSTANCE_STATE_STANDBY and harness.checkpointer.calls == [("checkpoint", pid)]
+    resp = await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))
+    assert resp.instance.state == S.INSTANCE_STATE_RUNNING
+    assert harness.checkpointer.calls[-1] == ("restore", pid) and harness.handover == []  # no DMA
+
+
+@pytest.mark.parametrize("flow", ["stop", "suspend", "restore", "logs"])
+async def test_an_unknown_instance_is_not_found(agent: NodeAgent, flow: str) -> None:
+    iid = "i-ffffffffffff"
+    calls = {"stop": lambda: operations.stop_instance(agent, iid),
+             "suspend": lambda: operations.suspend_instance(agent, iid),
+             "restore": lambda: operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))}
+    with pytest.raises(errors.NotFound, match=iid):
+        if flow == "logs":
+            operations.get_logs(agent, iid, 100)
+        else:
+            await calls[flow]()
+
+
+async def test_the_node_re_registers_when_its_lease_is_lost(harness: Harness, agent: NodeAgent) -> None:
+    iid = "i-00000000f001"
+    await operations.start_instance(agent, start_request(iid))
+    lost = agent.lease.lease_id
+    harness.etcd.advance(60)  # the lease ran out (a partition, an etcd restart): its keys go
+    assert await harness.instance(iid) is None
+    # The keeper's next refresh (every 0.67 s) finds the lease gone and re-registers.
+    entry = await eventually(lambda: harness.etcd.get(keys.node_key("node-u"), types_pb2.Node),
+                             lambda e: e is not None)
+    assert entry is not None and entry.lease == agent.lease.lease_id != lost
+    stored = await eventually(lambda: harness.instance(iid), lambda i: i is not None)
+    assert stored is not None and stored.state == S.INSTANCE_STATE_RUNNING
+
+
+async def test_stop_removes_containers_and_revokes_the_lease(harness: Harness, agent: NodeAgent) -> None:
+    await operations.start_instance(agent, start_request("i-00000000f002"))
+    lease = agent.lease.lease_id
+    harness.agent = None  # stopped here, not by the fixture
+    await agent.stop()
+    assert await harness.containers.list() == []
+    assert await harness.etcd.get(keys.node_key("node-u"), types_pb2.Node) is None
+    assert await harness.instance("i-00000000f002") is None
+    assert await harness.etcd.refresh_lease(lease) == 0
+    with contextlib.suppress(FileNotFoundError):
+        assert list(harness.config.instances_dir.iterdir()) == []
