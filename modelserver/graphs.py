@@ -17,7 +17,7 @@ The policy and the packing are pure and unit-tested without a GPU: ``bucket``,
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,15 +95,20 @@ class DecodeGraphs:
         self.model = model
         self.pool = pool
         self.device = device
-        self.enabled = cuda_graphs and device.type == "cuda" and pool.allocator.num_blocks > 1
+        self.enabled = cuda_graphs and self.supports(device) and pool.allocator.num_blocks > 1
         # The scratch block never returns to the allocator: it is the pool's cost of the graphs.
         self.scratch = pool.allocator.take(1)[0] if self.enabled else -1
         self.reserved_blocks = 1 if self.enabled else 0
-        self._mempool = torch.cuda.graph_pool_handle() if self.enabled else None
+        self._mempool: Any = None  # one memory pool for all the graphs, made at the first capture
         self._graphs: dict[Key, _Graph] = {}
         self._policy = CaptureOnSecondUse()
         self.captured = 0  # graphs captured, ever
         self.replays = 0  # decode steps run by replay
+
+    @staticmethod
+    def supports(device: torch.device) -> bool:
+        """Whether decode steps on ``device`` can be captured: CUDA only."""
+        return device.type == "cuda"
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -151,10 +156,11 @@ class DecodeGraphs:
         self._graphs.clear()
         self.enabled = False
 
-    def _capture(self, b: int, w: int) -> _Graph:
-        """Captures the decode step for ``b`` rows and ``w`` blocks of table (pad rows only)."""
-        dev = self.device
-        packed = torch.tensor(pack([], b, w, self.scratch, self.pool.block_size), dtype=torch.int64, device=dev)
+    def _static_step(self, b: int, w: int) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+        """The static input of a ``(b, w)`` step, laid out by ``pack`` (pad rows only until a
+        replay fills it), and the forward over it (logits ``[1, b, V]``)."""
+        packed = torch.tensor(pack([], b, w, self.scratch, self.pool.block_size), dtype=torch.int64,
+                              device=self.device)
         meta = StepMeta(self.pool, packed[2 * b:3 * b], prefill=False, block_table=packed[4 * b:].view(b, w),
                         seq_lens=packed[3 * b:4 * b])
         ids, pos = packed[:b].view(1, b), packed[b:2 * b].view(1, b)
@@ -163,6 +169,14 @@ class DecodeGraphs:
             return self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=0,
                               paged=meta).logits
 
+        return packed, step
+
+    def _capture(self, b: int, w: int) -> _Graph:
+        """Captures the decode step for ``b`` rows and ``w`` blocks of table."""
+        dev = self.device
+        packed, step = self._static_step(b, w)
+        if self._mempool is None:
+            self._mempool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):

@@ -68,14 +68,17 @@ class FakeStep:
 
 
 class ScriptedGraphs(DecodeGraphs):
-    """DecodeGraphs turned on by hand on the CPU, with a scripted capture (``fail`` makes it raise)."""
+    """DecodeGraphs on the CPU with a scripted capture (``fail`` makes it raise)."""
 
     def __init__(self, fail: bool = False) -> None:
-        pool = _pool()
-        super().__init__(torch.nn.Linear(1, 1), pool, torch.device("cpu"), cuda_graphs=True)
-        self.enabled, self.scratch, self.reserved_blocks = True, pool.allocator.take(1)[0], 1
+        self.pool_ = _pool()
+        super().__init__(torch.nn.Linear(1, 1), self.pool_, torch.device("cpu"), cuda_graphs=True)
         self.fail = fail
         self.captures: list[tuple[int, int]] = []
+
+    @staticmethod
+    def supports(device: torch.device) -> bool:
+        return True
 
     def _capture(self, b: int, w: int) -> FakeStep:  # type: ignore[override]
         self.captures.append((b, w))
@@ -90,6 +93,7 @@ def _rows(n: int, blocks: int = 1) -> list[DecodeRow]:
 
 def test_the_second_need_captures_and_replays_with_the_packed_rows() -> None:
     graphs = ScriptedGraphs()
+    assert (graphs.enabled, graphs.reserved_blocks, graphs.pool_.allocator.free) == (True, 1, 7)  # scratch taken
     rows = _rows(3, blocks=3)
     assert graphs.decode(rows) is None and graphs.captures == []  # first need: eager
     logits = graphs.decode(rows)
