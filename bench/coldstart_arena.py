@@ -16,6 +16,7 @@ import grpc
 from bench.coldstart import first_token
 from snapwake import keys, protocols
 from snapwake.devcluster import Cluster, ClusterConfig
+from snapwake.lifecycle import SERVING
 from snapwake.v1 import nodeagent_pb2, nodeagent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 S = types_pb2.InstanceState
@@ -131,7 +132,7 @@ def arena_mode(model: Path, preset: str, slice_bytes: int, opts: argparse.Namesp
             sb = _wait("a settled STANDBY instance", settled_standby, 900)
             r["cs_ttft_s"].append(first_token(c.gateway_url, name))
             r["warm_ttft_s"].append(first_token(c.gateway_url, name))
-            served = [i for i in instances() if i.state in (S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_IDLE)]
+            served = [i for i in instances() if i.state in SERVING]
             r["restore_s"].append(max((i.last_start_seconds for i in served), default=0.0))
             for i in served:
                 na.SuspendInstance(nodeagent_pb2.SuspendInstanceRequest(instance_id=i.id), timeout=120)

@@ -6,6 +6,7 @@ API over HTTP, and releases / re-attaches its weights on the nodeagent's control
     modelserver.arena       arena backends: memfd (CPU) and cuda (cuMem* VMM)
     modelserver.model       HF model dir -> meta skeleton -> weights bound as arena views
     modelserver.engine      continuous batching: admission, prefill, decode, sampling, stop strings
+    modelserver.graphs      decode steps as CUDA graphs per (batch, block-table width) bucket
     modelserver.kvcache     the paged KV pool and its attention
     modelserver.openai      the OpenAI-compatible HTTP app
     modelserver.control     the control socket server; modelserver.handover the blobstore client

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,8 @@ from modelserver.control import ControlServer
 from modelserver.instance import Instance, Settings
 from modelserver.openai import create_app
 from modelserver.openai.requests import prepare_chat, prepare_completion
-from snapwake import config as sw_config
-from snapwake import log as sw_log
-from snapwake import telemetry
 from snapwake.errors import SnapwakeError
+from snapwake.service import bootstrap
 
 log = logging.getLogger("modelserver")
 
@@ -102,13 +99,8 @@ async def serve(cfg: ModelServerConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg = sw_config.load(ModelServerConfig, argv, prog="python -m modelserver")
-    except sw_config.ConfigError as exc:  # one line naming every bad flag, as the services do
-        print(exc, file=sys.stderr)
-        raise SystemExit(2) from None
-    sw_log.setup("modelserver", cfg.log_level)
-    telemetry.setup_tracing("snapwake-modelserver")
+    # As the services: a bad flag is one line naming it and exit status 2.
+    cfg = bootstrap(ModelServerConfig, "modelserver", argv, prog="python -m modelserver")
     raise SystemExit(asyncio.run(serve(cfg)))
 
 

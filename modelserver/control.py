@@ -13,9 +13,10 @@ import logging
 import os
 from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
 from modelserver.instance import Instance
+from snapwake import telemetry
 from snapwake.errors import InvalidArgument, SnapwakeError
 from snapwake.protocols import MAX_LINE
 
@@ -35,8 +36,7 @@ def handle(instance: Instance, msg: dict[str, Any]) -> dict[str, Any]:
         if op == "attach":
             gpu = msg.get("gpu")
             # Continues the nodeagent's restore trace when it sent a traceparent.
-            parent = msg.get("traceparent")
-            context = propagate.extract({"traceparent": parent}) if isinstance(parent, str) else None
+            context = telemetry.parent_context(msg)
             with trace.get_tracer("snapwake").start_as_current_span("attach", context=context):
                 return instance.attach(str(msg.get("snapshot_id") or ""), gpu if isinstance(gpu, int) else None)
         if op == "snapshot":

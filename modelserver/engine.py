@@ -14,13 +14,10 @@ again (prompt plus what it generated so far) when blocks free up; its client see
 a short pause. Sampling is per request (greedy at temperature 0, else top-p with the request's
 own seeded generator); stop strings and detokenization are per request too.
 
-On CUDA, decode steps replay CUDA graphs: one per (batch, block-table width) bucket, both
-rounded up to a power of two, captured the second time a bucket is needed (a bucket seen once
-costs nothing). A decode step of a small model is otherwise bound by the CPU launching a few
-thousand kernels one by one; replaying a graph launches them all at once. Padding rows write
-their K/V into a scratch block kept out of the allocator, and read only it. The graphs live as
-long as the engine: ``close`` drops them with the KV pool, so a parked instance holds no GPU
-memory for them.
+On CUDA, decode steps replay CUDA graphs (``modelserver.graphs``: one per batch and
+block-table width bucket, captured the second time a bucket is needed); a step without a graph
+runs eagerly. The graphs are dropped when the KV pool grows and when the engine closes, so a
+parked instance holds no GPU memory for them.
 
 ``close`` stops admitting, lets the running requests finish (bounded), and stops the thread;
 the instance calls it before it unmaps the weights.
@@ -37,12 +34,13 @@ from typing import Any
 
 import torch
 
+from modelserver.graphs import DecodeGraphs, DecodeRow
 from modelserver.kvcache import ATTN_IMPLEMENTATION, KVPool, StepMeta, blocks_for, register
 from modelserver.sampling import SamplingParams
 from modelserver.stops import StopFilter
 from snapwake.errors import ResourceExhausted, SnapwakeError, Unavailable
 
-__all__ = ["Engine", "Piece", "bucket", "next_token"]
+__all__ = ["Engine", "Piece", "next_token"]
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +66,6 @@ def next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def bucket(n: int) -> int:
-    """``n`` rounded up to a power of two (the CUDA graph buckets)."""
-    return 1 << max(0, n - 1).bit_length()
-
-
-@dataclass
-class _Graph:
-    """A captured decode step and its static inputs: one int64 buffer holding, in order, the
-    input ids, positions, slots and sequence lengths ([batch] each), then the block table."""
-
-    graph: Any
-    packed: torch.Tensor
-    logits: torch.Tensor
 
 
 @dataclass(eq=False)
@@ -117,7 +100,8 @@ class Engine:
                  max_context: int, max_batch: int = 64, prefill_tokens: int = 4096,
                  cuda_graphs: bool = True) -> None:
         register()
-        model.config._attn_implementation = ATTN_IMPLEMENTATION
+        config: Any = model.config
+        config._attn_implementation = ATTN_IMPLEMENTATION
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -125,12 +109,8 @@ class Engine:
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self._device = next(model.parameters()).device
-        self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._seen: dict[tuple[int, int], int] = {}
-        self._use_graphs = cuda_graphs and self._device.type == "cuda" and pool.allocator.num_blocks > 1
-        self._scratch = pool.allocator.take(1)[0] if self._use_graphs else -1
-        self._graph_pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
-        self.max_context = min(max_context, (pool.max_blocks - (1 if self._use_graphs else 0)) * pool.block_size)
+        self.graphs = DecodeGraphs(model, pool, self._device, cuda_graphs)
+        self.max_context = min(max_context, (pool.max_blocks - self.graphs.reserved_blocks) * pool.block_size)
         self._cv = threading.Condition()
         self._inbox: list[_Seq] = []
         self._waiting: deque[_Seq] = deque()
@@ -138,12 +118,16 @@ class Engine:
         self._closed = False
         self._fatal: BaseException | None = None
         self._order = 0
-        self.stats = {"steps": 0, "batch_peak": 0, "preempted": 0, "generated_tokens": 0,
-                      "graphs": 0, "graph_steps": 0}
+        self._stats = {"steps": 0, "batch_peak": 0, "preempted": 0, "generated_tokens": 0}
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
     # --- the callers' side ------------------------------------------------------------------
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters since the engine started (the control socket's ``status`` shows them)."""
+        return {**self._stats, "graphs": self.graphs.captured, "graph_steps": self.graphs.replays}
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
                  emit: Callable[[Piece], None]) -> None:
@@ -203,13 +187,15 @@ class Engine:
                         self._waiting.extend(self._inbox)
                         self._inbox.clear()
                     self._step()
-            self._graphs.clear()  # closing: the graphs' memory goes with the KV pool
+            self.graphs.drop()  # closing: the graphs' memory goes with the KV pool
         except BaseException as exc:  # a bug: fail everything now and every later request
             log.exception("engine thread failed")
             with self._cv:
                 self._fatal = exc
                 seqs = [*self._inbox, *self._waiting, *self._running]
-                self._inbox.clear(), self._waiting.clear(), self._running.clear()
+                self._inbox.clear()
+                self._waiting.clear()
+                self._running.clear()
             for seq in seqs:
                 self._fail(seq, Unavailable(f"the engine failed: {exc}"))
 
@@ -221,7 +207,7 @@ class Engine:
             self._guarded(admitted, self._prefill)
         if self._running:
             self._guarded(list(self._running), self._decode)
-        self.stats["steps"] += 1
+        self._stats["steps"] += 1
 
     def _guarded(self, seqs: list[_Seq], fn: Callable[[list[_Seq]], None]) -> None:
         """Runs a forward step; if it fails, the requests in it fail and the engine goes on."""
@@ -229,14 +215,10 @@ class Engine:
             try:
                 fn(seqs)
             except torch.OutOfMemoryError:
-                if not self._graphs:
-                    raise
-                # The graphs' memory pool took the room: drop them, decode eagerly, retry the step
+                # The graphs' memory pool may have taken the room: without them, retry the step
                 # (a step changes nothing before its forward has run).
-                log.warning("engine: out of memory with %d CUDA graphs; dropping them", len(self._graphs))
-                self._graphs.clear()
-                self._use_graphs = False
-                torch.cuda.empty_cache()
+                if not self.graphs.on_out_of_memory():
+                    raise
                 fn(seqs)
         except torch.OutOfMemoryError:
             log.warning("engine: out of memory in a step of %d requests", len(seqs))
@@ -314,7 +296,7 @@ class Engine:
         they go first (their memory helps the growth too) and are captured again on use."""
         if not self.pool.can_grow():
             return False
-        self._graphs.clear()
+        self.graphs.drop()
         grown = self.pool.grow()
         log.info("engine: KV pool %s to %d blocks (budget %d)", "grew" if grown else "could not grow",
                  self.pool.allocator.num_blocks, self.pool.max_blocks)
@@ -325,7 +307,7 @@ class Engine:
         self.pool.allocator.give(seq.blocks)
         seq.blocks, seq.kv_len = [], 0
         self._waiting.appendleft(seq)
-        self.stats["preempted"] += 1
+        self._stats["preempted"] += 1
         log.info("engine: preempted a request of %d tokens (KV pool full)", len(seq.tokens))
 
     def _decode(self, _: list[_Seq]) -> None:
@@ -333,81 +315,27 @@ class Engine:
         seqs = list(self._running)
         if not seqs:
             return
-        width = max(len(s.blocks) for s in seqs)
-        logits = self._decode_graph(seqs, width) if self._use_graphs else None
+        rows = [DecodeRow(s.out[-1], s.kv_len, self._slot(s, s.kv_len), s.blocks) for s in seqs]
+        logits = self.graphs.decode(rows)
         if logits is None:
-            dev = self._device
-            table = [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
-            meta = StepMeta(self.pool, torch.tensor([self._slot(s, s.kv_len) for s in seqs], device=dev),
-                            prefill=False, block_table=torch.tensor(table, device=dev),
-                            seq_lens=torch.tensor([s.kv_len + 1 for s in seqs], device=dev))
-            logits = self.model(input_ids=torch.tensor([[s.out[-1] for s in seqs]], device=dev),
-                                position_ids=torch.tensor([[s.kv_len for s in seqs]], device=dev),
-                                use_cache=False, logits_to_keep=0, paged=meta).logits[0]
+            logits = self._decode_eager(rows)
         for seq in seqs:
             seq.kv_len += 1
-        self.stats["batch_peak"] = max(self.stats["batch_peak"], len(seqs))
+        self._stats["batch_peak"] = max(self._stats["batch_peak"], len(seqs))
         self._accept_all(seqs, logits)
 
-    def _decode_graph(self, seqs: list[_Seq], width: int) -> torch.Tensor | None:
-        """The decode step by graph replay; None when its bucket has no graph (yet)."""
-        n, key = len(seqs), (bucket(len(seqs)), bucket(width))
-        graph = self._graphs.get(key)
-        if graph is None:
-            self._seen[key] = self._seen.get(key, 0) + 1
-            if self._seen[key] < 2:
-                return None
-            try:
-                graph = self._capture(*key)
-            except Exception:  # an op that cannot be captured: decode eagerly from now on
-                log.exception("engine: CUDA graph capture failed; decoding without graphs")
-                self._use_graphs = False
-                self._graphs.clear()
-                return None
-        b, w = key
-        pad_slot = self._scratch * self.pool.block_size
-        table = [self._scratch] + [0] * (w - 1)
-        packed = ([s.out[-1] for s in seqs] + [0] * (b - n)
-                  + [s.kv_len for s in seqs] + [0] * (b - n)
-                  + [self._slot(s, s.kv_len) for s in seqs] + [pad_slot] * (b - n)
-                  + [s.kv_len + 1 for s in seqs] + [1] * (b - n))
-        for s in seqs:
-            packed += s.blocks + [0] * (w - len(s.blocks))
-        packed += table * (b - n)
-        graph.packed.copy_(torch.tensor(packed, dtype=torch.int64))
-        graph.graph.replay()
-        self.stats["graph_steps"] += 1
-        return graph.logits[0, :n]
-
-    def _capture(self, b: int, w: int) -> _Graph:
-        """Captures the decode step for ``b`` rows and ``w`` blocks of table (pad rows only)."""
+    def _decode_eager(self, rows: list[DecodeRow]) -> torch.Tensor:
+        """The decode step as plain forward calls: logits ``[len(rows), V]``."""
         dev = self._device
-        pad_slot = self._scratch * self.pool.block_size
-        packed = torch.zeros(4 * b + b * w, dtype=torch.int64, device=dev)
-        packed[2 * b:3 * b] = pad_slot
-        packed[3 * b:4 * b] = 1
-        table = packed[4 * b:].view(b, w)
-        table[:, 0] = self._scratch
-        meta = StepMeta(self.pool, packed[2 * b:3 * b], prefill=False, block_table=table,
-                        seq_lens=packed[3 * b:4 * b])
-        ids, pos = packed[:b].view(1, b), packed[b:2 * b].view(1, b)
-
-        def step() -> torch.Tensor:
-            return self.model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=0,
-                              paged=meta).logits
-
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            step()  # warm-up outside the capture (lazy initialisation, cuBLAS handles)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            logits = step()
-        self._graphs[(b, w)] = captured = _Graph(graph, packed, logits)
-        self.stats["graphs"] += 1
-        log.info("engine: captured the decode step for batch %d, %d blocks", b, w)
-        return captured
+        width = max(len(r.blocks) for r in rows)
+        table = [r.blocks + [0] * (width - len(r.blocks)) for r in rows]
+        meta = StepMeta(self.pool, torch.tensor([r.slot for r in rows], device=dev),
+                        prefill=False, block_table=torch.tensor(table, device=dev),
+                        seq_lens=torch.tensor([r.position + 1 for r in rows], device=dev))
+        logits: torch.Tensor = self.model(input_ids=torch.tensor([[r.token for r in rows]], device=dev),
+                                          position_ids=torch.tensor([[r.position for r in rows]], device=dev),
+                                          use_cache=False, logits_to_keep=0, paged=meta).logits[0]
+        return logits
 
     def _accept_all(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Samples one token per row of ``logits`` [S, V] and hands it to each request."""
@@ -422,7 +350,7 @@ class Engine:
             self._finish(seq, "stop")
             return
         seq.out.append(tok)
-        self.stats["generated_tokens"] += 1
+        self._stats["generated_tokens"] += 1
         text = self.tokenizer.decode(seq.out, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits for the next token
             piece = seq.stops.feed(text[len(seq.sent):])

@@ -10,20 +10,11 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from opentelemetry import propagate
-
 from snapwake.errors import StartFailed, Unavailable
 from snapwake.protocols import recv_message, send_message
+from snapwake.telemetry import traceparent
 
-__all__ = ["load", "store", "traceparent"]
-
-
-def traceparent() -> dict[str, str]:
-    """The current span as ``{"traceparent": ...}`` (``{}`` untraced), so the blobstore's spans
-    join the caller's trace."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return {"traceparent": carrier["traceparent"]} if "traceparent" in carrier else {}
+__all__ = ["load", "store"]
 
 
 def _connect(path: str, timeout: float) -> socket.socket:

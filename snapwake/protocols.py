@@ -42,7 +42,8 @@ Trace context (both sockets)
     (W3C Trace Context). The receiver starts its span for the request as a child of it, so one
     trace runs gateway -> scheduler -> nodeagent -> blobstore/modelserver. The nodeagent sends it in
     ``prepare`` (handover) and ``attach`` (control); the model server in ``load``. A missing or
-    malformed value only means the receiver's span starts a trace of its own.
+    malformed value only means the receiver's span starts a trace of its own. Senders add
+    ``snapwake.telemetry.traceparent()``; receivers continue ``telemetry.parent_context(msg)``.
 """
 
 from __future__ import annotations

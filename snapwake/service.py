@@ -1,4 +1,5 @@
-"""The start of every service's ``main``: config, logging and tracing, or one line and exit 2."""
+"""The start of every service's ``main`` (and the model server's): config, logging and tracing, or
+one line and exit 2."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ __all__ = ["bootstrap"]
 T = TypeVar("T")
 
 
-def bootstrap(cls: type[T], name: str, argv: Sequence[str] | None = None) -> T:
-    """Loads ``cls`` from flags and ``SNAPWAKE_*``, sets up logging and OTEL tracing.
+def bootstrap(cls: type[T], name: str, argv: Sequence[str] | None = None, *, prog: str | None = None) -> T:
+    """Loads ``cls`` from flags and ``SNAPWAKE_*``, sets up logging as ``name`` and OTEL tracing
+    as ``snapwake-<name>``; ``prog`` (for ``--help``) defaults to ``python -m services.<name>``.
 
     A bad key (or a bad ``OTEL_*`` setting) is printed as one line naming it, and the process
     exits with status 2: no stack trace for a configuration mistake."""
     try:
-        cfg = load(cls, argv, prog=f"python -m services.{name}")
+        cfg = load(cls, argv, prog=prog or f"python -m services.{name}")
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None

@@ -5,6 +5,9 @@ itself (endpoint, headers, sampler, resource attributes). ``setup_tracing`` only
 *whether* to export: without an OTLP endpoint or an explicit ``OTEL_TRACES_EXPORTER`` the
 process keeps the no-op provider, so nothing buffers spans for a collector that isn't there.
 
+The Unix-socket protocols (``snapwake.protocols``) carry the W3C ``traceparent`` as an optional
+JSON field: senders add ``traceparent()``, receivers start their span in ``parent_context(msg)``.
+
 Metric names live here as constants so the services, the Grafana dashboard and the tests agree.
 """
 
@@ -19,7 +22,8 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.trace import NoOpTracerProvider, Span, TracerProvider
 from prometheus_client import start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -28,8 +32,8 @@ from prometheus_client.registry import Collector
 __all__ = [
     "COLD_START_TTFT", "GPU_MEMORY_TOTAL", "GPU_MEMORY_USED", "GPU_UTILIZATION", "INSTANCES",
     "LATENCY_BUCKETS", "QUEUE_WAIT", "GpuCollector", "GpuReading", "NvmlReader", "TracingMode",
-    "build_tracer_provider", "gpu_metrics_collector", "setup_tracing", "start_metrics_server",
-    "traced", "tracing_mode",
+    "build_tracer_provider", "gpu_metrics_collector", "parent_context", "setup_tracing",
+    "start_metrics_server", "traced", "traceparent", "tracing_mode",
 ]
 
 log = logging.getLogger(__name__)
@@ -143,6 +147,20 @@ class traced(AbstractContextManager[Span], AbstractAsyncContextManager[Span]):  
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         return self.__exit__(*exc)
+
+
+def traceparent() -> dict[str, str]:
+    """The current span as ``{"traceparent": ...}`` for a socket message (``{}`` when nothing is
+    traced), so the receiver's spans join the sender's trace."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return {"traceparent": carrier["traceparent"]} if "traceparent" in carrier else {}
+
+
+def parent_context(msg: Mapping[str, Any]) -> Context | None:
+    """The trace context a message's ``traceparent`` field continues; None when it has none."""
+    parent = msg.get("traceparent")
+    return propagate.extract({"traceparent": parent}) if isinstance(parent, str) else None
 
 
 @dataclass(frozen=True)

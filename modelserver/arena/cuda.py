@@ -6,7 +6,8 @@ imported from a file descriptor the blobstore handed over. ``release`` unmaps an
 physical memory but keeps the reservation, so tensor pointers (and captured CUDA graphs) stay
 valid for the next ``attach`` at the same address.
 
-``cuda.bindings`` is imported lazily, so importing this module on a machine without CUDA works.
+Driver calls go through ``snapwake.cuda`` (lazy import of ``cuda.bindings``, so importing this
+module on a machine without CUDA works; a failed call raises ``CudaError`` naming it).
 """
 
 from __future__ import annotations
@@ -16,30 +17,16 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from snapwake.errors import FailedPrecondition, StartFailed
+from snapwake.cuda import CudaError, check, driver
+from snapwake.errors import FailedPrecondition
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["CudaArena"]
 
-
-def _cu() -> Any:
-    from cuda.bindings import driver
-
-    return driver
-
-
-def _ok(result: Any, what: str) -> Any:
-    """Unwraps a cuda-python ``(err, *values)`` tuple; raises StartFailed naming the call."""
-    cu = _cu()
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if err != cu.CUresult.CUDA_SUCCESS:
-        raise StartFailed(f"{what} failed: {err!r}")
-    return rest[0] if len(rest) == 1 else None
-
-
 log = logging.getLogger(__name__)
+
 
 class _Cai:
     """Presents a raw device range to ``torch.as_tensor`` as a flat uint8 array."""
@@ -68,23 +55,23 @@ class CudaArena:
 
     def _enter(self) -> Any:
         """Makes torch's primary context current in this thread (calls arrive from workers)."""
-        cu = _cu()
+        cu = driver()
         if self._ctx is None:
             import torch
 
             torch.cuda.set_device(self.gpu)
             torch.cuda.init()
-            _ok(cu.cuInit(0), "cuInit")
-            dev = _ok(cu.cuDeviceGet(self.gpu), "cuDeviceGet")
-            self._ctx = _ok(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-            self._granularity = int(_ok(cu.cuMemGetAllocationGranularity(
+            check(cu.cuInit(0), "cuInit")
+            dev = check(cu.cuDeviceGet(self.gpu), "cuDeviceGet")
+            self._ctx = check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+            self._granularity = int(check(cu.cuMemGetAllocationGranularity(
                 self._prop(), cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
                 "cuMemGetAllocationGranularity"))
-        _ok(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        check(cu.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
         return cu
 
     def _prop(self) -> Any:
-        cu = _cu()
+        cu = driver()
         prop = cu.CUmemAllocationProp()
         prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
@@ -97,25 +84,25 @@ class CudaArena:
         return (max(size, 1) + g - 1) // g * g
 
     def _reserve(self, size: int) -> None:
-        cu = _cu()
+        cu = driver()
         if self._va == 0:
             self._va_size = self._round(max(size, self._reserve_bytes))
-            self._va = int(_ok(cu.cuMemAddressReserve(self._va_size, 0, 0, 0), "cuMemAddressReserve"))
+            self._va = int(check(cu.cuMemAddressReserve(self._va_size, 0, 0, 0), "cuMemAddressReserve"))
         elif size > self._va_size:
             raise FailedPrecondition(f"arena of {size} bytes does not fit the reserved {self._va_size}")
 
     def _map(self, handle: Any, size: int) -> None:
-        cu = _cu()
+        cu = driver()
         try:
-            _ok(cu.cuMemMap(self._va, size, 0, handle, 0), "cuMemMap")
-        except StartFailed:
+            check(cu.cuMemMap(self._va, size, 0, handle, 0), "cuMemMap")
+        except CudaError:
             cu.cuMemRelease(handle)
             raise
         access = cu.CUmemAccessDesc()
         access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         access.location.id = self.gpu
         access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        _ok(cu.cuMemSetAccess(self._va, size, [access], 1), "cuMemSetAccess")
+        check(cu.cuMemSetAccess(self._va, size, [access], 1), "cuMemSetAccess")
         self._handle, self._mapped = handle, size
 
     def allocate(self, size: int) -> None:
@@ -123,13 +110,13 @@ class CudaArena:
         cu = self._enter()
         size = self._round(size)
         self._reserve(size)
-        self._map(_ok(cu.cuMemCreate(size, self._prop(), 0), "cuMemCreate"), size)
+        self._map(check(cu.cuMemCreate(size, self._prop(), 0), "cuMemCreate"), size)
 
     def attach(self, fd: int, size: int) -> None:
         self._check_empty()
         try:
             cu = self._enter()
-            handle = _ok(cu.cuMemImportFromShareableHandle(
+            handle = check(cu.cuMemImportFromShareableHandle(
                 fd, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
                 "cuMemImportFromShareableHandle")
         finally:
@@ -149,7 +136,7 @@ class CudaArena:
         if not self._mapped:
             raise FailedPrecondition("the arena is not mapped")
         cu = self._enter()
-        return int(_ok(cu.cuMemExportToShareableHandle(
+        return int(check(cu.cuMemExportToShareableHandle(
             self._handle, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
             "cuMemExportToShareableHandle"))
 
@@ -160,8 +147,8 @@ class CudaArena:
             return
         cu = self._enter()
         torch.cuda.synchronize(self.gpu)
-        _ok(cu.cuMemUnmap(self._va, self._mapped), "cuMemUnmap")
-        _ok(cu.cuMemRelease(self._handle), "cuMemRelease")
+        check(cu.cuMemUnmap(self._va, self._mapped), "cuMemUnmap")
+        check(cu.cuMemRelease(self._handle), "cuMemRelease")
         self._handle, self._mapped = None, 0
         # cuBLAS keeps its workspace in the caching allocator (32 MiB on Hopper); drop it so the
         # driver checkpoint of the standby has as little device state as possible to move.

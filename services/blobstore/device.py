@@ -7,8 +7,9 @@ Two backends behind one interface:
   from the pinned cache in 256 MiB chunks on a stream, ``cuMemExportToShareableHandle``
   (the sequence measured in ``probes/ipc_loader.py``: 16 GiB in about 0.35 s).
 
-CUDA errors are translated here, once: out of memory is ResourceExhausted, anything else
-Unavailable. ``cuda.bindings`` is imported lazily so this module imports on any host.
+Driver calls go through ``snapwake.cuda``: a failed one raises ``CudaError`` naming it (out of
+memory answers as ResourceExhausted, anything else as Unavailable), and ``cuda.bindings`` is
+imported lazily so this module imports on any host.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 
 from services.blobstore.cache import CacheEntry, HostArena
 from snapwake import errors
+from snapwake.cuda import check, driver
 
 __all__ = ["CudaLoader", "Exported", "Loader", "MemfdLoader", "cuda_device_count", "pinned_arena"]
 
@@ -79,57 +81,39 @@ class MemfdLoader:
                 dest[:nbytes] = src
 
 
-def _cu() -> Any:
-    from cuda.bindings import driver as cu  # lazy: needs the NVIDIA driver only when used
-
-    return cu
-
-
-def _ok(result: Any, what: str) -> Any:
-    """Unwraps a cuda.bindings (status, value...) tuple, translating failures."""
-    cu = _cu()
-    status, *values = result if isinstance(result, tuple) else (result,)
-    if status != cu.CUresult.CUDA_SUCCESS:
-        cls = errors.ResourceExhausted if status == cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY else errors.Unavailable
-        raise cls(f"cuda: {what} failed: {status.name}")
-    return values[0] if len(values) == 1 else (values or None)
-
-
 def cuda_device_count() -> int:
     """Number of CUDA devices; 0 when there is no driver or no GPU."""
     try:
-        cu = _cu()
-        if cu.cuInit(0)[0] != cu.CUresult.CUDA_SUCCESS:
-            return 0
-        status, count = cu.cuDeviceGetCount()
-        return int(count) if status == cu.CUresult.CUDA_SUCCESS else 0
-    except Exception:  # noqa: BLE001 - no driver library at all is "no GPU"
+        cu = driver()
+        check(cu.cuInit(0), "cuInit")
+        return int(check(cu.cuDeviceGetCount(), "cuDeviceGetCount"))
+    except Exception:  # noqa: BLE001 - a failed call or no driver library at all is "no GPU"
         return 0
 
 
 def _use_device(gpu: int) -> None:
     """Makes ``gpu``'s primary context current in this thread (CUDA contexts are per thread)."""
-    cu = _cu()
-    _ok(cu.cuInit(0), "cuInit")
-    dev = _ok(cu.cuDeviceGet(gpu), f"cuDeviceGet({gpu})")
-    ctx = _ok(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-    _ok(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    cu = driver()
+    check(cu.cuInit(0), "cuInit")
+    dev = check(cu.cuDeviceGet(gpu), f"cuDeviceGet({gpu})")
+    ctx = check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+    check(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
 def pinned_arena(capacity: int, gpu: int = 0) -> HostArena:
     """One page-locked buffer for the whole cache, allocated once at start-up (portable to all GPUs)."""
-    cu = _cu()
+    cu = driver()
     _use_device(gpu)
-    ptr = int(_ok(cu.cuMemHostAlloc(max(capacity, 1), cu.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc"))
+    ptr = int(check(cu.cuMemHostAlloc(max(capacity, 1), cu.CU_MEMHOSTALLOC_PORTABLE), "cuMemHostAlloc"))
     view = memoryview((ctypes.c_ubyte * max(capacity, 1)).from_address(ptr)).cast("B")
-    return HostArena(view[:capacity], ptr, True, lambda: _ok(cu.cuMemFreeHost(ptr), "cuMemFreeHost"))
+    return HostArena(view[:capacity], ptr, True, lambda: check(cu.cuMemFreeHost(ptr), "cuMemFreeHost"))
 
 
 class CudaLoader:
     """Device memory from ``cuMemCreate``, exported and imported as a POSIX file descriptor."""
 
     def _prop(self, gpu: int) -> Any:
-        cu = _cu()
+        cu = driver()
         prop = cu.CUmemAllocationProp()
         prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
@@ -139,56 +123,58 @@ class CudaLoader:
 
     def _mapped(self, handle: Any, size: int, prop: Any) -> Any:
         """Reserves a VA range, maps ``handle`` there and grants read-write access."""
-        cu = _cu()
-        va = _ok(cu.cuMemAddressReserve(size, 0, 0, 0), "cuMemAddressReserve")
-        _ok(cu.cuMemMap(va, size, 0, handle, 0), "cuMemMap")
+        cu = driver()
+        va = check(cu.cuMemAddressReserve(size, 0, 0, 0), "cuMemAddressReserve")
+        check(cu.cuMemMap(va, size, 0, handle, 0), "cuMemMap")
         acc = cu.CUmemAccessDesc()
         acc.location = prop.location
         acc.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        _ok(cu.cuMemSetAccess(va, size, [acc], 1), "cuMemSetAccess")
+        check(cu.cuMemSetAccess(va, size, [acc], 1), "cuMemSetAccess")
         return va
 
     def _size(self, nbytes: int, prop: Any) -> int:
-        cu = _cu()
-        gran = int(_ok(cu.cuMemGetAllocationGranularity(
-            prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED), "granularity"))
+        cu = driver()
+        gran = int(check(cu.cuMemGetAllocationGranularity(
+            prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
+            "cuMemGetAllocationGranularity"))
         return max(gran, -(-nbytes // gran) * gran)
 
     def _copy(self, va: Any, host: int, nbytes: int, to_device: bool) -> float:
-        cu = _cu()
-        stream = _ok(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        cu = driver()
+        stream = check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
         t0 = time.perf_counter()
         try:
             for off in range(0, nbytes, DMA_CHUNK):
                 n = min(DMA_CHUNK, nbytes - off)
                 if to_device:
-                    _ok(cu.cuMemcpyHtoDAsync(int(va) + off, host + off, n, stream), "cuMemcpyHtoDAsync")
+                    check(cu.cuMemcpyHtoDAsync(int(va) + off, host + off, n, stream), "cuMemcpyHtoDAsync")
                 else:
-                    _ok(cu.cuMemcpyDtoHAsync(host + off, int(va) + off, n, stream), "cuMemcpyDtoHAsync")
-            _ok(cu.cuStreamSynchronize(stream), "cuStreamSynchronize")
+                    check(cu.cuMemcpyDtoHAsync(host + off, int(va) + off, n, stream), "cuMemcpyDtoHAsync")
+            check(cu.cuStreamSynchronize(stream), "cuStreamSynchronize")
         finally:
             cu.cuStreamDestroy(stream)
         return time.perf_counter() - t0
 
     def export(self, entry: CacheEntry, gpu: int) -> Exported:
-        cu = _cu()
+        cu = driver()
         _use_device(gpu)
         prop, nbytes = self._prop(gpu), entry.manifest.arena_bytes
         size = self._size(nbytes, prop)
-        handle = _ok(cu.cuMemCreate(size, prop, 0), f"cuMemCreate({size}) on gpu {gpu}")
+        handle = check(cu.cuMemCreate(size, prop, 0), f"cuMemCreate({size}) on gpu {gpu}")
         va = None
         try:
             va = self._mapped(handle, size, prop)
             seconds = self._copy(va, entry.address, nbytes, to_device=True)
-            fd = int(_ok(cu.cuMemExportToShareableHandle(
-                handle, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0), "export"))
+            fd = int(check(cu.cuMemExportToShareableHandle(
+                handle, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+                "cuMemExportToShareableHandle"))
         except BaseException:
             self._free(va, size, handle, None)
             raise
         return Exported(fd, nbytes, size, seconds, lambda: self._free(va, size, handle, fd))
 
     def _free(self, va: Any, size: int, handle: Any, fd: int | None) -> None:
-        cu = _cu()
+        cu = driver()
         if va is not None:
             cu.cuMemUnmap(va, size)
             cu.cuMemAddressFree(va, size)
@@ -197,11 +183,11 @@ class CudaLoader:
             os.close(fd)
 
     def import_into(self, fd: int, nbytes: int, gpu: int, dest: memoryview, dest_address: int) -> None:
-        cu = _cu()
+        cu = driver()
         _use_device(gpu)
         prop = self._prop(gpu)
         size = self._size(nbytes, prop)  # a prefix of the model server's (maybe larger) allocation
-        handle = _ok(cu.cuMemImportFromShareableHandle(
+        handle = check(cu.cuMemImportFromShareableHandle(
             fd, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR), "cuMemImportFromShareableHandle")
         va = None
         try:

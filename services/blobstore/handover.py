@@ -16,11 +16,11 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
 from services.blobstore import manifest as mf
 from services.blobstore.core import Blobstore
-from snapwake import errors
+from snapwake import errors, telemetry
 from snapwake.protocols import recv_message, send_message
 
 __all__ = ["HandoverServer"]
@@ -38,8 +38,7 @@ def _field(msg: dict[str, Any], name: str, kind: type, default: Any = None) -> A
 def _span(msg: dict[str, Any]) -> AbstractContextManager[trace.Span]:
     """A span for one request, continuing the sender's trace when it sent a ``traceparent``."""
     op = msg.get("op")
-    parent = msg.get("traceparent")
-    context = propagate.extract({"traceparent": parent}) if isinstance(parent, str) else None
+    context = telemetry.parent_context(msg)
     name = f"handover.{op}" if op in ("load", "prepare", "store") else "handover"
     return trace.get_tracer("snapwake").start_as_current_span(name, context=context)
 

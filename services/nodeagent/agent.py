@@ -155,7 +155,7 @@ class NodeAgent:
         """Writes the instance's actual state under this node's lease."""
         await self.etcd.put(keys.instance_key(live.id), live.machine.instance, lease=self.lease.lease_id)
 
-    async def move(self, live: Live, new: int, message: str = "") -> None:
+    async def move(self, live: Live, new: types_pb2.InstanceState, message: str = "") -> None:
         live.machine.move(new, self.clock(), message)
         await self.publish(live)
         if live.gpu:  # the node record's reserved GPU memory follows its instances

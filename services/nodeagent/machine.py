@@ -11,7 +11,7 @@ import enum
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from snapwake.lifecycle import LIVE, TRANSITIONS, check_transition
+from snapwake.lifecycle import LIVE, TERMINAL, allowed_moves, check_transition
 from snapwake.v1 import nodeagent_pb2, types_pb2
 
 __all__ = ["InstanceMachine", "StartPlan", "activity_move", "plan_start", "modelserver_start_mode"]
@@ -28,16 +28,16 @@ class StartPlan(enum.Enum):
     SNAPSHOT = (S.INSTANCE_STATE_SNAPSHOTTING, "snapshot", S.INSTANCE_STATE_ENDED)
 
     @property
-    def first(self) -> int:
-        return int(self.value[0])
+    def first(self) -> types_pb2.InstanceState:
+        return self.value[0]
 
     @property
     def start_mode(self) -> str:
         return str(self.value[1])
 
     @property
-    def goal(self) -> int:
-        return int(self.value[2])
+    def goal(self) -> types_pb2.InstanceState:
+        return self.value[2]
 
 
 _PLANS: dict[int, StartPlan] = {T.START_TARGET_RUNNING: StartPlan.RUNNING, T.START_TARGET_STANDBY: StartPlan.STANDBY,
@@ -55,7 +55,7 @@ def modelserver_start_mode(plan: StartPlan, process_mode: bool) -> str:
     return "load" if plan is StartPlan.STANDBY and process_mode else plan.start_mode
 
 
-def activity_move(state: int, inflight: int) -> int | None:
+def activity_move(state: types_pb2.InstanceState, inflight: int) -> types_pb2.InstanceState | None:
     """RUNNING <-> IDLE from the model server's in-flight count; None when nothing changes."""
     if state == S.INSTANCE_STATE_RUNNING and inflight == 0:
         return S.INSTANCE_STATE_IDLE
@@ -75,7 +75,7 @@ class InstanceMachine:
 
     def __init__(self, instance: types_pb2.Instance, now: float) -> None:
         self.instance = instance
-        self.entered_at: dict[int, float] = {}
+        self.entered_at: dict[types_pb2.InstanceState, float] = {}
         self.instance.create_time.CopyFrom(_stamp(now))
         self.move(S.INSTANCE_STATE_CREATING, now)
 
@@ -84,33 +84,30 @@ class InstanceMachine:
         return self.instance.id
 
     @property
-    def state(self) -> int:
-        return int(self.instance.state)
+    def state(self) -> types_pb2.InstanceState:
+        return self.instance.state
 
     @property
     def live(self) -> bool:
         """Not yet stopping, ended or failed: the container should be up."""
         return self.state in LIVE
 
-    def move(self, new: int, now: float, message: str = "") -> types_pb2.Instance:
+    def move(self, new: types_pb2.InstanceState, now: float, message: str = "") -> types_pb2.Instance:
         """Moves to ``new`` (raising ``IllegalTransition`` if the lifecycle forbids it)."""
         check_transition(self.id, self.state, new)
-        self.instance.state = new  # type: ignore[assignment]
+        self.instance.state = new
         self.instance.update_time.CopyFrom(_stamp(now))
         if message:
             self.instance.message = message
         self.entered_at[new] = now
         return self.instance
 
-    def can_move(self, new: int) -> bool:
+    def can_move(self, new: types_pb2.InstanceState) -> bool:
         """Whether ``new`` is allowed now (without logging a move)."""
-        allowed = TRANSITIONS.get(self.state, frozenset())
-        if self.state in LIVE:
-            allowed = allowed | {S.INSTANCE_STATE_FAILED, S.INSTANCE_STATE_STOPPING}
-        return new in allowed
+        return new in allowed_moves(self.state)
 
     def expired(self, now: float, linger: float) -> bool:
         """An ENDED or FAILED instance whose key has been visible for ``linger`` seconds."""
-        if self.state not in (S.INSTANCE_STATE_ENDED, S.INSTANCE_STATE_FAILED):
+        if self.state not in TERMINAL:
             return False
         return now - self.entered_at.get(self.state, now) >= linger

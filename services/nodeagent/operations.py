@@ -22,7 +22,7 @@ from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.bundle import write_bundle
 from services.nodeagent.container import bundle_spec, free_port
 from services.nodeagent.machine import InstanceMachine, StartPlan, plan_start
-from services.nodeagent.tracing import in_span, traceparent
+from services.nodeagent.tracing import in_span
 from snapwake import errors, keys, telemetry
 from snapwake.v1 import nodeagent_pb2, types_pb2
 
@@ -225,7 +225,7 @@ async def _restore_arena(agent: NodeAgent, live: Live, started: float,
             limit_s)
         async with telemetry.traced("attach"):
             attach = await probe.control(live.control_socket, {"op": "attach", "snapshot_id": sid, "gpu": gpu,
-                                                               **traceparent()}, limit_s)
+                                                               **telemetry.traceparent()}, limit_s)
     except (TimeoutError, errors.SnapwakeError) as exc:
         reason = f"restore of {inst.id} failed: {getattr(exc, 'message', None) or 'timed out'}"
         await integrity.note_failure(agent.etcd, agent.config.name, inst, reason)
@@ -270,7 +270,7 @@ async def _prepare(handover_socket: str, sid: str, gpu: int, limit_s: float) -> 
     """Asks the blobstore to start the DMA now, inside a span it continues (``traceparent``)."""
     async with telemetry.traced("dma.prepare"):
         return await probe.handover(handover_socket, {"op": "prepare", "snapshot_id": sid, "gpu": gpu,
-                                                      **traceparent()}, limit_s)
+                                                      **telemetry.traceparent()}, limit_s)
 
 
 async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 60.0) -> types_pb2.Instance:

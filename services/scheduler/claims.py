@@ -28,19 +28,13 @@ from services.scheduler.spec import seconds
 from services.scheduler.starter import Starter, StartResult
 from services.scheduler.state import ClusterState
 from snapwake import errors, keys, telemetry
-from snapwake.lifecycle import SERVING
+from snapwake.lifecycle import COUNTED, GONE, SERVING
 from snapwake.v1.scheduler_pb2 import ClaimSource, HeldClaim
-from snapwake.v1.types_pb2 import Function, FunctionState, Instance, InstanceState
+from snapwake.v1.types_pb2 import Function, FunctionState, Instance
 
 __all__ = ["ClaimBroker", "Grant", "QueueDepths"]
 
 log = logging.getLogger(__name__)
-S = InstanceState
-# Instances that count against max_instances: everything that holds or is about to hold a GPU.
-COUNTED = frozenset({S.INSTANCE_STATE_CREATING, S.INSTANCE_STATE_STARTING, S.INSTANCE_STATE_RESTORING,
-                     S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_IDLE})
-# Instances whose claims are forgotten (and never adopted): they serve nothing any more.
-_GONE = frozenset({S.INSTANCE_STATE_ENDED, S.INSTANCE_STATE_FAILED, S.INSTANCE_STATE_STOPPING})
 # After "no capacity", wait this long (or for a change) before trying to place again.
 _NO_ROOM_BACKOFF_S = 0.5
 _SUSPECT_S = 10.0
@@ -91,7 +85,7 @@ class ClaimBroker:
 
     def _on_change(self, key: str, value: Message | None) -> None:
         if isinstance(value, Instance):
-            if value.state in _GONE:
+            if value.state in GONE:
                 self.table.drop_instance(value.id)
             self.wake(value.function_id)
         elif isinstance(value, Function):
@@ -159,7 +153,7 @@ class ClaimBroker:
         outcomes: dict[str, Adoption] = {}
         for h in held:
             inst = self.state.instance(h.instance_id)
-            if inst is None or inst.state in _GONE or inst.function_id != h.function_id:
+            if inst is None or inst.state in GONE or inst.function_id != h.function_id:
                 continue  # nothing left to count it against
             outcome = outcomes[h.claim_id] = self.table.adopt(h.claim_id, h.instance_id, h.function_id, gateway_id)
             if outcome is Adoption.ADOPTED:

@@ -14,13 +14,13 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
-from services.scheduler.claims import COUNTED, ClaimBroker, QueueDepths
+from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.snapshots import SnapshotBuilder
 from services.scheduler.spec import seconds
 from services.scheduler.starter import Starter, snapshot_usable
 from services.scheduler.state import ClusterState
 from snapwake import errors
-from snapwake.lifecycle import SERVING
+from snapwake.lifecycle import LIVE, SERVING
 from snapwake.v1.nodeagent_pb2 import StartTarget
 from snapwake.v1.types_pb2 import Function, FunctionState, Instance, InstanceState, SnapshotMode
 
@@ -28,7 +28,6 @@ __all__ = ["Controller"]
 
 log = logging.getLogger(__name__)
 S = InstanceState
-_STOPPABLE = COUNTED | {S.INSTANCE_STATE_STANDBY, S.INSTANCE_STATE_SNAPSHOTTING}
 
 
 class Controller:
@@ -148,7 +147,7 @@ class Controller:
         for inst in self.state.instances():
             fn = functions.get(inst.function_id)
             stale = fn is None or inst.revision < fn.revision
-            if stale and inst.state in _STOPPABLE and self.broker.table.in_use(inst.id) == 0 \
+            if stale and inst.state in LIVE and self.broker.table.in_use(inst.id) == 0 \
                     and not self._bridging(fn, inst):
                 self._stop(inst, "its function was deleted" if fn is None else "old revision, drained")
 

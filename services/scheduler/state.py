@@ -21,7 +21,8 @@ from google.protobuf.message import Message
 
 from snapwake import errors, keys
 from snapwake.etcd import EtcdClient
-from snapwake.v1.types_pb2 import Function, Instance, InstanceState, Node, Snapshot
+from snapwake.lifecycle import GONE, SERVING
+from snapwake.v1.types_pb2 import Function, Instance, Node, Snapshot
 
 __all__ = ["ClusterState", "Mirror"]
 
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 Listener = Callable[[str, Message | None], None]
 # How long an instance reported by an RPC answer stands in for the watch.
 _FRESH_TTL_S = 30.0
-_TERMINAL = frozenset({InstanceState.INSTANCE_STATE_ENDED, InstanceState.INSTANCE_STATE_FAILED,
-                       InstanceState.INSTANCE_STATE_STOPPING})
 
 
 @dataclass
@@ -153,8 +152,7 @@ class ClusterState:
             # The mirror's copy at least as new as the answer (the node stamps every move) wins:
             # an instance suspended right after its start must not stay "RUNNING" here.
             caught_up = seen is not None and (
-                seen[0].state in _TERMINAL | {InstanceState.INSTANCE_STATE_RUNNING,  # type: ignore[attr-defined]
-                                              InstanceState.INSTANCE_STATE_IDLE}
+                seen[0].state in GONE | SERVING  # type: ignore[attr-defined]
                 or seen[0].update_time.ToNanoseconds() >= fresh.update_time.ToNanoseconds())  # type: ignore[attr-defined]
             if gone or now - at > _FRESH_TTL_S or caught_up:
                 del self._fresh[iid]

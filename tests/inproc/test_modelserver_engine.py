@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from modelserver.__main__ import load_tokenizer
 from modelserver.engine import Engine, Piece
+from modelserver.graphs import DecodeGraphs
 from modelserver.kvcache import KVPool
 from modelserver.sampling import SamplingParams
 from snapwake.errors import ResourceExhausted, Unavailable
@@ -116,6 +118,39 @@ def test_the_pool_grows_under_load_and_the_text_does_not_change(demo_model_dir: 
         _assert_same_text(eng, got, want)
         assert 2 < pool.allocator.num_blocks <= 64 and pool.allocator.free == pool.allocator.num_blocks
         assert eng.max_context == 512  # the context follows the budget, not the current size
+    finally:
+        eng.close(10)
+
+
+class _EagerReplay(DecodeGraphs):
+    """The decode-graph unit on the CPU: 'capture' builds the static step, 'replay' runs it
+    eagerly. Checks the packed inputs, the pad rows and the scratch block without a GPU."""
+
+    @staticmethod
+    def supports(device: torch.device) -> bool:
+        return True
+
+    def _capture(self, b: int, w: int) -> Any:
+        packed, step = self._static_step(b, w)
+        logits = step()
+        return SimpleNamespace(graph=SimpleNamespace(replay=lambda: logits.copy_(step())), packed=packed,
+                               logits=logits)
+
+
+def test_decode_through_the_graph_path_keeps_the_text_as_the_pool_grows(demo_model_dir: Path) -> None:
+    model = _model(demo_model_dir)
+    cfg = model.config
+    pool = KVPool(cfg.num_hidden_layers, 64, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu",
+                  initial_blocks=2)
+    eng = Engine(model, load_tokenizer(demo_model_dir), EOS, pool, 512, cuda_graphs=False)
+    eng.graphs = _EagerReplay(model, pool, torch.device("cpu"), cuda_graphs=True)  # before any request
+    try:
+        prompts = _prompts(6)
+        want = _reference(demo_model_dir, prompts, 24)
+        for _ in range(2):  # the second round replays steps captured after the pool grew
+            _assert_same_text(eng, _run_all(eng, prompts, SamplingParams(max_tokens=24, temperature=0)), want)
+        assert pool.allocator.num_blocks > 2 and eng.stats["graphs"] > 0 and eng.stats["graph_steps"] > 0
+        assert pool.allocator.free == pool.allocator.num_blocks - 1  # all back but the scratch block
     finally:
         eng.close(10)
 

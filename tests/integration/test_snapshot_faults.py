@@ -31,6 +31,7 @@ import pytest
 from snapwake import keys
 from snapwake.devcluster import Cluster, ClusterConfig, deploy_demo
 from snapwake.etcd import Etcd
+from snapwake.lifecycle import TERMINAL
 from snapwake.testing import wait_for
 from snapwake.v1 import (
     blobstore_pb2,
@@ -310,7 +311,7 @@ def test_cold_start_after_a_nodeagent_restart(cluster: Cluster, reference: str) 
     assert not any(i.state in SERVING for i in _instances(cluster, DEMO))
     assert _chat(cluster, "demo") == (reference, "cold_start", standby.id)
     live = _agent(cluster).ListInstances(nodeagent_pb2.NodeAgentServiceListInstancesRequest(), timeout=10).instances
-    known = {f"sw-{i.id}" for i in live if i.state not in (S.INSTANCE_STATE_ENDED, S.INSTANCE_STATE_FAILED)}
+    known = {f"sw-{i.id}" for i in live if i.state not in TERMINAL}
     # (a standby being started may not have its container yet, hence a subset)
     after = _containers(cluster)
     assert after <= known, "a container the restarted agent does not know survived"

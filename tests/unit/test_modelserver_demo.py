@@ -60,3 +60,16 @@ def test_the_runtime_cli_refuses_bad_flags_in_one_line_with_exit_2() -> None:
                          capture_output=True, text=True, timeout=60)
     assert got.returncode == 2
     assert got.stderr.strip().splitlines() == ["invalid configuration: --max-batch: expected 1..1024, got 0"]
+
+
+def test_the_runtime_cli_refuses_a_bad_tracing_setting_in_one_line_with_exit_2() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "zipkin"}
+    got = subprocess.run([sys.executable, "-m", "modelserver", "--model-dir", "m"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert got.returncode == 2
+    assert got.stderr.strip().splitlines() == [
+        "OTEL_TRACES_EXPORTER: unsupported exporter 'zipkin' (expected otlp, console or none)"]

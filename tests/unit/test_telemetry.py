@@ -147,3 +147,19 @@ def test_nvml_reader_reads_each_real_gpu() -> None:
     for r in readings:
         assert 0 < r.memory_used_bytes <= r.memory_total_bytes and 0.0 <= r.utilization_ratio <= 1.0
     assert len(_samples(telemetry.gpu_metrics_collector())) == 3 * len(readings)
+
+
+def test_traceparent_round_trips_through_a_socket_message() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    assert telemetry.traceparent() == {}  # nothing traced: the message carries nothing
+    assert telemetry.parent_context({"op": "load"}) is None
+    assert telemetry.parent_context({"traceparent": 7}) is None
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("sender") as span:
+        msg = {"op": "load", **telemetry.traceparent()}
+    context = span.get_span_context()
+    assert msg["traceparent"].startswith(f"00-{context.trace_id:032x}-{context.span_id:016x}-")
+    with tracer.start_as_current_span("receiver", context=telemetry.parent_context(msg)) as child:
+        assert child.get_span_context().trace_id == context.trace_id
+        assert child.parent is not None and child.parent.span_id == context.span_id

@@ -12,13 +12,11 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from snapwake.lifecycle import HOLDS_GPU
 from snapwake.v1 import types_pb2 as t
 
 __all__ = ["COLD_STARTS_SHOWN", "OTHER_TENANT", "build_state"]
 
-# States in which an instance's slice is actually allocated on its GPU (standby holds none).
-_HOLDS_GPU = {t.INSTANCE_STATE_SNAPSHOTTING, t.INSTANCE_STATE_STARTING, t.INSTANCE_STATE_RESTORING,
-              t.INSTANCE_STATE_RUNNING, t.INSTANCE_STATE_IDLE}
 COLD_STARTS_SHOWN = 20
 OTHER_TENANT = "(other tenant)"
 
@@ -53,7 +51,7 @@ def _slice(i: t.Instance, tenant: str | None) -> dict[str, Any]:
 
 def _gpu(node: t.Node, g: t.Gpu, instances: Sequence[t.Instance], tenant: str | None) -> dict[str, Any]:
     slices = [_slice(i, tenant) for i in instances
-              if i.node == node.name and i.gpu_index == g.index and i.state in _HOLDS_GPU]
+              if i.node == node.name and i.gpu_index == g.index and i.state in HOLDS_GPU]
     return {"index": g.index, "name": g.name, "memory_total_bytes": g.memory_total_bytes,
             "memory_reserved_bytes": g.memory_reserved_bytes, "slices": slices}
 

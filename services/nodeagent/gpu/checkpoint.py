@@ -5,7 +5,8 @@ released standby's GPU state (context, kernels: about 0.8 GB) into its host memo
 ``cuCheckpointProcessRestore/Unlock`` to bring it back (about 0.3 s on an H100).
 ``NoGpuCheckpointer`` is for hosts without a GPU: a CPU model server holds no device state, so
 there is nothing to checkpoint and the standby is simply the released process.
-The CUDA calls block, so they run in a worker thread.
+The CUDA calls block, so they run in a worker thread; a failed one raises ``CudaError`` naming
+the call and the pid (``snapwake.cuda``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import time
 from typing import Any
 
-from snapwake import errors
+from snapwake import cuda
 
 __all__ = ["Checkpointer", "CudaCheckpointer", "NoGpuCheckpointer"]
 
@@ -48,19 +49,15 @@ class NoGpuCheckpointer(Checkpointer):
 class CudaCheckpointer(Checkpointer):
     """The CUDA driver's process checkpoint API (driver 550+, cuda-python ``cuda.bindings``)."""
 
-    def __init__(self, lock_timeout_ms: int = 10_000) -> None:
-        from cuda.bindings import driver  # imported here so CPU hosts never need it
-
-        self._cu: Any = driver
+    def __init__(self, lock_timeout_ms: int = 10_000, cu: Any = None) -> None:
+        """``cu`` is the driver module; by default ``cuda.bindings.driver``, imported here so CPU
+        hosts never need it."""
+        self._cu: Any = cu if cu is not None else cuda.driver()
         self.lock_timeout_ms = lock_timeout_ms
         self._call("cuInit", 0)
 
     def _call(self, name: str, *args: Any) -> Any:
-        result = getattr(self._cu, name)(*args)
-        status = result[0] if isinstance(result, tuple) else result
-        if int(status) != 0:
-            raise errors.Unavailable(f"{name}({args[0] if args else ''}) failed: {status.name}")
-        return result
+        return cuda.check(getattr(self._cu, name)(*args), f"{name}({args[0] if args else ''})")
 
     def _checkpoint(self, pid: int) -> float:
         start = time.perf_counter()
@@ -69,7 +66,7 @@ class CudaCheckpointer(Checkpointer):
         self._call("cuCheckpointProcessLock", pid, lock)
         try:
             self._call("cuCheckpointProcessCheckpoint", pid, self._cu.CUcheckpointCheckpointArgs())
-        except errors.Unavailable:
+        except cuda.CudaError:
             self._call("cuCheckpointProcessUnlock", pid, self._cu.CUcheckpointUnlockArgs())
             raise
         return time.perf_counter() - start

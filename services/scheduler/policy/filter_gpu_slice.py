@@ -1,22 +1,18 @@
 """Filter: one GPU of the node has room for the function's memory slice.
 
-Used memory on a GPU is the sum of the slices of the instances that hold GPU memory there
-(standbys hold none), or what the node reports as reserved, whichever is larger. Among the
+Used memory on a GPU is the sum of the slices of the instances that hold GPU memory there or
+are about to (``snapwake.lifecycle.CLAIMS_GPU``: standbys hold none), or what the node reports
+as reserved, whichever is larger. Among the
 GPUs that fit, the tightest fit wins so large holes stay free for large slices.
 """
 
 from __future__ import annotations
 
 from services.scheduler.policy.framework import ClusterView, CycleState, Request, Status
-from snapwake.v1.types_pb2 import Instance, InstanceState, Node
+from snapwake.lifecycle import CLAIMS_GPU
+from snapwake.v1.types_pb2 import Instance, Node
 
-__all__ = ["GPU_HOLDING", "GpuSlice", "gpu_free_bytes"]
-
-S = InstanceState
-# States whose instance has (or is about to have) its slice on the GPU. STARTING counts
-# because a standby attaches its weights once while warming up.
-GPU_HOLDING = frozenset({S.INSTANCE_STATE_CREATING, S.INSTANCE_STATE_SNAPSHOTTING, S.INSTANCE_STATE_STARTING,
-                         S.INSTANCE_STATE_RESTORING, S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_IDLE})
+__all__ = ["GpuSlice", "gpu_free_bytes"]
 
 
 def gpu_free_bytes(node: Node, instances: list[Instance]) -> dict[int, int]:
@@ -24,7 +20,7 @@ def gpu_free_bytes(node: Node, instances: list[Instance]) -> dict[int, int]:
     free: dict[int, int] = {}
     for gpu in node.gpus:
         used = sum(i.gpu_memory_bytes for i in instances
-                   if i.gpu_index == gpu.index and i.state in GPU_HOLDING)
+                   if i.gpu_index == gpu.index and i.state in CLAIMS_GPU)
         free[gpu.index] = gpu.memory_total_bytes - max(used, gpu.memory_reserved_bytes)
     return free
 
