@@ -360,6 +360,8 @@ async def test_each_revision_records_the_model_its_first_instance_reported(leade
     got = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=created.id, gateway_id="gw"), timeout=10)
     await wait_until(lambda: recorded(created.id) == node.model, 10, "the first start's model recorded")
     await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
+    listed = (await admin.ListFunctions(pb.ListFunctionsRequest(), timeout=5)).functions
+    assert FunctionInfo.from_proto(next(f for f in listed if f.id == created.id)).limits is not None
 
     node.model = ModelMetadata(max_context_tokens=8192, vocab_size=128256)
     updated = (await admin.UpdateFunction(pb.UpdateFunctionRequest(spec=plain), timeout=5)).function
