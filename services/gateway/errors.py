@@ -1,9 +1,11 @@
 """The gateway's error leaves, and its HTTP error response (the shared OpenAI mapping).
 
-The gateway adds three leaves to the shared tree (``snapwake.errors``):
+The gateway adds four leaves to the shared tree (``snapwake.errors``):
 
     SnapwakeError
      +-- Unauthenticated            401: missing or unknown API key
+     +-- InvalidArgument
+     |    +-- BodyTooLarge          413: the body is over ``max_body_bytes``
      +-- ResourceExhausted
      |    +-- QueueFull             429: the function's queue is full
      +-- DeadlineExceeded
@@ -21,11 +23,15 @@ from starlette.responses import JSONResponse
 from snapwake import errors
 from snapwake.openai import CODES, RETRYABLE, openai_error
 
-__all__ = ["QueueFull", "QueueTimeout", "Unauthenticated", "error_response"]
+__all__ = ["BodyTooLarge", "QueueFull", "QueueTimeout", "Unauthenticated", "error_response"]
 
 
 class Unauthenticated(errors.SnapwakeError):
     http_status, openai_type = 401, "authentication_error"
+
+
+class BodyTooLarge(errors.InvalidArgument):
+    http_status = 413
 
 
 class QueueFull(errors.ResourceExhausted):
@@ -39,6 +45,7 @@ class QueueTimeout(errors.DeadlineExceeded):
 _CODES: dict[type[errors.SnapwakeError], str] = {
     **CODES,
     Unauthenticated: "invalid_api_key",
+    BodyTooLarge: "request_too_large",
     QueueFull: "queue_full",
     QueueTimeout: "queue_timeout",
 }

@@ -58,6 +58,7 @@ class OpenAIServing:
                                 on_depth=lambda f, n: metrics.queue_depth.labels(f).set(n))
         self.upstream = upstream or Upstream(config.connect_timeout, config.read_timeout)
         self.retry_after = config.retry_after
+        self.max_body_bytes = config.max_body_bytes
 
     @staticmethod
     def _model_card(fn: FunctionInfo) -> dict[str, Any]:

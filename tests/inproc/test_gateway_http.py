@@ -31,6 +31,7 @@ from snapwake.testing import free_port
 pytestmark = pytest.mark.timeout(30)
 
 KEY, TENANT = "sk-acme", "acme"
+MAX_BODY = 64 << 10
 
 
 def _words(body: dict[str, Any]) -> list[str]:
@@ -157,7 +158,7 @@ def scheduler(upstream: str, parked: str, parking: str) -> InMemoryScheduler:
 @pytest.fixture
 async def gateway(scheduler: InMemoryScheduler) -> AsyncIterator[str]:
     config = GatewayConfig(api_keys=(f"{KEY}:{TENANT}", "sk-other:other"), report_interval=0.1,
-                           connect_timeout=1.0, read_timeout=5.0)
+                           connect_timeout=1.0, read_timeout=5.0, max_body_bytes=MAX_BODY)
     async with serve(build_app(scheduler, config)) as address:
         yield f"http://{address}"
 
@@ -437,3 +438,24 @@ async def test_a_user_image_still_gets_the_edge_checks(gateway: str, scheduler: 
         r = await http.post("/v1/chat/completions", json={**_body("custom", "", {}), **change})
     assert r.status_code == 400 and r.json()["error"]["param"] == param
     assert scheduler.acquired == []
+
+
+async def test_a_body_over_the_limit_is_413_for_every_function(gateway: str, scheduler: InMemoryScheduler) -> None:
+    def body(size: int) -> bytes:
+        return json.dumps(_body("custom", "", {"messages": [{"role": "user", "content": "x" * size}]})).encode()
+
+    big = body(MAX_BODY)
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it comes
+        for i in range(0, len(big), 4096):
+            yield big[i:i + 4096]
+
+    async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        declared = await http.post("/v1/chat/completions", content=big)
+        streamed = await http.post("/v1/chat/completions", content=chunked())
+        assert scheduler.acquired == []
+        fits = await http.post("/v1/chat/completions", content=body(MAX_BODY - 200))
+    for r in (declared, streamed):
+        assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+        assert r.json()["error"]["code"] == "request_too_large"
+    assert fits.status_code == 200 and scheduler.acquired == ["acme/default/custom"]
