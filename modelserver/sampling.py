@@ -1,19 +1,18 @@
-"""Sampling parameters of one request, validated from an OpenAI request body. Pure.
+"""Sampling parameters of one request, from its validated OpenAI body. Pure.
 
-Unknown fields are accepted (clients send many); known ones are checked and a bad one raises
-``InvalidArgument`` with ``field`` set to its name.
+The rules live in the shared schema (``snapwake.openai``), which the gateway applies too; this
+module only turns a validated request into what the engine needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from snapwake.errors import InvalidArgument
+from snapwake.openai import GenerationRequest, validate
 
-__all__ = ["SamplingParams", "parse_sampling"]
-
-MAX_STOPS = 4
+__all__ = ["SamplingParams", "from_request", "parse_sampling"]
 
 
 @dataclass(frozen=True)
@@ -33,61 +32,19 @@ class SamplingParams:
     include_usage: bool = False
 
 
-def _number(body: dict[str, Any], field: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    value = body.get(field)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgument(f"{field} must be a number", field=field)
-    if value > hi or value < lo or (lo_open and value == lo):
-        raise InvalidArgument(f"{field} must be in {'(' if lo_open else '['}{lo}, {hi}], got {value}", field=field)
-    return float(value)
-
-
-def _int(body: dict[str, Any], field: str, lo: int) -> int | None:
-    value = body.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"{field} must be an integer", field=field)
-    if value < lo:
-        raise InvalidArgument(f"{field} must be >= {lo}, got {value}", field=field)
-    return value
-
-
-def _stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise InvalidArgument("stop must be a string or a list of strings", field="stop")
-    if len(stops) > MAX_STOPS:
-        raise InvalidArgument(f"stop takes at most {MAX_STOPS} strings", field="stop")
-    if any(s == "" for s in stops):
-        raise InvalidArgument("stop strings must not be empty", field="stop")
-    return tuple(stops)
+def from_request(request: GenerationRequest) -> SamplingParams:
+    """The sampling parameters of a validated request (its endpoint's default ``max_tokens``)."""
+    stop = request.stop
+    return SamplingParams(
+        max_tokens=request.max_new_tokens,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        stop=(stop,) if isinstance(stop, str) else tuple(stop or ()), seed=request.seed,
+        stream=request.streaming,
+        include_usage=bool(request.stream_options and request.stream_options.include_usage))
 
 
 def parse_sampling(body: dict[str, Any], default_max_tokens: int | None) -> SamplingParams:
-    """Validates the sampling fields common to chat and text completions."""
-    n = _int(body, "n", 1)
-    if n not in (None, 1):
-        raise InvalidArgument("only n=1 is supported", field="n")
-    max_tokens = _int(body, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 1)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool | None):
-        raise InvalidArgument("stream must be a boolean", field="stream")
-    options = body.get("stream_options")
-    if options is not None and (not isinstance(options, dict) or not stream):
-        raise InvalidArgument("stream_options is an object and needs stream=true", field="stream_options")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InvalidArgument("seed must be an integer", field="seed")
-    return SamplingParams(
-        max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        stop=_stop(body.get("stop")), seed=seed, stream=bool(stream),
-        include_usage=bool((options or {}).get("include_usage", False)))
+    """Validates the sampling fields of a raw body; raises ``InvalidArgument`` naming the field."""
+    params = from_request(validate(body, GenerationRequest))
+    return params if params.max_tokens is not None else dataclasses.replace(params, max_tokens=default_max_tokens)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -14,27 +12,19 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from modelserver.instance import Instance, Phase
-from modelserver.openai import serving, sse
+from modelserver.openai import serving
 from modelserver.openai.requests import prepare_chat, prepare_completion
-from snapwake.errors import InvalidArgument, SnapwakeError, Unavailable
+from snapwake.errors import SnapwakeError, Unavailable
+from snapwake.openai import RETRYABLE, openai_error, parse_json
 
 __all__ = ["create_app"]
 
 
 def error_response(exc: SnapwakeError) -> JSONResponse:
-    """The one mapping from a domain error to an OpenAI error response."""
-    headers = {"Retry-After": "1"} if exc.http_status in (429, 503) else None
-    return JSONResponse(sse.error_body(exc.message, exc.openai_type, exc.field), exc.http_status, headers=headers)
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body())
-    except ValueError as exc:
-        raise InvalidArgument(f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise InvalidArgument("the body must be a JSON object")
-    return body
+    """A domain error as the OpenAI error response (the shared mapping, as the gateway's)."""
+    status, body = openai_error(exc)
+    headers = {"Retry-After": "1"} if status in RETRYABLE else None
+    return JSONResponse(body, status, headers=headers)
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
@@ -62,7 +52,7 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
 
     async def complete(request: Request, chat: bool) -> Response:
         gate()
-        body = await _body(request)
+        body = parse_json(await request.body())
         engine = instance.engine
         if engine is None:
             raise Unavailable("the model is not serving")

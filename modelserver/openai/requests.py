@@ -1,18 +1,30 @@
 """Request bodies -> prompt token ids and sampling params. Every bad field raises
-``InvalidArgument`` naming it."""
+``InvalidArgument`` naming it.
+
+The body is checked with the shared schema and this instance's limits (``snapwake.openai``,
+the same rules the gateway applied before it claimed this instance); what needs the tokenizer,
+the prompt's length in tokens, is checked here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from modelserver.sampling import SamplingParams, parse_sampling
+from modelserver.sampling import SamplingParams, from_request
 from snapwake.errors import InvalidArgument
+from snapwake.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    ModelLimits,
+    check_length,
+)
+from snapwake.openai import validate as validate_body
 
-__all__ = ["Prepared", "prepare_chat", "prepare_completion", "chat_messages"]
+__all__ = ["Prepared", "prepare_chat", "prepare_completion"]
 
-ROLES = {"system", "developer", "user", "assistant", "tool"}
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # what the OpenAI completions API defaults to
+G = TypeVar("G", bound=GenerationRequest)
 
 
 @dataclass(frozen=True)
@@ -24,84 +36,35 @@ class Prepared:
     params: SamplingParams
 
 
-def _model(body: dict[str, Any]) -> str:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidArgument("model is required and must be a string", field="model")
-    return model
+def _checked(body: dict[str, Any], kind: type[G], tokenizer: Any, max_context: int) -> tuple[G, str]:
+    """The request, checked as the gateway checks it (with this instance's limits), and its model."""
+    request = validate_body(body, kind)
+    if request.model is None:  # the gateway always sends one
+        raise InvalidArgument("model: field required", field="model")
+    request.check_limits(ModelLimits(max_context, len(tokenizer)))
+    return request, request.model
 
 
-def _content(value: Any, i: int) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InvalidArgument(f"messages[{i}].content: only text parts are supported", field="messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    if value is None:
-        return ""
-    raise InvalidArgument(f"messages[{i}].content must be a string or a list of text parts", field="messages")
-
-
-def chat_messages(value: Any) -> list[dict[str, str]]:
-    """Validated messages in the plain form chat templates expect."""
-    if not isinstance(value, list) or not value:
-        raise InvalidArgument("messages must be a non-empty list", field="messages")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise InvalidArgument(f"messages[{i}].role must be one of {sorted(ROLES)}", field="messages")
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _content(m.get("content"), i)})
-    return out
-
-
-def _check_length(prompt_ids: list[int], params: SamplingParams, max_context: int, field: str) -> None:
-    if not prompt_ids:
-        raise InvalidArgument(f"{field} is empty after tokenization", field=field)
-    if len(prompt_ids) >= max_context:
-        raise InvalidArgument(f"{field} has {len(prompt_ids)} tokens; the context is {max_context}", field=field)
-    if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > max_context:
-        raise InvalidArgument(f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} exceed the "
-                              f"context of {max_context}", field="max_tokens")
+def _prepared(request: GenerationRequest, model: str, ids: list[int], max_context: int, field: str) -> Prepared:
+    check_length(len(ids), request.max_new_tokens, max_context, field, request.max_tokens_field)
+    return Prepared(model, ids, from_request(request))
 
 
 def prepare_chat(body: dict[str, Any], tokenizer: Any, max_context: int) -> Prepared:
     """Validates a chat completion request and applies the tokenizer's chat template."""
-    model = _model(body)
-    messages = chat_messages(body.get("messages"))
-    params = parse_sampling(body, None)
+    request, model = _checked(body, ChatCompletionRequest, tokenizer, max_context)
+    messages = [m.plain() for m in request.messages]
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     else:  # a model with no template: a plain transcript
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    _check_length(ids, params, max_context, "messages")
-    return Prepared(model, ids, params)
+    return _prepared(request, model, ids, max_context, "messages")
 
 
 def prepare_completion(body: dict[str, Any], tokenizer: Any, max_context: int) -> Prepared:
     """Validates a text completion request (one prompt: a string or token ids)."""
-    model = _model(body)
-    for field in ("echo", "logprobs", "best_of", "suffix"):
-        if body.get(field) not in (None, False, 1 if field == "best_of" else None):
-            raise InvalidArgument(f"{field} is not supported", field=field)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        vocab = len(tokenizer)
-        if any(t < 0 or t >= vocab for t in prompt):
-            raise InvalidArgument(f"prompt token ids must be in [0, {vocab})", field="prompt")
-        ids = list(prompt)
-    else:
-        raise InvalidArgument("prompt must be a string, a list of token ids, or a list with one of those",
-                              field="prompt")
-    params = parse_sampling(body, COMPLETION_DEFAULT_MAX_TOKENS)
-    _check_length(ids, params, max_context, "prompt")
-    return Prepared(model, ids, params)
+    request, model = _checked(body, CompletionRequest, tokenizer, max_context)
+    prompt = request.prompt
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if isinstance(prompt, str) else list(prompt)
+    return _prepared(request, model, ids, max_context, "prompt")

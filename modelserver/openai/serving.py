@@ -22,6 +22,7 @@ from modelserver.instance import Instance
 from modelserver.openai import sse
 from modelserver.openai.requests import Prepared
 from snapwake.errors import SnapwakeError
+from snapwake.openai import openai_error
 
 __all__ = ["collect", "stream", "pieces"]
 
@@ -101,7 +102,7 @@ async def stream(instance: Instance, req: Prepared, chat: bool, cancel: threadin
             else:
                 yield sse.event(sse.completion_chunk(rid, req.model, created, p.text, p.finish_reason))
     except SnapwakeError as exc:
-        yield sse.event(sse.error_body(exc.message, exc.openai_type, exc.field))
+        yield sse.event(openai_error(exc)[1])
         return
     if req.params.include_usage:
         use = sse.usage(len(req.prompt_ids), n)

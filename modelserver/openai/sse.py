@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["DONE", "chat_chunk", "completion_chunk", "error_body", "event", "usage"]
+__all__ = ["DONE", "chat_chunk", "completion_chunk", "event", "usage"]
 
 DONE = b"data: [DONE]\n\n"
 
@@ -43,8 +43,3 @@ def completion_chunk(rid: str, model: str, created: int, text: str | None, finis
     if use is not None:
         obj["usage"] = use
     return obj
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """The one OpenAI error body."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

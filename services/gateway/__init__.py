@@ -3,8 +3,8 @@ function, and the proxy (with SSE streaming) to a claimed instance.
 
     config.py            GatewayConfig (frozen, loaded once in __main__)
     models.py            OpenAI model id <-> function id, and the cached function catalogue
-    protocol.py          request validation (unknown fields accepted and logged)
-    errors.py            the one OpenAI error body and the exception -> HTTP mapping
+    protocol.py          what is checked before a claim (the shared schema, for built-in functions)
+    errors.py            the gateway's error leaves and its OpenAI error response
     middleware.py        request id and API-key auth, plain ASGI
     queue.py             the bounded per-function queue: a pure core and its asyncio edge
     scheduler_client.py  the SchedulerClient interface and its gRPC implementation

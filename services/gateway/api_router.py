@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from services.gateway import middleware
+from services.gateway.errors import BodyTooLarge
 from services.gateway.proxy import wait_disconnect
 from services.gateway.serving import ENDPOINTS, OpenAIServing, RequestContext
 from snapwake import errors
@@ -39,6 +40,21 @@ async def _until_disconnect(request: Request, work: Awaitable[ASGIApp]) -> ASGIA
         if watch.cancelled() or not watch.done():
             raise  # we were cancelled ourselves (shutdown), not the client
         return Response(status_code=_CLIENT_CLOSED)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body; ``BodyTooLarge`` as soon as it is known to pass ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"body: {declared} bytes is over the limit of {limit}", field="body")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body: over the limit of {limit} bytes", field="body")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _context(request: Request, fixed_function: str | None = None) -> RequestContext:
@@ -82,9 +98,9 @@ def routes(serving: OpenAIServing) -> list[BaseRoute]:
         async def endpoint(request: Request) -> ASGIApp:
             try:
                 ctx = _context(request, _path_function(request) if per_function else None)
+                raw = await _read_body(request, serving.max_body_bytes)
             except errors.SnapwakeError as exc:
                 return serving.error(exc)
-            raw = await request.body()
             return await _until_disconnect(request, serving.generate(path, raw, ctx))
 
         return Route((_FUNC_PREFIX if per_function else "") + path, endpoint, methods=["POST"])

@@ -52,6 +52,7 @@ class GatewayConfig:
     models_cache_seconds: float = _field(1.5, "How long ListFunctions answers are reused.")
     report_interval: float = _field(1.0, "Seconds between queue-depth reports to the scheduler.")
     retry_after: int = _field(1, "Seconds sent in Retry-After with 429 and 503.")
+    max_body_bytes: int = _field(16 << 20, "Largest request body accepted (413 above it), for every function.")
     shutdown_grace: float = _field(30.0, "Seconds in-flight requests get to finish on shutdown.")
     log_level: str = _field("INFO", "Log level.")
 
@@ -79,6 +80,8 @@ class GatewayConfig:
                 errors.append(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.default_queue_len < 1:
             errors.append(f"default_queue_len: must be >= 1, got {self.default_queue_len}")
+        if self.max_body_bytes < 1:
+            errors.append(f"max_body_bytes: must be >= 1, got {self.max_body_bytes}")
         if self.retry_after < 0:
             errors.append(f"retry_after: must be >= 0, got {self.retry_after}")
         return errors

@@ -1,126 +1,56 @@
-"""Request bodies the gateway validates before queueing them.
+"""What the gateway checks of a request body before it claims an instance.
 
-The gateway checks only what it needs and what would otherwise cost a cold start to find out
-(types of the common fields); the instance's server does the rest. Fields it does not know are
-accepted, logged and passed on unchanged. Types are strict: ``"max_tokens": "5"`` is a 400
-naming ``max_tokens``, not a silent conversion.
+Every body must be a JSON object whose ``model`` names a function (``Routing``). What follows
+depends on who serves that function:
+
+- the built-in model server: the whole shared schema (``snapwake.openai``), then the limits
+  recorded for the function's revision (context length, vocabulary), so a request the model
+  server would refuse is refused here, with its bytes, before a claim or a cold start;
+- a user image: only what the gateway uses itself (``stream``, to relay the answer); the body
+  passes on unchanged and the image answers the rest.
+
+The body is forwarded as it came, unknown fields included.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from typing import Any, Literal
+from pydantic import BaseModel, ConfigDict
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
+from services.gateway.models import model_id_for
+from services.gateway.scheduler_client import FunctionInfo
 from snapwake import errors
+from snapwake.openai import MODEL_SERVER_PATHS, SCHEMAS, ModelName, validate
 
-__all__ = ["ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest", "OpenAIRequest", "parse_body"]
-
-log = logging.getLogger(__name__)
-
-
-class OpenAIRequest(BaseModel):
-    """Fields shared by every endpoint; unknown ones are kept in ``model_extra``."""
-
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    # Optional here: per-function URLs fix the function by path. /v1/... requires it (serving).
-    model: str | None = None
-    user: str | None = None
-
-    @property
-    def streaming(self) -> bool:
-        return False
+__all__ = ["Routing", "Streaming", "check_request"]
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+class Routing(BaseModel):
+    """The function the body names (the schema's own type, so it fails with the same words)."""
 
-    include_usage: bool | None = None
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: ModelName = None
 
 
-class _Generation(OpenAIRequest):
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    n: int | None = Field(default=None, ge=1)
+class Streaming(Routing):
+    """What the gateway reads of a body it otherwise passes on: whether to relay SSE."""
+
     stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logprobs: bool | int | None = None
 
     @property
     def streaming(self) -> bool:
         return bool(self.stream)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    # A string, or a list of content parts ({"type": "text", "text": ...}).
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatCompletionRequest(_Generation):
-    """``POST /v1/chat/completions``."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    top_logprobs: int | None = Field(default=None, ge=0)
-
-
-class CompletionRequest(_Generation):
-    """``POST /v1/completions``."""
-
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool | None = None
-
-
-class EmbeddingRequest(OpenAIRequest):
-    """``POST /v1/embeddings`` (only functions whose server offers it answer it)."""
-
-    input: str | list[str] | list[int] | list[list[int]]
-    encoding_format: Literal["float", "base64"] | None = None
-    dimensions: int | None = Field(default=None, ge=1)
-
-
-_TYPE_TAGS = frozenset({"str", "int", "bool", "float", "dict", "list", "none"})
-
-
-def _field_of(error: dict[str, Any]) -> str:
-    """The dotted field path of a pydantic error, without the union member tags it adds
-    (``("stop", "list[str]")`` is field ``stop``)."""
-    names: list[str] = []
-    for part in error["loc"]:
-        if isinstance(part, str) and ("[" in part or part in _TYPE_TAGS or "-" in part):
-            break  # what follows indexes into one union member; the field is named already
-        names.append(str(part))
-    return ".".join(names) or "body"
-
-
-def parse_body(raw: bytes, kind: type[OpenAIRequest]) -> tuple[OpenAIRequest, dict[str, Any]]:
-    """Validates a JSON body; returns the model and the body as parsed (forwarded unchanged).
-
-    Raises ``InvalidArgument`` naming the first bad field (``field="body"`` for bad JSON).
-    """
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise errors.InvalidArgument(f"request body is not valid JSON: {exc}", field="body") from None
-    if not isinstance(body, dict):
-        raise errors.InvalidArgument("request body must be a JSON object", field="body")
-    try:
-        request = kind.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        name = _field_of(dict(first))
-        raise errors.InvalidArgument(f"{name}: {first['msg']}", field=name) from None
-    if request.model_extra:
-        log.info("passing on fields the gateway does not check: %s", ", ".join(sorted(request.model_extra)))
-    return request, body
+def check_request(path: str, body: dict[str, object], fn: FunctionInfo) -> bool:
+    """Checks ``body`` for ``path`` on ``fn``; returns whether the answer streams. Raises
+    ``InvalidArgument`` naming the first bad field."""
+    if not fn.builtin:
+        return validate(body, Streaming).streaming
+    request = validate(body, SCHEMAS[path])
+    if path not in MODEL_SERVER_PATHS:
+        raise errors.InvalidArgument(f"model: {model_id_for(fn.function_id)} is served by the built-in model "
+                                     f"server, which does not serve {path}", field="model")
+    if fn.limits is not None:
+        request.check_limits(fn.limits)
+    return request.streaming

@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
-from services.gateway.errors import error_body
 from services.gateway.scheduler_client import Claim
 from snapwake import errors
+from snapwake.openai import error_body
 
 try:
     from opentelemetry.propagate import inject as otel_inject

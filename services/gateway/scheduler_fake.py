@@ -36,6 +36,7 @@ class InMemoryScheduler(SchedulerClient):
         self._claims: dict[str, tuple[str, str]] = {}  # claim id -> (function id, endpoint)
         self._changed = asyncio.Condition()
         self._ids = itertools.count(1)
+        self.acquired: list[str] = []  # function id of every AcquireClaim (each may start an instance)
         self.released: list[tuple[str, bool]] = []  # (claim id, instance_failed)
         self.reports: list[dict[str, int]] = []
         self.reported_claims: list[list[HeldClaim]] = []  # one list per report
@@ -59,6 +60,7 @@ class InMemoryScheduler(SchedulerClient):
         return next((e for e in d.endpoints if d.in_use.get(e, 0) < d.concurrency), None)
 
     async def acquire_claim(self, function_id: str, request_id: str, max_wait: float) -> Claim:
+        self.acquired.append(function_id)
         d = self._deployments.get(function_id)
         if d is None:
             raise errors.NotFound(f"function {function_id} not found")

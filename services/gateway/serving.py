@@ -21,29 +21,20 @@ from services.gateway.config import GatewayConfig
 from services.gateway.errors import error_response
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import FunctionCatalog, function_id_for, model_id_for
-from services.gateway.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    OpenAIRequest,
-    parse_body,
-)
+from services.gateway.protocol import Routing, check_request
 from services.gateway.proxy import InstanceNotServing, InstanceUnreachable, RelayResponse, Upstream
 from services.gateway.queue import ClaimQueue
 from services.gateway.scheduler_client import Claim, FunctionInfo, SchedulerClient
 from snapwake import errors, telemetry
+from snapwake.openai import SCHEMAS, parse_json, validate
 from snapwake.v1 import types_pb2
 
 __all__ = ["ENDPOINTS", "OpenAIServing", "RequestContext"]
 
 log = logging.getLogger(__name__)
 
-# Instance-side path -> what its body must look like.
-ENDPOINTS: dict[str, type[OpenAIRequest]] = {
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/v1/completions": CompletionRequest,
-    "/v1/embeddings": EmbeddingRequest,
-}
+# The generation endpoints (instance-side paths); their bodies' schemas are in SCHEMAS.
+ENDPOINTS = tuple(SCHEMAS)
 
 
 @dataclass
@@ -67,6 +58,7 @@ class OpenAIServing:
                                 on_depth=lambda f, n: metrics.queue_depth.labels(f).set(n))
         self.upstream = upstream or Upstream(config.connect_timeout, config.read_timeout)
         self.retry_after = config.retry_after
+        self.max_body_bytes = config.max_body_bytes
 
     @staticmethod
     def _model_card(fn: FunctionInfo) -> dict[str, Any]:
@@ -86,28 +78,32 @@ class OpenAIServing:
         return error_response(exc, self.retry_after)
 
     async def generate(self, path: str, raw: bytes, ctx: RequestContext) -> ASGIApp:
-        """``POST`` of a generation endpoint; every failure comes back as an OpenAI error."""
+        """``POST`` of a generation endpoint; every failure comes back as an OpenAI error.
+
+        The body is checked (``protocol.check_request``) before the queue: a request the
+        function's server would refuse costs no claim and no start."""
         label = ctx.fixed_function or "unknown"
         try:
-            request, body = parse_body(raw, ENDPOINTS[path])
-            fn = await self._resolve(request, ctx)
+            body = parse_json(raw)
+            fn = await self._resolve(validate(body, Routing).model, ctx)
             label = fn.function_id
+            streaming = check_request(path, body, fn)
             if "model" not in body:  # a per-function URL needs none; the instance may want one
                 raw = json.dumps({**body, "model": model_id_for(fn.function_id)}).encode()
-            response = await self._forward(fn, path, raw, request.streaming, ctx)
+            response = await self._forward(fn, path, raw, streaming, ctx)
         except Exception as exc:  # noqa: BLE001 - the HTTP boundary: everything becomes an OpenAI error
             response = self.error(exc)
         status = getattr(response, "status_code", 200)
         self.metrics.requests.labels(label, str(status)).inc()
         return response
 
-    async def _resolve(self, request: OpenAIRequest, ctx: RequestContext) -> FunctionInfo:
+    async def _resolve(self, model: str | None, ctx: RequestContext) -> FunctionInfo:
         if ctx.fixed_function is not None:
             fn = await self.catalog.get(ctx.fixed_function)
-        elif request.model is None:
+        elif model is None:
             raise errors.InvalidArgument("model: field required", field="model")
         else:
-            fn = await self.catalog.get(function_id_for(request.model, ctx.tenant), request.model)
+            fn = await self.catalog.get(function_id_for(model, ctx.tenant), model)
         if fn.state == types_pb2.FUNCTION_STATE_FAILED:
             raise errors.StartFailed(f"function {fn.function_id} failed to deploy: {fn.status_message}")
         return fn

@@ -22,6 +22,7 @@ from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.bundle import write_bundle
 from services.nodeagent.container import bundle_spec, free_port
 from services.nodeagent.machine import InstanceMachine, StartPlan, plan_start
+from services.nodeagent.modelinfo import read_model_metadata
 from services.nodeagent.tracing import in_span
 from snapwake import errors, keys, telemetry
 from snapwake.v1 import nodeagent_pb2, types_pb2
@@ -148,6 +149,8 @@ async def _record_snapshot(agent: NodeAgent, inst: types_pb2.Instance, reply: di
 async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceRequest) -> types_pb2.Instance:
     """Starts a container and returns once it reached ``req.target`` (see module docstring)."""
     plan = validate_start(req)
+    # Read first: nothing may await between the checks below and the instance's registration.
+    model = await asyncio.to_thread(read_model_metadata, Path(req.spec.model_dir))
     if req.instance_id in agent.instances:
         raise errors.AlreadyExists(f"instance {req.instance_id} already exists on {agent.config.name}")
     timeout = _start_timeout(agent, req)
@@ -157,6 +160,8 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
         id=req.instance_id, function_id=req.function_id, revision=req.revision, node=agent.config.name,
         gpu_index=req.gpu_index, gpu_memory_bytes=req.gpu_memory_bytes or req.spec.resources.gpu_memory_bytes,
         endpoint=f"127.0.0.1:{port}")
+    if model is not None:  # the scheduler copies it onto the function for the gateways
+        inst.model.CopyFrom(model)
     idir = agent.config.instances_dir / req.instance_id
     live = Live(InstanceMachine(inst, agent.clock()), agent.containers.prefix + req.instance_id, idir, port, use_gpu,
                 process_mode=process_mode.is_process(req.spec))

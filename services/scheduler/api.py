@@ -90,6 +90,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             fn.revision += 1
             fn.state = initial_state(spec)  # type: ignore[assignment]
             fn.status_message = ""
+            fn.ClearField("model")  # the new revision's model is read again at its first start
             fn.update_time.CopyFrom(_now())
             return fn
 

@@ -1,4 +1,5 @@
-"""The reconcile loop (leader only): snapshots, standbys, min/max instances, scale in, cleanup.
+"""The reconcile loop (leader only): snapshots, standbys, min/max instances, scale in, cleanup,
+and each revision's model metadata (from its first instance that reported one).
 
 Each pass compares the desired state (functions in etcd) with the actual state (instances and
 snapshots in etcd) and starts at most one operation per (function, kind); operations run as
@@ -22,7 +23,14 @@ from services.scheduler.state import ClusterState
 from snapwake import errors
 from snapwake.lifecycle import LIVE, SERVING
 from snapwake.v1.nodeagent_pb2 import StartTarget
-from snapwake.v1.types_pb2 import Function, FunctionState, Instance, InstanceState, SnapshotMode
+from snapwake.v1.types_pb2 import (
+    Function,
+    FunctionState,
+    Instance,
+    InstanceState,
+    ModelMetadata,
+    SnapshotMode,
+)
 
 __all__ = ["Controller"]
 
@@ -78,6 +86,7 @@ class Controller:
         """One pass over every function and instance; starts operations, never awaits them."""
         functions = {f.id: f for f in self.state.functions()}
         for fn in functions.values():
+            self._record_model(fn)
             if fn.state == FunctionState.FUNCTION_STATE_PENDING:
                 self.builder.reconcile(fn, self._spawn)
             elif fn.state == FunctionState.FUNCTION_STATE_READY:
@@ -87,6 +96,28 @@ class Controller:
                 else:  # marked corrupt by a node (or lost): rebuild it; requests get normal starts meanwhile
                     self.builder.reconcile(fn, self._spawn)
         self._cleanup(functions)
+
+    def _record_model(self, fn: Function) -> None:
+        """Copies the model metadata an instance of ``fn``'s revision reported (its node read the
+        model dir at start: the snapshot build, or the first start) onto the function, where the
+        gateways read it. From the etcd mirror, so a new leader finishes what an old one missed."""
+        if fn.HasField("model"):
+            return
+        model = next((i.model for i in self.state.instances()
+                      if i.function_id == fn.id and i.revision == fn.revision and i.HasField("model")), None)
+        if model is not None:
+            self._spawn(f"model {fn.id}@{fn.revision}", lambda: self._write_model(fn, model))
+
+    async def _write_model(self, fn: Function, model: ModelMetadata) -> None:
+        def mutate(cur: Function) -> Function | None:
+            if cur.revision != fn.revision or cur.HasField("model"):
+                return None  # updated since, or recorded already
+            cur.model.CopyFrom(model)
+            return cur
+
+        await self.state.update_function(fn.id, mutate)
+        log.info("model of revision %d: context %d, vocabulary %d, chat template %s", fn.revision,
+                 model.max_context_tokens, model.vocab_size, model.has_chat_template, extra={"function_id": fn.id})
 
     def _scale(self, fn: Function) -> None:
         live = self.broker.live_count(fn)

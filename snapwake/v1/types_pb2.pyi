@@ -140,8 +140,18 @@ class FunctionSpec(_message.Message):
     env: _containers.ScalarMap[str, str]
     def __init__(self, tenant: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., model_dir: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., http_port: _Optional[int] = ..., health_path: _Optional[str] = ..., sample_request: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
+class ModelMetadata(_message.Message):
+    __slots__ = ("max_context_tokens", "vocab_size", "has_chat_template")
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    max_context_tokens: int
+    vocab_size: int
+    has_chat_template: bool
+    def __init__(self, max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+
 class Function(_message.Message):
-    __slots__ = ("id", "spec", "revision", "state", "status_message", "create_time", "update_time")
+    __slots__ = ("id", "spec", "revision", "state", "status_message", "create_time", "update_time", "model")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +159,7 @@ class Function(_message.Message):
     STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: FunctionSpec
     revision: int
@@ -156,10 +167,11 @@ class Function(_message.Message):
     status_message: str
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., revision: _Optional[int] = ..., state: _Optional[_Union[FunctionState, str]] = ..., status_message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    model: ModelMetadata
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., revision: _Optional[int] = ..., state: _Optional[_Union[FunctionState, str]] = ..., status_message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[_Union[ModelMetadata, _Mapping]] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("id", "function_id", "revision", "node", "gpu_index", "gpu_memory_bytes", "state", "endpoint", "message", "create_time", "update_time", "last_start_seconds", "host_rss_bytes", "host_pss_bytes", "host_private_bytes")
+    __slots__ = ("id", "function_id", "revision", "node", "gpu_index", "gpu_memory_bytes", "state", "endpoint", "message", "create_time", "update_time", "last_start_seconds", "host_rss_bytes", "host_pss_bytes", "host_private_bytes", "model")
     ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +187,7 @@ class Instance(_message.Message):
     HOST_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_PSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_PRIVATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     id: str
     function_id: str
     revision: int
@@ -190,7 +203,8 @@ class Instance(_message.Message):
     host_rss_bytes: int
     host_pss_bytes: int
     host_private_bytes: int
-    def __init__(self, id: _Optional[str] = ..., function_id: _Optional[str] = ..., revision: _Optional[int] = ..., node: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[InstanceState, str]] = ..., endpoint: _Optional[str] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_start_seconds: _Optional[float] = ..., host_rss_bytes: _Optional[int] = ..., host_pss_bytes: _Optional[int] = ..., host_private_bytes: _Optional[int] = ...) -> None: ...
+    model: ModelMetadata
+    def __init__(self, id: _Optional[str] = ..., function_id: _Optional[str] = ..., revision: _Optional[int] = ..., node: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[InstanceState, str]] = ..., endpoint: _Optional[str] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_start_seconds: _Optional[float] = ..., host_rss_bytes: _Optional[int] = ..., host_pss_bytes: _Optional[int] = ..., host_private_bytes: _Optional[int] = ..., model: _Optional[_Union[ModelMetadata, _Mapping]] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "name", "memory_total_bytes", "memory_reserved_bytes")

@@ -25,11 +25,13 @@ from starlette.routing import Route
 from services.gateway import GatewayConfig, build_app
 from services.gateway.scheduler_client import ClaimSource, FunctionInfo
 from services.gateway.scheduler_fake import InMemoryScheduler
+from snapwake.openai import ModelLimits
 from snapwake.testing import free_port
 
 pytestmark = pytest.mark.timeout(30)
 
 KEY, TENANT = "sk-acme", "acme"
+MAX_BODY = 64 << 10
 
 
 def _words(body: dict[str, Any]) -> list[str]:
@@ -100,8 +102,10 @@ async def upstream() -> AsyncIterator[str]:
         yield address
 
 
-def _fn(name: str, queue_len: int = 8, queue_timeout: float = 5.0, namespace: str = "default") -> FunctionInfo:
-    return FunctionInfo(f"{TENANT}/{namespace}/{name}", queue_len, queue_timeout, created_unix=1700000000)
+def _fn(name: str, queue_len: int = 8, queue_timeout: float = 5.0, namespace: str = "default",
+        image: str = "", limits: ModelLimits | None = None) -> FunctionInfo:
+    return FunctionInfo(f"{TENANT}/{namespace}/{name}", queue_len, queue_timeout, created_unix=1700000000,
+                        image=image, limits=limits)
 
 
 def _not_serving() -> JSONResponse:
@@ -145,13 +149,16 @@ def scheduler(upstream: str, parked: str, parking: str) -> InMemoryScheduler:
     s.deploy(_fn("broken", queue_timeout=30), [], start_error="image missing: registry.local/nope")
     s.deploy(_fn("flaky"), [f"127.0.0.1:{free_port()}", upstream])  # first endpoint refuses
     s.deploy(_fn("tuned", namespace="team"), [upstream])
+    # Built-in, with the model metadata its revision recorded: a context of 64, 100 token ids.
+    s.deploy(_fn("small", limits=ModelLimits(max_context_tokens=64, vocab_size=100)), [upstream])
+    s.deploy(_fn("custom", image="registry.local/echo:1"), [upstream])  # a user image
     return s
 
 
 @pytest.fixture
 async def gateway(scheduler: InMemoryScheduler) -> AsyncIterator[str]:
     config = GatewayConfig(api_keys=(f"{KEY}:{TENANT}", "sk-other:other"), report_interval=0.1,
-                           connect_timeout=1.0, read_timeout=5.0)
+                           connect_timeout=1.0, read_timeout=5.0, max_body_bytes=MAX_BODY)
     async with serve(build_app(scheduler, config)) as address:
         yield f"http://{address}"
 
@@ -363,3 +370,92 @@ async def test_metrics_count_cold_start_ttft_and_queue(client: openai.AsyncOpenA
     assert 'snapwake_gateway_requests_total{function="acme/default/chat",status="200"} 1.0' in text
     assert 'snapwake_queue_wait_seconds_count{function="acme/default/cold"} 1.0' in text
     assert 'snapwake_gateway_queue_depth{function="acme/default/cold"} 0.0' in text
+
+
+def _body(model: str, path: str, change: dict[str, Any]) -> dict[str, Any]:
+    base: dict[str, Any] = ({"prompt": "x"} if path == "/v1/completions" else {"input": "x"} if path == "/v1/embeddings"
+                            else {"messages": [{"role": "user", "content": "x"}]})
+    return {"model": model, **base, **change}
+
+
+# Requests the built-in model server would refuse: (function, path, change to a good body, param).
+REFUSED_BY_THE_SCHEMA = [
+    ("chat", "/v1/chat/completions", {"n": 2}, "n"),
+    ("chat", "/v1/chat/completions", {"top_p": 0}, "top_p"),
+    ("chat", "/v1/chat/completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("chat", "/v1/chat/completions", {"temperature": 2.5}, "temperature"),
+    ("chat", "/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages.0.content"),
+    ("chat", "/v1/completions", {"logprobs": 1}, "logprobs"),
+    ("chat", "/v1/completions", {"echo": True}, "echo"),
+    ("chat", "/v1/completions", {"prompt": ["one", "two"]}, "prompt"),
+    ("chat", "/v1/embeddings", {}, "model"),  # the built-in model server does not serve embeddings
+]
+REFUSED_BY_THE_LIMITS = [
+    ("small", "/v1/chat/completions", {"max_tokens": 64}, "max_tokens"),
+    ("small", "/v1/chat/completions", {"max_completion_tokens": 500}, "max_completion_tokens"),
+    ("small", "/v1/chat/completions", {"logit_bias": {"100": 5}}, "logit_bias"),
+    ("small", "/v1/completions", {"prompt": [1] * 60, "max_tokens": 5}, "max_tokens"),
+    ("small", "/v1/completions", {"prompt": [5, 100]}, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("name", "path", "change", "param"), REFUSED_BY_THE_SCHEMA + REFUSED_BY_THE_LIMITS)
+async def test_a_request_the_model_server_would_refuse_is_400_before_any_claim(
+        gateway: str, scheduler: InMemoryScheduler, name: str, path: str, change: dict[str, Any], param: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        r = await http.post(path, json=_body(name, path, change))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+    assert scheduler.acquired == []  # no claim: nothing was started or restored for it
+    assert not any(f"acme/default/{name}" in report for report in scheduler.reports)
+
+
+async def test_what_fits_the_recorded_limits_is_served(client: openai.AsyncOpenAI,
+                                                       scheduler: InMemoryScheduler) -> None:
+    chat = await client.chat.completions.create(model="small", messages=[{"role": "user", "content": "a b"}],
+                                                max_tokens=63, logit_bias={"99": 1})
+    assert chat.choices[0].message.content.split() == ["a", "b"]
+    done = await client.completions.with_raw_response.create(model="small", prompt=[1] * 48)  # + 16 = 64
+    assert done.status_code == 200
+    assert scheduler.acquired == ["acme/default/small"] * 2
+
+
+@pytest.mark.parametrize(("name", "path", "change", "param"), REFUSED_BY_THE_SCHEMA[:-1])
+async def test_a_user_image_gets_such_a_body_passed_through(
+        gateway: str, scheduler: InMemoryScheduler, name: str, path: str, change: dict[str, Any], param: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        r = await http.post(path, json=_body("custom", path, change))
+    assert r.status_code == 200, r.text  # its image answers (here: the echo upstream)
+    assert scheduler.acquired == ["acme/default/custom"]
+
+
+@pytest.mark.parametrize(("change", "param"), [({"model": 5}, "model"), ({"stream": "yes"}, "stream")])
+async def test_a_user_image_still_gets_the_edge_checks(gateway: str, scheduler: InMemoryScheduler,
+                                                       change: dict[str, Any], param: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        r = await http.post("/v1/chat/completions", json={**_body("custom", "", {}), **change})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+    assert scheduler.acquired == []
+
+
+async def test_a_body_over_the_limit_is_413_for_every_function(gateway: str, scheduler: InMemoryScheduler) -> None:
+    def body(size: int) -> bytes:
+        return json.dumps(_body("custom", "", {"messages": [{"role": "user", "content": "x" * size}]})).encode()
+
+    big = body(MAX_BODY)
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it comes
+        for i in range(0, len(big), 4096):
+            yield big[i:i + 4096]
+
+    async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        declared = await http.post("/v1/chat/completions", content=big)
+        streamed = await http.post("/v1/chat/completions", content=chunked())
+        assert scheduler.acquired == []
+        fits = await http.post("/v1/chat/completions", content=body(MAX_BODY - 200))
+    for r in (declared, streamed):
+        assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+        assert r.json()["error"]["code"] == "request_too_large"
+    assert fits.status_code == 200 and scheduler.acquired == ["acme/default/custom"]

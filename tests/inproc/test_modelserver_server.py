@@ -126,7 +126,7 @@ def test_bad_fields_are_400_naming_the_field(client: openai.OpenAI, kwargs: dict
 
 def test_bad_messages_and_body(base_url: str) -> None:
     r = httpx.post(base_url + "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "robot"}]}, timeout=5)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
     r = httpx.post(base_url + "/v1/completions", content=b"{not json", timeout=5)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
@@ -213,3 +213,49 @@ async def test_a_chat_stream_sends_nothing_before_the_first_piece(monkeypatch: p
     role = await asyncio.wait_for(early, 5)
     assert b'"role":"assistant"' in role
     assert b'"content":"hi"' in await asyncio.wait_for(events.__anext__(), 5)
+
+
+# Bad requests and what they name; the model server refused each of them before this schema.
+BAD_REQUESTS = [
+    ("/v1/chat/completions", {"n": 2}, "n"),
+    ("/v1/chat/completions", {"top_p": 0}, "top_p"),
+    ("/v1/chat/completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ("/v1/chat/completions", {"temperature": 5}, "temperature"),
+    ("/v1/chat/completions", {"max_tokens": 100000}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", {"logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": [1, 2], "max_tokens": 511}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize(("path", "change", "param"), BAD_REQUESTS)
+async def test_the_gateway_refuses_with_the_model_servers_bytes(base_url: str, demo_model_dir: Path, path: str,
+                                                                change: dict, param: str) -> None:
+    """The same bad request gets the same status and byte-identical body from the model server and
+    from the gateway in front of it, which answers without a claim (the model metadata is what a
+    node reads from this model dir)."""
+    import json
+
+    from services.gateway import GatewayConfig, build_app
+    from services.gateway.scheduler_client import FunctionInfo
+    from services.gateway.scheduler_fake import InMemoryScheduler
+    from services.nodeagent.modelinfo import read_model_metadata
+    from snapwake.openai import ModelLimits
+
+    meta = read_model_metadata(demo_model_dir)
+    assert meta is not None
+    scheduler = InMemoryScheduler()
+    scheduler.deploy(FunctionInfo("default/default/demo", 8, 5.0, image="builtin",
+                                  limits=ModelLimits.from_proto(meta)), [base_url.removeprefix("http://")])
+    base = {"prompt": "hello"} if path == "/v1/completions" else {"messages": CHAT}
+    raw = json.dumps({"model": "demo", **base, **change}).encode()
+    app = build_app(scheduler, GatewayConfig())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as gateway, \
+            httpx.AsyncClient(base_url=base_url, timeout=10) as direct:
+        via_gateway = await gateway.post(path, content=raw)
+        from_server = await direct.post(path, content=raw)
+    assert from_server.status_code == 400 and from_server.json()["error"]["param"] == param
+    assert (via_gateway.status_code, via_gateway.content) == (from_server.status_code, from_server.content)
+    assert scheduler.acquired == []

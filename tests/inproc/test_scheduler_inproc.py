@@ -35,6 +35,7 @@ from snapwake.v1.types_pb2 import (
     Gpu,
     Instance,
     InstanceState,
+    ModelMetadata,
     Node,
     Policy,
     Resources,
@@ -60,6 +61,7 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
     stops_in_flight: int = 0
     stops_in_flight_peak: int = 0
     fail_reason: str = ""
+    model: ModelMetadata | None = None  # what the real node reads from the model dir at start
     calls: list[tuple[str, int]] = field(default_factory=list)
     server: GrpcServer | None = None
 
@@ -80,7 +82,8 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
         self.calls.append(("start", request.target))
         inst = await self._put(Instance(id=request.instance_id, function_id=request.function_id,
                                         revision=request.revision, node=self.name, gpu_index=request.gpu_index,
-                                        gpu_memory_bytes=request.gpu_memory_bytes, state=S.INSTANCE_STATE_CREATING))
+                                        gpu_memory_bytes=request.gpu_memory_bytes, state=S.INSTANCE_STATE_CREATING,
+                                        model=self.model))
         await asyncio.sleep(self.start_delay_s)
         if self.fail_reason:
             inst.state, inst.message = S.INSTANCE_STATE_FAILED, self.fail_reason
@@ -334,6 +337,37 @@ async def test_arena_function_snapshot_standby_and_cold_start(leader: Scheduler,
     # ... and the next request is a cold start of that same container.
     again = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
     assert again.source == pb.CLAIM_SOURCE_COLD_START and again.instance_id == got.instance_id
+
+
+async def test_each_revision_records_the_model_its_first_instance_reported(leader: Scheduler, node: FakeNode) -> None:
+    """Function.model, which the gateways check requests against, comes from the first instance
+    of the revision: the snapshot build (ARENA) or the first start (NONE); an update clears it."""
+    admin, claims = stubs(leader)
+    node.model = ModelMetadata(max_context_tokens=4096, vocab_size=32000, has_chat_template=True)
+
+    def recorded(fid: str) -> ModelMetadata | None:
+        fn = leader.state.function(fid)
+        return fn.model if fn is not None and fn.HasField("model") else None
+
+    arena = FunctionSpec(name="meta-arena", model_dir="/models/a",
+                         resources=Resources(gpu_count=1, gpu_memory_bytes=1 << 30))
+    arena_id = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=arena), timeout=5)).function.id
+    await wait_until(lambda: recorded(arena_id) == node.model, 10, "the snapshot build's model recorded")
+
+    plain = FunctionSpec(name="meta-plain", model_dir="/models/p", policy=Policy(snapshot_mode=SnapshotMode.SNAPSHOT_MODE_NONE))
+    created = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=plain), timeout=5)).function
+    assert created.state == FunctionState.FUNCTION_STATE_READY and not created.HasField("model")
+    got = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=created.id, gateway_id="gw"), timeout=10)
+    await wait_until(lambda: recorded(created.id) == node.model, 10, "the first start's model recorded")
+    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
+    listed = (await admin.ListFunctions(pb.ListFunctionsRequest(), timeout=5)).functions
+    assert FunctionInfo.from_proto(next(f for f in listed if f.id == created.id)).limits is not None
+
+    node.model = ModelMetadata(max_context_tokens=8192, vocab_size=128256)
+    updated = (await admin.UpdateFunction(pb.UpdateFunctionRequest(spec=plain), timeout=5)).function
+    assert updated.revision == 2 and not updated.HasField("model")
+    await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=created.id, gateway_id="gw"), timeout=10)
+    await wait_until(lambda: recorded(created.id) == node.model, 10, "revision 2's model recorded")
 
 
 async def test_a_standby_being_restored_still_covers_the_standby_need(leader: Scheduler, node: FakeNode) -> None:

@@ -157,3 +157,23 @@ def test_readme_grpcurl_lines_work_through_reflection(cluster: Cluster, demo_mod
     with grpc.insecure_channel(cluster.scheduler_address) as ch:
         scheduler_pb2_grpc.SchedulerServiceStub(ch).DeleteFunction(
             scheduler_pb2.DeleteFunctionRequest(function_id="default/default/mymodel"), timeout=10)
+
+
+def test_the_gateway_refuses_what_the_recorded_model_cannot_serve(cluster: Cluster) -> None:
+    """The demo's snapshot build recorded its model (Function.model); a request beyond its context,
+    or one the model server would refuse anyway, is answered by the gateway, not an instance."""
+    deadline = time.monotonic() + 30
+    with grpc.insecure_channel(cluster.scheduler_address) as ch:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+        while not (fn := stub.GetFunction(scheduler_pb2.GetFunctionRequest(function_id="default/default/demo"),
+                                          timeout=10).function).HasField("model"):
+            assert time.monotonic() < deadline, "no model metadata recorded for the demo"
+            time.sleep(0.2)
+    assert fn.model.max_context_tokens > 0 and fn.model.vocab_size > 0 and fn.model.has_chat_template
+    client = _client(cluster)
+    for kwargs, param in [({"max_tokens": fn.model.max_context_tokens}, "max_tokens"),
+                          ({"logit_bias": {str(fn.model.vocab_size): 1}}, "logit_bias"), ({"n": 2}, "n")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], **kwargs)
+        assert err.value.body["param"] == param
+        assert "x-snapwake-instance" not in err.value.response.headers  # no instance answered it

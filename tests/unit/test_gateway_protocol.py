@@ -1,13 +1,24 @@
-"""Request validation: each bad field is a 400 naming it; unknown fields pass."""
+"""Request validation (the shared schema the gateway applies): each bad field is a 400 naming it;
+unknown fields pass."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, parse_body
+from services.gateway.protocol import check_request
+from services.gateway.scheduler_client import FunctionInfo
 from snapwake import errors
+from snapwake.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModelLimits,
+    parse_body,
+)
+from snapwake.v1 import types_pb2
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -62,7 +73,7 @@ def test_malformed_body_names_body(raw: bytes) -> None:
 
 def test_unknown_fields_are_kept_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     body = {**CHAT, "frobnicate": True, "stream": True, "stream_options": {"include_usage": True}}
-    with caplog.at_level("INFO", logger="services.gateway.protocol"):
+    with caplog.at_level("INFO", logger="snapwake.openai.schema"):
         request, parsed = parse_body(json.dumps(body).encode(), ChatCompletionRequest)
     assert request.model_extra == {"frobnicate": True}
     assert parsed == body
@@ -77,3 +88,42 @@ def test_unknown_fields_are_kept_and_logged(caplog: pytest.LogCaptureFixture) ->
 def test_valid_chat_bodies(body: dict[str, object], streaming: bool) -> None:
     request, _ = parse_body(json.dumps(body).encode(), ChatCompletionRequest)
     assert request.streaming is streaming
+
+
+BUILTIN = FunctionInfo("acme/default/m", 8, 5.0, image="builtin", limits=ModelLimits(64, 100))
+USER_IMAGE = FunctionInfo("acme/default/u", 8, 5.0, image="registry.local/echo:1")
+
+
+@pytest.mark.parametrize(("fn", "path", "change", "field"), [
+    (BUILTIN, "/v1/chat/completions", {"n": 2}, "n"),
+    (BUILTIN, "/v1/chat/completions", {"max_tokens": 64}, "max_tokens"),
+    (replace(BUILTIN, limits=None), "/v1/chat/completions", {"max_tokens": 64}, None),  # nothing recorded yet
+    (replace(BUILTIN, image=""), "/v1/chat/completions", {"top_p": 0}, "top_p"),  # "" is the built-in image
+    (BUILTIN, "/v1/embeddings", {"input": "x"}, "model"),
+    (USER_IMAGE, "/v1/chat/completions", {"n": 2, "top_p": 0, "max_tokens": 10**6}, None),
+    (USER_IMAGE, "/v1/embeddings", {"input": 5}, None),
+    (USER_IMAGE, "/v1/chat/completions", {"stream": "yes"}, "stream"),
+])
+def test_check_request_applies_the_schema_to_builtin_functions_only(
+        fn: FunctionInfo, path: str, change: dict[str, object], field: str | None) -> None:
+    body = {**CHAT, **change}
+    if field is None:
+        assert check_request(path, body, fn) is False
+        return
+    with pytest.raises(errors.InvalidArgument) as info:
+        check_request(path, body, fn)
+    assert info.value.field == field
+
+
+def test_check_request_says_whether_to_stream() -> None:
+    assert check_request("/v1/chat/completions", {**CHAT, "stream": True}, BUILTIN) is True
+    assert check_request("/v1/chat/completions", {**CHAT, "stream": True}, USER_IMAGE) is True
+
+
+def test_function_info_carries_the_image_and_the_recorded_model() -> None:
+    fn = types_pb2.Function(id="acme/default/m", spec=types_pb2.FunctionSpec(image="builtin"))
+    assert FunctionInfo.from_proto(fn).builtin and FunctionInfo.from_proto(fn).limits is None
+    fn.model.CopyFrom(types_pb2.ModelMetadata(max_context_tokens=512, vocab_size=1000))
+    assert FunctionInfo.from_proto(fn).limits == ModelLimits(512, 1000)
+    fn.spec.image = "registry.local/echo:1"
+    assert not FunctionInfo.from_proto(fn).builtin
