@@ -18,8 +18,7 @@ from snapwake import keys, protocols
 from snapwake.devcluster import Cluster, ClusterConfig
 from snapwake.lifecycle import SERVING
 from snapwake.v1 import nodeagent_pb2, nodeagent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
-
-S = types_pb2.InstanceState
+from snapwake.v1.types_pb2 import InstanceState
 
 
 def _spec(name: str, model: Path, slice_bytes: int) -> types_pb2.FunctionSpec:
@@ -109,9 +108,9 @@ def arena_mode(model: Path, preset: str, slice_bytes: int, opts: argparse.Namesp
 
         def settled_standby() -> types_pb2.Instance | None:
             inst = instances()
-            busy = [i for i in inst if i.state in (S.INSTANCE_STATE_CREATING, S.INSTANCE_STATE_STARTING,
-                                                   S.INSTANCE_STATE_RESTORING)]
-            standby = [i for i in inst if i.state == S.INSTANCE_STATE_STANDBY]
+            busy = [i for i in inst if i.state in (InstanceState.INSTANCE_STATE_CREATING, InstanceState.INSTANCE_STATE_STARTING,
+                                                   InstanceState.INSTANCE_STATE_RESTORING)]
+            standby = [i for i in inst if i.state == InstanceState.INSTANCE_STATE_STANDBY]
             return standby[0] if standby and not busy else None
 
         sb = _wait("a settled STANDBY instance", settled_standby, 900)

@@ -30,9 +30,7 @@ from google.protobuf.message import Message
 
 from snapwake import errors
 from snapwake.grpcclient import call, channel
-from snapwake.v1 import scheduler_pb2 as pb
-from snapwake.v1 import scheduler_pb2_grpc
-from snapwake.v1 import types_pb2 as t
+from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 __all__ = ["AdminClient", "build_spec", "main", "parse_duration", "parse_size"]
 
@@ -129,7 +127,7 @@ def _normalise(doc: dict[str, Any], path: str, convert: Callable[[Any], Any]) ->
             raise errors.InvalidArgument(f"{path}: {exc}", field=path) from None
 
 
-def build_spec(doc: Any, flags: dict[str, Any], env: Sequence[str] = ()) -> t.FunctionSpec:
+def build_spec(doc: Any, flags: dict[str, Any], env: Sequence[str] = ()) -> types_pb2.FunctionSpec:
     """Merges a YAML document (FunctionSpec fields) with flags (which win) into a FunctionSpec."""
     if doc is None:
         doc = {}
@@ -154,7 +152,7 @@ def build_spec(doc: Any, flags: dict[str, Any], env: Sequence[str] = ()) -> t.Fu
     _normalise(doc, "policy.snapshot_mode",
                lambda v: v if str(v).startswith("SNAPSHOT_MODE_") else "SNAPSHOT_MODE_" + str(v).upper())
     try:
-        return json_format.ParseDict(doc, t.FunctionSpec())
+        return json_format.ParseDict(doc, types_pb2.FunctionSpec())
     except json_format.ParseError as exc:
         raise errors.InvalidArgument("spec: " + str(exc).splitlines()[0].rstrip(".")) from None
 
@@ -190,18 +188,18 @@ class _Bar:
             self.err.write("\n")
 
 
-async def _wait_snapshot(client: AdminClient, fn: t.Function, deadline: float, err: TextIO) -> t.Function:
+async def _wait_snapshot(client: AdminClient, fn: types_pb2.Function, deadline: float, err: TextIO) -> types_pb2.Function:
     bar = _Bar("snapshot", 0, "B", err)
     try:
         while True:
-            fn = (await client.call("GetFunction", pb.GetFunctionRequest(function_id=fn.id))).function
-            if fn.state == t.FUNCTION_STATE_FAILED:
+            fn = (await client.call("GetFunction", scheduler_pb2.GetFunctionRequest(function_id=fn.id))).function
+            if fn.state == types_pb2.FUNCTION_STATE_FAILED:
                 raise errors.FailedPrecondition(f"function {fn.id} failed: {fn.status_message}")
-            snaps = (await client.call("ListSnapshots", pb.ListSnapshotsRequest(function_id=fn.id))).snapshots
+            snaps = (await client.call("ListSnapshots", scheduler_pb2.ListSnapshotsRequest(function_id=fn.id))).snapshots
             snap = next((s for s in snaps if s.revision == fn.revision), None)
             if snap is not None:
                 bar.update(snap.bytes_written, snap.total_bytes)
-            if fn.state == t.FUNCTION_STATE_READY or (snap and snap.state == t.SNAPSHOT_STATE_READY):
+            if fn.state == types_pb2.FUNCTION_STATE_READY or (snap and snap.state == types_pb2.SNAPSHOT_STATE_READY):
                 return fn
             if time.monotonic() > deadline:
                 got = f"{snap.bytes_written}/{snap.total_bytes} bytes" if snap else "not started"
@@ -211,8 +209,8 @@ async def _wait_snapshot(client: AdminClient, fn: t.Function, deadline: float, e
         bar.close()
 
 
-async def _wait_standby(client: AdminClient, fn: t.Function, deadline: float, err: TextIO) -> None:
-    nodes = (await client.call("ListNodes", pb.ListNodesRequest())).nodes
+async def _wait_standby(client: AdminClient, fn: types_pb2.Function, deadline: float, err: TextIO) -> None:
+    nodes = (await client.call("ListNodes", scheduler_pb2.ListNodesRequest())).nodes
     need = fn.spec.resources.gpu_count
     target = fn.spec.policy.standby_per_node * sum(1 for n in nodes if len(n.gpus) >= need)
     if target == 0:
@@ -220,8 +218,8 @@ async def _wait_standby(client: AdminClient, fn: t.Function, deadline: float, er
     bar = _Bar("pre-warm", target, "standby", err)
     try:
         while True:
-            insts = (await client.call("ListInstances", pb.ListInstancesRequest(function_id=fn.id))).instances
-            ready = sum(1 for i in insts if i.revision == fn.revision and i.state == t.INSTANCE_STATE_STANDBY)
+            insts = (await client.call("ListInstances", scheduler_pb2.ListInstancesRequest(function_id=fn.id))).instances
+            ready = sum(1 for i in insts if i.revision == fn.revision and i.state == types_pb2.INSTANCE_STATE_STANDBY)
             bar.update(min(ready, target), target)
             if ready >= target:
                 return
@@ -273,18 +271,18 @@ def _load_yaml(path: Path | None) -> Any:
         raise errors.InvalidArgument(f"-f: {path} is not valid YAML: {exc}".replace("\n", " ")) from None
 
 
-async def _deploy(client: AdminClient, args: argparse.Namespace, err: TextIO) -> t.Function:
+async def _deploy(client: AdminClient, args: argparse.Namespace, err: TextIO) -> types_pb2.Function:
     spec = build_spec(_load_yaml(args.file), vars(args), args.env)
     if args.update:
-        fn = (await client.call("UpdateFunction", pb.UpdateFunctionRequest(spec=spec))).function
+        fn = (await client.call("UpdateFunction", scheduler_pb2.UpdateFunctionRequest(spec=spec))).function
     else:
-        fn = (await client.call("CreateFunction", pb.CreateFunctionRequest(spec=spec))).function
+        fn = (await client.call("CreateFunction", scheduler_pb2.CreateFunctionRequest(spec=spec))).function
     if args.wait:
         deadline = time.monotonic() + args.wait_timeout
-        if fn.spec.policy.snapshot_mode != t.SNAPSHOT_MODE_NONE:
+        if fn.spec.policy.snapshot_mode != types_pb2.SNAPSHOT_MODE_NONE:
             fn = await _wait_snapshot(client, fn, deadline, err)
         await _wait_standby(client, fn, deadline, err)
-        fn = (await client.call("GetFunction", pb.GetFunctionRequest(function_id=fn.id))).function
+        fn = (await client.call("GetFunction", scheduler_pb2.GetFunctionRequest(function_id=fn.id))).function
     return fn
 
 
@@ -294,21 +292,21 @@ async def _run(client: AdminClient, args: argparse.Namespace, err: TextIO) -> tu
     if c == "deploy":
         return "function", await _deploy(client, args, err)
     if c == "list":
-        return "functions", await client.call("ListFunctions", pb.ListFunctionsRequest(tenant=args.tenant))
+        return "functions", await client.call("ListFunctions", scheduler_pb2.ListFunctionsRequest(tenant=args.tenant))
     if c == "get":
-        req = pb.GetFunctionRequest(function_id=args.function_id)
+        req = scheduler_pb2.GetFunctionRequest(function_id=args.function_id)
         return "function", (await client.call("GetFunction", req)).function
     if c == "delete":
-        await client.call("DeleteFunction", pb.DeleteFunctionRequest(function_id=args.function_id))
+        await client.call("DeleteFunction", scheduler_pb2.DeleteFunctionRequest(function_id=args.function_id))
         return "deleted", args.function_id
     if c == "logs":
-        req = pb.GetInstanceLogsRequest(instance_id=args.instance_id, tail_bytes=args.tail_bytes)
+        req = scheduler_pb2.GetInstanceLogsRequest(instance_id=args.instance_id, tail_bytes=args.tail_bytes)
         return "logs", await client.call("GetInstanceLogs", req)
     if c == "snapshots":
-        return "snapshots", await client.call("ListSnapshots", pb.ListSnapshotsRequest(function_id=args.function_id))
+        return "snapshots", await client.call("ListSnapshots", scheduler_pb2.ListSnapshotsRequest(function_id=args.function_id))
     if c == "nodes":
-        return "nodes", await client.call("ListNodes", pb.ListNodesRequest())
-    return "instances", await client.call("ListInstances", pb.ListInstancesRequest(function_id=args.function_id))
+        return "nodes", await client.call("ListNodes", scheduler_pb2.ListNodesRequest())
+    return "instances", await client.call("ListInstances", scheduler_pb2.ListInstancesRequest(function_id=args.function_id))
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -339,14 +337,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def _rows(kind: str, value: Any) -> tuple[list[str], list[list[Any]]]:
     if kind == "functions":
         return ["ID", "REV", "STATE", "IMAGE", "GPU MEM", "MIN/MAX", "MODE", "MESSAGE"], [
-            [f.id, f.revision, _enum(f.state, t.FunctionState, "FUNCTION_STATE_"), f.spec.image or "-",
+            [f.id, f.revision, _enum(f.state, types_pb2.FunctionState, "FUNCTION_STATE_"), f.spec.image or "-",
              _gib(f.spec.resources.gpu_memory_bytes), f"{f.spec.policy.min_instances}/{f.spec.policy.max_instances}",
-             _enum(f.spec.policy.snapshot_mode, t.SnapshotMode, "SNAPSHOT_MODE_"), f.status_message]
+             _enum(f.spec.policy.snapshot_mode, types_pb2.SnapshotMode, "SNAPSHOT_MODE_"), f.status_message]
             for f in value.functions]
     if kind == "instances":
         return ["ID", "FUNCTION", "REV", "NODE", "GPU", "MEM", "STATE", "ENDPOINT", "LAST START", "AGE"], [
             [i.id, i.function_id, i.revision, i.node or "-", i.gpu_index, _gib(i.gpu_memory_bytes),
-             _enum(i.state, t.InstanceState, "INSTANCE_STATE_"), i.endpoint or "-",
+             _enum(i.state, types_pb2.InstanceState, "INSTANCE_STATE_"), i.endpoint or "-",
              f"{i.last_start_seconds:.3f}s" if i.last_start_seconds else "-", _age(i.create_time)]
             for i in value.instances]
     if kind == "nodes":
@@ -355,7 +353,7 @@ def _rows(kind: str, value: Any) -> tuple[list[str], list[list[Any]]]:
              " ".join(f"{g.index}:{_gib(g.memory_reserved_bytes)}/{_gib(g.memory_total_bytes)}" for g in n.gpus)
              or "-", len(n.cached_snapshots), _age(n.heartbeat_time)] for n in value.nodes]
     return ["ID", "STATE", "PROGRESS", "SIZE", "DISK", "CACHE", "ATTEMPTS", "MESSAGE"], [
-        [s.id, _enum(s.state, t.SnapshotState, "SNAPSHOT_STATE_"),
+        [s.id, _enum(s.state, types_pb2.SnapshotState, "SNAPSHOT_STATE_"),
          f"{100 * s.bytes_written // s.total_bytes}%" if s.total_bytes else "-", _gib(s.total_bytes),
          ",".join(s.disk_nodes) or "-", ",".join(s.cache_nodes) or "-", s.attempts, s.message]
         for s in value.snapshots]

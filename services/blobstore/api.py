@@ -15,8 +15,7 @@ from services.blobstore import manifest as mf
 from services.blobstore.core import Blobstore, Stat
 from services.blobstore.ids import check_snapshot_id
 from snapwake import errors
-from snapwake.v1 import blobstore_pb2 as pb
-from snapwake.v1 import blobstore_pb2_grpc
+from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc
 
 __all__ = ["BlobstoreApi", "MESSAGE_BYTES"]
 
@@ -24,8 +23,8 @@ log = logging.getLogger(__name__)
 MESSAGE_BYTES = 1 << 20  # data messages of GetSnapshot stay at or under 1 MiB
 
 
-def _stat(s: Stat) -> pb.StatSnapshotResponse:
-    return pb.StatSnapshotResponse(manifest=s.manifest, on_disk=s.on_disk, in_cache=s.in_cache,
+def _stat(s: Stat) -> blobstore_pb2.StatSnapshotResponse:
+    return blobstore_pb2.StatSnapshotResponse(manifest=s.manifest, on_disk=s.on_disk, in_cache=s.in_cache,
                                    manifest_digest=mf.digest(s.manifest))
 
 
@@ -33,8 +32,8 @@ class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
     def __init__(self, core: Blobstore) -> None:
         self.core = core
 
-    async def PutSnapshot(self, request_iterator: AsyncIterator[pb.PutSnapshotRequest],  # noqa: N802
-                          context: grpc.aio.ServicerContext) -> pb.PutSnapshotResponse:
+    async def PutSnapshot(self, request_iterator: AsyncIterator[blobstore_pb2.PutSnapshotRequest],  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> blobstore_pb2.PutSnapshotResponse:
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("manifest"):
             raise errors.InvalidArgument("manifest: the first message must carry the manifest", field="manifest")
@@ -56,48 +55,48 @@ class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
         except BaseException:
             await asyncio.to_thread(writer.abort)
             raise
-        return pb.PutSnapshotResponse(snapshot_id=m.snapshot_id, bytes_written=m.arena_bytes,
+        return blobstore_pb2.PutSnapshotResponse(snapshot_id=m.snapshot_id, bytes_written=m.arena_bytes,
                                       manifest_digest=mf.digest(m))
 
-    async def GetSnapshot(self, request: pb.GetSnapshotRequest,  # noqa: N802
-                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetSnapshotResponse]:
+    async def GetSnapshot(self, request: blobstore_pb2.GetSnapshotRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[blobstore_pb2.GetSnapshotResponse]:
         try:
             stat = await asyncio.to_thread(self.core.stat, request.snapshot_id)
             m = stat.manifest
-            yield pb.GetSnapshotResponse(manifest=m)
+            yield blobstore_pb2.GetSnapshotResponse(manifest=m)
             for index in range(len(m.chunk_sha256)):
                 data = await asyncio.to_thread(self.core.read_chunk, m, index)
                 for off in range(0, len(data), MESSAGE_BYTES):
-                    yield pb.GetSnapshotResponse(data=data[off:off + MESSAGE_BYTES])
+                    yield blobstore_pb2.GetSnapshotResponse(data=data[off:off + MESSAGE_BYTES])
         except errors.SnapwakeError as exc:  # a peer's failed fetch is worth a line on this side too
             log.warning("GetSnapshot %s: %s", request.snapshot_id, exc.message)
             raise
 
-    async def StatSnapshot(self, request: pb.StatSnapshotRequest,  # noqa: N802
-                           context: grpc.aio.ServicerContext) -> pb.StatSnapshotResponse:
+    async def StatSnapshot(self, request: blobstore_pb2.StatSnapshotRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> blobstore_pb2.StatSnapshotResponse:
         return _stat(await asyncio.to_thread(self.core.stat, request.snapshot_id))
 
-    async def ListSnapshots(self, request: pb.BlobstoreServiceListSnapshotsRequest,  # noqa: N802
-                            context: grpc.aio.ServicerContext) -> pb.BlobstoreServiceListSnapshotsResponse:
+    async def ListSnapshots(self, request: blobstore_pb2.BlobstoreServiceListSnapshotsRequest,  # noqa: N802
+                            context: grpc.aio.ServicerContext) -> blobstore_pb2.BlobstoreServiceListSnapshotsResponse:
         stats = await asyncio.to_thread(self.core.list)
         used, budget = self.core.cache.stats()
-        return pb.BlobstoreServiceListSnapshotsResponse(snapshots=[_stat(s) for s in stats],
+        return blobstore_pb2.BlobstoreServiceListSnapshotsResponse(snapshots=[_stat(s) for s in stats],
                                             cache_bytes_used=used, cache_bytes_budget=budget)
 
-    async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest,  # noqa: N802
-                             context: grpc.aio.ServicerContext) -> pb.DeleteSnapshotResponse:
+    async def DeleteSnapshot(self, request: blobstore_pb2.DeleteSnapshotRequest,  # noqa: N802
+                             context: grpc.aio.ServicerContext) -> blobstore_pb2.DeleteSnapshotResponse:
         await asyncio.to_thread(self.core.delete, request.snapshot_id)
-        return pb.DeleteSnapshotResponse()
+        return blobstore_pb2.DeleteSnapshotResponse()
 
-    async def PrewarmSnapshot(self, request: pb.PrewarmSnapshotRequest,  # noqa: N802
-                              context: grpc.aio.ServicerContext) -> pb.PrewarmSnapshotResponse:
+    async def PrewarmSnapshot(self, request: blobstore_pb2.PrewarmSnapshotRequest,  # noqa: N802
+                              context: grpc.aio.ServicerContext) -> blobstore_pb2.PrewarmSnapshotResponse:
         r = await asyncio.to_thread(self.core.prewarm, request.snapshot_id)
-        return pb.PrewarmSnapshotResponse(was_cached=r.was_cached, fetched_from_peer=r.fetched_from_peer,
+        return blobstore_pb2.PrewarmSnapshotResponse(was_cached=r.was_cached, fetched_from_peer=r.fetched_from_peer,
                                           bytes=r.nbytes)
 
-    async def VerifySnapshot(self, request: pb.VerifySnapshotRequest,  # noqa: N802
-                             context: grpc.aio.ServicerContext) -> pb.VerifySnapshotResponse:
+    async def VerifySnapshot(self, request: blobstore_pb2.VerifySnapshotRequest,  # noqa: N802
+                             context: grpc.aio.ServicerContext) -> blobstore_pb2.VerifySnapshotResponse:
         sid = check_snapshot_id(request.snapshot_id)
         bad = await asyncio.to_thread(self.core.verify, sid)
         msg = "ok" if bad < 0 else f"snapshot {sid} is corrupt: chunk {bad} failed its sha256 check"
-        return pb.VerifySnapshotResponse(ok=bad < 0, bad_chunk=bad, message=msg)
+        return blobstore_pb2.VerifySnapshotResponse(ok=bad < 0, bad_chunk=bad, message=msg)

@@ -12,8 +12,7 @@ from services.blobstore import manifest as mf
 from services.blobstore.app import BlobstoreApp
 from services.blobstore.config import BlobstoreConfig
 from snapwake.grpcserver import channel
-from snapwake.v1 import blobstore_pb2 as pb
-from snapwake.v1 import blobstore_pb2_grpc
+from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc
 
 __all__ = ["put_snapshot", "running_blobstore"]
 
@@ -41,14 +40,14 @@ async def running_blobstore(root: Path, peers: tuple[str, ...] = (), stripes: in
 
 
 async def put_snapshot(address: str, sid: str, data: bytes, chunk_bytes: int,
-                       message_bytes: int = 100_000, deadline: float = 30.0) -> pb.PutSnapshotResponse:
+                       message_bytes: int = 100_000, deadline: float = 30.0) -> blobstore_pb2.PutSnapshotResponse:
     """Streams ``data`` as snapshot ``sid`` to the blobstore at ``address``."""
-    m = mf.fill_checksums(pb.Manifest(snapshot_id=sid, arena_bytes=len(data)), memoryview(data), chunk_bytes)
+    m = mf.fill_checksums(blobstore_pb2.Manifest(snapshot_id=sid, arena_bytes=len(data)), memoryview(data), chunk_bytes)
 
-    async def messages() -> AsyncIterator[pb.PutSnapshotRequest]:
-        yield pb.PutSnapshotRequest(manifest=m)
+    async def messages() -> AsyncIterator[blobstore_pb2.PutSnapshotRequest]:
+        yield blobstore_pb2.PutSnapshotRequest(manifest=m)
         for off in range(0, len(data), message_bytes):
-            yield pb.PutSnapshotRequest(data=data[off:off + message_bytes])
+            yield blobstore_pb2.PutSnapshotRequest(data=data[off:off + message_bytes])
 
     async with channel(address) as ch:
         stub = blobstore_pb2_grpc.BlobstoreServiceStub(ch)

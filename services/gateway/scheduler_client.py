@@ -74,7 +74,7 @@ class FunctionInfo:
     function_id: str  # tenant/namespace/name
     queue_len: int  # 0: the gateway's default
     queue_timeout: float  # seconds; 0: the gateway's default
-    state: int = types_pb2.FUNCTION_STATE_READY
+    state: types_pb2.FunctionState = types_pb2.FUNCTION_STATE_READY
     status_message: str = ""
     created_unix: int = 0
     image: str = ""  # FunctionSpec.image; "" or "builtin" is the built-in model server

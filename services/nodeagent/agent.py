@@ -31,11 +31,11 @@ from snapwake.etcd import EtcdClient, LeaseKeeper
 from snapwake.grpcclient import call, channel
 from snapwake.lifecycle import SERVING
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc, types_pb2
+from snapwake.v1.types_pb2 import InstanceState
 
 __all__ = ["Live", "NodeAgent"]
 
 log = logging.getLogger(__name__)
-S = types_pb2.InstanceState
 
 
 @dataclass
@@ -138,7 +138,7 @@ class NodeAgent:
         reserved: dict[int, int] = {}
         for live in self.instances.values():
             inst = live.machine.instance
-            if live.gpu and live.machine.live and inst.state != S.INSTANCE_STATE_STANDBY:
+            if live.gpu and live.machine.live and inst.state != InstanceState.INSTANCE_STATE_STANDBY:
                 reserved[inst.gpu_index] = reserved.get(inst.gpu_index, 0) + inst.gpu_memory_bytes
         for gpu in self.gpus:
             copy = node.gpus.add()
@@ -180,8 +180,8 @@ class NodeAgent:
     async def fail(self, live: Live, reason: str) -> None:
         """Marks the instance FAILED with ``reason`` and removes its container."""
         log.warning("instance failed: %s", reason, extra={"instance_id": live.id})
-        if live.machine.can_move(S.INSTANCE_STATE_FAILED):
-            await self.move(live, S.INSTANCE_STATE_FAILED, reason[-2000:])
+        if live.machine.can_move(InstanceState.INSTANCE_STATE_FAILED):
+            await self.move(live, InstanceState.INSTANCE_STATE_FAILED, reason[-2000:])
         await self.destroy(live)
         live.pid = 0
 

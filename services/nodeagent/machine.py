@@ -13,19 +13,19 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from snapwake.lifecycle import LIVE, TERMINAL, allowed_moves, check_transition
 from snapwake.v1 import nodeagent_pb2, types_pb2
+from snapwake.v1.types_pb2 import InstanceState
 
 __all__ = ["InstanceMachine", "StartPlan", "activity_move", "plan_start", "modelserver_start_mode"]
 
-S = types_pb2.InstanceState
 T = nodeagent_pb2.StartTarget
 
 
 class StartPlan(enum.Enum):
     """How a StartInstance target unfolds: (state after CREATING, model server --start-mode, goal)."""
 
-    RUNNING = (S.INSTANCE_STATE_STARTING, "load", S.INSTANCE_STATE_RUNNING)
-    STANDBY = (S.INSTANCE_STATE_STARTING, "standby", S.INSTANCE_STATE_STANDBY)
-    SNAPSHOT = (S.INSTANCE_STATE_SNAPSHOTTING, "snapshot", S.INSTANCE_STATE_ENDED)
+    RUNNING = (InstanceState.INSTANCE_STATE_STARTING, "load", InstanceState.INSTANCE_STATE_RUNNING)
+    STANDBY = (InstanceState.INSTANCE_STATE_STARTING, "standby", InstanceState.INSTANCE_STATE_STANDBY)
+    SNAPSHOT = (InstanceState.INSTANCE_STATE_SNAPSHOTTING, "snapshot", InstanceState.INSTANCE_STATE_ENDED)
 
     @property
     def first(self) -> types_pb2.InstanceState:
@@ -57,10 +57,10 @@ def modelserver_start_mode(plan: StartPlan, process_mode: bool) -> str:
 
 def activity_move(state: types_pb2.InstanceState, inflight: int) -> types_pb2.InstanceState | None:
     """RUNNING <-> IDLE from the model server's in-flight count; None when nothing changes."""
-    if state == S.INSTANCE_STATE_RUNNING and inflight == 0:
-        return S.INSTANCE_STATE_IDLE
-    if state == S.INSTANCE_STATE_IDLE and inflight > 0:
-        return S.INSTANCE_STATE_RUNNING
+    if state == InstanceState.INSTANCE_STATE_RUNNING and inflight == 0:
+        return InstanceState.INSTANCE_STATE_IDLE
+    if state == InstanceState.INSTANCE_STATE_IDLE and inflight > 0:
+        return InstanceState.INSTANCE_STATE_RUNNING
     return None
 
 
@@ -77,7 +77,7 @@ class InstanceMachine:
         self.instance = instance
         self.entered_at: dict[types_pb2.InstanceState, float] = {}
         self.instance.create_time.CopyFrom(_stamp(now))
-        self.move(S.INSTANCE_STATE_CREATING, now)
+        self.move(InstanceState.INSTANCE_STATE_CREATING, now)
 
     @property
     def id(self) -> str:

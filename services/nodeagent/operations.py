@@ -26,11 +26,11 @@ from services.nodeagent.modelinfo import read_model_metadata
 from services.nodeagent.tracing import in_span
 from snapwake import errors, keys, telemetry
 from snapwake.v1 import nodeagent_pb2, types_pb2
+from snapwake.v1.types_pb2 import InstanceState
 
 __all__ = ["get_logs", "restore_instance", "start_instance", "stop_instance", "suspend_instance"]
 
 log = logging.getLogger(__name__)
-S = types_pb2.InstanceState
 _INSTANCE_ID = re.compile(r"^i-[0-9a-f]{12}$")
 _POLL = 0.25
 
@@ -107,11 +107,11 @@ async def _reach_goal(agent: NodeAgent, live: Live, plan: StartPlan, deadline: f
             await _wait_phase(agent, live, "released")
         if live.gpu:
             await _checkpoint(agent, live, deadline - time.monotonic())
-        await agent.move(live, S.INSTANCE_STATE_STANDBY)
+        await agent.move(live, InstanceState.INSTANCE_STATE_STANDBY)
         return
     await _wait_phase(agent, live, "serving")
     if plan is StartPlan.RUNNING:
-        await agent.move(live, S.INSTANCE_STATE_RUNNING)
+        await agent.move(live, InstanceState.INSTANCE_STATE_RUNNING)
         return
     inst = live.machine.instance
     sid = keys.snapshot_id(inst.function_id, inst.revision)
@@ -120,7 +120,7 @@ async def _reach_goal(agent: NodeAgent, live: Live, plan: StartPlan, deadline: f
                                 max(1.0, deadline - time.monotonic()))
     await _record_snapshot(agent, inst, reply, time.monotonic() - started)
     await agent.destroy(live)
-    await agent.move(live, S.INSTANCE_STATE_ENDED, f"snapshot {sid} stored")
+    await agent.move(live, InstanceState.INSTANCE_STATE_ENDED, f"snapshot {sid} stored")
 
 
 async def _record_snapshot(agent: NodeAgent, inst: types_pb2.Instance, reply: dict[str, Any],
@@ -202,9 +202,9 @@ async def restore_instance(agent: NodeAgent, req: nodeagent_pb2.RestoreInstanceR
     live = _get(agent, req.instance_id)
     async with live.lock:
         inst = live.machine.instance
-        if inst.state != S.INSTANCE_STATE_STANDBY:
+        if inst.state != InstanceState.INSTANCE_STATE_STANDBY:
             why = f" ({inst.message.splitlines()[0]})" if inst.message else ""  # a dead standby says so
-            raise errors.FailedPrecondition(f"instance {inst.id} is {S.Name(inst.state)}{why}, not STANDBY")
+            raise errors.FailedPrecondition(f"instance {inst.id} is {InstanceState.Name(inst.state)}{why}, not STANDBY")
         if live.gpu and req.gpu_index != inst.gpu_index:
             raise errors.InvalidArgument(f"gpu_index: the standby was checkpointed on GPU {inst.gpu_index}",
                                          field="gpu_index")
@@ -212,7 +212,7 @@ async def restore_instance(agent: NodeAgent, req: nodeagent_pb2.RestoreInstanceR
         # Waiting for a slot leaves the standby as it is: a wait that runs out fails nothing.
         async with agent.gate.restore(limit_s) as waited:
             trace.get_current_span().set_attribute("snapwake.driver_gate.wait_seconds", waited)
-            await agent.move(live, S.INSTANCE_STATE_RESTORING)
+            await agent.move(live, InstanceState.INSTANCE_STATE_RESTORING)
             restore = _restore_process if live.process_mode else _restore_arena
             return await restore(agent, live, started, max(0.1, limit_s - waited))
 
@@ -238,7 +238,7 @@ async def _restore_arena(agent: NodeAgent, live: Live, started: float,
         raise errors.StartFailed(reason) from exc
     total = time.perf_counter() - started
     inst.last_start_seconds = total
-    await agent.move(live, S.INSTANCE_STATE_RUNNING)
+    await agent.move(live, InstanceState.INSTANCE_STATE_RUNNING)
     resp = nodeagent_pb2.RestoreInstanceResponse(instance=inst, dma_bytes=int(attach.get("bytes", 0)))
     resp.restore_duration.FromNanoseconds(int(restore_s * 1e9))
     resp.dma_duration.FromNanoseconds(int(float(attach.get("dma_seconds", 0.0)) * 1e9))
@@ -264,7 +264,7 @@ async def _restore_process(agent: NodeAgent, live: Live, started: float,
         raise errors.StartFailed(reason) from exc
     total = time.perf_counter() - started
     inst.last_start_seconds = total
-    await agent.move(live, S.INSTANCE_STATE_RUNNING)
+    await agent.move(live, InstanceState.INSTANCE_STATE_RUNNING)
     resp = nodeagent_pb2.RestoreInstanceResponse(instance=inst)
     resp.restore_duration.FromNanoseconds(int(restore_s * 1e9))
     resp.total_duration.FromNanoseconds(int(total * 1e9))
@@ -283,12 +283,12 @@ async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 
     live = _get(agent, instance_id)
     async with live.lock:
         machine = live.machine
-        if machine.state == S.INSTANCE_STATE_RUNNING:  # the reconcile loop may not have seen it go idle
+        if machine.state == InstanceState.INSTANCE_STATE_RUNNING:  # the reconcile loop may not have seen it go idle
             status = await probe.control(live.control_socket, {"op": "status"}, 5.0)
             if int(status.get("inflight", 0)) == 0:
-                await agent.move(live, S.INSTANCE_STATE_IDLE)
-        if machine.state != S.INSTANCE_STATE_IDLE:
-            raise errors.FailedPrecondition(f"instance {instance_id} is {S.Name(machine.state)}, not IDLE")
+                await agent.move(live, InstanceState.INSTANCE_STATE_IDLE)
+        if machine.state != InstanceState.INSTANCE_STATE_IDLE:
+            raise errors.FailedPrecondition(f"instance {instance_id} is {InstanceState.Name(machine.state)}, not IDLE")
         try:
             if not live.process_mode:  # process mode: the checkpoint takes the weights too
                 await probe.control(live.control_socket, {"op": "release"}, limit_s)
@@ -297,7 +297,7 @@ async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 
         except errors.SnapwakeError as exc:
             await agent.fail(live, f"suspend failed: {exc.message}")
             raise
-        await agent.move(live, S.INSTANCE_STATE_STANDBY)
+        await agent.move(live, InstanceState.INSTANCE_STATE_STANDBY)
         return machine.instance
 
 
@@ -314,9 +314,9 @@ async def stop_instance(agent: NodeAgent, instance_id: str) -> None:
     live = _get(agent, instance_id)
     async with live.lock:
         if live.machine.live:
-            await agent.move(live, S.INSTANCE_STATE_STOPPING)
+            await agent.move(live, InstanceState.INSTANCE_STATE_STOPPING)
             await agent.destroy(live)
-            await agent.move(live, S.INSTANCE_STATE_ENDED, "stopped")
+            await agent.move(live, InstanceState.INSTANCE_STATE_ENDED, "stopped")
         else:
             await agent.destroy(live)
 

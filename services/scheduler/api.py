@@ -21,8 +21,7 @@ from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.nodes import NodeClient
 from services.scheduler.state import ClusterState
 from snapwake import errors, keys
-from snapwake.v1 import scheduler_pb2 as pb
-from snapwake.v1 import scheduler_pb2_grpc
+from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc
 from snapwake.v1.types_pb2 import Function, FunctionState, Instance, Node, Snapshot, SnapshotMode
 
 __all__ = ["ClaimServicer", "Leadership", "SchedulerServicer", "initial_state"]
@@ -53,34 +52,34 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     def __init__(self, state: ClusterState, nodes: NodeClient, leader: Leadership) -> None:
         self.state, self.nodes, self.leader = state, nodes, leader
 
-    async def CreateFunction(self, request: pb.CreateFunctionRequest, context: grpc.aio.ServicerContext
-                             ) -> pb.CreateFunctionResponse:
+    async def CreateFunction(self, request: scheduler_pb2.CreateFunctionRequest, context: grpc.aio.ServicerContext
+                             ) -> scheduler_pb2.CreateFunctionResponse:
         self.leader.require()
         spec = specs.normalize(request.spec)
         now = _now()
         fn = Function(id=specs.function_id(spec), spec=spec, revision=1, state=initial_state(spec),  # type: ignore[arg-type]
                       create_time=now, update_time=now)
         await self.state.create_function(fn)
-        return pb.CreateFunctionResponse(function=fn)
+        return scheduler_pb2.CreateFunctionResponse(function=fn)
 
-    async def GetFunction(self, request: pb.GetFunctionRequest, context: grpc.aio.ServicerContext
-                          ) -> pb.GetFunctionResponse:
+    async def GetFunction(self, request: scheduler_pb2.GetFunctionRequest, context: grpc.aio.ServicerContext
+                          ) -> scheduler_pb2.GetFunctionResponse:
         self.leader.require()
         specs.split_function_id(request.function_id)
         entry = await self.state.etcd.get(keys.function_key(request.function_id), Function)
         if entry is None:
             raise errors.NotFound(f"function {request.function_id} does not exist", field="function_id")
-        return pb.GetFunctionResponse(function=entry.value)
+        return scheduler_pb2.GetFunctionResponse(function=entry.value)
 
-    async def ListFunctions(self, request: pb.ListFunctionsRequest, context: grpc.aio.ServicerContext
-                            ) -> pb.ListFunctionsResponse:
+    async def ListFunctions(self, request: scheduler_pb2.ListFunctionsRequest, context: grpc.aio.ServicerContext
+                            ) -> scheduler_pb2.ListFunctionsResponse:
         self.leader.require()
         prefix = keys.FUNCTIONS + (request.tenant + "/" if request.tenant else "")
         found: list[Function] = [e.value for e in await self.state.etcd.list(prefix, Function)]  # type: ignore[misc]
-        return pb.ListFunctionsResponse(functions=sorted(found, key=attrgetter("id")))
+        return scheduler_pb2.ListFunctionsResponse(functions=sorted(found, key=attrgetter("id")))
 
-    async def UpdateFunction(self, request: pb.UpdateFunctionRequest, context: grpc.aio.ServicerContext
-                             ) -> pb.UpdateFunctionResponse:
+    async def UpdateFunction(self, request: scheduler_pb2.UpdateFunctionRequest, context: grpc.aio.ServicerContext
+                             ) -> scheduler_pb2.UpdateFunctionResponse:
         self.leader.require()
         spec = specs.normalize(request.spec)
         fid = specs.function_id(spec)
@@ -98,31 +97,31 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             fn = await self.state.update_function(fid, bump)
         except errors.NotFound as exc:
             raise errors.NotFound(f"function {fid} does not exist", field="spec.name") from exc
-        return pb.UpdateFunctionResponse(function=fn)
+        return scheduler_pb2.UpdateFunctionResponse(function=fn)
 
-    async def DeleteFunction(self, request: pb.DeleteFunctionRequest, context: grpc.aio.ServicerContext
-                             ) -> pb.DeleteFunctionResponse:
+    async def DeleteFunction(self, request: scheduler_pb2.DeleteFunctionRequest, context: grpc.aio.ServicerContext
+                             ) -> scheduler_pb2.DeleteFunctionResponse:
         self.leader.require()
         specs.split_function_id(request.function_id)
         await self.state.delete_function(request.function_id)
         await self.state.delete_snapshots(request.function_id)
-        return pb.DeleteFunctionResponse()
+        return scheduler_pb2.DeleteFunctionResponse()
 
-    async def ListNodes(self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext
-                        ) -> pb.ListNodesResponse:
+    async def ListNodes(self, request: scheduler_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+                        ) -> scheduler_pb2.ListNodesResponse:
         self.leader.require()
         found: list[Node] = [e.value for e in await self.state.etcd.list(keys.NODES, Node)]  # type: ignore[misc]
-        return pb.ListNodesResponse(nodes=sorted(found, key=attrgetter("name")))
+        return scheduler_pb2.ListNodesResponse(nodes=sorted(found, key=attrgetter("name")))
 
-    async def ListInstances(self, request: pb.ListInstancesRequest, context: grpc.aio.ServicerContext
-                            ) -> pb.ListInstancesResponse:
+    async def ListInstances(self, request: scheduler_pb2.ListInstancesRequest, context: grpc.aio.ServicerContext
+                            ) -> scheduler_pb2.ListInstancesResponse:
         self.leader.require()
         every: list[Instance] = [e.value for e in await self.state.etcd.list(keys.INSTANCES, Instance)]  # type: ignore[misc]
         found = [i for i in every if not request.function_id or i.function_id == request.function_id]
-        return pb.ListInstancesResponse(instances=sorted(found, key=attrgetter("id")))
+        return scheduler_pb2.ListInstancesResponse(instances=sorted(found, key=attrgetter("id")))
 
-    async def GetInstanceLogs(self, request: pb.GetInstanceLogsRequest, context: grpc.aio.ServicerContext
-                              ) -> pb.GetInstanceLogsResponse:
+    async def GetInstanceLogs(self, request: scheduler_pb2.GetInstanceLogsRequest, context: grpc.aio.ServicerContext
+                              ) -> scheduler_pb2.GetInstanceLogsResponse:
         self.leader.require()
         entry = await self.state.etcd.get(keys.instance_key(request.instance_id), Instance)
         if entry is None:
@@ -131,22 +130,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if node is None:
             raise errors.NotFound(f"node {entry.value.node} of {request.instance_id} is gone", field="instance_id")
         logs = await self.nodes.logs(node.value, request.instance_id, request.tail_bytes or _DEFAULT_LOG_TAIL)
-        return pb.GetInstanceLogsResponse(logs=logs)
+        return scheduler_pb2.GetInstanceLogsResponse(logs=logs)
 
-    async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.aio.ServicerContext
-                            ) -> pb.ListSnapshotsResponse:
+    async def ListSnapshots(self, request: scheduler_pb2.ListSnapshotsRequest, context: grpc.aio.ServicerContext
+                            ) -> scheduler_pb2.ListSnapshotsResponse:
         self.leader.require()
         prefix = keys.SNAPSHOTS + (request.function_id + "/" if request.function_id else "")
         found: list[Snapshot] = [e.value for e in await self.state.etcd.list(prefix, Snapshot)]  # type: ignore[misc]
-        return pb.ListSnapshotsResponse(snapshots=sorted(found, key=attrgetter("id")))
+        return scheduler_pb2.ListSnapshotsResponse(snapshots=sorted(found, key=attrgetter("id")))
 
 
 class ClaimServicer(scheduler_pb2_grpc.ClaimServiceServicer):
     def __init__(self, broker: ClaimBroker, queues: QueueDepths, leader: Leadership) -> None:
         self.broker, self.queues, self.leader = broker, queues, leader
 
-    async def AcquireClaim(self, request: pb.AcquireClaimRequest, context: grpc.aio.ServicerContext
-                           ) -> pb.AcquireClaimResponse:
+    async def AcquireClaim(self, request: scheduler_pb2.AcquireClaimRequest, context: grpc.aio.ServicerContext
+                           ) -> scheduler_pb2.AcquireClaimResponse:
         self.leader.require()
         specs.split_function_id(request.function_id)
         remaining = context.time_remaining()
@@ -155,18 +154,18 @@ class ClaimServicer(scheduler_pb2_grpc.ClaimServiceServicer):
         wait, ttl = Duration(), Duration()
         wait.FromNanoseconds(int(grant.wait_s * 1e9))
         ttl.FromNanoseconds(int(self.broker.table.ttl_s * 1e9))
-        return pb.AcquireClaimResponse(claim_id=grant.claim.claim_id, instance_id=grant.instance.id,
+        return scheduler_pb2.AcquireClaimResponse(claim_id=grant.claim.claim_id, instance_id=grant.instance.id,
                                        endpoint=grant.instance.endpoint, source=grant.source,  # type: ignore[arg-type]
                                        wait=wait, ttl=ttl)
 
-    async def ReleaseClaim(self, request: pb.ReleaseClaimRequest, context: grpc.aio.ServicerContext
-                           ) -> pb.ReleaseClaimResponse:
+    async def ReleaseClaim(self, request: scheduler_pb2.ReleaseClaimRequest, context: grpc.aio.ServicerContext
+                           ) -> scheduler_pb2.ReleaseClaimResponse:
         self.leader.require()
         self.broker.release(request.claim_id, request.instance_failed)
-        return pb.ReleaseClaimResponse()
+        return scheduler_pb2.ReleaseClaimResponse()
 
-    async def ReportQueue(self, request: pb.ReportQueueRequest, context: grpc.aio.ServicerContext
-                          ) -> pb.ReportQueueResponse:
+    async def ReportQueue(self, request: scheduler_pb2.ReportQueueRequest, context: grpc.aio.ServicerContext
+                          ) -> scheduler_pb2.ReportQueueResponse:
         self.leader.require()
         for n, held in enumerate(request.claims):
             for name in ("claim_id", "instance_id", "function_id"):
@@ -177,4 +176,4 @@ class ClaimServicer(scheduler_pb2_grpc.ClaimServiceServicer):
         self.queues.report(request.gateway_id, dict(request.depths))
         if request.gateway_id:
             self.broker.report(request.gateway_id, request.claims)
-        return pb.ReportQueueResponse()
+        return scheduler_pb2.ReportQueueResponse()

@@ -44,7 +44,7 @@ _SUSPECT_S = 10.0
 class Grant:
     claim: Claim
     instance: Instance
-    source: int  # ClaimSource
+    source: ClaimSource
     wait_s: float
 
 

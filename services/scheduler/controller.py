@@ -35,7 +35,6 @@ from snapwake.v1.types_pb2 import (
 __all__ = ["Controller"]
 
 log = logging.getLogger(__name__)
-S = InstanceState
 
 
 class Controller:
@@ -130,7 +129,7 @@ class Controller:
             return
         idle_after = seconds(fn.spec.policy.idle_timeout)
         now = time.time()
-        idle = sorted((i for i in mine if i.state == S.INSTANCE_STATE_IDLE and self.broker.table.in_use(i.id) == 0
+        idle = sorted((i for i in mine if i.state == InstanceState.INSTANCE_STATE_IDLE and self.broker.table.in_use(i.id) == 0
                        and now - i.update_time.ToNanoseconds() / 1e9 > idle_after),
                       key=lambda i: i.update_time.ToNanoseconds())
         if idle and live > max(wanted, fn.spec.policy.min_instances):
@@ -150,7 +149,7 @@ class Controller:
                                   if k not in seen and now - v[1] < 30}
         for node in self.state.nodes():
             have = {i.id for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision
-                    and i.node == node.name and i.state == S.INSTANCE_STATE_STANDBY}
+                    and i.node == node.name and i.state == InstanceState.INSTANCE_STATE_STANDBY}
             have |= {iid for iid, (n, _) in self._standbys_started.items() if n == node.name}
             # A serving instance parks back into a standby when it idles out, so it covers the
             # need: starting a fresh standby after every cold start would cost a container
@@ -159,7 +158,7 @@ class Controller:
             # made the H100 density run start 46 fresh standbys and stop 34 idle instances that
             # could not park because of them).
             have |= {i.id for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision
-                     and i.node == node.name and (i.state in SERVING or i.state == S.INSTANCE_STATE_RESTORING)}
+                     and i.node == node.name and (i.state in SERVING or i.state == InstanceState.INSTANCE_STATE_RESTORING)}
             if len(have) < per_node:
                 self._spawn(f"standby {fn.id}@{fn.revision} on {node.name}", self._standby_op(fn, node.name))
 
@@ -196,7 +195,7 @@ class Controller:
                for i in self.state.instances()):
             return False
         idle_s = time.time() - inst.update_time.ToNanoseconds() / 1e9
-        return not (inst.state == S.INSTANCE_STATE_IDLE and idle_s > seconds(fn.spec.policy.idle_timeout))
+        return not (inst.state == InstanceState.INSTANCE_STATE_IDLE and idle_s > seconds(fn.spec.policy.idle_timeout))
 
     def _park(self, inst: Instance, why: str) -> None:
         node = self.state.node(inst.node)

@@ -13,7 +13,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from snapwake import errors
 from snapwake.grpcclient import call, channel
-from snapwake.v1 import nodeagent_pb2 as na
+from snapwake.v1 import nodeagent_pb2
 from snapwake.v1.nodeagent_pb2_grpc import NodeAgentServiceStub
 from snapwake.v1.types_pb2 import FunctionSpec, Instance, Node
 
@@ -66,7 +66,7 @@ class NodeClient:
     async def start(self, node: Node, instance_id: str, function_id: str, revision: int, spec: FunctionSpec,
                     target: int, gpu_index: int, timeout_s: float) -> Instance:
         """Starts a container; raises ``StartFailed`` with the node's reason."""
-        req = na.StartInstanceRequest(instance_id=instance_id, function_id=function_id, revision=revision,
+        req = nodeagent_pb2.StartInstanceRequest(instance_id=instance_id, function_id=function_id, revision=revision,
                                       spec=spec, target=target, gpu_index=gpu_index,  # type: ignore[arg-type]
                                       gpu_memory_bytes=spec.resources.gpu_memory_bytes,
                                       timeout=Duration(seconds=int(timeout_s)))
@@ -80,7 +80,7 @@ class NodeClient:
         """Standby to running; raises ``StartFailed`` with the node's reason."""
         try:
             resp = await call(self._stub(node).RestoreInstance,
-                              na.RestoreInstanceRequest(instance_id=instance_id, gpu_index=gpu_index),
+                              nodeagent_pb2.RestoreInstanceRequest(instance_id=instance_id, gpu_index=gpu_index),
                               timeout=timeout_s + self.rpc_timeout_s)
         except errors.SnapwakeError as exc:
             raise self._mark(node, _start_error(node, f"restore of {instance_id}", exc)) from exc
@@ -88,18 +88,18 @@ class NodeClient:
 
     async def suspend(self, node: Node, instance_id: str) -> Instance:
         """Idle to standby: the node releases the GPU memory and checkpoints the context."""
-        resp = await call(self._stub(node).SuspendInstance, na.SuspendInstanceRequest(instance_id=instance_id),
+        resp = await call(self._stub(node).SuspendInstance, nodeagent_pb2.SuspendInstanceRequest(instance_id=instance_id),
                           timeout=self.rpc_timeout_s * 6)
         return resp.instance
 
     async def stop(self, node: Node, instance_id: str) -> None:
         with contextlib.suppress(errors.NotFound):  # already gone
-            await call(self._stub(node).StopInstance, na.StopInstanceRequest(instance_id=instance_id),
+            await call(self._stub(node).StopInstance, nodeagent_pb2.StopInstanceRequest(instance_id=instance_id),
                        timeout=self.rpc_timeout_s * 4)
 
     async def logs(self, node: Node, instance_id: str, tail_bytes: int) -> str:
         resp = await call(self._stub(node).GetInstanceLogs,
-                          na.NodeAgentServiceGetInstanceLogsRequest(instance_id=instance_id, tail_bytes=tail_bytes),
+                          nodeagent_pb2.NodeAgentServiceGetInstanceLogsRequest(instance_id=instance_id, tail_bytes=tail_bytes),
                           timeout=self.rpc_timeout_s)
         return resp.logs
 

@@ -29,7 +29,6 @@ from snapwake.v1.types_pb2 import FunctionSpec, Instance, InstanceState, Node
 
 __all__ = ["Call", "FakeNodeClient", "Outcome"]
 
-S = InstanceState
 
 
 @dataclass(frozen=True)
@@ -90,10 +89,10 @@ class FakeNodeClient:
         if outcome.error is None:
             return
         if failed is not None and isinstance(outcome.error, errors.StartFailed):
-            await self._put(failed, S.INSTANCE_STATE_FAILED, outcome.error.message)
+            await self._put(failed, InstanceState.INSTANCE_STATE_FAILED, outcome.error.message)
         raise outcome.error
 
-    async def _put(self, inst: Instance, state: int, message: str = "") -> Instance:
+    async def _put(self, inst: Instance, state: InstanceState, message: str = "") -> Instance:
         inst.state = state  # type: ignore[assignment]
         inst.message = message or inst.message
         inst.update_time.FromNanoseconds(time.time_ns())
@@ -112,35 +111,35 @@ class FakeNodeClient:
         outcome = await self._begin("start", node, instance_id, target)
         inst = Instance(id=instance_id, function_id=function_id, revision=revision, node=node.name,
                         gpu_index=gpu_index, gpu_memory_bytes=spec.resources.gpu_memory_bytes)
-        await self._put(inst, S.INSTANCE_STATE_CREATING)
+        await self._put(inst, InstanceState.INSTANCE_STATE_CREATING)
         await self._end(outcome, failed=inst)
         if target == StartTarget.START_TARGET_SNAPSHOT:
             if self.etcd is not None:
                 await self.etcd.delete(keys.instance_key(instance_id))
-            inst.state = S.INSTANCE_STATE_ENDED
+            inst.state = InstanceState.INSTANCE_STATE_ENDED
             return inst
         if target == StartTarget.START_TARGET_STANDBY:
-            return await self._put(inst, S.INSTANCE_STATE_STANDBY)
+            return await self._put(inst, InstanceState.INSTANCE_STATE_STANDBY)
         inst.endpoint = f"127.0.0.1:{9000 + len(self.calls)}"
-        return await self._put(inst, S.INSTANCE_STATE_RUNNING)
+        return await self._put(inst, InstanceState.INSTANCE_STATE_RUNNING)
 
     async def restore(self, node: Node, instance_id: str, gpu_index: int, timeout_s: float) -> Instance:
         outcome = await self._begin("restore", node, instance_id)
         inst = await self._stored(node, instance_id)
-        if self.etcd is not None and inst.state != S.INSTANCE_STATE_STANDBY:
-            raise errors.StartFailed(f"node {node.name}: instance {instance_id} is {S.Name(inst.state)}, not STANDBY")
+        if self.etcd is not None and inst.state != InstanceState.INSTANCE_STATE_STANDBY:
+            raise errors.StartFailed(f"node {node.name}: instance {instance_id} is {InstanceState.Name(inst.state)}, not STANDBY")
         inst.gpu_index = gpu_index
-        await self._put(inst, S.INSTANCE_STATE_RESTORING)
+        await self._put(inst, InstanceState.INSTANCE_STATE_RESTORING)
         await self._end(outcome, failed=inst)
-        return await self._put(inst, S.INSTANCE_STATE_RUNNING)
+        return await self._put(inst, InstanceState.INSTANCE_STATE_RUNNING)
 
     async def suspend(self, node: Node, instance_id: str) -> Instance:
         outcome = await self._begin("suspend", node, instance_id)
         inst = await self._stored(node, instance_id)
         await self._end(outcome)
-        if self.etcd is not None and inst.state not in (S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_IDLE):
-            raise errors.FailedPrecondition(f"instance {instance_id} is {S.Name(inst.state)}, not IDLE")
-        return await self._put(inst, S.INSTANCE_STATE_STANDBY)
+        if self.etcd is not None and inst.state not in (InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_IDLE):
+            raise errors.FailedPrecondition(f"instance {instance_id} is {InstanceState.Name(inst.state)}, not IDLE")
+        return await self._put(inst, InstanceState.INSTANCE_STATE_STANDBY)
 
     async def stop(self, node: Node, instance_id: str) -> None:
         await self._end(await self._begin("stop", node, instance_id))

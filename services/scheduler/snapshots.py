@@ -69,7 +69,7 @@ class SnapshotBuilder:
             return
         await self._mark(fn, SnapshotState.SNAPSHOT_STATE_READY, "", time.monotonic() - began)
 
-    async def _mark(self, fn: Function, state: int, message: str, took_s: float) -> None:
+    async def _mark(self, fn: Function, state: SnapshotState, message: str, took_s: float) -> None:
         def mutate(snap: Snapshot) -> Snapshot | None:
             if snap.state != SnapshotState.SNAPSHOT_STATE_BUILDING:
                 return None  # the node already wrote its outcome
@@ -83,7 +83,7 @@ class SnapshotBuilder:
         why = f"snapshot build failed after {snap.attempts} attempts: {snap.message or 'no reason given'}"
         await self._set_function(fn, FunctionState.FUNCTION_STATE_FAILED, why)
 
-    async def _set_function(self, fn: Function, state: int, message: str) -> None:
+    async def _set_function(self, fn: Function, state: FunctionState, message: str) -> None:
         def mutate(cur: Function) -> Function | None:
             if cur.revision != fn.revision or cur.state != FunctionState.FUNCTION_STATE_PENDING:
                 return None

@@ -39,7 +39,6 @@ from snapwake.v1.types_pb2 import (
 __all__ = ["StartResult", "Starter", "new_instance_id", "snapshot_usable"]
 
 log = logging.getLogger(__name__)
-S = InstanceState
 
 
 def snapshot_usable(fn: Function, snap: Snapshot | None) -> bool:
@@ -57,7 +56,7 @@ def new_instance_id() -> str:
 @dataclass(frozen=True)
 class StartResult:
     instance: Instance
-    source: int  # ClaimSource
+    source: ClaimSource
 
 
 class Starter:
@@ -68,9 +67,9 @@ class Starter:
         self.pending: dict[str, Instance] = {}
         self.restoring: set[str] = set()
         # instance id -> (ClaimSource of its start, when the start ended; inf while in flight).
-        self.origin: dict[str, tuple[int, float]] = {}
+        self.origin: dict[str, tuple[ClaimSource, float]] = {}
 
-    def _begin(self, iid: str, source: int) -> None:
+    def _begin(self, iid: str, source: ClaimSource) -> None:
         now = time.monotonic()
         self.origin = {k: v for k, v in self.origin.items() if now - v[1] < 600}
         self.origin[iid] = (source, math.inf)
@@ -128,7 +127,7 @@ class Starter:
             log.info("evicting idle instance for %s", req.function_id, extra={"instance_id": victim.id})
             await self.nodes.stop(node, victim.id)
             # Counted as gone now; the watch confirms when the node deletes the key.
-            self.pending[victim.id] = _with_state(victim, S.INSTANCE_STATE_STOPPING)
+            self.pending[victim.id] = _with_state(victim, InstanceState.INSTANCE_STATE_STOPPING)
 
         # All at once: a large model evicting several small ones waits for one park (~0.6 s),
         # not one after the other (the node bounds concurrent checkpoints itself).
@@ -147,7 +146,7 @@ class Starter:
         if not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
             return False
         standbys = [i for i in self.state.instances() if i.function_id == fn.id and i.node == inst.node
-                    and i.revision == fn.revision and i.state == S.INSTANCE_STATE_STANDBY]
+                    and i.revision == fn.revision and i.state == InstanceState.INSTANCE_STATE_STANDBY]
         return len(standbys) < fn.spec.policy.standby_per_node
 
     async def park(self, node: Node, inst: Instance) -> None:
@@ -165,7 +164,7 @@ class Starter:
         except errors.SnapwakeError as exc:
             log.warning("parking failed (%s); stopping it", exc.message, extra={"instance_id": inst.id})
             await self.nodes.stop(node, inst.id)
-            self.pending[inst.id] = _with_state(inst, S.INSTANCE_STATE_STOPPING)
+            self.pending[inst.id] = _with_state(inst, InstanceState.INSTANCE_STATE_STOPPING)
             return
         finally:
             self.table.unretire(inst.id)
@@ -173,7 +172,7 @@ class Starter:
     async def start(self, fn: Function) -> StartResult | None:
         """Restores a standby of ``fn`` or starts a new instance; None when nothing fits."""
         standbys = [i for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision
-                    and i.state == S.INSTANCE_STATE_STANDBY and i.id not in self.restoring]
+                    and i.state == InstanceState.INSTANCE_STATE_STANDBY and i.id not in self.restoring]
         if standbys and not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
             standbys = []  # its snapshot is corrupt or being rebuilt: never attach it, start normally
         if standbys:
@@ -197,7 +196,7 @@ class Starter:
 
     @telemetry.traced("cold_start")
     async def _restore(self, fn: Function, standby: Instance, placement: policy.Placement) -> StartResult:
-        reserved = _with_state(standby, S.INSTANCE_STATE_RESTORING)
+        reserved = _with_state(standby, InstanceState.INSTANCE_STATE_RESTORING)
         reserved.gpu_index, reserved.gpu_memory_bytes = placement.gpu_index, fn.spec.resources.gpu_memory_bytes
         self.pending[standby.id] = reserved
         self.restoring.add(standby.id)
@@ -217,7 +216,7 @@ class Starter:
         iid = new_instance_id()
         self.pending[iid] = Instance(id=iid, function_id=fn.id, revision=fn.revision, node=node.name,
                                      gpu_index=gpu_index, gpu_memory_bytes=fn.spec.resources.gpu_memory_bytes,
-                                     state=S.INSTANCE_STATE_CREATING)
+                                     state=InstanceState.INSTANCE_STATE_CREATING)
         if target == StartTarget.START_TARGET_RUNNING:
             self._begin(iid, ClaimSource.CLAIM_SOURCE_NORMAL_START)
         try:
@@ -238,11 +237,11 @@ class Starter:
         """Drops eviction markers the watch has caught up with."""
         live = {i.id for i in self.state.instances()}
         for iid, inst in list(self.pending.items()):
-            if inst.state == S.INSTANCE_STATE_STOPPING and iid not in live:
+            if inst.state == InstanceState.INSTANCE_STATE_STOPPING and iid not in live:
                 del self.pending[iid]
 
 
-def _with_state(inst: Instance, state: int) -> Instance:
+def _with_state(inst: Instance, state: InstanceState) -> Instance:
     out = Instance()
     out.CopyFrom(inst)
     out.state = state  # type: ignore[assignment]

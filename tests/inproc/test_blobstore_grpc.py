@@ -10,8 +10,7 @@ import pytest
 from services.blobstore import manifest as mf
 from services.blobstore.testing import put_snapshot, running_blobstore
 from snapwake.grpcserver import channel
-from snapwake.v1 import blobstore_pb2 as pb
-from snapwake.v1 import blobstore_pb2_grpc
+from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc
 
 SID = "acme/default/llama@3"
 CHUNK = 64 << 10
@@ -22,9 +21,9 @@ def arena(n: int, seed: int = 1) -> bytes:
     return bytes((i * seed * 31 + i // 977) % 256 for i in range(n))
 
 
-async def get_snapshot(stub: blobstore_pb2_grpc.BlobstoreServiceStub, sid: str) -> tuple[pb.Manifest, bytes, int]:
+async def get_snapshot(stub: blobstore_pb2_grpc.BlobstoreServiceStub, sid: str) -> tuple[blobstore_pb2.Manifest, bytes, int]:
     m, data, msgs = None, bytearray(), 0
-    async for msg in stub.GetSnapshot(pb.GetSnapshotRequest(snapshot_id=sid), timeout=T):
+    async for msg in stub.GetSnapshot(blobstore_pb2.GetSnapshotRequest(snapshot_id=sid), timeout=T):
         if msg.HasField("manifest"):
             m = msg.manifest
         else:
@@ -54,25 +53,25 @@ async def test_put_get_stat_list_delete(tmp_path: Path) -> None:
         m, got, msgs = await get_snapshot(stub, SID)
         assert got == data and m.arena_bytes == len(data) and len(m.chunk_sha256) == 6
         assert msgs >= 6
-        stat = await stub.StatSnapshot(pb.StatSnapshotRequest(snapshot_id=SID), timeout=T)
+        stat = await stub.StatSnapshot(blobstore_pb2.StatSnapshotRequest(snapshot_id=SID), timeout=T)
         assert (stat.on_disk, stat.in_cache) == (True, False)
         assert stat.manifest_digest == put.manifest_digest == mf.digest(m)
 
-        warm = await stub.PrewarmSnapshot(pb.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
+        warm = await stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
         assert (warm.was_cached, warm.fetched_from_peer, warm.bytes) == (False, False, len(data))
-        again = await stub.PrewarmSnapshot(pb.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
+        again = await stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
         assert again.was_cached
-        listing = await stub.ListSnapshots(pb.BlobstoreServiceListSnapshotsRequest(), timeout=T)
+        listing = await stub.ListSnapshots(blobstore_pb2.BlobstoreServiceListSnapshotsRequest(), timeout=T)
         assert [s.manifest.snapshot_id for s in listing.snapshots] == [SID]
         assert listing.snapshots[0].in_cache
         assert listing.cache_bytes_budget == 4 << 20
         assert len(data) <= listing.cache_bytes_used < len(data) + 4096
 
-        await stub.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=SID), timeout=T)
-        listing = await stub.ListSnapshots(pb.BlobstoreServiceListSnapshotsRequest(), timeout=T)
+        await stub.DeleteSnapshot(blobstore_pb2.DeleteSnapshotRequest(snapshot_id=SID), timeout=T)
+        listing = await stub.ListSnapshots(blobstore_pb2.BlobstoreServiceListSnapshotsRequest(), timeout=T)
         assert list(listing.snapshots) == [] and listing.cache_bytes_used == 0
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await stub.StatSnapshot(pb.StatSnapshotRequest(snapshot_id=SID), timeout=T)
+            await stub.StatSnapshot(blobstore_pb2.StatSnapshotRequest(snapshot_id=SID), timeout=T)
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -83,9 +82,9 @@ async def test_put_get_stat_list_delete(tmp_path: Path) -> None:
 async def test_bad_and_unknown_ids(tmp_path: Path, sid: str, code: grpc.StatusCode, text: str) -> None:
     async with running_blobstore(tmp_path) as app, channel(app.address) as ch:
         stub = blobstore_pb2_grpc.BlobstoreServiceStub(ch)
-        for call in (stub.StatSnapshot(pb.StatSnapshotRequest(snapshot_id=sid), timeout=T),
-                     stub.PrewarmSnapshot(pb.PrewarmSnapshotRequest(snapshot_id=sid), timeout=T),
-                     stub.VerifySnapshot(pb.VerifySnapshotRequest(snapshot_id=sid), timeout=T),
+        for call in (stub.StatSnapshot(blobstore_pb2.StatSnapshotRequest(snapshot_id=sid), timeout=T),
+                     stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=sid), timeout=T),
+                     stub.VerifySnapshot(blobstore_pb2.VerifySnapshotRequest(snapshot_id=sid), timeout=T),
                      get_snapshot(stub, sid)):
             with pytest.raises(grpc.aio.AioRpcError) as exc:
                 await call
@@ -94,18 +93,18 @@ async def test_bad_and_unknown_ids(tmp_path: Path, sid: str, code: grpc.StatusCo
 
 async def test_put_rejects_data_that_does_not_match_manifest(tmp_path: Path) -> None:
     data = arena(2 * CHUNK)
-    m = mf.fill_checksums(pb.Manifest(snapshot_id=SID, arena_bytes=len(data)), memoryview(data), CHUNK)
+    m = mf.fill_checksums(blobstore_pb2.Manifest(snapshot_id=SID, arena_bytes=len(data)), memoryview(data), CHUNK)
 
     async def messages():  # noqa: ANN202
-        yield pb.PutSnapshotRequest(manifest=m)
-        yield pb.PutSnapshotRequest(data=data[:CHUNK] + b"x" * CHUNK)
+        yield blobstore_pb2.PutSnapshotRequest(manifest=m)
+        yield blobstore_pb2.PutSnapshotRequest(data=data[:CHUNK] + b"x" * CHUNK)
 
     async with running_blobstore(tmp_path) as app, channel(app.address) as ch:
         stub = blobstore_pb2_grpc.BlobstoreServiceStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await stub.PutSnapshot(messages(), timeout=T)
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk 1" in exc.value.details()
-        listing = await stub.ListSnapshots(pb.BlobstoreServiceListSnapshotsRequest(), timeout=T)
+        listing = await stub.ListSnapshots(blobstore_pb2.BlobstoreServiceListSnapshotsRequest(), timeout=T)
         assert list(listing.snapshots) == []  # the half-written snapshot never became visible
 
 
@@ -116,7 +115,7 @@ async def test_corrupt_chunk_is_refused_everywhere(tmp_path: Path) -> None:
         await put_snapshot(app.address, SID, data, CHUNK)
         corrupt_chunk(tmp_path, 2)
 
-        v = await stub.VerifySnapshot(pb.VerifySnapshotRequest(snapshot_id=SID), timeout=T)
+        v = await stub.VerifySnapshot(blobstore_pb2.VerifySnapshotRequest(snapshot_id=SID), timeout=T)
         assert (v.ok, v.bad_chunk) == (False, 2) and "chunk 2" in v.message
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await get_snapshot(stub, SID)
@@ -124,11 +123,11 @@ async def test_corrupt_chunk_is_refused_everywhere(tmp_path: Path) -> None:
         assert f"snapshot {SID} is corrupt: chunk 2" in exc.value.details()
         # prewarm finds it, drops the local copy, and with no peer cannot repair it
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await stub.PrewarmSnapshot(pb.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
+            await stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
         assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "chunk 2" in exc.value.details() and "no peers configured" in exc.value.details()
         with pytest.raises(grpc.aio.AioRpcError) as exc:
-            await stub.StatSnapshot(pb.StatSnapshotRequest(snapshot_id=SID), timeout=T)
+            await stub.StatSnapshot(blobstore_pb2.StatSnapshotRequest(snapshot_id=SID), timeout=T)
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -138,19 +137,19 @@ async def test_prewarm_fetches_from_peer_and_repairs_corruption(tmp_path: Path) 
         await put_snapshot(a.address, SID, data, CHUNK)
         async with running_blobstore(tmp_path / "b", peers=(a.address,)) as b, channel(b.address) as ch:
             stub = blobstore_pb2_grpc.BlobstoreServiceStub(ch)
-            warm = await stub.PrewarmSnapshot(pb.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
+            warm = await stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
             assert (warm.was_cached, warm.fetched_from_peer, warm.bytes) == (False, True, len(data))
-            stat = await stub.StatSnapshot(pb.StatSnapshotRequest(snapshot_id=SID), timeout=T)
+            stat = await stub.StatSnapshot(blobstore_pb2.StatSnapshotRequest(snapshot_id=SID), timeout=T)
             assert stat.on_disk and stat.in_cache
             assert (await get_snapshot(stub, SID))[1] == data
 
             # B's disk copy goes bad while not cached: the next prewarm refetches it from A
-            await stub.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot_id=SID), timeout=T)
+            await stub.DeleteSnapshot(blobstore_pb2.DeleteSnapshotRequest(snapshot_id=SID), timeout=T)
             await put_snapshot(b.address, SID, data, CHUNK)
             corrupt_chunk(tmp_path / "b", 1)
-            warm = await stub.PrewarmSnapshot(pb.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
+            warm = await stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
             assert warm.fetched_from_peer
-            v = await stub.VerifySnapshot(pb.VerifySnapshotRequest(snapshot_id=SID), timeout=T)
+            v = await stub.VerifySnapshot(blobstore_pb2.VerifySnapshotRequest(snapshot_id=SID), timeout=T)
             assert v.ok and v.bad_chunk == -1
 
 
@@ -162,6 +161,6 @@ async def test_peer_with_corrupt_copy_is_not_trusted(tmp_path: Path) -> None:
         async with running_blobstore(tmp_path / "b", peers=(a.address,)) as b, channel(b.address) as ch:
             stub = blobstore_pb2_grpc.BlobstoreServiceStub(ch)
             with pytest.raises(grpc.aio.AioRpcError) as exc:
-                await stub.PrewarmSnapshot(pb.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
+                await stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
             assert exc.value.code() == grpc.StatusCode.NOT_FOUND and a.address in exc.value.details()
             assert not list((tmp_path / "b").glob("d*/snapshots/*/manifest.json"))

@@ -12,8 +12,7 @@ from typing import Any
 from services.blobstore.testing import put_snapshot, running_blobstore
 from snapwake.grpcserver import channel
 from snapwake.protocols import recv_message, send_message
-from snapwake.v1 import blobstore_pb2 as pb
-from snapwake.v1 import blobstore_pb2_grpc
+from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc
 
 SID = "acme/default/llama@7"
 CHUNK = 64 << 10
@@ -70,7 +69,7 @@ async def test_store_then_load_memfd(tmp_path: Path) -> None:
         reply = await asyncio.to_thread(store, sock, SID, data, manifest)
         assert reply["ok"] and reply["bytes"] == len(data)
         stat = await blobstore_pb2_grpc.BlobstoreServiceStub(ch).StatSnapshot(
-            pb.StatSnapshotRequest(snapshot_id=SID), timeout=30)
+            blobstore_pb2.StatSnapshotRequest(snapshot_id=SID), timeout=30)
         assert stat.on_disk and stat.in_cache and stat.manifest_digest == reply["manifest_digest"]
         assert len(stat.manifest.chunk_sha256) == 4 and stat.manifest.chunk_bytes == CHUNK
 
@@ -118,5 +117,5 @@ async def test_store_without_fd_is_refused(tmp_path: Path) -> None:
         assert reply == {"ok": False, "error": "fd: store needs exactly one file descriptor, got 0"}
         async with channel(app.address) as ch:
             listing = await blobstore_pb2_grpc.BlobstoreServiceStub(ch).ListSnapshots(
-                pb.BlobstoreServiceListSnapshotsRequest(), timeout=30)
+                blobstore_pb2.BlobstoreServiceListSnapshotsRequest(), timeout=30)
         assert list(listing.snapshots) == []

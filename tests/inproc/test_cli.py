@@ -17,9 +17,7 @@ import grpc
 import pytest
 
 from snapwake import cli
-from snapwake.v1 import scheduler_pb2 as pb
-from snapwake.v1 import scheduler_pb2_grpc
-from snapwake.v1 import types_pb2 as t
+from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 SIZE = 3 << 20
@@ -30,11 +28,11 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.functions: dict[str, t.Function] = {}
-        self.snapshots: dict[str, t.Snapshot] = {}
-        self.instances: list[t.Instance] = []
+        self.functions: dict[str, types_pb2.Function] = {}
+        self.snapshots: dict[str, types_pb2.Snapshot] = {}
+        self.instances: list[types_pb2.Instance] = []
 
-    def CreateFunction(self, request: pb.CreateFunctionRequest, context: grpc.ServicerContext) -> pb.CreateFunctionResponse:
+    def CreateFunction(self, request: scheduler_pb2.CreateFunctionRequest, context: grpc.ServicerContext) -> scheduler_pb2.CreateFunctionResponse:
         spec = request.spec
         for field in ("tenant", "namespace", "name"):
             if not _NAME.match(getattr(spec, field)):
@@ -44,56 +42,56 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         with self.lock:
             if fid in self.functions:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"function {fid} already exists")
-            fn = t.Function(id=fid, spec=spec, revision=1, state=t.FUNCTION_STATE_PENDING)
+            fn = types_pb2.Function(id=fid, spec=spec, revision=1, state=types_pb2.FUNCTION_STATE_PENDING)
             self.functions[fid] = fn
-            self.snapshots[fid] = t.Snapshot(id=f"{fid}@1", function_id=fid, revision=1, total_bytes=SIZE,
-                                             state=t.SNAPSHOT_STATE_BUILDING)
-        return pb.CreateFunctionResponse(function=fn)
+            self.snapshots[fid] = types_pb2.Snapshot(id=f"{fid}@1", function_id=fid, revision=1, total_bytes=SIZE,
+                                             state=types_pb2.SNAPSHOT_STATE_BUILDING)
+        return scheduler_pb2.CreateFunctionResponse(function=fn)
 
-    def GetFunction(self, request: pb.GetFunctionRequest, context: grpc.ServicerContext) -> pb.GetFunctionResponse:
+    def GetFunction(self, request: scheduler_pb2.GetFunctionRequest, context: grpc.ServicerContext) -> scheduler_pb2.GetFunctionResponse:
         with self.lock:
             if request.function_id not in self.functions:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"function {request.function_id} not found")
-            return pb.GetFunctionResponse(function=self.functions[request.function_id])
+            return scheduler_pb2.GetFunctionResponse(function=self.functions[request.function_id])
 
-    def ListFunctions(self, request: pb.ListFunctionsRequest, context: grpc.ServicerContext) -> pb.ListFunctionsResponse:
+    def ListFunctions(self, request: scheduler_pb2.ListFunctionsRequest, context: grpc.ServicerContext) -> scheduler_pb2.ListFunctionsResponse:
         with self.lock:
-            return pb.ListFunctionsResponse(functions=list(self.functions.values()))
+            return scheduler_pb2.ListFunctionsResponse(functions=list(self.functions.values()))
 
-    def DeleteFunction(self, request: pb.DeleteFunctionRequest, context: grpc.ServicerContext) -> pb.DeleteFunctionResponse:
+    def DeleteFunction(self, request: scheduler_pb2.DeleteFunctionRequest, context: grpc.ServicerContext) -> scheduler_pb2.DeleteFunctionResponse:
         with self.lock:
             if self.functions.pop(request.function_id, None) is None:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"function {request.function_id} not found")
-        return pb.DeleteFunctionResponse()
+        return scheduler_pb2.DeleteFunctionResponse()
 
-    def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> pb.ListSnapshotsResponse:
+    def ListSnapshots(self, request: scheduler_pb2.ListSnapshotsRequest, context: grpc.ServicerContext) -> scheduler_pb2.ListSnapshotsResponse:
         with self.lock:
             for fid, snap in self.snapshots.items():
-                if snap.state == t.SNAPSHOT_STATE_BUILDING:
+                if snap.state == types_pb2.SNAPSHOT_STATE_BUILDING:
                     snap.bytes_written = min(SIZE, snap.bytes_written + SIZE // 3)
-                if snap.bytes_written == SIZE and snap.state == t.SNAPSHOT_STATE_BUILDING:
-                    snap.state = t.SNAPSHOT_STATE_READY
+                if snap.bytes_written == SIZE and snap.state == types_pb2.SNAPSHOT_STATE_BUILDING:
+                    snap.state = types_pb2.SNAPSHOT_STATE_READY
                     snap.disk_nodes.append("node-a")
-                    self.functions[fid].state = t.FUNCTION_STATE_READY
-                    self.instances.append(t.Instance(id="i-0000000000aa", function_id=fid, revision=1,
-                                                     node="node-a", state=t.INSTANCE_STATE_STANDBY))
-            return pb.ListSnapshotsResponse(snapshots=[s for s in self.snapshots.values()
+                    self.functions[fid].state = types_pb2.FUNCTION_STATE_READY
+                    self.instances.append(types_pb2.Instance(id="i-0000000000aa", function_id=fid, revision=1,
+                                                     node="node-a", state=types_pb2.INSTANCE_STATE_STANDBY))
+            return scheduler_pb2.ListSnapshotsResponse(snapshots=[s for s in self.snapshots.values()
                                                        if request.function_id in ("", s.function_id)])
 
-    def ListNodes(self, request: pb.ListNodesRequest, context: grpc.ServicerContext) -> pb.ListNodesResponse:
-        gpu = t.Gpu(index=0, name="H100", memory_total_bytes=80 << 30, memory_reserved_bytes=20 << 30)
-        return pb.ListNodesResponse(nodes=[t.Node(name="node-a", address="10.0.0.1:7001", gpus=[gpu],
+    def ListNodes(self, request: scheduler_pb2.ListNodesRequest, context: grpc.ServicerContext) -> scheduler_pb2.ListNodesResponse:
+        gpu = types_pb2.Gpu(index=0, name="H100", memory_total_bytes=80 << 30, memory_reserved_bytes=20 << 30)
+        return scheduler_pb2.ListNodesResponse(nodes=[types_pb2.Node(name="node-a", address="10.0.0.1:7001", gpus=[gpu],
                                                   cached_snapshots=["t/d/m@1"])])
 
-    def ListInstances(self, request: pb.ListInstancesRequest, context: grpc.ServicerContext) -> pb.ListInstancesResponse:
+    def ListInstances(self, request: scheduler_pb2.ListInstancesRequest, context: grpc.ServicerContext) -> scheduler_pb2.ListInstancesResponse:
         with self.lock:
-            return pb.ListInstancesResponse(instances=[i for i in self.instances
+            return scheduler_pb2.ListInstancesResponse(instances=[i for i in self.instances
                                                        if request.function_id in ("", i.function_id)])
 
-    def GetInstanceLogs(self, request: pb.GetInstanceLogsRequest, context: grpc.ServicerContext) -> pb.GetInstanceLogsResponse:
+    def GetInstanceLogs(self, request: scheduler_pb2.GetInstanceLogsRequest, context: grpc.ServicerContext) -> scheduler_pb2.GetInstanceLogsResponse:
         if request.instance_id != "i-0000000000aa":
             context.abort(grpc.StatusCode.NOT_FOUND, f"instance {request.instance_id} not found")
-        return pb.GetInstanceLogsResponse(logs="loading model\nserving on 127.0.0.1:9000\n")
+        return scheduler_pb2.GetInstanceLogsResponse(logs="loading model\nserving on 127.0.0.1:9000\n")
 
 
 class NotLeader(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -159,7 +157,7 @@ def test_yaml_deploy_with_wait_then_json_get(sched: tuple[FakeScheduler, str], t
     assert spec.resources.gpu_memory_bytes == 20 << 30
     assert spec.policy.max_instances == 5  # the flag wins over the file
     assert spec.policy.idle_timeout.seconds == 300
-    assert spec.policy.snapshot_mode == t.SNAPSHOT_MODE_ARENA
+    assert spec.policy.snapshot_mode == types_pb2.SNAPSHOT_MODE_ARENA
     assert dict(spec.env) == {"HF_HUB_OFFLINE": "1"}
     assert "snapshot" in err and "pre-warm" in err  # both progress bars were shown
     code, out, _ = _cli(capsys, address, "-o", "json", "get", "acme/prod/llama")
@@ -242,7 +240,7 @@ def test_follows_the_leader_and_reports_unavailable(sched: tuple[FakeScheduler, 
 
 def test_logs_and_usage_error(sched: tuple[FakeScheduler, str], capsys: pytest.CaptureFixture[str]) -> None:
     fake, address = sched
-    fake.instances.append(t.Instance(id="i-0000000000aa", function_id="a/b/c"))
+    fake.instances.append(types_pb2.Instance(id="i-0000000000aa", function_id="a/b/c"))
     code, out, _ = _cli(capsys, address, "logs", "i-0000000000aa")
     assert code == 0 and out == "loading model\nserving on 127.0.0.1:9000\n"
     code, _, err = _cli(capsys, address, "frobnicate")

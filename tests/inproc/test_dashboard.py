@@ -13,35 +13,35 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.gateway.dashboard import build_state
 from services.gateway.dashboard.state import COLD_STARTS_SHOWN, OTHER_TENANT
-from snapwake.v1 import types_pb2 as t
+from snapwake.v1 import types_pb2
 
 GiB = 1 << 30
 LLAMA, TINY, RIVAL = "acme/default/llama", "acme/default/tiny", "other/default/llama"
 
 
-def _inst(iid: str, fn: str, state: int, gpu: int = 0, start: float = 0.0, at: int = 0) -> t.Instance:
-    return t.Instance(id=iid, function_id=fn, node="n1", gpu_index=gpu, gpu_memory_bytes=20 * GiB, state=state,
+def _inst(iid: str, fn: str, state: int, gpu: int = 0, start: float = 0.0, at: int = 0) -> types_pb2.Instance:
+    return types_pb2.Instance(id=iid, function_id=fn, node="n1", gpu_index=gpu, gpu_memory_bytes=20 * GiB, state=state,
                       last_start_seconds=start, update_time=Timestamp(seconds=at))
 
 
-FUNCTIONS = [t.Function(id=LLAMA, revision=2, state=t.FUNCTION_STATE_READY,
-                        spec=t.FunctionSpec(resources=t.Resources(gpu_memory_bytes=20 * GiB))),
-             t.Function(id=TINY, revision=1, state=t.FUNCTION_STATE_PENDING),
-             t.Function(id=RIVAL, revision=1, state=t.FUNCTION_STATE_READY)]
-INSTANCES = [_inst("i-00000000000a", LLAMA, t.INSTANCE_STATE_RUNNING, start=0.41, at=1000),
-             _inst("i-00000000000b", LLAMA, t.INSTANCE_STATE_STANDBY),
-             _inst("i-00000000000c", LLAMA, t.INSTANCE_STATE_IDLE, gpu=1, start=0.38, at=2000),
-             _inst("i-00000000000d", RIVAL, t.INSTANCE_STATE_RESTORING, gpu=1, start=0.5, at=2500)]
-NODES = [t.Node(name="n1", address="10.0.0.1:7001", heartbeat_time=Timestamp(seconds=2990),
+FUNCTIONS = [types_pb2.Function(id=LLAMA, revision=2, state=types_pb2.FUNCTION_STATE_READY,
+                        spec=types_pb2.FunctionSpec(resources=types_pb2.Resources(gpu_memory_bytes=20 * GiB))),
+             types_pb2.Function(id=TINY, revision=1, state=types_pb2.FUNCTION_STATE_PENDING),
+             types_pb2.Function(id=RIVAL, revision=1, state=types_pb2.FUNCTION_STATE_READY)]
+INSTANCES = [_inst("i-00000000000a", LLAMA, types_pb2.INSTANCE_STATE_RUNNING, start=0.41, at=1000),
+             _inst("i-00000000000b", LLAMA, types_pb2.INSTANCE_STATE_STANDBY),
+             _inst("i-00000000000c", LLAMA, types_pb2.INSTANCE_STATE_IDLE, gpu=1, start=0.38, at=2000),
+             _inst("i-00000000000d", RIVAL, types_pb2.INSTANCE_STATE_RESTORING, gpu=1, start=0.5, at=2500)]
+NODES = [types_pb2.Node(name="n1", address="10.0.0.1:7001", heartbeat_time=Timestamp(seconds=2990),
                 cached_snapshots=[LLAMA + "@2", RIVAL + "@1"],
-                gpus=[t.Gpu(index=0, name="H100", memory_total_bytes=80 * GiB),
-                      t.Gpu(index=1, name="H100", memory_total_bytes=80 * GiB)]),
-         t.Node(name="n0", address="10.0.0.0:7001")]
-SNAPSHOTS = [t.Snapshot(id=LLAMA + "@2", function_id=LLAMA, revision=2, state=t.SNAPSHOT_STATE_READY,
+                gpus=[types_pb2.Gpu(index=0, name="H100", memory_total_bytes=80 * GiB),
+                      types_pb2.Gpu(index=1, name="H100", memory_total_bytes=80 * GiB)]),
+         types_pb2.Node(name="n0", address="10.0.0.0:7001")]
+SNAPSHOTS = [types_pb2.Snapshot(id=LLAMA + "@2", function_id=LLAMA, revision=2, state=types_pb2.SNAPSHOT_STATE_READY,
                         disk_nodes=["n1", "n2"], cache_nodes=["n1"]),
-             t.Snapshot(id=TINY + "@1", function_id=TINY, revision=1, state=t.SNAPSHOT_STATE_BUILDING,
+             types_pb2.Snapshot(id=TINY + "@1", function_id=TINY, revision=1, state=types_pb2.SNAPSHOT_STATE_BUILDING,
                         bytes_written=5, total_bytes=10),
-             t.Snapshot(id=RIVAL + "@1", function_id=RIVAL, revision=1, state=t.SNAPSHOT_STATE_READY,
+             types_pb2.Snapshot(id=RIVAL + "@1", function_id=RIVAL, revision=1, state=types_pb2.SNAPSHOT_STATE_READY,
                         disk_nodes=["n1"])]
 
 
@@ -84,8 +84,8 @@ def test_snapshot_tiers_per_tenant(tenant: str | None, tiers: list[tuple[str, st
 ])
 def test_cache_tier_merges_snapshot_and_node_records(record_cache: list[str], node_cache: list[str],
                                                     disk: list[str], tier: str, cache_nodes: list[str]) -> None:
-    snap = t.Snapshot(id=LLAMA + "@2", function_id=LLAMA, cache_nodes=record_cache, disk_nodes=disk)
-    nodes = [t.Node(name=n, cached_snapshots=[snap.id] if n in node_cache else [TINY + "@1"]) for n in ("n1", "n2")]
+    snap = types_pb2.Snapshot(id=LLAMA + "@2", function_id=LLAMA, cache_nodes=record_cache, disk_nodes=disk)
+    nodes = [types_pb2.Node(name=n, cached_snapshots=[snap.id] if n in node_cache else [TINY + "@1"]) for n in ("n1", "n2")]
     (got,) = build_state([], [], nodes, [snap], now=0.0)["snapshots"]
     assert (got["tier"], got["cache_nodes"], got["disk_nodes"]) == (tier, cache_nodes, disk)
 
@@ -113,7 +113,7 @@ def test_tenant_sees_its_own_and_only_the_size_of_others(tenant: str | None, fun
 
 
 def test_cold_starts_are_capped() -> None:
-    many = [_inst(f"i-{n:012x}", LLAMA, t.INSTANCE_STATE_IDLE, start=0.1, at=n) for n in range(30)]
+    many = [_inst(f"i-{n:012x}", LLAMA, types_pb2.INSTANCE_STATE_IDLE, start=0.1, at=n) for n in range(30)]
     cold = build_state(FUNCTIONS, many, [], [], now=100.0)["cold_starts"]
     assert len(cold) == COLD_STARTS_SHOWN and cold[0]["at"] == 29.0
     assert cold[0] == {"instance_id": "i-00000000001d", "function_id": LLAMA, "node": "n1", "seconds": 0.1,

@@ -32,9 +32,7 @@ from services.gateway.dashboard.auth import COOKIE
 from services.gateway.scheduler_client import GrpcSchedulerClient
 from snapwake.grpcserver import GrpcServer
 from snapwake.testing import free_port
-from snapwake.v1 import scheduler_pb2 as pb
-from snapwake.v1 import scheduler_pb2_grpc
-from snapwake.v1 import types_pb2 as t
+from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 pytestmark = pytest.mark.timeout(90)
 T = TypeVar("T")
@@ -56,49 +54,49 @@ class TinyScheduler(scheduler_pb2_grpc.SchedulerServiceServicer, scheduler_pb2_g
 
     def __init__(self, endpoint: str) -> None:
         now = Timestamp(seconds=int(time.time()))
-        spec = t.FunctionSpec(tenant="default", namespace="default", name="demo",
-                              resources=t.Resources(gpu_memory_bytes=2 * GiB))
-        self.functions = [t.Function(id=DEMO, revision=1, state=t.FUNCTION_STATE_READY, spec=spec),
-                          t.Function(id=OTHER, revision=3, state=t.FUNCTION_STATE_READY)]
-        self.demo = t.Instance(id="i-0123456789ab", function_id=DEMO, node="node-0", gpu_index=0,
-                               gpu_memory_bytes=2 * GiB, state=t.INSTANCE_STATE_STANDBY, endpoint=endpoint)
-        self.other = t.Instance(id="i-ffffffffffff", function_id=OTHER, node="node-0", gpu_index=0,
-                                gpu_memory_bytes=3 * GiB, state=t.INSTANCE_STATE_RUNNING, update_time=now)
-        self.nodes = [t.Node(name="node-0", address="127.0.0.1:7002", heartbeat_time=now,
+        spec = types_pb2.FunctionSpec(tenant="default", namespace="default", name="demo",
+                              resources=types_pb2.Resources(gpu_memory_bytes=2 * GiB))
+        self.functions = [types_pb2.Function(id=DEMO, revision=1, state=types_pb2.FUNCTION_STATE_READY, spec=spec),
+                          types_pb2.Function(id=OTHER, revision=3, state=types_pb2.FUNCTION_STATE_READY)]
+        self.demo = types_pb2.Instance(id="i-0123456789ab", function_id=DEMO, node="node-0", gpu_index=0,
+                               gpu_memory_bytes=2 * GiB, state=types_pb2.INSTANCE_STATE_STANDBY, endpoint=endpoint)
+        self.other = types_pb2.Instance(id="i-ffffffffffff", function_id=OTHER, node="node-0", gpu_index=0,
+                                gpu_memory_bytes=3 * GiB, state=types_pb2.INSTANCE_STATE_RUNNING, update_time=now)
+        self.nodes = [types_pb2.Node(name="node-0", address="127.0.0.1:7002", heartbeat_time=now,
                              cached_snapshots=[DEMO + "@1", OTHER + "@3"],
-                             gpus=[t.Gpu(index=0, name="demo GPU", memory_total_bytes=8 * GiB)])]
-        self.snapshots = [t.Snapshot(id=DEMO + "@1", function_id=DEMO, revision=1, state=t.SNAPSHOT_STATE_READY,
+                             gpus=[types_pb2.Gpu(index=0, name="demo GPU", memory_total_bytes=8 * GiB)])]
+        self.snapshots = [types_pb2.Snapshot(id=DEMO + "@1", function_id=DEMO, revision=1, state=types_pb2.SNAPSHOT_STATE_READY,
                                      total_bytes=GiB, bytes_written=GiB, disk_nodes=["node-0"],
                                      cache_nodes=["node-0"]),
-                          t.Snapshot(id=OTHER + "@3", function_id=OTHER, revision=3, state=t.SNAPSHOT_STATE_READY)]
+                          types_pb2.Snapshot(id=OTHER + "@3", function_id=OTHER, revision=3, state=types_pb2.SNAPSHOT_STATE_READY)]
         self.hang_seconds = 0.0
 
-    async def ListFunctions(self, request: pb.ListFunctionsRequest, context: Any) -> pb.ListFunctionsResponse:
-        return pb.ListFunctionsResponse(functions=self.functions)
+    async def ListFunctions(self, request: scheduler_pb2.ListFunctionsRequest, context: Any) -> scheduler_pb2.ListFunctionsResponse:
+        return scheduler_pb2.ListFunctionsResponse(functions=self.functions)
 
-    async def ListInstances(self, request: pb.ListInstancesRequest, context: Any) -> pb.ListInstancesResponse:
-        return pb.ListInstancesResponse(instances=[self.demo, self.other])
+    async def ListInstances(self, request: scheduler_pb2.ListInstancesRequest, context: Any) -> scheduler_pb2.ListInstancesResponse:
+        return scheduler_pb2.ListInstancesResponse(instances=[self.demo, self.other])
 
-    async def ListNodes(self, request: pb.ListNodesRequest, context: Any) -> pb.ListNodesResponse:
+    async def ListNodes(self, request: scheduler_pb2.ListNodesRequest, context: Any) -> scheduler_pb2.ListNodesResponse:
         await asyncio.sleep(self.hang_seconds)
-        return pb.ListNodesResponse(nodes=self.nodes)
+        return scheduler_pb2.ListNodesResponse(nodes=self.nodes)
 
-    async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Any) -> pb.ListSnapshotsResponse:
-        return pb.ListSnapshotsResponse(snapshots=self.snapshots)
+    async def ListSnapshots(self, request: scheduler_pb2.ListSnapshotsRequest, context: Any) -> scheduler_pb2.ListSnapshotsResponse:
+        return scheduler_pb2.ListSnapshotsResponse(snapshots=self.snapshots)
 
-    async def AcquireClaim(self, request: pb.AcquireClaimRequest, context: Any) -> pb.AcquireClaimResponse:
+    async def AcquireClaim(self, request: scheduler_pb2.AcquireClaimRequest, context: Any) -> scheduler_pb2.AcquireClaimResponse:
         await asyncio.sleep(0.3)  # the "restore", long enough for a poll to miss or catch it
-        self.demo.state, self.demo.last_start_seconds = t.INSTANCE_STATE_RUNNING, 0.3
+        self.demo.state, self.demo.last_start_seconds = types_pb2.INSTANCE_STATE_RUNNING, 0.3
         self.demo.update_time.GetCurrentTime()
-        return pb.AcquireClaimResponse(claim_id="c-1", instance_id=self.demo.id, endpoint=self.demo.endpoint,
-                                       source=pb.CLAIM_SOURCE_COLD_START, wait=Duration(nanos=300_000_000))
+        return scheduler_pb2.AcquireClaimResponse(claim_id="c-1", instance_id=self.demo.id, endpoint=self.demo.endpoint,
+                                       source=scheduler_pb2.CLAIM_SOURCE_COLD_START, wait=Duration(nanos=300_000_000))
 
-    async def ReleaseClaim(self, request: pb.ReleaseClaimRequest, context: Any) -> pb.ReleaseClaimResponse:
-        self.demo.state = t.INSTANCE_STATE_IDLE
-        return pb.ReleaseClaimResponse()
+    async def ReleaseClaim(self, request: scheduler_pb2.ReleaseClaimRequest, context: Any) -> scheduler_pb2.ReleaseClaimResponse:
+        self.demo.state = types_pb2.INSTANCE_STATE_IDLE
+        return scheduler_pb2.ReleaseClaimResponse()
 
-    async def ReportQueue(self, request: pb.ReportQueueRequest, context: Any) -> pb.ReportQueueResponse:
-        return pb.ReportQueueResponse()
+    async def ReportQueue(self, request: scheduler_pb2.ReportQueueRequest, context: Any) -> scheduler_pb2.ReportQueueResponse:
+        return scheduler_pb2.ReportQueueResponse()
 
 
 class Stack:
@@ -128,7 +126,7 @@ class Stack:
         return f"127.0.0.1:{port}"
 
     async def start_scheduler(self) -> None:
-        names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("SchedulerService", "ClaimService")]
+        names = [scheduler_pb2.DESCRIPTOR.services_by_name[s].full_name for s in ("SchedulerService", "ClaimService")]
         self.grpc = GrpcServer(f"127.0.0.1:{self.scheduler_port}", names)
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(self.scheduler, self.grpc.server)
         scheduler_pb2_grpc.add_ClaimServiceServicer_to_server(self.scheduler, self.grpc.server)

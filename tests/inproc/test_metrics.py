@@ -26,10 +26,10 @@ from snapwake import keys, telemetry
 from snapwake.etcd import Etcd
 from snapwake.testing import EtcdProcess, free_port, wait_for
 from snapwake.v1 import types_pb2
+from snapwake.v1.types_pb2 import InstanceState
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_SERIES = {telemetry.GPU_MEMORY_USED, telemetry.GPU_MEMORY_TOTAL, telemetry.GPU_UTILIZATION}
-S = types_pb2.InstanceState
 
 
 def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -55,8 +55,8 @@ def metrics_port() -> int:
 
 @pytest.mark.parametrize("states, expected", [
     ([], {}),
-    ([("a/b/c", S.INSTANCE_STATE_RUNNING)], {("a/b/c", "RUNNING"): 1}),
-    ([("a/b/c", S.INSTANCE_STATE_STANDBY), ("a/b/c", S.INSTANCE_STATE_STANDBY), ("a/b/d", S.INSTANCE_STATE_IDLE)],
+    ([("a/b/c", InstanceState.INSTANCE_STATE_RUNNING)], {("a/b/c", "RUNNING"): 1}),
+    ([("a/b/c", InstanceState.INSTANCE_STATE_STANDBY), ("a/b/c", InstanceState.INSTANCE_STATE_STANDBY), ("a/b/d", InstanceState.INSTANCE_STATE_IDLE)],
      {("a/b/c", "STANDBY"): 2, ("a/b/d", "IDLE"): 1}),
 ])
 def test_count_instances(states: list[tuple[str, int]], expected: dict[tuple[str, str], int]) -> None:
@@ -81,7 +81,7 @@ async def test_scheduler_instances_gauge_follows_etcd(etcd_server: EtcdProcess, 
         collector = InstancesCollector(state)
         REGISTRY.register(collector)
         try:
-            for iid, st in zip(iids, (S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_STANDBY, S.INSTANCE_STATE_STANDBY),
+            for iid, st in zip(iids, (InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_STANDBY, InstanceState.INSTANCE_STATE_STANDBY),
                                strict=True):
                 await store.put(keys.instance_key(iid), types_pb2.Instance(id=iid, function_id=fid, state=st))
             want = {(("function", fid), ("state", "RUNNING")): 1.0, (("function", fid), ("state", "STANDBY")): 2.0}

@@ -20,11 +20,11 @@ from snapwake.etcd import Etcd
 from snapwake.grpcserver import channel
 from snapwake.testing import EtcdProcess, free_port
 from snapwake.v1 import nodeagent_pb2, nodeagent_pb2_grpc, types_pb2
+from snapwake.v1.types_pb2 import InstanceState
 from tests.inproc.test_nodeagent_support import runc_ids, start_request
 
 pytestmark = [pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed"),
               pytest.mark.timeout(240)]
-S = types_pb2.InstanceState
 
 
 @dataclass
@@ -68,9 +68,9 @@ async def test_node_is_registered_under_a_lease(node: Node) -> None:
 async def test_start_running_serves_then_stops(node: Node, demo_model_dir: Path) -> None:
     iid = "i-00000000a001"
     resp = await node.stub.StartInstance(start_request(iid, demo_model_dir), timeout=120)
-    assert resp.instance.state == S.INSTANCE_STATE_RUNNING
+    assert resp.instance.state == InstanceState.INSTANCE_STATE_RUNNING
     stored = await _instance(node.store, iid)
-    assert stored is not None and stored.state in (S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_IDLE)
+    assert stored is not None and stored.state in (InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_IDLE)
     assert stored.endpoint == resp.instance.endpoint and stored.node == node.config.name
 
     async with httpx.AsyncClient(timeout=60) as http:
@@ -97,7 +97,7 @@ async def test_start_running_serves_then_stops(node: Node, demo_model_dir: Path)
     await node.stub.StopInstance(nodeagent_pb2.StopInstanceRequest(instance_id=iid), timeout=30)
     assert runc_ids(node.config.runc_root) == []
     stored = await _instance(node.store, iid)
-    assert stored is None or stored.state == S.INSTANCE_STATE_ENDED
+    assert stored is None or stored.state == InstanceState.INSTANCE_STATE_ENDED
     for _ in range(40):  # the ENDED key lingers for ended_linger (2 s), then goes
         if await _instance(node.store, iid) is None:
             break
@@ -115,7 +115,7 @@ async def test_failed_start_reports_reason_and_cleans_up(node: Node, demo_model_
     details = caught.value.details() or ""
     assert details.startswith("start failed: ") and "config.json" in details
     stored = await _instance(node.store, iid)
-    assert stored is not None and stored.state == S.INSTANCE_STATE_FAILED
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_FAILED
     assert "config.json" in stored.message
     assert runc_ids(node.config.runc_root) == []
 
@@ -127,7 +127,7 @@ async def test_start_times_out(node: Node, demo_model_dir: Path) -> None:
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "within 1s" in (caught.value.details() or "")
     stored = await _instance(node.store, iid)
-    assert stored is not None and stored.state == S.INSTANCE_STATE_FAILED
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_FAILED
     assert runc_ids(node.config.runc_root) == []
 
 

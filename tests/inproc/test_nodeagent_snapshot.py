@@ -24,13 +24,13 @@ from snapwake.etcd import Etcd
 from snapwake.grpcserver import channel
 from snapwake.testing import EtcdProcess, free_port
 from snapwake.v1 import nodeagent_pb2, nodeagent_pb2_grpc, types_pb2
+from snapwake.v1.types_pb2 import InstanceState
 from tests.inproc.test_nodeagent_support import FUNCTION_ID, runc_ids, start_request
 
 pytestmark = [pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed"),
               pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "services/blobstore/__main__.py").exists(),
                                  reason="the blobstore is not written yet"),
               pytest.mark.timeout(300)]
-S = types_pb2.InstanceState
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -98,25 +98,25 @@ async def test_snapshot_standby_restore_suspend(stack, demo_model_dir: Path) -> 
 
     built = await stub.StartInstance(start_request("i-0000000f0001", demo_model_dir,
                                                    nodeagent_pb2.START_TARGET_SNAPSHOT, revision=revision), timeout=150)
-    assert built.instance.state == S.INSTANCE_STATE_ENDED
+    assert built.instance.state == InstanceState.INSTANCE_STATE_ENDED
     snap = (await store.get(keys.snapshot_key(FUNCTION_ID, revision), types_pb2.Snapshot)).value
     assert snap.state == types_pb2.SNAPSHOT_STATE_READY and snap.bytes_written > 0 and snap.manifest_digest
     assert list(snap.disk_nodes) == [config.name]
 
     standby = await stub.StartInstance(start_request("i-0000000f0002", demo_model_dir,
                                                      nodeagent_pb2.START_TARGET_STANDBY, revision=revision), timeout=150)
-    assert standby.instance.state == S.INSTANCE_STATE_STANDBY
+    assert standby.instance.state == InstanceState.INSTANCE_STATE_STANDBY
 
     for round_ in range(2):
         restored = await stub.RestoreInstance(
             nodeagent_pb2.RestoreInstanceRequest(instance_id="i-0000000f0002"), timeout=60)
-        assert restored.instance.state == S.INSTANCE_STATE_RUNNING, round_
+        assert restored.instance.state == InstanceState.INSTANCE_STATE_RUNNING, round_
         assert restored.dma_bytes == snap.bytes_written
         assert restored.total_duration.ToNanoseconds() > 0
         assert (await _chat(restored.instance.endpoint))["choices"]
         suspended = await stub.SuspendInstance(
             nodeagent_pb2.SuspendInstanceRequest(instance_id="i-0000000f0002"), timeout=60)
-        assert suspended.instance.state == S.INSTANCE_STATE_STANDBY
+        assert suspended.instance.state == InstanceState.INSTANCE_STATE_STANDBY
 
     node = (await store.get(keys.node_key(config.name), types_pb2.Node)).value
     for _ in range(40):  # the reconcile loop polls the blobstore's cache

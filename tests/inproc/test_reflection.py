@@ -9,15 +9,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from snapwake.grpcserver import GrpcServer, channel
-from snapwake.v1 import scheduler_pb2 as pb
-from snapwake.v1 import scheduler_pb2_grpc
+from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 SERVICE = "snapwake.v1.SchedulerService"
 
 
 class Nodes(scheduler_pb2_grpc.SchedulerServiceServicer):
-    async def ListNodes(self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext) -> pb.ListNodesResponse:
-        return pb.ListNodesResponse()
+    async def ListNodes(self, request: scheduler_pb2.ListNodesRequest, context: grpc.aio.ServicerContext) -> scheduler_pb2.ListNodesResponse:
+        return scheduler_pb2.ListNodesResponse()
 
 
 def _describe(address: str) -> tuple[list[str], list[str], str]:

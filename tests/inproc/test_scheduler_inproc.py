@@ -26,9 +26,7 @@ from snapwake import keys
 from snapwake.etcd import Etcd
 from snapwake.grpcserver import GrpcServer, channel
 from snapwake.testing import EtcdProcess
-from snapwake.v1 import nodeagent_pb2 as na
-from snapwake.v1 import nodeagent_pb2_grpc, scheduler_pb2_grpc
-from snapwake.v1 import scheduler_pb2 as pb
+from snapwake.v1 import nodeagent_pb2, nodeagent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from snapwake.v1.types_pb2 import (
     FunctionSpec,
     FunctionState,
@@ -44,7 +42,6 @@ from snapwake.v1.types_pb2 import (
     SnapshotState,
 )
 
-S = InstanceState
 # One loop for the module: grpc.aio keeps per-loop pollers that break across loops.
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio(loop_scope="module")]
 
@@ -66,7 +63,7 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
     server: GrpcServer | None = None
 
     async def register(self) -> None:
-        self.server = GrpcServer("127.0.0.1:0", [na.DESCRIPTOR.services_by_name["NodeAgentService"].full_name])
+        self.server = GrpcServer("127.0.0.1:0", [nodeagent_pb2.DESCRIPTOR.services_by_name["NodeAgentService"].full_name])
         nodeagent_pb2_grpc.add_NodeAgentServiceServicer_to_server(self, self.server.server)
         await self.server.start()
         node = Node(name=self.name, address=f"127.0.0.1:{self.server.port}",
@@ -77,51 +74,51 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
         await self.store.put(keys.instance_key(inst.id), inst)
         return inst
 
-    async def StartInstance(self, request: na.StartInstanceRequest, context: grpc.aio.ServicerContext
-                            ) -> na.StartInstanceResponse:
+    async def StartInstance(self, request: nodeagent_pb2.StartInstanceRequest, context: grpc.aio.ServicerContext
+                            ) -> nodeagent_pb2.StartInstanceResponse:
         self.calls.append(("start", request.target))
         inst = await self._put(Instance(id=request.instance_id, function_id=request.function_id,
                                         revision=request.revision, node=self.name, gpu_index=request.gpu_index,
-                                        gpu_memory_bytes=request.gpu_memory_bytes, state=S.INSTANCE_STATE_CREATING,
+                                        gpu_memory_bytes=request.gpu_memory_bytes, state=InstanceState.INSTANCE_STATE_CREATING,
                                         model=self.model))
         await asyncio.sleep(self.start_delay_s)
         if self.fail_reason:
-            inst.state, inst.message = S.INSTANCE_STATE_FAILED, self.fail_reason
+            inst.state, inst.message = InstanceState.INSTANCE_STATE_FAILED, self.fail_reason
             await self._put(inst)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self.fail_reason)
-        if request.target == na.START_TARGET_SNAPSHOT:
+        if request.target == nodeagent_pb2.START_TARGET_SNAPSHOT:
             await self.store.delete(keys.instance_key(inst.id))
-            return na.StartInstanceResponse(instance=inst)
-        inst.state = S.INSTANCE_STATE_STANDBY if request.target == na.START_TARGET_STANDBY else S.INSTANCE_STATE_RUNNING
+            return nodeagent_pb2.StartInstanceResponse(instance=inst)
+        inst.state = InstanceState.INSTANCE_STATE_STANDBY if request.target == nodeagent_pb2.START_TARGET_STANDBY else InstanceState.INSTANCE_STATE_RUNNING
         inst.endpoint = f"127.0.0.1:9{len(self.calls):03d}"
-        return na.StartInstanceResponse(instance=await self._put(inst))
+        return nodeagent_pb2.StartInstanceResponse(instance=await self._put(inst))
 
-    async def RestoreInstance(self, request: na.RestoreInstanceRequest, context: grpc.aio.ServicerContext
-                              ) -> na.RestoreInstanceResponse:
+    async def RestoreInstance(self, request: nodeagent_pb2.RestoreInstanceRequest, context: grpc.aio.ServicerContext
+                              ) -> nodeagent_pb2.RestoreInstanceResponse:
         self.calls.append(("restore", 0))
         got = await self.store.get(keys.instance_key(request.instance_id), Instance)
         assert got is not None
         inst = Instance()
         inst.CopyFrom(got.value)
         if self.restore_delay_s:  # RESTORING for a while, as a real node shows it
-            inst.state = S.INSTANCE_STATE_RESTORING
+            inst.state = InstanceState.INSTANCE_STATE_RESTORING
             await self._put(inst)
             await asyncio.sleep(self.restore_delay_s)
-        inst.state, inst.gpu_index = S.INSTANCE_STATE_RUNNING, request.gpu_index
-        return na.RestoreInstanceResponse(instance=await self._put(inst))
+        inst.state, inst.gpu_index = InstanceState.INSTANCE_STATE_RUNNING, request.gpu_index
+        return nodeagent_pb2.RestoreInstanceResponse(instance=await self._put(inst))
 
-    async def SuspendInstance(self, request: na.SuspendInstanceRequest, context: grpc.aio.ServicerContext
-                              ) -> na.SuspendInstanceResponse:
+    async def SuspendInstance(self, request: nodeagent_pb2.SuspendInstanceRequest, context: grpc.aio.ServicerContext
+                              ) -> nodeagent_pb2.SuspendInstanceResponse:
         self.calls.append(("suspend", 0))
         got = await self.store.get(keys.instance_key(request.instance_id), Instance)
         assert got is not None
         inst = Instance()
         inst.CopyFrom(got.value)
-        inst.state = S.INSTANCE_STATE_STANDBY
-        return na.SuspendInstanceResponse(instance=await self._put(inst))
+        inst.state = InstanceState.INSTANCE_STATE_STANDBY
+        return nodeagent_pb2.SuspendInstanceResponse(instance=await self._put(inst))
 
-    async def StopInstance(self, request: na.StopInstanceRequest, context: grpc.aio.ServicerContext
-                           ) -> na.StopInstanceResponse:
+    async def StopInstance(self, request: nodeagent_pb2.StopInstanceRequest, context: grpc.aio.ServicerContext
+                           ) -> nodeagent_pb2.StopInstanceResponse:
         self.calls.append(("stop", 0))
         self.stops_in_flight += 1
         self.stops_in_flight_peak = max(self.stops_in_flight_peak, self.stops_in_flight)
@@ -130,11 +127,11 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
             await self.store.delete(keys.instance_key(request.instance_id))
         finally:
             self.stops_in_flight -= 1
-        return na.StopInstanceResponse()
+        return nodeagent_pb2.StopInstanceResponse()
 
-    async def GetInstanceLogs(self, request: na.NodeAgentServiceGetInstanceLogsRequest, context: grpc.aio.ServicerContext
-                              ) -> na.NodeAgentServiceGetInstanceLogsResponse:
-        return na.NodeAgentServiceGetInstanceLogsResponse(logs=f"log of {request.instance_id} tail={request.tail_bytes}")
+    async def GetInstanceLogs(self, request: nodeagent_pb2.NodeAgentServiceGetInstanceLogsRequest, context: grpc.aio.ServicerContext
+                              ) -> nodeagent_pb2.NodeAgentServiceGetInstanceLogsResponse:
+        return nodeagent_pb2.NodeAgentServiceGetInstanceLogsResponse(logs=f"log of {request.instance_id} tail={request.tail_bytes}")
 
     def count(self, kind: str, target: int | None = None) -> int:
         return sum(1 for k, t in self.calls if k == kind and (target is None or t == target))
@@ -209,32 +206,32 @@ async def code_of(call: object) -> tuple[grpc.StatusCode, str]:
 async def test_admin_crud(leader: Scheduler) -> None:
     admin, _ = stubs(leader)
     spec = FunctionSpec(name="llama", model_dir="/models/llama")
-    created = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function
+    created = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function
     assert (created.id, created.revision, created.state) == ("default/default/llama", 1, FunctionState.FUNCTION_STATE_PENDING)
     assert created.spec.policy.max_instances == 4
-    assert (await code_of(admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)))[0] \
+    assert (await code_of(admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)))[0] \
         == grpc.StatusCode.ALREADY_EXISTS
-    code, details = await code_of(admin.CreateFunction(pb.CreateFunctionRequest(
+    code, details = await code_of(admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(
         spec=FunctionSpec(name="x", model_dir="/m", policy=Policy(min_instances=9, max_instances=2))), timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.policy.min_instances" in details
     other = custom("echo")
     other.tenant = "acme"
-    ready = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=other), timeout=5)).function
+    ready = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=other), timeout=5)).function
     assert ready.state == FunctionState.FUNCTION_STATE_READY
-    got = (await admin.GetFunction(pb.GetFunctionRequest(function_id=created.id), timeout=5)).function
+    got = (await admin.GetFunction(scheduler_pb2.GetFunctionRequest(function_id=created.id), timeout=5)).function
     assert got == created
-    listed = (await admin.ListFunctions(pb.ListFunctionsRequest(tenant="acme"), timeout=5)).functions
+    listed = (await admin.ListFunctions(scheduler_pb2.ListFunctionsRequest(tenant="acme"), timeout=5)).functions
     assert [f.id for f in listed] == ["acme/default/echo"]
-    assert len((await admin.ListFunctions(pb.ListFunctionsRequest(), timeout=5)).functions) == 2
+    assert len((await admin.ListFunctions(scheduler_pb2.ListFunctionsRequest(), timeout=5)).functions) == 2
     other.policy.concurrency = 8
-    updated = (await admin.UpdateFunction(pb.UpdateFunctionRequest(spec=other), timeout=5)).function
+    updated = (await admin.UpdateFunction(scheduler_pb2.UpdateFunctionRequest(spec=other), timeout=5)).function
     assert (updated.revision, updated.spec.policy.concurrency) == (2, 8)
-    await admin.DeleteFunction(pb.DeleteFunctionRequest(function_id=created.id), timeout=5)
-    for call in (admin.GetFunction(pb.GetFunctionRequest(function_id=created.id), timeout=5),
-                 admin.DeleteFunction(pb.DeleteFunctionRequest(function_id=created.id), timeout=5),
-                 admin.UpdateFunction(pb.UpdateFunctionRequest(spec=custom("nope")), timeout=5)):
+    await admin.DeleteFunction(scheduler_pb2.DeleteFunctionRequest(function_id=created.id), timeout=5)
+    for call in (admin.GetFunction(scheduler_pb2.GetFunctionRequest(function_id=created.id), timeout=5),
+                 admin.DeleteFunction(scheduler_pb2.DeleteFunctionRequest(function_id=created.id), timeout=5),
+                 admin.UpdateFunction(scheduler_pb2.UpdateFunctionRequest(spec=custom("nope")), timeout=5)):
         assert (await code_of(call))[0] == grpc.StatusCode.NOT_FOUND
-    code, details = await code_of(admin.GetFunction(pb.GetFunctionRequest(function_id="bad id"), timeout=5))
+    code, details = await code_of(admin.GetFunction(scheduler_pb2.GetFunctionRequest(function_id="bad id"), timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "function_id" in details
 
 
@@ -242,47 +239,47 @@ async def test_restarted_scheduler_sees_functions(store: Etcd, etcd_server: Etcd
     async with running(store, etcd_server) as first:
         await wait_until(lambda: first.election.is_leader, 10, "first leadership")
         admin, _ = stubs(first)
-        await admin.CreateFunction(pb.CreateFunctionRequest(spec=custom("kept")), timeout=5)
+        await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=custom("kept")), timeout=5)
     async with running(store, etcd_server) as second:
         await wait_until(lambda: second.election.is_leader, 10, "second leadership")
         assert second.state.function("default/default/kept") is not None
         admin, _ = stubs(second)
-        got = (await admin.GetFunction(pb.GetFunctionRequest(function_id="default/default/kept"), timeout=5))
+        got = (await admin.GetFunction(scheduler_pb2.GetFunctionRequest(function_id="default/default/kept"), timeout=5))
         assert got.function.revision == 1
 
 
 async def test_burst_never_exceeds_concurrency(leader: Scheduler, node: FakeNode) -> None:
     admin, claims = stubs(leader)
-    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=custom("burst")), timeout=5)).function.id
+    fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=custom("burst")), timeout=5)).function.id
     holding: dict[str, int] = {}
     peak = 0
     sources: list[int] = []
 
     async def one(k: int) -> None:
         nonlocal peak
-        got = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, request_id=f"r{k}", gateway_id="gw"),
+        got = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, request_id=f"r{k}", gateway_id="gw"),
                                         timeout=20)
         sources.append(got.source)
         holding[got.instance_id] = holding.get(got.instance_id, 0) + 1
         peak = max(peak, holding[got.instance_id])
         await asyncio.sleep(0.05)
         holding[got.instance_id] -= 1
-        await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
+        await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
 
     await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(20))), 30)
     assert peak == 2 and len(sources) == 20
-    assert node.count("start", na.START_TARGET_RUNNING) == 1
-    assert sources.count(pb.CLAIM_SOURCE_NORMAL_START) >= 1
-    assert set(sources) <= {pb.CLAIM_SOURCE_NORMAL_START, pb.CLAIM_SOURCE_WARM}
+    assert node.count("start", nodeagent_pb2.START_TARGET_RUNNING) == 1
+    assert sources.count(scheduler_pb2.CLAIM_SOURCE_NORMAL_START) >= 1
+    assert set(sources) <= {scheduler_pb2.CLAIM_SOURCE_NORMAL_START, scheduler_pb2.CLAIM_SOURCE_WARM}
     assert len(leader.table) == 0
 
 
 async def test_failing_start_fails_all_waiters_fast(leader: Scheduler, node: FakeNode) -> None:
     node.fail_reason = "model dir /nope has no config.json"
     admin, claims = stubs(leader)
-    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=custom("broken")), timeout=5)).function.id
+    fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=custom("broken")), timeout=5)).function.id
     began = time.monotonic()
-    calls = [claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=20)
+    calls = [claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=20)
              for _ in range(6)]
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert time.monotonic() - began < 5
@@ -296,47 +293,47 @@ async def test_wait_times_out_when_max_is_busy(leader: Scheduler, node: FakeNode
     admin, claims = stubs(leader)
     spec = custom("busy", concurrency=1)
     spec.policy.queue_timeout.FromSeconds(1)
-    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
-    held = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
-    assert held.source == pb.CLAIM_SOURCE_NORMAL_START and held.endpoint
-    code, details = await code_of(claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid), timeout=10))
+    fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    held = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    assert held.source == scheduler_pb2.CLAIM_SOURCE_NORMAL_START and held.endpoint
+    code, details = await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid), timeout=10))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and fid in details
-    assert (await code_of(claims.AcquireClaim(pb.AcquireClaimRequest(function_id="a/b/none"), timeout=5)))[0] \
+    assert (await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id="a/b/none"), timeout=5)))[0] \
         == grpc.StatusCode.NOT_FOUND
-    logs = await admin.GetInstanceLogs(pb.GetInstanceLogsRequest(instance_id=held.instance_id), timeout=5)
+    logs = await admin.GetInstanceLogs(scheduler_pb2.GetInstanceLogsRequest(instance_id=held.instance_id), timeout=5)
     assert logs.logs == f"log of {held.instance_id} tail=65536"
 
 
 async def test_arena_function_snapshot_standby_and_cold_start(leader: Scheduler, node: FakeNode) -> None:
     admin, claims = stubs(leader)
     spec = FunctionSpec(name="tiny", model_dir="/models/tiny", resources=Resources(gpu_count=1, gpu_memory_bytes=1 << 30))
-    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function.id
     await wait_until(lambda: (f := leader.state.function(fid)) is not None
                      and f.state == FunctionState.FUNCTION_STATE_READY, 10, "function READY")
-    snaps = (await admin.ListSnapshots(pb.ListSnapshotsRequest(function_id=fid), timeout=5)).snapshots
+    snaps = (await admin.ListSnapshots(scheduler_pb2.ListSnapshotsRequest(function_id=fid), timeout=5)).snapshots
     assert [(s.id, s.state, s.attempts) for s in snaps] == [(f"{fid}@1", SnapshotState.SNAPSHOT_STATE_READY, 1)]
-    await wait_until(lambda: any(i.state == S.INSTANCE_STATE_STANDBY for i in leader.state.instances()), 10,
+    await wait_until(lambda: any(i.state == InstanceState.INSTANCE_STATE_STANDBY for i in leader.state.instances()), 10,
                      "a standby")
-    got = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
-    assert got.source == pb.CLAIM_SOURCE_COLD_START and node.count("restore") == 1
+    got = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    assert got.source == scheduler_pb2.CLAIM_SOURCE_COLD_START and node.count("restore") == 1
     # The serving instance covers the node's standby need: no fresh standby container is started.
     await asyncio.sleep(1.5)
-    assert node.count("start", na.START_TARGET_STANDBY) == 1
+    assert node.count("start", nodeagent_pb2.START_TARGET_STANDBY) == 1
     # Once idle past idle_timeout it is parked back into the standby (suspend, not stop) ...
-    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
     entry = await leader.etcd.get(keys.instance_key(got.instance_id), Instance)
     assert entry is not None
     idle = entry.value
-    idle.state = S.INSTANCE_STATE_IDLE
+    idle.state = InstanceState.INSTANCE_STATE_IDLE
     idle.update_time.FromSeconds(int(time.time()) - 3600)
     await leader.etcd.put(keys.instance_key(got.instance_id), idle)
     await wait_until(lambda: node.count("suspend") == 1, 10, "idle instance parked")
     assert node.count("stop") == 0
     await wait_until(lambda: (i := leader.state.instance(got.instance_id)) is not None
-                     and i.state == S.INSTANCE_STATE_STANDBY, 10, "parked instance is the standby again")
+                     and i.state == InstanceState.INSTANCE_STATE_STANDBY, 10, "parked instance is the standby again")
     # ... and the next request is a cold start of that same container.
-    again = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
-    assert again.source == pb.CLAIM_SOURCE_COLD_START and again.instance_id == got.instance_id
+    again = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    assert again.source == scheduler_pb2.CLAIM_SOURCE_COLD_START and again.instance_id == got.instance_id
 
 
 async def test_each_revision_records_the_model_its_first_instance_reported(leader: Scheduler, node: FakeNode) -> None:
@@ -351,22 +348,22 @@ async def test_each_revision_records_the_model_its_first_instance_reported(leade
 
     arena = FunctionSpec(name="meta-arena", model_dir="/models/a",
                          resources=Resources(gpu_count=1, gpu_memory_bytes=1 << 30))
-    arena_id = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=arena), timeout=5)).function.id
+    arena_id = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=arena), timeout=5)).function.id
     await wait_until(lambda: recorded(arena_id) == node.model, 10, "the snapshot build's model recorded")
 
     plain = FunctionSpec(name="meta-plain", model_dir="/models/p", policy=Policy(snapshot_mode=SnapshotMode.SNAPSHOT_MODE_NONE))
-    created = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=plain), timeout=5)).function
+    created = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=plain), timeout=5)).function
     assert created.state == FunctionState.FUNCTION_STATE_READY and not created.HasField("model")
-    got = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=created.id, gateway_id="gw"), timeout=10)
+    got = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=created.id, gateway_id="gw"), timeout=10)
     await wait_until(lambda: recorded(created.id) == node.model, 10, "the first start's model recorded")
-    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
-    listed = (await admin.ListFunctions(pb.ListFunctionsRequest(), timeout=5)).functions
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
+    listed = (await admin.ListFunctions(scheduler_pb2.ListFunctionsRequest(), timeout=5)).functions
     assert FunctionInfo.from_proto(next(f for f in listed if f.id == created.id)).limits is not None
 
     node.model = ModelMetadata(max_context_tokens=8192, vocab_size=128256)
-    updated = (await admin.UpdateFunction(pb.UpdateFunctionRequest(spec=plain), timeout=5)).function
+    updated = (await admin.UpdateFunction(scheduler_pb2.UpdateFunctionRequest(spec=plain), timeout=5)).function
     assert updated.revision == 2 and not updated.HasField("model")
-    await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=created.id, gateway_id="gw"), timeout=10)
+    await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=created.id, gateway_id="gw"), timeout=10)
     await wait_until(lambda: recorded(created.id) == node.model, 10, "revision 2's model recorded")
 
 
@@ -377,27 +374,27 @@ async def test_a_standby_being_restored_still_covers_the_standby_need(leader: Sc
     admin, claims = stubs(leader)
     spec = FunctionSpec(name="slowrestore", model_dir="/models/tiny",
                         resources=Resources(gpu_count=1, gpu_memory_bytes=1 << 30))
-    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
-    await wait_until(lambda: any(i.function_id == fid and i.state == S.INSTANCE_STATE_STANDBY
+    fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    await wait_until(lambda: any(i.function_id == fid and i.state == InstanceState.INSTANCE_STATE_STANDBY
                                  for i in leader.state.instances()), 15, "a standby")
-    got = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=15)
-    assert got.source == pb.CLAIM_SOURCE_COLD_START
+    got = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=15)
+    assert got.source == scheduler_pb2.CLAIM_SOURCE_COLD_START
     await asyncio.sleep(1.0)
-    assert node.count("start", na.START_TARGET_STANDBY) == 1
-    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
+    assert node.count("start", nodeagent_pb2.START_TARGET_STANDBY) == 1
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
 
 
 async def test_snapshot_build_fails_after_three_attempts(leader: Scheduler, node: FakeNode) -> None:
     node.fail_reason, node.start_delay_s = "out of host memory", 0.0
     admin, claims = stubs(leader)
-    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(
+    fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(
         spec=FunctionSpec(name="doomed", model_dir="/models/x")), timeout=5)).function.id
     await wait_until(lambda: (f := leader.state.function(fid)) is not None
                      and f.state == FunctionState.FUNCTION_STATE_FAILED, 15, "function FAILED")
     fn = leader.state.function(fid)
     assert fn is not None and "after 3 attempts" in fn.status_message and "out of host memory" in fn.status_message
-    assert node.count("start", na.START_TARGET_SNAPSHOT) == 3
-    code, details = await code_of(claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid), timeout=5))
+    assert node.count("start", nodeagent_pb2.START_TARGET_SNAPSHOT) == 3
+    code, details = await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid), timeout=5))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "out of host memory" in details
     entry = await leader.etcd.get(keys.snapshot_key(fid, 1), Snapshot)
     assert entry is not None and entry.value.state == SnapshotState.SNAPSHOT_STATE_FAILED
@@ -409,11 +406,11 @@ async def test_second_scheduler_takes_over(store: Etcd, etcd_server: EtcdProcess
         lead, follow = (first, second) if first.election.is_leader else (second, first)
         await wait_until(lambda: follow.election.leader_address == lead.address, 5, "follower knows leader")
         admin, _ = stubs(follow)
-        code, details = await code_of(admin.ListFunctions(pb.ListFunctionsRequest(), timeout=5))
+        code, details = await code_of(admin.ListFunctions(scheduler_pb2.ListFunctionsRequest(), timeout=5))
         assert code == grpc.StatusCode.UNAVAILABLE and f"leader is at {lead.address}" in details
         await lead.stop(grace_s=0.2)
         await wait_until(lambda: follow.election.is_leader, 10, "takeover")
-        await admin.CreateFunction(pb.CreateFunctionRequest(spec=custom("after")), timeout=5)
+        await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=custom("after")), timeout=5)
 
 
 async def test_takeover_after_leader_lease_expires(store: Etcd, etcd_server: EtcdProcess) -> None:
@@ -437,10 +434,10 @@ async def test_min_instances_and_queue_depth_scale_out(leader: Scheduler, node: 
     admin, claims = stubs(leader)
     spec = custom("scaled", concurrency=1, max_instances=3)
     spec.policy.min_instances = 1
-    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
-    await wait_until(lambda: len(mine(leader, fid, S.INSTANCE_STATE_RUNNING)) == 1, 10, "min_instances running")
-    await claims.ReportQueue(pb.ReportQueueRequest(gateway_id="gw", depths={fid: 5}), timeout=5)
-    await wait_until(lambda: len(mine(leader, fid, S.INSTANCE_STATE_RUNNING)) == 3, 10, "scaled to max")
+    fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    await wait_until(lambda: len(mine(leader, fid, InstanceState.INSTANCE_STATE_RUNNING)) == 1, 10, "min_instances running")
+    await claims.ReportQueue(scheduler_pb2.ReportQueueRequest(gateway_id="gw", depths={fid: 5}), timeout=5)
+    await wait_until(lambda: len(mine(leader, fid, InstanceState.INSTANCE_STATE_RUNNING)) == 3, 10, "scaled to max")
     await asyncio.sleep(0.5)
     assert len(mine(leader, fid)) == 3 and node.count("start") == 3  # never past max_instances
 
@@ -449,27 +446,27 @@ async def test_idle_scale_in_and_old_revision_drain(leader: Scheduler, node: Fak
     admin, claims = stubs(leader)
     spec = custom("shrink", concurrency=1, max_instances=2)
     spec.policy.idle_timeout.FromSeconds(1)
-    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
-    a = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
-    b = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    a = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    b = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
     assert a.instance_id != b.instance_id
     # Instance a goes idle (as its nodeagent would report) long ago; b is updated to revision 2's
     # predecessor and keeps its claim, so it must not be drained until released.
-    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=a.claim_id), timeout=5)
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=a.claim_id), timeout=5)
     got = await store.get(keys.instance_key(a.instance_id), Instance)
     assert got is not None
     idle = got.value
-    idle.state = S.INSTANCE_STATE_IDLE
+    idle.state = InstanceState.INSTANCE_STATE_IDLE
     idle.update_time.FromSeconds(int(time.time()) - 60)
     await store.put(keys.instance_key(a.instance_id), idle)
     await wait_until(lambda: leader.state.instance(a.instance_id) is None, 10, "idle instance stopped")
     spec.policy.concurrency = 2
-    await admin.UpdateFunction(pb.UpdateFunctionRequest(spec=spec), timeout=5)
+    await admin.UpdateFunction(scheduler_pb2.UpdateFunctionRequest(spec=spec), timeout=5)
     await asyncio.sleep(0.5)
     assert leader.state.instance(b.instance_id) is not None  # still claimed: not drained yet
-    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=b.claim_id), timeout=5)
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=b.claim_id), timeout=5)
     await wait_until(lambda: leader.state.instance(b.instance_id) is None, 10, "old revision drained")
-    c = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    c = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
     inst = leader.state.instance(c.instance_id)
     assert inst is not None and inst.revision == 2
 
@@ -482,25 +479,25 @@ def gpu_fn(name: str, gib: int) -> FunctionSpec:
 async def idle_instance_of(leader: Scheduler, store: Etcd, spec: FunctionSpec) -> str:
     """Creates the function, serves one request on it, and marks its instance IDLE; its id."""
     admin, claims = stubs(leader)
-    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
-    held = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
-    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id=held.claim_id), timeout=5)
+    fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    held = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=held.claim_id), timeout=5)
     got = await store.get(keys.instance_key(held.instance_id), Instance)
     assert got is not None
-    got.value.state = S.INSTANCE_STATE_IDLE
+    got.value.state = InstanceState.INSTANCE_STATE_IDLE
     got.value.update_time.FromSeconds(int(time.time()))
     await store.put(keys.instance_key(held.instance_id), got.value)
     await wait_until(lambda: (i := leader.state.instance(held.instance_id)) is not None
-                     and i.state == S.INSTANCE_STATE_IDLE, 5, "idle visible")
+                     and i.state == InstanceState.INSTANCE_STATE_IDLE, 5, "idle visible")
     return held.instance_id
 
 
 async def test_cold_start_evicts_lru_idle_instance(leader: Scheduler, node: FakeNode, store: Etcd) -> None:
     admin, claims = stubs(leader)
     idle = await idle_instance_of(leader, store, gpu_fn("big", 60))
-    other = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn("other", 40)), timeout=5)).function.id
-    second = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=other, gateway_id="gw"), timeout=10)
-    assert second.source == pb.CLAIM_SOURCE_NORMAL_START
+    other = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=gpu_fn("other", 40)), timeout=5)).function.id
+    second = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=other, gateway_id="gw"), timeout=10)
+    assert second.source == scheduler_pb2.CLAIM_SOURCE_NORMAL_START
     assert node.count("stop") == 1 and leader.state.instance(idle) is None
 
 
@@ -511,9 +508,9 @@ async def test_a_start_evicts_all_its_victims_at_once(leader: Scheduler, node: F
     admin, claims = stubs(leader)
     for name in ("e1", "e2", "e3"):
         await idle_instance_of(leader, store, gpu_fn(name, 25))
-    big = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=gpu_fn("huge", 70)), timeout=5)).function.id
-    got_big = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=big, gateway_id="gw"), timeout=15)
-    assert got_big.source == pb.CLAIM_SOURCE_NORMAL_START
+    big = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=gpu_fn("huge", 70)), timeout=5)).function.id
+    got_big = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=big, gateway_id="gw"), timeout=15)
+    assert got_big.source == scheduler_pb2.CLAIM_SOURCE_NORMAL_START
     assert node.count("stop") == 3 and node.stops_in_flight_peak == 3
 
 
@@ -532,7 +529,7 @@ async def test_new_leader_counts_leases_held_from_the_last_term(store: Etcd, etc
             # The scheduler gives up before the gateway does, so no abandoned AcquireClaim
             # is left waiting on the scheduler to take the slot released below.
             spec.policy.queue_timeout.FromSeconds(2)
-            fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+            fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function.id
             client = GrpcSchedulerClient([a.address, b.address], "gw-adopt", rpc_timeout=2)
             queue = ClaimQueue(client, default_len=10, default_timeout=3)
             reporter = asyncio.create_task(queue.report_forever(0.2))
@@ -572,20 +569,20 @@ async def test_reported_leases_are_adopted_once_and_never_resurrected(leader: Sc
     admin, claims = stubs(leader)
     spec = custom("reported", concurrency=2, max_instances=1)
     spec.policy.queue_timeout.FromSeconds(1)
-    fid = (await admin.CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=5)).function.id
-    held = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw-r"), timeout=10)
+    fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    held = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw-r"), timeout=10)
     iid = held.instance_id
 
     async def report(*claim_ids: str, gateway_id: str = "gw-r", instance_id: str = iid) -> None:
-        await claims.ReportQueue(pb.ReportQueueRequest(gateway_id=gateway_id, claims=[
-            pb.HeldClaim(claim_id=lid, instance_id=instance_id, function_id=fid) for lid in claim_ids]), timeout=5)
+        await claims.ReportQueue(scheduler_pb2.ReportQueueRequest(gateway_id=gateway_id, claims=[
+            scheduler_pb2.HeldClaim(claim_id=lid, instance_id=instance_id, function_id=fid) for lid in claim_ids]), timeout=5)
 
     await report(held.claim_id, "c-prev-term")  # one claim granted by an earlier leader
     assert leader.table.in_use(iid) == 2
-    code, _ = await code_of(claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=5))
+    code, _ = await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=5))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    await claims.ReleaseClaim(pb.ReleaseClaimRequest(claim_id="c-prev-term"), timeout=5)
-    third = await claims.AcquireClaim(pb.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=5)
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id="c-prev-term"), timeout=5)
+    third = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=5)
     assert third.instance_id == iid
     await report(held.claim_id, "c-prev-term")  # sent before the release, arriving after it
     assert leader.table.in_use(iid) == 2
@@ -594,8 +591,8 @@ async def test_reported_leases_are_adopted_once_and_never_resurrected(leader: Sc
     # gw-r's next report lists nothing: it released both (its ReleaseClaim was lost).
     await report()
     assert leader.table.in_use(iid) == 1  # the other gateway's claim stays
-    code, details = await code_of(claims.ReportQueue(pb.ReportQueueRequest(
-        gateway_id="gw-r", claims=[pb.HeldClaim(claim_id="c-x", function_id=fid)]), timeout=5))
+    code, details = await code_of(claims.ReportQueue(scheduler_pb2.ReportQueueRequest(
+        gateway_id="gw-r", claims=[scheduler_pb2.HeldClaim(claim_id="c-x", function_id=fid)]), timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "claims[0].instance_id" in details
     code, details = await code_of(report("c-x", gateway_id=""))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "gateway_id" in details

@@ -28,15 +28,14 @@ import pytest
 from services.nodeagent import probe
 from snapwake.devcluster import Cluster, ClusterConfig
 from snapwake.testing import wait_for
-from snapwake.v1 import scheduler_pb2 as pb
-from snapwake.v1 import scheduler_pb2_grpc, types_pb2
+from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
+from snapwake.v1.types_pb2 import InstanceState
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 ELECTION_TTL_S = 2
 NODE_LEASE_TTL_S = 3
-S = types_pb2.InstanceState
-SERVING = (S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_IDLE)
+SERVING = (InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_IDLE)
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -51,7 +50,7 @@ def leader(cluster: Cluster, names: list[str] | None = None) -> str | None:
     found = []
     for name in names or [n for n in cluster.names("scheduler") if n in cluster.procs]:
         try:
-            _admin(cluster.address(name)).ListNodes(pb.ListNodesRequest(), timeout=2)
+            _admin(cluster.address(name)).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=2)
             found.append(name)
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.UNAVAILABLE, err
@@ -66,15 +65,15 @@ def admin(cluster: Cluster) -> scheduler_pb2_grpc.SchedulerServiceStub:
 
 
 def instances(cluster: Cluster, fid: str) -> list[types_pb2.Instance]:
-    return list(admin(cluster).ListInstances(pb.ListInstancesRequest(function_id=fid), timeout=5).instances)
+    return list(admin(cluster).ListInstances(scheduler_pb2.ListInstancesRequest(function_id=fid), timeout=5).instances)
 
 
 def deploy(cluster: Cluster, spec: types_pb2.FunctionSpec, timeout: float = 150) -> str:
     fid = f"{spec.tenant}/{spec.namespace}/{spec.name}"
-    admin(cluster).CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=10)
+    admin(cluster).CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10)
 
     def ready() -> bool:
-        fn = admin(cluster).GetFunction(pb.GetFunctionRequest(function_id=fid), timeout=5).function
+        fn = admin(cluster).GetFunction(scheduler_pb2.GetFunctionRequest(function_id=fid), timeout=5).function
         assert fn.state != types_pb2.FUNCTION_STATE_FAILED, fn.status_message
         return fn.state == types_pb2.FUNCTION_STATE_READY
 
@@ -218,21 +217,21 @@ def test_update_function_drains_old_revision_without_dropping(cluster: Cluster, 
     new_spec.env["SNAPWAKE_TEST_REVISION"] = "2"
     with Stream(cluster, "demo") as stream:
         wait_for(lambda: len(stream.served) >= 4, 60, "requests flowing before the update", interval=0.2)
-        fn = admin(cluster).UpdateFunction(pb.UpdateFunctionRequest(spec=new_spec), timeout=10).function
+        fn = admin(cluster).UpdateFunction(scheduler_pb2.UpdateFunctionRequest(spec=new_spec), timeout=10).function
         assert fn.revision == 2
         updated_at = time.monotonic()
 
         def switched() -> bool:
             now = instances(cluster, fid)
             rev2 = {i.id for i in now if i.revision == 2 and i.state in SERVING}
-            old_left = [i for i in now if i.id in old and i.state not in (S.INSTANCE_STATE_ENDED,)]
+            old_left = [i for i in now if i.id in old and i.state not in (InstanceState.INSTANCE_STATE_ENDED,)]
             recent = [iid for at, iid in stream.served[-4:] if at > updated_at]
             return bool(rev2) and not old_left and len(recent) == 4 and set(recent) <= rev2
 
         wait_for(switched, 150, "revision 2 serving and revision 1 drained", interval=0.5)
     assert not stream.failures, stream.failures
     print(f"update: {len(stream.served)} requests, none failed, slowest {stream.slowest:.2f}s")
-    snap = admin(cluster).ListSnapshots(pb.ListSnapshotsRequest(function_id=fid), timeout=5).snapshots
+    snap = admin(cluster).ListSnapshots(scheduler_pb2.ListSnapshotsRequest(function_id=fid), timeout=5).snapshots
     assert {s.revision for s in snap if s.state == types_pb2.SNAPSHOT_STATE_READY} >= {1, 2}
     # The old revision kept serving while revision 2's snapshot was built: no stall, no gap.
     assert any(iid in old for at, iid in stream.served if at > updated_at + 2), "old revision did not bridge"
@@ -240,7 +239,7 @@ def test_update_function_drains_old_revision_without_dropping(cluster: Cluster, 
 
 
 def test_leader_killed_standby_takes_over(cluster: Cluster) -> None:
-    before = [f.id for f in admin(cluster).ListFunctions(pb.ListFunctionsRequest(), timeout=5).functions]
+    before = [f.id for f in admin(cluster).ListFunctions(scheduler_pb2.ListFunctionsRequest(), timeout=5).functions]
     solo = ask(cluster, "solo")
     old = leader(cluster)
     assert old is not None
@@ -257,7 +256,7 @@ def test_leader_killed_standby_takes_over(cluster: Cluster) -> None:
     served_s = time.monotonic() - killed_at
     assert elected_s < ELECTION_TTL_S + 5, f"takeover took {elected_s:.1f}s"
     assert served_s < 15, f"first request after the kill took {served_s:.1f}s"
-    after = [f.id for f in admin(cluster).ListFunctions(pb.ListFunctionsRequest(), timeout=5).functions]
+    after = [f.id for f in admin(cluster).ListFunctions(scheduler_pb2.ListFunctionsRequest(), timeout=5).functions]
     assert after == before
     # The new leader adopted the running instance: nothing was restarted.
     assert ask(cluster, "solo") == solo
@@ -297,7 +296,7 @@ def test_dead_node_keys_expire_and_requests_move(cluster: Cluster) -> None:
         moved = pool.submit(ask, cluster, "solo")
 
         def expired() -> bool:
-            nodes = [n.name for n in admin(cluster).ListNodes(pb.ListNodesRequest(), timeout=5).nodes]
+            nodes = [n.name for n in admin(cluster).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=5).nodes]
             on_dead = [i.id for i in instances(cluster, "") if i.node == inst.node]
             return inst.node not in nodes and not on_dead
 

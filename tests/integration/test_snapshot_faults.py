@@ -38,15 +38,15 @@ from snapwake.v1 import (
     blobstore_pb2_grpc,
     nodeagent_pb2,
     nodeagent_pb2_grpc,
+    scheduler_pb2,
     scheduler_pb2_grpc,
     types_pb2,
 )
-from snapwake.v1 import scheduler_pb2 as pb
+from snapwake.v1.types_pb2 import InstanceState
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-S = types_pb2.InstanceState
-SERVING = (S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_IDLE)
+SERVING = (InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_IDLE)
 DEMO = "default/default/demo"
 MESSAGES = [{"role": "user", "content": "hello there"}]
 
@@ -62,11 +62,11 @@ def _agent(cluster: Cluster) -> nodeagent_pb2_grpc.NodeAgentServiceStub:
 
 
 def _instances(cluster: Cluster, fid: str) -> list[types_pb2.Instance]:
-    return list(_admin(cluster).ListInstances(pb.ListInstancesRequest(function_id=fid), timeout=10).instances)
+    return list(_admin(cluster).ListInstances(scheduler_pb2.ListInstancesRequest(function_id=fid), timeout=10).instances)
 
 
 def _snapshot(cluster: Cluster, fid: str = DEMO) -> types_pb2.Snapshot | None:
-    found = _admin(cluster).ListSnapshots(pb.ListSnapshotsRequest(function_id=fid), timeout=10).snapshots
+    found = _admin(cluster).ListSnapshots(scheduler_pb2.ListSnapshotsRequest(function_id=fid), timeout=10).snapshots
     return found[0] if found else None
 
 
@@ -83,7 +83,7 @@ def _wait_standby(cluster: Cluster, fid: str = DEMO, timeout: float = 90) -> typ
     found: list[types_pb2.Instance] = []
 
     def ready() -> bool:
-        found[:] = [i for i in _instances(cluster, fid) if i.state == S.INSTANCE_STATE_STANDBY]
+        found[:] = [i for i in _instances(cluster, fid) if i.state == InstanceState.INSTANCE_STATE_STANDBY]
         return bool(found)
 
     wait_for(ready, timeout, f"a STANDBY instance of {fid}", interval=0.25)
@@ -113,7 +113,7 @@ def _create(cluster: Cluster, name: str, model_dir: Path, mode: int, standbys: i
                                   model_dir=str(model_dir))
     spec.policy.snapshot_mode = mode  # type: ignore[assignment]
     spec.policy.standby_per_node = standbys
-    return _admin(cluster).CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=10).function
+    return _admin(cluster).CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10).function
 
 
 async def _history(etcd: str, prefix: str, cls: type, after_revision: int, until: float) -> list:
@@ -163,7 +163,7 @@ def reference(cluster: Cluster, demo_model_dir: Path) -> str:
     text, source, _ = _chat(cluster, "plain")
     assert source == "normal_start"
     assert text, "the demo model produced no text"
-    _admin(cluster).DeleteFunction(pb.DeleteFunctionRequest(function_id=fn.id), timeout=10)
+    _admin(cluster).DeleteFunction(scheduler_pb2.DeleteFunctionRequest(function_id=fn.id), timeout=10)
     return text
 
 
@@ -185,7 +185,7 @@ def test_process_mode_standby_is_restored_by_the_driver_alone(cluster: Cluster, 
     try:
         standby = _wait_standby(cluster, fid)
         assert _snapshot(cluster, fid) is None
-        logs = _admin(cluster).GetInstanceLogs(pb.GetInstanceLogsRequest(instance_id=standby.id), timeout=10).logs
+        logs = _admin(cluster).GetInstanceLogs(scheduler_pb2.GetInstanceLogsRequest(instance_id=standby.id), timeout=10).logs
         assert "load:" in logs and "standby: attach" not in logs, logs[-2000:]
         text, source, instance = _chat(cluster, "proc")
         assert (source, instance) == ("cold_start", standby.id)
@@ -194,13 +194,13 @@ def test_process_mode_standby_is_restored_by_the_driver_alone(cluster: Cluster, 
         # and the next request restores it once more.
         suspended = _agent(cluster).SuspendInstance(nodeagent_pb2.SuspendInstanceRequest(instance_id=standby.id),
                                                     timeout=30).instance
-        assert suspended.state == S.INSTANCE_STATE_STANDBY
-        wait_for(lambda: any(i.id == standby.id and i.state == S.INSTANCE_STATE_STANDBY
+        assert suspended.state == InstanceState.INSTANCE_STATE_STANDBY
+        wait_for(lambda: any(i.id == standby.id and i.state == InstanceState.INSTANCE_STATE_STANDBY
                              for i in _instances(cluster, fid)), 10, "the suspended instance in etcd")
         again = _chat(cluster, "proc")
         assert again == (reference, "cold_start", standby.id)
     finally:
-        _admin(cluster).DeleteFunction(pb.DeleteFunctionRequest(function_id=fid), timeout=10)
+        _admin(cluster).DeleteFunction(scheduler_pb2.DeleteFunctionRequest(function_id=fid), timeout=10)
 
 
 def test_standby_that_died_gets_a_clear_503_and_is_cleaned_up(cluster: Cluster) -> None:
@@ -225,8 +225,8 @@ def test_standby_that_died_gets_a_clear_503_and_is_cleaned_up(cluster: Cluster) 
         assert source == "normal_start" and text
     assert time.monotonic() - began < 60
     wait_for(lambda: f"sw-{standby.id}" not in _containers(cluster), 15, "the dead container removed")
-    gone_or_failed = {i.id: i.state for i in _instances(cluster, DEMO)}.get(standby.id, S.INSTANCE_STATE_FAILED)
-    assert gone_or_failed == S.INSTANCE_STATE_FAILED
+    gone_or_failed = {i.id: i.state for i in _instances(cluster, DEMO)}.get(standby.id, InstanceState.INSTANCE_STATE_FAILED)
+    assert gone_or_failed == InstanceState.INSTANCE_STATE_FAILED
 
 
 def test_corrupt_chunk_is_never_served_and_the_snapshot_is_rebuilt(cluster: Cluster, reference: str) -> None:
@@ -264,7 +264,7 @@ def test_corrupt_chunk_is_never_served_and_the_snapshot_is_rebuilt(cluster: Clus
     after = [st for st, _ in states[marked[0]:]]
     assert types_pb2.SNAPSHOT_STATE_BUILDING in after and after[-1] == types_pb2.SNAPSHOT_STATE_READY, states
     insts = asyncio.run(_history(cluster.etcd.address, keys.INSTANCES, types_pb2.Instance, since, 5))
-    failed = [e.value.message for e in insts if e.value is not None and e.value.state == S.INSTANCE_STATE_FAILED]
+    failed = [e.value.message for e in insts if e.value is not None and e.value.state == InstanceState.INSTANCE_STATE_FAILED]
     assert any("is corrupt: chunk 0" in m for m in failed), failed
     with grpc.insecure_channel(f"127.0.0.1:{cluster.ports['blobstore']}") as ch:
         verified = blobstore_pb2_grpc.BlobstoreServiceStub(ch).VerifySnapshot(
@@ -285,17 +285,17 @@ def test_idle_instance_parks_back_into_the_standby_and_cold_starts_again(cluster
     spec.policy.snapshot_mode = types_pb2.SNAPSHOT_MODE_ARENA
     spec.policy.standby_per_node = 1
     spec.policy.idle_timeout.FromSeconds(2)
-    fid = _admin(cluster).CreateFunction(pb.CreateFunctionRequest(spec=spec), timeout=10).function.id
-    wait_for(lambda: _admin(cluster).GetFunction(pb.GetFunctionRequest(function_id=fid), timeout=10).function.state
+    fid = _admin(cluster).CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10).function.id
+    wait_for(lambda: _admin(cluster).GetFunction(scheduler_pb2.GetFunctionRequest(function_id=fid), timeout=10).function.state
              == types_pb2.FUNCTION_STATE_READY, 120, "parky READY", interval=0.25)
     standby = _wait_standby(cluster, fid)
     text, source, first = _chat(cluster, "parky")
     assert (text, source, first) == (reference, "cold_start", standby.id)
     # Idle past idle_timeout: the same container is suspended back to STANDBY (no new container).
-    wait_for(lambda: [(i.id, i.state) for i in _instances(cluster, fid)] == [(first, S.INSTANCE_STATE_STANDBY)],
+    wait_for(lambda: [(i.id, i.state) for i in _instances(cluster, fid)] == [(first, InstanceState.INSTANCE_STATE_STANDBY)],
              60, "the idle instance parked as the only standby", interval=0.25)
     assert _chat(cluster, "parky") == (reference, "cold_start", first)
-    _admin(cluster).DeleteFunction(pb.DeleteFunctionRequest(function_id=fid), timeout=10)
+    _admin(cluster).DeleteFunction(scheduler_pb2.DeleteFunctionRequest(function_id=fid), timeout=10)
 
 
 def test_cold_start_after_a_nodeagent_restart(cluster: Cluster, reference: str) -> None:

@@ -7,15 +7,15 @@ import pytest
 from services.nodeagent.machine import InstanceMachine, StartPlan, activity_move, plan_start
 from snapwake.lifecycle import IllegalTransition
 from snapwake.v1 import nodeagent_pb2, types_pb2
+from snapwake.v1.types_pb2 import InstanceState
 
-S = types_pb2.InstanceState
 T = nodeagent_pb2.StartTarget
 
 
 @pytest.mark.parametrize(("target", "first", "mode", "goal"), [
-    (T.START_TARGET_RUNNING, S.INSTANCE_STATE_STARTING, "load", S.INSTANCE_STATE_RUNNING),
-    (T.START_TARGET_STANDBY, S.INSTANCE_STATE_STARTING, "standby", S.INSTANCE_STATE_STANDBY),
-    (T.START_TARGET_SNAPSHOT, S.INSTANCE_STATE_SNAPSHOTTING, "snapshot", S.INSTANCE_STATE_ENDED),
+    (T.START_TARGET_RUNNING, InstanceState.INSTANCE_STATE_STARTING, "load", InstanceState.INSTANCE_STATE_RUNNING),
+    (T.START_TARGET_STANDBY, InstanceState.INSTANCE_STATE_STARTING, "standby", InstanceState.INSTANCE_STATE_STANDBY),
+    (T.START_TARGET_SNAPSHOT, InstanceState.INSTANCE_STATE_SNAPSHOTTING, "snapshot", InstanceState.INSTANCE_STATE_ENDED),
 ])
 def test_plan_start(target: int, first: int, mode: str, goal: int) -> None:
     plan = plan_start(target)
@@ -28,12 +28,12 @@ def test_plan_start_rejects_unspecified() -> None:
 
 
 @pytest.mark.parametrize(("state", "inflight", "expected"), [
-    (S.INSTANCE_STATE_RUNNING, 0, S.INSTANCE_STATE_IDLE),
-    (S.INSTANCE_STATE_RUNNING, 2, None),
-    (S.INSTANCE_STATE_IDLE, 1, S.INSTANCE_STATE_RUNNING),
-    (S.INSTANCE_STATE_IDLE, 0, None),
-    (S.INSTANCE_STATE_STANDBY, 3, None),
-    (S.INSTANCE_STATE_STARTING, 0, None),
+    (InstanceState.INSTANCE_STATE_RUNNING, 0, InstanceState.INSTANCE_STATE_IDLE),
+    (InstanceState.INSTANCE_STATE_RUNNING, 2, None),
+    (InstanceState.INSTANCE_STATE_IDLE, 1, InstanceState.INSTANCE_STATE_RUNNING),
+    (InstanceState.INSTANCE_STATE_IDLE, 0, None),
+    (InstanceState.INSTANCE_STATE_STANDBY, 3, None),
+    (InstanceState.INSTANCE_STATE_STARTING, 0, None),
 ])
 def test_activity_move(state: int, inflight: int, expected: int | None) -> None:
     assert activity_move(state, inflight) == expected
@@ -44,15 +44,15 @@ def _machine(now: float = 100.0) -> InstanceMachine:
 
 
 @pytest.mark.parametrize(("path", "ok"), [
-    ([S.INSTANCE_STATE_STARTING, S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_IDLE, S.INSTANCE_STATE_STANDBY,
-      S.INSTANCE_STATE_RESTORING, S.INSTANCE_STATE_RUNNING], True),
-    ([S.INSTANCE_STATE_SNAPSHOTTING, S.INSTANCE_STATE_ENDED], True),
-    ([S.INSTANCE_STATE_STARTING, S.INSTANCE_STATE_FAILED], True),
-    ([S.INSTANCE_STATE_STARTING, S.INSTANCE_STATE_STOPPING, S.INSTANCE_STATE_ENDED], True),
-    ([S.INSTANCE_STATE_RUNNING], False),                                   # CREATING cannot serve
-    ([S.INSTANCE_STATE_SNAPSHOTTING, S.INSTANCE_STATE_RUNNING], False),
-    ([S.INSTANCE_STATE_STARTING, S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_STANDBY], False),  # only IDLE suspends
-    ([S.INSTANCE_STATE_STARTING, S.INSTANCE_STATE_FAILED, S.INSTANCE_STATE_RUNNING], False),
+    ([InstanceState.INSTANCE_STATE_STARTING, InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_IDLE, InstanceState.INSTANCE_STATE_STANDBY,
+      InstanceState.INSTANCE_STATE_RESTORING, InstanceState.INSTANCE_STATE_RUNNING], True),
+    ([InstanceState.INSTANCE_STATE_SNAPSHOTTING, InstanceState.INSTANCE_STATE_ENDED], True),
+    ([InstanceState.INSTANCE_STATE_STARTING, InstanceState.INSTANCE_STATE_FAILED], True),
+    ([InstanceState.INSTANCE_STATE_STARTING, InstanceState.INSTANCE_STATE_STOPPING, InstanceState.INSTANCE_STATE_ENDED], True),
+    ([InstanceState.INSTANCE_STATE_RUNNING], False),                                   # CREATING cannot serve
+    ([InstanceState.INSTANCE_STATE_SNAPSHOTTING, InstanceState.INSTANCE_STATE_RUNNING], False),
+    ([InstanceState.INSTANCE_STATE_STARTING, InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_STANDBY], False),  # only IDLE suspends
+    ([InstanceState.INSTANCE_STATE_STARTING, InstanceState.INSTANCE_STATE_FAILED, InstanceState.INSTANCE_STATE_RUNNING], False),
 ])
 def test_paths(path: list[int], ok: bool) -> None:
     machine = _machine()
@@ -72,27 +72,27 @@ def test_paths(path: list[int], ok: bool) -> None:
 
 def test_move_stamps_times_and_message() -> None:
     machine = _machine(100.0)
-    assert machine.state == S.INSTANCE_STATE_CREATING
+    assert machine.state == InstanceState.INSTANCE_STATE_CREATING
     assert machine.instance.create_time.ToNanoseconds() == 100 * 10**9
-    machine.move(S.INSTANCE_STATE_STARTING, 102.5)
-    machine.move(S.INSTANCE_STATE_FAILED, 103.0, "boom")
+    machine.move(InstanceState.INSTANCE_STATE_STARTING, 102.5)
+    machine.move(InstanceState.INSTANCE_STATE_FAILED, 103.0, "boom")
     assert machine.instance.update_time.ToNanoseconds() == 103 * 10**9
     assert machine.instance.message == "boom"
-    assert machine.entered_at[S.INSTANCE_STATE_STARTING] == 102.5
+    assert machine.entered_at[InstanceState.INSTANCE_STATE_STARTING] == 102.5
     assert not machine.live
 
 
 @pytest.mark.parametrize(("final", "now", "linger", "expired"), [
-    (S.INSTANCE_STATE_ENDED, 110.0, 5.0, True),
-    (S.INSTANCE_STATE_ENDED, 104.0, 5.0, False),
-    (S.INSTANCE_STATE_FAILED, 105.0, 5.0, True),
-    (S.INSTANCE_STATE_RUNNING, 500.0, 5.0, False),
+    (InstanceState.INSTANCE_STATE_ENDED, 110.0, 5.0, True),
+    (InstanceState.INSTANCE_STATE_ENDED, 104.0, 5.0, False),
+    (InstanceState.INSTANCE_STATE_FAILED, 105.0, 5.0, True),
+    (InstanceState.INSTANCE_STATE_RUNNING, 500.0, 5.0, False),
 ])
 def test_expired(final: int, now: float, linger: float, expired: bool) -> None:
     machine = _machine(90.0)
-    machine.move(S.INSTANCE_STATE_STARTING, 95.0)
-    if final == S.INSTANCE_STATE_ENDED:
-        machine.move(S.INSTANCE_STATE_STOPPING, 99.0)
+    machine.move(InstanceState.INSTANCE_STATE_STARTING, 95.0)
+    if final == InstanceState.INSTANCE_STATE_ENDED:
+        machine.move(InstanceState.INSTANCE_STATE_STOPPING, 99.0)
     machine.move(final, 100.0)
     assert machine.expired(now, linger) is expired
 

@@ -35,9 +35,9 @@ from snapwake import errors, keys
 from snapwake.etcd_fake import FakeEtcd
 from snapwake.testing import free_port
 from snapwake.v1 import nodeagent_pb2, types_pb2
+from snapwake.v1.types_pb2 import InstanceState
 
 pytestmark = pytest.mark.timeout(30)
-S = types_pb2.InstanceState
 STUB = Path(__file__).with_name("stub_modelserver.py")
 FUNCTION_ID, GIB = "t/d/f", 1 << 30
 SID = keys.snapshot_id(FUNCTION_ID, 1)
@@ -190,9 +190,9 @@ async def test_start_cleans_up_a_previous_run_and_registers_under_a_lease(harnes
 async def test_start_running_then_stop_and_forget(harness: Harness, agent: NodeAgent) -> None:
     iid = "i-00000000a001"
     inst = await operations.start_instance(agent, start_request(iid))
-    assert inst.state == S.INSTANCE_STATE_RUNNING and inst.endpoint.startswith("127.0.0.1:")
+    assert inst.state == InstanceState.INSTANCE_STATE_RUNNING and inst.endpoint.startswith("127.0.0.1:")
     stored = await harness.instance(iid)
-    assert stored is not None and stored.state == S.INSTANCE_STATE_RUNNING and stored.node == "node-u"
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_RUNNING and stored.node == "node-u"
     entry = await harness.etcd.get(keys.instance_key(iid), types_pb2.Instance)
     assert entry is not None and entry.lease == agent.lease.lease_id  # dies with the node
     assert (await harness.node()).gpus[0].memory_reserved_bytes == 20 * GIB
@@ -201,7 +201,7 @@ async def test_start_running_then_stop_and_forget(harness: Harness, agent: NodeA
 
     await operations.stop_instance(agent, iid)
     stored = await harness.instance(iid)
-    assert stored is not None and (stored.state, stored.message) == (S.INSTANCE_STATE_ENDED, "stopped")
+    assert stored is not None and (stored.state, stored.message) == (InstanceState.INSTANCE_STATE_ENDED, "stopped")
     assert await harness.containers.state("sw-" + iid) is None
     assert (await harness.node()).gpus[0].memory_reserved_bytes == 0
     harness.clock.now += harness.config.ended_linger
@@ -214,13 +214,13 @@ async def test_reconcile_reports_idle_and_a_dead_container(harness: Harness, age
     await operations.start_instance(agent, start_request(iid))
     await agent.reconcile_once()
     stored = await harness.instance(iid)
-    assert stored is not None and stored.state == S.INSTANCE_STATE_IDLE  # status: inflight 0
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_IDLE  # status: inflight 0
     assert stored.host_rss_bytes > 0
     os.kill(agent.instances[iid].pid, signal.SIGKILL)
     await eventually(lambda: harness.containers.state("sw-" + iid), lambda s: s is not None and not s.alive)
     await agent.reconcile_once()
     stored = await harness.instance(iid)
-    assert stored is not None and stored.state == S.INSTANCE_STATE_FAILED
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_FAILED
     assert "exited unexpectedly" in stored.message and "stub model server serving" in stored.message
     assert await harness.containers.state("sw-" + iid) is None
 
@@ -235,7 +235,7 @@ async def test_a_failed_start_is_marked_failed_with_its_reason(
     with pytest.raises(errors.StartFailed, match=needle):
         await operations.start_instance(agent, start_request(iid, timeout_s=timeout_s, env=env))
     stored = await harness.instance(iid)
-    assert stored is not None and stored.state == S.INSTANCE_STATE_FAILED and needle in stored.message
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_FAILED and needle in stored.message
     assert await harness.containers.list() == []
 
 
@@ -244,18 +244,18 @@ async def test_suspend_then_restore(harness: Harness, agent: NodeAgent) -> None:
     await operations.start_instance(agent, start_request(iid))
     pid = agent.instances[iid].pid
     parked = await operations.suspend_instance(agent, iid)
-    assert parked.state == S.INSTANCE_STATE_STANDBY
+    assert parked.state == InstanceState.INSTANCE_STATE_STANDBY
     assert harness.checkpointer.calls == [("checkpoint", pid)]
     assert (await harness.node()).gpus[0].memory_reserved_bytes == 0  # a standby holds no GPU memory
     with pytest.raises(errors.InvalidArgument, match="gpu_index"):
         await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid, gpu_index=1))
 
     resp = await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))
-    assert resp.instance.state == S.INSTANCE_STATE_RUNNING and resp.dma_bytes == 1234
+    assert resp.instance.state == InstanceState.INSTANCE_STATE_RUNNING and resp.dma_bytes == 1234
     assert harness.checkpointer.calls[-1] == ("restore", pid)
     assert [(m["op"], m["snapshot_id"], m["gpu"]) for m in harness.handover] == [("prepare", SID, 0)]
     stored = await harness.instance(iid)
-    assert stored is not None and stored.state == S.INSTANCE_STATE_RUNNING
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_RUNNING
     assert (await harness.node()).gpus[0].memory_reserved_bytes == 20 * GIB
     with pytest.raises(errors.FailedPrecondition, match="RUNNING, not STANDBY"):
         await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))
@@ -267,7 +267,7 @@ async def test_suspend_refuses_a_busy_instance(harness: Harness, agent: NodeAgen
     with pytest.raises(errors.FailedPrecondition, match="RUNNING, not IDLE"):
         await operations.suspend_instance(agent, iid)
     stored = await harness.instance(iid)
-    assert stored is not None and stored.state == S.INSTANCE_STATE_RUNNING and harness.checkpointer.calls == []
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_RUNNING and harness.checkpointer.calls == []
 
 
 async def test_a_corrupt_snapshot_met_on_restore_marks_its_record(harness: Harness, agent: NodeAgent) -> None:
@@ -280,7 +280,7 @@ async def test_a_corrupt_snapshot_met_on_restore_marks_its_record(harness: Harne
     with pytest.raises(errors.StartFailed, match="chunk 3"):
         await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))
     stored = await harness.instance(iid)
-    assert stored is not None and stored.state == S.INSTANCE_STATE_FAILED
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_FAILED
     entry = await harness.etcd.get(key, types_pb2.Snapshot)
     assert entry is not None
     snap: types_pb2.Snapshot = entry.value  # type: ignore[assignment]
@@ -292,7 +292,7 @@ async def test_a_corrupt_snapshot_met_on_restore_marks_its_record(harness: Harne
 async def test_a_snapshot_build_records_the_snapshot_and_ends(harness: Harness, agent: NodeAgent) -> None:
     iid = "i-00000000d001"
     inst = await operations.start_instance(agent, start_request(iid, target=nodeagent_pb2.START_TARGET_SNAPSHOT))
-    assert (inst.state, inst.message) == (S.INSTANCE_STATE_ENDED, f"snapshot {SID} stored")
+    assert (inst.state, inst.message) == (InstanceState.INSTANCE_STATE_ENDED, f"snapshot {SID} stored")
     entry = await harness.etcd.get(keys.snapshot_key(FUNCTION_ID, 1), types_pb2.Snapshot)
     assert entry is not None
     snap: types_pb2.Snapshot = entry.value  # type: ignore[assignment]
@@ -306,9 +306,9 @@ async def test_a_process_mode_standby_is_warmed_checkpointed_and_restored(harnes
     req = start_request(iid, target=nodeagent_pb2.START_TARGET_STANDBY, mode=types_pb2.SNAPSHOT_MODE_PROCESS)
     inst = await operations.start_instance(agent, req)
     pid = agent.instances[iid].pid
-    assert inst.state == S.INSTANCE_STATE_STANDBY and harness.checkpointer.calls == [("checkpoint", pid)]
+    assert inst.state == InstanceState.INSTANCE_STATE_STANDBY and harness.checkpointer.calls == [("checkpoint", pid)]
     resp = await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))
-    assert resp.instance.state == S.INSTANCE_STATE_RUNNING
+    assert resp.instance.state == InstanceState.INSTANCE_STATE_RUNNING
     assert harness.checkpointer.calls[-1] == ("restore", pid) and harness.handover == []  # no DMA
 
 
@@ -336,7 +336,7 @@ async def test_the_node_re_registers_when_its_lease_is_lost(harness: Harness, ag
                              lambda e: e is not None)
     assert entry is not None and entry.lease == agent.lease.lease_id != lost
     stored = await eventually(lambda: harness.instance(iid), lambda i: i is not None)
-    assert stored is not None and stored.state == S.INSTANCE_STATE_RUNNING
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_RUNNING
 
 
 async def test_stop_removes_containers_and_revokes_the_lease(harness: Harness, agent: NodeAgent) -> None:

@@ -44,7 +44,6 @@ from snapwake.v1.types_pb2 import (
 )
 
 pytestmark = pytest.mark.timeout(30)
-S = InstanceState
 GIB = 1 << 30
 RUNNING, STANDBY, SNAPSHOT = (StartTarget.START_TARGET_RUNNING, StartTarget.START_TARGET_STANDBY,
                               StartTarget.START_TARGET_SNAPSHOT)
@@ -79,7 +78,7 @@ def function(name: str = "f", *, gib: int = 20, concurrency: int = 1, min_instan
 def instance(iid: str, fn: Function, state: int, node_name: str = "node-a", idle_for_s: float = 0.0) -> Instance:
     inst = Instance(id=iid, function_id=fn.id, revision=fn.revision, node=node_name, gpu_index=0,
                     gpu_memory_bytes=fn.spec.resources.gpu_memory_bytes, state=state,  # type: ignore[arg-type]
-                    endpoint="127.0.0.1:9999" if state in (S.INSTANCE_STATE_RUNNING, S.INSTANCE_STATE_IDLE) else "")
+                    endpoint="127.0.0.1:9999" if state in (InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_IDLE) else "")
     inst.update_time.FromNanoseconds(int((time.time() - idle_for_s) * 1e9))
     return inst
 
@@ -155,7 +154,7 @@ async def test_state_lists_then_follows_the_watch() -> None:
     await state.start()
     try:
         assert state.function(fn.id) == fn  # listed before start returned
-        inst = instance("i-000000000001", fn, S.INSTANCE_STATE_RUNNING)
+        inst = instance("i-000000000001", fn, InstanceState.INSTANCE_STATE_RUNNING)
         await etcd.put(keys.instance_key(inst.id), inst)
         await etcd.delete(keys.function_key(fn.id))
         await until(lambda: state.function(fn.id) is None, "the delete")
@@ -177,7 +176,7 @@ async def test_state_relists_after_the_watch_breaks() -> None:
         await etcd.put(keys.function_key(fn.id), fn)
         await etcd.delete(keys.function_key(gone.id))
         await until(lambda: state.function(fn.id) == fn and state.function(gone.id) is None, "relist")
-        later = instance("i-000000000002", fn, S.INSTANCE_STATE_IDLE)
+        later = instance("i-000000000002", fn, InstanceState.INSTANCE_STATE_IDLE)
         await etcd.put(keys.instance_key(later.id), later)
         await until(lambda: state.instance(later.id) == later, "the watch after the relist")
     finally:
@@ -186,10 +185,10 @@ async def test_state_relists_after_the_watch_breaks() -> None:
 
 async def test_an_instance_reported_by_rpc_counts_until_the_watch_shows_it(core: Core) -> None:
     fn = function()
-    reported = instance("i-000000000003", fn, S.INSTANCE_STATE_RUNNING)
+    reported = instance("i-000000000003", fn, InstanceState.INSTANCE_STATE_RUNNING)
     core.state.note_started(reported)
     assert core.state.instance(reported.id) == reported
-    stopped = instance(reported.id, fn, S.INSTANCE_STATE_STOPPING)
+    stopped = instance(reported.id, fn, InstanceState.INSTANCE_STATE_STOPPING)
     await core.put(stopped)
     assert core.state.instance(reported.id) == stopped  # the watch, newer, wins
 
@@ -202,10 +201,10 @@ async def test_a_start_places_on_a_node_and_records_the_running_instance(core: C
     assert result is not None and result.source == ClaimSource.CLAIM_SOURCE_NORMAL_START
     inst = result.instance
     assert core.nodes.calls == [Call("start", "node-a", inst.id, RUNNING)]
-    assert (inst.state, inst.node, inst.gpu_index) == (S.INSTANCE_STATE_RUNNING, "node-a", 0)
+    assert (inst.state, inst.node, inst.gpu_index) == (InstanceState.INSTANCE_STATE_RUNNING, "node-a", 0)
     assert core.state.instance(inst.id) is not None and not core.starter.pending
     stored = await core.stored(inst.id)
-    assert stored is not None and stored.state == S.INSTANCE_STATE_RUNNING
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_RUNNING
 
 
 @pytest.mark.parametrize(("snapshot_state", "op", "source"), [
@@ -216,14 +215,14 @@ async def test_a_start_places_on_a_node_and_records_the_running_instance(core: C
 async def test_a_standby_is_restored_only_while_its_snapshot_is_usable(
         core: Core, snapshot_state: int, op: str, source: int) -> None:
     fn = function(mode=SnapshotMode.SNAPSHOT_MODE_ARENA, standby_per_node=1)
-    standby = instance("i-00000000000a", fn, S.INSTANCE_STATE_STANDBY)
+    standby = instance("i-00000000000a", fn, InstanceState.INSTANCE_STATE_STANDBY)
     await core.put(node(), fn, snapshot(fn, snapshot_state), standby)
     result = await core.starter.start(fn)
     assert result is not None and result.source == source
     assert [c.op for c in core.nodes.calls] == [op]
     assert (result.instance.id == standby.id) == (op == "restore")
     stored = await core.stored(result.instance.id)
-    assert stored is not None and stored.state == S.INSTANCE_STATE_RUNNING
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_RUNNING
 
 
 async def test_no_room_is_none_and_calls_no_node(core: Core) -> None:
@@ -253,12 +252,12 @@ async def test_a_failed_start_raises_and_leaves_the_instance_failed(core: Core) 
         await core.starter.start(fn)
     assert not core.starter.pending
     stored = await core.stored(core.nodes.calls[0].instance_id)
-    assert stored is not None and stored.state == S.INSTANCE_STATE_FAILED and "config.json" in stored.message
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_FAILED and "config.json" in stored.message
 
 
 async def test_a_start_evicts_the_least_recently_idle_instances(core: Core) -> None:
     small, big = function("small", max_instances=4), function("big", gib=40)
-    idle = [instance(f"i-00000000001{n}", small, S.INSTANCE_STATE_IDLE, idle_for_s=100 - n) for n in range(4)]
+    idle = [instance(f"i-00000000001{n}", small, InstanceState.INSTANCE_STATE_IDLE, idle_for_s=100 - n) for n in range(4)]
     await core.put(node(gib=80), small, big, *idle)
     result = await core.starter.start(big)
     assert result is not None
@@ -271,7 +270,7 @@ async def test_a_start_evicts_the_least_recently_idle_instances(core: Core) -> N
 # --- ClaimBroker -------------------------------------------------------------------------
 async def test_a_warm_instance_is_granted_without_a_start(core: Core) -> None:
     fn = function(concurrency=2)
-    warm = instance("i-000000000020", fn, S.INSTANCE_STATE_IDLE)
+    warm = instance("i-000000000020", fn, InstanceState.INSTANCE_STATE_IDLE)
     await core.put(node(), fn, warm)
     grant = await core.broker.acquire(fn.id, "gw", timeout_s=1)
     assert (grant.instance.id, grant.source) == (warm.id, ClaimSource.CLAIM_SOURCE_WARM)
@@ -301,7 +300,7 @@ async def test_a_failed_start_fails_every_waiter_at_once(core: Core) -> None:
 
 async def test_at_max_instances_a_waiter_gets_a_released_slot_or_times_out(core: Core) -> None:
     fn = function(concurrency=1, max_instances=1)
-    await core.put(node(), fn, instance("i-000000000030", fn, S.INSTANCE_STATE_RUNNING))
+    await core.put(node(), fn, instance("i-000000000030", fn, InstanceState.INSTANCE_STATE_RUNNING))
     first = await core.broker.acquire(fn.id, "gw", timeout_s=1)
     with pytest.raises(errors.DeadlineExceeded, match="no instance of t/d/f became free"):
         await core.broker.acquire(fn.id, "gw", timeout_s=0.2)
@@ -315,11 +314,11 @@ async def test_at_max_instances_a_waiter_gets_a_released_slot_or_times_out(core:
 
 async def test_claims_on_an_instance_that_ended_are_dropped(core: Core) -> None:
     fn = function(concurrency=2)
-    inst = instance("i-000000000031", fn, S.INSTANCE_STATE_RUNNING)
+    inst = instance("i-000000000031", fn, InstanceState.INSTANCE_STATE_RUNNING)
     await core.put(node(), fn, inst)
     await core.broker.acquire(fn.id, "gw", timeout_s=1)
     assert core.table.in_use(inst.id) == 1
-    await core.put(instance(inst.id, fn, S.INSTANCE_STATE_FAILED))
+    await core.put(instance(inst.id, fn, InstanceState.INSTANCE_STATE_FAILED))
     assert core.table.in_use(inst.id) == 0
 
 
@@ -334,7 +333,7 @@ async def test_acquire_on_a_missing_or_failed_function(core: Core, state: int | 
 
 async def test_a_new_leader_grants_nothing_while_settling(core: Core) -> None:
     fn = function()
-    await core.put(node(), fn, instance("i-000000000032", fn, S.INSTANCE_STATE_IDLE))
+    await core.put(node(), fn, instance("i-000000000032", fn, InstanceState.INSTANCE_STATE_IDLE))
     core.broker.settle(5.0)
     with pytest.raises(errors.DeadlineExceeded, match="collecting the gateways' claims"):
         await core.broker.acquire(fn.id, "gw", timeout_s=0.1)
@@ -354,7 +353,7 @@ async def test_min_instances_are_started(core: Core) -> None:
 
 async def test_queued_requests_scale_out_one_start_at_a_time(core: Core) -> None:
     fn = function(max_instances=4)
-    await core.put(node(), fn, instance("i-000000000040", fn, S.INSTANCE_STATE_RUNNING))
+    await core.put(node(), fn, instance("i-000000000040", fn, InstanceState.INSTANCE_STATE_RUNNING))
     core.queues.report("gw", {fn.id: 3})
     core.nodes.script("start", Outcome(delay_s=0.2))
     core.controller.reconcile()
@@ -366,12 +365,12 @@ async def test_queued_requests_scale_out_one_start_at_a_time(core: Core) -> None
 
 @pytest.mark.parametrize(("standby_per_node", "op", "after"), [
     (0, "stop", None),
-    (1, "suspend", S.INSTANCE_STATE_STANDBY),  # parkable: it becomes the node's standby
+    (1, "suspend", InstanceState.INSTANCE_STATE_STANDBY),  # parkable: it becomes the node's standby
 ])
 async def test_an_instance_idle_past_its_timeout_is_stopped_or_parked(
         core: Core, standby_per_node: int, op: str, after: int | None) -> None:
     fn = function(idle_s=1, standby_per_node=standby_per_node, mode=SnapshotMode.SNAPSHOT_MODE_ARENA)
-    idle = instance("i-000000000050", fn, S.INSTANCE_STATE_IDLE, idle_for_s=60)
+    idle = instance("i-000000000050", fn, InstanceState.INSTANCE_STATE_IDLE, idle_for_s=60)
     await core.put(node(), fn, snapshot(fn, SnapshotState.SNAPSHOT_STATE_READY), idle)
     core.controller.reconcile()
     await until(lambda: core.nodes.count(op) == 1, op)
@@ -382,8 +381,8 @@ async def test_an_instance_idle_past_its_timeout_is_stopped_or_parked(
 
 async def test_a_fresh_idle_instance_and_min_instances_are_kept(core: Core) -> None:
     fn = function(idle_s=60, min_instances=1)
-    await core.put(node(), fn, instance("i-000000000051", fn, S.INSTANCE_STATE_IDLE, idle_for_s=600),
-                   instance("i-000000000052", fn, S.INSTANCE_STATE_IDLE, idle_for_s=5))
+    await core.put(node(), fn, instance("i-000000000051", fn, InstanceState.INSTANCE_STATE_IDLE, idle_for_s=600),
+                   instance("i-000000000052", fn, InstanceState.INSTANCE_STATE_IDLE, idle_for_s=5))
     core.controller.reconcile()
     await until(lambda: core.nodes.count("stop") == 1, "a stop")
     assert core.nodes.calls == [Call("stop", "node-a", "i-000000000051")]
@@ -393,7 +392,7 @@ async def test_a_fresh_idle_instance_and_min_instances_are_kept(core: Core) -> N
 
 
 async def test_instances_of_a_deleted_function_are_stopped(core: Core) -> None:
-    orphan = instance("i-000000000060", function("deleted"), S.INSTANCE_STATE_RUNNING)
+    orphan = instance("i-000000000060", function("deleted"), InstanceState.INSTANCE_STATE_RUNNING)
     await core.put(node(), orphan)
     core.controller.reconcile()
     await until(lambda: core.state.instance(orphan.id) is None, "the stop")

@@ -20,7 +20,6 @@ from services.scheduler.policy import (
 from services.scheduler.policy.eviction import GpuRoom, plan_eviction
 from snapwake.v1.types_pb2 import Gpu, Instance, InstanceState, Node
 
-S = InstanceState
 GiB = 1 << 30
 
 
@@ -33,7 +32,7 @@ def node(name: str, *gpus_gib: int, cached: tuple[str, ...] = (), heartbeat: flo
     return n
 
 
-def inst(iid: str, node_name: str, gpu: int, gib: int, state: int = S.INSTANCE_STATE_RUNNING,
+def inst(iid: str, node_name: str, gpu: int, gib: int, state: int = InstanceState.INSTANCE_STATE_RUNNING,
          fid: str = "t/d/other", idle_since: float = 0.0) -> Instance:
     i = Instance(id=iid, function_id=fid, node=node_name, gpu_index=gpu, gpu_memory_bytes=gib * GiB, state=state)
     i.update_time.CopyFrom(Timestamp(seconds=int(idle_since)))
@@ -48,8 +47,8 @@ def req(gib: int = 20, gpus: int = 1, fid: str = "t/d/f", now: float = 1000.0) -
     (node("a", 80), [], req(20), True, 0),
     (node("a", 80), [inst("x", "a", 0, 70)], req(20), False, None),
     (node("a", 80), [inst("x", "a", 0, 60)], req(20), True, 0),  # exactly full is allowed
-    (node("a", 80), [inst("x", "a", 0, 70, S.INSTANCE_STATE_STANDBY)], req(20), True, 0),  # standby: 0 GPU
-    (node("a", 80), [inst("x", "a", 0, 70, S.INSTANCE_STATE_ENDED)], req(20), True, 0),
+    (node("a", 80), [inst("x", "a", 0, 70, InstanceState.INSTANCE_STATE_STANDBY)], req(20), True, 0),  # standby: 0 GPU
+    (node("a", 80), [inst("x", "a", 0, 70, InstanceState.INSTANCE_STATE_ENDED)], req(20), True, 0),
     (node("a", 80, 80), [inst("x", "a", 0, 50)], req(20), True, 0),  # tightest fit
     (node("a", 80, 80), [inst("x", "a", 0, 70)], req(20), True, 1),
     (node("a"), [], req(20), False, None),  # CPU-only node, GPU function
@@ -113,7 +112,7 @@ def test_framework_no_fit_is_a_status_naming_each_node() -> None:
     assert "no nodes registered" in status.message
 
 
-IDLE = S.INSTANCE_STATE_IDLE
+IDLE = InstanceState.INSTANCE_STATE_IDLE
 
 
 @pytest.mark.parametrize(("need", "rooms", "instances", "mins", "busy", "victims"), [
