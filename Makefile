@@ -33,6 +33,8 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(PY) -m snapwake.protogen --check
 	$(VENV)/bin/ruff check .
+	# Architecture contracts (pyproject.toml [tool.importlinter]): layering and the edge modules.
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q --timeout=600 $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc
 

@@ -230,12 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-port", type=int, default=8000)
     parser.add_argument("--var-dir", type=Path, default=ROOT / "var")
     opts = parser.parse_args(argv)
-    from modelserver.demo import make_demo_model
     from snapwake.log import setup
 
     setup("devcluster")
     config = ClusterConfig(var_dir=opts.var_dir.resolve(), gateway_port=opts.gateway_port)
-    model_dir = make_demo_model(config.var_dir / "models" / "demo", seed=0)
+    # The model server's own tool writes the demo model (shared code imports no model server).
+    model_dir = Path(subprocess.run([sys.executable, "-m", "modelserver.demo", str(config.var_dir / "models" / "demo"),
+                                     "--seed", "0"], check=True, capture_output=True, text=True).stdout.strip())
     stop = [False]
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
     with Cluster(config) as cluster:

@@ -4,6 +4,7 @@ modelserver/), read as syntax trees."""
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,3 +90,54 @@ def test_grpc_edge_check_passes_the_edges_and_unrelated_aborts() -> None:
                                                     "    raise errors.from_rpc_error(e)\n") == []
     assert _grpc_edge_violations(_GRPC_SERVER_EDGE, "async def f(context):\n    await context.abort(c, 'x')\n") == []
     assert _grpc_edge_violations("services/blobstore/core.py", "writer.abort()\n") == []
+
+
+# ---- one of each: helpers that used to exist in several copies ---------------------------------
+
+def _defs(sources: dict[str, str], name: str) -> list[str]:
+    """Where a module-level function ``name`` is defined in production code."""
+    return [rel for rel, source in sources.items() for node in ast.parse(source, rel).body
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == name]
+
+
+def _lines_matching(sources: dict[str, str], needle: str) -> list[str]:
+    return [f"{rel}:{i}" for rel, source in sources.items()
+            for i, line in enumerate(source.splitlines(), 1) if needle in line]
+
+
+def test_one_traceparent_one_cuda_helper_one_openai_error_body() -> None:
+    sources = dict(_production_sources())
+    assert _defs(sources, "traceparent") == ["snapwake/telemetry.py"]
+    # Trace context is injected and extracted only through snapwake.telemetry.
+    assert {loc.split(":")[0] for loc in _lines_matching(sources, "propagate.")} <= {"snapwake/telemetry.py"}
+    # CUDA driver results are unwrapped in one place: nobody else compares with CUDA_SUCCESS.
+    assert {loc.split(":")[0] for loc in _lines_matching(sources, "CUDA_SUCCESS")} == {"snapwake/cuda.py"}
+    assert _defs(sources, "error_body") == ["snapwake/openai/errors.py"]
+    # The OpenAI error shape is built by error_body alone.
+    assert {loc.split(":")[0] for loc in _lines_matching(sources, '{"error": {')} == {"snapwake/openai/errors.py"}
+
+
+def test_no_raw_etcd_client_outside_its_wrapper() -> None:
+    me = Path(__file__).resolve().relative_to(ROOT).as_posix()
+    tests = {path.relative_to(ROOT).as_posix(): path.read_text() for path in (ROOT / "tests").rglob("*.py")}
+    everywhere = {**dict(_production_sources()), **tests}
+    everywhere.pop(me)
+    importers = [rel for rel, source in everywhere.items() if re.search(r"^\s*(import|from) aetcd\b", source, re.M)]
+    assert importers == ["snapwake/etcd.py"]
+    # Nobody outside the wrapper reaches its private client (``etcd._client``, ``self.etcd._client``).
+    reach = [f"{rel}:{m.group(0)}" for rel, source in everywhere.items() if rel != "snapwake/etcd.py"
+             for m in re.finditer(r"\w*etcd\w*\._client\b", source, re.I)]
+    assert reach == []
+
+
+def test_terminal_states_are_defined_once() -> None:
+    sources = dict(_production_sources())
+    # A set literal naming ENDED and FAILED together is the terminal set: only lifecycle.py has one.
+    found = []
+    for rel, source in sources.items():
+        for node in ast.walk(ast.parse(source, rel)):
+            if isinstance(node, ast.Set | ast.Tuple):
+                names = ast.unparse(node)
+                if "INSTANCE_STATE_ENDED" in names and "INSTANCE_STATE_FAILED" in names:
+                    found.append(f"{rel}:{node.lineno}")
+    assert found and {loc.split(":")[0] for loc in found} == {"snapwake/lifecycle.py"}
