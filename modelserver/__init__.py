@@ -11,6 +11,9 @@ API over HTTP, and releases / re-attaches its weights on the nodeagent's control
     modelserver.openai      the OpenAI-compatible HTTP app
     modelserver.control     the control socket server; modelserver.handover the blobstore client
     modelserver.instance    the phase machine tying them together
+    modelserver.budget      the GPU memory slice turned into limits (pure)
+    modelserver.sampling    sampling parameters; modelserver.stops stop strings (pure)
+    modelserver.config      ModelServerConfig, loaded by snapwake.service.bootstrap
 
 Run it with ``python -m modelserver --help``.
 """

@@ -6,5 +6,10 @@
     core.py     Blobstore: the synchronous logic shared by gRPC and the handover socket
     peers.py    fetching a snapshot from a peer blobstore over gRPC
     handover.py the Unix-socket server of snapwake.protocols (load, prepare, store)
-    api.py      the thin gRPC servicer
+    api.py      the thin gRPC servicer; app.py wires a configured blobstore together
+    config.py   BlobstoreConfig (frozen, loaded once in __main__)
+    ids.py      snapshot ids: validation and safe directory names (pure)
+    manifest.py manifest JSON, digest, chunk geometry and checksums (pure)
+    metrics.py  cache occupancy and hit rate, DMA bytes and time
+    testing.py  a real blobstore in-process and a put client, for tests
 """

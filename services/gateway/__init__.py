@@ -12,6 +12,9 @@ function, and the proxy (with SSE streaming) to a claimed instance.
     serving.py           the logic behind each endpoint
     api_router.py        HTTP only: routes to serving
     app.py               build_app()
+    metrics.py           the gateway's Prometheus series, in their own registry
+    dashboard/           the web dashboard (one page polling api/state)
+    scheduler_fake.py    InMemoryScheduler: a SchedulerClient on fixed endpoints (tests)
 """
 
 from services.gateway.app import build_app
