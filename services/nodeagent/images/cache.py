@@ -1,0 +1,308 @@
+"""``ImageCache``: the node's unpacked user images, keyed by manifest digest.
+
+A pull resolves the reference to its digest first (cheap: one manifest read), so any reference
+to content already here (another function, revision, path or tag) is a hit that fetches and
+unpacks nothing. On disk, under ``root``::
+
+    images/sha256-<hex>/rootfs/       the unpacked image, shared read-only by its instances
+    images/sha256-<hex>/image.json    digest, image config, size, owner; mtime = last use
+    scratch/                          pulls in progress and removals (emptied at start)
+    tools/                            skopeo's home and temporary space
+
+An image is unpacked in ``scratch/`` and renamed into ``images/`` whole, so after a crash the
+index rebuilt from ``images/`` holds only complete images. Reference counts live in memory: a
+restarted nodeagent ``acquire``s the digests of the instances it adopts before it pulls
+anything, or eviction may take their rootfs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import platform
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.nodeagent.images.config import ImageConfig, parse_config
+from services.nodeagent.images.disk import disk_usage, remove_tree
+from services.nodeagent.images.eviction import Usage, plan_eviction
+from services.nodeagent.images.ref import FIELD, ImageRef, parse
+from services.nodeagent.images.secrets import authfile
+from services.nodeagent.images.source import ImageSource
+from services.nodeagent.images.tools import SkopeoUmoci
+from services.nodeagent.images.types import IdMap
+from snapwake import errors
+
+__all__ = ["Image", "ImageCache", "host_architecture"]
+
+log = logging.getLogger(__name__)
+
+_ENTRY = re.compile(r"sha256-([0-9a-f]{64})")
+_GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
+
+
+def host_architecture() -> str:
+    """This machine's architecture as OCI images name it (Go's GOARCH)."""
+    machine = platform.machine()
+    return _GO_ARCH.get(machine, machine)
+
+
+@dataclass(frozen=True)
+class Image:
+    """An unpacked image on this node."""
+
+    # The manifest digest the reference resolved to: what a revision pins.
+    digest: str
+    # Mount it read-only: every instance of the image shares this one directory.
+    rootfs: Path
+    config: ImageConfig
+    # Disk taken by the rootfs.
+    size_bytes: int
+    # The rootfs's files belong to host uids owner.uid.. and gids owner.gid.. (container id 0 up).
+    owner: IdMap
+
+
+@dataclass
+class _Entry:
+    image: Image
+    refs: int = 0
+    last_used: int = 0
+
+
+class ImageCache:
+    """Unpacked images under ``root``, at most ``max_bytes`` of those no instance uses.
+
+    ``id_base``: run as root, rootfs files are owned by host ids ``id_base + n`` (container id
+    ``n < 65536``); as another user they belong to that user (``owner.size == 1``).
+    ``secrets_dir`` holds the registry secrets (``secrets.py``); ``source`` defaults to skopeo
+    and umoci.
+    """
+
+    def __init__(self, root: Path, max_bytes: int, secrets_dir: Path | None = None, *, id_base: int = 100_000,
+                 source: ImageSource | None = None, architecture: str = "") -> None:
+        self.root, self.max_bytes, self.secrets_dir = Path(root), max_bytes, secrets_dir
+        euid = os.geteuid()
+        self.owner = IdMap(id_base, id_base) if euid == 0 else IdMap(euid, os.getegid(), 1)
+        self.architecture = architecture or host_architecture()
+        self._images, self._scratch = self.root / "images", self.root / "scratch"
+        for path, mode in ((self.root, 0o711), (self._images, 0o711), (self._scratch, 0o700)):
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(mode)  # the containers' mapped root must be able to reach its rootfs
+        self.source = source or SkopeoUmoci(self.root / "tools")
+        # Pulls answered without an unpack of their own (cached, or sharing one under way).
+        self.hits = 0
+        # Unpacks started.
+        self.misses = 0
+        self._entries: dict[str, _Entry] = {}
+        self._inflight: dict[str, asyncio.Future[Image]] = {}
+        # Pulls waiting on an unpack of this digest: eviction leaves it alone.
+        self._waiting: collections.Counter[str] = collections.Counter()
+        self._clock = 0
+        self._load()
+
+    # ---- the API ----------------------------------------------------------------------------
+
+    async def pull(self, text: str, *, secret: str | None = None, digest: str = "", timeout: float = 600.0,
+                   acquire: bool = True) -> Image:
+        """The image ``text`` names (``ref.parse`` syntax), fetched and unpacked unless cached.
+
+        ``secret``: the registry secret to authenticate with. ``digest``: the revision's pin; a
+        registry image is then fetched by it, and a reference that resolves to another digest
+        fails (``FailedPrecondition``). With ``acquire`` the image comes held (``release`` it).
+        """
+        deadline = asyncio.get_running_loop().time() + timeout
+        ref = parse(text)
+        auth = authfile(self.secrets_dir, secret) if secret else None
+        resolved = await self.source.resolve(ref.pinned(digest) if digest else ref, auth, timeout)
+        if digest and resolved != digest:
+            raise errors.FailedPrecondition(f"{FIELD}: {ref} now names {resolved}, not {digest} that the "
+                                            "revision is pinned to", field=FIELD)
+        entry = self._entries.get(resolved)
+        if entry is None:
+            await self._wait_unpack(ref.pinned(resolved), auth, resolved, deadline)
+            entry = self._entries[resolved]
+        else:
+            self.hits += 1
+        if acquire:
+            entry.refs += 1
+        self._touch(entry)
+        return entry.image
+
+    def acquire(self, digest: str) -> Image:
+        """Marks a cached image as used by one more instance; ``FailedPrecondition`` when it is
+        not cached (pull it)."""
+        entry = self._entries.get(digest)
+        if entry is None:
+            raise errors.FailedPrecondition(f"{FIELD}: image {digest} is not in this node's cache", field=FIELD)
+        entry.refs += 1
+        self._touch(entry)
+        return entry.image
+
+    def release(self, digest: str) -> None:
+        """One instance stopped using the image; it stays cached, and becomes evictable at zero."""
+        entry = self._entries.get(digest)
+        if entry is None or entry.refs == 0:
+            log.warning("image %s released more often than acquired", digest)
+            return
+        entry.refs -= 1
+        self._touch(entry)
+
+    def users(self, digest: str) -> int:
+        """How many holders the image has (0 when not cached)."""
+        entry = self._entries.get(digest)
+        return entry.refs if entry else 0
+
+    def images(self) -> list[Image]:
+        """The cached images, least recently used first."""
+        return [e.image for e in sorted(self._entries.values(), key=lambda e: e.last_used)]
+
+    @property
+    def size_bytes(self) -> int:
+        """Disk taken by all cached images."""
+        return sum(e.image.size_bytes for e in self._entries.values())
+
+    async def evict(self) -> list[str]:
+        """Removes least recently used images no one holds until the cache fits ``max_bytes``
+        (done after every unpack); returns their digests."""
+        usage = [Usage(d, e.image.size_bytes, e.refs > 0 or self._waiting[d] > 0, e.last_used)
+                 for d, e in self._entries.items()]
+        victims = plan_eviction(usage, self.max_bytes)
+        doomed = [self._retire(self._entries.pop(d).image.rootfs.parent) for d in victims]
+        for digest in victims:
+            log.info("image %s evicted", digest)
+        if self.size_bytes > self.max_bytes:
+            log.warning("image cache holds %d bytes in use, over its bound of %d", self.size_bytes, self.max_bytes)
+        for path in doomed:
+            await asyncio.to_thread(remove_tree, path)
+        return victims
+
+    async def close(self) -> None:
+        """Cancels unpacks under way (their scratch directories are removed)."""
+        for future in list(self._inflight.values()):
+            future.cancel()
+        await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+
+    # ---- misses -----------------------------------------------------------------------------
+
+    async def _wait_unpack(self, ref: ImageRef, auth: Path | None, digest: str, deadline: float) -> None:
+        """Waits, within ``deadline``, for the one unpack of ``digest`` (starting it if needed)."""
+        future = self._inflight.get(digest)
+        if future is None:
+            self.misses += 1
+            future = asyncio.ensure_future(self._unpack(ref, auth, digest, deadline))
+            self._inflight[digest] = future
+            future.add_done_callback(lambda f: self._unpacked(digest, f))
+        else:
+            self.hits += 1
+        self._waiting[digest] += 1
+        try:
+            left = deadline - asyncio.get_running_loop().time()
+            await asyncio.wait_for(asyncio.shield(future), max(left, 0.001))
+        except TimeoutError:
+            raise errors.DeadlineExceeded(f"{FIELD}: pulling {ref} took longer than allowed", field=FIELD) from None
+        finally:
+            self._waiting[digest] -= 1
+            if not self._waiting[digest]:
+                del self._waiting[digest]
+
+    def _unpacked(self, digest: str, future: asyncio.Future[Image]) -> None:
+        self._inflight.pop(digest, None)
+        if not future.cancelled():
+            future.exception()  # retrieved here, so an unpack everyone gave up on logs no warning
+
+    async def _unpack(self, ref: ImageRef, auth: Path | None, digest: str, deadline: float) -> Image:
+        work = await asyncio.to_thread(self._stage, digest)
+        try:
+            left = deadline - asyncio.get_running_loop().time()
+            raw = await self.source.unpack(ref, auth, work / "entry" / "rootfs", self.owner, left)
+            config = parse_config(raw)
+            self._check_platform(ref, config)
+            meta = {"digest": digest, "config": json.loads(raw), "ref": str(ref),
+                    "owner": [self.owner.uid, self.owner.gid, self.owner.size]}
+            final, size = await asyncio.to_thread(self._commit, work / "entry", meta)
+        finally:
+            await asyncio.to_thread(remove_tree, work)
+        image = Image(digest, final / "rootfs", config, size, self.owner)
+        self._entries[digest] = _Entry(image, last_used=self._tick())
+        log.info("image %s unpacked from %s: %d bytes", digest, ref, size)
+        await self.evict()
+        return image
+
+    def _stage(self, digest: str) -> Path:
+        """A fresh scratch directory with an empty ``entry/`` for the unpack to fill."""
+        work = Path(tempfile.mkdtemp(prefix=digest[7:19] + "-", dir=self._scratch))
+        (work / "entry").mkdir()
+        (work / "entry").chmod(0o711)
+        return work
+
+    def _commit(self, staged: Path, meta: dict[str, object]) -> tuple[Path, int]:
+        """Measures the unpacked rootfs, writes ``image.json`` and renames the entry into
+        ``images/`` (atomic: a crash leaves it whole or in scratch). Returns (path, size)."""
+        size = disk_usage(staged / "rootfs")
+        (staged / "image.json").write_text(json.dumps({**meta, "size_bytes": size}))
+        final = self._images / f"sha256-{str(meta['digest'])[7:]}"
+        if final.exists():  # a discarded entry whose removal failed
+            self._retire(final)
+        os.rename(staged, final)
+        return final, size
+
+    def _check_platform(self, ref: ImageRef, config: ImageConfig) -> None:
+        if config.os != "linux" or config.architecture not in ("", self.architecture):
+            raise errors.InvalidArgument(f"{FIELD}: {ref} is built for {config.os}/{config.architecture}; this "
+                                         f"node runs linux/{self.architecture}", field=FIELD)
+
+    # ---- the index on disk ------------------------------------------------------------------
+
+    def _load(self) -> None:
+        """Rebuilds the index from ``images/``, discarding anything incomplete or foreign."""
+        for leftover in self._scratch.iterdir():
+            remove_tree(leftover)
+        found = []
+        for path in self._images.iterdir():
+            entry = self._read_entry(path)
+            if entry is None:
+                log.warning("image cache: discarding %s (incomplete or from another configuration)", path.name)
+                remove_tree(self._retire(path))
+            else:
+                found.append((os.stat(path / "image.json").st_mtime, entry))
+        for _, entry in sorted(found, key=lambda f: f[0]):
+            entry.last_used = self._tick()
+            self._entries[entry.image.digest] = entry
+
+    def _read_entry(self, path: Path) -> _Entry | None:
+        match = _ENTRY.fullmatch(path.name)
+        rootfs = path / "rootfs"
+        if match is None or path.is_symlink() or rootfs.is_symlink() or not rootfs.is_dir():
+            return None
+        try:
+            meta = json.loads((path / "image.json").read_text())
+            image = Image(meta["digest"], rootfs, parse_config(meta["config"]), int(meta["size_bytes"]),
+                          IdMap(*meta["owner"]))
+        except (OSError, ValueError, KeyError, TypeError, errors.InvalidArgument):
+            return None
+        if image.digest != f"sha256:{match.group(1)}" or image.owner != self.owner:
+            return None
+        return _Entry(image)
+
+    def _retire(self, path: Path) -> Path:
+        """Moves ``path`` into scratch (gone from the index at once) for removal."""
+        grave = Path(tempfile.mkdtemp(prefix="removed-", dir=self._scratch)) / "x"
+        os.rename(path, grave)
+        return grave.parent
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _touch(self, entry: _Entry) -> None:
+        entry.last_used = self._tick()
+        try:
+            os.utime(entry.image.rootfs.parent / "image.json")
+        except OSError as exc:
+            log.warning("image %s: cannot record its use: %s", entry.image.digest, exc)
+
