@@ -17,8 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 from oci_image import SERVED_MODEL, TestImage, build_tiny_image
+from oci_registry import RegistryProcess
 
-from services.nodeagent.images import Image, ImageCache, command, parse_config, resolve_user
+from services.nodeagent.images import Image, ImageCache, SkopeoUmoci, command, parse_config, resolve_user
 from snapwake import errors
 from snapwake.testing import free_port, wait_for
 
@@ -238,3 +239,37 @@ def _running(argv: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[
     finally:
         proc.kill()
         proc.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("docker-registry") is None, reason="docker-registry is needed (make install)")
+def test_a_registry_image_pulls_with_its_secret_and_stays_pinned(tiny: dict[str, object], tmp_path: Path) -> None:
+    """docker:// against a real registry with htpasswd users: the secret's auth file is used, a
+    missing one fails clearly, and a pinned revision keeps its image after the tag moved."""
+    layout, digests = tiny["layout"], tiny["digests"]
+    assert isinstance(digests, dict)
+    with RegistryProcess(tmp_path / "registry", {"alice": "s3cr3t"}) as registry:
+        registry.push(f"oci:{layout}:a", "team/echo:v1", "alice")
+        secrets = tmp_path / "secrets"
+        secrets.mkdir()
+        registry.authfile(secrets / "team-a.json", "alice")
+        root = tmp_path / "cache"
+        cache = ImageCache(root, 1 << 30, secrets_dir=secrets,
+                           source=SkopeoUmoci(root / "tools", insecure_registries=frozenset({registry.host})))
+        ref = f"docker://{registry.host}/team/echo:v1"
+        with pytest.raises(errors.InvalidArgument, match=f"cannot fetch {ref}: .*(unauthorized|authentication)"):
+            asyncio.run(cache.pull(ref))
+        v1 = asyncio.run(cache.pull(ref, secret="team-a"))
+        assert v1.digest == digests["a"] and (v1.rootfs / "tag").read_text() == "a"
+
+        registry.push(f"oci:{layout}:b", "team/echo:v1", "alice")  # the tag moves
+        pinned = asyncio.run(cache.pull(ref, secret="team-a", digest=v1.digest))
+        assert pinned == v1 and cache.misses == 1
+        by_digest = asyncio.run(cache.pull(f"docker://{registry.host}/team/echo@{v1.digest}", secret="team-a"))
+        assert by_digest == v1
+        moved = asyncio.run(cache.pull(ref, secret="team-a"))
+        assert moved.digest == digests["b"] and (moved.rootfs / "tag").read_text() == "b"
+        assert (cache.misses, cache.hits) == (2, 2)
+
+        with pytest.raises(errors.InvalidArgument, match="manifest unknown") as caught:
+            asyncio.run(cache.pull(f"docker://{registry.host}/team/echo:v2", secret="team-a"))
+        assert "s3cr3t" not in caught.value.message and str(secrets) not in caught.value.message

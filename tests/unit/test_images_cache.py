@@ -140,3 +140,15 @@ async def test_a_restart_rebuilds_the_index_and_discards_the_rest(tmp_path: Path
     assert again.users(first.digest) == 0  # holds are the nodeagent's to re-acquire
     await again.pull("oci:/images/0")
     assert (again.misses, again.hits) == (0, 1)
+
+
+async def test_local_references_stay_inside_the_local_roots(tmp_path: Path) -> None:
+    images = tmp_path / "images-in"
+    images.mkdir()
+    (images / "escape").symlink_to("/etc")
+    source = FakeSource({f"oci:{images}/0": image(0), "oci:/etc/x": image(1), f"oci:{images}/escape/x": image(2)})
+    c = ImageCache(tmp_path / "cache", 1 << 30, local_roots=[images], source=source, architecture="amd64")
+    assert (await c.pull(f"oci:{images}/0")).rootfs.is_dir()
+    for outside in ("oci:/etc/x", f"oci:{images}/escape/x"):
+        with pytest.raises(errors.InvalidArgument, match="outside the directories this node serves local images"):
+            await c.pull(outside)

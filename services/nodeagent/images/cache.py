@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,13 +80,17 @@ class ImageCache:
 
     ``id_base``: run as root, rootfs files are owned by host ids ``id_base + n`` (container id
     ``n < 65536``); as another user they belong to that user (``owner.size == 1``).
-    ``secrets_dir`` holds the registry secrets (``secrets.py``); ``source`` defaults to skopeo
-    and umoci.
+    ``secrets_dir`` holds the registry secrets (``secrets.py``); ``local_roots``, when given, are
+    the only directories local references (oci-archive:, oci:, docker-archive:) may name, so a
+    tenant cannot make the node read its other files; ``source`` defaults to skopeo and umoci.
+    The constructor reads the index from disk (blocking): make it before serving.
     """
 
     def __init__(self, root: Path, max_bytes: int, secrets_dir: Path | None = None, *, id_base: int = 100_000,
-                 source: ImageSource | None = None, architecture: str = "") -> None:
+                 local_roots: Sequence[Path] | None = None, source: ImageSource | None = None,
+                 architecture: str = "") -> None:
         self.root, self.max_bytes, self.secrets_dir = Path(root), max_bytes, secrets_dir
+        self.local_roots = None if local_roots is None else tuple(os.path.realpath(p) for p in local_roots)
         euid = os.geteuid()
         self.owner = IdMap(id_base, id_base) if euid == 0 else IdMap(euid, os.getegid(), 1)
         self.architecture = architecture or host_architecture()
@@ -117,6 +122,7 @@ class ImageCache:
         """
         deadline = asyncio.get_running_loop().time() + timeout
         ref = parse(text)
+        self._check_local(ref)
         auth = authfile(self.secrets_dir, secret) if secret else None
         resolved = await self.source.resolve(ref.pinned(digest) if digest else ref, auth, timeout)
         if digest and resolved != digest:
@@ -250,6 +256,14 @@ class ImageCache:
             self._retire(final)
         os.rename(staged, final)
         return final, size
+
+    def _check_local(self, ref: ImageRef) -> None:
+        if not ref.local or self.local_roots is None:
+            return
+        real = os.path.realpath(ref.location)  # a symlink under a root may not lead out of it
+        if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in self.local_roots):
+            raise errors.InvalidArgument(f"{FIELD}: {ref.transport}:{ref.location} is outside the directories this "
+                                         "node serves local images from", field=FIELD)
 
     def _check_platform(self, ref: ImageRef, config: ImageConfig) -> None:
         if config.os != "linux" or config.architecture not in ("", self.architecture):
