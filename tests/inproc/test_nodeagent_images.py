@@ -126,7 +126,7 @@ def test_a_docker_archive_pulls_and_pins(tiny: dict[str, object], tmp_path: Path
     layout, digests = tiny["layout"], tiny["digests"]
     assert isinstance(digests, dict)
     with pytest.raises(errors.FailedPrecondition, match=f"oci:{layout}:b now names {digests['b']}, not"):
-        asyncio.run(cache.pull(f"oci:{layout}:b", digest=image.digest))
+        asyncio.run(cache.pull(f"oci:{layout}:b", digest=digests["c"]))
     assert (cache.misses, cache.hits) == (1, 1)
 
 

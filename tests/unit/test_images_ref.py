@@ -107,6 +107,7 @@ def test_pinned(text: str, pinned: str) -> None:
     assert str(parse(text).pinned(D)) == pinned
 
 
-def test_pinning_to_a_bad_digest_is_refused() -> None:
+@pytest.mark.parametrize("text", ["docker://reg.io/a:v1", "oci:/x"])
+def test_pinning_to_a_bad_digest_is_refused(text: str) -> None:
     with pytest.raises(errors.InvalidArgument, match="bad digest"):
-        parse("docker://reg.io/a:v1").pinned("sha256:nope")
+        parse(text).pinned("sha256:nope")

@@ -12,8 +12,9 @@
     Image.config.user ──user.resolve_user(user, Image.rootfs)──▶ (uid, gid)
 
 Digest pinning: ``pull`` returns the digest the reference resolved to; a revision records it
-and passes it back as ``pull(..., digest=)`` for every later instance: a registry image is
-then fetched by digest, and a local path that now holds something else fails.
+and passes it back as ``pull(..., digest=)`` for every later instance: a cached pinned image
+is used without asking the source, an uncached one is fetched by digest from a registry, and
+a local path that now holds something else fails.
 
 Rootfs sharing, decided: ONE read-only rootfs per digest, shared by every instance of the
 image, with all instance containers in the SAME user-namespace mapping. Run as root, the cache

@@ -116,15 +116,18 @@ class ImageCache:
                    acquire: bool = True) -> Image:
         """The image ``text`` names (``ref.parse`` syntax), fetched and unpacked unless cached.
 
-        ``secret``: the registry secret to authenticate with. ``digest``: the revision's pin; a
-        registry image is then fetched by it, and a reference that resolves to another digest
-        fails (``FailedPrecondition``). With ``acquire`` the image comes held (``release`` it).
+        ``secret``: the registry secret to authenticate with. ``digest``: the revision's pin; when
+        cached, that image is the answer without asking the source at all (the registry may be
+        down); otherwise a registry image is fetched by it, and a reference that resolves to
+        another digest fails (``FailedPrecondition``). With ``acquire`` the image comes held
+        (``release`` it).
         """
         deadline = asyncio.get_running_loop().time() + timeout
         ref = parse(text)
+        source_ref = ref.pinned(digest) if digest else ref
         self._check_local(ref)
         auth = authfile(self.secrets_dir, secret) if secret else None
-        resolved = await self.source.resolve(ref.pinned(digest) if digest else ref, auth, timeout)
+        resolved = digest if digest in self._entries else await self.source.resolve(source_ref, auth, timeout)
         if digest and resolved != digest:
             raise errors.FailedPrecondition(f"{FIELD}: {ref} now names {resolved}, not {digest} that the "
                                             "revision is pinned to", field=FIELD)

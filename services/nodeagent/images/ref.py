@@ -78,9 +78,8 @@ class ImageRef:
         """The reference to fetch when the revision is pinned to ``digest``: a registry image by
         that digest (a tag that moved since changes nothing); a local one as it is, its resolved
         digest compared with the pin instead (a path cannot name a digest)."""
-        if self.local:
-            return self
-        return ImageRef(self.transport, self.location, "", _digest(digest))
+        _digest(digest)
+        return self if self.local else ImageRef(self.transport, self.location, "", digest)
 
     def __str__(self) -> str:
         if self.transport is Transport.DOCKER:
