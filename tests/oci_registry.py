@@ -10,13 +10,20 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import httpx
+
 from snapwake.testing import free_port, wait_for
 
 __all__ = ["RegistryProcess"]
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import crypt  # bcrypt through glibc's libcrypt; the venv has no bcrypt package
+
+def _bcrypt(password: str) -> str:
+    """A bcrypt hash (what the registry's htpasswd wants) through libcrypt: the venv has no bcrypt
+    package, and Python's crypt module is deprecated (gone in 3.13, when this needs htpasswd)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt
+    return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))  # cheap rounds: tests only
 
 
 class RegistryProcess:
@@ -49,8 +56,7 @@ class RegistryProcess:
             raise FileNotFoundError("docker-registry not found: run 'make install' (Debian package docker-registry)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         htpasswd = self.data_dir / "htpasswd"
-        htpasswd.write_text("".join(f"{u}:{crypt.crypt(p, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))}\n"
-                                    for u, p in self.users.items()))
+        htpasswd.write_text("".join(f"{u}:{_bcrypt(p)}\n" for u, p in self.users.items()))
         config = self.data_dir / "config.json"  # YAML is a superset of JSON
         config.write_text(json.dumps({
             "version": 0.1, "log": {"level": "error"},
@@ -58,8 +64,12 @@ class RegistryProcess:
             "http": {"addr": self.host}, "auth": {"htpasswd": {"realm": "snapwake-tests", "path": str(htpasswd)}}}))
         self.proc = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        wait_for(lambda: self.proc is not None and self.proc.poll() is None and _answers(self.host), 20,
-                 f"docker-registry on {self.host}")
+        try:
+            wait_for(lambda: self.proc is not None and self.proc.poll() is None and _answers(self.host), 20,
+                     f"docker-registry on {self.host}")
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -69,6 +79,4 @@ class RegistryProcess:
 
 
 def _answers(host: str) -> bool:
-    import httpx
-
     return httpx.get(f"http://{host}/v2/").status_code == 401
