@@ -39,10 +39,11 @@ runtime, and once one says yes the sandbox can give each instance its own range 
 cache, the files staying as they are and each mount mapping them.
 """
 
-from services.nodeagent.images.cache import Image, ImageCache, host_architecture
+from services.nodeagent.images.cache import ImageCache, host_architecture
 from services.nodeagent.images.config import ImageConfig, command, parse_config
 from services.nodeagent.images.eviction import Usage, plan_eviction
 from services.nodeagent.images.fake import FakeImage, FakeSource
+from services.nodeagent.images.image import Image
 from services.nodeagent.images.ref import BUILTIN, ImageRef, Transport, is_builtin, parse
 from services.nodeagent.images.secrets import authfile
 from services.nodeagent.images.source import ImageSource

@@ -2,17 +2,14 @@
 
 A pull resolves the reference to its digest first (cheap: one manifest read), so any reference
 to content already here (another function, revision, path or tag) is a hit that fetches and
-unpacks nothing. On disk, under ``root``::
+unpacks nothing, and concurrent pulls of one digest wait on one unpack. On disk (entries.py)::
 
-    images/sha256-<hex>/rootfs/       the unpacked image, shared read-only by its instances
-    images/sha256-<hex>/image.json    digest, image config, size, owner; mtime = last use
-    scratch/                          pulls in progress and removals (emptied at start)
-    tools/                            skopeo's home and temporary space
+    {root}/images/sha256-<hex>/rootfs/    shared read-only by the image's instances
+    {root}/scratch/                       unpacks in progress (emptied at start)
+    {root}/tools/                         skopeo's home and temporary space
 
-An image is unpacked in ``scratch/`` and renamed into ``images/`` whole, so after a crash the
-index rebuilt from ``images/`` holds only complete images. Reference counts live in memory: a
-restarted nodeagent ``acquire``s the digests of the instances it adopts before it pulls
-anything, or eviction may take their rootfs.
+Reference counts live in memory: a restarted nodeagent ``acquire``s the digests of the
+instances it adopts before it pulls anything, or eviction may take their rootfs.
 """
 
 from __future__ import annotations
@@ -23,15 +20,15 @@ import json
 import logging
 import os
 import platform
-import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.nodeagent.images.config import ImageConfig, parse_config
-from services.nodeagent.images.disk import disk_usage, remove_tree
+from services.nodeagent.images.disk import remove_tree
+from services.nodeagent.images.entries import DiskIndex
 from services.nodeagent.images.eviction import Usage, plan_eviction
+from services.nodeagent.images.image import Image
 from services.nodeagent.images.ref import FIELD, ImageRef, parse
 from services.nodeagent.images.secrets import authfile
 from services.nodeagent.images.source import ImageSource
@@ -43,7 +40,6 @@ __all__ = ["Image", "ImageCache", "host_architecture"]
 
 log = logging.getLogger(__name__)
 
-_ENTRY = re.compile(r"sha256-([0-9a-f]{64})")
 _GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
 
 
@@ -51,21 +47,6 @@ def host_architecture() -> str:
     """This machine's architecture as OCI images name it (Go's GOARCH)."""
     machine = platform.machine()
     return _GO_ARCH.get(machine, machine)
-
-
-@dataclass(frozen=True)
-class Image:
-    """An unpacked image on this node."""
-
-    # The manifest digest the reference resolved to: what a revision pins.
-    digest: str
-    # Mount it read-only: every instance of the image shares this one directory.
-    rootfs: Path
-    config: ImageConfig
-    # Disk taken by the rootfs.
-    size_bytes: int
-    # The rootfs's files belong to host uids owner.uid.. and gids owner.gid.. (container id 0 up).
-    owner: IdMap
 
 
 @dataclass
@@ -79,7 +60,7 @@ class ImageCache:
     """Unpacked images under ``root``, at most ``max_bytes`` of those no instance uses.
 
     ``id_base``: run as root, rootfs files are owned by host ids ``id_base + n`` (container id
-    ``n < 65536``); as another user they belong to that user (``owner.size == 1``).
+    ``n < 65536``); as another user they belong to that user (``owner.rootless``).
     ``secrets_dir`` holds the registry secrets (``secrets.py``); ``local_roots``, when given, are
     the only directories local references (oci-archive:, oci:, docker-archive:) may name, so a
     tenant cannot make the node read its other files; ``source`` defaults to skopeo and umoci.
@@ -94,10 +75,7 @@ class ImageCache:
         euid = os.geteuid()
         self.owner = IdMap(id_base, id_base) if euid == 0 else IdMap(euid, os.getegid(), 1)
         self.architecture = architecture or host_architecture()
-        self._images, self._scratch = self.root / "images", self.root / "scratch"
-        for path, mode in ((self.root, 0o711), (self._images, 0o711), (self._scratch, 0o700)):
-            path.mkdir(parents=True, exist_ok=True)
-            path.chmod(mode)  # the containers' mapped root must be able to reach its rootfs
+        self._disk = DiskIndex(self.root, self.owner)
         self.source = source or SkopeoUmoci(self.root / "tools")
         # Pulls answered without an unpack of their own (cached, or sharing one under way).
         self.hits = 0
@@ -108,7 +86,8 @@ class ImageCache:
         # Pulls waiting on an unpack of this digest: eviction leaves it alone.
         self._waiting: collections.Counter[str] = collections.Counter()
         self._clock = 0
-        self._load()
+        for image in self._disk.load():
+            self._entries[image.digest] = _Entry(image, last_used=self._tick())
 
     # ---- the API ----------------------------------------------------------------------------
 
@@ -181,7 +160,7 @@ class ImageCache:
         usage = [Usage(d, e.image.size_bytes, e.refs > 0 or self._waiting[d] > 0, e.last_used)
                  for d, e in self._entries.items()]
         victims = plan_eviction(usage, self.max_bytes)
-        doomed = [self._retire(self._entries.pop(d).image.rootfs.parent) for d in victims]
+        doomed = [self._disk.retire(self._entries.pop(d).image.rootfs.parent) for d in victims]
         for digest in victims:
             log.info("image %s evicted", digest)
         if self.size_bytes > self.max_bytes:
@@ -225,40 +204,21 @@ class ImageCache:
             future.exception()  # retrieved here, so an unpack everyone gave up on logs no warning
 
     async def _unpack(self, ref: ImageRef, auth: Path | None, digest: str, deadline: float) -> Image:
-        work = await asyncio.to_thread(self._stage, digest)
+        work = await asyncio.to_thread(self._disk.stage, digest)
         try:
             left = deadline - asyncio.get_running_loop().time()
             raw = await self.source.unpack(ref, auth, work / "entry" / "rootfs", self.owner, left)
             config = parse_config(raw)
             self._check_platform(ref, config)
-            meta = {"digest": digest, "config": json.loads(raw), "ref": str(ref),
-                    "owner": [self.owner.uid, self.owner.gid, self.owner.size]}
-            final, size = await asyncio.to_thread(self._commit, work / "entry", meta)
+            meta = {"config": json.loads(raw), "ref": str(ref)}
+            rootfs, size = await asyncio.to_thread(self._disk.commit, work / "entry", digest, meta)
         finally:
             await asyncio.to_thread(remove_tree, work)
-        image = Image(digest, final / "rootfs", config, size, self.owner)
+        image = Image(digest, rootfs, config, size, self.owner)
         self._entries[digest] = _Entry(image, last_used=self._tick())
         log.info("image %s unpacked from %s: %d bytes", digest, ref, size)
         await self.evict()
         return image
-
-    def _stage(self, digest: str) -> Path:
-        """A fresh scratch directory with an empty ``entry/`` for the unpack to fill."""
-        work = Path(tempfile.mkdtemp(prefix=digest[7:19] + "-", dir=self._scratch))
-        (work / "entry").mkdir()
-        (work / "entry").chmod(0o711)
-        return work
-
-    def _commit(self, staged: Path, meta: dict[str, object]) -> tuple[Path, int]:
-        """Measures the unpacked rootfs, writes ``image.json`` and renames the entry into
-        ``images/`` (atomic: a crash leaves it whole or in scratch). Returns (path, size)."""
-        size = disk_usage(staged / "rootfs")
-        (staged / "image.json").write_text(json.dumps({**meta, "size_bytes": size}))
-        final = self._images / f"sha256-{str(meta['digest'])[7:]}"
-        if final.exists():  # a discarded entry whose removal failed
-            self._retire(final)
-        os.rename(staged, final)
-        return final, size
 
     def _check_local(self, ref: ImageRef) -> None:
         if not ref.local or self.local_roots is None:
@@ -273,53 +233,11 @@ class ImageCache:
             raise errors.InvalidArgument(f"{FIELD}: {ref} is built for {config.os}/{config.architecture}; this "
                                          f"node runs linux/{self.architecture}", field=FIELD)
 
-    # ---- the index on disk ------------------------------------------------------------------
-
-    def _load(self) -> None:
-        """Rebuilds the index from ``images/``, discarding anything incomplete or foreign."""
-        for leftover in self._scratch.iterdir():
-            remove_tree(leftover)
-        found = []
-        for path in self._images.iterdir():
-            entry = self._read_entry(path)
-            if entry is None:
-                log.warning("image cache: discarding %s (incomplete or from another configuration)", path.name)
-                remove_tree(self._retire(path))
-            else:
-                found.append((os.stat(path / "image.json").st_mtime, entry))
-        for _, entry in sorted(found, key=lambda f: f[0]):
-            entry.last_used = self._tick()
-            self._entries[entry.image.digest] = entry
-
-    def _read_entry(self, path: Path) -> _Entry | None:
-        match = _ENTRY.fullmatch(path.name)
-        rootfs = path / "rootfs"
-        if match is None or path.is_symlink() or rootfs.is_symlink() or not rootfs.is_dir():
-            return None
-        try:
-            meta = json.loads((path / "image.json").read_text())
-            image = Image(meta["digest"], rootfs, parse_config(meta["config"]), int(meta["size_bytes"]),
-                          IdMap(*meta["owner"]))
-        except (OSError, ValueError, KeyError, TypeError, errors.InvalidArgument):
-            return None
-        if image.digest != f"sha256:{match.group(1)}" or image.owner != self.owner:
-            return None
-        return _Entry(image)
-
-    def _retire(self, path: Path) -> Path:
-        """Moves ``path`` into scratch (gone from the index at once) for removal."""
-        grave = Path(tempfile.mkdtemp(prefix="removed-", dir=self._scratch)) / "x"
-        os.rename(path, grave)
-        return grave.parent
-
     def _tick(self) -> int:
         self._clock += 1
         return self._clock
 
     def _touch(self, entry: _Entry) -> None:
         entry.last_used = self._tick()
-        try:
-            os.utime(entry.image.rootfs.parent / "image.json")
-        except OSError as exc:
-            log.warning("image %s: cannot record its use: %s", entry.image.digest, exc)
+        self._disk.touch(entry.image)
 

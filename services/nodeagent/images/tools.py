@@ -73,8 +73,7 @@ class SkopeoUmoci(ImageSource):
         await self._run([self.skopeo, *self._global(), "copy", "--quiet", *self._auth(ref, authfile, "src-"),
                          str(ref), f"oci:{layout}:{_LAYOUT_TAG}"], _left(deadline), f"cannot fetch {ref}", authfile)
         config = read_layout_config(layout, f"cannot fetch {ref}")
-        ids = ["--rootless"] if owner.size == 1 else ["--uid-map", owner.option(),
-                                                      "--gid-map", f"0:{owner.gid}:{owner.size}"]
+        ids = ["--rootless"] if owner.rootless else ["--uid-map", owner.uid_map(), "--gid-map", owner.gid_map()]
         await self._run([self.umoci, "raw", "unpack", *ids, "--image", f"{layout}:{_LAYOUT_TAG}", str(dest)],
                         _left(deadline), f"cannot unpack {ref}", authfile)
         return config

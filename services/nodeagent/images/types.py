@@ -17,6 +17,14 @@ class IdMap:
     # How many ids are mapped; 1 for a rootless unpack (every file belongs to the caller).
     size: int = 65536
 
-    def option(self) -> str:
-        """The uid or gid map in the form umoci and newuidmap take: "0:HOST:SIZE" (uid side)."""
+    @property
+    def rootless(self) -> bool:
+        """Whether the files simply belong to the (non-root) user that unpacked them."""
+        return self.size == 1
+
+    def uid_map(self) -> str:
+        """The uid map as umoci takes it: "CONTAINER:HOST:SIZE"."""
         return f"0:{self.uid}:{self.size}"
+
+    def gid_map(self) -> str:
+        return f"0:{self.gid}:{self.size}"
