@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages Snapwake needs (runc, etcd) when they are missing.
+# Installs the Debian packages Snapwake needs (runc, etcd, skopeo, umoci...) when they are missing.
 set -euo pipefail
 missing=()
 for pkg in "$@"; do
