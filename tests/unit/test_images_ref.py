@@ -1,4 +1,4 @@
-"""Image references (services/nodeagent/images/ref.py): what parses, to what, and the message
+"""Image references (snapwake/imageref.py): what parses, to what, and the message
 for everything else."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The node's image pipeline: user ("bring your own") OCI images from reference to rootfs.
 
-    spec.image text ──ref.parse──▶ ImageRef ──┐                     (pure; InvalidArgument)
+    spec.image text ─imageref.parse─▶ ImageRef ──┐                     (pure; InvalidArgument)
     spec.registry_secret ──secrets.authfile──▶ auth file path ──┐  (by name, never contents)
                                                                ▼
     ImageCache.pull ──source.resolve──▶ manifest digest ──▶ cached? ── yes ──▶ Image (hit)
@@ -44,12 +44,12 @@ from services.nodeagent.images.config import ImageConfig, command, parse_config
 from services.nodeagent.images.eviction import Usage, plan_eviction
 from services.nodeagent.images.fake import FakeImage, FakeSource
 from services.nodeagent.images.image import Image
-from services.nodeagent.images.ref import BUILTIN, ImageRef, Transport, is_builtin, parse
 from services.nodeagent.images.secrets import authfile
 from services.nodeagent.images.source import ImageSource
 from services.nodeagent.images.tools import SkopeoUmoci, idmapped_mounts
 from services.nodeagent.images.types import IdMap
 from services.nodeagent.images.user import parse_user, resolve_user
+from snapwake.imageref import BUILTIN, ImageRef, Transport, is_builtin, parse
 
 __all__ = [
     "BUILTIN", "FakeImage", "FakeSource", "IdMap", "Image", "ImageCache", "ImageConfig", "ImageRef", "ImageSource",

@@ -29,12 +29,12 @@ from services.nodeagent.images.disk import remove_tree
 from services.nodeagent.images.entries import DiskIndex
 from services.nodeagent.images.eviction import Usage, plan_eviction
 from services.nodeagent.images.image import Image
-from services.nodeagent.images.ref import FIELD, ImageRef, parse
 from services.nodeagent.images.secrets import authfile
 from services.nodeagent.images.source import ImageSource
 from services.nodeagent.images.tools import SkopeoUmoci
 from services.nodeagent.images.types import IdMap
 from snapwake import errors
+from snapwake.imageref import FIELD, ImageRef, parse
 
 __all__ = ["Image", "ImageCache", "host_architecture"]
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.nodeagent.images.ref import ImageRef
 from services.nodeagent.images.source import ImageSource
 from services.nodeagent.images.types import IdMap
 from snapwake import errors
+from snapwake.imageref import ImageRef
 
 __all__ = ["FakeImage", "FakeSource"]
 

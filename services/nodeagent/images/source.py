@@ -9,8 +9,8 @@ from __future__ import annotations
 import abc
 from pathlib import Path
 
-from services.nodeagent.images.ref import ImageRef
 from services.nodeagent.images.types import IdMap
+from snapwake.imageref import ImageRef
 
 __all__ = ["ImageSource"]
 

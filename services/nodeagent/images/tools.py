@@ -28,10 +28,10 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from services.nodeagent.images.ref import ImageRef, Transport
 from services.nodeagent.images.source import ImageSource
 from services.nodeagent.images.types import IdMap
 from snapwake import errors
+from snapwake.imageref import ImageRef, Transport
 
 __all__ = ["SkopeoUmoci", "idmapped_mounts", "parse_features"]
 
