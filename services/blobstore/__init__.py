@@ -5,6 +5,6 @@
     device.py   exportable memory: MemfdLoader (CPU hosts) and CudaLoader (cuMemCreate + fd)
     core.py     Blobstore: the synchronous logic shared by gRPC and the handover socket
     peers.py    fetching a snapshot from a peer blobstore over gRPC
-    handover.py the Unix-socket server of snapwake.protocols (load, prepare, store)
+    handover/   the Unix-socket servers of snapwake.protocols: the node socket and one per instance
     api.py      the thin gRPC servicer
 """
