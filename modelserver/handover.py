@@ -1,6 +1,8 @@
 """The model server's side of the blobstore handover socket (protocol in ``snapwake.protocols``).
 
-Socket and protocol failures are translated here, once, into ``snapwake.errors``.
+Socket and protocol failures are translated here, once, into ``snapwake.errors``. Every fd the
+blobstore sends is closed on every path unless the mapper took it; a memfd (gpu -1) is mapped
+only when it is sealed against shrinking and growing and holds what the reply says.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from snapwake.errors import StartFailed, Unavailable
-from snapwake.protocols import recv_message, send_message
+from snapwake.protocols import ReceivedFds, close_fds, memfd_problem, recv_message, send_message
 from snapwake.telemetry import traceparent
 
 __all__ = ["load", "store"]
@@ -28,28 +30,35 @@ def _connect(path: str, timeout: float) -> socket.socket:
     return sock
 
 
+def _checked(fds: ReceivedFds, snapshot_id: str, gpu: int, reply: dict[str, Any]) -> int:
+    """The one fd of a ``load`` reply, fit to map; StartFailed naming the problem otherwise."""
+    if len(fds) != 1:
+        raise StartFailed(f"blobstore sent {len(fds)} file descriptors for {snapshot_id}, expected 1")
+    if gpu < 0:
+        size = reply.get("alloc_bytes") or reply.get("bytes") or 0
+        problem = memfd_problem(fds.one(), size if isinstance(size, int) else 0)
+        if problem is not None:
+            raise StartFailed(f"blobstore handed over an unusable memfd for {snapshot_id}: {problem}")
+    return fds.take()
+
+
 def load(path: str, snapshot_id: str, gpu: int, mapper: Callable[[int, dict[str, Any]], None],
          timeout: float) -> dict[str, Any]:
     """Asks for ``snapshot_id``; ``mapper(fd, reply)`` maps the memory (and owns the fd); then
     tells the blobstore it may drop its handle. Returns the blobstore's reply."""
     sock = _connect(path, timeout)
-    fds: list[int] = []
     try:
         send_message(sock, {"op": "load", "snapshot_id": snapshot_id, "gpu": gpu, **traceparent()})
-        reply, fds = recv_message(sock)
-        if not reply.get("ok"):
-            raise StartFailed(f"blobstore refused load of {snapshot_id}: {reply.get('error', reply)}")
-        if len(fds) != 1:
-            raise StartFailed(f"blobstore sent {len(fds)} file descriptors for {snapshot_id}, expected 1")
-        fd = fds.pop()
-        mapper(fd, reply)
+        reply, got = recv_message(sock)
+        with ReceivedFds(got) as fds:
+            if not reply.get("ok"):
+                raise StartFailed(f"blobstore refused load of {snapshot_id}: {reply.get('error', reply)}")
+            mapper(_checked(fds, snapshot_id, gpu, reply), reply)
         send_message(sock, {"op": "mapped"})
         return reply
-    except (OSError, ConnectionError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # ConnectionError and ProtocolError among them
         raise Unavailable(f"handover load of {snapshot_id} on {path}: {exc}") from exc
     finally:
-        for fd in fds:
-            os.close(fd)
         sock.close()
 
 
@@ -62,18 +71,16 @@ def store(path: str, snapshot_id: str, manifest: dict[str, Any], gpu: int, fd: i
         os.close(fd)
         raise
     try:
-        send_message(sock, {"op": "store", "snapshot_id": snapshot_id, "manifest": manifest, "gpu": gpu},
-                     fds=[fd])
-        os.close(fd)
-        fd = -1
+        try:
+            send_message(sock, {"op": "store", "snapshot_id": snapshot_id, "manifest": manifest, "gpu": gpu},
+                         fds=[fd])
+        finally:
+            os.close(fd)  # a sent message holds its own reference
         reply, extra = recv_message(sock)
-        for f in extra:
-            os.close(f)
-    except (OSError, ConnectionError, ValueError) as exc:
+        close_fds(extra)
+    except (OSError, ValueError) as exc:  # ConnectionError and ProtocolError among them
         raise Unavailable(f"handover store of {snapshot_id} on {path}: {exc}") from exc
     finally:
-        if fd >= 0:
-            os.close(fd)
         sock.close()
     if not reply.get("ok"):
         raise Unavailable(f"blobstore refused store of {snapshot_id}: {reply.get('error', reply)}")

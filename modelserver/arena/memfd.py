@@ -1,8 +1,9 @@
 """Host-memory arena in a memfd: what a machine without a GPU runs, with the same handover.
 
-The arena is a ``memfd`` mapped with ``mmap``; tensors are ``torch.frombuffer`` views. Python's
-mmap refuses to close while views exist, so ``release`` needs every view dropped first (the
-model rebinds its parameters to meta tensors before it calls ``release``).
+The arena is a ``memfd`` mapped with ``mmap``, sealed against shrinking and growing as the
+handover requires; tensors are ``torch.frombuffer`` views. Python's mmap refuses to close while
+views exist, so ``release`` needs every view dropped first (the model rebinds its parameters to
+meta tensors before it calls ``release``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from typing import TYPE_CHECKING
 
 from snapwake.errors import FailedPrecondition
+from snapwake.protocols import seal_memfd
 
 if TYPE_CHECKING:
     import torch
@@ -38,9 +40,15 @@ class MemfdArena:
 
     def allocate(self, size: int) -> None:
         self._check_empty()
-        fd = os.memfd_create("snapwake-arena", os.MFD_CLOEXEC)
-        os.ftruncate(fd, max(size, 1))
-        self._fd, self._map = fd, mmap.mmap(fd, max(size, 1), access=mmap.ACCESS_WRITE)
+        fd = os.memfd_create("snapwake-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, max(size, 1))
+            seal_memfd(fd)  # the blobstore refuses a memfd that could shrink under its mapping on store
+            self._map = mmap.mmap(fd, max(size, 1), access=mmap.ACCESS_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
     def attach(self, fd: int, size: int) -> None:
         self._check_empty()

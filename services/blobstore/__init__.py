@@ -5,7 +5,7 @@
     device.py   exportable memory: MemfdLoader (CPU hosts) and CudaLoader (cuMemCreate + fd)
     core.py     Blobstore: the synchronous logic shared by gRPC and the handover socket
     peers.py    fetching a snapshot from a peer blobstore over gRPC
-    handover.py the Unix-socket server of snapwake.protocols (load, prepare, store)
+    handover/   the Unix-socket servers of snapwake.protocols: the node socket and one per instance
     api.py      the thin gRPC servicer; app.py wires a configured blobstore together
     config.py   BlobstoreConfig (frozen, loaded once in __main__)
     ids.py      snapshot ids: validation and safe directory names (pure)

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
 from services.blobstore import manifest as mf
 from services.blobstore.core import Blobstore, Stat
+from services.blobstore.handover import HandoverServer, grant
 from services.blobstore.ids import check_snapshot_id
 from snapwake import errors
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc
@@ -29,8 +31,13 @@ def _stat(s: Stat) -> blobstore_pb2.StatSnapshotResponse:
 
 
 class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
-    def __init__(self, core: Blobstore) -> None:
-        self.core = core
+    def __init__(self, core: Blobstore, handover: HandoverServer | None = None) -> None:
+        self.core, self.handover = core, handover
+
+    def _handover(self) -> HandoverServer:
+        if self.handover is None:
+            raise errors.FailedPrecondition("this blobstore serves no handover sockets")
+        return self.handover
 
     async def PutSnapshot(self, request_iterator: AsyncIterator[blobstore_pb2.PutSnapshotRequest],  # noqa: N802
                           context: grpc.aio.ServicerContext) -> blobstore_pb2.PutSnapshotResponse:
@@ -100,3 +107,14 @@ class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
         bad = await asyncio.to_thread(self.core.verify, sid)
         msg = "ok" if bad < 0 else f"snapshot {sid} is corrupt: chunk {bad} failed its sha256 check"
         return blobstore_pb2.VerifySnapshotResponse(ok=bad < 0, bad_chunk=bad, message=msg)
+
+    async def OpenInstanceHandover(self, request: blobstore_pb2.OpenInstanceHandoverRequest,  # noqa: N802
+                                   context: grpc.aio.ServicerContext) -> blobstore_pb2.OpenInstanceHandoverResponse:
+        scope = grant(request.instance_id, request.function_id, request.gpu_index)
+        path = await asyncio.to_thread(self._handover().open_instance, scope, Path(request.instance_dir))
+        return blobstore_pb2.OpenInstanceHandoverResponse(socket_path=str(path))
+
+    async def CloseInstanceHandover(self, request: blobstore_pb2.CloseInstanceHandoverRequest,  # noqa: N802
+                                    context: grpc.aio.ServicerContext) -> blobstore_pb2.CloseInstanceHandoverResponse:
+        closed = await asyncio.to_thread(self._handover().close_instance, request.instance_id)
+        return blobstore_pb2.CloseInstanceHandoverResponse(was_open=closed)

@@ -1,4 +1,4 @@
-"""Wires a configured blobstore together: store, cache, loaders, gRPC server, handover socket."""
+"""Wires a configured blobstore together: store, cache, loaders, gRPC server, handover sockets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from services.blobstore.cache import HostArena, HostCache
 from services.blobstore.config import BlobstoreConfig
 from services.blobstore.core import Blobstore
 from services.blobstore.device import CudaLoader, MemfdLoader, cuda_device_count, pinned_arena
-from services.blobstore.handover import HandoverServer
+from services.blobstore.handover import HandoverLimits, HandoverServer
 from services.blobstore.metrics import BlobstoreCollector
 from services.blobstore.peers import PeerFetcher
 from services.blobstore.store.striped import StripedStore
@@ -43,10 +43,16 @@ class BlobstoreApp:
         self.core = Blobstore(StripedStore([Path(d) for d in cfg.dirs]), HostCache(arena, cfg.cache_bytes),
                               PeerFetcher(cfg.peers), MemfdLoader(), CudaLoader() if gpus else None, gpus,
                               cfg.chunk_bytes)
-        self.handover = HandoverServer(Path(cfg.handover_socket), self.core)
+        limits = HandoverLimits(
+            max_connections=cfg.handover_max_connections,
+            max_connections_per_instance=cfg.handover_max_connections_per_instance,
+            max_message_bytes=cfg.handover_max_message_bytes, idle_timeout=cfg.handover_idle_timeout,
+            request_timeout=cfg.handover_request_timeout, mapped_timeout=cfg.handover_mapped_timeout)
+        self.handover = HandoverServer(Path(cfg.handover_socket), self.core, limits)
         name = blobstore_pb2.DESCRIPTOR.services_by_name["BlobstoreService"].full_name
         self.grpc = GrpcServer(cfg.listen, [name])
-        blobstore_pb2_grpc.add_BlobstoreServiceServicer_to_server(BlobstoreApi(self.core), self.grpc.server)
+        blobstore_pb2_grpc.add_BlobstoreServiceServicer_to_server(BlobstoreApi(self.core, self.handover),
+                                                                  self.grpc.server)
 
     def collector(self) -> BlobstoreCollector:
         """This blobstore's series; register it with a Prometheus registry."""

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import field
 
 from snapwake.config import parse_address
+from snapwake.protocols import MAX_LINE
 
 __all__ = ["BlobstoreConfig"]
 
@@ -16,7 +17,13 @@ class BlobstoreConfig:
 
     listen: str = field(default="127.0.0.1:7003", metadata={"help": "gRPC listen address host:port"})
     dirs: tuple[str, ...] = field(default=("./var/blobstore/d0",), metadata={"help": "comma list of stripe directories, one per drive"})
-    handover_socket: str = field(default="./var/blobstore/handover.sock", metadata={"help": "Unix socket path for model servers"})
+    handover_socket: str = field(default="./var/blobstore/handover.sock", metadata={"help": "the node's handover Unix socket (the nodeagent's; instances get their own)"})
+    handover_max_connections: int = field(default=64, metadata={"help": "handover connections served at once on all sockets; more are refused"})
+    handover_max_connections_per_instance: int = field(default=4, metadata={"help": "handover connections served at once on one instance's socket"})
+    handover_max_message_bytes: int = field(default=8 << 20, metadata={"help": "longest handover request line in bytes"})
+    handover_idle_timeout: float = field(default=30.0, metadata={"help": "seconds a handover connection may wait before its next request"})
+    handover_request_timeout: float = field(default=10.0, metadata={"help": "seconds a handover request may take to arrive once begun (and a reply to go out)"})
+    handover_mapped_timeout: float = field(default=60.0, metadata={"help": "seconds loaded memory is held for the client's 'mapped'"})
     cache_bytes: int = field(default=1 << 30, metadata={"help": "host-memory cache budget in bytes (pinned once on GPU hosts)"})
     chunk_bytes: int = field(default=64 << 20, metadata={"help": "chunk size for new snapshots (a multiple of 4096 allows O_DIRECT)"})
     peers: tuple[str, ...] = field(default=(), metadata={"help": "comma list of peer blobstores host:port to fetch missing snapshots from"})
@@ -46,4 +53,10 @@ class BlobstoreConfig:
             problems.append(f"metrics_port: out of range: {self.metrics_port}")
         if not self.handover_socket:
             problems.append("handover_socket: a path is needed")
+        for key in ("handover_max_connections", "handover_max_connections_per_instance", "handover_max_message_bytes",
+                    "handover_idle_timeout", "handover_request_timeout", "handover_mapped_timeout"):
+            if getattr(self, key) <= 0:
+                problems.append(f"{key}: must be > 0, got {getattr(self, key)}")
+        if self.handover_max_message_bytes > MAX_LINE:
+            problems.append(f"handover_max_message_bytes: at most {MAX_LINE}, got {self.handover_max_message_bytes}")
         return problems

@@ -2,7 +2,8 @@
 
 Two backends behind one interface:
 
-- ``MemfdLoader`` (hosts without a GPU): the arena is a ``memfd``.
+- ``MemfdLoader`` (hosts without a GPU): the arena is a ``memfd``. Those it sends are sealed
+  against shrinking and growing; one it is given must be too (``snapwake.protocols``).
 - ``CudaLoader``: ``cuMemCreate`` with a POSIX file-descriptor handle on the named GPU, DMA
   from the pinned cache in 256 MiB chunks on a stream, ``cuMemExportToShareableHandle``
   (the sequence measured in ``probes/ipc_loader.py``: 16 GiB in about 0.35 s).
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 from services.blobstore.cache import CacheEntry, HostArena
 from snapwake import errors
 from snapwake.cuda import check, driver
+from snapwake.protocols import memfd_problem, seal_memfd
 
 __all__ = ["CudaLoader", "Exported", "Loader", "MemfdLoader", "cuda_device_count", "pinned_arena"]
 
@@ -60,9 +62,10 @@ class MemfdLoader:
     def export(self, entry: CacheEntry, gpu: int) -> Exported:
         n = entry.manifest.arena_bytes
         t0 = time.perf_counter()
-        fd = os.memfd_create(f"snapwake-{entry.manifest.snapshot_id}", os.MFD_CLOEXEC)
+        fd = os.memfd_create(f"snapwake-{entry.manifest.snapshot_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, n)
+            seal_memfd(fd)  # the receiver refuses a memfd that could shrink under its mapping
             if n:
                 with mmap.mmap(fd, n) as dst:
                     dst[:] = entry.view
@@ -72,6 +75,9 @@ class MemfdLoader:
         return Exported(fd, n, n, time.perf_counter() - t0, _close(fd))
 
     def import_into(self, fd: int, nbytes: int, gpu: int, dest: memoryview, dest_address: int) -> None:
+        # Unsealed, the sender could shrink the memfd under our mapping: SIGBUS, the blobstore gone.
+        if (problem := memfd_problem(fd)) is not None:
+            raise errors.InvalidArgument(problem, field="fd")
         size = os.fstat(fd).st_size
         if size < nbytes:
             raise errors.InvalidArgument(

@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from services.blobstore import manifest as mf
 from services.blobstore.app import BlobstoreApp
@@ -20,15 +21,16 @@ __all__ = ["put_snapshot", "running_blobstore"]
 @contextlib.asynccontextmanager
 async def running_blobstore(root: Path, peers: tuple[str, ...] = (), stripes: int = 2,
                             cache_bytes: int = 4 << 20, chunk_bytes: int = 64 << 10,
-                            gpu: str = "false") -> AsyncIterator[BlobstoreApp]:
-    """A blobstore on a free loopback port, stripes under ``root``, memfd handover unless ``gpu``.
+                            gpu: str = "false", **settings: Any) -> AsyncIterator[BlobstoreApp]:
+    """A blobstore on a free loopback port, stripes under ``root``, memfd handover unless ``gpu``;
+    ``settings`` are more ``BlobstoreConfig`` fields (the ``handover_*`` limits, say).
 
     The handover socket lives in a short /tmp directory: Unix socket paths are limited to 107 bytes.
     """
     sock_dir = Path(tempfile.mkdtemp(prefix="bs-", dir="/tmp"))
     cfg = BlobstoreConfig(listen="127.0.0.1:0", dirs=tuple(str(root / f"d{k}") for k in range(stripes)),
                           handover_socket=str(sock_dir / "h.sock"), cache_bytes=cache_bytes,
-                          chunk_bytes=chunk_bytes, peers=peers, gpu=gpu)
+                          chunk_bytes=chunk_bytes, peers=peers, gpu=gpu, **settings)
     app = BlobstoreApp(cfg)
     await app.start()
     try:

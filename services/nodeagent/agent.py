@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import httpx
 
-from services.nodeagent import probe
+from services.nodeagent import handover, probe
 from services.nodeagent.admission import DriverGate
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.containers import Containers
@@ -169,13 +169,15 @@ class NodeAgent:
 
     # --- containers ----------------------------------------------------------------------
     async def destroy(self, live: Live) -> None:
-        """Kills and deletes the container (bounded); the instance dir stays for its logs."""
+        """Kills and deletes the container (bounded) and closes its handover socket; the instance
+        dir stays for its logs."""
         with contextlib.suppress(errors.SnapwakeError):
             await self.containers.kill(live.container_id, "KILL")
         try:
             await self.containers.delete(live.container_id)
         except errors.SnapwakeError as exc:
             log.error("cannot delete container %s: %s", live.container_id, exc, extra={"instance_id": live.id})
+        await handover.close_socket(self._blob_channel, live.id)
 
     async def fail(self, live: Live, reason: str) -> None:
         """Marks the instance FAILED with ``reason`` and removes its container."""

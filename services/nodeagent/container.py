@@ -9,6 +9,7 @@ from pathlib import Path
 
 from services.nodeagent.bundle import BundleSpec, host_layout, modelserver_args
 from services.nodeagent.config import NodeAgentConfig
+from services.nodeagent.handover import socket_path
 from services.nodeagent.machine import StartPlan, modelserver_start_mode
 from services.nodeagent.process_mode import is_process as process_mode
 from snapwake import errors, keys
@@ -44,24 +45,23 @@ def bundle_spec(config: NodeAgentConfig, req: nodeagent_pb2.StartInstanceRequest
     """The container for a built-in model server instance (see docs/CONTRACTS.md, Node layout)."""
     spec = req.spec
     control = str(instance_dir / "control.sock")
+    handover = str(socket_path(instance_dir))  # its own socket (services/nodeagent/handover.py)
     args = modelserver_args(
         config.python, model_dir=os.path.realpath(spec.model_dir), port=port,
         device="cuda" if use_gpu else "cpu", gpu_index=req.gpu_index,
         gpu_memory_bytes=req.gpu_memory_bytes or spec.resources.gpu_memory_bytes,
         start_mode=modelserver_start_mode(plan, process_mode(spec)), control_socket=control,
-        handover_socket=config.handover_socket,
+        handover_socket=handover,
         snapshot_id=keys.snapshot_id(req.function_id, req.revision), sample_request=spec.sample_request)
     env = {**dict(spec.env), "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
            "PYTHONUNBUFFERED": "1", "PYTHONPATH": ":".join([*config.python_path, config.repo_root]), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "SNAPWAKE_CONTROL_SOCKET": control,
-           "SNAPWAKE_HANDOVER_SOCKET": config.handover_socket,
+           "SNAPWAKE_HANDOVER_SOCKET": handover,
            **dict(item.split("=", 1) for item in config.container_env)}
     system, links = host_layout()
-    # The socket's directory, not the socket: a restarted blobstore makes a new socket inode.
-    handover_dir = str(Path(config.handover_socket).parent)
     return BundleSpec(
         args=args, env=env, cwd=str(instance_dir), hostname=req.instance_id,
         ro_binds=(*system, *python_dirs(config.python), os.path.realpath(config.repo_root),
                   *(os.path.realpath(p) for p in config.python_path),
-                  os.path.realpath(spec.model_dir), handover_dir),
+                  os.path.realpath(spec.model_dir)),
         rw_binds=(str(instance_dir),), symlinks=links, gpu=use_gpu)

@@ -17,7 +17,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from services.nodeagent import integrity, probe, process_mode
+from services.nodeagent import handover, integrity, probe, process_mode
 from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.bundle import write_bundle
 from services.nodeagent.container import bundle_spec, free_port
@@ -171,6 +171,7 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
         try:
             await agent.publish(live)
             idir.mkdir(parents=True, exist_ok=True)
+            await handover.open_socket(agent.blob_channel, live)
             bundle = write_bundle(idir / "bundle", bundle_spec(agent.config, req, plan, port, idir, use_gpu))
             await agent.move(live, plan.first)
             if plan is StartPlan.STANDBY and not live.process_mode:  # a corrupt snapshot fails here, marked
@@ -225,9 +226,9 @@ async def _restore_arena(agent: NodeAgent, live: Live, started: float,
     sid, gpu = keys.snapshot_id(inst.function_id, inst.revision), inst.gpu_index if live.gpu else -1
     restore: Awaitable[float] = agent.checkpointer.restore(live.pid) if live.gpu else _zero()
     try:
-        _, restore_s = await asyncio.wait_for(asyncio.gather(
-            _prepare(agent.config.handover_socket, sid, gpu, limit_s), in_span("driver_restore", restore)),
-            limit_s)
+        _, restore_s, _ = await asyncio.wait_for(asyncio.gather(
+            _prepare(agent.config.handover_socket, sid, gpu, limit_s), in_span("driver_restore", restore),
+            handover.open_socket(agent.blob_channel, live)), limit_s)
         async with telemetry.traced("attach"):
             attach = await probe.control(live.control_socket, {"op": "attach", "snapshot_id": sid, "gpu": gpu,
                                                                **telemetry.traceparent()}, limit_s)

@@ -143,3 +143,33 @@ class VerifySnapshotResponse(_message.Message):
     bad_chunk: int
     message: str
     def __init__(self, ok: _Optional[bool] = ..., bad_chunk: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class OpenInstanceHandoverRequest(_message.Message):
+    __slots__ = ("instance_id", "function_id", "gpu_index", "instance_dir")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_DIR_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    function_id: str
+    gpu_index: int
+    instance_dir: str
+    def __init__(self, instance_id: _Optional[str] = ..., function_id: _Optional[str] = ..., gpu_index: _Optional[int] = ..., instance_dir: _Optional[str] = ...) -> None: ...
+
+class OpenInstanceHandoverResponse(_message.Message):
+    __slots__ = ("socket_path",)
+    SOCKET_PATH_FIELD_NUMBER: _ClassVar[int]
+    socket_path: str
+    def __init__(self, socket_path: _Optional[str] = ...) -> None: ...
+
+class CloseInstanceHandoverRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class CloseInstanceHandoverResponse(_message.Message):
+    __slots__ = ("was_open",)
+    WAS_OPEN_FIELD_NUMBER: _ClassVar[int]
+    was_open: bool
+    def __init__(self, was_open: _Optional[bool] = ...) -> None: ...

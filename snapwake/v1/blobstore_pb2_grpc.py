@@ -71,6 +71,16 @@ class BlobstoreServiceStub:
                 request_serializer=snapwake_dot_v1_dot_blobstore__pb2.VerifySnapshotRequest.SerializeToString,
                 response_deserializer=snapwake_dot_v1_dot_blobstore__pb2.VerifySnapshotResponse.FromString,
                 _registered_method=True)
+        self.OpenInstanceHandover = channel.unary_unary(
+                '/snapwake.v1.BlobstoreService/OpenInstanceHandover',
+                request_serializer=snapwake_dot_v1_dot_blobstore__pb2.OpenInstanceHandoverRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_blobstore__pb2.OpenInstanceHandoverResponse.FromString,
+                _registered_method=True)
+        self.CloseInstanceHandover = channel.unary_unary(
+                '/snapwake.v1.BlobstoreService/CloseInstanceHandover',
+                request_serializer=snapwake_dot_v1_dot_blobstore__pb2.CloseInstanceHandoverRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_blobstore__pb2.CloseInstanceHandoverResponse.FromString,
+                _registered_method=True)
 
 
 class BlobstoreServiceServicer:
@@ -124,6 +134,23 @@ class BlobstoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenInstanceHandover(self, request, context):
+        """Opens an instance's own handover socket, {instance_dir}/handover.sock, which serves load and
+        store of its function's snapshots on its GPU only. Idempotent: a socket already open as
+        asked is kept; one open otherwise (or whose file went) is replaced. The nodeagent calls it
+        before the container starts and again before each restore.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseInstanceHandover(self, request, context):
+        """Closes an instance's handover socket, its connections and its file. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlobstoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +188,16 @@ def add_BlobstoreServiceServicer_to_server(servicer, server):
                     servicer.VerifySnapshot,
                     request_deserializer=snapwake_dot_v1_dot_blobstore__pb2.VerifySnapshotRequest.FromString,
                     response_serializer=snapwake_dot_v1_dot_blobstore__pb2.VerifySnapshotResponse.SerializeToString,
+            ),
+            'OpenInstanceHandover': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenInstanceHandover,
+                    request_deserializer=snapwake_dot_v1_dot_blobstore__pb2.OpenInstanceHandoverRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_blobstore__pb2.OpenInstanceHandoverResponse.SerializeToString,
+            ),
+            'CloseInstanceHandover': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseInstanceHandover,
+                    request_deserializer=snapwake_dot_v1_dot_blobstore__pb2.CloseInstanceHandoverRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_blobstore__pb2.CloseInstanceHandoverResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +391,60 @@ class BlobstoreService:
             '/snapwake.v1.BlobstoreService/VerifySnapshot',
             snapwake_dot_v1_dot_blobstore__pb2.VerifySnapshotRequest.SerializeToString,
             snapwake_dot_v1_dot_blobstore__pb2.VerifySnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenInstanceHandover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapwake.v1.BlobstoreService/OpenInstanceHandover',
+            snapwake_dot_v1_dot_blobstore__pb2.OpenInstanceHandoverRequest.SerializeToString,
+            snapwake_dot_v1_dot_blobstore__pb2.OpenInstanceHandoverResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseInstanceHandover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapwake.v1.BlobstoreService/CloseInstanceHandover',
+            snapwake_dot_v1_dot_blobstore__pb2.CloseInstanceHandoverRequest.SerializeToString,
+            snapwake_dot_v1_dot_blobstore__pb2.CloseInstanceHandoverResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,7 +11,7 @@ from typing import Any
 
 from services.blobstore.testing import put_snapshot, running_blobstore
 from snapwake.grpcserver import channel
-from snapwake.protocols import recv_message, send_message
+from snapwake.protocols import recv_message, seal_memfd, send_message
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc
 
 SID = "acme/default/llama@7"
@@ -31,9 +31,10 @@ def _connect(path: str) -> socket.socket:
 
 def store(path: str, sid: str, data: bytes, manifest: dict[str, Any]) -> dict[str, Any]:
     """What the model server does on ``snapshot``: hand a memfd with the arena to the blobstore."""
-    fd = os.memfd_create("arena")
+    fd = os.memfd_create("arena", os.MFD_ALLOW_SEALING)
     try:
         os.write(fd, data)
+        seal_memfd(fd)  # the blobstore refuses a memfd that could shrink under its mapping
         with _connect(path) as sock:
             send_message(sock, {"op": "store", "snapshot_id": sid, "manifest": manifest, "gpu": -1}, fds=[fd])
             return recv_message(sock)[0]

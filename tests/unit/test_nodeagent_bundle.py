@@ -110,6 +110,8 @@ def test_instance_bundle_spec(tmp_path: Path) -> None:
     assert args[args.index("--start-mode") + 1] == "standby"
     assert args[args.index("--snapshot-id") + 1] == "default/default/demo@3"
     assert args[args.index("--control-socket") + 1] == str(idir / "control.sock")
-    assert spec.env["X"] == "y" and spec.env["SNAPWAKE_HANDOVER_SOCKET"] == config.handover_socket
-    assert str(model) in spec.ro_binds and str(tmp_path / "hs") in spec.ro_binds
+    # The instance's own handover socket, in its own (read-write) dir; the node's socket dir is not bound.
+    assert spec.env["X"] == "y" and spec.env["SNAPWAKE_HANDOVER_SOCKET"] == str(idir / "handover.sock")
+    assert args[args.index("--handover-socket") + 1] == str(idir / "handover.sock")
+    assert str(model) in spec.ro_binds and str(tmp_path / "hs") not in spec.ro_binds
     assert spec.rw_binds == (str(idir),) and not spec.gpu
