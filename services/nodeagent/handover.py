@@ -16,13 +16,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import grpc
-
 from snapwake import errors
 from snapwake.grpcclient import call
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc
 
 if TYPE_CHECKING:
+    import grpc
+
     from services.nodeagent.agent import Live
 
 __all__ = ["SOCKET_NAME", "close_socket", "open_socket", "socket_path"]
