@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from services.scheduler.claims import ClaimBroker, QueueDepths
-from services.scheduler.crashloop import CrashLoop
+from services.scheduler.crashloop import CrashLoop, Restarts
 from services.scheduler.snapshots import SnapshotBuilder
 from services.scheduler.spec import seconds
 from services.scheduler.starter import Starter, snapshot_usable
@@ -93,20 +93,20 @@ class Controller:
             if fn.state == FunctionState.FUNCTION_STATE_PENDING:
                 self.builder.reconcile(fn, self._spawn)
             elif fn.state == FunctionState.FUNCTION_STATE_READY:
-                held = self._crashing(fn)
-                if held is None:
-                    continue  # crash loop: the function is being marked FAILED
-                self._scale(fn, start=not held)
+                restarts = self._restarts(fn)
+                if restarts is Restarts.STOP:
+                    continue  # a crash loop: the function is being marked FAILED
+                self._scale(fn, start=restarts is Restarts.START)
                 if snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
-                    if not held:
+                    if restarts is Restarts.START:
                         self._standbys(fn)
                 else:  # marked corrupt by a node (or lost): rebuild it; requests get normal starts meanwhile
                     self.builder.reconcile(fn, self._spawn)
         self._cleanup(functions)
 
-    def _crashing(self, fn: Function) -> bool | None:
-        """Counts the revision's FAILED instances; None once it is in a crash loop (the function
-        is marked FAILED with the last reason), True while the controller's starts back off."""
+    def _restarts(self, fn: Function) -> Restarts:
+        """Counts the revision's FAILED instances and says what may start; in a crash loop the
+        function is marked FAILED with the last reason."""
         key, now = keys.snapshot_id(fn.id, fn.revision), time.monotonic()
         last: Instance | None = None
         for inst in self.state.instances():
@@ -116,13 +116,13 @@ class Controller:
                     log.warning("instance failed: %s", inst.message.splitlines()[0] if inst.message else "no reason",
                                 extra={"instance_id": inst.id, "function_id": fn.id})
                 last = inst
-        if self.crashes.looping(key, now):
+        restarts = self.crashes.restarts(key, now)
+        if restarts is Restarts.STOP:
             why = (f"revision {fn.revision}: {self.crashes.recent(key, now)} instances failed within "
                    f"{self.crashes.window_s:.0f}s, not restarted again; last: "
                    f"{last.message if last is not None else 'no reason given'}")
             self._spawn(f"crash loop {key}", lambda: self._fail_ready(fn, why))
-            return None
-        return self.crashes.hold_until(key, now) > now
+        return restarts
 
     async def _fail_ready(self, fn: Function, why: str) -> None:
         def mutate(cur: Function) -> Function | None:

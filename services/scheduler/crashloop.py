@@ -11,9 +11,18 @@ it fails fast with the reason, and counts. UpdateFunction (a new revision) start
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
-__all__ = ["CrashLoop"]
+__all__ = ["CrashLoop", "Restarts"]
+
+
+class Restarts(enum.Enum):
+    """What the controller may do for a revision, given its recent failures."""
+
+    START = "start"  # start instances as the policy asks
+    HOLD = "hold"  # back off: none of the controller's own starts now (requests still start)
+    STOP = "stop"  # a crash loop: mark the function FAILED, start nothing
 
 
 @dataclass
@@ -45,6 +54,11 @@ class CrashLoop:
     def looping(self, key: str, now: float) -> bool:
         """Whether ``key`` failed ``limit`` times within the window."""
         return self.recent(key, now) >= self.limit
+
+    def restarts(self, key: str, now: float) -> Restarts:
+        if self.looping(key, now):
+            return Restarts.STOP
+        return Restarts.HOLD if self.hold_until(key, now) > now else Restarts.START
 
     def hold_until(self, key: str, now: float) -> float:
         """When the controller may start another instance of ``key`` (``now`` or earlier: at once)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.crashloop import CrashLoop
+from services.scheduler.crashloop import CrashLoop, Restarts
 
 
 def test_each_failed_instance_counts_once_within_the_window() -> None:
@@ -23,6 +23,16 @@ def test_restarts_back_off_doubling_up_to_a_cap(failures: int, hold: float) -> N
     for n in range(failures):
         book.note("f@1", f"i-{n}", 10.0)
     assert book.hold_until("f@1", 10.0) == 10.0 + hold
+    assert book.restarts("f@1", 10.0) is (Restarts.HOLD if failures else Restarts.START)
+    assert book.restarts("f@1", 10.0 + hold + 0.01) is Restarts.START
+
+
+def test_a_crash_loop_stops_the_restarts() -> None:
+    book = CrashLoop(limit=2, window_s=60)
+    book.note("f@1", "i-a", 0.0)
+    book.note("f@1", "i-b", 1.0)
+    assert book.restarts("f@1", 500.0) is Restarts.START  # long enough ago
+    assert book.restarts("f@1", 2.0) is Restarts.STOP
 
 
 def test_keep_forgets_deleted_functions_and_past_revisions() -> None:
