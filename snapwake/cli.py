@@ -5,9 +5,14 @@ tries the next ``--scheduler`` address when one answers UNAVAILABLE (a standby s
 "not the leader"; a dead one refuses the connection). Every failure prints one line and exits
 with a code a script can test:
 
-    0 ok, 1 other error, 2 usage or bad input, 3 not found, 4 already exists, 5 unavailable.
+    0 ok, 1 other error, 2 usage or bad input, 3 not found, 4 already exists, 5 unavailable,
+    6 the deployed function FAILED (``deploy --wait``; the node's reason follows, with the tail
+    of the container's output, on the lines after the first).
 
-Progress of ``deploy --wait`` goes to stderr, so ``-o json`` output on stdout stays parseable.
+``deploy`` takes a spec file (YAML or JSON, FunctionSpec fields) and flags, which win; a user
+image is any ``--image`` but ``builtin`` (``oci-archive:/path/img.tar``, ``ghcr.io/org/img:tag``).
+Its state goes to stderr (with ``--wait``: once the deploy is validated or failed), and progress
+too, so ``-o json`` output on stdout stays parseable.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,13 +36,18 @@ from google.protobuf.message import Message
 
 from snapwake import errors
 from snapwake.grpcclient import call, channel
+from snapwake.imageref import is_builtin
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
-__all__ = ["AdminClient", "build_spec", "main", "parse_duration", "parse_size"]
+__all__ = ["AdminClient", "DeployFailed", "build_spec", "main", "parse_duration", "parse_size"]
+
+
+class DeployFailed(errors.FailedPrecondition):
+    """The deployed function is FAILED; the message's first line says so, the rest is why."""
 
 EXIT_CODES: dict[type[errors.SnapwakeError], int] = {
     errors.InvalidArgument: 2, errors.NotFound: 3, errors.AlreadyExists: 4,
-    errors.Unavailable: 5, errors.DeadlineExceeded: 5,
+    errors.Unavailable: 5, errors.DeadlineExceeded: 5, DeployFailed: 6,
 }
 DEFAULT_SCHEDULER = "127.0.0.1:7001"
 
@@ -84,6 +95,9 @@ _FLAGS = {
     "concurrency": "policy.concurrency", "queue_len": "policy.queue_len",
     "queue_timeout": "policy.queue_timeout", "idle_timeout": "policy.idle_timeout",
     "start_timeout": "policy.start_timeout", "snapshot_mode": "policy.snapshot_mode",
+    # user images
+    "port": "http_port", "served_model_name": "served_model_name", "registry_secret": "registry_secret",
+    "readiness_path": "health_path", "warmup_request": "sample_request",
 }
 
 
@@ -143,6 +157,11 @@ def build_spec(doc: Any, flags: dict[str, Any], env: Sequence[str] = ()) -> type
         _put(doc, "env", {**doc.get("env", {}), k: v})
     if flags.get("cmd"):
         doc["command"] = list(flags["cmd"])
+    if flags.get("args") is not None:
+        try:
+            doc["args"] = shlex.split(flags["args"])
+        except ValueError as exc:
+            raise errors.InvalidArgument(f"--args: {exc}", field="args") from None
     doc.setdefault("tenant", "default")
     doc.setdefault("namespace", "default")
     for path in _SIZE_FIELDS:
@@ -193,8 +212,7 @@ async def _wait_snapshot(client: AdminClient, fn: types_pb2.Function, deadline: 
     try:
         while True:
             fn = (await client.call("GetFunction", scheduler_pb2.GetFunctionRequest(function_id=fn.id))).function
-            if fn.state == types_pb2.FUNCTION_STATE_FAILED:
-                raise errors.FailedPrecondition(f"function {fn.id} failed: {fn.status_message}")
+            _check_deployed(fn)
             snaps = (await client.call("ListSnapshots", scheduler_pb2.ListSnapshotsRequest(function_id=fn.id))).snapshots
             snap = next((s for s in snaps if s.revision == fn.revision), None)
             if snap is not None:
@@ -207,6 +225,29 @@ async def _wait_snapshot(client: AdminClient, fn: types_pb2.Function, deadline: 
             await asyncio.sleep(0.5)
     finally:
         bar.close()
+
+
+async def _wait_validated(client: AdminClient, fn: types_pb2.Function, deadline: float,
+                          err: TextIO) -> types_pb2.Function:
+    """Waits while a user image's revision is PENDING: a node pulls, starts, probes and warms it up."""
+    err.write(f"validating {fn.spec.image} on a node (pull, start, readiness, warm-up)...\n")
+    while fn.state == types_pb2.FUNCTION_STATE_PENDING:
+        if time.monotonic() > deadline:
+            raise errors.DeadlineExceeded(f"--wait-timeout: {fn.id} is still being validated")
+        await asyncio.sleep(0.5)
+        fn = (await client.call("GetFunction", scheduler_pb2.GetFunctionRequest(function_id=fn.id))).function
+    return fn
+
+
+def _check_deployed(fn: types_pb2.Function) -> None:
+    if fn.state == types_pb2.FUNCTION_STATE_FAILED:
+        raise DeployFailed(f"function {fn.id} revision {fn.revision} FAILED:\n{fn.status_message}")
+
+
+def _state_line(fn: types_pb2.Function) -> str:
+    state = _enum(fn.state, types_pb2.FunctionState, "FUNCTION_STATE_")
+    image = f", image {fn.spec.image}" + (f"@{fn.image_digest}" if fn.image_digest else "")
+    return f"{fn.id} revision {fn.revision}: {state}{'' if is_builtin(fn.spec.image) else image}\n"
 
 
 async def _wait_standby(client: AdminClient, fn: types_pb2.Function, deadline: float, err: TextIO) -> None:
@@ -239,15 +280,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", choices=("table", "json"), default="table")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, seconds")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    d = sub.add_parser("deploy", help="create (or --update) a function from -f YAML and/or flags")
-    d.add_argument("-f", "--file", type=Path, help="YAML file of FunctionSpec fields")
+    d = sub.add_parser("deploy", help="create (or --update) a function from -f YAML/JSON and/or flags")
+    d.add_argument("-f", "--file", type=Path, help="YAML or JSON file of FunctionSpec fields")
     d.add_argument("--update", action="store_true", help="update an existing function (new revision)")
     d.add_argument("--wait", action="store_true", help="show snapshot and pre-warm progress until done")
     d.add_argument("--wait-timeout", type=float, default=900.0, help="seconds --wait may take")
     for flag in _FLAGS:
         d.add_argument("--" + flag.replace("_", "-"), dest=flag, help=f"spec field {_FLAGS[flag]}")
     d.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
-    d.add_argument("--command", dest="cmd", nargs="+", help="command of a custom image")
+    d.add_argument("--command", dest="cmd", nargs="+", help="replaces a user image's Entrypoint")
+    d.add_argument("--args", help="replaces a user image's Cmd, one shell-quoted string "
+                                  "(--args='--port 9000 --model /models/m')")
     sub.add_parser("list", help="list functions").add_argument("--tenant", default="")
     sub.add_parser("get", help="show one function").add_argument("function_id")
     sub.add_parser("delete", help="delete a function").add_argument("function_id")
@@ -279,10 +322,15 @@ async def _deploy(client: AdminClient, args: argparse.Namespace, err: TextIO) ->
         fn = (await client.call("CreateFunction", scheduler_pb2.CreateFunctionRequest(spec=spec))).function
     if args.wait:
         deadline = time.monotonic() + args.wait_timeout
-        if fn.spec.policy.snapshot_mode != types_pb2.SNAPSHOT_MODE_NONE:
+        if not is_builtin(fn.spec.image):
+            fn = await _wait_validated(client, fn, deadline, err)
+            _check_deployed(fn)
+        elif fn.spec.policy.snapshot_mode != types_pb2.SNAPSHOT_MODE_NONE:
             fn = await _wait_snapshot(client, fn, deadline, err)
         await _wait_standby(client, fn, deadline, err)
         fn = (await client.call("GetFunction", scheduler_pb2.GetFunctionRequest(function_id=fn.id))).function
+        _check_deployed(fn)
+    err.write(_state_line(fn))
     return fn
 
 
@@ -393,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         client = AdminClient([a.strip() for a in addresses.split(",") if a.strip()], args.timeout)
         kind, value = asyncio.run(_run(client, args, sys.stderr))
+    except DeployFailed as exc:  # the node's reason keeps its lines: it ends with the container's output
+        print(f"snapwake: {exc.message}", file=sys.stderr)
+        return _exit_code(exc)
     except errors.SnapwakeError as exc:
         name = "error" if type(exc) is errors.SnapwakeError else type(exc).__name__
         print(f"snapwake: {name}: {exc.message}".replace("\n", " "), file=sys.stderr)

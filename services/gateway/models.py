@@ -15,13 +15,13 @@ from collections.abc import Callable
 
 from services.gateway.scheduler_client import FunctionInfo, SchedulerClient
 from snapwake import errors
+from snapwake.openai.ids import DEFAULT_NAMESPACE, model_id
 
 __all__ = ["FunctionCatalog", "function_id_for", "model_id_for"]
 
 log = logging.getLogger(__name__)
 
 _PART = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-DEFAULT_NAMESPACE = "default"
 
 
 def _unknown(model: str) -> errors.NotFound:
@@ -42,8 +42,7 @@ def function_id_for(model: str, tenant: str) -> str:
 
 def model_id_for(function_id: str) -> str:
     """The OpenAI model id of a function, as its own tenant sees it."""
-    _, namespace, name = function_id.split("/")
-    return name if namespace == DEFAULT_NAMESPACE else f"{namespace}/{name}"
+    return model_id(function_id)
 
 
 class FunctionCatalog:

@@ -5,7 +5,8 @@ connection failures before that are ``InstanceUnreachable`` (the caller marks th
 failed and may retry on another claim, since nothing reached the client yet). ``RelayResponse``
 streams the SSE bytes on as they come; an upstream failure after the stream started is sent as
 ``data: {"error": ...}`` before the stream ends, and a client that disconnects cancels the
-upstream read. httpx exceptions are translated here and nowhere else.
+upstream read; a user image's stream passes through its ``SseRewriter`` (the ``model`` of each
+event) on the way. httpx exceptions are translated here and nowhere else.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Mapping
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
+from services.gateway.rewrite import SseRewriter
 from services.gateway.scheduler_client import Claim
 from snapwake import errors
 from snapwake.openai import error_body
@@ -53,8 +55,9 @@ class Upstream:
 
     async def open(self, claim: Claim, path: str, body: bytes, request_id: str) -> httpx.Response:
         """POSTs ``body`` to the instance; returns with the headers read and the body not yet."""
+        # Identity: the answer's bytes are relayed (and rewritten) without its content-encoding.
         headers = {"content-type": "application/json", "x-request-id": request_id,
-                   "accept": "application/json, text/event-stream"}
+                   "accept": "application/json, text/event-stream", "accept-encoding": "identity"}
         if otel_inject is not None:
             otel_inject(headers)
         request = self._client.build_request("POST", f"http://{claim.endpoint}{path}", content=body,
@@ -98,17 +101,20 @@ def _sse_error(exc: BaseException) -> bytes:
 
 
 class RelayResponse:
-    """An ASGI response that relays an upstream SSE stream byte for byte.
+    """An ASGI response that relays an upstream SSE stream byte for byte, or line by line
+    through ``rewrite`` when one is given.
 
     ``on_first_byte`` runs once when the first bytes go out (CS-TTFT); ``on_close(failed)``
     runs exactly once at the end, however it ends (the caller releases the claim there).
     """
 
     def __init__(self, upstream: httpx.Response, on_first_byte: Callable[[], None],
-                 on_close: Callable[[bool], None], headers: Mapping[str, str] | None = None) -> None:
+                 on_close: Callable[[bool], None], headers: Mapping[str, str] | None = None,
+                 rewrite: SseRewriter | None = None) -> None:
         self._upstream = upstream
         self._on_first_byte, self._on_close = on_first_byte, on_close
         self._headers = dict(headers or {})
+        self._rewrite = rewrite
         self._failed = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -133,6 +139,8 @@ class RelayResponse:
         tail, first = b"\n\n", True
         try:
             async for chunk in self._upstream.aiter_raw():
+                if self._rewrite is not None:
+                    chunk = self._rewrite.feed(chunk)
                 if not chunk:
                     continue
                 if first:
@@ -146,6 +154,12 @@ class RelayResponse:
             log.warning("upstream stream failed: %s: %s", type(exc).__name__, exc)
             separator = b"" if tail == b"\n\n" else b"\n\n"
             await send(_body(separator + _sse_error(exc), more=True))
+        else:
+            rest = self._rewrite.flush() if self._rewrite is not None else b""
+            if rest:
+                if first:
+                    self._on_first_byte()
+                await send(_body(rest, more=True))
         await send(_body(b"", more=False))
 
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from snapwake import errors
 from snapwake.grpcclient import call, channel
+from snapwake.imageref import is_builtin
 from snapwake.openai import ModelLimits
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 # Pause between rounds over every address while none leads (an election is under way).
 _NO_LEADER_PAUSE_S = 0.2
-# FunctionSpec.image values that mean the built-in model server (types.proto).
-_BUILTIN_IMAGES = frozenset({"", "builtin"})
 
 
 class ClaimSource(enum.Enum):
@@ -78,6 +77,7 @@ class FunctionInfo:
     status_message: str = ""
     created_unix: int = 0
     image: str = ""  # FunctionSpec.image; "" or "builtin" is the built-in model server
+    served_model_name: str = ""  # FunctionSpec.served_model_name: a user image's own model name
     limits: ModelLimits | None = None  # from Function.model; None until an instance reported it
 
     @property
@@ -87,7 +87,7 @@ class FunctionInfo:
     @property
     def builtin(self) -> bool:
         """Served by the built-in model server, whose request schema the gateway applies."""
-        return self.image in _BUILTIN_IMAGES
+        return is_builtin(self.image)
 
     @classmethod
     def from_proto(cls, fn: types_pb2.Function) -> FunctionInfo:
@@ -95,7 +95,7 @@ class FunctionInfo:
         return cls(function_id=fn.id, queue_len=policy.queue_len,
                    queue_timeout=policy.queue_timeout.ToTimedelta().total_seconds(),
                    state=fn.state, status_message=fn.status_message, created_unix=fn.create_time.seconds,
-                   image=fn.spec.image,
+                   image=fn.spec.image, served_model_name=fn.spec.served_model_name,
                    limits=ModelLimits.from_proto(fn.model) if fn.HasField("model") else None)
 
 

@@ -1,7 +1,8 @@
 """The logic behind each endpoint: find the function, queue for a claim, relay to the instance.
 
 ``OpenAIServing`` depends only on the ``SchedulerClient`` interface, so the same code runs over
-gRPC in production and over an in-memory scheduler in tests.
+gRPC in production and over an in-memory scheduler in tests. A user image's requests carry its
+``served_model_name`` and its answers the client's model id (``rewrite``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from services.gateway.models import FunctionCatalog, function_id_for, model_id_f
 from services.gateway.protocol import Routing, check_request
 from services.gateway.proxy import InstanceNotServing, InstanceUnreachable, RelayResponse, Upstream
 from services.gateway.queue import ClaimQueue
+from services.gateway.rewrite import ModelRewrite
 from services.gateway.scheduler_client import Claim, FunctionInfo, SchedulerClient
 from snapwake import errors, telemetry
 from snapwake.openai import SCHEMAS, parse_json, validate
@@ -90,7 +92,11 @@ class OpenAIServing:
             streaming = check_request(path, body, fn)
             if "model" not in body:  # a per-function URL needs none; the instance may want one
                 raw = json.dumps({**body, "model": model_id_for(fn.function_id)}).encode()
-            response = await self._forward(fn, path, raw, streaming, ctx)
+            rewrite = None
+            if not fn.builtin:  # the built-in model server echoes the request's model itself
+                rewrite = ModelRewrite(str(body.get("model") or model_id_for(fn.function_id)), fn.served_model_name)
+                raw = rewrite.request(body, raw)
+            response = await self._forward(fn, path, raw, streaming, ctx, rewrite)
         except Exception as exc:  # noqa: BLE001 - the HTTP boundary: everything becomes an OpenAI error
             response = self.error(exc)
         status = getattr(response, "status_code", 200)
@@ -128,18 +134,18 @@ class OpenAIServing:
         return observe
 
     async def _forward(self, fn: FunctionInfo, path: str, raw: bytes, streaming: bool,
-                       ctx: RequestContext) -> ASGIApp:
+                       ctx: RequestContext, rewrite: ModelRewrite | None) -> ASGIApp:
         """Relays on one claim; when the instance did not answer, or answered that it is not
         serving (503: a claim that raced its instance's parking), once more on another claim."""
         claim = await self._claim(fn, ctx)
         try:
-            return await self._attempt(fn, claim, path, raw, streaming, ctx)
+            return await self._attempt(fn, claim, path, raw, streaming, ctx, rewrite)
         except (InstanceUnreachable, InstanceNotServing) as exc:
             log.warning("%s; retrying on another instance", exc.message, extra={"request_id": ctx.request_id})
-        return await self._attempt(fn, await self._claim(fn, ctx), path, raw, streaming, ctx)
+        return await self._attempt(fn, await self._claim(fn, ctx), path, raw, streaming, ctx, rewrite)
 
     async def _attempt(self, fn: FunctionInfo, claim: Claim, path: str, raw: bytes, streaming: bool,
-                       ctx: RequestContext) -> ASGIApp:
+                       ctx: RequestContext, rewrite: ModelRewrite | None) -> ASGIApp:
         """One try on ``claim``; the claim is released on every path out of here, or handed to
         the ``RelayResponse`` that releases it when the stream ends."""
         failed, handed_over = False, False
@@ -151,7 +157,8 @@ class OpenAIServing:
                        "x-snapwake-instance": claim.instance_id}
             if streaming and response.status_code == 200 and content_type.startswith("text/event-stream"):
                 relay = RelayResponse(response, self._first_byte(fn, claim, ctx),
-                                      lambda broke: self.queue.release(claim, broke), headers=headers)
+                                      lambda broke: self.queue.release(claim, broke), headers=headers,
+                                      rewrite=rewrite.stream() if rewrite is not None else None)
                 handed_over = True
                 return relay
             content = await self.upstream.read(response, claim)
@@ -159,6 +166,8 @@ class OpenAIServing:
                 raise InstanceNotServing(f"instance {claim.instance_id} is not serving: "
                                          f"{content[:200].decode(errors='replace')}")
             self._first_byte(fn, claim, ctx)()
+            if rewrite is not None:
+                content = rewrite.response(content, content_type)
             return Response(content, status_code=response.status_code, media_type=content_type, headers=headers)
         except InstanceUnreachable:
             failed = True

@@ -26,7 +26,8 @@ from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.containers import Containers
 from services.nodeagent.gpu import Checkpointer
 from services.nodeagent.machine import InstanceMachine, activity_move
-from snapwake import errors, keys
+from services.nodeagent.usertypes import ImageSource, Sandbox
+from snapwake import errors, keys, telemetry
 from snapwake.etcd import EtcdClient, LeaseKeeper
 from snapwake.grpcclient import call, channel
 from snapwake.lifecycle import SERVING
@@ -50,6 +51,10 @@ class Live:
     pid: int = 0
     # SNAPSHOT_MODE_PROCESS: standby, restore and suspend are whole-process driver checkpoints.
     process_mode: bool = False
+    # A user image: no control socket, reachable through the sandbox's forwarder, ready when
+    # health_path answers 200 (the built-in model server's is /health too).
+    user_image: bool = False
+    health_path: str = "/health"
     # Serialises the flows on one instance; the reconcile loop skips a locked instance.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -71,9 +76,12 @@ class NodeAgent:
 
     def __init__(self, config: NodeAgentConfig, etcd: EtcdClient, containers: Containers,
                  checkpointer: Checkpointer, gpus: list[types_pb2.Gpu], host_memory: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, images: ImageSource | None = None,
+                 sandbox: Sandbox | None = None) -> None:
         self.config, self.etcd, self.containers, self.checkpointer = config, etcd, containers, checkpointer
         self.gpus, self.host_memory, self.clock = gpus, host_memory, clock
+        # User images (``userimage``): the image cache and the sandbox; None runs only the builtin.
+        self.images, self.sandbox = images, sandbox
         self.instances: dict[str, Live] = {}
         # Driver restores before checkpoints, each kind capped (``admission``).
         self.gate = DriverGate(config.max_concurrent_restores, config.max_concurrent_checkpoints)
@@ -171,6 +179,9 @@ class NodeAgent:
     async def destroy(self, live: Live) -> None:
         """Kills and deletes the container (bounded) and closes its handover socket; the instance
         dir stays for its logs."""
+        if live.user_image and self.sandbox is not None:
+            with contextlib.suppress(errors.SnapwakeError):
+                await self.sandbox.release(live.id)
         with contextlib.suppress(errors.SnapwakeError):
             await self.containers.kill(live.container_id, "KILL")
         try:
@@ -193,6 +204,13 @@ class NodeAgent:
         with contextlib.suppress(Exception):
             await self.etcd.delete(keys.instance_key(live.id))
         shutil.rmtree(live.dir, ignore_errors=True)
+
+    async def checkpoint(self, live: Live, limit_s: float) -> None:
+        """The driver checkpoint of a parked or new standby, in one of the node's checkpoint slots
+        (``admission``); waiting longer than ``limit_s`` for one raises DeadlineExceeded."""
+        async with telemetry.traced("driver_checkpoint") as span, self.gate.checkpoint(limit_s) as waited:
+            span.set_attribute("snapwake.driver_gate.wait_seconds", waited)
+            await self.checkpointer.checkpoint(live.pid)
 
     # --- reconcile -----------------------------------------------------------------------
     async def _reconcile_forever(self) -> None:
@@ -225,10 +243,12 @@ class NodeAgent:
             return
         state = await self.containers.state(live.container_id)
         if state is None or not state.alive:
-            await self.fail(live, "container exited unexpectedly; output:\n" + probe.tail(live.log_path, 1500))
+            # Reported once, FAILED: the scheduler counts it against the revision's crash loop.
+            how = state.ended() if state is not None else "exit status unknown"
+            await self.fail(live, f"container exited unexpectedly ({how}); output:\n" + probe.tail(live.log_path, 1500))
             return
         changed = False
-        if machine.state in SERVING:
+        if machine.state in SERVING and not live.user_image:  # a user image has no control socket
             with contextlib.suppress(errors.SnapwakeError):
                 status = await probe.control(live.control_socket, {"op": "status"}, 2.0)
                 new = activity_move(machine.state, int(status.get("inflight", 0)))

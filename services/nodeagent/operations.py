@@ -3,6 +3,7 @@
 Each flow holds the instance's lock, writes every transition to etcd, and is bounded: a
 start that does not reach its goal in time (or whose container dies) ends FAILED with the
 reason and the tail of the container's output, its container removed, and raises StartFailed.
+A start of a user image (any ``FunctionSpec.image`` but the builtin) is ``userimage``'s.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from services.nodeagent import handover, integrity, probe, process_mode
+from services.nodeagent import handover, integrity, probe, process_mode, userimage
 from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.bundle import write_bundle
 from services.nodeagent.container import bundle_spec, free_port
@@ -25,6 +26,7 @@ from services.nodeagent.machine import InstanceMachine, StartPlan, plan_start
 from services.nodeagent.modelinfo import read_model_metadata
 from services.nodeagent.tracing import in_span
 from snapwake import errors, keys, telemetry
+from snapwake.imageref import is_builtin
 from snapwake.v1 import nodeagent_pb2, types_pb2
 from snapwake.v1.types_pb2 import InstanceState
 
@@ -35,8 +37,9 @@ _INSTANCE_ID = re.compile(r"^i-[0-9a-f]{12}$")
 _POLL = 0.25
 
 
-def validate_start(req: nodeagent_pb2.StartInstanceRequest) -> StartPlan:
-    """Checks a StartInstanceRequest; raises InvalidArgument naming the bad field."""
+def validate_target(req: nodeagent_pb2.StartInstanceRequest) -> StartPlan:
+    """Checks what every StartInstanceRequest must hold (target, ids); raises InvalidArgument
+    naming the bad field."""
     plan = plan_start(req.target)
     if plan is None:
         raise errors.InvalidArgument(f"target: expected RUNNING, STANDBY or SNAPSHOT, got {req.target}",
@@ -48,23 +51,23 @@ def validate_start(req: nodeagent_pb2.StartInstanceRequest) -> StartPlan:
         keys.split_snapshot_id(keys.snapshot_id(req.function_id, req.revision))
     except ValueError as exc:
         raise errors.InvalidArgument(f"function_id: {exc}", field="function_id") from exc
+    return plan
+
+
+def validate_start(req: nodeagent_pb2.StartInstanceRequest) -> StartPlan:
+    """Checks a StartInstanceRequest of the built-in image; raises InvalidArgument naming the bad
+    field."""
+    plan = validate_target(req)
     if plan is StartPlan.SNAPSHOT and process_mode.is_process(req.spec):
         raise errors.InvalidArgument("target: a SNAPSHOT_MODE_PROCESS function has no snapshot to build",
                                      field="target")
-    if req.spec.image not in ("", "builtin"):
-        raise errors.InvalidArgument(f"spec.image: only the builtin model server image is supported, "
-                                     f"got {req.spec.image!r}", field="spec.image")
+    if not is_builtin(req.spec.image):
+        raise errors.InvalidArgument(f"spec.image: {req.spec.image!r} is a user image, not the builtin",
+                                     field="spec.image")
     if not req.spec.model_dir or not Path(req.spec.model_dir).is_dir():
         raise errors.InvalidArgument(f"spec.model_dir: {req.spec.model_dir!r} is not a directory on this node",
                                      field="spec.model_dir")
     return plan
-
-
-def _start_timeout(agent: NodeAgent, req: nodeagent_pb2.StartInstanceRequest) -> float:
-    for duration in (req.timeout, req.spec.policy.start_timeout):
-        if duration.seconds or duration.nanos:
-            return duration.ToTimedelta().total_seconds()
-    return agent.config.start_timeout
 
 
 def _get(agent: NodeAgent, instance_id: str) -> Live:
@@ -106,7 +109,7 @@ async def _reach_goal(agent: NodeAgent, live: Live, plan: StartPlan, deadline: f
         else:
             await _wait_phase(agent, live, "released")
         if live.gpu:
-            await _checkpoint(agent, live, deadline - time.monotonic())
+            await agent.checkpoint(live, deadline - time.monotonic())
         await agent.move(live, InstanceState.INSTANCE_STATE_STANDBY)
         return
     await _wait_phase(agent, live, "serving")
@@ -148,12 +151,14 @@ async def _record_snapshot(agent: NodeAgent, inst: types_pb2.Instance, reply: di
 @telemetry.traced("container.start")
 async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceRequest) -> types_pb2.Instance:
     """Starts a container and returns once it reached ``req.target`` (see module docstring)."""
+    if not is_builtin(req.spec.image):
+        return await userimage.start_user_image(agent, req, validate_target(req))
     plan = validate_start(req)
     # Read first: nothing may await between the checks below and the instance's registration.
     model = await asyncio.to_thread(read_model_metadata, Path(req.spec.model_dir))
     if req.instance_id in agent.instances:
         raise errors.AlreadyExists(f"instance {req.instance_id} already exists on {agent.config.name}")
-    timeout = _start_timeout(agent, req)
+    timeout = userimage.start_timeout(agent, req)
     use_gpu = bool(agent.gpus) and req.spec.resources.gpu_count > 0
     port = free_port({live.port for live in agent.instances.values()})
     inst = types_pb2.Instance(
@@ -214,7 +219,7 @@ async def restore_instance(agent: NodeAgent, req: nodeagent_pb2.RestoreInstanceR
         async with agent.gate.restore(limit_s) as waited:
             trace.get_current_span().set_attribute("snapwake.driver_gate.wait_seconds", waited)
             await agent.move(live, InstanceState.INSTANCE_STATE_RESTORING)
-            restore = _restore_process if live.process_mode else _restore_arena
+            restore = _restore_process if live.process_mode or live.user_image else _restore_arena
             return await restore(agent, live, started, max(0.1, limit_s - waited))
 
 
@@ -258,7 +263,7 @@ async def _restore_process(agent: NodeAgent, live: Live, started: float,
     inst = live.machine.instance
     try:
         restore_s = await asyncio.wait_for(process_mode.restore(
-            agent.checkpointer, agent.http, live.pid, inst.endpoint, live.gpu), limit_s)
+            agent.checkpointer, agent.http, live.pid, inst.endpoint, live.gpu, live.health_path), limit_s)
     except (TimeoutError, errors.SnapwakeError) as exc:
         reason = f"restore of {inst.id} failed: {getattr(exc, 'message', None) or 'timed out'}"
         await agent.fail(live, reason + "; output:\n" + probe.tail(live.log_path, 1500))
@@ -284,30 +289,25 @@ async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 
     live = _get(agent, instance_id)
     async with live.lock:
         machine = live.machine
-        if machine.state == InstanceState.INSTANCE_STATE_RUNNING:  # the reconcile loop may not have seen it go idle
+        if machine.state == InstanceState.INSTANCE_STATE_RUNNING and live.user_image:
+            # No control socket to ask: the scheduler suspends only an instance it holds no claim on.
+            await agent.move(live, InstanceState.INSTANCE_STATE_IDLE)
+        elif machine.state == InstanceState.INSTANCE_STATE_RUNNING:  # the reconcile loop may not have seen it go idle
             status = await probe.control(live.control_socket, {"op": "status"}, 5.0)
             if int(status.get("inflight", 0)) == 0:
                 await agent.move(live, InstanceState.INSTANCE_STATE_IDLE)
         if machine.state != InstanceState.INSTANCE_STATE_IDLE:
             raise errors.FailedPrecondition(f"instance {instance_id} is {InstanceState.Name(machine.state)}, not IDLE")
         try:
-            if not live.process_mode:  # process mode: the checkpoint takes the weights too
+            if not live.process_mode and not live.user_image:  # process mode: the checkpoint takes the weights too
                 await probe.control(live.control_socket, {"op": "release"}, limit_s)
             if live.gpu:
-                await _checkpoint(agent, live, limit_s)
+                await agent.checkpoint(live, limit_s)
         except errors.SnapwakeError as exc:
             await agent.fail(live, f"suspend failed: {exc.message}")
             raise
         await agent.move(live, InstanceState.INSTANCE_STATE_STANDBY)
         return machine.instance
-
-
-async def _checkpoint(agent: NodeAgent, live: Live, limit_s: float) -> None:
-    """The driver checkpoint of a parked or new standby, in one of the node's checkpoint slots
-    (``admission``); waiting longer than ``limit_s`` for one raises DeadlineExceeded."""
-    async with telemetry.traced("driver_checkpoint") as span, agent.gate.checkpoint(limit_s) as waited:
-        span.set_attribute("snapwake.driver_gate.wait_seconds", waited)
-        await agent.checkpointer.checkpoint(live.pid)
 
 
 async def stop_instance(agent: NodeAgent, instance_id: str) -> None:

@@ -17,11 +17,12 @@ __all__ = ["HostMemory", "control", "handover", "health_phase", "host_memory", "
            "parse_smaps_rollup", "tail"]
 
 
-async def health_phase(client: httpx.AsyncClient, endpoint: str, limit_s: float = 2.0) -> str | None:
+async def health_phase(client: httpx.AsyncClient, endpoint: str, limit_s: float = 2.0,
+                       path: str = "/health") -> str | None:
     """The model server's phase from ``GET /health`` ("serving" when it answers 200), None when it is
-    not listening yet."""
+    not listening yet. A user image's readiness path may be another (``path``)."""
     try:
-        resp = await client.get(f"http://{endpoint}/health", timeout=limit_s)
+        resp = await client.get(f"http://{endpoint}{path}", timeout=limit_s)
     except httpx.HTTPError:
         return None
     if resp.status_code == 200:

@@ -31,10 +31,11 @@ def is_process(spec: types_pb2.FunctionSpec) -> bool:
     return spec.policy.snapshot_mode == types_pb2.SNAPSHOT_MODE_PROCESS
 
 
-def warm_up_request(sample: str) -> tuple[str, dict[str, Any]] | None:
+def warm_up_request(sample: str, model: str = "warm-up") -> tuple[str, dict[str, Any]] | None:
     """(path, body) of the warm-up request for ``sample`` (a JSON body), None when there is none.
 
     A body with ``prompt`` is a completion, otherwise a chat completion; it is never streamed.
+    Its ``model`` is ``model`` unless the sample names one.
     """
     if not sample:
         return None
@@ -45,13 +46,14 @@ def warm_up_request(sample: str) -> tuple[str, dict[str, Any]] | None:
     if not isinstance(body, dict):
         raise errors.InvalidArgument("spec.sample_request must be a JSON object", field="spec.sample_request")
     path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
-    return path, {"model": "warm-up", **body, "stream": False}
+    return path, {"model": model, **body, "stream": False}
 
 
-async def warm_up(http: httpx.AsyncClient, endpoint: str, sample: str, limit_s: float) -> None:
+async def warm_up(http: httpx.AsyncClient, endpoint: str, sample: str, limit_s: float,
+                  model: str = "warm-up") -> None:
     """Sends the sample request so every kernel is loaded before the checkpoint; a refused or
     failed answer raises ``StartFailed``."""
-    request = warm_up_request(sample)
+    request = warm_up_request(sample, model)
     if request is None:
         return
     path, body = request
@@ -65,10 +67,10 @@ async def warm_up(http: httpx.AsyncClient, endpoint: str, sample: str, limit_s: 
 
 
 async def restore(checkpointer: Checkpointer, http: httpx.AsyncClient, pid: int, endpoint: str,
-                  gpu: bool) -> float:
+                  gpu: bool, health_path: str = "/health") -> float:
     """Driver-restores the whole process and checks it serves; returns the restore's seconds."""
     seconds = await checkpointer.restore(pid) if gpu else 0.0
-    phase = await probe.health_phase(http, endpoint)
+    phase = await probe.health_phase(http, endpoint, path=health_path)
     if phase != "serving":
         raise errors.StartFailed(f"after the driver restore the model server at {endpoint} "
                                  f"answers {phase or 'nothing'} instead of serving")

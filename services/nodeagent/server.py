@@ -19,6 +19,7 @@ from services.nodeagent.gpu import (
     discover,
     host_memory_bytes,
 )
+from services.nodeagent.sandbox import RuncSandbox
 from snapwake.etcd import Etcd
 from snapwake.grpcserver import GrpcServer
 from snapwake.v1 import nodeagent_pb2_grpc
@@ -56,7 +57,10 @@ async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
     gpus = discover() if config.gpus == "auto" else []
     Path(config.handover_socket).parent.mkdir(parents=True, exist_ok=True)
     async with Etcd.connect(config.etcd) as etcd:
-        agent = NodeAgent(config, etcd, _containers(config), _checkpointer(bool(gpus)), gpus, host_memory_bytes())
+        # images: wired when byo-images lands (its ImageCache is a usertypes.ImageSource); until
+        # then the node refuses user images with a message saying so.
+        agent = NodeAgent(config, etcd, _containers(config), _checkpointer(bool(gpus)), gpus, host_memory_bytes(),
+                          images=None, sandbox=RuncSandbox(config))
         server = GrpcServer(config.listen, [SERVICE_NAME])
         nodeagent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(agent), server.server)
         await agent.start()

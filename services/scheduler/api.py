@@ -22,7 +22,7 @@ from services.scheduler.nodes import NodeClient
 from services.scheduler.state import ClusterState
 from snapwake import errors, keys
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc
-from snapwake.v1.types_pb2 import Function, FunctionState, Instance, Node, Snapshot, SnapshotMode
+from snapwake.v1.types_pb2 import Function, FunctionState, Instance, Node, Snapshot
 
 __all__ = ["ClaimServicer", "Leadership", "SchedulerServicer", "initial_state"]
 
@@ -36,8 +36,10 @@ class Leadership(Protocol):
 
 
 def initial_state(spec: specs.FunctionSpec) -> int:
-    """PENDING while an arena snapshot must be built, else READY."""
-    if spec.policy.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_ARENA:
+    """PENDING while a node must build the revision first (an arena snapshot, or a user image's
+    deploy validation), else READY. A user image is never READY before one of its containers
+    answered its readiness probe and warm-up: a bad one fails the deploy, not the first request."""
+    if specs.validated_at_deploy(spec):
         return FunctionState.FUNCTION_STATE_PENDING
     return FunctionState.FUNCTION_STATE_READY
 
@@ -90,6 +92,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             fn.state = initial_state(spec)  # type: ignore[assignment]
             fn.status_message = ""
             fn.ClearField("model")  # the new revision's model is read again at its first start
+            fn.image_digest = ""  # and its image resolved again by its deploy validation
             fn.update_time.CopyFrom(_now())
             return fn
 

@@ -13,6 +13,7 @@ from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.claimtable import ClaimTable
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.controller import Controller
+from services.scheduler.crashloop import CrashLoop
 from services.scheduler.election import Election
 from services.scheduler.nodes import NodeClient
 from services.scheduler.snapshots import SnapshotBuilder
@@ -41,7 +42,8 @@ class Scheduler:
         self.broker = ClaimBroker(self.state, self.starter, self.table)
         self.controller = Controller(self.state, self.starter, self.broker, self.queues,
                                      SnapshotBuilder(self.state, self.starter, cfg.snapshot_attempts),
-                                     cfg.reconcile_interval_s)
+                                     cfg.reconcile_interval_s,
+                                     CrashLoop(cfg.crash_loop_limit, cfg.crash_loop_window_s))
         self.server = GrpcServer(cfg.listen, SERVICES)
         self.port = self.server.port
         host = cfg.listen.rpartition(":")[0]

@@ -28,6 +28,7 @@ from services.scheduler.spec import seconds
 from services.scheduler.starter import Starter, StartResult
 from services.scheduler.state import ClusterState
 from snapwake import errors, keys, telemetry
+from snapwake.imageref import is_builtin
 from snapwake.lifecycle import COUNTED, GONE, SERVING
 from snapwake.v1.scheduler_pb2 import ClaimSource, HeldClaim
 from snapwake.v1.types_pb2 import Function, FunctionState, Instance
@@ -190,8 +191,9 @@ class ClaimBroker:
                 task = self.ensure_start(fn)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                why = " (its snapshot is still being built)" \
-                    if fn.state == FunctionState.FUNCTION_STATE_PENDING else ""
+                building = "snapshot is still being built" if is_builtin(fn.spec.image) \
+                    else "image is still being validated on a node"
+                why = f" (its {building})" if fn.state == FunctionState.FUNCTION_STATE_PENDING else ""
                 why = " (a new leader is collecting the gateways' claims)" if settling else why
                 raise errors.DeadlineExceeded(
                     f"no instance of {function_id} became free within {time.monotonic() - began:.1f}s{why}")

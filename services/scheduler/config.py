@@ -29,6 +29,9 @@ class SchedulerConfig:
         "help": "a node whose heartbeat is older than this gets no new instances"})
     reconcile_interval_s: float = field(default=1.0, metadata={"help": "controller loop period"})
     snapshot_attempts: int = field(default=3, metadata={"help": "snapshot builds before a function FAILS"})
+    crash_loop_limit: int = field(default=5, metadata={
+        "help": "failed instances of one revision within crash_loop_window_s before its function FAILS"})
+    crash_loop_window_s: float = field(default=600.0, metadata={"help": "window of crash_loop_limit"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     metrics_port: int = field(default=0, metadata={"help": "port serving Prometheus /metrics (0: off)"})
 
@@ -40,7 +43,7 @@ class SchedulerConfig:
             except ValueError as exc:
                 problems.append(f"{name}: {exc}")
         for name in ("election_ttl_s", "claim_ttl_s", "node_rpc_timeout_s", "node_stale_s",
-                     "reconcile_interval_s", "snapshot_attempts"):
+                     "reconcile_interval_s", "snapshot_attempts", "crash_loop_limit", "crash_loop_window_s"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name}: must be positive")
         if self.claim_adopt_grace_s < 0:

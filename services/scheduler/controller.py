@@ -1,5 +1,6 @@
 """The reconcile loop (leader only): snapshots, standbys, min/max instances, scale in, cleanup,
-and each revision's model metadata (from its first instance that reported one).
+each revision's model metadata (from its first instance that reported one), and the bound on
+restarts of a revision whose instances keep failing (``crashloop``).
 
 Each pass compares the desired state (functions in etcd) with the actual state (instances and
 snapshots in etcd) and starts at most one operation per (function, kind); operations run as
@@ -16,11 +17,12 @@ import time
 from collections.abc import Awaitable, Callable
 
 from services.scheduler.claims import ClaimBroker, QueueDepths
+from services.scheduler.crashloop import CrashLoop, Restarts
 from services.scheduler.snapshots import SnapshotBuilder
 from services.scheduler.spec import seconds
 from services.scheduler.starter import Starter, snapshot_usable
 from services.scheduler.state import ClusterState
-from snapwake import errors
+from snapwake import errors, keys
 from snapwake.lifecycle import LIVE, SERVING
 from snapwake.v1.nodeagent_pb2 import StartTarget
 from snapwake.v1.types_pb2 import (
@@ -39,9 +41,10 @@ log = logging.getLogger(__name__)
 
 class Controller:
     def __init__(self, state: ClusterState, starter: Starter, broker: ClaimBroker, queues: QueueDepths,
-                 builder: SnapshotBuilder, interval_s: float) -> None:
+                 builder: SnapshotBuilder, interval_s: float, crashes: CrashLoop | None = None) -> None:
         self.state, self.starter, self.broker, self.queues = state, starter, broker, queues
         self.builder, self.interval_s = builder, interval_s
+        self.crashes = crashes or CrashLoop(limit=5, window_s=600.0)
         self._ops: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._standbys_started: dict[str, tuple[str, float]] = {}  # iid -> (node, when)
@@ -84,17 +87,52 @@ class Controller:
     def reconcile(self) -> None:
         """One pass over every function and instance; starts operations, never awaits them."""
         functions = {f.id: f for f in self.state.functions()}
+        self.crashes.keep({keys.snapshot_id(f.id, f.revision) for f in functions.values()})
         for fn in functions.values():
             self._record_model(fn)
             if fn.state == FunctionState.FUNCTION_STATE_PENDING:
                 self.builder.reconcile(fn, self._spawn)
             elif fn.state == FunctionState.FUNCTION_STATE_READY:
-                self._scale(fn)
+                restarts = self._restarts(fn)
+                if restarts is Restarts.STOP:
+                    continue  # a crash loop: the function is being marked FAILED
+                self._scale(fn, start=restarts is Restarts.START)
                 if snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
-                    self._standbys(fn)
+                    if restarts is Restarts.START:
+                        self._standbys(fn)
                 else:  # marked corrupt by a node (or lost): rebuild it; requests get normal starts meanwhile
                     self.builder.reconcile(fn, self._spawn)
         self._cleanup(functions)
+
+    def _restarts(self, fn: Function) -> Restarts:
+        """Counts the revision's FAILED instances and says what may start; in a crash loop the
+        function is marked FAILED with the last reason."""
+        key, now = keys.snapshot_id(fn.id, fn.revision), time.monotonic()
+        last: Instance | None = None
+        for inst in self.state.instances():
+            if inst.function_id == fn.id and inst.revision == fn.revision \
+                    and inst.state == InstanceState.INSTANCE_STATE_FAILED:
+                if self.crashes.note(key, inst.id, now):
+                    log.warning("instance failed: %s", inst.message.splitlines()[0] if inst.message else "no reason",
+                                extra={"instance_id": inst.id, "function_id": fn.id})
+                last = inst
+        restarts = self.crashes.restarts(key, now)
+        if restarts is Restarts.STOP:
+            why = (f"revision {fn.revision}: {self.crashes.recent(key, now)} instances failed within "
+                   f"{self.crashes.window_s:.0f}s, not restarted again; last: "
+                   f"{last.message if last is not None else 'no reason given'}")
+            self._spawn(f"crash loop {key}", lambda: self._fail_ready(fn, why))
+        return restarts
+
+    async def _fail_ready(self, fn: Function, why: str) -> None:
+        def mutate(cur: Function) -> Function | None:
+            if cur.revision != fn.revision or cur.state != FunctionState.FUNCTION_STATE_READY:
+                return None
+            cur.state, cur.status_message = FunctionState.FUNCTION_STATE_FAILED, why  # type: ignore[assignment]
+            return cur
+
+        await self.state.update_function(fn.id, mutate)
+        log.warning("function FAILED: %s", why, extra={"function_id": fn.id})
 
     def _record_model(self, fn: Function) -> None:
         """Copies the model metadata an instance of ``fn``'s revision reported (its node read the
@@ -118,14 +156,15 @@ class Controller:
         log.info("model of revision %d: context %d, vocabulary %d, chat template %s", fn.revision,
                  model.max_context_tokens, model.vocab_size, model.has_chat_template, extra={"function_id": fn.id})
 
-    def _scale(self, fn: Function) -> None:
+    def _scale(self, fn: Function, start: bool = True) -> None:
         live = self.broker.live_count(fn)
         mine = [i for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision]
         in_use = sum(self.broker.table.in_use(i.id) for i in mine)
         wanted = math.ceil((self.queues.total(fn.id) + in_use) / fn.spec.policy.concurrency)
         wanted = min(max(wanted, fn.spec.policy.min_instances), fn.spec.policy.max_instances)
         if live < wanted:
-            self.broker.ensure_start(fn)
+            if start:  # not while the revision's failures back off
+                self.broker.ensure_start(fn)
             return
         idle_after = seconds(fn.spec.policy.idle_timeout)
         now = time.time()

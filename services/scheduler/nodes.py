@@ -17,7 +17,7 @@ from snapwake.v1 import nodeagent_pb2
 from snapwake.v1.nodeagent_pb2_grpc import NodeAgentServiceStub
 from snapwake.v1.types_pb2 import FunctionSpec, Instance, Node
 
-__all__ = ["NodeClient", "NodeUnreachable"]
+__all__ = ["NodeClient", "NodeUnreachable", "StartRefused"]
 
 log = logging.getLogger(__name__)
 # How long a node that did not answer is left out of placement. Its etcd keys expire with its
@@ -30,6 +30,11 @@ class NodeUnreachable(errors.StartFailed):
     started there, so the caller may place the instance elsewhere."""
 
 
+class StartRefused(errors.StartFailed):
+    """The node refused the start itself (a spec or image it cannot run: INVALID_ARGUMENT or
+    NOT_FOUND): the same start would be refused again, so a deploy fails without retrying."""
+
+
 def _start_error(node: Node, what: str, err: errors.SnapwakeError) -> errors.StartFailed:
     # A start the node tried and failed comes back as StartFailed; a plain Unavailable means the
     # call never reached a working nodeagent. The message quotes the node's details as sent
@@ -37,6 +42,8 @@ def _start_error(node: Node, what: str, err: errors.SnapwakeError) -> errors.Sta
     message = f"node {node.name}: {what}: {errors.grpc_details(err)}"
     if isinstance(err, errors.Unavailable):
         return NodeUnreachable(message)
+    if isinstance(err, errors.InvalidArgument | errors.NotFound):
+        return StartRefused(message)
     return errors.StartFailed(message)
 
 
@@ -64,12 +71,12 @@ class NodeClient:
         return NodeAgentServiceStub(self._channels[node.address])
 
     async def start(self, node: Node, instance_id: str, function_id: str, revision: int, spec: FunctionSpec,
-                    target: int, gpu_index: int, timeout_s: float) -> Instance:
+                    target: int, gpu_index: int, timeout_s: float, image_digest: str = "") -> Instance:
         """Starts a container; raises ``StartFailed`` with the node's reason."""
         req = nodeagent_pb2.StartInstanceRequest(instance_id=instance_id, function_id=function_id, revision=revision,
                                       spec=spec, target=target, gpu_index=gpu_index,  # type: ignore[arg-type]
                                       gpu_memory_bytes=spec.resources.gpu_memory_bytes,
-                                      timeout=Duration(seconds=int(timeout_s)))
+                                      timeout=Duration(seconds=int(timeout_s)), image_digest=image_digest)
         try:
             resp = await call(self._stub(node).StartInstance, req, timeout=timeout_s + self.rpc_timeout_s)
         except errors.SnapwakeError as exc:

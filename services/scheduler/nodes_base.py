@@ -15,14 +15,16 @@ __all__ = ["Nodes"]
 
 class Nodes(Protocol):
     """Calls to the nodeagent on ``Node.address``. Starts and restores raise ``StartFailed``
-    (``NodeUnreachable`` when no nodeagent answered, so nothing started there)."""
+    (``NodeUnreachable`` when no nodeagent answered, so nothing started there; ``StartRefused``
+    when the node refused the spec or image itself, so retrying cannot help)."""
 
     def reachable(self, name: str) -> bool:
         """False for a while after a call found no nodeagent answering on that node."""
 
     async def start(self, node: Node, instance_id: str, function_id: str, revision: int, spec: FunctionSpec,
-                    target: int, gpu_index: int, timeout_s: float) -> Instance:
-        """Starts a container toward ``target`` (a ``StartTarget``) and returns once it got there."""
+                    target: int, gpu_index: int, timeout_s: float, image_digest: str = "") -> Instance:
+        """Starts a container toward ``target`` (a ``StartTarget``) and returns once it got there;
+        a user image runs at ``image_digest`` when given (the revision's pinned digest)."""
 
     async def restore(self, node: Node, instance_id: str, gpu_index: int, timeout_s: float) -> Instance:
         """Standby to running."""

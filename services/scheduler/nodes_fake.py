@@ -5,7 +5,9 @@ Every call is recorded in ``calls``. By default a call succeeds and, when the fa
 the same etcd sees what a real node reports:
 
     start      CREATING, then the target: RUNNING (with an endpoint) or STANDBY; a snapshot
-               build ends with the key deleted. A scripted StartFailed leaves it FAILED.
+               build ends with the key deleted. A scripted StartFailed leaves it FAILED. A user
+               image's instance reports the digest it was pinned to, else ``fake_digest`` of
+               its reference (what a node's pull would resolve).
     restore    RESTORING, then RUNNING on the asked GPU (StartFailed unless it was STANDBY)
     suspend    STANDBY (FailedPrecondition unless it was RUNNING or IDLE)
     stop       the key deleted (an unknown instance is no error, as with ``NodeClient``)
@@ -18,17 +20,23 @@ reached a node) and leaves the node out of ``reachable`` until ``heal``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass, field
 
 from services.scheduler.nodes import NodeUnreachable
 from snapwake import errors, keys
 from snapwake.etcd import EtcdClient
+from snapwake.imageref import is_builtin
 from snapwake.v1.nodeagent_pb2 import StartTarget
 from snapwake.v1.types_pb2 import FunctionSpec, Instance, InstanceState, Node
 
-__all__ = ["Call", "FakeNodeClient", "Outcome"]
+__all__ = ["Call", "FakeNodeClient", "Outcome", "fake_digest"]
 
+
+def fake_digest(image: str) -> str:
+    """The digest the fake "resolves" a user image reference to."""
+    return "sha256:" + hashlib.sha256(image.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class Call:
     node: str
     instance_id: str
     target: int = 0  # the StartTarget of a start
+    image_digest: str = ""  # the digest a start was pinned to
 
 
 @dataclass(frozen=True)
@@ -73,9 +82,9 @@ class FakeNodeClient:
     def reachable(self, name: str) -> bool:
         return name not in self.unreachable
 
-    async def _begin(self, op: str, node: Node, instance_id: str, target: int = 0) -> Outcome:
+    async def _begin(self, op: str, node: Node, instance_id: str, target: int = 0, image_digest: str = "") -> Outcome:
         """Records the call; raises NodeUnreachable at once if so scripted, else returns the outcome."""
-        self.calls.append(Call(op, node.name, instance_id, target))
+        self.calls.append(Call(op, node.name, instance_id, target, image_digest))
         queued = self._scripts.get(op)
         outcome = queued.pop(0) if queued else Outcome()
         if isinstance(outcome.error, NodeUnreachable) or node.name in self.unreachable:
@@ -107,10 +116,12 @@ class FakeNodeClient:
         return entry.value if entry is not None else Instance(id=instance_id, node=node.name)  # type: ignore[return-value]
 
     async def start(self, node: Node, instance_id: str, function_id: str, revision: int, spec: FunctionSpec,
-                    target: int, gpu_index: int, timeout_s: float) -> Instance:
-        outcome = await self._begin("start", node, instance_id, target)
+                    target: int, gpu_index: int, timeout_s: float, image_digest: str = "") -> Instance:
+        outcome = await self._begin("start", node, instance_id, target, image_digest)
         inst = Instance(id=instance_id, function_id=function_id, revision=revision, node=node.name,
                         gpu_index=gpu_index, gpu_memory_bytes=spec.resources.gpu_memory_bytes)
+        if not is_builtin(spec.image):
+            inst.image_digest = image_digest or fake_digest(spec.image)
         await self._put(inst, InstanceState.INSTANCE_STATE_CREATING)
         await self._end(outcome, failed=inst)
         if target == StartTarget.START_TARGET_SNAPSHOT:

@@ -1,8 +1,15 @@
-"""Building a function revision's arena snapshot, with bounded retries.
+"""Building a function revision's arena snapshot, or validating its user image, with bounded
+retries.
 
 The Snapshot record in etcd is the truth: BUILDING while a node builds it (``attempts``
 counts builds begun), READY when the node stored it, FAILED with the node's reason. After
-``max_attempts`` failed builds the function becomes FAILED with that reason.
+``max_attempts`` failed builds the function becomes FAILED with that reason; at once when the
+node refused the start itself (``StartRefused``: a bad spec or an image it cannot pull).
+
+A user image's "build" is its deploy validation (a START_TARGET_SNAPSHOT start): the node pulls
+the image, starts it, waits for its readiness probe and warm-up, then ends it. The digest it
+resolved is written on the function before the revision turns READY, and every later start of
+the revision is pinned to it.
 """
 
 from __future__ import annotations
@@ -13,9 +20,11 @@ from collections.abc import Awaitable, Callable
 
 from google.protobuf.duration_pb2 import Duration
 
+from services.scheduler.nodes import StartRefused
 from services.scheduler.starter import Starter
 from services.scheduler.state import ClusterState
 from snapwake import errors, keys
+from snapwake.imageref import is_builtin
 from snapwake.v1.nodeagent_pb2 import StartTarget
 from snapwake.v1.types_pb2 import Function, FunctionState, InstanceState, Snapshot, SnapshotState
 
@@ -62,12 +71,27 @@ class SnapshotBuilder:
         began = time.monotonic()
         log.info("building snapshot, attempt %d", snap.attempts, extra={"function_id": fn.id})
         try:
-            await self.starter.start_target(fn, placement.node, placement.gpu_index,
-                                            StartTarget.START_TARGET_SNAPSHOT)
+            built = await self.starter.start_target(fn, placement.node, placement.gpu_index,
+                                                    StartTarget.START_TARGET_SNAPSHOT)
         except errors.StartFailed as exc:
             await self._mark(fn, SnapshotState.SNAPSHOT_STATE_FAILED, exc.message, time.monotonic() - began)
+            if isinstance(exc, StartRefused):  # the same start would be refused again
+                snap.message = exc.message
+                await self._fail(fn, snap)
             return
+        if built.image_digest:  # before READY: no start of this revision may go unpinned
+            await self._pin(fn, built.image_digest)
         await self._mark(fn, SnapshotState.SNAPSHOT_STATE_READY, "", time.monotonic() - began)
+
+    async def _pin(self, fn: Function, digest: str) -> None:
+        def mutate(cur: Function) -> Function | None:
+            if cur.revision != fn.revision or cur.image_digest == digest:
+                return None
+            cur.image_digest = digest
+            return cur
+
+        await self.state.update_function(fn.id, mutate)
+        log.info("revision %d runs image %s@%s", fn.revision, fn.spec.image, digest, extra={"function_id": fn.id})
 
     async def _mark(self, fn: Function, state: SnapshotState, message: str, took_s: float) -> None:
         def mutate(snap: Snapshot) -> Snapshot | None:
@@ -80,7 +104,9 @@ class SnapshotBuilder:
         await self.state.etcd.update(keys.snapshot_key(fn.id, fn.revision), Snapshot, mutate)
 
     async def _fail(self, fn: Function, snap: Snapshot) -> None:
-        why = f"snapshot build failed after {snap.attempts} attempts: {snap.message or 'no reason given'}"
+        what = "snapshot build" if is_builtin(fn.spec.image) else f"deploy of image {fn.spec.image}"
+        tries = f"{snap.attempts} attempt" + ("s" if snap.attempts != 1 else "")
+        why = f"{what} failed after {tries}: {snap.message or 'no reason given'}"
         await self._set_function(fn, FunctionState.FUNCTION_STATE_FAILED, why)
 
     async def _set_function(self, fn: Function, state: FunctionState, message: str) -> None:

@@ -12,16 +12,23 @@ import re
 
 from google.protobuf.duration_pb2 import Duration
 
+from snapwake.envcheck import refused_env_keys
 from snapwake.errors import InvalidArgument
+from snapwake.imageref import BUILTIN as BUILTIN_IMAGE
+from snapwake.imageref import is_builtin
+from snapwake.imageref import parse as parse_image
 from snapwake.v1.types_pb2 import FunctionSpec, SnapshotMode
 
-__all__ = ["BUILTIN_IMAGE", "DEFAULT_SAMPLE_REQUEST", "function_id", "normalize", "split_function_id"]
+__all__ = ["BUILTIN_IMAGE", "DEFAULT_SAMPLE_REQUEST", "function_id", "normalize", "split_function_id",
+           "validated_at_deploy"]
 
-BUILTIN_IMAGE = "builtin"
 DEFAULT_SAMPLE_REQUEST = json.dumps(
     {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1})
 _PART = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PATH = re.compile(r"/[\x21-\x7e]{0,1023}")
+_SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}")
+_SECRET = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 # Upper bounds catch typos (an idle_timeout in milliseconds, a max of 1e6) before they bite.
 _MAX_INSTANCES = 1000
 _MAX_CONCURRENCY = 1024
@@ -79,31 +86,66 @@ def _identity(spec: FunctionSpec) -> None:
 
 def _image(spec: FunctionSpec) -> None:
     spec.image = spec.image or BUILTIN_IMAGE
-    if spec.image == BUILTIN_IMAGE:
-        if not spec.model_dir or not spec.model_dir.startswith("/"):
-            raise InvalidArgument("spec.model_dir must be an absolute path for the builtin image",
-                                  field="spec.model_dir")
-        if spec.command:
-            raise InvalidArgument("spec.command must be empty for the builtin image", field="spec.command")
-    elif any(not part for part in spec.command):
+    if is_builtin(spec.image):
+        _builtin_only(spec)
+    else:
+        _user_image(spec)
+    if any(not part for part in spec.command):
         raise InvalidArgument("spec.command must not contain empty arguments", field="spec.command")
+    for field in ("command", "args"):
+        if any("\0" in part for part in getattr(spec, field)):
+            raise InvalidArgument(f"spec.{field} must not contain NUL characters", field=f"spec.{field}")
     spec.http_port = spec.http_port or 8000
     _bounded(spec.http_port, 1, 65535, "spec.http_port")
-    spec.health_path = spec.health_path or "/health"
-    if not spec.health_path.startswith("/"):
-        raise InvalidArgument("spec.health_path must start with '/'", field="spec.health_path")
-    if not spec.sample_request and spec.image == BUILTIN_IMAGE:
-        spec.sample_request = DEFAULT_SAMPLE_REQUEST
-    if spec.sample_request:
-        try:
-            body = json.loads(spec.sample_request)
-        except ValueError as exc:
-            raise InvalidArgument(f"spec.sample_request is not JSON: {exc}", field="spec.sample_request") from exc
-        if not isinstance(body, dict):
-            raise InvalidArgument("spec.sample_request must be a JSON object", field="spec.sample_request")
+    if is_builtin(spec.image):
+        spec.health_path = spec.health_path or "/health"
+    # Empty for a user image: the node probes /health, then /v1/models (types.proto).
+    if spec.health_path and not _PATH.fullmatch(spec.health_path):
+        raise InvalidArgument("spec.health_path must start with '/' and hold no spaces or control characters",
+                              field="spec.health_path")
+    spec.sample_request = spec.sample_request or DEFAULT_SAMPLE_REQUEST
+    _sample_request(spec.sample_request)
     for key in spec.env:
         if not _ENV.fullmatch(key):
             raise InvalidArgument(f"spec.env key {key!r} is not a valid variable name", field="spec.env")
+    refused = refused_env_keys(spec.env)
+    if refused:
+        raise InvalidArgument(f"spec.env may not set {', '.join(refused)}: the platform owns the loader's, "
+                              "Python's, GPU visibility and SNAPWAKE_* variables", field="spec.env")
+
+
+def _builtin_only(spec: FunctionSpec) -> None:
+    if not spec.model_dir or not spec.model_dir.startswith("/"):
+        raise InvalidArgument("spec.model_dir must be an absolute path for the builtin image",
+                              field="spec.model_dir")
+    for field in ("command", "args", "served_model_name", "registry_secret"):
+        if getattr(spec, field):
+            raise InvalidArgument(f"spec.{field} must be empty for the builtin image", field=f"spec.{field}")
+
+
+def _user_image(spec: FunctionSpec) -> None:
+    parse_image(spec.image)
+    if spec.model_dir and not spec.model_dir.startswith("/"):
+        raise InvalidArgument("spec.model_dir must be an absolute path (or empty for a user image)",
+                              field="spec.model_dir")
+    if spec.served_model_name and not _SERVED_NAME.fullmatch(spec.served_model_name):
+        raise InvalidArgument(f"spec.served_model_name {spec.served_model_name!r} must be 1-256 characters of "
+                              "[A-Za-z0-9._:/@+-], starting with a letter or digit", field="spec.served_model_name")
+    if spec.registry_secret and not _SECRET.fullmatch(spec.registry_secret):
+        raise InvalidArgument("spec.registry_secret must name a credential the operator registered (1-253 "
+                              "chars of [a-z0-9.-], starting and ending alphanumeric), never hold one",
+                              field="spec.registry_secret")
+
+
+def _sample_request(text: str) -> None:
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"spec.sample_request is not JSON: {exc}", field="spec.sample_request") from exc
+    if not isinstance(body, dict):
+        raise InvalidArgument("spec.sample_request must be a JSON object", field="spec.sample_request")
+    if "model" in body and not isinstance(body["model"], str):
+        raise InvalidArgument("spec.sample_request model must be a string", field="spec.sample_request")
 
 
 def _resources(spec: FunctionSpec) -> None:
@@ -120,9 +162,10 @@ def _resources(spec: FunctionSpec) -> None:
 def _policy(spec: FunctionSpec) -> None:
     had_policy = spec.HasField("policy")
     p = spec.policy
-    builtin = spec.image == BUILTIN_IMAGE
+    builtin = is_builtin(spec.image)
     if p.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_UNSPECIFIED:
-        p.snapshot_mode = SnapshotMode.SNAPSHOT_MODE_ARENA if builtin else SnapshotMode.SNAPSHOT_MODE_NONE
+        # A user image is checkpointed whole: nothing inside it cooperates with the platform.
+        p.snapshot_mode = SnapshotMode.SNAPSHOT_MODE_ARENA if builtin else SnapshotMode.SNAPSHOT_MODE_PROCESS
     if p.snapshot_mode not in SnapshotMode.values():
         raise InvalidArgument(f"spec.policy.snapshot_mode {p.snapshot_mode} is unknown",
                               field="spec.policy.snapshot_mode")
@@ -158,6 +201,12 @@ def normalize(spec: FunctionSpec) -> FunctionSpec:
     _resources(out)
     _policy(out)
     return out
+
+
+def validated_at_deploy(spec: FunctionSpec) -> bool:
+    """Whether a revision of ``spec`` is PENDING until a node built it: an arena snapshot, or a
+    user image (pulled, started, probed and warmed up once before it is called READY)."""
+    return spec.policy.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_ARENA or not is_builtin(spec.image)
 
 
 def seconds(d: Duration) -> float:

@@ -221,7 +221,7 @@ class Starter:
             self._begin(iid, ClaimSource.CLAIM_SOURCE_NORMAL_START)
         try:
             inst = await self.nodes.start(node, iid, fn.id, fn.revision, fn.spec, target, gpu_index,
-                                          seconds(fn.spec.policy.start_timeout))
+                                          seconds(fn.spec.policy.start_timeout), fn.image_digest)
         finally:
             self.pending.pop(iid, None)
             self._end(iid)

@@ -26,39 +26,39 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from snapwake.v1 import types_pb2 as snapwake_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsnapwake/v1/nodeagent.proto\x12\x0bsnapwake.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17snapwake/v1/types.proto\"\xfe\x01\n\x14StartInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66unction_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\'\n\x04spec\x18\x04 \x01(\x0b\x32\x19.snapwake.v1.FunctionSpec\x12(\n\x06target\x18\x05 \x01(\x0e\x32\x18.snapwake.v1.StartTarget\x12\x11\n\tgpu_index\x18\x06 \x01(\x05\x12\x18\n\x10gpu_memory_bytes\x18\x07 \x01(\x04\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x15StartInstanceResponse\x12\'\n\x08instance\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Instance\"@\n\x16RestoreInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\x05\"\xee\x01\n\x17RestoreInstanceResponse\x12\'\n\x08instance\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Instance\x12\x33\n\x10restore_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x64ma_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tdma_bytes\x18\x04 \x01(\x04\x12\x31\n\x0etotal_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"-\n\x16SuspendInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"B\n\x17SuspendInstanceResponse\x12\'\n\x08instance\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Instance\"*\n\x13StopInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x16\n\x14StopInstanceResponse\"&\n$NodeAgentServiceListInstancesRequest\"Q\n%NodeAgentServiceListInstancesResponse\x12(\n\tinstances\x18\x01 \x03(\x0b\x32\x15.snapwake.v1.Instance\"Q\n&NodeAgentServiceGetInstanceLogsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x12\n\ntail_bytes\x18\x02 \x01(\r\"7\n\'NodeAgentServiceGetInstanceLogsResponse\x12\x0c\n\x04logs\x18\x01 \x01(\t*z\n\x0bStartTarget\x12\x1c\n\x18START_TARGET_UNSPECIFIED\x10\x00\x12\x18\n\x14START_TARGET_RUNNING\x10\x01\x12\x18\n\x14START_TARGET_STANDBY\x10\x02\x12\x19\n\x15START_TARGET_SNAPSHOT\x10\x03\x32\xf1\x04\n\x10NodeAgentService\x12V\n\rStartInstance\x12!.snapwake.v1.StartInstanceRequest\x1a\".snapwake.v1.StartInstanceResponse\x12\\\n\x0fRestoreInstance\x12#.snapwake.v1.RestoreInstanceRequest\x1a$.snapwake.v1.RestoreInstanceResponse\x12\\\n\x0fSuspendInstance\x12#.snapwake.v1.SuspendInstanceRequest\x1a$.snapwake.v1.SuspendInstanceResponse\x12S\n\x0cStopInstance\x12 .snapwake.v1.StopInstanceRequest\x1a!.snapwake.v1.StopInstanceResponse\x12v\n\rListInstances\x12\x31.snapwake.v1.NodeAgentServiceListInstancesRequest\x1a\x32.snapwake.v1.NodeAgentServiceListInstancesResponse\x12|\n\x0fGetInstanceLogs\x12\x33.snapwake.v1.NodeAgentServiceGetInstanceLogsRequest\x1a\x34.snapwake.v1.NodeAgentServiceGetInstanceLogsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsnapwake/v1/nodeagent.proto\x12\x0bsnapwake.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17snapwake/v1/types.proto\"\x94\x02\n\x14StartInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66unction_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\'\n\x04spec\x18\x04 \x01(\x0b\x32\x19.snapwake.v1.FunctionSpec\x12(\n\x06target\x18\x05 \x01(\x0e\x32\x18.snapwake.v1.StartTarget\x12\x11\n\tgpu_index\x18\x06 \x01(\x05\x12\x18\n\x10gpu_memory_bytes\x18\x07 \x01(\x04\x12*\n\x07timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cimage_digest\x18\t \x01(\t\"@\n\x15StartInstanceResponse\x12\'\n\x08instance\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Instance\"@\n\x16RestoreInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x11\n\tgpu_index\x18\x02 \x01(\x05\"\xee\x01\n\x17RestoreInstanceResponse\x12\'\n\x08instance\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Instance\x12\x33\n\x10restore_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x64ma_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tdma_bytes\x18\x04 \x01(\x04\x12\x31\n\x0etotal_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"-\n\x16SuspendInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"B\n\x17SuspendInstanceResponse\x12\'\n\x08instance\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Instance\"*\n\x13StopInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x16\n\x14StopInstanceResponse\"&\n$NodeAgentServiceListInstancesRequest\"Q\n%NodeAgentServiceListInstancesResponse\x12(\n\tinstances\x18\x01 \x03(\x0b\x32\x15.snapwake.v1.Instance\"Q\n&NodeAgentServiceGetInstanceLogsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x12\n\ntail_bytes\x18\x02 \x01(\r\"7\n\'NodeAgentServiceGetInstanceLogsResponse\x12\x0c\n\x04logs\x18\x01 \x01(\t*z\n\x0bStartTarget\x12\x1c\n\x18START_TARGET_UNSPECIFIED\x10\x00\x12\x18\n\x14START_TARGET_RUNNING\x10\x01\x12\x18\n\x14START_TARGET_STANDBY\x10\x02\x12\x19\n\x15START_TARGET_SNAPSHOT\x10\x03\x32\xf1\x04\n\x10NodeAgentService\x12V\n\rStartInstance\x12!.snapwake.v1.StartInstanceRequest\x1a\".snapwake.v1.StartInstanceResponse\x12\\\n\x0fRestoreInstance\x12#.snapwake.v1.RestoreInstanceRequest\x1a$.snapwake.v1.RestoreInstanceResponse\x12\\\n\x0fSuspendInstance\x12#.snapwake.v1.SuspendInstanceRequest\x1a$.snapwake.v1.SuspendInstanceResponse\x12S\n\x0cStopInstance\x12 .snapwake.v1.StopInstanceRequest\x1a!.snapwake.v1.StopInstanceResponse\x12v\n\rListInstances\x12\x31.snapwake.v1.NodeAgentServiceListInstancesRequest\x1a\x32.snapwake.v1.NodeAgentServiceListInstancesResponse\x12|\n\x0fGetInstanceLogs\x12\x33.snapwake.v1.NodeAgentServiceGetInstanceLogsRequest\x1a\x34.snapwake.v1.NodeAgentServiceGetInstanceLogsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'snapwake.v1.nodeagent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STARTTARGET']._serialized_start=1177
-  _globals['_STARTTARGET']._serialized_end=1299
+  _globals['_STARTTARGET']._serialized_start=1199
+  _globals['_STARTTARGET']._serialized_end=1321
   _globals['_STARTINSTANCEREQUEST']._serialized_start=102
-  _globals['_STARTINSTANCEREQUEST']._serialized_end=356
-  _globals['_STARTINSTANCERESPONSE']._serialized_start=358
-  _globals['_STARTINSTANCERESPONSE']._serialized_end=422
-  _globals['_RESTOREINSTANCEREQUEST']._serialized_start=424
-  _globals['_RESTOREINSTANCEREQUEST']._serialized_end=488
-  _globals['_RESTOREINSTANCERESPONSE']._serialized_start=491
-  _globals['_RESTOREINSTANCERESPONSE']._serialized_end=729
-  _globals['_SUSPENDINSTANCEREQUEST']._serialized_start=731
-  _globals['_SUSPENDINSTANCEREQUEST']._serialized_end=776
-  _globals['_SUSPENDINSTANCERESPONSE']._serialized_start=778
-  _globals['_SUSPENDINSTANCERESPONSE']._serialized_end=844
-  _globals['_STOPINSTANCEREQUEST']._serialized_start=846
-  _globals['_STOPINSTANCEREQUEST']._serialized_end=888
-  _globals['_STOPINSTANCERESPONSE']._serialized_start=890
-  _globals['_STOPINSTANCERESPONSE']._serialized_end=912
-  _globals['_NODEAGENTSERVICELISTINSTANCESREQUEST']._serialized_start=914
-  _globals['_NODEAGENTSERVICELISTINSTANCESREQUEST']._serialized_end=952
-  _globals['_NODEAGENTSERVICELISTINSTANCESRESPONSE']._serialized_start=954
-  _globals['_NODEAGENTSERVICELISTINSTANCESRESPONSE']._serialized_end=1035
-  _globals['_NODEAGENTSERVICEGETINSTANCELOGSREQUEST']._serialized_start=1037
-  _globals['_NODEAGENTSERVICEGETINSTANCELOGSREQUEST']._serialized_end=1118
-  _globals['_NODEAGENTSERVICEGETINSTANCELOGSRESPONSE']._serialized_start=1120
-  _globals['_NODEAGENTSERVICEGETINSTANCELOGSRESPONSE']._serialized_end=1175
-  _globals['_NODEAGENTSERVICE']._serialized_start=1302
-  _globals['_NODEAGENTSERVICE']._serialized_end=1927
+  _globals['_STARTINSTANCEREQUEST']._serialized_end=378
+  _globals['_STARTINSTANCERESPONSE']._serialized_start=380
+  _globals['_STARTINSTANCERESPONSE']._serialized_end=444
+  _globals['_RESTOREINSTANCEREQUEST']._serialized_start=446
+  _globals['_RESTOREINSTANCEREQUEST']._serialized_end=510
+  _globals['_RESTOREINSTANCERESPONSE']._serialized_start=513
+  _globals['_RESTOREINSTANCERESPONSE']._serialized_end=751
+  _globals['_SUSPENDINSTANCEREQUEST']._serialized_start=753
+  _globals['_SUSPENDINSTANCEREQUEST']._serialized_end=798
+  _globals['_SUSPENDINSTANCERESPONSE']._serialized_start=800
+  _globals['_SUSPENDINSTANCERESPONSE']._serialized_end=866
+  _globals['_STOPINSTANCEREQUEST']._serialized_start=868
+  _globals['_STOPINSTANCEREQUEST']._serialized_end=910
+  _globals['_STOPINSTANCERESPONSE']._serialized_start=912
+  _globals['_STOPINSTANCERESPONSE']._serialized_end=934
+  _globals['_NODEAGENTSERVICELISTINSTANCESREQUEST']._serialized_start=936
+  _globals['_NODEAGENTSERVICELISTINSTANCESREQUEST']._serialized_end=974
+  _globals['_NODEAGENTSERVICELISTINSTANCESRESPONSE']._serialized_start=976
+  _globals['_NODEAGENTSERVICELISTINSTANCESRESPONSE']._serialized_end=1057
+  _globals['_NODEAGENTSERVICEGETINSTANCELOGSREQUEST']._serialized_start=1059
+  _globals['_NODEAGENTSERVICEGETINSTANCELOGSREQUEST']._serialized_end=1140
+  _globals['_NODEAGENTSERVICEGETINSTANCELOGSRESPONSE']._serialized_start=1142
+  _globals['_NODEAGENTSERVICEGETINSTANCELOGSRESPONSE']._serialized_end=1197
+  _globals['_NODEAGENTSERVICE']._serialized_start=1324
+  _globals['_NODEAGENTSERVICE']._serialized_end=1949
 # @@protoc_insertion_point(module_scope)

@@ -23,7 +23,7 @@ START_TARGET_STANDBY: StartTarget
 START_TARGET_SNAPSHOT: StartTarget
 
 class StartInstanceRequest(_message.Message):
-    __slots__ = ("instance_id", "function_id", "revision", "spec", "target", "gpu_index", "gpu_memory_bytes", "timeout")
+    __slots__ = ("instance_id", "function_id", "revision", "spec", "target", "gpu_index", "gpu_memory_bytes", "timeout", "image_digest")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class StartInstanceRequest(_message.Message):
     GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
     GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     function_id: str
     revision: int
@@ -40,7 +41,8 @@ class StartInstanceRequest(_message.Message):
     gpu_index: int
     gpu_memory_bytes: int
     timeout: _duration_pb2.Duration
-    def __init__(self, instance_id: _Optional[str] = ..., function_id: _Optional[str] = ..., revision: _Optional[int] = ..., spec: _Optional[_Union[_types_pb2.FunctionSpec, _Mapping]] = ..., target: _Optional[_Union[StartTarget, str]] = ..., gpu_index: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    image_digest: str
+    def __init__(self, instance_id: _Optional[str] = ..., function_id: _Optional[str] = ..., revision: _Optional[int] = ..., spec: _Optional[_Union[_types_pb2.FunctionSpec, _Mapping]] = ..., target: _Optional[_Union[StartTarget, str]] = ..., gpu_index: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., image_digest: _Optional[str] = ...) -> None: ...
 
 class StartInstanceResponse(_message.Message):
     __slots__ = ("instance",)

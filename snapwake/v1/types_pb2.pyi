@@ -106,7 +106,7 @@ class Policy(_message.Message):
     def __init__(self, min_instances: _Optional[int] = ..., max_instances: _Optional[int] = ..., standby_per_node: _Optional[int] = ..., concurrency: _Optional[int] = ..., queue_len: _Optional[int] = ..., queue_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., snapshot_mode: _Optional[_Union[SnapshotMode, str]] = ..., start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class FunctionSpec(_message.Message):
-    __slots__ = ("tenant", "namespace", "name", "image", "model_dir", "command", "http_port", "health_path", "sample_request", "resources", "policy", "env")
+    __slots__ = ("tenant", "namespace", "name", "image", "model_dir", "command", "http_port", "health_path", "sample_request", "resources", "policy", "env", "args", "served_model_name", "registry_secret")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,9 @@ class FunctionSpec(_message.Message):
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    REGISTRY_SECRET_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     namespace: str
     name: str
@@ -138,7 +141,10 @@ class FunctionSpec(_message.Message):
     resources: Resources
     policy: Policy
     env: _containers.ScalarMap[str, str]
-    def __init__(self, tenant: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., model_dir: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., http_port: _Optional[int] = ..., health_path: _Optional[str] = ..., sample_request: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    args: _containers.RepeatedScalarFieldContainer[str]
+    served_model_name: str
+    registry_secret: str
+    def __init__(self, tenant: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., model_dir: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., http_port: _Optional[int] = ..., health_path: _Optional[str] = ..., sample_request: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., args: _Optional[_Iterable[str]] = ..., served_model_name: _Optional[str] = ..., registry_secret: _Optional[str] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
     __slots__ = ("max_context_tokens", "vocab_size", "has_chat_template")
@@ -151,7 +157,7 @@ class ModelMetadata(_message.Message):
     def __init__(self, max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
 
 class Function(_message.Message):
-    __slots__ = ("id", "spec", "revision", "state", "status_message", "create_time", "update_time", "model")
+    __slots__ = ("id", "spec", "revision", "state", "status_message", "create_time", "update_time", "model", "image_digest")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +166,7 @@ class Function(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: FunctionSpec
     revision: int
@@ -168,10 +175,11 @@ class Function(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     model: ModelMetadata
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., revision: _Optional[int] = ..., state: _Optional[_Union[FunctionState, str]] = ..., status_message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[_Union[ModelMetadata, _Mapping]] = ...) -> None: ...
+    image_digest: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., revision: _Optional[int] = ..., state: _Optional[_Union[FunctionState, str]] = ..., status_message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[_Union[ModelMetadata, _Mapping]] = ..., image_digest: _Optional[str] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("id", "function_id", "revision", "node", "gpu_index", "gpu_memory_bytes", "state", "endpoint", "message", "create_time", "update_time", "last_start_seconds", "host_rss_bytes", "host_pss_bytes", "host_private_bytes", "model")
+    __slots__ = ("id", "function_id", "revision", "node", "gpu_index", "gpu_memory_bytes", "state", "endpoint", "message", "create_time", "update_time", "last_start_seconds", "host_rss_bytes", "host_pss_bytes", "host_private_bytes", "model", "image_digest")
     ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +196,7 @@ class Instance(_message.Message):
     HOST_PSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_PRIVATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     id: str
     function_id: str
     revision: int
@@ -204,7 +213,8 @@ class Instance(_message.Message):
     host_pss_bytes: int
     host_private_bytes: int
     model: ModelMetadata
-    def __init__(self, id: _Optional[str] = ..., function_id: _Optional[str] = ..., revision: _Optional[int] = ..., node: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[InstanceState, str]] = ..., endpoint: _Optional[str] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_start_seconds: _Optional[float] = ..., host_rss_bytes: _Optional[int] = ..., host_pss_bytes: _Optional[int] = ..., host_private_bytes: _Optional[int] = ..., model: _Optional[_Union[ModelMetadata, _Mapping]] = ...) -> None: ...
+    image_digest: str
+    def __init__(self, id: _Optional[str] = ..., function_id: _Optional[str] = ..., revision: _Optional[int] = ..., node: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[InstanceState, str]] = ..., endpoint: _Optional[str] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_start_seconds: _Optional[float] = ..., host_rss_bytes: _Optional[int] = ..., host_pss_bytes: _Optional[int] = ..., host_private_bytes: _Optional[int] = ..., model: _Optional[_Union[ModelMetadata, _Mapping]] = ..., image_digest: _Optional[str] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "name", "memory_total_bytes", "memory_reserved_bytes")

@@ -21,6 +21,10 @@ from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 SIZE = 3 << 20
+DIGEST = "sha256:" + "c0" * 32
+BROKEN = ("deploy of image registry.local/broken:1 failed after 3 attempts: node node-a: start of i-0: "
+          "the container exited before it was ready (exit status 3); container output:\n"
+          "Traceback (most recent call last):\nRuntimeError: CUDA driver not found")
 
 
 class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -31,6 +35,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.functions: dict[str, types_pb2.Function] = {}
         self.snapshots: dict[str, types_pb2.Snapshot] = {}
         self.instances: list[types_pb2.Instance] = []
+        self.validating: dict[str, int] = {}  # user-image function id -> GetFunction polls seen
 
     def CreateFunction(self, request: scheduler_pb2.CreateFunctionRequest, context: grpc.ServicerContext) -> scheduler_pb2.CreateFunctionResponse:
         spec = request.spec
@@ -44,6 +49,9 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"function {fid} already exists")
             fn = types_pb2.Function(id=fid, spec=spec, revision=1, state=types_pb2.FUNCTION_STATE_PENDING)
             self.functions[fid] = fn
+            if spec.image not in ("", "builtin"):  # validated by a node: settles on the third poll
+                self.validating[fid] = 0
+                return scheduler_pb2.CreateFunctionResponse(function=fn)
             self.snapshots[fid] = types_pb2.Snapshot(id=f"{fid}@1", function_id=fid, revision=1, total_bytes=SIZE,
                                              state=types_pb2.SNAPSHOT_STATE_BUILDING)
         return scheduler_pb2.CreateFunctionResponse(function=fn)
@@ -52,7 +60,14 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         with self.lock:
             if request.function_id not in self.functions:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"function {request.function_id} not found")
-            return scheduler_pb2.GetFunctionResponse(function=self.functions[request.function_id])
+            fn = self.functions[request.function_id]
+            if request.function_id in self.validating:
+                self.validating[request.function_id] += 1
+                if self.validating[request.function_id] == 3 and "broken" in fn.spec.image:
+                    fn.state, fn.status_message = types_pb2.FUNCTION_STATE_FAILED, BROKEN
+                elif self.validating[request.function_id] == 3:
+                    fn.state, fn.image_digest = types_pb2.FUNCTION_STATE_READY, DIGEST
+            return scheduler_pb2.GetFunctionResponse(function=fn)
 
     def ListFunctions(self, request: scheduler_pb2.ListFunctionsRequest, context: grpc.ServicerContext) -> scheduler_pb2.ListFunctionsResponse:
         with self.lock:
@@ -245,3 +260,49 @@ def test_logs_and_usage_error(sched: tuple[FakeScheduler, str], capsys: pytest.C
     assert code == 0 and out == "loading model\nserving on 127.0.0.1:9000\n"
     code, _, err = _cli(capsys, address, "frobnicate")
     assert code == 2 and "invalid choice" in err
+
+
+USER_IMAGE_SPEC = {"name": "echo", "image": "docker://registry.local/echo:1", "served_model_name": "acme/Echo-1B",
+                   "env": {"HF_HOME": "/tmp/hf"}, "policy": {"max_instances": 2, "start_timeout": "90s"}}
+
+
+def test_deploy_a_user_image_from_a_json_spec_and_flags(sched: tuple[FakeScheduler, str], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    fake, address = sched
+    (tmp_path / "spec.json").write_text(json.dumps(USER_IMAGE_SPEC))
+    code, out, err = _cli(capsys, address, "-o", "json", "deploy", "-f", str(tmp_path / "spec.json"),
+                          "--image", "oci-archive:/srv/images/echo.tar", "--port", "9000",
+                          "--registry-secret", "acme-registry", "--args=--port 9000 --name 'two words'",
+                          "--readiness-path", "/v1/models", "--warmup-request", '{"prompt": "hi", "max_tokens": 1}',
+                          "--wait", "--wait-timeout", "20")
+    assert code == 0, err
+    deployed = json.loads(out)
+    assert (deployed["state"], deployed["image_digest"]) == ("FUNCTION_STATE_READY", DIGEST)
+    spec = fake.functions["default/default/echo"].spec
+    assert (spec.image, spec.http_port, spec.served_model_name, spec.registry_secret, spec.health_path) == (
+        "oci-archive:/srv/images/echo.tar", 9000, "acme/Echo-1B", "acme-registry", "/v1/models")  # flags win
+    assert list(spec.args) == ["--port", "9000", "--name", "two words"]
+    assert spec.sample_request == '{"prompt": "hi", "max_tokens": 1}' and dict(spec.env) == {"HF_HOME": "/tmp/hf"}
+    assert spec.policy.start_timeout.seconds == 90 and spec.policy.max_instances == 2
+    assert "validating oci-archive:/srv/images/echo.tar on a node" in err
+    assert err.splitlines()[-1] == f"default/default/echo revision 1: READY, image oci-archive:/srv/images/echo.tar@{DIGEST}"
+
+
+def test_a_failed_deploy_prints_the_nodes_reason_and_output(sched: tuple[FakeScheduler, str],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    _, address = sched
+    code, out, err = _cli(capsys, address, "deploy", "--name", "bad", "--image", "registry.local/broken:1",
+                          "--wait", "--wait-timeout", "20")
+    assert (code, out) == (6, "")
+    lines = err.splitlines()
+    failed = lines.index("snapwake: function default/default/bad revision 1 FAILED:")
+    assert "exit status 3" in lines[failed + 1]
+    assert lines[-2:] == ["Traceback (most recent call last):", "RuntimeError: CUDA driver not found"]
+
+
+def test_deploy_without_wait_prints_the_pending_state(sched: tuple[FakeScheduler, str],
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    _, address = sched
+    code, out, err = _cli(capsys, address, "deploy", "--name", "later", "--image", "ghcr.io/acme/llm:2")
+    assert code == 0 and "state: FUNCTION_STATE_PENDING" in out
+    assert err == "default/default/later revision 1: PENDING, image ghcr.io/acme/llm:2\n"

@@ -11,6 +11,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -94,6 +95,47 @@ async def serve(app: Any) -> AsyncIterator[str]:
         await asyncio.wait_for(task, 10)
 
 
+SERVED = "acme-labs/Echo-1B-Instruct"  # what the "byo" user image calls its model
+
+
+@dataclass
+class ServedUpstream:
+    """A user image that knows its model only as ``SERVED`` (like vLLM's --served-model-name):
+    any other ``model`` is a 404, and its answers name ``SERVED``. Streams go out in pieces of
+    a few bytes, so events reach the gateway cut at arbitrary places."""
+
+    address: str = ""
+    models: list[str] = field(default_factory=list)  # the model of every request it got
+
+    async def chat(self, request: Request) -> Any:
+        body = await request.json()
+        self.models.append(body.get("model"))
+        if body.get("model") != SERVED:
+            return JSONResponse({"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                           "type": "NotFoundError", "param": None, "code": 404}}, 404)
+        if not body.get("stream"):
+            return await _chat(request)
+        whole = b"".join(_chunk(body, i, word + " ") for i, word in enumerate(_words(body)))
+        whole += _chunk(body, 99, None) + b"data: [DONE]\n\n"
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for i in range(0, len(whole), 7):
+                yield whole[i:i + 7]
+                await asyncio.sleep(0.001)
+
+        return StreamingResponse(pieces(), media_type="text/event-stream")
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[ServedUpstream]:
+    upstream = ServedUpstream()
+    app = Starlette(routes=[Route("/v1/chat/completions", upstream.chat, methods=["POST"]),
+                            Route("/v1/completions", upstream.chat, methods=["POST"])])
+    async with serve(app) as address:
+        upstream.address = address
+        yield upstream
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
     app = Starlette(routes=[Route("/v1/chat/completions", _chat, methods=["POST"]),
@@ -103,9 +145,9 @@ async def upstream() -> AsyncIterator[str]:
 
 
 def _fn(name: str, queue_len: int = 8, queue_timeout: float = 5.0, namespace: str = "default",
-        image: str = "", limits: ModelLimits | None = None) -> FunctionInfo:
+        image: str = "", limits: ModelLimits | None = None, served: str = "") -> FunctionInfo:
     return FunctionInfo(f"{TENANT}/{namespace}/{name}", queue_len, queue_timeout, created_unix=1700000000,
-                        image=image, limits=limits)
+                        image=image, limits=limits, served_model_name=served)
 
 
 def _not_serving() -> JSONResponse:
@@ -139,7 +181,7 @@ async def parking() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def scheduler(upstream: str, parked: str, parking: str) -> InMemoryScheduler:
+def scheduler(upstream: str, parked: str, parking: str, served: ServedUpstream) -> InMemoryScheduler:
     s = InMemoryScheduler()
     s.deploy(_fn("parking"), [parking])  # the first claim raced its instance's parking
     s.deploy(_fn("allparked"), [parked, parked])
@@ -151,7 +193,10 @@ def scheduler(upstream: str, parked: str, parking: str) -> InMemoryScheduler:
     s.deploy(_fn("tuned", namespace="team"), [upstream])
     # Built-in, with the model metadata its revision recorded: a context of 64, 100 token ids.
     s.deploy(_fn("small", limits=ModelLimits(max_context_tokens=64, vocab_size=100)), [upstream])
-    s.deploy(_fn("custom", image="registry.local/echo:1"), [upstream])  # a user image
+    s.deploy(_fn("custom", image="docker://registry.local/echo:1"), [upstream])  # a user image
+    # A user image with its own name for its model, in another namespace than the default.
+    s.deploy(_fn("byo", namespace="team", image="oci-archive:/srv/echo.tar", served=SERVED), [served.address],
+             concurrency=4)
     return s
 
 
@@ -459,3 +504,48 @@ async def test_a_body_over_the_limit_is_413_for_every_function(gateway: str, sch
         assert r.status_code == 413 and r.json()["error"]["param"] == "body"
         assert r.json()["error"]["code"] == "request_too_large"
     assert fits.status_code == 200 and scheduler.acquired == ["acme/default/custom"]
+
+
+# --- a user image's own model name ----------------------------------------------------------
+
+async def test_a_user_image_gets_its_served_name_and_the_client_sees_the_public_one(
+        client: openai.AsyncOpenAI, served: ServedUpstream, scheduler: InMemoryScheduler) -> None:
+    chat = await client.chat.completions.create(model="team/byo", messages=[{"role": "user", "content": "a b c"}])
+    assert chat.model == "team/byo" and chat.choices[0].message.content.split() == ["a", "b", "c"]
+    done = await client.completions.create(model="acme/team/byo", prompt="x y")
+    assert done.model == "acme/team/byo"  # the name the client used, as the built-in server echoes it
+    assert served.models == [SERVED, SERVED]
+    await _released(scheduler, "acme/team/byo")
+
+
+async def test_a_user_image_stream_names_the_public_model_in_every_event(
+        client: openai.AsyncOpenAI, served: ServedUpstream, scheduler: InMemoryScheduler) -> None:
+    prompt = "one two three four five six seven"
+    stream = await client.chat.completions.create(model="team/byo", messages=[{"role": "user", "content": prompt}],
+                                                  stream=True)
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks).split() == prompt.split()
+    assert len(chunks) == len(prompt.split()) + 1 and {c.model for c in chunks} == {"team/byo"}
+    assert served.models == [SERVED]
+    await _released(scheduler, "acme/team/byo")
+    assert all(not failed for _, failed in scheduler.released)
+
+
+async def test_a_user_image_answers_raw_bytes_without_its_served_name(gateway: str, served: ServedUpstream) -> None:
+    """Per-function URL (no model in the body) and a raw SSE read: the served name never leaks."""
+    body = {"messages": [{"role": "user", "content": "p q"}], "stream": True}
+    async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        plain = await http.post("/funcs/acme/team/byo/v1/chat/completions", json={**body, "stream": False})
+        async with http.stream("POST", "/funcs/acme/team/byo/v1/chat/completions", json=body) as r:
+            raw = b"".join([piece async for piece in r.aiter_bytes()])
+    assert plain.status_code == 200 and plain.json()["model"] == "team/byo"
+    assert r.status_code == 200 and SERVED.encode() not in raw + plain.content
+    events = [line[6:] for line in raw.split(b"\n") if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]" and {json.loads(e)["model"] for e in events[:-1]} == {"team/byo"}
+    assert served.models == [SERVED, SERVED]
+
+
+async def test_user_images_are_listed_by_their_public_name(client: openai.AsyncOpenAI) -> None:
+    ids = {m.id async for m in client.models.list()}
+    assert {"team/byo", "custom"} <= ids and SERVED not in ids
+    assert (await client.models.retrieve("team/byo")).id == "team/byo"

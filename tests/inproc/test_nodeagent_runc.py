@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -103,6 +104,22 @@ async def test_start_running_serves_then_stops(node: Node, demo_model_dir: Path)
             break
         await asyncio.sleep(0.25)
     assert await _instance(node.store, iid) is None
+
+
+async def test_a_container_that_dies_later_is_failed_with_its_exit_status(node: Node, demo_model_dir: Path) -> None:
+    iid = "i-00000000a002"
+    await node.stub.StartInstance(start_request(iid, demo_model_dir), timeout=120)
+    await asyncio.to_thread(subprocess.run, ["runc", "--root", str(node.config.runc_root), "kill", "sw-" + iid, "KILL"],
+                            check=True, capture_output=True, timeout=20)
+    for _ in range(60):  # the reconcile loop runs every 0.5 s; it marks FAILED, then deletes the container
+        stored = await _instance(node.store, iid)
+        if stored is not None and stored.state == InstanceState.INSTANCE_STATE_FAILED \
+                and runc_ids(node.config.runc_root) == []:
+            break
+        await asyncio.sleep(0.25)
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_FAILED
+    assert "container exited unexpectedly (exit status 137)" in stored.message  # 128 + SIGKILL, from runc run
+    assert runc_ids(node.config.runc_root) == []
 
 
 async def test_failed_start_reports_reason_and_cleans_up(node: Node, demo_model_dir: Path, tmp_path: Path) -> None:

@@ -59,6 +59,8 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
     stops_in_flight_peak: int = 0
     fail_reason: str = ""
     model: ModelMetadata | None = None  # what the real node reads from the model dir at start
+    digest: str = "sha256:" + "d1" * 32  # what the real node's pull resolves a user image to
+    pinned: list[str] = field(default_factory=list)  # StartInstanceRequest.image_digest, per start
     calls: list[tuple[str, int]] = field(default_factory=list)
     server: GrpcServer | None = None
 
@@ -77,10 +79,13 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
     async def StartInstance(self, request: nodeagent_pb2.StartInstanceRequest, context: grpc.aio.ServicerContext
                             ) -> nodeagent_pb2.StartInstanceResponse:
         self.calls.append(("start", request.target))
+        self.pinned.append(request.image_digest)
+        user = request.spec.image not in ("", "builtin")
         inst = await self._put(Instance(id=request.instance_id, function_id=request.function_id,
                                         revision=request.revision, node=self.name, gpu_index=request.gpu_index,
                                         gpu_memory_bytes=request.gpu_memory_bytes, state=InstanceState.INSTANCE_STATE_CREATING,
-                                        model=self.model))
+                                        model=None if user else self.model,
+                                        image_digest=(request.image_digest or self.digest) if user else ""))
         await asyncio.sleep(self.start_delay_s)
         if self.fail_reason:
             inst.state, inst.message = InstanceState.INSTANCE_STATE_FAILED, self.fail_reason
@@ -193,8 +198,16 @@ def stubs(sched: Scheduler) -> tuple[scheduler_pb2_grpc.SchedulerServiceStub, sc
 
 
 def custom(name: str, concurrency: int = 2, max_instances: int = 1) -> FunctionSpec:
-    return FunctionSpec(name=name, image="example/echo:1", command=["serve"],
-                        policy=Policy(concurrency=concurrency, max_instances=max_instances))
+    """A function that is READY as soon as it is created (the built-in image without a snapshot),
+    for the tests of claims and scaling. A user image is PENDING until its deploy validation:
+    see ``user_image``."""
+    return FunctionSpec(name=name, model_dir="/models/echo",
+                        policy=Policy(snapshot_mode=SnapshotMode.SNAPSHOT_MODE_NONE, concurrency=concurrency,
+                                      max_instances=max_instances))
+
+
+def user_image(name: str, image: str = "docker://registry.local/acme/echo:1") -> FunctionSpec:
+    return FunctionSpec(name=name, image=image, served_model_name="acme/Echo-1B", http_port=9000)
 
 
 async def code_of(call: object) -> tuple[grpc.StatusCode, str]:
@@ -400,6 +413,67 @@ async def test_snapshot_build_fails_after_three_attempts(leader: Scheduler, node
     assert entry is not None and entry.value.state == SnapshotState.SNAPSHOT_STATE_FAILED
 
 
+async def test_a_user_image_is_pending_until_validated_then_ready_with_its_digest(
+        leader: Scheduler, node: FakeNode) -> None:
+    admin, claims = stubs(leader)
+    created = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=user_image("byo")), timeout=5)).function
+    assert created.state == FunctionState.FUNCTION_STATE_PENDING and created.image_digest == ""
+    assert created.spec.policy.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_PROCESS
+    fid = created.id
+    await wait_until(lambda: (f := leader.state.function(fid)) is not None
+                     and f.state == FunctionState.FUNCTION_STATE_READY, 10, "function READY")
+    got = (await admin.GetFunction(scheduler_pb2.GetFunctionRequest(function_id=fid), timeout=5)).function
+    assert got.image_digest == node.digest and got.status_message == ""
+    assert node.count("start", nodeagent_pb2.START_TARGET_SNAPSHOT) == 1 and node.pinned == [""]
+    # Every later start of the revision (its standby, a request's) runs the digest the validation
+    # resolved, even though the tag has moved since.
+    node.digest = "sha256:" + "e2" * 32
+    held = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
+    assert held.source in (scheduler_pb2.CLAIM_SOURCE_NORMAL_START, scheduler_pb2.CLAIM_SOURCE_COLD_START)
+    assert len(node.pinned) >= 2 and set(node.pinned[1:]) == {got.image_digest}
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=held.claim_id), timeout=5)
+    # A new revision resolves its image again.
+    spec = user_image("byo")
+    spec.served_model_name = "acme/Echo-1B-v2"
+    updated = (await admin.UpdateFunction(scheduler_pb2.UpdateFunctionRequest(spec=spec), timeout=5)).function
+    assert (updated.revision, updated.state, updated.image_digest) == (2, FunctionState.FUNCTION_STATE_PENDING, "")
+    await wait_until(lambda: (f := leader.state.function(fid)) is not None and f.revision == 2
+                     and f.state == FunctionState.FUNCTION_STATE_READY, 10, "revision 2 READY")
+    assert leader.state.function(fid).image_digest == node.digest  # type: ignore[union-attr]
+
+
+async def test_a_user_image_that_fails_validation_fails_its_deploy_with_the_nodes_reason(
+        leader: Scheduler, node: FakeNode) -> None:
+    node.fail_reason = ("i-0: the container exited before it was ready (exit status 3); container output:\n"
+                        "Traceback (most recent call last):\nModuleNotFoundError: No module named 'vllm'")
+    node.start_delay_s = 0.0
+    admin, claims = stubs(leader)
+    created = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=user_image("bad")), timeout=5)).function
+    assert created.state == FunctionState.FUNCTION_STATE_PENDING
+    await wait_until(lambda: (f := leader.state.function(created.id)) is not None
+                     and f.state == FunctionState.FUNCTION_STATE_FAILED, 15, "function FAILED")
+    got = (await admin.GetFunction(scheduler_pb2.GetFunctionRequest(function_id=created.id), timeout=5)).function
+    assert got.status_message.startswith("deploy of image registry.local/acme/echo:1 failed after 3 attempts: ")
+    assert "exit status 3" in got.status_message and "No module named 'vllm'" in got.status_message
+    assert got.image_digest == "" and node.count("start") == 3  # never once READY, never a serving start
+    assert node.count("start", nodeagent_pb2.START_TARGET_SNAPSHOT) == 3
+    code, details = await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=created.id),
+                                                      timeout=5))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "No module named 'vllm'" in details
+
+
+async def test_a_bad_user_image_reference_is_refused_at_deploy(leader: Scheduler) -> None:
+    admin, _ = stubs(leader)
+    for image, why in (("registry.local/Acme/echo:1", "lowercase"), ("oci-archive:img.tar", "absolute")):
+        code, details = await code_of(admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(
+            spec=user_image("refused", image)), timeout=5))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.image" in details and why in details
+    spec = user_image("refused")
+    spec.env["LD_PRELOAD"] = "/evil.so"
+    code, details = await code_of(admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.env" in details and "LD_PRELOAD" in details
+
+
 async def test_second_scheduler_takes_over(store: Etcd, etcd_server: EtcdProcess) -> None:
     async with running(store, etcd_server) as first, running(store, etcd_server) as second:
         await wait_until(lambda: first.election.is_leader or second.election.is_leader, 10, "a leader")
@@ -472,7 +546,7 @@ async def test_idle_scale_in_and_old_revision_drain(leader: Scheduler, node: Fak
 
 
 def gpu_fn(name: str, gib: int) -> FunctionSpec:
-    return FunctionSpec(name=name, image="example/echo:1", resources=Resources(gpu_count=1, gpu_memory_bytes=gib << 30),
+    return FunctionSpec(name=name, model_dir="/models/echo", resources=Resources(gpu_count=1, gpu_memory_bytes=gib << 30),
                         policy=Policy(snapshot_mode=SnapshotMode.SNAPSHOT_MODE_NONE, concurrency=1))
 
 

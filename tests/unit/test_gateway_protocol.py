@@ -91,7 +91,7 @@ def test_valid_chat_bodies(body: dict[str, object], streaming: bool) -> None:
 
 
 BUILTIN = FunctionInfo("acme/default/m", 8, 5.0, image="builtin", limits=ModelLimits(64, 100))
-USER_IMAGE = FunctionInfo("acme/default/u", 8, 5.0, image="registry.local/echo:1")
+USER_IMAGE = FunctionInfo("acme/default/u", 8, 5.0, image="docker://registry.local/echo:1")
 
 
 @pytest.mark.parametrize(("fn", "path", "change", "field"), [

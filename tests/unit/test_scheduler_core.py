@@ -18,9 +18,10 @@ from google.protobuf.message import Message
 from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.claimtable import ClaimTable
 from services.scheduler.controller import Controller
-from services.scheduler.nodes import NodeUnreachable
+from services.scheduler.crashloop import CrashLoop
+from services.scheduler.nodes import NodeUnreachable, StartRefused
 from services.scheduler.nodes_base import Nodes
-from services.scheduler.nodes_fake import Call, FakeNodeClient, Outcome
+from services.scheduler.nodes_fake import Call, FakeNodeClient, Outcome, fake_digest
 from services.scheduler.snapshots import SnapshotBuilder
 from services.scheduler.starter import Starter
 from services.scheduler.state import ClusterState
@@ -91,7 +92,7 @@ def snapshot(fn: Function, state: int) -> Snapshot:
 class Core:
     """The scheduler's pieces as ``Scheduler`` wires them, over the fakes."""
 
-    def __init__(self, snapshot_attempts: int = 3) -> None:
+    def __init__(self, snapshot_attempts: int = 3, crashes: CrashLoop | None = None) -> None:
         self.etcd = FakeEtcd()
         self.nodes = FakeNodeClient(self.etcd)
         self.state = ClusterState(self.etcd)
@@ -100,7 +101,7 @@ class Core:
         self.starter = Starter(self.state, self.nodes, self.table, stale_after_s=30.0)
         self.broker = ClaimBroker(self.state, self.starter, self.table)
         self.builder = SnapshotBuilder(self.state, self.starter, snapshot_attempts)
-        self.controller = Controller(self.state, self.starter, self.broker, self.queues, self.builder, 0.05)
+        self.controller = Controller(self.state, self.starter, self.broker, self.queues, self.builder, 0.05, crashes)
 
     async def put(self, *values: Message) -> None:
         """Writes values to etcd under their keys and waits until the mirror shows them."""
@@ -446,4 +447,95 @@ async def test_failed_builds_are_retried_then_the_function_fails() -> None:
         assert "after 2 attempts" in message and "weights unreadable" in message
         assert core.nodes.count("start", SNAPSHOT) == 2
     finally:
+        await core.state.stop()
+
+
+# --- user images: validated at deploy, pinned to a digest; failing revisions stop restarting --
+def user_function(name: str = "u", **kwargs: object) -> Function:
+    fn = function(name, mode=SnapshotMode.SNAPSHOT_MODE_PROCESS, state=FunctionState.FUNCTION_STATE_PENDING,
+                  **kwargs)  # type: ignore[arg-type]
+    fn.spec.image = "registry.local/acme/llm:1"
+    return fn
+
+
+async def test_a_user_image_is_validated_then_every_start_is_pinned_to_its_digest(core: Core) -> None:
+    fn = user_function()
+    await core.put(node(), fn)
+    await build_once(core, fn)
+    digest = fake_digest(fn.spec.image)
+    assert [(c.target, c.image_digest) for c in core.nodes.calls] == [(SNAPSHOT, "")]  # it resolves the digest
+    await until(lambda: core.state.function(fn.id).image_digest == digest, "the pinned digest")  # type: ignore[union-attr]
+    await until(lambda: (s := core.state.snapshot(fn.id, 1)) is not None
+                and s.state == SnapshotState.SNAPSHOT_STATE_READY, "the validated revision")
+    await build_once(core, fn)
+    await until(lambda: core.state.function(fn.id).state == FunctionState.FUNCTION_STATE_READY,  # type: ignore[union-attr]
+                "the READY function")
+    ready = core.state.function(fn.id)
+    assert ready is not None and await core.starter.start(ready) is not None
+    assert core.nodes.calls[-1] == Call("start", "node-a", core.nodes.calls[-1].instance_id, RUNNING, digest)
+
+
+async def test_a_user_image_the_node_refuses_fails_its_deploy_without_a_retry(core: Core) -> None:
+    fn = user_function()
+    await core.put(node(), fn)
+    core.nodes.script("start", Outcome(StartRefused("node node-a: start of i-1: manifest unknown: "
+                                                    "registry.local/acme/llm:1")))
+    await build_once(core, fn)
+    await until(lambda: core.state.function(fn.id).state == FunctionState.FUNCTION_STATE_FAILED,  # type: ignore[union-attr]
+                "the FAILED function")
+    message = core.state.function(fn.id).status_message  # type: ignore[union-attr]
+    assert message.startswith("deploy of image registry.local/acme/llm:1 failed after 1 attempt: ")
+    assert "manifest unknown" in message and core.nodes.count("start") == 1
+
+
+async def test_a_revision_whose_starts_keep_failing_is_not_restarted_forever() -> None:
+    core = Core(crashes=CrashLoop(limit=3, window_s=60, base_backoff_s=0.05))
+    await core.state.start()
+    try:
+        fn = function("crashy", min_instances=1)
+        core.nodes.script("start", *[Outcome(errors.StartFailed("i-x: the container exited before it was ready "
+                                                                "(exit status 3)"))] * 10)
+        await core.put(node(), fn)
+        core.controller.start()
+        await until(lambda: core.state.function(fn.id).state == FunctionState.FUNCTION_STATE_FAILED,  # type: ignore[union-attr]
+                    "the FAILED function")
+        message = core.state.function(fn.id).status_message  # type: ignore[union-attr]
+        assert message.startswith("revision 1: 3 instances failed within 60s") and "exit status 3" in message
+        starts = core.nodes.count("start")
+        await asyncio.sleep(0.3)
+        assert starts == core.nodes.count("start") == 3  # and none after
+    finally:
+        await core.controller.stop()
+        await core.state.stop()
+
+
+async def test_instances_that_die_later_count_and_restarts_back_off() -> None:
+    core = Core(crashes=CrashLoop(limit=2, window_s=60, base_backoff_s=0.3))
+    await core.state.start()
+    try:
+        fn = function("dies", min_instances=1)
+        await core.put(node(), fn)
+        core.controller.start()
+
+        async def running_one() -> Instance:
+            await until(lambda: any(i.state == InstanceState.INSTANCE_STATE_RUNNING for i in core.state.instances()),
+                        "a running instance")
+            return next(i for i in core.state.instances() if i.state == InstanceState.INSTANCE_STATE_RUNNING)
+
+        async def dies(inst: Instance) -> None:  # what its node writes when the container exits
+            inst.state, inst.message = InstanceState.INSTANCE_STATE_FAILED, "container exited unexpectedly (exit status 137)"  # type: ignore[assignment]
+            await core.put(inst)
+
+        await dies(await running_one())
+        died_at = time.monotonic()
+        second = await running_one()
+        assert time.monotonic() - died_at >= 0.25  # backed off before starting again
+        assert core.state.function(fn.id).state == FunctionState.FUNCTION_STATE_READY  # type: ignore[union-attr]
+        await dies(second)
+        await until(lambda: core.state.function(fn.id).state == FunctionState.FUNCTION_STATE_FAILED,  # type: ignore[union-attr]
+                    "the FAILED function")
+        assert "exit status 137" in core.state.function(fn.id).status_message  # type: ignore[union-attr]
+        assert core.nodes.count("start") == 2
+    finally:
+        await core.controller.stop()
         await core.state.stop()

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from services.scheduler.spec import DEFAULT_SAMPLE_REQUEST, normalize, split_function_id
+from services.scheduler.spec import DEFAULT_SAMPLE_REQUEST, normalize, split_function_id, validated_at_deploy
 from snapwake.errors import InvalidArgument
 from snapwake.v1.types_pb2 import FunctionSpec, Policy, Resources, SnapshotMode
 
@@ -16,7 +16,7 @@ def base() -> FunctionSpec:
 
 
 def custom() -> FunctionSpec:
-    return FunctionSpec(name="svc", image="ghcr.io/acme/svc:1", command=["serve"])
+    return FunctionSpec(name="svc", image="docker://ghcr.io/acme/svc:1", command=["serve"])
 
 
 def with_(make: Callable[[], FunctionSpec], **changes: object) -> Callable[[], FunctionSpec]:
@@ -68,6 +68,32 @@ BAD = [
     ("spec.policy.queue_timeout", with_(base, policy__queue_timeout__seconds=-1)),
     ("spec.policy.idle_timeout", with_(base, policy__idle_timeout__seconds=10 ** 6)),
     ("spec.policy.start_timeout", with_(base, policy__start_timeout__seconds=-5)),
+    # user images
+    ("spec.image", with_(custom, image="docker://ghcr.io/acme/Svc:1")),
+    ("spec.image", with_(custom, image="docker://ghcr.io/acme/svc:-bad")),
+    ("spec.image", with_(custom, image="docker://ghcr.io/acme/svc@sha256:abc")),
+    ("spec.image", with_(custom, image="oci-archive:relative/img.tar")),
+    ("spec.image", with_(custom, image="docker://registry:99999/svc:1")),
+    ("spec.image", with_(custom, image="docker://ghcr.io/acme/svc :1")),
+    ("spec.http_port", with_(custom, http_port=65536)),
+    ("spec.health_path", with_(custom, health_path="v1/models")),
+    ("spec.health_path", with_(custom, health_path="/he alth")),
+    ("spec.sample_request", with_(custom, sample_request="{oops")),
+    ("spec.sample_request", with_(custom, sample_request='{"model": 7}')),
+    ("spec.served_model_name", with_(custom, served_model_name="has space")),
+    ("spec.served_model_name", with_(custom, served_model_name="-leading-dash")),
+    ("spec.served_model_name", with_(custom, served_model_name="x" * 300)),
+    ("spec.served_model_name", with_(base, served_model_name="m")),  # builtin: not its business
+    ("spec.registry_secret", with_(custom, registry_secret="user:password")),
+    ("spec.registry_secret", with_(custom, registry_secret="Bearer abc")),
+    ("spec.registry_secret", with_(base, registry_secret="ghcr")),
+    ("spec.args", with_(base, args=["--x"])),
+    ("spec.args", with_(custom, args=["a\0b"])),
+    ("spec.env", with_(custom, env={"LD_PRELOAD": "/x.so"})),
+    ("spec.env", with_(custom, env={"PYTHONPATH": "/x"})),
+    ("spec.env", with_(base, env={"SNAPWAKE_CONTROL_SOCKET": "/x"})),
+    ("spec.env", with_(custom, env={"CUDA_VISIBLE_DEVICES": "1"})),
+    ("spec.model_dir", with_(custom, model_dir="models/rel")),
 ]
 
 
@@ -90,10 +116,38 @@ def test_defaults_for_builtin() -> None:
 
 
 def test_defaults_for_custom_image() -> None:
+    # A user image is checkpointed whole (process mode) with one standby per node, warmed up by
+    # the same one-token chat as the builtin; its readiness path is left to the node (/health,
+    # then /v1/models), its digest to the deploy validation.
     spec = normalize(custom())
-    assert spec.policy.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_NONE
-    assert spec.policy.standby_per_node == 0
-    assert spec.sample_request == ""
+    assert spec.policy.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_PROCESS
+    assert spec.policy.standby_per_node == 1
+    assert spec.sample_request == DEFAULT_SAMPLE_REQUEST
+    assert (spec.http_port, spec.health_path, spec.model_dir) == (8000, "", "")
+    assert validated_at_deploy(spec)
+
+
+def test_a_user_image_spec_keeps_what_it_was_given() -> None:
+    given = with_(custom, image="oci-archive:/srv/images/llm.tar", args=["--port", "9000", ""], http_port=9000,
+                  health_path="/v1/models", served_model_name="Qwen/Qwen2.5-0.5B-Instruct",
+                  registry_secret="ghcr-acme", sample_request='{"prompt": "hi", "max_tokens": 1}',
+                  model_dir="/models/q", env={"HF_HOME": "/tmp/hf"},
+                  policy__snapshot_mode=SnapshotMode.SNAPSHOT_MODE_NONE)()
+    spec = normalize(given)
+    assert list(spec.args) == ["--port", "9000", ""]  # an empty argument is a real one
+    assert (spec.http_port, spec.health_path, spec.served_model_name, spec.registry_secret) == (
+        9000, "/v1/models", "Qwen/Qwen2.5-0.5B-Instruct", "ghcr-acme")
+    assert spec.sample_request == '{"prompt": "hi", "max_tokens": 1}' and spec.model_dir == "/models/q"
+    assert spec.policy.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_NONE and spec.policy.standby_per_node == 0
+    assert validated_at_deploy(spec)  # even without a snapshot: a user image is validated at deploy
+
+
+@pytest.mark.parametrize(("mode", "pending"), [
+    (SnapshotMode.SNAPSHOT_MODE_ARENA, True), (SnapshotMode.SNAPSHOT_MODE_PROCESS, False),
+    (SnapshotMode.SNAPSHOT_MODE_NONE, False),
+])
+def test_a_builtin_revision_waits_only_for_an_arena_snapshot(mode: int, pending: bool) -> None:
+    assert validated_at_deploy(normalize(with_(base, policy__snapshot_mode=mode)())) is pending
 
 
 def test_explicit_values_are_kept_and_input_untouched() -> None:

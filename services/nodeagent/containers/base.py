@@ -31,10 +31,20 @@ class ContainerState:
     status: ContainerStatus
     # Host pid of the container's init (0 once it stopped).
     pid: int
+    # How init ended, once STOPPED: its exit code, or -N when signal N killed it. None while it
+    # runs, and when the runtime cannot tell.
+    exit_code: int | None = None
 
     @property
     def alive(self) -> bool:
         return self.status in (ContainerStatus.CREATED, ContainerStatus.RUNNING, ContainerStatus.PAUSED)
+
+    def ended(self) -> str:
+        """How it ended, for a failure message: "exit status 3", "killed by signal 9", or
+        "exit status unknown"."""
+        if self.exit_code is None:
+            return "exit status unknown"
+        return f"killed by signal {-self.exit_code}" if self.exit_code < 0 else f"exit status {self.exit_code}"
 
 
 class Containers(abc.ABC):

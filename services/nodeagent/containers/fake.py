@@ -46,7 +46,7 @@ class FakeContainers(Containers):
             return None
         if proc.returncode is None:
             return ContainerState(container_id, ContainerStatus.RUNNING, proc.pid)
-        return ContainerState(container_id, ContainerStatus.STOPPED, 0)
+        return ContainerState(container_id, ContainerStatus.STOPPED, 0, proc.returncode)
 
     async def kill(self, container_id: str, signal: str = "KILL") -> None:
         proc = self._procs.get(container_id)

@@ -2,15 +2,22 @@
 
 Because the root directory is ours, ``runc list`` shows exactly the containers a previous run
 of this nodeagent left behind, which is what orphan clean-up needs. Every call has a timeout.
+
+A container runs under a ``runc run --keep`` that stays in the foreground (not ``--detach``):
+it is this process's child, relays the container's output to the log and exits with its init's
+exit status (128+N after signal N), which is how a dead container's exit status is known. The
+container stays (stopped) until ``delete``, as a detached one would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import subprocess
+import time
 from pathlib import Path
 
 from services.nodeagent.containers.base import Containers, ContainerState, ContainerStatus
@@ -33,6 +40,8 @@ class RuncContainers(Containers):
     def __init__(self, root: Path, binary: str = "runc", prefix: str = "sw-", timeout: float = 20.0) -> None:
         self.root, self.binary, self.prefix, self.timeout = Path(root), binary, prefix, timeout
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Container id -> its foreground ``runc run``, until the container is deleted.
+        self._runs: dict[str, asyncio.subprocess.Process] = {}
 
     async def _runc(self, *args: str, stdout: int | object = subprocess.PIPE,
                     stderr: int | object = subprocess.PIPE) -> tuple[int, str, str]:
@@ -54,22 +63,41 @@ class RuncContainers(Containers):
 
     async def run(self, container_id: str, bundle: Path, log_path: Path) -> int:
         pid_file = bundle / "init.pid"
-        # Detached without a terminal, the container inherits runc's stdio: handing runc the
-        # log file makes it the model server's stdout/stderr (runc's own errors land there too).
+        pid_file.unlink(missing_ok=True)
+        # runc relays the container's stdout/stderr to its own: the log file (its own errors too).
         with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - an append-open, no I/O wait
-            rc, _, _ = await self._runc("run", "--detach", "--bundle", str(bundle), "--pid-file",
-                                        str(pid_file), container_id, stdout=log_file, stderr=log_file)
-        if rc != 0:
-            raise errors.Unavailable(f"runc run {container_id} failed (rc {rc}): {_tail(log_path, 600)}")
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    self.binary, "--root", str(self.root), "run", "--keep", "--bundle", str(bundle), "--pid-file",
+                    str(pid_file), container_id, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                    start_new_session=True)
+            except OSError as exc:
+                raise errors.Unavailable(f"cannot execute runc ({self.binary}): {exc}") from exc
+        self._runs[container_id] = proc
+        deadline = time.monotonic() + self.timeout
+        while not pid_file.exists():  # runc renames it into place once init runs
+            if proc.returncode is not None or time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                rc = await proc.wait()
+                self._runs.pop(container_id, None)
+                raise errors.Unavailable(f"runc run {container_id} failed (rc {rc}): {_tail(log_path, 600)}")
+            await asyncio.sleep(0.01)
         return int(pid_file.read_text().strip())
 
     async def state(self, container_id: str) -> ContainerState | None:
         rc, out, err = await self._runc("state", container_id)
+        run = self._runs.get(container_id)
         if rc != 0:
             if "does not exist" in err or "not exist" in err:
                 return None
             raise errors.Unavailable(f"runc state {container_id} failed: {err.strip()}")
-        return _parse(json.loads(out))
+        state = _parse(json.loads(out))
+        if not state.alive and run is not None:
+            with contextlib.suppress(TimeoutError):  # runc exits right after its init
+                await asyncio.wait_for(asyncio.shield(run.wait()), 1.0)
+            state = dataclasses.replace(state, exit_code=run.returncode)
+        return state
 
     async def kill(self, container_id: str, signal: str = "KILL") -> None:
         rc, _, err = await self._runc("kill", container_id, signal)
@@ -80,6 +108,10 @@ class RuncContainers(Containers):
         rc, _, err = await self._runc("delete", "--force", container_id)
         if rc != 0 and "not exist" not in err:
             raise errors.Unavailable(f"runc delete {container_id} failed: {err.strip()}")
+        run = self._runs.pop(container_id, None)
+        if run is not None:  # its init is gone: runc exits at once
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.wait(), self.timeout)
 
     async def list(self) -> list[ContainerState]:
         rc, out, err = await self._runc("list", "--format", "json")

@@ -1,0 +1,111 @@
+"""What starting a user image needs from two parts beside the nodeagent core, as interfaces.
+
+    ImageSource  the node's digest-keyed image cache (``services/nodeagent/images``): pulls a
+                 reference and returns the unpacked image with its OCI config
+    Sandbox      the isolated container for a user image (``services/nodeagent/container.py``):
+                 writes its OCI bundle (user and network namespaces, seccomp, cgroups) and makes
+                 its server reachable from the host (the forwarder)
+
+``userimage.py`` is written against these; the agent holds one of each (``NodeAgent.images``,
+``NodeAgent.sandbox``), None on a node that runs only the built-in image. This module imports
+nothing else from the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["Image", "ImageConfig", "ImageSource", "Sandbox", "UserContainer"]
+
+
+class ImageConfig(Protocol):
+    """The parts of an image's OCI config a start reads."""
+
+    @property
+    def entrypoint(self) -> Sequence[str]: ...
+
+    @property
+    def cmd(self) -> Sequence[str]: ...
+
+    @property
+    def env(self) -> Sequence[str] | Mapping[str, str]:
+        """``KEY=VALUE`` items as in the OCI config (or a mapping)."""
+        ...
+
+    @property
+    def working_dir(self) -> str: ...
+
+    @property
+    def user(self) -> str: ...
+
+
+class Image(Protocol):
+    """One pulled and unpacked image."""
+
+    @property
+    def digest(self) -> str:
+        """The manifest digest, ``sha256:...``: the same bytes on every node."""
+        ...
+
+    @property
+    def rootfs(self) -> Path: ...
+
+    @property
+    def config(self) -> ImageConfig: ...
+
+    @property
+    def size_bytes(self) -> int: ...
+
+
+class ImageSource(Protocol):
+    async def pull(self, text: str, secret: str | None = None, *, timeout: float) -> Image:
+        """The image ``text`` names (``snapwake.imageref`` syntax; a pinned one by digest),
+        pulled with the operator-registered credential named ``secret``, from the cache when it
+        holds that digest. Raises ``InvalidArgument``/``NotFound`` for a reference no retry
+        can pull, ``Unavailable`` or ``StartFailed`` otherwise, ``DeadlineExceeded`` past
+        ``timeout`` seconds."""
+        ...
+
+
+@dataclass(frozen=True)
+class UserContainer:
+    """Everything the sandbox needs to build one user-image container."""
+
+    instance_id: str
+    function_id: str
+    image: Image
+    # The command line (Entrypoint/Cmd after the spec's command/args), environment and cwd.
+    args: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: str
+    user: str
+    # The server listens on container_port inside the container's own network namespace; the
+    # gateway reaches it at 127.0.0.1:host_port on the node.
+    container_port: int
+    host_port: int
+    instance_dir: Path
+    # Read-only model directory to mount at the same path ("" for none).
+    model_dir: str
+    gpu: bool
+    gpu_index: int
+    gpu_memory_bytes: int
+    cpu_millis: int
+    host_memory_bytes: int
+
+
+class Sandbox(Protocol):
+    def bundle(self, container: UserContainer) -> Path:
+        """Writes the container's OCI bundle under ``container.instance_dir``; returns its dir."""
+        ...
+
+    async def expose(self, container: UserContainer, pid: int) -> None:
+        """Makes ``container_port`` in the running container (init ``pid``) answer on
+        ``127.0.0.1:host_port`` on the node, until ``release``."""
+        ...
+
+    async def release(self, instance_id: str) -> None:
+        """Undoes ``expose`` (idempotent; the container is gone or going)."""
+        ...
