@@ -453,7 +453,7 @@ async def test_a_user_image_that_fails_validation_fails_its_deploy_with_the_node
     await wait_until(lambda: (f := leader.state.function(created.id)) is not None
                      and f.state == FunctionState.FUNCTION_STATE_FAILED, 15, "function FAILED")
     got = (await admin.GetFunction(scheduler_pb2.GetFunctionRequest(function_id=created.id), timeout=5)).function
-    assert got.status_message.startswith("deploy of image registry.local/acme/echo:1 failed after 3 attempts: ")
+    assert got.status_message.startswith("deploy of image docker://registry.local/acme/echo:1 failed after 3 attempts: ")
     assert "exit status 3" in got.status_message and "No module named 'vllm'" in got.status_message
     assert got.image_digest == "" and node.count("start") == 3  # never once READY, never a serving start
     assert node.count("start", nodeagent_pb2.START_TARGET_SNAPSHOT) == 3
