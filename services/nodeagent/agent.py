@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,11 +21,13 @@ from pathlib import Path
 import grpc
 import httpx
 
-from services.nodeagent import probe
+from services.nodeagent import cgroups, probe
 from services.nodeagent.admission import DriverGate
 from services.nodeagent.config import NodeAgentConfig
+from services.nodeagent.container import cgroup_path, control_socket
 from services.nodeagent.containers import Containers
-from services.nodeagent.gpu import Checkpointer
+from services.nodeagent.forward import Forwarder
+from services.nodeagent.gpu import Checkpointer, NodeGpus
 from services.nodeagent.machine import InstanceMachine, activity_move
 from snapwake import errors, keys
 from snapwake.etcd import EtcdClient, LeaseKeeper
@@ -45,9 +48,13 @@ class Live:
     machine: InstanceMachine
     container_id: str
     dir: Path
+    # The port the instance listens on inside its network namespace.
     port: int
     gpu: bool
     pid: int = 0
+    # The host listener that carries connections to ``port`` (its endpoint is the instance's).
+    forwarder: Forwarder | None = None
+    memory_limit: int = 0
     # SNAPSHOT_MODE_PROCESS: standby, restore and suspend are whole-process driver checkpoints.
     process_mode: bool = False
     # Serialises the flows on one instance; the reconcile loop skips a locked instance.
@@ -59,7 +66,7 @@ class Live:
 
     @property
     def control_socket(self) -> Path:
-        return self.dir / "control.sock"
+        return control_socket(self.dir)
 
     @property
     def log_path(self) -> Path:
@@ -71,9 +78,11 @@ class NodeAgent:
 
     def __init__(self, config: NodeAgentConfig, etcd: EtcdClient, containers: Containers,
                  checkpointer: Checkpointer, gpus: list[types_pb2.Gpu], host_memory: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, node_gpus: NodeGpus | None = None) -> None:
         self.config, self.etcd, self.containers, self.checkpointer = config, etcd, containers, checkpointer
         self.gpus, self.host_memory, self.clock = gpus, host_memory, clock
+        # The GPUs' device nodes and driver files containers are given (``gpu.devices``).
+        self.node_gpus = node_gpus or NodeGpus()
         self.instances: dict[str, Live] = {}
         # Driver restores before checkpoints, each kind capped (``admission``).
         self.gate = DriverGate(config.max_concurrent_restores, config.max_concurrent_checkpoints)
@@ -94,6 +103,7 @@ class NodeAgent:
         """Cleans up a previous run, takes the lease, registers the node, starts reconciling."""
         config = self.config
         config.instances_dir.mkdir(parents=True, exist_ok=True)
+        _make_traversable(config.instances_dir, Path(config.state_dir))
         await self.cleanup_orphans()
         await self.lease.start()
         await self.register()
@@ -169,13 +179,22 @@ class NodeAgent:
 
     # --- containers ----------------------------------------------------------------------
     async def destroy(self, live: Live) -> None:
-        """Kills and deletes the container (bounded); the instance dir stays for its logs."""
+        """Closes its forwarder, kills and deletes the container (bounded); the instance dir
+        stays for its logs."""
+        if live.forwarder is not None:
+            await live.forwarder.close()
         with contextlib.suppress(errors.SnapwakeError):
             await self.containers.kill(live.container_id, "KILL")
         try:
             await self.containers.delete(live.container_id)
         except errors.SnapwakeError as exc:
             log.error("cannot delete container %s: %s", live.container_id, exc, extra={"instance_id": live.id})
+
+    async def exit_reason(self, live: Live) -> str:
+        """Why a container that is gone went (read before it is deleted, with its cgroup)."""
+        if await asyncio.to_thread(cgroups.oom_kills, cgroup_path(self.config, live.id)):
+            return f"out of memory (limit {live.memory_limit >> 20} MiB)"
+        return "container exited unexpectedly"
 
     async def fail(self, live: Live, reason: str) -> None:
         """Marks the instance FAILED with ``reason`` and removes its container."""
@@ -223,7 +242,7 @@ class NodeAgent:
             return
         state = await self.containers.state(live.container_id)
         if state is None or not state.alive:
-            await self.fail(live, "container exited unexpectedly; output:\n" + probe.tail(live.log_path, 1500))
+            await self.fail(live, await self.exit_reason(live) + "; output:\n" + probe.tail(live.log_path, 1500))
             return
         changed = False
         if machine.state in SERVING:
@@ -249,6 +268,22 @@ class NodeAgent:
         if cached != sorted(self.cached_snapshots):
             self.cached_snapshots = cached
             await self.register()
+
+
+def _make_traversable(path: Path, own: Path) -> None:
+    """runc sets a container up as the container's (unprivileged) root, which must be able to
+    walk to the bundle's rootfs: gives ``own`` and what is below it down to ``path`` o+x (not
+    o+r: nobody else can list them) and checks the dirs above."""
+    part = path
+    while True:
+        part.chmod(stat.S_IMODE(part.stat().st_mode) | 0o011)
+        if part == own or part == part.parent:
+            break
+        part = part.parent
+    for parent in own.resolve().parents:
+        if parent.stat().st_mode & 0o001 == 0:
+            raise errors.Unavailable(f"state_dir: {parent} must be searchable by others (o+x) for "
+                                     "containers in a user namespace to start")
 
 
 def _note_memory(inst: types_pb2.Instance, mem: probe.HostMemory) -> bool:

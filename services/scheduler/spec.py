@@ -12,6 +12,7 @@ import re
 
 from google.protobuf.duration_pb2 import Duration
 
+from snapwake.envkeys import forbidden_env_key
 from snapwake.errors import InvalidArgument
 from snapwake.v1.types_pb2 import FunctionSpec, SnapshotMode
 
@@ -101,9 +102,12 @@ def _image(spec: FunctionSpec) -> None:
             raise InvalidArgument(f"spec.sample_request is not JSON: {exc}", field="spec.sample_request") from exc
         if not isinstance(body, dict):
             raise InvalidArgument("spec.sample_request must be a JSON object", field="spec.sample_request")
-    for key in spec.env:
+    for key in sorted(spec.env):
         if not _ENV.fullmatch(key):
             raise InvalidArgument(f"spec.env key {key!r} is not a valid variable name", field="spec.env")
+        why = forbidden_env_key(key)
+        if why is not None:
+            raise InvalidArgument(f"spec.env: {key} may not be set (it steers {why})", field="spec.env")
 
 
 def _resources(spec: FunctionSpec) -> None:
