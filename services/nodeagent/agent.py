@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import stat
 import time
@@ -93,6 +94,10 @@ class NodeAgent:
         self._reconciler: asyncio.Task[None] | None = None
         self._registered_at = float("-inf")
 
+    def rootfs_path(self, instance_id: str) -> Path:
+        """Where the instance's container gets its private root dir (``write_bundle``'s ``rootfs``)."""
+        return self.config.rootfs_base / instance_id
+
     @property
     def blob_channel(self) -> grpc.aio.Channel:
         """The channel to this node's blobstore."""
@@ -103,7 +108,7 @@ class NodeAgent:
         """Cleans up a previous run, takes the lease, registers the node, starts reconciling."""
         config = self.config
         config.instances_dir.mkdir(parents=True, exist_ok=True)
-        _make_traversable(config.instances_dir, Path(config.state_dir))
+        _prepare_rootfs_base(config.rootfs_base)
         await self.cleanup_orphans()
         await self.lease.start()
         await self.register()
@@ -120,7 +125,10 @@ class NodeAgent:
                              return_exceptions=True)
         for live in list(self.instances.values()):
             shutil.rmtree(live.dir, ignore_errors=True)
+            shutil.rmtree(self.rootfs_path(live.id), ignore_errors=True)
         self.instances.clear()
+        with contextlib.suppress(OSError):  # empty now; a node that comes back makes it again
+            self.config.rootfs_base.rmdir()
         await self.lease.stop(revoke=True)
         await self.http.aclose()
         await self._blob_channel.close()
@@ -131,7 +139,7 @@ class NodeAgent:
             log.warning("removing orphan container %s (pid %d)", state.id, state.pid)
             await self.containers.kill(state.id)
             await self.containers.delete(state.id)
-        for path in self.config.instances_dir.iterdir():
+        for path in (*self.config.instances_dir.iterdir(), *self.config.rootfs_base.iterdir()):
             shutil.rmtree(path, ignore_errors=True)
         old = await self.etcd.get(keys.node_key(self.config.name), types_pb2.Node)
         if old is not None and old.lease:  # the old lease may still run for a few seconds
@@ -210,6 +218,7 @@ class NodeAgent:
         with contextlib.suppress(Exception):
             await self.etcd.delete(keys.instance_key(live.id))
         shutil.rmtree(live.dir, ignore_errors=True)
+        shutil.rmtree(self.rootfs_path(live.id), ignore_errors=True)
 
     # --- reconcile -----------------------------------------------------------------------
     async def _reconcile_forever(self) -> None:
@@ -270,20 +279,18 @@ class NodeAgent:
             await self.register()
 
 
-def _make_traversable(path: Path, own: Path) -> None:
-    """runc sets a container up as the container's (unprivileged) root, which must be able to
-    walk to the bundle's rootfs: gives ``own`` and what is below it down to ``path`` o+x (not
-    o+r: nobody else can list them) and checks the dirs above."""
-    part = path
-    while True:
-        part.chmod(stat.S_IMODE(part.stat().st_mode) | 0o011)
-        if part == own or part == part.parent:
-            break
-        part = part.parent
-    for parent in own.resolve().parents:
-        if parent.stat().st_mode & 0o001 == 0:
-            raise errors.Unavailable(f"state_dir: {parent} must be searchable by others (o+x) for "
-                                     "containers in a user namespace to start")
+def _prepare_rootfs_base(base: Path) -> None:
+    """Makes the node's root-dir base: runc mounts a container's root dir as the container's
+    (unprivileged) root, which must be able to walk there, and nobody but us may write on the
+    way (a dir someone else owns or can write could swap what the container sees)."""
+    base.mkdir(mode=0o711, parents=True, exist_ok=True)
+    base.chmod(0o711)
+    for path in (base, *base.parents):
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode) or st.st_mode & 0o001 == 0:
+            raise errors.Unavailable(f"rootfs_dir: {path} must be a directory searchable by others (o+x)")
+        if path.is_relative_to(base.parent) and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
+            raise errors.Unavailable(f"rootfs_dir: {path} must be ours and writable by nobody else")
 
 
 def _note_memory(inst: types_pb2.Instance, mem: probe.HostMemory) -> bool:

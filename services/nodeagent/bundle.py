@@ -202,8 +202,8 @@ def _linux(spec: BundleSpec) -> dict[str, Any]:
     return linux
 
 
-def build_config(spec: BundleSpec) -> dict[str, Any]:
-    """The OCI runtime config (config.json) for ``spec``."""
+def build_config(spec: BundleSpec, root: str = "rootfs") -> dict[str, Any]:
+    """The OCI runtime config (config.json) for ``spec`` with its root dir at ``root``."""
     uid, gid = spec.user
     return {
         "ociVersion": "1.0.2",
@@ -213,7 +213,7 @@ def build_config(spec: BundleSpec) -> dict[str, Any]:
                     "capabilities": {k: [] for k in ("bounding", "effective", "inheritable", "permitted", "ambient")},
                     "rlimits": [{"type": "RLIMIT_CORE", "hard": 0, "soft": 0}],
                     "noNewPrivileges": True, "oomScoreAdj": _OOM_SCORE_ADJ},
-        "root": {"path": "rootfs", "readonly": True},
+        "root": {"path": root, "readonly": True},
         "hostname": spec.hostname,
         "mounts": [*_own_mounts(spec.limits), *_binds(spec)],
         "linux": _linux(spec),
@@ -257,10 +257,13 @@ def _mount_points(spec: BundleSpec) -> list[tuple[str, bool]]:
     return points
 
 
-def write_bundle(bundle_dir: Path, spec: BundleSpec) -> Path:
-    """Writes ``bundle_dir/config.json`` and the private rootfs: its symlinks, files and mount
-    points, all owned by host root (the container's root sees them as nobody's, read-only)."""
-    rootfs = bundle_dir / "rootfs"
+def write_bundle(bundle_dir: Path, spec: BundleSpec, rootfs: Path | None = None) -> Path:
+    """Writes ``bundle_dir/config.json`` and the private root dir (``rootfs``, default
+    ``bundle_dir/rootfs``): its symlinks, files and mount points, all owned by host root (the
+    container's root sees them as nobody's, read-only). runc mounts the root dir from inside the
+    user namespace, so every dir above it must be searchable by others."""
+    rootfs = rootfs or bundle_dir / "rootfs"
+    bundle_dir.mkdir(parents=True, exist_ok=True)
     rootfs.mkdir(parents=True, exist_ok=True)
     rootfs.chmod(0o755)
     for name, target in spec.symlinks:
@@ -285,5 +288,5 @@ def write_bundle(bundle_dir: Path, spec: BundleSpec) -> Path:
             path.touch(exist_ok=True)
     config = bundle_dir / "config.json"
     config.touch(mode=0o600)  # its env may hold a tenant's secrets; runc reads it as host root
-    config.write_text(json.dumps(build_config(spec), indent=1))
+    config.write_text(json.dumps(build_config(spec, str(rootfs.absolute())), indent=1))
     return bundle_dir

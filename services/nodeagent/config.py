@@ -70,6 +70,9 @@ class NodeAgentConfig:
     model_roots: tuple[str, ...] = field(default=_DEV_MODEL_ROOTS, metadata=_help(
         "directories a spec's model_dir must resolve under, comma separated (default: the dev and "
         "test locations; set it on a real node)"))
+    rootfs_dir: str = field(default="/run/snapwake/rootfs", metadata=_help(
+        "containers' private root dirs ({rootfs_dir}/{name}/{instance}); runc mounts them from inside "
+        "the user namespace, so this dir and those above it must be searchable by others"))
     userns_base: int = field(default=100_000, metadata=_help(
         "host uid and gid of a container's root; container ids 0..userns_size-1 map from here"))
     userns_size: int = field(default=65_536, metadata=_help("ids mapped into a container's user namespace"))
@@ -99,6 +102,11 @@ class NodeAgentConfig:
     def instance_host(self) -> str:
         """Where instances are reached: the forwarders' listen address."""
         return self.endpoint_host or parse_address(self.advertise_address)[0]
+
+    @property
+    def rootfs_base(self) -> Path:
+        """This node's containers' root dirs."""
+        return Path(self.rootfs_dir) / self.name
 
     @property
     def instances_dir(self) -> Path:
@@ -147,6 +155,8 @@ class NodeAgentConfig:
     def _sandbox_problems(self) -> list[str]:
         bad = [f"model_roots: {root!r} must be an absolute directory other than /"
                for root in self.model_roots if not root.startswith("/") or os.path.realpath(root) == "/"]
+        if not self.rootfs_dir.startswith("/"):
+            bad.append(f"rootfs_dir: must be an absolute path, got {self.rootfs_dir!r}")
         if self.userns_base < 1 or self.userns_size < 1 or self.userns_base + self.userns_size > 1 << 32:
             bad.append(f"userns_base/userns_size: need base >= 1 (host root is never mapped) and a range "
                        f"below 2^32, got {self.userns_base}+{self.userns_size}")

@@ -131,13 +131,16 @@ async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, last: list
         dst.write_eof()
 
 
-async def _splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                  b: tuple[asyncio.StreamReader, asyncio.StreamWriter], idle_s: float) -> None:
-    """Both directions until both ended, one failed, or nothing moved for ``idle_s``."""
+async def _splice(client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                  server: tuple[asyncio.StreamReader, asyncio.StreamWriter], idle_s: float) -> None:
+    """Both directions until the server's side ended (an HTTP server that closes is done; a
+    client that half-closes still gets its answer), one failed, or nothing moved for ``idle_s``."""
     last = [time.monotonic()]
-    pending = {asyncio.ensure_future(_pump(a[0], b[1], last)), asyncio.ensure_future(_pump(b[0], a[1], last))}
+    up = asyncio.ensure_future(_pump(client[0], server[1], last))
+    down = asyncio.ensure_future(_pump(server[0], client[1], last))
+    pending = {up, down}
     try:
-        while pending:
+        while down in pending:
             left = last[0] + idle_s - time.monotonic()
             if left <= 0:
                 return
@@ -210,6 +213,10 @@ class Forwarder:
             await _splice((reader, writer), (inner_reader, inner), self.idle_timeout)
         except (OSError, TimeoutError) as exc:
             log.debug("forward to port %d: %s", self.target_port, exc)
+        except asyncio.CancelledError:
+            # ``close`` cancels the connections it drops; asyncio's server callback would log a
+            # cancelled handler as an error, and nobody waits on this task but ``close``.
+            pass
         finally:
             self._conns.discard(task)
             await _close(writer)

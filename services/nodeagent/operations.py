@@ -197,7 +197,8 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
             idir.mkdir(parents=True, exist_ok=True)
             make_work_dir(idir, IdMap(agent.config.userns_base, agent.config.userns_size))
             gpu = agent.node_gpus.access(req.gpu_index) if use_gpu else None
-            bundle = write_bundle(idir / "bundle", bundle_spec(agent.config, req, plan, port, idir, gpu))
+            bundle = write_bundle(idir / "bundle", bundle_spec(agent.config, req, plan, port, idir, gpu),
+                                  agent.rootfs_path(req.instance_id))
             await agent.move(live, plan.first)
             if plan is StartPlan.STANDBY and not live.process_mode:  # a corrupt snapshot fails here, marked
                 await integrity.prewarm(agent.blob_channel, agent.etcd, agent.config.name, inst,

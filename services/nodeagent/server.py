@@ -15,8 +15,8 @@ from services.nodeagent.containers import Containers, FakeContainers, RuncContai
 from services.nodeagent.gpu import (
     Checkpointer,
     CudaCheckpointer,
-    NoGpuCheckpointer,
     NodeGpus,
+    NoGpuCheckpointer,
     device_minors,
     devices,
     discover,

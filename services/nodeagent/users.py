@@ -79,7 +79,7 @@ def read_in_root(root: Path, path: str) -> str | None:
 
 def parse_passwd(text: str) -> dict[str, tuple[int, int, str]]:
     """name -> (uid, gid, home) of an /etc/passwd text; malformed lines are skipped."""
-    out = {}
+    out: dict[str, tuple[int, int, str]] = {}
     for line in text.splitlines():
         fields = line.split(":")
         if len(fields) >= 7 and fields[2].isdigit() and fields[3].isdigit():

@@ -98,6 +98,7 @@ class Harness:
 async def harness() -> AsyncIterator[Harness]:
     # A short state dir: Unix socket paths (instance control sockets) are limited to 107 bytes.
     state = Path(tempfile.mkdtemp(prefix="swun-", dir="/tmp"))
+    os.chmod(state, 0o711)  # the containers' root dirs are below it (rootfs_dir)
     python = state / "python"  # the container's "python -m modelserver" runs the stub
     python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STUB}" "$@"\n')
     python.chmod(0o755)
@@ -105,7 +106,7 @@ async def harness() -> AsyncIterator[Harness]:
         name="node-u", listen="127.0.0.1:7070", blobstore=f"127.0.0.1:{free_port()}", state_dir=str(state),
         handover_socket=str(state / "hs" / "handover.sock"), containers="fake", python=str(python),
         lease_ttl=2, gpus="none", start_timeout=10, reconcile_interval=3600, ended_linger=5,
-        model_roots=(str(STUB.parent),))
+        model_roots=(str(STUB.parent),), rootfs_dir=str(state / "rootfs"))
     h = Harness(state, config)
 
     async def handover(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
