@@ -26,6 +26,7 @@ import openai
 import pytest
 
 from services.nodeagent import probe
+from services.nodeagent.container import control_socket
 from snapwake.devcluster import Cluster, ClusterConfig
 from snapwake.testing import wait_for
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
@@ -118,7 +119,7 @@ def kill_containers(cluster: Cluster, agent: str) -> None:
 
 def control_status(cluster: Cluster, inst: types_pb2.Instance) -> dict[str, object]:
     agent = next(a for a in cluster.names("nodeagent") if cluster.node_name(a) == inst.node)
-    sock = cluster.state_dir(agent) / "instances" / inst.id / "control.sock"
+    sock = control_socket(cluster.state_dir(agent) / "instances" / inst.id)
     return asyncio.run(probe.control(sock, {"op": "status"}, 5.0))
 
 
