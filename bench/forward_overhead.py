@@ -92,11 +92,20 @@ async def measure(open_: Opener, n: int) -> dict[str, float]:
             "new_conn_p50_ms": ms(fresh, 50), "new_conn_p99_ms": ms(fresh, 99), "sse_1000_events_ms": 1000 * sse}
 
 
-async def main(n: int) -> None:
+def _state() -> Path:
     state = Path(tempfile.mkdtemp(prefix="swfo-", dir="/tmp"))
     state.chmod(0o711)
     (state / "model").mkdir()
     (state / "instances").mkdir(mode=0o711)
+    return state
+
+
+def _ready(log: Path) -> bool:
+    return log.exists() and "ready" in log.read_text()
+
+
+async def main(n: int) -> None:
+    state = _state()
     config = NodeAgentConfig(state_dir=str(state), handover_socket=str(state / "h.sock"))
     runc = RuncContainers(config.runc_root, prefix="fo-")
     direct = await asyncio.create_subprocess_exec(sys.executable, "-c", SERVER, "18123", stdout=asyncio.subprocess.PIPE)
@@ -111,7 +120,9 @@ async def main(n: int) -> None:
         spec = dataclasses.replace(bundle_spec(config, req, StartPlan.RUNNING, 8000, idir, None),
                                    args=(sys.executable, "-c", SERVER, "8000"))
         pid = await runc.run("fo-1", write_bundle(idir / "bundle", spec), idir / "output.log")
-        while "ready" not in (idir / "output.log").read_text():
+        for _ in range(400):
+            if _ready(idir / "output.log"):
+                break
             await asyncio.sleep(0.05)
         fwd = Forwarder("127.0.0.1", 8000)
         await fwd.start()
