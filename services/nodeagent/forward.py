@@ -34,7 +34,7 @@ import logging
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 __all__ = ["CONNECT_TIMEOUT", "Forwarder", "NetNs"]
 
@@ -62,7 +62,12 @@ class _NsThread:
         self._home = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
     def _socket_in(self, ns_fd: int) -> socket.socket:
-        _setns(ns_fd)
+        """A socket made in the namespace of ``ns_fd`` (a copy this job owns and closes: the
+        handle it came from may be closed meanwhile, and its number reused)."""
+        try:
+            _setns(ns_fd)
+        finally:
+            os.close(ns_fd)
         try:
             return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         finally:
@@ -75,7 +80,20 @@ class _NsThread:
                 raise
 
     async def socket_in(self, ns_fd: int) -> socket.socket:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._socket_in, ns_fd)
+        job = self._pool.submit(self._socket_in, ns_fd)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            if job.cancel():  # it never ran: the handle copy is still ours
+                os.close(ns_fd)
+            else:  # it runs on: close what it makes
+                job.add_done_callback(_close_made)
+            raise
+
+
+def _close_made(job: Future[socket.socket]) -> None:
+    if job.exception() is None:
+        job.result().close()
 
 
 _thread: _NsThread | None = None
@@ -112,7 +130,7 @@ class NetNs:
         """A TCP socket connected to 127.0.0.1:``port`` inside the namespace."""
         if self._fd < 0:
             raise OSError("the network namespace handle is closed")
-        sock = await _ns_thread().socket_in(self._fd)
+        sock = await _ns_thread().socket_in(os.dup(self._fd))
         sock.setblocking(False)
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), limit_s)

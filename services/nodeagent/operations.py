@@ -177,7 +177,10 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
     # Inside its own network namespace any port would do; a distinct one keeps FakeContainers
     # (which share the host's) working the same way.
     port = free_port({live.port for live in agent.instances.values()})
-    forwarder = Forwarder(agent.config.instance_host, port, agent.config.forward_idle_timeout)
+    try:
+        forwarder = Forwarder(agent.config.instance_host, port, agent.config.forward_idle_timeout)
+    except OSError as exc:
+        raise errors.Unavailable(f"cannot listen for the instance on {agent.config.instance_host}: {exc}") from exc
     inst = types_pb2.Instance(
         id=req.instance_id, function_id=req.function_id, revision=req.revision, node=agent.config.name,
         gpu_index=req.gpu_index, gpu_memory_bytes=req.gpu_memory_bytes or req.spec.resources.gpu_memory_bytes,

@@ -37,7 +37,7 @@ from services.nodeagent.containers import ContainerStatus, RuncContainers
 from services.nodeagent.forward import Forwarder, NetNs
 from services.nodeagent.machine import StartPlan
 from services.nodeagent.server import serve
-from snapwake import keys
+from snapwake import errors, keys
 from snapwake.etcd import Etcd
 from snapwake.grpcserver import GrpcServer
 from snapwake.testing import EtcdProcess, free_port
@@ -293,6 +293,22 @@ async def test_forwarder_carries_a_request_and_an_sse_stream(sandboxes: Sandboxe
         await fwd.close()
 
 
+async def test_forwarder_closes_an_idle_connection(sandboxes: Sandboxes) -> None:
+    box = await sandboxes.start(_HTTP_SERVER, str(INNER_PORT))
+    await box.result()
+    fwd = Forwarder("127.0.0.1", INNER_PORT, idle_timeout=0.5)
+    await fwd.start()
+    fwd.attach(NetNs.of_pid(box.pid))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", fwd.port)
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the forwarder, not the server
+        assert 0.4 < time.monotonic() - started < 3
+        writer.close()
+    finally:
+        await fwd.close()
+
+
 async def test_forwarder_refuses_the_host_namespace() -> None:
     with pytest.raises(OSError, match="host's network namespace"):
         NetNs.of_pid(os.getpid())
@@ -404,6 +420,17 @@ async def hog_node(etcd_server: EtcdProcess) -> AsyncIterator[tuple[Any, Etcd]]:
     finally:
         shutil.rmtree(state, ignore_errors=True)
         shutil.rmtree(models, ignore_errors=True)
+
+
+async def test_oom_killed_start_is_reported_as_such(hog_node: tuple[Any, Etcd]) -> None:
+    running, store = hog_node
+    req = start_request("i-00000000e00f", Path(running.agent.config.model_roots[0]), timeout_s=20)
+    req.spec.env["STUB_BEHAVIOUR"] = "hog-at-start"
+    req.spec.resources.host_memory_bytes = 96 << 20
+    with pytest.raises(errors.StartFailed, match=r"exited before it was ready: out of memory \(limit 96 MiB\)"):
+        await operations.start_instance(running.agent, req)
+    entry = await store.get(keys.instance_key(req.instance_id), types_pb2.Instance)
+    assert entry is not None and "out of memory (limit 96 MiB)" in entry.value.message  # type: ignore[attr-defined]
 
 
 async def test_oom_killed_instance_is_reported_as_such(hog_node: tuple[Any, Etcd]) -> None:

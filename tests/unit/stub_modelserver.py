@@ -5,7 +5,8 @@ model behind it, in the standard library only, so it starts in milliseconds.
 Run as the container's ``python`` (``stub -m modelserver --port ... --control-socket ...``).
 The environment (the function spec's ``env``) picks its behaviour:
     STUB_BEHAVIOUR   serve (default) | exit (print a reason, exit 1) | hang (never ready) |
-                     hog (serve; a second after the first health check, fill memory until killed)
+                     hog (serve; a second after the first health check, fill memory until killed) |
+                     hog-at-start (fill memory until killed, never ready)
     STUB_INFLIGHT    the ``inflight`` count control ``status`` reports (default 0)
     STUB_FAIL_<OP>   answer control op OP with {"ok": false, "error": <value>}
 """
@@ -37,6 +38,9 @@ async def main() -> None:
         held = []
         while True:
             held.append(b"\x01" * (8 << 20))  # written, so every page is charged
+
+    if behaviour == "hog-at-start":
+        hog()
 
     async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode()
