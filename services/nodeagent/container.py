@@ -25,11 +25,9 @@ from services.nodeagent.users import resolve_user
 from snapwake import errors, keys
 from snapwake.v1 import nodeagent_pb2, types_pb2
 
-__all__ = ["DEFAULT_PORT", "MODEL_DIR", "ImageConfigLike", "bundle_spec", "cgroup_path", "container_limits",
+__all__ = ["MODEL_DIR", "ImageConfigLike", "bundle_spec", "cgroup_path", "container_limits",
            "control_socket", "free_port", "image_layout", "make_work_dir", "python_dirs", "user_image_bundle_spec", "work_dir"]
 
-# The port the instance's HTTP server listens on inside its own network namespace.
-DEFAULT_PORT = 8000
 # Where a user image finds the spec's model dir (a dir of our own rootfs: never inside the image's).
 MODEL_DIR = "/snapwake/model"
 _RESERVED = {*(p.lstrip("/") for p in OWN_PATHS), "snapwake"}
@@ -37,13 +35,19 @@ _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class ImageConfigLike(Protocol):
-    """The parts of an image's config a container is built from (``images.ImageConfig``)."""
+    """The parts of an image's config a container is built from (``images.ImageConfig``; read
+    only, so a frozen dataclass fits). ``env`` is a mapping or OCI's ``KEY=VALUE`` strings."""
 
-    entrypoint: Sequence[str]
-    cmd: Sequence[str]
-    env: Mapping[str, str] | Sequence[str]
-    working_dir: str
-    user: str
+    @property
+    def entrypoint(self) -> Sequence[str]: ...
+    @property
+    def cmd(self) -> Sequence[str]: ...
+    @property
+    def env(self) -> Mapping[str, str] | Sequence[str]: ...
+    @property
+    def working_dir(self) -> str: ...
+    @property
+    def user(self) -> str: ...
 
 
 def free_port(taken: set[int], attempts: int = 20) -> int:
