@@ -108,7 +108,7 @@ class NodeAgent:
         """Cleans up a previous run, takes the lease, registers the node, starts reconciling."""
         config = self.config
         config.instances_dir.mkdir(parents=True, exist_ok=True)
-        _prepare_rootfs_base(config.rootfs_base)
+        _prepare_rootfs_base(config.rootfs_base, config.userns_base)
         await self.cleanup_orphans()
         await self.lease.start()
         await self.register()
@@ -279,17 +279,19 @@ class NodeAgent:
             await self.register()
 
 
-def _prepare_rootfs_base(base: Path) -> None:
+def _prepare_rootfs_base(base: Path, container_gid: int) -> None:
     """Makes the node's root-dir base: runc mounts a container's root dir as the container's
-    (unprivileged) root, which must be able to walk there, and nobody but us may write on the
-    way (a dir someone else owns or can write could swap what the container sees)."""
-    base.mkdir(mode=0o711, parents=True, exist_ok=True)
-    base.chmod(0o711)
-    for path in (base, *base.parents):
+    (unprivileged) root, which must be able to walk there (the base lets only that group in),
+    and nobody but us may write on the way (a dir someone else owns or can write could swap what
+    the container sees)."""
+    base.mkdir(mode=0o710, parents=True, exist_ok=True)
+    os.chown(base, os.geteuid(), container_gid)
+    base.chmod(0o710)
+    for path in base.parents:
         st = path.lstat()
         if stat.S_ISLNK(st.st_mode) or st.st_mode & 0o001 == 0:
             raise errors.Unavailable(f"rootfs_dir: {path} must be a directory searchable by others (o+x)")
-        if path.is_relative_to(base.parent) and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
+        if path == base.parent and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
             raise errors.Unavailable(f"rootfs_dir: {path} must be ours and writable by nobody else")
 
 

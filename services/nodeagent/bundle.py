@@ -283,6 +283,8 @@ def write_bundle(bundle_dir: Path, spec: BundleSpec, rootfs: Path | None = None)
             continue
         if is_dir:
             path.mkdir(parents=True, exist_ok=True)
+            if dest == "/tmp":  # runc gives a tmpfs the mode of the dir it covers
+                path.chmod(0o1777)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch(exist_ok=True)

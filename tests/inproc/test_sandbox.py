@@ -32,7 +32,13 @@ import pytest
 from services.nodeagent import cgroups, operations
 from services.nodeagent.bundle import IdMap, Limits, write_bundle
 from services.nodeagent.config import NodeAgentConfig
-from services.nodeagent.container import bundle_spec, cgroup_path, make_work_dir, work_dir
+from services.nodeagent.container import (
+    bundle_spec,
+    cgroup_path,
+    make_work_dir,
+    user_image_bundle_spec,
+    work_dir,
+)
 from services.nodeagent.containers import ContainerStatus, RuncContainers
 from services.nodeagent.forward import Forwarder, NetNs
 from services.nodeagent.machine import StartPlan
@@ -291,6 +297,64 @@ async def test_forwarder_carries_a_request_and_an_sse_stream(sandboxes: Sandboxe
         assert min(gaps) > 0.1, gaps
     finally:
         await fwd.close()
+
+
+def _shell_image(root: Path, base: int) -> Path:
+    """A tiny image rootfs: the host's dash and the two libraries it needs, its own /etc and an
+    /app dir, owned by the mapped range as an unpacked image is (no busybox needed)."""
+    for d in ("usr/bin", "usr/lib/x86_64-linux-gnu", "lib64", "etc", "app"):
+        (root / d).mkdir(parents=True)
+    for src, dest in (("/bin/dash", "usr/bin/dash"), ("/lib/x86_64-linux-gnu/libc.so.6", "usr/lib/x86_64-linux-gnu/libc.so.6"),
+                      ("/lib64/ld-linux-x86-64.so.2", "lib64/ld-linux-x86-64.so.2")):
+        shutil.copy(os.path.realpath(src), root / dest)
+    (root / "bin").symlink_to("usr/bin")
+    (root / "lib").symlink_to("usr/lib")
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nweb:x:1000:1000::/home/web:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\nweb:x:1000:\nvideo:x:44:web\n")
+    for path in (root, *root.rglob("*")):
+        os.lchown(path, base + (path.lstat().st_uid if path.is_symlink() else 0), base)
+    return root
+
+
+@dataclass(frozen=True)
+class _ImageConfig:
+    entrypoint: tuple[str, ...]
+    cmd: tuple[str, ...] = ()
+    env: tuple[str, ...] = ("MODE=image", "PATH=/bin")
+    working_dir: str = "/app"
+    user: str = "web"
+
+
+_SHELL_PROBE = """
+while read k a b c d; do case $k in Uid:|Gid:|Groups:) echo "$k $a $b";; esac; done < /proc/self/status
+echo "pwd=$(pwd) home=$HOME mode=$MODE spec=$FROM_SPEC port=$PORT"
+if echo x > /tmp/t && echo x > /dev/shm/t; then echo tmp=writable; fi
+if (echo x > /app/t) 2>/dev/null; then echo root=writable; else echo root=read-only; fi
+read first < /etc/passwd; echo "passwd=$first"
+echo done
+"""
+
+
+async def test_user_image_runs_as_its_user_in_a_read_only_root(sandboxes: Sandboxes) -> None:
+    config = sandboxes.config
+    image = await asyncio.to_thread(_shell_image, sandboxes.state / "image", config.userns_base)
+    iid = "i-5a4db0ffffff"
+    idir = config.instances_dir / iid
+    req = start_request(iid, sandboxes.state / "model")
+    spec = user_image_bundle_spec(config, req, image, _ImageConfig(entrypoint=("/bin/dash", "-c", _SHELL_PROBE)),
+                                  (), {"FROM_SPEC": "yes"}, 8080, idir, None)
+    bundle = await asyncio.to_thread(write_bundle, idir / "bundle", spec)
+    box = Box(f"sb-{iid}", 0, idir, spec.cgroup_path, sandboxes.runc)
+    box.pid = await sandboxes.runc.run(box.id, bundle, box.log)
+    sandboxes.boxes.append(box)
+    await box.stopped()
+    out = box.output()
+    assert "done" in out, out
+    assert "Uid: 1000 1000" in out and "Gid: 1000 1000" in out and "Groups: 44" in out, out
+    assert "pwd=/app home=/home/web mode=image spec=yes port=8080" in out, out
+    assert "tmp=writable" in out and "root=read-only" in out, out
+    assert "passwd=root:x:0:0:root:/root:/bin/sh" in out, out  # the image's own /etc, not the host's
+    assert not (image / "proc").exists() and not (image / "tmp").exists()  # nothing was made in the image
 
 
 async def test_forwarder_closes_an_idle_connection(sandboxes: Sandboxes) -> None:

@@ -103,7 +103,8 @@ def test_write_bundle_makes_the_root_without_writing_outside(tmp_path: Path) -> 
     config = json.loads((bundle / "config.json").read_text())
     assert config["root"]["path"] == str(rootfs)
     assert stat.S_IMODE((bundle / "config.json").stat().st_mode) == 0o600  # env may hold secrets
-    assert (rootfs / "usr").is_dir() and (rootfs / "proc").is_dir() and (rootfs / "tmp").is_dir()
+    assert (rootfs / "usr").is_dir() and (rootfs / "proc").is_dir()
+    assert stat.S_IMODE((rootfs / "tmp").stat().st_mode) == 0o1777  # runc gives the tmpfs this mode
     assert (rootfs / DRIVER_DIR[1:] / "libcuda.so.1").is_file()  # a file mount point for a file
     assert (rootfs / "etc" / "passwd").read_text().startswith("root:")
     # Below /tmp (the container's own tmpfs) runc makes the mount point, inside that tmpfs.
