@@ -172,7 +172,9 @@ class NodeAgentConfig:
             bad.append("forward_idle_timeout: must be positive")
         # Containers run as an unprivileged host user: what they run must be readable by others.
         python = Path(self.python)
-        for path in (self.repo_root, *self.python_path, python.parent.parent, Path(os.path.realpath(python)).parent.parent):
+        paths = [self.repo_root, *self.python_path, str(python.parent.parent),
+                 str(Path(os.path.realpath(python)).parent.parent)]
+        for path in paths:
             if os.path.isdir(path) and os.stat(path).st_mode & 0o005 != 0o005:
                 bad.append(f"repo_root/python_path/python: {path} must be readable and searchable by others (o+rx)")
         return bad
