@@ -34,13 +34,12 @@ from pathlib import Path
 
 import httpx
 
-from services.nodeagent import probe, process_mode
+from services.nodeagent import probe, process_mode, spec_checks
 from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.container import free_port
 from services.nodeagent.machine import InstanceMachine, StartPlan
 from services.nodeagent.usertypes import Image, ImageConfig, UserContainer
 from snapwake import errors, imageref
-from snapwake.envcheck import refused_env_keys
 from snapwake.openai.ids import model_id
 from snapwake.v1 import nodeagent_pb2, types_pb2
 from snapwake.v1.types_pb2 import InstanceState
@@ -74,9 +73,7 @@ def command_line(config: ImageConfig, spec: types_pb2.FunctionSpec) -> tuple[str
 
 def container_env(config: ImageConfig, spec: types_pb2.FunctionSpec) -> dict[str, str]:
     """The image's environment with the spec's on top (the image's own LD_*/PATH stay)."""
-    refused = refused_env_keys(spec.env)
-    if refused:
-        raise errors.InvalidArgument(f"spec.env may not set {', '.join(refused)}", field="spec.env")
+    spec_checks.check_env(spec.env)
     return {**_env_items(config.env), **dict(spec.env)}
 
 
@@ -92,9 +89,7 @@ def _check(agent: NodeAgent, req: nodeagent_pb2.StartInstanceRequest) -> imagere
     if agent.images is None or agent.sandbox is None:
         raise errors.InvalidArgument(f"spec.image: node {agent.config.name} runs no user images "
                                      "(no image cache or sandbox configured)", field="spec.image")
-    if refused_env_keys(req.spec.env):
-        raise errors.InvalidArgument(f"spec.env may not set {', '.join(refused_env_keys(req.spec.env))}",
-                                     field="spec.env")
+    spec_checks.check_env(req.spec.env)
     if req.spec.model_dir and not Path(req.spec.model_dir).is_dir():
         raise errors.InvalidArgument(f"spec.model_dir: {req.spec.model_dir!r} is not a directory on this node",
                                      field="spec.model_dir")
@@ -153,6 +148,7 @@ async def _start(agent: NodeAgent, live: Live, req: nodeagent_pb2.StartInstanceR
                  plan: StartPlan, progress: _Progress, deadline: float) -> None:
     assert agent.images is not None and agent.sandbox is not None  # _check
     image = await _pull(agent, req, ref, deadline)
+    live.image_held = image.digest  # released when its container goes (``agent.destroy``)
     inst = live.machine.instance
     inst.image_digest = image.digest
     container = UserContainer(
@@ -182,7 +178,7 @@ async def _pull(agent: NodeAgent, req: nodeagent_pb2.StartInstanceRequest, ref: 
     assert agent.images is not None
     pinned = req.image_digest
     text = str(ref.pinned(pinned)) if pinned and not ref.local else req.spec.image
-    image = await agent.images.pull(text, req.spec.registry_secret or None,
+    image = await agent.images.pull(text, secret=req.spec.registry_secret or None,
                                     timeout=max(1.0, deadline - time.monotonic()))
     if pinned and image.digest != pinned:
         raise errors.StartFailed(f"image {req.spec.image} is now {image.digest}, but revision {req.revision} is "

@@ -61,12 +61,16 @@ class Image(Protocol):
 
 
 class ImageSource(Protocol):
-    async def pull(self, text: str, secret: str | None = None, *, timeout: float) -> Image:
+    async def pull(self, text: str, *, secret: str | None = None, timeout: float) -> Image:
         """The image ``text`` names (``snapwake.imageref`` syntax; a pinned one by digest),
         pulled with the operator-registered credential named ``secret``, from the cache when it
-        holds that digest. Raises ``InvalidArgument``/``NotFound`` for a reference no retry
-        can pull, ``Unavailable`` or ``StartFailed`` otherwise, ``DeadlineExceeded`` past
-        ``timeout`` seconds."""
+        holds that digest, and held for the caller (``release`` it). Raises
+        ``InvalidArgument``/``NotFound`` for a reference no retry can pull, ``Unavailable`` or
+        ``StartFailed`` otherwise, ``DeadlineExceeded`` past ``timeout`` seconds."""
+        ...
+
+    def release(self, digest: str) -> None:
+        """One holder of a pulled image let go of it (it may be evicted once nobody holds it)."""
         ...
 
 

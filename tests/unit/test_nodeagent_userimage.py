@@ -61,10 +61,14 @@ class StubImages:
 
     digest: str = DIGEST
     pulls: list[tuple[str, str | None]] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
 
-    async def pull(self, text: str, secret: str | None = None, *, timeout: float) -> StubImage:
+    async def pull(self, text: str, *, secret: str | None = None, timeout: float) -> StubImage:
         self.pulls.append((text, secret))
         return StubImage(self.digest, Path("/"))
+
+    def release(self, digest: str) -> None:
+        self.released.append(digest)
 
 
 @dataclass
