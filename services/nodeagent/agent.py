@@ -109,6 +109,10 @@ class NodeAgent:
         """Where the instance's container gets its private root dir (``write_bundle``'s ``rootfs``)."""
         return self.config.rootfs_base / instance_id
 
+    def private_paths(self) -> tuple[str, ...]:
+        """Paths of this node that no model dir may be, hold or be inside of."""
+        return self.config.state_dir, str(Path(self.config.handover_socket).parent), str(self.config.image_root)
+
     @property
     def blob_channel(self) -> grpc.aio.Channel:
         """The channel to this node's blobstore."""

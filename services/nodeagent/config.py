@@ -93,6 +93,17 @@ class NodeAgentConfig:
         "address the per-instance forwarders listen on, and that gateways dial (default: advertise's host)"))
     forward_idle_timeout: float = field(default=600.0, metadata=_help(
         "seconds a forwarded connection may carry no byte either way before it is closed"))
+    # --- user images (docs/CONTRACTS.md, User images (node side)) ---
+    image_cache_dir: str = field(default="", metadata=_help(
+        "the image cache's root: one read-only rootfs per digest, owned by the containers' ids "
+        "(default: {state_dir}/images); it and the dirs above it must be searchable by others"))
+    image_cache_max_bytes: int = field(default=50 << 30, metadata=_help(
+        "disk the image cache keeps for images no instance runs; least recently used go first"))
+    image_secrets_dir: str = field(default="", metadata=_help(
+        "directory of registry secrets, {name}.json each (containers-auth.json); empty: none"))
+    image_local_roots: tuple[str, ...] = field(default=_DEV_MODEL_ROOTS, metadata=_help(
+        "the only directories oci-archive:/oci:/docker-archive: references may name, comma "
+        "separated (default: the dev and test locations; set it on a real node)"))
 
     @property
     def advertise_address(self) -> str:
@@ -107,6 +118,11 @@ class NodeAgentConfig:
     def rootfs_base(self) -> Path:
         """This node's containers' root dirs."""
         return Path(self.rootfs_dir) / self.name
+
+    @property
+    def image_root(self) -> Path:
+        """The image cache's root dir."""
+        return Path(self.image_cache_dir or Path(self.state_dir) / "images")
 
     @property
     def instances_dir(self) -> Path:
@@ -170,6 +186,14 @@ class NodeAgentConfig:
             bad.append(f"cgroup_parent: must be a non-empty path without '..', got {self.cgroup_parent!r}")
         if self.forward_idle_timeout <= 0:
             bad.append("forward_idle_timeout: must be positive")
+        if self.image_cache_dir and not self.image_cache_dir.startswith("/"):
+            bad.append(f"image_cache_dir: must be an absolute path, got {self.image_cache_dir!r}")
+        if self.image_cache_max_bytes < 0:
+            bad.append(f"image_cache_max_bytes: must not be negative, got {self.image_cache_max_bytes}")
+        if self.image_secrets_dir and not self.image_secrets_dir.startswith("/"):
+            bad.append(f"image_secrets_dir: must be an absolute path, got {self.image_secrets_dir!r}")
+        bad.extend(f"image_local_roots: {root!r} must be an absolute directory other than /"
+                   for root in self.image_local_roots if not root.startswith("/") or os.path.realpath(root) == "/")
         # Containers run as an unprivileged host user: what they run must be readable by others.
         python = Path(self.python)
         paths = [self.repo_root, *self.python_path, str(python.parent.parent),

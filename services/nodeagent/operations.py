@@ -86,11 +86,6 @@ async def _alive(agent: NodeAgent, live: Live) -> None:
                                  + (f": {why}" if why.startswith("out of memory") else ""))
 
 
-def _node_private(agent: NodeAgent) -> tuple[str, ...]:
-    """Paths of this node that no model dir may be, hold or be inside of."""
-    return agent.config.state_dir, str(Path(agent.config.handover_socket).parent)
-
-
 def _attach_network(agent: NodeAgent, live: Live) -> None:
     """Points the instance's forwarder into its container's network namespace."""
     assert live.forwarder is not None
@@ -171,7 +166,7 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
     if not is_builtin(req.spec.image):
         return await userimage.start_user_image(agent, req, validate_target(req))
     plan = validate_start(req)
-    model_dir = spec_checks.resolve_model_dir(req.spec.model_dir, agent.config.model_roots, _node_private(agent))
+    model_dir = spec_checks.resolve_model_dir(req.spec.model_dir, agent.config.model_roots, agent.private_paths())
     spec_checks.check_env(req.spec.env)
     # Read first: nothing may await between the checks below and the instance's registration.
     model = await asyncio.to_thread(read_model_metadata, Path(model_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from services.nodeagent.gpu import (
     discover,
     host_memory_bytes,
 )
+from services.nodeagent.images import ImageCache
 from services.nodeagent.sandbox import RuncSandbox
 from snapwake import errors
 from snapwake.etcd import Etcd
@@ -66,6 +68,17 @@ def _node_gpus(config: NodeAgentConfig, gpus: list[types_pb2.Gpu]) -> NodeGpus:
         raise errors.Unavailable(f"GPU device nodes or driver files not found: {exc}") from exc
 
 
+def _image_cache(config: NodeAgentConfig) -> ImageCache:
+    """The node's image cache. Its rootfs files belong to the containers' mapped ids
+    (``id_base`` is the sandbox's ``userns_base``), and the sandbox binds each rootfs's entries
+    read-only, so the dirs above the cache need no access for those ids."""
+    root = config.image_root
+    root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    secrets = Path(config.image_secrets_dir) if config.image_secrets_dir else None
+    return ImageCache(root, config.image_cache_max_bytes, secrets, id_base=config.userns_base,
+                      local_roots=[Path(p) for p in config.image_local_roots])
+
+
 @contextlib.asynccontextmanager
 async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
     """Runs the nodeagent until the context exits, then stops containers and revokes the lease."""
@@ -73,10 +86,11 @@ async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
     node_gpus = _node_gpus(config, gpus)
     Path(config.handover_socket).parent.mkdir(parents=True, exist_ok=True)
     async with Etcd.connect(config.etcd) as etcd:
-        # images: wired when byo-images lands (its ImageCache is a usertypes.ImageSource); until
-        # then the node refuses user images with a message saying so.
-        agent = NodeAgent(config, etcd, _containers(config), _checkpointer(bool(gpus)), gpus, host_memory_bytes(),
-                          node_gpus=node_gpus, images=None, sandbox=RuncSandbox(config))
+        containers = _containers(config)
+        images = await asyncio.to_thread(_image_cache, config)  # reads its index from disk
+        agent = NodeAgent(config, etcd, containers, _checkpointer(bool(gpus)), gpus, host_memory_bytes(),
+                          node_gpus=node_gpus, images=images,
+                          sandbox=RuncSandbox(config, node_gpus, containers.isolates_network))
         server = GrpcServer(config.listen, [SERVICE_NAME])
         nodeagent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(agent), server.server)
         await agent.start()
@@ -87,3 +101,4 @@ async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
         finally:
             await server.stop(grace=2.0)
             await agent.stop()
+            await images.close()
