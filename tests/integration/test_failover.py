@@ -219,7 +219,7 @@ def test_update_function_drains_old_revision_without_dropping(cluster: Cluster, 
     assert old
     new_spec = spec("demo", demo_model_dir, min_instances=1, max_instances=2, standby_per_node=0,
                     queue_timeout_s=90)
-    new_spec.env["SNAPWAKE_TEST_REVISION"] = "2"
+    new_spec.env["TEST_REVISION"] = "2"  # any change makes a revision; SNAPWAKE_* keys are the platform's
     with Stream(cluster, "demo") as stream:
         wait_for(lambda: len(stream.served) >= 4, 60, "requests flowing before the update", interval=0.2)
         fn = admin(cluster).UpdateFunction(scheduler_pb2.UpdateFunctionRequest(spec=new_spec), timeout=10).function
