@@ -218,7 +218,8 @@ class NodeAgent:
         if live.image_held and self.images is not None:
             self.images.release(live.image_held)
             live.image_held = ""
-        await handover.close_socket(self._blob_channel, live.id)
+        if not live.user_image:  # a user image is given no handover socket
+            await handover.close_socket(self._blob_channel, live.id)
 
     async def exit_reason(self, live: Live, how: str = "exit status unknown") -> str:
         """Why a container that is gone went (read before it is deleted, with its cgroup);

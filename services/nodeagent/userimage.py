@@ -2,11 +2,13 @@
 
 One start, bounded as a whole by the start timeout (the pull included)::
 
-    CREATING       pull through the node's image cache (``agent.images``): by the revision's
-                   pinned digest, or resolving it on the deploy validation
+    CREATING       the instance's listener on the node (``agent.sandbox.listen``: its endpoint),
+                   then the pull through the node's image cache (``agent.images``): by the
+                   revision's pinned digest, or resolving it on the deploy validation; the
+                   instance holds the digest until its container goes (``agent.destroy``)
     STARTING |     the command line from the image config and the spec's command/args, the
-    SNAPSHOTTING   sandboxed bundle (``agent.sandbox``), the container, its port exposed on the
-                   node; then the readiness probe until it answers 200 (``health_path``, else
+    SNAPSHOTTING   sandboxed bundle (``agent.sandbox``, ``sandbox.RuncSandbox`` on a node), the
+                   container, the listener attached to its network namespace; then the readiness probe until it answers 200 (``health_path``, else
                    /health, falling back to /v1/models where /health is 404), then the warm-up
                    request (``sample_request``, ``model`` set to the served name) so the server
                    has loaded its model
