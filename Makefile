@@ -3,8 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := runc etcd-server etcd-client docker-compose chromium chromium-driver fonts-liberation \
-	skopeo umoci mmdebstrap docker-registry
+APT_PACKAGES := runc golang-github-containers-common etcd-server etcd-client docker-compose chromium chromium-driver \
+	fonts-liberation skopeo umoci mmdebstrap docker-registry
 PROTOS := $(wildcard proto/snapwake/v1/*.proto)
 
 .PHONY: install proto proto-check lint test test-unit test-gpu run bench clean

@@ -82,6 +82,7 @@ def arena_mode(model: Path, preset: str, slice_bytes: int, opts: argparse.Namesp
                             "blobstore": ["--cache-bytes", str(model_bytes + (2 << 30)), "--gpu", "true",
                                           "--chunk-bytes", str(256 << 20)],
                             "nodeagent": ["--runc-binary", opts.runc, "--start-timeout", "600",
+                                          "--model-roots", str(model.parent),
                                           *(["--python-path", opts.python_path] if opts.python_path else [])]})
     name = f"llama-{preset}"
     fid = f"default/default/{name}"

@@ -503,7 +503,9 @@ async def run(config: DensityConfig) -> dict[str, Any]:
                             max_tokens=(lo, config.max_tokens))
     trace = tr.generate(params)
     sampler = GpuSampler(config.gpu_index) if config.mode == "gpu" else None
+    roots = ",".join(sorted({str(m[1].parent) for m in models}))  # the node serves only models below these
     extra: dict[str, list[str]] = {"nodeagent": ["--runc-binary", config.runc, "--start-timeout", "600",
+                                                 "--model-roots", roots,
                                                  *(["--python-path", config.python_path] if config.python_path else [])]}
     if config.mode == "gpu":
         total = sum(m[2] for m in models)

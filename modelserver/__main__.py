@@ -73,7 +73,7 @@ async def serve(cfg: ModelServerConfig) -> int:
     instance = Instance(Settings(model_dir, cfg.handover_socket, cfg.dtype or None,
                                  gpu_memory_bytes=cfg.gpu_memory_bytes, max_batch=cfg.max_batch,
                                  cuda_graphs=cfg.cuda_graphs),
-                        make_arena(cfg.device, cfg.gpu_index, cfg.gpu_memory_bytes),
+                        make_arena(cfg.device, cfg.gpu_index, cfg.gpu_memory_bytes, cfg.cuda_device),
                         await asyncio.to_thread(load_tokenizer, model_dir))
     control = ControlServer(instance, cfg.control_socket) if cfg.control_socket else None
     if control:

@@ -18,7 +18,10 @@ class ModelServerConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "HTTP bind address"})
     port: int = field(default=8000, metadata={"help": "HTTP port"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
-    gpu_index: int = field(default=0, metadata={"help": "GPU to use with --device cuda"})
+    gpu_index: int = field(default=0, metadata={"help": "GPU to use with --device cuda (the node's index, "
+                                                        "as the blobstore knows it)"})
+    cuda_device: int = field(default=-1, metadata={"help": "CUDA ordinal of that GPU in this process (-1: "
+                                                           "--gpu-index; 0 in a sandbox that shows only it)"})
     gpu_memory_bytes: int = field(default=0, metadata={"help": "GPU memory slice; sizes the reserved address range"})
     max_batch: int = field(default=64, metadata={"help": "requests decoded together at most"})
     cuda_graphs: bool = field(default=True, metadata={"help": "replay decode steps as CUDA graphs (cuda only)"})

@@ -109,7 +109,7 @@ class Instance:
         dtype_bytes = next(self.skeleton.model.parameters()).element_size()  # the KV cache's dtype too
         import torch
 
-        gpu = getattr(self.arena, "gpu", -1)
+        gpu = getattr(self.arena, "ordinal", -1)
         free = torch.cuda.mem_get_info(gpu)[0] if gpu >= 0 else 0
         budget = plan_slice(self.settings.gpu_memory_bytes, self.arena_bytes,
                             kv_bytes_per_token(config, dtype_bytes),

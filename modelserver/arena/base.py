@@ -18,7 +18,10 @@ class Arena(Protocol):
     """
 
     gpu: int
-    """The GPU index for the handover protocol (-1 for host memory)."""
+    """The GPU index for the handover protocol: the node's (-1 for host memory)."""
+    ordinal: int
+    """The CUDA device ordinal in this process (-1 for host memory); 0 in a sandboxed container,
+    which sees only its own GPU."""
 
     @property
     def size(self) -> int:

@@ -39,8 +39,9 @@ class _Cai:
 class CudaArena:
     """An ``Arena`` in device memory of one GPU."""
 
-    def __init__(self, gpu_index: int, reserve_bytes: int = 0) -> None:
+    def __init__(self, gpu_index: int, reserve_bytes: int = 0, ordinal: int = -1) -> None:
         self.gpu = gpu_index
+        self.ordinal = gpu_index if ordinal < 0 else ordinal
         self._reserve_bytes = reserve_bytes
         self._ctx: Any = None
         self._va = 0
@@ -59,10 +60,10 @@ class CudaArena:
         if self._ctx is None:
             import torch
 
-            torch.cuda.set_device(self.gpu)
+            torch.cuda.set_device(self.ordinal)
             torch.cuda.init()
             check(cu.cuInit(0), "cuInit")
-            dev = check(cu.cuDeviceGet(self.gpu), "cuDeviceGet")
+            dev = check(cu.cuDeviceGet(self.ordinal), "cuDeviceGet")
             self._ctx = check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
             self._granularity = int(check(cu.cuMemGetAllocationGranularity(
                 self._prop(), cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED),
@@ -75,7 +76,7 @@ class CudaArena:
         prop = cu.CUmemAllocationProp()
         prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        prop.location.id = self.gpu
+        prop.location.id = self.ordinal
         prop.requestedHandleTypes = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
         return prop
 
@@ -100,7 +101,7 @@ class CudaArena:
             raise
         access = cu.CUmemAccessDesc()
         access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        access.location.id = self.gpu
+        access.location.id = self.ordinal
         access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         check(cu.cuMemSetAccess(self._va, size, [access], 1), "cuMemSetAccess")
         self._handle, self._mapped = handle, size
@@ -130,7 +131,7 @@ class CudaArena:
 
         if not self._mapped:
             raise FailedPrecondition("the arena is not mapped")
-        return torch.as_tensor(_Cai(self._va, self._mapped), device=f"cuda:{self.gpu}")
+        return torch.as_tensor(_Cai(self._va, self._mapped), device=f"cuda:{self.ordinal}")
 
     def export_fd(self) -> int:
         if not self._mapped:
@@ -146,7 +147,7 @@ class CudaArena:
         if not self._mapped:
             return
         cu = self._enter()
-        torch.cuda.synchronize(self.gpu)
+        torch.cuda.synchronize(self.ordinal)
         check(cu.cuMemUnmap(self._va, self._mapped), "cuMemUnmap")
         check(cu.cuMemRelease(self._handle), "cuMemRelease")
         self._handle, self._mapped = None, 0
@@ -157,9 +158,9 @@ class CudaArena:
             clear()
         gc.collect()  # KV caches caught in reference cycles hold caching-allocator blocks
         torch.cuda.empty_cache()  # the KV cache and activations go back to the driver too
-        free, total = torch.cuda.mem_get_info(self.gpu)
+        free, total = torch.cuda.mem_get_info(self.ordinal)
         log.info("released arena: torch allocated %d MiB, reserved %d MiB; device free %d of %d MiB",
-                 torch.cuda.memory_allocated(self.gpu) >> 20, torch.cuda.memory_reserved(self.gpu) >> 20,
+                 torch.cuda.memory_allocated(self.ordinal) >> 20, torch.cuda.memory_reserved(self.ordinal) >> 20,
                  free >> 20, total >> 20)
 
     def _check_empty(self) -> None:

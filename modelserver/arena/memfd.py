@@ -29,6 +29,7 @@ class MemfdArena:
     """An ``Arena`` backed by a memfd."""
 
     gpu = -1
+    ordinal = -1
 
     def __init__(self) -> None:
         self._fd = -1

@@ -3,9 +3,17 @@
     config.py        NodeAgentConfig (frozen, loaded once in __main__); server.py assembles the agent
     machine.py       the per-instance state machine (pure)
     admission.py     bounded restores and checkpoints on the node (the driver gate)
-    bundle.py        OCI bundles (pure config + writer); container.py: an instance's container
+    bundle.py        OCI bundles in the instance sandbox (pure config + writer); seccomp.py its
+                     syscall filter; container.py: the built-in model server's or a user image's
+                     container (users.py: an image's user)
+    spec_checks.py   what the node checks in a spec (model dir under model_roots, env keys)
+    forward.py       the per-instance host listener into the container's network namespace
+    cgroups.py       a container's OOM kills
     containers/      Containers: runc.py (real) beside fake.py (unit tests)
-    gpu/             NVML inventory and the CUDA driver checkpoint
+    gpu/             NVML inventory, device nodes and driver files, the CUDA driver checkpoint
+    images/          the node's digest-keyed image cache (pull, unpack, acquire/release, evict)
+    userimage.py     starting a user image: pull, sandboxed container, readiness, warm-up
+    handover.py      each instance's own blobstore handover socket
     agent.py         node registration under an etcd lease, orphan clean-up, reconcile loop
     operations.py    start / restore / suspend / stop flows; api.py the thin gRPC servicer
     process_mode.py  PROCESS snapshots: the driver checkpoints the whole container process

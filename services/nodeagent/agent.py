@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,11 +22,13 @@ from pathlib import Path
 import grpc
 import httpx
 
-from services.nodeagent import handover, probe
+from services.nodeagent import cgroups, handover, probe
 from services.nodeagent.admission import DriverGate
 from services.nodeagent.config import NodeAgentConfig
+from services.nodeagent.container import cgroup_path, control_socket
 from services.nodeagent.containers import Containers
-from services.nodeagent.gpu import Checkpointer
+from services.nodeagent.forward import Forwarder
+from services.nodeagent.gpu import Checkpointer, NodeGpus
 from services.nodeagent.machine import InstanceMachine, activity_move
 from services.nodeagent.usertypes import ImageSource, Sandbox
 from snapwake import errors, keys, telemetry
@@ -46,15 +50,22 @@ class Live:
     machine: InstanceMachine
     container_id: str
     dir: Path
+    # The port the instance listens on inside its network namespace.
     port: int
     gpu: bool
     pid: int = 0
+    # The host listener that carries connections to ``port`` (its endpoint is the instance's).
+    forwarder: Forwarder | None = None
+    memory_limit: int = 0
     # SNAPSHOT_MODE_PROCESS: standby, restore and suspend are whole-process driver checkpoints.
     process_mode: bool = False
     # A user image: no control socket, reachable through the sandbox's forwarder, ready when
     # health_path answers 200 (the built-in model server's is /health too).
     user_image: bool = False
     health_path: str = "/health"
+    # The image digest this instance holds in the node's image cache ("" when none): released
+    # once, when its container goes.
+    image_held: str = ""
     # Serialises the flows on one instance; the reconcile loop skips a locked instance.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -64,7 +75,7 @@ class Live:
 
     @property
     def control_socket(self) -> Path:
-        return self.dir / "control.sock"
+        return control_socket(self.dir)
 
     @property
     def log_path(self) -> Path:
@@ -76,10 +87,12 @@ class NodeAgent:
 
     def __init__(self, config: NodeAgentConfig, etcd: EtcdClient, containers: Containers,
                  checkpointer: Checkpointer, gpus: list[types_pb2.Gpu], host_memory: int,
-                 clock: Callable[[], float] = time.time, images: ImageSource | None = None,
-                 sandbox: Sandbox | None = None) -> None:
+                 clock: Callable[[], float] = time.time, node_gpus: NodeGpus | None = None,
+                 images: ImageSource | None = None, sandbox: Sandbox | None = None) -> None:
         self.config, self.etcd, self.containers, self.checkpointer = config, etcd, containers, checkpointer
         self.gpus, self.host_memory, self.clock = gpus, host_memory, clock
+        # The GPUs' device nodes and driver files containers are given (``gpu.devices``).
+        self.node_gpus = node_gpus or NodeGpus()
         # User images (``userimage``): the image cache and the sandbox; None runs only the builtin.
         self.images, self.sandbox = images, sandbox
         self.instances: dict[str, Live] = {}
@@ -92,6 +105,14 @@ class NodeAgent:
         self._reconciler: asyncio.Task[None] | None = None
         self._registered_at = float("-inf")
 
+    def rootfs_path(self, instance_id: str) -> Path:
+        """Where the instance's container gets its private root dir (``write_bundle``'s ``rootfs``)."""
+        return self.config.rootfs_base / instance_id
+
+    def private_paths(self) -> tuple[str, ...]:
+        """Paths of this node that no model dir may be, hold or be inside of."""
+        return self.config.state_dir, str(Path(self.config.handover_socket).parent), str(self.config.image_root)
+
     @property
     def blob_channel(self) -> grpc.aio.Channel:
         """The channel to this node's blobstore."""
@@ -102,6 +123,7 @@ class NodeAgent:
         """Cleans up a previous run, takes the lease, registers the node, starts reconciling."""
         config = self.config
         config.instances_dir.mkdir(parents=True, exist_ok=True)
+        _prepare_rootfs_base(config.rootfs_base, config.userns_base)
         await self.cleanup_orphans()
         await self.lease.start()
         await self.register()
@@ -118,7 +140,10 @@ class NodeAgent:
                              return_exceptions=True)
         for live in list(self.instances.values()):
             shutil.rmtree(live.dir, ignore_errors=True)
+            shutil.rmtree(self.rootfs_path(live.id), ignore_errors=True)
         self.instances.clear()
+        with contextlib.suppress(OSError):  # empty now; a node that comes back makes it again
+            self.config.rootfs_base.rmdir()
         await self.lease.stop(revoke=True)
         await self.http.aclose()
         await self._blob_channel.close()
@@ -129,7 +154,7 @@ class NodeAgent:
             log.warning("removing orphan container %s (pid %d)", state.id, state.pid)
             await self.containers.kill(state.id)
             await self.containers.delete(state.id)
-        for path in self.config.instances_dir.iterdir():
+        for path in (*self.config.instances_dir.iterdir(), *self.config.rootfs_base.iterdir()):
             shutil.rmtree(path, ignore_errors=True)
         old = await self.etcd.get(keys.node_key(self.config.name), types_pb2.Node)
         if old is not None and old.lease:  # the old lease may still run for a few seconds
@@ -177,8 +202,10 @@ class NodeAgent:
 
     # --- containers ----------------------------------------------------------------------
     async def destroy(self, live: Live) -> None:
-        """Kills and deletes the container (bounded) and closes its handover socket; the instance
-        dir stays for its logs."""
+        """Closes its forwarder and its handover socket, kills and deletes the container
+        (bounded) and lets go of its image; the instance dir stays for its logs."""
+        if live.forwarder is not None:
+            await live.forwarder.close()
         if live.user_image and self.sandbox is not None:
             with contextlib.suppress(errors.SnapwakeError):
                 await self.sandbox.release(live.id)
@@ -188,7 +215,18 @@ class NodeAgent:
             await self.containers.delete(live.container_id)
         except errors.SnapwakeError as exc:
             log.error("cannot delete container %s: %s", live.container_id, exc, extra={"instance_id": live.id})
-        await handover.close_socket(self._blob_channel, live.id)
+        if live.image_held and self.images is not None:
+            self.images.release(live.image_held)
+            live.image_held = ""
+        if not live.user_image:  # a user image is given no handover socket
+            await handover.close_socket(self._blob_channel, live.id)
+
+    async def exit_reason(self, live: Live, how: str = "exit status unknown") -> str:
+        """Why a container that is gone went (read before it is deleted, with its cgroup);
+        ``how`` is its exit status as the containers saw it."""
+        if await asyncio.to_thread(cgroups.oom_kills, cgroup_path(self.config, live.id)):
+            return f"out of memory (limit {live.memory_limit >> 20} MiB)"
+        return f"container exited unexpectedly ({how})"
 
     async def fail(self, live: Live, reason: str) -> None:
         """Marks the instance FAILED with ``reason`` and removes its container."""
@@ -204,6 +242,7 @@ class NodeAgent:
         with contextlib.suppress(Exception):
             await self.etcd.delete(keys.instance_key(live.id))
         shutil.rmtree(live.dir, ignore_errors=True)
+        shutil.rmtree(self.rootfs_path(live.id), ignore_errors=True)
 
     async def checkpoint(self, live: Live, limit_s: float) -> None:
         """The driver checkpoint of a parked or new standby, in one of the node's checkpoint slots
@@ -245,7 +284,7 @@ class NodeAgent:
         if state is None or not state.alive:
             # Reported once, FAILED: the scheduler counts it against the revision's crash loop.
             how = state.ended() if state is not None else "exit status unknown"
-            await self.fail(live, f"container exited unexpectedly ({how}); output:\n" + probe.tail(live.log_path, 1500))
+            await self.fail(live, await self.exit_reason(live, how) + "; output:\n" + probe.tail(live.log_path, 1500))
             return
         changed = False
         if machine.state in SERVING and not live.user_image:  # a user image has no control socket
@@ -271,6 +310,22 @@ class NodeAgent:
         if cached != sorted(self.cached_snapshots):
             self.cached_snapshots = cached
             await self.register()
+
+
+def _prepare_rootfs_base(base: Path, container_gid: int) -> None:
+    """Makes the node's root-dir base: runc mounts a container's root dir as the container's
+    (unprivileged) root, which must be able to walk there (the base lets only that group in),
+    and nobody but us may write on the way (a dir someone else owns or can write could swap what
+    the container sees)."""
+    base.mkdir(mode=0o710, parents=True, exist_ok=True)
+    os.chown(base, os.geteuid(), container_gid)
+    base.chmod(0o710)
+    for path in base.parents:
+        st = path.lstat()
+        if stat.S_ISLNK(st.st_mode) or st.st_mode & 0o001 == 0:
+            raise errors.Unavailable(f"rootfs_dir: {path} must be a directory searchable by others (o+x)")
+        if path == base.parent and (st.st_uid != os.geteuid() or st.st_mode & 0o022):
+            raise errors.Unavailable(f"rootfs_dir: {path} must be ours and writable by nobody else")
 
 
 def _note_memory(inst: types_pb2.Instance, mem: probe.HostMemory) -> bool:

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import getpass
+import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.nodeagent.seccomp import DEFAULT_PROFILE
 from snapwake.config import parse_address
 
 __all__ = ["NodeAgentConfig"]
 
 _REPO = str(Path(__file__).resolve().parents[2])
+# Where `make run` and pytest write their models (pytest names its base temp dir the same way);
+# a real node lists its model volumes instead.
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (as pytest, which says "unknown")
+        return "unknown"
+
+
+_DEV_MODEL_ROOTS = (f"{_REPO}/var/models", f"{tempfile.gettempdir()}/pytest-of-{_user()}")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -52,10 +66,63 @@ class NodeAgentConfig:
     container_env: tuple[str, ...] = field(default=(), metadata=_help(
         "extra KEY=VALUE variables for every container, comma separated; main adds the OTEL_* "
         "tracing variables it was started with"))
+    # --- the sandbox (docs/CONTRACTS.md, Node layout and sandbox) ---
+    model_roots: tuple[str, ...] = field(default=_DEV_MODEL_ROOTS, metadata=_help(
+        "directories a spec's model_dir must resolve under, comma separated (default: the dev and "
+        "test locations; set it on a real node)"))
+    rootfs_dir: str = field(default="/run/snapwake/rootfs", metadata=_help(
+        "containers' private root dirs ({rootfs_dir}/{name}/{instance}); runc mounts them from inside "
+        "the user namespace, so this dir and those above it must be searchable by others"))
+    userns_base: int = field(default=100_000, metadata=_help(
+        "host uid and gid of a container's root; container ids 0..userns_size-1 map from here"))
+    userns_size: int = field(default=65_536, metadata=_help("ids mapped into a container's user namespace"))
+    seccomp_profile: str = field(default=DEFAULT_PROFILE, metadata=_help(
+        "containers-common seccomp profile (JSON) every container is filtered by"))
+    pids_limit: int = field(default=4096, metadata=_help("processes and threads a container may have"))
+    default_memory_bytes: int = field(default=16 << 30, metadata=_help(
+        "a container's memory limit when its spec sets no resources.host_memory_bytes"))
+    default_cpu_millis: int = field(default=1000, metadata=_help(
+        "a container's CPU quota when its spec sets no resources.cpu_millis (the scheduler's default)"))
+    tmp_bytes: int = field(default=1 << 30, metadata=_help(
+        "size of a container's private /tmp and of its /dev/shm (each; counted in its memory limit)"))
+    cgroup_parent: str = field(default="snapwake", metadata=_help(
+        "cgroup under which containers get theirs (/{cgroup_parent}/{container id})"))
+    driver_lib_dir: str = field(default="", metadata=_help(
+        "directory of the NVIDIA driver's libraries, e.g. /usr/local/nvidia/lib64 (default: ldconfig -p)"))
+    endpoint_host: str = field(default="", metadata=_help(
+        "address the per-instance forwarders listen on, and that gateways dial (default: advertise's host)"))
+    forward_idle_timeout: float = field(default=600.0, metadata=_help(
+        "seconds a forwarded connection may carry no byte either way before it is closed"))
+    # --- user images (docs/CONTRACTS.md, User images (node side)) ---
+    image_cache_dir: str = field(default="", metadata=_help(
+        "the image cache's root: one read-only rootfs per digest, owned by the containers' ids "
+        "(default: {state_dir}/images); it and the dirs above it must be searchable by others"))
+    image_cache_max_bytes: int = field(default=50 << 30, metadata=_help(
+        "disk the image cache keeps for images no instance runs; least recently used go first"))
+    image_secrets_dir: str = field(default="", metadata=_help(
+        "directory of registry secrets, {name}.json each (containers-auth.json); empty: none"))
+    image_local_roots: tuple[str, ...] = field(default=_DEV_MODEL_ROOTS, metadata=_help(
+        "the only directories oci-archive:/oci:/docker-archive: references may name, comma "
+        "separated (default: the dev and test locations; set it on a real node)"))
 
     @property
     def advertise_address(self) -> str:
         return self.advertise or self.listen
+
+    @property
+    def instance_host(self) -> str:
+        """Where instances are reached: the forwarders' listen address."""
+        return self.endpoint_host or parse_address(self.advertise_address)[0]
+
+    @property
+    def rootfs_base(self) -> Path:
+        """This node's containers' root dirs."""
+        return Path(self.rootfs_dir) / self.name
+
+    @property
+    def image_root(self) -> Path:
+        """The image cache's root dir."""
+        return Path(self.image_cache_dir or Path(self.state_dir) / "images")
 
     @property
     def instances_dir(self) -> Path:
@@ -99,4 +166,39 @@ class NodeAgentConfig:
                 bad.append(f"{key}: must be at least 1, got {getattr(self, key)}")
         if self.start_timeout <= 0 or self.reconcile_interval <= 0:
             bad.append("start_timeout/reconcile_interval: must be positive")
+        return bad + self._sandbox_problems()
+
+    def _sandbox_problems(self) -> list[str]:
+        bad = [f"model_roots: {root!r} must be an absolute directory other than /"
+               for root in self.model_roots if not root.startswith("/") or os.path.realpath(root) == "/"]
+        if not self.rootfs_dir.startswith("/"):
+            bad.append(f"rootfs_dir: must be an absolute path, got {self.rootfs_dir!r}")
+        if self.userns_base < 1 or self.userns_size < 1 or self.userns_base + self.userns_size > 1 << 32:
+            bad.append(f"userns_base/userns_size: need base >= 1 (host root is never mapped) and a range "
+                       f"below 2^32, got {self.userns_base}+{self.userns_size}")
+        if not Path(self.seccomp_profile).is_file():
+            bad.append(f"seccomp_profile: {self.seccomp_profile} is not a file (apt install golang-github-containers-common)")
+        for key, low in (("pids_limit", 16), ("default_memory_bytes", 64 << 20), ("default_cpu_millis", 1),
+                         ("tmp_bytes", 1 << 20)):
+            if getattr(self, key) < low:
+                bad.append(f"{key}: must be at least {low}, got {getattr(self, key)}")
+        if not self.cgroup_parent or ".." in self.cgroup_parent.split("/"):
+            bad.append(f"cgroup_parent: must be a non-empty path without '..', got {self.cgroup_parent!r}")
+        if self.forward_idle_timeout <= 0:
+            bad.append("forward_idle_timeout: must be positive")
+        if self.image_cache_dir and not self.image_cache_dir.startswith("/"):
+            bad.append(f"image_cache_dir: must be an absolute path, got {self.image_cache_dir!r}")
+        if self.image_cache_max_bytes < 0:
+            bad.append(f"image_cache_max_bytes: must not be negative, got {self.image_cache_max_bytes}")
+        if self.image_secrets_dir and not self.image_secrets_dir.startswith("/"):
+            bad.append(f"image_secrets_dir: must be an absolute path, got {self.image_secrets_dir!r}")
+        bad.extend(f"image_local_roots: {root!r} must be an absolute directory other than /"
+                   for root in self.image_local_roots if not root.startswith("/") or os.path.realpath(root) == "/")
+        # Containers run as an unprivileged host user: what they run must be readable by others.
+        python = Path(self.python)
+        paths = [self.repo_root, *self.python_path, str(python.parent.parent),
+                 str(Path(os.path.realpath(python)).parent.parent)]
+        for path in paths:
+            if os.path.isdir(path) and os.stat(path).st_mode & 0o005 != 0o005:
+                bad.append(f"repo_root/python_path/python: {path} must be readable and searchable by others (o+rx)")
         return bad

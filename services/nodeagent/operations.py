@@ -18,10 +18,11 @@ from typing import Any
 
 from opentelemetry import trace
 
-from services.nodeagent import handover, integrity, probe, process_mode, userimage
+from services.nodeagent import handover, integrity, probe, process_mode, spec_checks, userimage
 from services.nodeagent.agent import Live, NodeAgent
-from services.nodeagent.bundle import write_bundle
-from services.nodeagent.container import bundle_spec, free_port
+from services.nodeagent.bundle import IdMap, write_bundle
+from services.nodeagent.container import bundle_spec, container_limits, free_port, make_work_dir
+from services.nodeagent.forward import Forwarder, NetNs
 from services.nodeagent.machine import InstanceMachine, StartPlan, plan_start
 from services.nodeagent.modelinfo import read_model_metadata
 from services.nodeagent.tracing import in_span
@@ -80,7 +81,18 @@ def _get(agent: NodeAgent, instance_id: str) -> Live:
 async def _alive(agent: NodeAgent, live: Live) -> None:
     state = await agent.containers.state(live.container_id)
     if state is None or not state.alive:
-        raise errors.StartFailed("the container exited before it was ready")
+        why = await agent.exit_reason(live)
+        raise errors.StartFailed("the container exited before it was ready"
+                                 + (f": {why}" if why.startswith("out of memory") else ""))
+
+
+def _attach_network(agent: NodeAgent, live: Live) -> None:
+    """Points the instance's forwarder into its container's network namespace."""
+    assert live.forwarder is not None
+    try:
+        live.forwarder.attach(NetNs.of_pid(live.pid, own=agent.containers.isolates_network))
+    except OSError as exc:
+        raise errors.StartFailed(f"cannot reach the container's network namespace: {exc}") from exc
 
 
 async def _wait_phase(agent: NodeAgent, live: Live, want: str) -> None:
@@ -154,35 +166,49 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
     if not is_builtin(req.spec.image):
         return await userimage.start_user_image(agent, req, validate_target(req))
     plan = validate_start(req)
+    model_dir = spec_checks.resolve_model_dir(req.spec.model_dir, agent.config.model_roots, agent.private_paths())
+    spec_checks.check_env(req.spec.env)
     # Read first: nothing may await between the checks below and the instance's registration.
-    model = await asyncio.to_thread(read_model_metadata, Path(req.spec.model_dir))
+    model = await asyncio.to_thread(read_model_metadata, Path(model_dir))
     if req.instance_id in agent.instances:
         raise errors.AlreadyExists(f"instance {req.instance_id} already exists on {agent.config.name}")
     timeout = userimage.start_timeout(agent, req)
     use_gpu = bool(agent.gpus) and req.spec.resources.gpu_count > 0
+    # Inside its own network namespace any port would do; a distinct one keeps FakeContainers
+    # (which share the host's) working the same way.
     port = free_port({live.port for live in agent.instances.values()})
+    try:
+        forwarder = Forwarder(agent.config.instance_host, port, agent.config.forward_idle_timeout)
+    except OSError as exc:
+        raise errors.Unavailable(f"cannot listen for the instance on {agent.config.instance_host}: {exc}") from exc
     inst = types_pb2.Instance(
         id=req.instance_id, function_id=req.function_id, revision=req.revision, node=agent.config.name,
         gpu_index=req.gpu_index, gpu_memory_bytes=req.gpu_memory_bytes or req.spec.resources.gpu_memory_bytes,
-        endpoint=f"127.0.0.1:{port}")
+        endpoint=forwarder.endpoint)
     if model is not None:  # the scheduler copies it onto the function for the gateways
         inst.model.CopyFrom(model)
     idir = agent.config.instances_dir / req.instance_id
     live = Live(InstanceMachine(inst, agent.clock()), agent.containers.prefix + req.instance_id, idir, port, use_gpu,
-                process_mode=process_mode.is_process(req.spec))
+                process_mode=process_mode.is_process(req.spec), forwarder=forwarder,
+                memory_limit=container_limits(agent.config, req.spec, use_gpu).memory_bytes)
     agent.instances[req.instance_id] = live
     async with live.lock:
         deadline = time.monotonic() + timeout
         try:
             await agent.publish(live)
+            await forwarder.start()
             idir.mkdir(parents=True, exist_ok=True)
+            make_work_dir(idir, IdMap(agent.config.userns_base, agent.config.userns_size))
             await handover.open_socket(agent.blob_channel, live)
-            bundle = write_bundle(idir / "bundle", bundle_spec(agent.config, req, plan, port, idir, use_gpu))
+            gpu = agent.node_gpus.access(req.gpu_index) if use_gpu else None
+            bundle = write_bundle(idir / "bundle", bundle_spec(agent.config, req, plan, port, idir, gpu),
+                                  agent.rootfs_path(req.instance_id))
             await agent.move(live, plan.first)
             if plan is StartPlan.STANDBY and not live.process_mode:  # a corrupt snapshot fails here, marked
                 await integrity.prewarm(agent.blob_channel, agent.etcd, agent.config.name, inst,
                                         max(1.0, deadline - time.monotonic()))
             live.pid = await agent.containers.run(live.container_id, bundle, live.log_path)
+            _attach_network(agent, live)
             await asyncio.wait_for(_reach_goal(agent, live, plan, deadline, req.spec.sample_request),
                                    deadline - time.monotonic())
             return live.machine.instance

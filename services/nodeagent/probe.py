@@ -6,6 +6,8 @@ Each call is bounded; failures become ``snapwake.errors`` here, once, at this bo
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,8 +35,20 @@ async def health_phase(client: httpx.AsyncClient, endpoint: str, limit_s: float 
 
 
 async def control(socket_path: str | Path, msg: dict[str, Any], limit_s: float) -> dict[str, Any]:
-    """One control request; a refused, timed-out or ``ok: false`` answer raises Unavailable."""
-    return await _request("control", str(socket_path), msg, limit_s)
+    """One control request; a refused, timed-out or ``ok: false`` answer raises Unavailable.
+
+    The socket lives in a directory the container owns, so the container could put a symlink
+    in its place: it is opened without following one, and reached through that open file."""
+    try:
+        fd = os.open(socket_path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise errors.Unavailable(f"control {msg.get('op')} at {socket_path}: {exc}") from exc
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise errors.Unavailable(f"control {msg.get('op')}: {socket_path} is not a socket")
+        return await _request("control", f"/proc/self/fd/{fd}", msg, limit_s, shown=str(socket_path))
+    finally:
+        os.close(fd)
 
 
 async def handover(socket_path: str, msg: dict[str, Any], limit_s: float) -> dict[str, Any]:
@@ -42,14 +56,15 @@ async def handover(socket_path: str, msg: dict[str, Any], limit_s: float) -> dic
     return await _request("handover", socket_path, msg, limit_s)
 
 
-async def _request(what: str, socket_path: str, msg: dict[str, Any], limit_s: float) -> dict[str, Any]:
+async def _request(what: str, socket_path: str, msg: dict[str, Any], limit_s: float,
+                   shown: str = "") -> dict[str, Any]:
     op = msg.get("op")
     try:
         reply = await protocols.request(socket_path, msg, limit_s)
     except TimeoutError as exc:
         raise errors.Unavailable(f"{what} {op}: no reply within {limit_s:.1f}s") from exc
     except (OSError, ConnectionError, ValueError) as exc:
-        raise errors.Unavailable(f"{what} {op} at {socket_path}: {exc}") from exc
+        raise errors.Unavailable(f"{what} {op} at {shown or socket_path}: {exc}") from exc
     if not reply.get("ok"):
         raise errors.Unavailable(f"{what} {op} failed: {reply.get('error', reply)}")
     return reply

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -15,14 +16,19 @@ from services.nodeagent.containers import Containers, FakeContainers, RuncContai
 from services.nodeagent.gpu import (
     Checkpointer,
     CudaCheckpointer,
+    NodeGpus,
     NoGpuCheckpointer,
+    device_minors,
+    devices,
     discover,
     host_memory_bytes,
 )
+from services.nodeagent.images import ImageCache
 from services.nodeagent.sandbox import RuncSandbox
+from snapwake import errors
 from snapwake.etcd import Etcd
 from snapwake.grpcserver import GrpcServer
-from snapwake.v1 import nodeagent_pb2_grpc
+from snapwake.v1 import nodeagent_pb2_grpc, types_pb2
 
 __all__ = ["Running", "serve"]
 
@@ -51,16 +57,40 @@ def _checkpointer(has_gpu: bool) -> Checkpointer:
     return CudaCheckpointer() if has_gpu else NoGpuCheckpointer()
 
 
+def _node_gpus(config: NodeAgentConfig, gpus: list[types_pb2.Gpu]) -> NodeGpus:
+    """The device nodes and driver files of the GPUs in use; a GPU without them stops the start."""
+    if not gpus:
+        return NodeGpus()
+    minors = device_minors()
+    try:
+        return devices.discover({g.index: minors[g.index] for g in gpus}, config.driver_lib_dir)
+    except (OSError, KeyError, ValueError) as exc:
+        raise errors.Unavailable(f"GPU device nodes or driver files not found: {exc}") from exc
+
+
+def _image_cache(config: NodeAgentConfig) -> ImageCache:
+    """The node's image cache. Its rootfs files belong to the containers' mapped ids
+    (``id_base`` is the sandbox's ``userns_base``), and the sandbox binds each rootfs's entries
+    read-only, so the dirs above the cache need no access for those ids."""
+    root = config.image_root
+    root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    secrets = Path(config.image_secrets_dir) if config.image_secrets_dir else None
+    return ImageCache(root, config.image_cache_max_bytes, secrets, id_base=config.userns_base,
+                      local_roots=[Path(p) for p in config.image_local_roots])
+
+
 @contextlib.asynccontextmanager
 async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
     """Runs the nodeagent until the context exits, then stops containers and revokes the lease."""
     gpus = discover() if config.gpus == "auto" else []
+    node_gpus = _node_gpus(config, gpus)
     Path(config.handover_socket).parent.mkdir(parents=True, exist_ok=True)
     async with Etcd.connect(config.etcd) as etcd:
-        # images: wired when byo-images lands (its ImageCache is a usertypes.ImageSource); until
-        # then the node refuses user images with a message saying so.
-        agent = NodeAgent(config, etcd, _containers(config), _checkpointer(bool(gpus)), gpus, host_memory_bytes(),
-                          images=None, sandbox=RuncSandbox(config))
+        containers = _containers(config)
+        images = await asyncio.to_thread(_image_cache, config)  # reads its index from disk
+        agent = NodeAgent(config, etcd, containers, _checkpointer(bool(gpus)), gpus, host_memory_bytes(),
+                          node_gpus=node_gpus, images=images,
+                          sandbox=RuncSandbox(config, node_gpus, containers.isolates_network))
         server = GrpcServer(config.listen, [SERVICE_NAME])
         nodeagent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(agent), server.server)
         await agent.start()
@@ -71,3 +101,4 @@ async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
         finally:
             await server.stop(grace=2.0)
             await agent.stop()
+            await images.close()

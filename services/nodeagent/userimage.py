@@ -2,11 +2,13 @@
 
 One start, bounded as a whole by the start timeout (the pull included)::
 
-    CREATING       pull through the node's image cache (``agent.images``): by the revision's
-                   pinned digest, or resolving it on the deploy validation
+    CREATING       the instance's listener on the node (``agent.sandbox.listen``: its endpoint),
+                   then the pull through the node's image cache (``agent.images``): by the
+                   revision's pinned digest, or resolving it on the deploy validation; the
+                   instance holds the digest until its container goes (``agent.destroy``)
     STARTING |     the command line from the image config and the spec's command/args, the
-    SNAPSHOTTING   sandboxed bundle (``agent.sandbox``), the container, its port exposed on the
-                   node; then the readiness probe until it answers 200 (``health_path``, else
+    SNAPSHOTTING   sandboxed bundle (``agent.sandbox``, ``sandbox.RuncSandbox`` on a node), the
+                   container, the listener attached to its network namespace; then the readiness probe until it answers 200 (``health_path``, else
                    /health, falling back to /v1/models where /health is 404), then the warm-up
                    request (``sample_request``, ``model`` set to the served name) so the server
                    has loaded its model
@@ -30,17 +32,15 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 
-from services.nodeagent import probe, process_mode
+from services.nodeagent import probe, process_mode, spec_checks
 from services.nodeagent.agent import Live, NodeAgent
-from services.nodeagent.container import free_port
+from services.nodeagent.container import container_limits
 from services.nodeagent.machine import InstanceMachine, StartPlan
 from services.nodeagent.usertypes import Image, ImageConfig, UserContainer
 from snapwake import errors, imageref
-from snapwake.envcheck import refused_env_keys
 from snapwake.openai.ids import model_id
 from snapwake.v1 import nodeagent_pb2, types_pb2
 from snapwake.v1.types_pb2 import InstanceState
@@ -74,9 +74,7 @@ def command_line(config: ImageConfig, spec: types_pb2.FunctionSpec) -> tuple[str
 
 def container_env(config: ImageConfig, spec: types_pb2.FunctionSpec) -> dict[str, str]:
     """The image's environment with the spec's on top (the image's own LD_*/PATH stay)."""
-    refused = refused_env_keys(spec.env)
-    if refused:
-        raise errors.InvalidArgument(f"spec.env may not set {', '.join(refused)}", field="spec.env")
+    spec_checks.check_env(spec.env)
     return {**_env_items(config.env), **dict(spec.env)}
 
 
@@ -92,12 +90,9 @@ def _check(agent: NodeAgent, req: nodeagent_pb2.StartInstanceRequest) -> imagere
     if agent.images is None or agent.sandbox is None:
         raise errors.InvalidArgument(f"spec.image: node {agent.config.name} runs no user images "
                                      "(no image cache or sandbox configured)", field="spec.image")
-    if refused_env_keys(req.spec.env):
-        raise errors.InvalidArgument(f"spec.env may not set {', '.join(refused_env_keys(req.spec.env))}",
-                                     field="spec.env")
-    if req.spec.model_dir and not Path(req.spec.model_dir).is_dir():
-        raise errors.InvalidArgument(f"spec.model_dir: {req.spec.model_dir!r} is not a directory on this node",
-                                     field="spec.model_dir")
+    spec_checks.check_env(req.spec.env)
+    if req.spec.model_dir:
+        spec_checks.resolve_model_dir(req.spec.model_dir, agent.config.model_roots, agent.private_paths())
     if req.instance_id in agent.instances:
         raise errors.AlreadyExists(f"instance {req.instance_id} already exists on {agent.config.name}")
     return ref
@@ -114,21 +109,22 @@ async def start_user_image(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReq
                            plan: StartPlan) -> types_pb2.Instance:
     """Starts a user image toward ``plan`` (see the module docstring)."""
     ref = _check(agent, req)
+    assert agent.sandbox is not None  # _check
     timeout = start_timeout(agent, req)
     use_gpu = bool(agent.gpus) and req.spec.resources.gpu_count > 0
-    port = free_port({live.port for live in agent.instances.values()})
     inst = types_pb2.Instance(
         id=req.instance_id, function_id=req.function_id, revision=req.revision, node=agent.config.name,
-        gpu_index=req.gpu_index, gpu_memory_bytes=req.gpu_memory_bytes or req.spec.resources.gpu_memory_bytes,
-        endpoint=f"127.0.0.1:{port}")
+        gpu_index=req.gpu_index, gpu_memory_bytes=req.gpu_memory_bytes or req.spec.resources.gpu_memory_bytes)
     idir = agent.config.instances_dir / req.instance_id
-    live = Live(InstanceMachine(inst, agent.clock()), agent.containers.prefix + req.instance_id, idir, port, use_gpu,
-                process_mode=process_mode.is_process(req.spec), user_image=True,
-                health_path=req.spec.health_path or "/health")
+    live = Live(InstanceMachine(inst, agent.clock()), agent.containers.prefix + req.instance_id, idir,
+                req.spec.http_port or 8000, use_gpu, process_mode=process_mode.is_process(req.spec), user_image=True,
+                health_path=req.spec.health_path or "/health",
+                memory_limit=container_limits(agent.config, req.spec, use_gpu).memory_bytes)
     agent.instances[req.instance_id] = live
     progress = _Progress(f"pulling {req.spec.image}")
     async with live.lock:
         try:
+            inst.endpoint = await agent.sandbox.listen(req.instance_id, live.port)
             await agent.publish(live)
             idir.mkdir(parents=True, exist_ok=True)
             await asyncio.wait_for(_start(agent, live, req, ref, plan, progress, time.monotonic() + timeout),
@@ -153,20 +149,23 @@ async def _start(agent: NodeAgent, live: Live, req: nodeagent_pb2.StartInstanceR
                  plan: StartPlan, progress: _Progress, deadline: float) -> None:
     assert agent.images is not None and agent.sandbox is not None  # _check
     image = await _pull(agent, req, ref, deadline)
+    live.image_held = image.digest  # released when its container goes (``agent.destroy``)
     inst = live.machine.instance
     inst.image_digest = image.digest
     container = UserContainer(
-        instance_id=req.instance_id, function_id=req.function_id, image=image,
+        instance_id=req.instance_id, request=req, image=image,
         args=command_line(image.config, req.spec), env=container_env(image.config, req.spec),
-        cwd=image.config.working_dir or "/", user=image.config.user, container_port=req.spec.http_port or 8000,
-        host_port=live.port, instance_dir=live.dir, model_dir=req.spec.model_dir, gpu=live.gpu,
-        gpu_index=req.gpu_index, gpu_memory_bytes=inst.gpu_memory_bytes,
-        cpu_millis=req.spec.resources.cpu_millis, host_memory_bytes=req.spec.resources.host_memory_bytes)
+        cwd=image.config.working_dir or "/", user=image.config.user, container_port=live.port,
+        endpoint=inst.endpoint, instance_dir=live.dir, gpu=live.gpu, gpu_index=req.gpu_index)
     bundle = agent.sandbox.bundle(container)
     await agent.move(live, plan.first)  # published with the digest
     progress.doing = f"starting the container of {image.digest}"
     live.pid = await agent.containers.run(live.container_id, bundle, live.log_path)
-    await agent.sandbox.expose(container, live.pid)
+    try:
+        await agent.sandbox.expose(container, live.pid)
+    except errors.StartFailed:
+        await _alive(agent, live)  # one that exited at once says so, with its exit status
+        raise
     await _wait_ready(agent, live, req.spec.health_path, container.container_port, progress)
     progress.doing = "the warm-up request did not finish"
     served = req.spec.served_model_name or model_id(req.function_id)
@@ -182,7 +181,7 @@ async def _pull(agent: NodeAgent, req: nodeagent_pb2.StartInstanceRequest, ref: 
     assert agent.images is not None
     pinned = req.image_digest
     text = str(ref.pinned(pinned)) if pinned and not ref.local else req.spec.image
-    image = await agent.images.pull(text, req.spec.registry_secret or None,
+    image = await agent.images.pull(text, secret=req.spec.registry_secret or None,
                                     timeout=max(1.0, deadline - time.monotonic()))
     if pinned and image.digest != pinned:
         raise errors.StartFailed(f"image {req.spec.image} is now {image.digest}, but revision {req.revision} is "
@@ -196,7 +195,9 @@ async def _alive(agent: NodeAgent, live: Live) -> None:
     state = await agent.containers.state(live.container_id)
     if state is None or not state.alive:
         how = state.ended() if state is not None else "exit status unknown"
-        raise errors.StartFailed(f"the container exited before it was ready ({how})")
+        why = await agent.exit_reason(live, how)
+        raise errors.StartFailed(f"the container exited before it was ready ({how})"
+                                 + (f": {why}" if why.startswith("out of memory") else ""))
 
 
 async def _status(http: httpx.AsyncClient, endpoint: str, path: str) -> int | str:

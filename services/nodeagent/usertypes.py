@@ -2,9 +2,9 @@
 
     ImageSource  the node's digest-keyed image cache (``services/nodeagent/images``): pulls a
                  reference and returns the unpacked image with its OCI config
-    Sandbox      the isolated container for a user image (``services/nodeagent/container.py``):
-                 writes its OCI bundle (user and network namespaces, seccomp, cgroups) and makes
-                 its server reachable from the host (the forwarder)
+    Sandbox      the isolated container for a user image (``sandbox.RuncSandbox``): writes its
+                 OCI bundle (user and network namespaces, seccomp, cgroups) and makes its server
+                 reachable from the node (the per-instance ``forward.Forwarder``)
 
 ``userimage.py`` is written against these; the agent holds one of each (``NodeAgent.images``,
 ``NodeAgent.sandbox``), None on a node that runs only the built-in image. This module imports
@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from snapwake.v1 import nodeagent_pb2
 
 __all__ = ["Image", "ImageConfig", "ImageSource", "Sandbox", "UserContainer"]
 
@@ -61,12 +63,16 @@ class Image(Protocol):
 
 
 class ImageSource(Protocol):
-    async def pull(self, text: str, secret: str | None = None, *, timeout: float) -> Image:
+    async def pull(self, text: str, *, secret: str | None = None, timeout: float) -> Image:
         """The image ``text`` names (``snapwake.imageref`` syntax; a pinned one by digest),
         pulled with the operator-registered credential named ``secret``, from the cache when it
-        holds that digest. Raises ``InvalidArgument``/``NotFound`` for a reference no retry
-        can pull, ``Unavailable`` or ``StartFailed`` otherwise, ``DeadlineExceeded`` past
-        ``timeout`` seconds."""
+        holds that digest, and held for the caller (``release`` it). Raises
+        ``InvalidArgument``/``NotFound`` for a reference no retry can pull, ``Unavailable`` or
+        ``StartFailed`` otherwise, ``DeadlineExceeded`` past ``timeout`` seconds."""
+        ...
+
+    def release(self, digest: str) -> None:
+        """One holder of a pulled image let go of it (it may be evicted once nobody holds it)."""
         ...
 
 
@@ -75,7 +81,8 @@ class UserContainer:
     """Everything the sandbox needs to build one user-image container."""
 
     instance_id: str
-    function_id: str
+    # The start request (spec: model dir, resources; placement: GPU index, memory slice).
+    request: nodeagent_pb2.StartInstanceRequest
     image: Image
     # The command line (Entrypoint/Cmd after the spec's command/args), environment and cwd.
     args: tuple[str, ...]
@@ -83,29 +90,28 @@ class UserContainer:
     cwd: str
     user: str
     # The server listens on container_port inside the container's own network namespace; the
-    # gateway reaches it at 127.0.0.1:host_port on the node.
+    # gateway reaches it at endpoint (the sandbox's ``listen``).
     container_port: int
-    host_port: int
+    endpoint: str
     instance_dir: Path
-    # Read-only model directory to mount at the same path ("" for none).
-    model_dir: str
     gpu: bool
     gpu_index: int
-    gpu_memory_bytes: int
-    cpu_millis: int
-    host_memory_bytes: int
 
 
 class Sandbox(Protocol):
+    async def listen(self, instance_id: str, container_port: int) -> str:
+        """Opens the instance's listener on the node; returns its endpoint (host:port), which
+        carries connections to ``container_port`` in the container once it is ``expose``-d."""
+        ...
+
     def bundle(self, container: UserContainer) -> Path:
         """Writes the container's OCI bundle under ``container.instance_dir``; returns its dir."""
         ...
 
     async def expose(self, container: UserContainer, pid: int) -> None:
-        """Makes ``container_port`` in the running container (init ``pid``) answer on
-        ``127.0.0.1:host_port`` on the node, until ``release``."""
+        """Points the listener into the running container (init ``pid``), until ``release``."""
         ...
 
     async def release(self, instance_id: str) -> None:
-        """Undoes ``expose`` (idempotent; the container is gone or going)."""
+        """Closes the listener (idempotent; the container is gone or going)."""
         ...

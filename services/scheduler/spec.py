@@ -12,7 +12,7 @@ import re
 
 from google.protobuf.duration_pb2 import Duration
 
-from snapwake.envcheck import refused_env_keys
+from snapwake.envkeys import forbidden_env_key
 from snapwake.errors import InvalidArgument
 from snapwake.imageref import BUILTIN as BUILTIN_IMAGE
 from snapwake.imageref import is_builtin
@@ -105,13 +105,12 @@ def _image(spec: FunctionSpec) -> None:
                               field="spec.health_path")
     spec.sample_request = spec.sample_request or DEFAULT_SAMPLE_REQUEST
     _sample_request(spec.sample_request)
-    for key in spec.env:
+    for key in sorted(spec.env):
         if not _ENV.fullmatch(key):
             raise InvalidArgument(f"spec.env key {key!r} is not a valid variable name", field="spec.env")
-    refused = refused_env_keys(spec.env)
-    if refused:
-        raise InvalidArgument(f"spec.env may not set {', '.join(refused)}: the platform owns the loader's, "
-                              "Python's, GPU visibility and SNAPWAKE_* variables", field="spec.env")
+        why = forbidden_env_key(key)
+        if why is not None:
+            raise InvalidArgument(f"spec.env: {key} may not be set (it steers {why})", field="spec.env")
 
 
 def _builtin_only(spec: FunctionSpec) -> None:

@@ -510,12 +510,15 @@ async def test_the_nodeagent_gives_each_instance_its_own_socket_until_it_ends(tm
     iid = "i-00000000c0c0"
     async with node(tmp_path) as n:
         await put_snapshot(n.app.address, FOREIGN, arena(CHUNK), CHUNK)
-        python = n.root / "python"
+        os.chmod(n.root, 0o711)  # the containers' root dirs are below it (rootfs_dir)
+        python = n.root / "py" / "bin" / "python"  # python_dirs binds its parent's parent: not the state
+        python.parent.mkdir(parents=True)
         python.write_text(f"#!/bin/sh\nexec \"{sys.executable}\" \"{STUB}\" \"$@\"\n")
         python.chmod(0o755)
         config = NodeAgentConfig(name="node-hs", blobstore=n.app.address, state_dir=str(n.root / "na"),
                                  handover_socket=n.node_socket, containers="fake", python=str(python),
-                                 lease_ttl=2, gpus="none", start_timeout=10, reconcile_interval=3600)
+                                 lease_ttl=2, gpus="none", start_timeout=10, reconcile_interval=3600,
+                                 model_roots=(str(STUB.parent),), rootfs_dir=str(n.root / "rootfs"))
         agent = NodeAgent(config, FakeEtcd(), FakeContainers(), NoGpuCheckpointer(), [], 1 << 36)
         await agent.start()
         try:
@@ -610,7 +613,7 @@ with open(out, "w") as f:
 async def test_a_hostile_client_in_a_runc_container(tmp_path: Path) -> None:
     import hashlib
 
-    from services.nodeagent.bundle import BundleSpec, host_layout, write_bundle
+    from services.nodeagent.bundle import BundleSpec, IdMap, host_layout, write_bundle
     from services.nodeagent.container import python_dirs
     from services.nodeagent.containers import RuncContainers
 
@@ -620,6 +623,10 @@ async def test_a_hostile_client_in_a_runc_container(tmp_path: Path) -> None:
         await put_snapshot(n.app.address, FOREIGN, arena(CHUNK), CHUNK)
         sock = await n.open()
         idir, out = sock.parent, sock.parent / "result.json"
+        # The container's root is an unprivileged host user (the sandbox's user namespace): it walks
+        # to its root dir and writes its result into the instance dir it is given read-write.
+        os.chmod(n.root, 0o711)
+        os.chown(idir, IdMap().host(0), IdMap().host(0))
         system, links = host_layout()
         spec = BundleSpec(
             args=(sys.executable, "-c", HOSTILE, str(sock), SID, FOREIGN, n.node_socket, str(out)),

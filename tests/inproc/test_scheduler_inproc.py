@@ -464,7 +464,8 @@ async def test_a_user_image_that_fails_validation_fails_its_deploy_with_the_node
 
 async def test_a_bad_user_image_reference_is_refused_at_deploy(leader: Scheduler) -> None:
     admin, _ = stubs(leader)
-    for image, why in (("docker://registry.local/Acme/echo:1", "lowercase"), ("oci-archive:img.tar", "absolute")):
+    for image, why in (("docker://registry.local/Acme/echo:1", "lowercase"), ("oci-archive:img.tar", "absolute"),
+                       ("registry.local/acme/echo:1", "known transport")):
         code, details = await code_of(admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(
             spec=user_image("refused", image)), timeout=5))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "spec.image" in details and why in details

@@ -3,15 +3,14 @@ OCI image (``debian_python_image``, a session fixture of tests/conftest.py) unpa
 node's image cache and run by runc in its sandbox, deployed through the CLI, and the real
 ``openai`` client against the gateway.
 
-The fixture yields an object with ``.archive`` (an oci-archive tar of a small OpenAI-style
-server), ``.served_model_name`` and ``.port`` (what that server calls its model and where it
-listens), and ``.exits_at_once_archive`` / ``.never_listens_archive`` (the same image broken).
+The fixture's ``.ref(variant)`` is an ``oci-archive:`` reference to one tag of its archive:
+"serve" (a small OpenAI-style server, ``.served_model`` on ``.port``), "exits" (exits at once)
+and "no-port" (never listens); ``.archive`` is the tar itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import subprocess
@@ -28,24 +27,23 @@ from snapwake import cli
 from snapwake.devcluster import Cluster, ClusterConfig
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
-# Only on the byo-flow branch, until byo-images (the image cache and the fixture) and
-# byo-sandbox are merged: remove this skip at the merge.
-_MERGED = importlib.util.find_spec("services.nodeagent.images") is not None \
-    and "def debian_python_image" in (Path(__file__).resolve().parents[1] / "conftest.py").read_text()
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900),
-              pytest.mark.skipif(not _MERGED, reason="needs byo-images' image cache and debian_python_image fixture")]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 START_TIMEOUT_S = 20
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, debian_python_image: Any) -> Iterator[Cluster]:
     var = tmp_path_factory.mktemp("byo-cluster")
     # One validation attempt, so a broken image fails its deploy in one start timeout, and a
-    # crash loop of two: these tests look at the reasons, not at the retries.
+    # crash loop of two: these tests look at the reasons, not at the retries. The node serves
+    # local images from the test image's dir (SNAPWAKE_TEST_IMAGE_DIR may put it anywhere) and
+    # from the test's temporary dirs.
+    roots = f"{debian_python_image.archive.parent},{tmp_path_factory.getbasetemp()}"
     config = ClusterConfig(var_dir=var, gateway_port=0, scheduler_port=0, nodeagent_port=0, blobstore_port=0,
                            etcd_port=0, extra_args={"scheduler": ["--snapshot-attempts", "1",
-                                                                  "--crash-loop-limit", "2"]})
+                                                                  "--crash-loop-limit", "2"],
+                                                    "nodeagent": ["--image-local-roots", roots]})
     with Cluster(config) as c:
         yield c
 
@@ -56,10 +54,10 @@ def _cli(cluster: Cluster, capsys: pytest.CaptureFixture[str], *argv: str) -> tu
     return code, out, err
 
 
-def _deploy(cluster: Cluster, capsys: pytest.CaptureFixture[str], name: str, archive: Path, image: Any,
+def _deploy(cluster: Cluster, capsys: pytest.CaptureFixture[str], name: str, reference: str, image: Any,
             *flags: str) -> tuple[int, str, str]:
-    return _cli(cluster, capsys, "-o", "json", "deploy", "--name", name, "--image", f"oci-archive:{archive}",
-                "--served-model-name", image.served_model_name, "--port", str(image.port),
+    return _cli(cluster, capsys, "-o", "json", "deploy", "--name", name, "--image", reference,
+                "--served-model-name", image.served_model, "--port", str(image.port),
                 "--start-timeout", f"{START_TIMEOUT_S}s", *flags, "--wait", "--wait-timeout", "600")
 
 
@@ -83,8 +81,8 @@ def deployed(cluster: Cluster, debian_python_image: Any) -> dict[str, Any]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = cli.main(["--scheduler", cluster.scheduler_address, "--timeout", "20", "-o", "json", "deploy",
-                         "--name", "byo", "--image", f"oci-archive:{debian_python_image.archive}",
-                         "--served-model-name", debian_python_image.served_model_name,
+                         "--name", "byo", "--image", debian_python_image.ref("serve"),
+                         "--served-model-name", debian_python_image.served_model,
                          "--port", str(debian_python_image.port), "--start-timeout", f"{START_TIMEOUT_S}s",
                          "--wait", "--wait-timeout", "600"])
     assert code == 0, err.getvalue()
@@ -114,7 +112,7 @@ def test_a_second_deploy_of_the_same_image_hits_the_image_cache(
     digest = deployed["image_digest"]
     cached = _image_files(cluster, digest)
     assert cached, "the first deploy left no cache entry named after its digest"
-    code, out, err = _deploy(cluster, capsys, "byo-again", debian_python_image.archive, debian_python_image)
+    code, out, err = _deploy(cluster, capsys, "byo-again", debian_python_image.ref("serve"), debian_python_image)
     assert code == 0, err
     again = json.loads(out)
     assert (again["state"], again["image_digest"]) == ("FUNCTION_STATE_READY", digest)
@@ -127,14 +125,14 @@ def test_a_bad_reference_fails_the_deploy_with_a_clear_message(
     code, out, err = _cli(cluster, capsys, "deploy", "--name", "badref", "--image", "oci-archive:relative/img.tar")
     assert (code, out) == (2, "") and "spec.image" in err and "must be absolute" in err
     missing = tmp_path / "missing.tar"
-    code, out, err = _deploy(cluster, capsys, "nofile", missing, debian_python_image)
+    code, out, err = _deploy(cluster, capsys, "nofile", f"oci-archive:{missing}", debian_python_image)
     assert (code, out) == (6, "") and "FAILED" in err and str(missing) in err
 
 
 def test_an_image_that_exits_at_once_fails_its_deploy_with_the_log_tail(
         cluster: Cluster, debian_python_image: Any, capsys: pytest.CaptureFixture[str]) -> None:
     began = time.monotonic()
-    code, out, err = _deploy(cluster, capsys, "exits", debian_python_image.exits_at_once_archive, debian_python_image)
+    code, out, err = _deploy(cluster, capsys, "exits", debian_python_image.ref("exits"), debian_python_image)
     assert (code, out) == (6, "")
     assert "exited before it was ready" in err and "exit status" in err and "container output:" in err
     assert time.monotonic() - began < START_TIMEOUT_S + 60  # not the start timeout: it exited
@@ -142,7 +140,7 @@ def test_an_image_that_exits_at_once_fails_its_deploy_with_the_log_tail(
 
 def test_an_image_that_never_listens_fails_on_the_start_timeout(
         cluster: Cluster, debian_python_image: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = _deploy(cluster, capsys, "deaf", debian_python_image.never_listens_archive, debian_python_image)
+    code, out, err = _deploy(cluster, capsys, "deaf", debian_python_image.ref("no-port"), debian_python_image)
     assert (code, out) == (6, "")
     assert f"within {START_TIMEOUT_S}s" in err and "never answered 200" in err
     assert f"container port {debian_python_image.port}" in err

@@ -12,6 +12,7 @@ which hides the routing question); its etcd keys must then expire with its lease
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import subprocess
 import threading
@@ -26,6 +27,8 @@ import openai
 import pytest
 
 from services.nodeagent import probe
+from services.nodeagent.config import NodeAgentConfig
+from services.nodeagent.container import control_socket
 from snapwake.devcluster import Cluster, ClusterConfig
 from snapwake.testing import wait_for
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
@@ -114,11 +117,13 @@ def kill_containers(cluster: Cluster, agent: str) -> None:
     root = str(cluster.state_dir(agent) / "runc")
     for cid in runc_ids(cluster, agent):
         subprocess.run(["runc", "--root", root, "delete", "--force", cid], capture_output=True, timeout=20)
+    # And their root dirs, which a dead machine's /run (a tmpfs) would lose too.
+    shutil.rmtree(NodeAgentConfig(name=cluster.node_name(agent)).rootfs_base, ignore_errors=True)
 
 
 def control_status(cluster: Cluster, inst: types_pb2.Instance) -> dict[str, object]:
     agent = next(a for a in cluster.names("nodeagent") if cluster.node_name(a) == inst.node)
-    sock = cluster.state_dir(agent) / "instances" / inst.id / "control.sock"
+    sock = control_socket(cluster.state_dir(agent) / "instances" / inst.id)
     return asyncio.run(probe.control(sock, {"op": "status"}, 5.0))
 
 
@@ -214,7 +219,7 @@ def test_update_function_drains_old_revision_without_dropping(cluster: Cluster, 
     assert old
     new_spec = spec("demo", demo_model_dir, min_instances=1, max_instances=2, standby_per_node=0,
                     queue_timeout_s=90)
-    new_spec.env["APP_REVISION"] = "2"
+    new_spec.env["TEST_REVISION"] = "2"  # any change makes a revision; SNAPWAKE_* keys are the platform's
     with Stream(cluster, "demo") as stream:
         wait_for(lambda: len(stream.served) >= 4, 60, "requests flowing before the update", interval=0.2)
         fn = admin(cluster).UpdateFunction(scheduler_pb2.UpdateFunctionRequest(spec=new_spec), timeout=10).function

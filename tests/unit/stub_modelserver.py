@@ -4,7 +4,9 @@ model behind it, in the standard library only, so it starts in milliseconds.
 
 Run as the container's ``python`` (``stub -m modelserver --port ... --control-socket ...``).
 The environment (the function spec's ``env``) picks its behaviour:
-    STUB_BEHAVIOUR   serve (default) | exit (print a reason, exit 1) | hang (never ready)
+    STUB_BEHAVIOUR   serve (default) | exit (print a reason, exit 1) | hang (never ready) |
+                     hog (serve; a second after the first health check, fill memory until killed) |
+                     hog-at-start (fill memory until killed, never ready)
     STUB_INFLIGHT    the ``inflight`` count control ``status`` reports (default 0)
     STUB_FAIL_<OP>   answer control op OP with {"ok": false, "error": <value>}
 """
@@ -30,6 +32,15 @@ async def main() -> None:
     if behaviour == "hang":
         await asyncio.sleep(3600)
     state = {"phase": "released" if args.start_mode == "standby" else "serving"}
+    hogging: list[asyncio.TimerHandle] = []
+
+    def hog() -> None:
+        held = []
+        while True:
+            held.append(b"\x01" * (8 << 20))  # written, so every page is charged
+
+    if behaviour == "hog-at-start":
+        hog()
 
     async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode()
@@ -37,6 +48,8 @@ async def main() -> None:
                        if line.lower().startswith("content-length:")), 0)
         await reader.readexactly(length)
         ok = head.startswith("POST") or state["phase"] == "serving"
+        if behaviour == "hog" and ok and not hogging:
+            hogging.append(asyncio.get_running_loop().call_later(1.0, hog))
         body = json.dumps({"phase": state["phase"]}).encode()
         writer.write(b"HTTP/1.1 %d -\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                      b"Connection: close\r\n\r\n%s" % (200 if ok else 503, len(body), body))

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from services.nodeagent.bundle import BundleSpec, build_config, modelserver_args, write_bundle
+from services.nodeagent.bundle import BundleSpec, Device, build_config, modelserver_args, write_bundle
 from services.nodeagent.config import NodeAgentConfig
-from services.nodeagent.container import bundle_spec
+from services.nodeagent.container import bundle_spec, control_socket, work_dir
 from services.nodeagent.machine import StartPlan
 from snapwake.v1 import nodeagent_pb2, types_pb2
 
@@ -55,18 +55,25 @@ def test_parents_mount_before_children_and_tmpfs_before_binds() -> None:
     assert dests.index("/tmp") < dests.index("/tmp/sw") < dests.index("/tmp/sw/i-1")
 
 
-@pytest.mark.parametrize(("gpu", "dev_type", "devices_allowed"), [(False, "tmpfs", False), (True, "bind", True)])
-def test_gpu_binds_host_dev(gpu: bool, dev_type: str, devices_allowed: bool) -> None:
-    cfg = build_config(_spec(gpu=gpu))
-    assert _mount(cfg, "/dev")["type"] == dev_type
-    assert ("resources" in cfg["linux"]) is devices_allowed
-    # On a GPU the host's /dev (with its /dev/shm) is bound; on CPU /dev/shm is a tmpfs of its own.
-    assert any(m["destination"] == "/dev/shm" for m in cfg["mounts"]) is not gpu
+# This test asserted that a GPU container got the host's whole /dev bound and every device
+# allowed; the sandbox replaced that with the GPU's own nodes only (named for what it checks now).
+@pytest.mark.parametrize("gpu", [False, True])
+def test_gpu_gets_only_its_device_nodes(gpu: bool) -> None:
+    nodes = (Device("/dev/nvidia3", 195, 3), Device("/dev/nvidiactl", 195, 255)) if gpu else ()
+    cfg = build_config(_spec(devices=nodes))
+    assert _mount(cfg, "/dev")["type"] == "tmpfs" and _mount(cfg, "/dev/shm")["type"] == "tmpfs"
+    assert not any(m["type"] == "bind" and m["source"].startswith("/dev") for m in cfg["mounts"])
+    assert cfg["linux"]["resources"]["devices"] == [
+        {"allow": False, "access": "rwm"},
+        *({"allow": True, "type": "c", "major": d.major, "minor": d.minor, "access": "rw"} for d in nodes)]
+    assert [(d["path"], d["major"], d["minor"]) for d in cfg["linux"]["devices"]] == [
+        (d.path, d.major, d.minor) for d in nodes]
 
 
 def test_namespaces_root_and_process() -> None:
     cfg = build_config(_spec())
-    assert sorted(n["type"] for n in cfg["linux"]["namespaces"]) == ["ipc", "mount", "pid", "uts"]
+    assert sorted(n["type"] for n in cfg["linux"]["namespaces"]) == [
+        "cgroup", "ipc", "mount", "network", "pid", "user", "uts"]
     assert cfg["root"] == {"path": "rootfs", "readonly": True}
     assert cfg["process"]["args"] == ["/py", "-m", "modelserver"]
     assert cfg["process"]["env"] == ["A=1"]
@@ -105,13 +112,14 @@ def test_instance_bundle_spec(tmp_path: Path) -> None:
         instance_id="i-0123456789ab", function_id="default/default/demo", revision=3,
         spec=types_pb2.FunctionSpec(model_dir=str(model), env={"X": "y"}, sample_request='{"a":1}'))
     idir = tmp_path / "st" / "instances" / "i-0123456789ab"
-    spec = bundle_spec(config, req, StartPlan.STANDBY, 9100, idir, use_gpu=False)
+    spec = bundle_spec(config, req, StartPlan.STANDBY, 9100, idir, gpu=None)
     args = list(spec.args)
     assert args[args.index("--start-mode") + 1] == "standby"
     assert args[args.index("--snapshot-id") + 1] == "default/default/demo@3"
-    assert args[args.index("--control-socket") + 1] == str(idir / "control.sock")
-    # The instance's own handover socket, in its own (read-write) dir; the node's socket dir is not bound.
+    assert args[args.index("--control-socket") + 1] == str(control_socket(idir)) == str(idir / "work" / "control.sock")
+    # The instance's own handover socket, in its own dir (bound read-only, its work dir read-write
+    # on top); the node's socket dir is not bound.
     assert spec.env["X"] == "y" and spec.env["SNAPWAKE_HANDOVER_SOCKET"] == str(idir / "handover.sock")
     assert args[args.index("--handover-socket") + 1] == str(idir / "handover.sock")
-    assert str(model) in spec.ro_binds and str(tmp_path / "hs") not in spec.ro_binds
-    assert spec.rw_binds == (str(idir),) and not spec.gpu
+    assert str(model) in spec.ro_binds and str(tmp_path / "hs") not in spec.ro_binds and str(idir) in spec.ro_binds
+    assert spec.rw_binds == (str(work_dir(idir)),) and not spec.gpu

@@ -26,6 +26,10 @@ from snapwake.config import ConfigError, load
     (["--name", "a/b"], "name"),
     (["--handover-socket", "rel.sock"], "handover_socket"),
     (["--repo-root", "/nonexistent"], "repo_root"),
+    (["--image-cache-dir", "rel/images"], "image_cache_dir"),
+    (["--image-cache-max-bytes", "-1"], "image_cache_max_bytes"),
+    (["--image-secrets-dir", "secrets"], "image_secrets_dir"),
+    (["--image-local-roots", "/srv/images,/"], "image_local_roots"),
 ])
 def test_bad_keys_are_named(argv: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
@@ -35,7 +39,8 @@ def test_bad_keys_are_named(argv: list[str], needle: str) -> None:
 def test_defaults_and_derived_paths() -> None:
     config = load(NodeAgentConfig, ["--state-dir", "/s", "--listen", "0.0.0.0:1"], env={})
     assert config.runc_root == Path("/s/runc") and config.instances_dir == Path("/s/instances")
-    assert config.advertise_address == "0.0.0.0:1"
+    assert config.advertise_address == "0.0.0.0:1" and config.image_root == Path("/s/images")
+    assert load(NodeAgentConfig, ["--image-cache-dir", "/var/images"], env={}).image_root == Path("/var/images")
     assert load(NodeAgentConfig, [], env={"SNAPWAKE_ADVERTISE": "h:2"}).advertise_address == "h:2"
 
 

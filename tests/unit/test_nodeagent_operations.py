@@ -98,13 +98,15 @@ class Harness:
 async def harness() -> AsyncIterator[Harness]:
     # A short state dir: Unix socket paths (instance control sockets) are limited to 107 bytes.
     state = Path(tempfile.mkdtemp(prefix="swun-", dir="/tmp"))
+    os.chmod(state, 0o711)  # the containers' root dirs are below it (rootfs_dir)
     python = state / "python"  # the container's "python -m modelserver" runs the stub
     python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{STUB}" "$@"\n')
     python.chmod(0o755)
     config = NodeAgentConfig(
         name="node-u", listen="127.0.0.1:7070", blobstore=f"127.0.0.1:{free_port()}", state_dir=str(state),
         handover_socket=str(state / "hs" / "handover.sock"), containers="fake", python=str(python),
-        lease_ttl=2, gpus="none", start_timeout=10, reconcile_interval=3600, ended_linger=5)
+        lease_ttl=2, gpus="none", start_timeout=10, reconcile_interval=3600, ended_linger=5,
+        model_roots=(str(STUB.parent),), rootfs_dir=str(state / "rootfs"))
     h = Harness(state, config)
 
     async def handover(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -152,7 +154,7 @@ async def eventually(fetch: Callable[[], Awaitable[T]], ok: Callable[[T], bool],
 def start_request(iid: str, target: int = nodeagent_pb2.START_TARGET_RUNNING, timeout_s: int = 10,
                   mode: int = types_pb2.SNAPSHOT_MODE_ARENA, env: dict[str, str] | None = None) -> nodeagent_pb2.StartInstanceRequest:
     spec = types_pb2.FunctionSpec(
-        tenant="t", namespace="d", name="f", image="builtin", model_dir=tempfile.gettempdir(), env=env or {},
+        tenant="t", namespace="d", name="f", image="builtin", model_dir=str(STUB.parent), env=env or {},
         resources=types_pb2.Resources(gpu_count=1, gpu_memory_bytes=20 * GIB),
         policy=types_pb2.Policy(snapshot_mode=mode),  # type: ignore[arg-type]
         sample_request=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))

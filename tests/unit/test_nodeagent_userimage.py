@@ -61,10 +61,14 @@ class StubImages:
 
     digest: str = DIGEST
     pulls: list[tuple[str, str | None]] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
 
-    async def pull(self, text: str, secret: str | None = None, *, timeout: float) -> StubImage:
+    async def pull(self, text: str, *, secret: str | None = None, timeout: float) -> StubImage:
         self.pulls.append((text, secret))
         return StubImage(self.digest, Path("/"))
+
+    def release(self, digest: str) -> None:
+        self.released.append(digest)
 
 
 @dataclass
@@ -75,11 +79,15 @@ class HostSandbox:
     built: list[UserContainer] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
 
+    async def listen(self, instance_id: str, container_port: int) -> str:
+        return f"127.0.0.1:{free_port()}"
+
     def bundle(self, container: UserContainer) -> Path:
         self.built.append(container)
         path = container.instance_dir / "bundle"
         path.mkdir(parents=True, exist_ok=True)
-        env = [f"{k}={v}" for k, v in {**container.env, "PORT": str(container.host_port)}.items()]
+        port = container.endpoint.rpartition(":")[2]
+        env = [f"{k}={v}" for k, v in {**container.env, "PORT": port}.items()]
         (path / "config.json").write_text(json.dumps({"process": {"args": list(container.args), "env": env,
                                                                   "cwd": container.cwd}}))
         return path
@@ -174,6 +182,7 @@ async def test_the_deploy_validation_checkpoints_then_ends_the_container(node: N
                                                              f"image {DIGEST} validated", DIGEST)
     assert [op for op, _ in node.checkpointer.calls] == ["checkpoint"]  # the GPU path a standby takes
     assert await node.containers.list() == [] and node.sandbox.released == [iid]
+    assert node.images.released == [DIGEST]  # the image cache may evict it now
     assert await node.etcd.get(keys.snapshot_key("acme/team/echo", 1), types_pb2.Snapshot) is None  # the scheduler's
 
 

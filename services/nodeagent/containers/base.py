@@ -55,6 +55,9 @@ class Containers(abc.ABC):
     """
 
     prefix: str
+    # Whether each container has a network namespace of its own (the forwarder then refuses to
+    # carry connections into the host's).
+    isolates_network: bool = True
 
     @abc.abstractmethod
     async def run(self, container_id: str, bundle: Path, log_path: Path) -> int:

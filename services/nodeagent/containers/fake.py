@@ -21,6 +21,8 @@ __all__ = ["FakeContainers"]
 class FakeContainers(Containers):
     """Containers are subprocesses of this process, keyed by id."""
 
+    isolates_network = False
+
     def __init__(self, prefix: str = "sw-") -> None:
         self.prefix = prefix
         self._procs: dict[str, asyncio.subprocess.Process] = {}

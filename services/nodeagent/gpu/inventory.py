@@ -7,7 +7,7 @@ import os
 
 from snapwake.v1 import types_pb2
 
-__all__ = ["discover", "host_memory_bytes"]
+__all__ = ["device_minors", "discover", "host_memory_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,29 @@ def discover() -> list[types_pb2.Gpu]:
                 uuid=uuid.decode() if isinstance(uuid, bytes) else uuid,
                 memory_total_bytes=int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)))
         return gpus
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def device_minors() -> dict[int, tuple[int, str]]:
+    """GPU index -> (minor number of its /dev/nvidiaN, UUID), from NVML; ``{}`` without a GPU.
+    The minor is not the index in general (the toolkit asks NVML the same way)."""
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver: a CPU node
+        return {}
+    try:
+        out = {}
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            uuid = pynvml.nvmlDeviceGetUUID(handle)
+            out[index] = (int(pynvml.nvmlDeviceGetMinorNumber(handle)),
+                          uuid.decode() if isinstance(uuid, bytes) else uuid)
+        return out
     finally:
         pynvml.nvmlShutdown()
 
