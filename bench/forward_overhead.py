@@ -3,7 +3,7 @@ loopback and through a ``Forwarder`` into a sandbox container's network namespac
 
     sudo .venv/bin/python -m bench.forward_overhead [requests]
 
-Prints the median and p99 of a keep-alive request, of a request on a new connection, and the
+Writes ``bench/results/forward-overhead-cpu.json`` and prints the median and p99 of a keep-alive request, of a request on a new connection, and the
 time to stream 1000 SSE events, three ways: a server on the host's loopback; the same server in
 a sandbox container, dialled from a socket made in its namespace (what the sandbox costs:
 seccomp, the CPU quota); and through the forwarder (what the forwarder adds on top).
@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import platform
 import shutil
 import statistics
 import sys
@@ -141,6 +143,9 @@ async def main(n: int) -> None:
         report = {name: await measure(open_, n) for name, open_ in paths.items()}
         netns.close()
         print(json.dumps(report, indent=1))
+        out = Path(__file__).parent / "results" / "forward-overhead-cpu.json"
+        out.write_text(json.dumps({"machine": f"{platform.node()} ({os.cpu_count()} CPUs, no GPU)",
+                                   "requests": n, "baseline": "host_loopback", "report": report}, indent=1) + "\n")
         await fwd.close()
     finally:
         direct.kill()

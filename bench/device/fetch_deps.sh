@@ -17,5 +17,5 @@ pkgs=(aetcd==1.0.0 starlette==1.10.0 uvicorn==0.54.0 grpcio==1.85.1 grpcio-healt
       opentelemetry-semantic-conventions==0.66b1 opentelemetry-util-http==0.66b1 wrapt==2.5.2 typing_extensions==4.16.0)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${plat[@]}" -d .whl "${pkgs[@]}"
-(cd .deb && apt-get download runc etcd-server >/dev/null)
+(cd .deb && apt-get download runc etcd-server golang-github-containers-common libseccomp2 >/dev/null)
 ls .whl .deb

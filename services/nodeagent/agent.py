@@ -27,7 +27,7 @@ from services.nodeagent.admission import DriverGate
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.container import cgroup_path, control_socket
 from services.nodeagent.containers import Containers
-from services.nodeagent.forward import Forwarder
+from services.nodeagent.forward import Forwarder, TelemetryRelay
 from services.nodeagent.gpu import Checkpointer, NodeGpus
 from services.nodeagent.machine import InstanceMachine, activity_move
 from services.nodeagent.usertypes import ImageSource, Sandbox
@@ -56,6 +56,8 @@ class Live:
     pid: int = 0
     # The host listener that carries connections to ``port`` (its endpoint is the instance's).
     forwarder: Forwarder | None = None
+    # Its traces' way out of the network namespace (None when the node exports no traces).
+    relay: TelemetryRelay | None = None
     memory_limit: int = 0
     # SNAPSHOT_MODE_PROCESS: standby, restore and suspend are whole-process driver checkpoints.
     process_mode: bool = False
@@ -206,6 +208,8 @@ class NodeAgent:
         (bounded) and lets go of its image; the instance dir stays for its logs."""
         if live.forwarder is not None:
             await live.forwarder.close()
+        if live.relay is not None:
+            await live.relay.close()
         if live.user_image and self.sandbox is not None:
             with contextlib.suppress(errors.SnapwakeError):
                 await self.sandbox.release(live.id)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypedDict
+from urllib.parse import urlsplit
 
 from services.nodeagent import seccomp
 from services.nodeagent.bundle import OWN_PATHS, BundleSpec, IdMap, Limits, host_layout, modelserver_args
@@ -26,7 +27,7 @@ from services.nodeagent.users import resolve_user
 from snapwake import errors, keys
 from snapwake.v1 import nodeagent_pb2, types_pb2
 
-__all__ = ["MODEL_DIR", "ImageConfigLike", "bundle_spec", "cgroup_path", "container_limits",
+__all__ = ["MODEL_DIR", "OTLP_SOCKET", "ImageConfigLike", "bundle_spec", "otlp_env", "otlp_relay_target", "cgroup_path", "container_limits",
            "control_socket", "free_port", "image_layout", "make_work_dir", "python_dirs", "user_image_bundle_spec", "work_dir"]
 
 # Where a user image finds the spec's model dir (a dir of our own rootfs: never inside the image's).
@@ -133,6 +134,38 @@ def _sandbox(config: NodeAgentConfig, req: nodeagent_pb2.StartInstanceRequest, g
             "cgroup_path": cgroup_path(config, req.instance_id)}
 
 
+# The model server's traces leave its network namespace only through this socket in its
+# instance dir (``forward.TelemetryRelay`` splices it to the node's collector).
+OTLP_SOCKET = "otlp.sock"
+
+
+def otlp_relay_target(env: Mapping[str, str]) -> tuple[str, int] | None:
+    """The collector ``(host, port)`` that the containers' OTLP/gRPC exporter is told to dial
+    (``OTEL_EXPORTER_OTLP[_TRACES]_ENDPOINT``, plain ``http://`` or no scheme), or None when
+    there is none to relay (no endpoint, another protocol, or TLS, which a relay cannot carry
+    under the collector's name)."""
+    if env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc") != "grpc":
+        return None
+    raw = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not raw:
+        return None
+    url = urlsplit(raw if "://" in raw else "http://" + raw)
+    try:
+        port = url.port
+    except ValueError:
+        return None
+    if url.scheme != "http" or not url.hostname or not port:
+        return None
+    return url.hostname, port
+
+
+def otlp_env(instance_dir: Path) -> dict[str, str]:
+    """The exporter settings that send a container's traces through its relay socket."""
+    endpoint = f"unix://{instance_dir / OTLP_SOCKET}"
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+
+
 def bundle_spec(config: NodeAgentConfig, req: nodeagent_pb2.StartInstanceRequest, plan: StartPlan,
                 port: int, instance_dir: Path, gpu: GpuAccess | None) -> BundleSpec:
     """The container for a built-in model server instance (see docs/CONTRACTS.md, Node layout).
@@ -153,6 +186,8 @@ def bundle_spec(config: NodeAgentConfig, req: nodeagent_pb2.StartInstanceRequest
            "TRANSFORMERS_OFFLINE": "1", "SNAPWAKE_CONTROL_SOCKET": control,
            "SNAPWAKE_HANDOVER_SOCKET": handover, **(gpu.env if gpu else {}),
            **dict(item.split("=", 1) for item in config.container_env)}
+    if otlp_relay_target(env) is not None:
+        env.update(otlp_env(instance_dir))
     system, links = host_layout()
     # The instance dir read-only for its handover socket (the dir, not the socket: a restarted
     # blobstore makes a new inode), with work/ read-write on top.

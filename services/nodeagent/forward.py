@@ -35,8 +35,9 @@ import os
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
-__all__ = ["CONNECT_TIMEOUT", "Forwarder", "NetNs"]
+__all__ = ["CONNECT_TIMEOUT", "Forwarder", "NetNs", "TelemetryRelay"]
 
 log = logging.getLogger(__name__)
 
@@ -261,3 +262,56 @@ class Forwarder:
         if self._netns is not None:
             self._netns.close()
             self._netns = None
+
+
+class TelemetryRelay:
+    """The one way out of a container's network namespace: its OTLP exporter dials a Unix
+    socket in its instance dir, and each connection is spliced to the node's collector (a TCP
+    ``host:port``). Nothing else leaves; a container reaches no other address through it."""
+
+    def __init__(self, path: Path, host: str, port: int, idle_timeout: float = 600.0) -> None:
+        self.path, self.host, self.port, self.idle_timeout = path, host, port, idle_timeout
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Listens on ``path`` (replacing a stale socket the relay left there)."""
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.is_socket():
+                self.path.unlink()
+        self._server = await asyncio.start_unix_server(self._handle, path=str(self.path), limit=_CHUNK)
+        os.chmod(self.path, 0o666)  # the container's user is an unprivileged host id
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is None or len(self._conns) >= _MAX_CONNECTIONS:
+            await _close(writer)
+            return
+        self._conns.add(task)
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            up_reader, up_writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, limit=_CHUNK), CONNECT_TIMEOUT)
+            upstream = up_writer
+            await _splice((reader, writer), (up_reader, up_writer), self.idle_timeout)
+        except (OSError, TimeoutError) as exc:
+            log.debug("telemetry relay to %s:%d: %s", self.host, self.port, exc)
+        except asyncio.CancelledError:
+            pass  # ``close`` drops the connection (as in Forwarder._handle)
+        finally:
+            self._conns.discard(task)
+            await _close(writer)
+            if upstream is not None:
+                await _close(upstream)
+
+    async def close(self) -> None:
+        """Stops listening, drops its connections and removes the socket; idempotent."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._conns):
+            task.cancel()
+        await asyncio.gather(*self._conns, return_exceptions=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+

@@ -21,8 +21,15 @@ from opentelemetry import trace
 from services.nodeagent import handover, integrity, probe, process_mode, spec_checks, userimage
 from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.bundle import IdMap, write_bundle
-from services.nodeagent.container import bundle_spec, container_limits, free_port, make_work_dir
-from services.nodeagent.forward import Forwarder, NetNs
+from services.nodeagent.container import (
+    OTLP_SOCKET,
+    bundle_spec,
+    container_limits,
+    free_port,
+    make_work_dir,
+    otlp_relay_target,
+)
+from services.nodeagent.forward import Forwarder, NetNs, TelemetryRelay
 from services.nodeagent.machine import InstanceMachine, StartPlan, plan_start
 from services.nodeagent.modelinfo import read_model_metadata
 from services.nodeagent.tracing import in_span
@@ -84,6 +91,15 @@ async def _alive(agent: NodeAgent, live: Live) -> None:
         why = await agent.exit_reason(live)
         raise errors.StartFailed("the container exited before it was ready"
                                  + (f": {why}" if why.startswith("out of memory") else ""))
+
+
+async def _open_relay(agent: NodeAgent, live: Live) -> None:
+    """The instance's way to the node's trace collector, when the node has one (the model server
+    is told to use it by ``container.otlp_env``)."""
+    target = otlp_relay_target(dict(item.split("=", 1) for item in agent.config.container_env))
+    if target is not None:
+        live.relay = TelemetryRelay(live.dir / OTLP_SOCKET, *target, agent.config.forward_idle_timeout)
+        await live.relay.start()
 
 
 def _attach_network(agent: NodeAgent, live: Live) -> None:
@@ -200,6 +216,7 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
             idir.mkdir(parents=True, exist_ok=True)
             make_work_dir(idir, IdMap(agent.config.userns_base, agent.config.userns_size))
             await handover.open_socket(agent.blob_channel, live)
+            await _open_relay(agent, live)
             gpu = agent.node_gpus.access(req.gpu_index) if use_gpu else None
             bundle = write_bundle(idir / "bundle", bundle_spec(agent.config, req, plan, port, idir, gpu),
                                   agent.rootfs_path(req.instance_id))
