@@ -34,6 +34,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -184,6 +185,36 @@ async def _close(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def _carry(conns: set[asyncio.Task[None]], client: Streams,
+                 open_upstream: Callable[[], Awaitable[Streams]], idle_s: float, what: str) -> None:
+    """One accepted connection of a Forwarder or TelemetryRelay: counted in ``conns`` (refused
+    over the bound), spliced to what ``open_upstream`` dials, closed on every path."""
+    task = asyncio.current_task()
+    if task is None or len(conns) >= _MAX_CONNECTIONS:
+        await _close(client[1])
+        return
+    conns.add(task)
+    upstream: asyncio.StreamWriter | None = None
+    try:
+        up_reader, up_writer = await open_upstream()
+        upstream = up_writer
+        await _splice(client, (up_reader, up_writer), idle_s)
+    except (OSError, TimeoutError) as exc:
+        log.debug("%s: %s", what, exc)
+    except asyncio.CancelledError:
+        # ``close`` cancels the connections it drops; asyncio's server callback would log a
+        # cancelled handler as an error, and nobody waits on this task but ``close``.
+        pass
+    finally:
+        conns.discard(task)
+        await _close(client[1])
+        if upstream is not None:
+            await _close(upstream)
+
+
 class Forwarder:
     """One instance's host listener; connections go to ``port`` inside the namespace it is
     ``attach``-ed to (before that, or after ``close``, they are closed at once).
@@ -226,27 +257,16 @@ class Forwarder:
         self._netns = netns
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if self._netns is None or task is None or len(self._conns) >= _MAX_CONNECTIONS:
+        netns = self._netns
+        if netns is None:
             await _close(writer)
             return
-        self._conns.add(task)
-        inner: asyncio.StreamWriter | None = None
-        try:
-            sock = await self._netns.connect(self.target_port)
-            inner_reader, inner = await asyncio.open_connection(sock=sock, limit=_CHUNK)
-            await _splice((reader, writer), (inner_reader, inner), self.idle_timeout)
-        except (OSError, TimeoutError) as exc:
-            log.debug("forward to port %d: %s", self.target_port, exc)
-        except asyncio.CancelledError:
-            # ``close`` cancels the connections it drops; asyncio's server callback would log a
-            # cancelled handler as an error, and nobody waits on this task but ``close``.
-            pass
-        finally:
-            self._conns.discard(task)
-            await _close(writer)
-            if inner is not None:
-                await _close(inner)
+
+        async def inside() -> Streams:
+            sock = await netns.connect(self.target_port)
+            return await asyncio.open_connection(sock=sock, limit=_CHUNK)
+
+        await _carry(self._conns, (reader, writer), inside, self.idle_timeout, f"forward to port {self.target_port}")
 
     async def close(self) -> None:
         """Stops listening, drops every carried connection and the namespace handle; idempotent."""
@@ -283,26 +303,11 @@ class TelemetryRelay:
         os.chmod(self.path, 0o666)  # the container's user is an unprivileged host id
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is None or len(self._conns) >= _MAX_CONNECTIONS:
-            await _close(writer)
-            return
-        self._conns.add(task)
-        upstream: asyncio.StreamWriter | None = None
-        try:
-            up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port, limit=_CHUNK), CONNECT_TIMEOUT)
-            upstream = up_writer
-            await _splice((reader, writer), (up_reader, up_writer), self.idle_timeout)
-        except (OSError, TimeoutError) as exc:
-            log.debug("telemetry relay to %s:%d: %s", self.host, self.port, exc)
-        except asyncio.CancelledError:
-            pass  # ``close`` drops the connection (as in Forwarder._handle)
-        finally:
-            self._conns.discard(task)
-            await _close(writer)
-            if upstream is not None:
-                await _close(upstream)
+        async def collector() -> Streams:
+            return await asyncio.wait_for(asyncio.open_connection(self.host, self.port, limit=_CHUNK), CONNECT_TIMEOUT)
+
+        await _carry(self._conns, (reader, writer), collector, self.idle_timeout,
+                     f"telemetry relay to {self.host}:{self.port}")
 
     async def close(self) -> None:
         """Stops listening, drops its connections and removes the socket; idempotent."""
