@@ -515,3 +515,21 @@ async def test_oom_killed_instance_is_reported_as_such(hog_node: tuple[Any, Etcd
         await asyncio.sleep(0.1)
     assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_FAILED, stored
     assert stored.message.startswith("out of memory (limit 96 MiB)"), stored.message
+
+
+async def test_runc_lists_every_process_of_the_container(sandboxes: Sandboxes) -> None:
+    """``Containers.pids``: what the driver checkpoint of a whole container goes over."""
+    box = await sandboxes.start("""
+        import json, subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        print(json.dumps({"child": child.pid}), flush=True)
+        time.sleep(60)
+    """)
+    await box.result()
+    pids = await sandboxes.runc.pids(box.id)
+    assert len(pids) == 2 and pids[0] == box.pid, pids
+    parent = int(Path(f"/proc/{pids[1]}/stat").read_text().rpartition(")")[2].split()[1])
+    assert parent == box.pid  # host pids: the child's parent is the container's init
+    await sandboxes.runc.kill(box.id)
+    await box.stopped()
+    assert await sandboxes.runc.pids(box.id) == []

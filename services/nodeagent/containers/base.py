@@ -77,5 +77,9 @@ class Containers(abc.ABC):
         """Force-deletes the container (killing it first if needed); idempotent."""
 
     @abc.abstractmethod
+    async def pids(self, container_id: str) -> list[int]:
+        """Host pids of every process in the container (init first), ``[]`` when it is gone."""
+
+    @abc.abstractmethod
     async def list(self) -> list[ContainerState]:
         """Every container of this runtime whose id starts with ``prefix``."""

@@ -7,7 +7,9 @@ OCI config that matter to the nodeagent (args, env, cwd) and ignores mounts and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal as signals
 import subprocess
 from pathlib import Path
@@ -58,10 +60,34 @@ class FakeContainers(Containers):
     async def delete(self, container_id: str) -> None:
         proc = self._procs.pop(container_id, None)
         if proc is not None and proc.returncode is None:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # the whole group, as a container's cgroup goes
+                os.killpg(proc.pid, signals.SIGKILL)
         if proc is not None:
             await asyncio.wait_for(proc.wait(), 10)
+
+    async def pids(self, container_id: str) -> list[int]:
+        """The subprocess and everything in its session (it was started in a new one)."""
+        proc = self._procs.get(container_id)
+        if proc is None or proc.returncode is not None:
+            return []
+        return [proc.pid] + sorted(p for p in _session(proc.pid) if p != proc.pid)
 
     async def list(self) -> list[ContainerState]:
         states = [await self.state(cid) for cid in self._procs if cid.startswith(self.prefix)]
         return [s for s in states if s is not None]
+
+
+def _session(sid: int) -> list[int]:
+    """Pids whose session id is ``sid`` (from /proc/PID/stat)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # it exited meanwhile
+            continue
+        fields = stat.rpartition(")")[2].split()  # after "(comm)": state ppid pgrp session ...
+        if len(fields) > 3 and int(fields[3]) == sid:
+            found.append(int(entry.name))
+    return found

@@ -113,6 +113,19 @@ class RuncContainers(Containers):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(run.wait(), self.timeout)
 
+    async def pids(self, container_id: str) -> list[int]:
+        """``runc ps``: the pids of the container's cgroup, init first."""
+        state = await self.state(container_id)
+        if state is None or not state.alive:
+            return []
+        rc, out, err = await self._runc("ps", "--format", "json", container_id)
+        if rc != 0:
+            if "not exist" in err or "not running" in err or "stopped" in err:
+                return []
+            raise errors.Unavailable(f"runc ps {container_id} failed: {err.strip()}")
+        pids = [int(p) for p in json.loads(out or "null") or []]
+        return sorted(pids, key=lambda p: (p != state.pid, p))
+
     async def list(self) -> list[ContainerState]:
         rc, out, err = await self._runc("list", "--format", "json")
         if rc != 0:
