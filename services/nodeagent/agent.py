@@ -65,6 +65,9 @@ class Live:
     # health_path answers 200 (the built-in model server's is /health too).
     user_image: bool = False
     health_path: str = "/health"
+    # The container's processes the last driver checkpoint took (``Checkpointer.checkpoint_all``),
+    # which the restore brings back; None before any checkpoint.
+    cuda_pids: tuple[int, ...] | None = None
     # The image digest this instance holds in the node's image cache ("" when none): released
     # once, when its container goes.
     image_held: str = ""
@@ -253,7 +256,9 @@ class NodeAgent:
         (``admission``); waiting longer than ``limit_s`` for one raises DeadlineExceeded."""
         async with telemetry.traced("driver_checkpoint") as span, self.gate.checkpoint(limit_s) as waited:
             span.set_attribute("snapwake.driver_gate.wait_seconds", waited)
-            await self.checkpointer.checkpoint(live.pid)
+            pids = await self.containers.pids(live.container_id) or [live.pid]
+            live.cuda_pids = await self.checkpointer.checkpoint_all(pids)
+            span.set_attribute("snapwake.checkpoint.pids", len(live.cuda_pids))
 
     # --- reconcile -----------------------------------------------------------------------
     async def _reconcile_forever(self) -> None:

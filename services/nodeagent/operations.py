@@ -272,7 +272,7 @@ async def _restore_arena(agent: NodeAgent, live: Live, started: float,
     lock and a restore slot)."""
     inst = live.machine.instance
     sid, gpu = keys.snapshot_id(inst.function_id, inst.revision), inst.gpu_index if live.gpu else -1
-    restore: Awaitable[float] = agent.checkpointer.restore(live.pid) if live.gpu else _zero()
+    restore: Awaitable[float] = agent.checkpointer.restore_all(_checkpointed(live)) if live.gpu else _zero()
     try:
         _, restore_s, _ = await asyncio.wait_for(asyncio.gather(
             _prepare(agent.config.handover_socket, sid, gpu, limit_s), in_span("driver_restore", restore),
@@ -295,6 +295,11 @@ async def _restore_arena(agent: NodeAgent, live: Live, started: float,
     return resp
 
 
+def _checkpointed(live: Live) -> tuple[int, ...]:
+    """The pids the standby's checkpoint took (its init when none was recorded)."""
+    return live.cuda_pids if live.cuda_pids is not None else (live.pid,)
+
+
 async def _zero() -> float:
     return 0.0
 
@@ -306,7 +311,7 @@ async def _restore_process(agent: NodeAgent, live: Live, started: float,
     inst = live.machine.instance
     try:
         restore_s = await asyncio.wait_for(process_mode.restore(
-            agent.checkpointer, agent.http, live.pid, inst.endpoint, live.gpu, live.health_path), limit_s)
+            agent.checkpointer, agent.http, _checkpointed(live), inst.endpoint, live.gpu, live.health_path), limit_s)
     except (TimeoutError, errors.SnapwakeError) as exc:
         reason = f"restore of {inst.id} failed: {getattr(exc, 'message', None) or 'timed out'}"
         await agent.fail(live, reason + "; output:\n" + probe.tail(live.log_path, 1500))

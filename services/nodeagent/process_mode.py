@@ -1,4 +1,4 @@
-"""PROCESS snapshot mode: the driver checkpoints and restores the whole container process.
+"""PROCESS snapshot mode: the driver checkpoints and restores every CUDA process of the container.
 
 Nothing inside the container cooperates (the mode is meant for images the platform did not
 build), so the standby is a normally started instance (model server ``--start-mode load``) that the
@@ -14,6 +14,7 @@ simply left as it is; only the GPU path shows the mode's cost.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -66,10 +67,11 @@ async def warm_up(http: httpx.AsyncClient, endpoint: str, sample: str, limit_s: 
                                  f"{resp.text[:300]}")
 
 
-async def restore(checkpointer: Checkpointer, http: httpx.AsyncClient, pid: int, endpoint: str,
+async def restore(checkpointer: Checkpointer, http: httpx.AsyncClient, pids: Sequence[int], endpoint: str,
                   gpu: bool, health_path: str = "/health") -> float:
-    """Driver-restores the whole process and checks it serves; returns the restore's seconds."""
-    seconds = await checkpointer.restore(pid) if gpu else 0.0
+    """Driver-restores the container's checkpointed processes and checks it serves; returns the
+    restore's seconds."""
+    seconds = await checkpointer.restore_all(pids) if gpu else 0.0
     phase = await probe.health_phase(http, endpoint, path=health_path)
     if phase != "serving":
         raise errors.StartFailed(f"after the driver restore the model server at {endpoint} "

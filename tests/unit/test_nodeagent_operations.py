@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,6 +56,16 @@ class RecordingCheckpointer(NoGpuCheckpointer):
 
     async def restore(self, pid: int) -> float:
         self.calls.append(("restore", pid))
+        return 0.0
+
+    async def checkpoint_all(self, pids: Sequence[int]) -> tuple[int, ...]:
+        for pid in pids:
+            await self.checkpoint(pid)
+        return tuple(pids)
+
+    async def restore_all(self, pids: Sequence[int]) -> float:
+        for pid in pids:
+            await self.restore(pid)
         return 0.0
 
 

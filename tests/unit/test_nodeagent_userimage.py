@@ -111,6 +111,16 @@ class RecordingCheckpointer(NoGpuCheckpointer):
         self.calls.append(("restore", pid))
         return 0.0
 
+    async def checkpoint_all(self, pids: Sequence[int]) -> tuple[int, ...]:
+        for pid in pids:
+            await self.checkpoint(pid)
+        return tuple(pids)
+
+    async def restore_all(self, pids: Sequence[int]) -> float:
+        for pid in pids:
+            await self.restore(pid)
+        return 0.0
+
 
 @dataclass
 class Node:
@@ -197,6 +207,20 @@ async def test_a_standby_without_health_is_probed_on_v1_models_and_restored(node
     assert resp.instance.state == InstanceState.INSTANCE_STATE_RUNNING and node.checkpointer.calls[-1] == ("restore", pid)
     parked = await operations.suspend_instance(node.agent, iid)  # no control socket to ask: parked as it is
     assert parked.state == InstanceState.INSTANCE_STATE_STANDBY and node.checkpointer.calls[-1] == ("checkpoint", pid)
+
+
+async def test_a_standby_checkpoints_and_restores_every_process_of_its_container(node: Node) -> None:
+    """A server that runs as a child of the container's init: the checkpoint takes both."""
+    iid = "i-00000000a00c"
+    req = request(iid, nodeagent_pb2.START_TARGET_STANDBY)
+    req.spec.command[:] = ["/bin/sh", "-c", f"{sys.executable} {STUB} --served-model-name {SERVED} & wait"]
+    standby = await operations.start_instance(node.agent, req)
+    live = node.agent.instances[iid]
+    pids = await node.containers.pids(live.container_id)
+    assert standby.state == InstanceState.INSTANCE_STATE_STANDBY and len(pids) == 2 and pids[0] == live.pid
+    assert node.checkpointer.calls == [("checkpoint", pid) for pid in pids] and live.cuda_pids == tuple(pids)
+    await operations.restore_instance(node.agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))
+    assert node.checkpointer.calls[len(pids):] == [("restore", pid) for pid in pids]
 
 
 @pytest.mark.parametrize(("args", "timeout_s", "needles"), [

@@ -20,6 +20,7 @@ class FakeResult(enum.IntEnum):
     CUDA_SUCCESS = 0
     CUDA_ERROR_INVALID_VALUE = 1
     CUDA_ERROR_OUT_OF_MEMORY = 2
+    CUDA_ERROR_NOT_INITIALIZED = 3
     CUDA_ERROR_NOT_SUPPORTED = 801
 
 
@@ -98,3 +99,58 @@ def test_a_failed_restore_is_unavailable_naming_the_call_and_pid() -> None:
     with pytest.raises(cuda.CudaError, match=r"^cuCheckpointProcessRestore\(7\) failed") as caught:
         asyncio.run(checkpointer.restore(7))
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+class GroupDriver(FakeDriver):
+    """FakeDriver with per-pid answers: ``cuda`` are the CUDA processes, ``fail`` maps
+    (call, pid) to a failed result; calls are recorded with their pid."""
+
+    def __init__(self, cuda_pids: set[int], fail: dict[tuple[str, int], FakeResult] | None = None) -> None:
+        super().__init__({})
+        self.cuda_pids, self.fail, self.pid_calls = cuda_pids, fail or {}, []
+        for name in ("cuCheckpointProcessLock", "cuCheckpointProcessCheckpoint", "cuCheckpointProcessRestore",
+                     "cuCheckpointProcessUnlock"):
+            setattr(self, name, self._pid_call(name))
+
+    def _pid_call(self, name: str) -> Any:
+        def call(pid: int, *args: Any) -> tuple[FakeResult]:
+            self.pid_calls.append((name.removeprefix("cuCheckpointProcess"), pid))
+            return (self.fail.get((name, pid), OK),)
+        return call
+
+    def cuCheckpointProcessGetState(self, pid: int) -> tuple[FakeResult, int | None]:  # noqa: N802 - the driver's name
+        return (OK, 0) if pid in self.cuda_pids else (FakeResult.CUDA_ERROR_NOT_INITIALIZED, None)
+
+
+def test_a_group_checkpoint_takes_only_cuda_processes_locking_all_first() -> None:
+    cu = GroupDriver({10, 12})
+    checkpointer = CudaCheckpointer(cu=cu)
+    assert asyncio.run(checkpointer.checkpoint_all([10, 11, 12])) == (10, 12)  # 11 has no CUDA
+    assert cu.pid_calls == [("Lock", 10), ("Lock", 12), ("Checkpoint", 10), ("Checkpoint", 12)]
+    cu.pid_calls.clear()
+    assert asyncio.run(checkpointer.restore_all((10, 12))) >= 0
+    assert cu.pid_calls == [("Restore", 10), ("Restore", 12), ("Unlock", 10), ("Unlock", 12)]
+
+
+def test_a_failed_group_checkpoint_leaves_nothing_checkpointed_or_locked_and_names_the_process() -> None:
+    cu = GroupDriver({10, 12}, {("cuCheckpointProcessCheckpoint", 12): FakeResult.CUDA_ERROR_NOT_SUPPORTED})
+    with pytest.raises(cuda.CudaError, match=r"could not checkpoint pid 12 \(\?\), one of 2 CUDA processes of the "
+                                             r"container: CUDA_ERROR_NOT_SUPPORTED \(processes that share GPU "
+                                             r"memory through CUDA IPC"):
+        asyncio.run(CudaCheckpointer(cu=cu).checkpoint_all([10, 12]))
+    assert cu.pid_calls == [("Lock", 10), ("Lock", 12), ("Checkpoint", 10), ("Checkpoint", 12),
+                            ("Restore", 10), ("Unlock", 10), ("Unlock", 12)]
+
+
+def test_a_group_checkpoint_refuses_a_process_someone_else_holds() -> None:
+    cu = GroupDriver({10})
+    cu.cuCheckpointProcessGetState = lambda pid: (OK, 2)  # CHECKPOINTED already
+    with pytest.raises(cuda.CudaError, match=r"not RUNNING"):
+        asyncio.run(CudaCheckpointer(cu=cu).checkpoint_all([10]))
+    assert cu.pid_calls == []
+
+
+def test_a_container_without_cuda_processes_checkpoints_nothing() -> None:
+    cu = GroupDriver(set())
+    assert asyncio.run(CudaCheckpointer(cu=cu).checkpoint_all([5, 6])) == ()
+    assert cu.pid_calls == []
