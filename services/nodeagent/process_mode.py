@@ -3,7 +3,10 @@
 Nothing inside the container cooperates (the mode is meant for images the platform did not
 build), so the standby is a normally started instance (model server ``--start-mode load``) that the
 nodeagent warms up with the function's sample request over HTTP; then the driver moves the
-process's entire GPU state (weights included) into its host memory. Restore is the driver
+entire GPU state (weights included) of each CUDA process of the container into its host memory
+(``Checkpointer.checkpoint_all``: all locked first; one that cannot be checkpointed, such as
+processes sharing memory through CUDA IPC on drivers before 610, fails the checkpoint, and so
+the deploy validation, naming the process). Restore is the driver
 restore alone: no blobstore DMA, no attach. Suspend is the checkpoint again. It is slower than
 the arena mode (the driver moves about 4 GB/s) and does not survive a node restart.
 
