@@ -14,8 +14,10 @@ pkgs=(aetcd==1.0.0 starlette==1.10.0 uvicorn==0.54.0 grpcio==1.85.1 grpcio-healt
       opentelemetry-exporter-otlp-proto-grpc==1.45.1 opentelemetry-instrumentation==0.66b1
       opentelemetry-instrumentation-asgi==0.66b1 opentelemetry-instrumentation-grpc==0.66b1
       opentelemetry-instrumentation-starlette==0.66b1 opentelemetry-proto==1.45.1
-      opentelemetry-semantic-conventions==0.66b1 opentelemetry-util-http==0.66b1 wrapt==2.5.2 typing_extensions==4.16.0)
+      opentelemetry-semantic-conventions==0.66b1 opentelemetry-util-http==0.66b1 wrapt==2.5.2 typing_extensions==4.16.0
+      fastapi==0.165.0)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${plat[@]}" -d .whl "${pkgs[@]}"
-(cd .deb && apt-get download runc etcd-server golang-github-containers-common libseccomp2 >/dev/null)
+(cd .deb && apt-get download runc etcd-server golang-github-containers-common libseccomp2 skopeo umoci \
+  libdevmapper1.02.1 libgpgme11 libassuan0 >/dev/null)
 ls .whl .deb

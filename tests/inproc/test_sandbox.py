@@ -528,8 +528,12 @@ async def test_runc_lists_every_process_of_the_container(sandboxes: Sandboxes) -
     await box.result()
     pids = await sandboxes.runc.pids(box.id)
     assert len(pids) == 2 and pids[0] == box.pid, pids
-    parent = int(Path(f"/proc/{pids[1]}/stat").read_text().rpartition(")")[2].split()[1])
+    parent = await asyncio.to_thread(_parent_pid, pids[1])
     assert parent == box.pid  # host pids: the child's parent is the container's init
     await sandboxes.runc.kill(box.id)
     await box.stopped()
     assert await sandboxes.runc.pids(box.id) == []
+
+
+def _parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
