@@ -15,7 +15,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from services.nodeagent.container import cgroup_path, control_socket
 from services.nodeagent.containers import Containers
 from services.nodeagent.forward import Forwarder, TelemetryRelay
 from services.nodeagent.gpu import Checkpointer, NodeGpus
+from services.nodeagent.gpu import memory as gpumem
 from services.nodeagent.machine import InstanceMachine, activity_move
 from services.nodeagent.usertypes import ImageSource, Sandbox
 from snapwake import errors, keys, telemetry
@@ -71,6 +72,8 @@ class Live:
     # The image digest this instance holds in the node's image cache ("" when none): released
     # once, when its container goes.
     image_held: str = ""
+    # GPU memory its processes held at the last reconcile pass that read it (NVML; ``gpu.memory``).
+    gpu_memory_used: int = 0
     # Serialises the flows on one instance; the reconcile loop skips a locked instance.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -93,13 +96,20 @@ class NodeAgent:
     def __init__(self, config: NodeAgentConfig, etcd: EtcdClient, containers: Containers,
                  checkpointer: Checkpointer, gpus: list[types_pb2.Gpu], host_memory: int,
                  clock: Callable[[], float] = time.time, node_gpus: NodeGpus | None = None,
-                 images: ImageSource | None = None, sandbox: Sandbox | None = None) -> None:
+                 images: ImageSource | None = None, sandbox: Sandbox | None = None,
+                 gpu_memory: gpumem.ProcessMemory | None = None) -> None:
         self.config, self.etcd, self.containers, self.checkpointer = config, etcd, containers, checkpointer
         self.gpus, self.host_memory, self.clock = gpus, host_memory, clock
         # The GPUs' device nodes and driver files containers are given (``gpu.devices``).
         self.node_gpus = node_gpus or NodeGpus()
         # User images (``userimage``): the image cache and the sandbox; None runs only the builtin.
         self.images, self.sandbox = images, sandbox
+        # Per-process GPU memory for the slice watch (``gpu.memory``); by default NVML's, which
+        # this agent then owns and shuts down.
+        self._nvml: gpumem.NvmlProcessMemory | None = None
+        if gpu_memory is None:
+            gpu_memory = self._nvml = gpumem.NvmlProcessMemory()
+        self.gpu_memory = gpumem.ProcessMemoryReader(gpu_memory)
         self.instances: dict[str, Live] = {}
         # Driver restores before checkpoints, each kind capped (``admission``).
         self.gate = DriverGate(config.max_concurrent_restores, config.max_concurrent_checkpoints)
@@ -150,6 +160,8 @@ class NodeAgent:
         with contextlib.suppress(OSError):  # empty now; a node that comes back makes it again
             self.config.rootfs_base.rmdir()
         await self.lease.stop(revoke=True)
+        if self._nvml is not None:
+            await asyncio.to_thread(self._nvml.close)
         await self.http.aclose()
         await self._blob_channel.close()
 
@@ -270,19 +282,23 @@ class NodeAgent:
                 log.exception("reconcile pass failed")
 
     async def reconcile_once(self) -> None:
-        """One pass: dead containers, RUNNING/IDLE, RSS, expired keys, the blobstore's cache."""
+        """One pass: dead containers, GPU memory over a slice, RUNNING/IDLE, RSS, expired keys,
+        the blobstore's cache."""
+        # One NVML read for the whole pass, and none while no instance is watched.
+        watched = any(self._gpu_watched(live) for live in self.instances.values())
+        gpu_usage = await self.gpu_memory.read() if watched else None
         for live in list(self.instances.values()):
             if live.lock.locked():
                 continue
             async with live.lock:
-                await self._reconcile_instance(live)
+                await self._reconcile_instance(live, gpu_usage)
         await self._poll_blobstore()
         # The heartbeat: schedulers stop placing on a node whose record has not been
         # rewritten lately, even while its etcd lease is alive (a stuck agent).
         if self.clock() - self._registered_at >= self.config.heartbeat_interval:
             await self.register()
 
-    async def _reconcile_instance(self, live: Live) -> None:
+    async def _reconcile_instance(self, live: Live, gpu_usage: Mapping[int, int] | None = None) -> None:
         machine = live.machine
         if machine.expired(self.clock(), self.config.ended_linger):
             await self.forget(live)
@@ -294,6 +310,8 @@ class NodeAgent:
             # Reported once, FAILED: the scheduler counts it against the revision's crash loop.
             how = state.ended() if state is not None else "exit status unknown"
             await self.fail(live, await self.exit_reason(live, how) + "; output:\n" + probe.tail(live.log_path, 1500))
+            return
+        if gpu_usage is not None and self._gpu_watched(live) and await self._over_gpu_slice(live, gpu_usage):
             return
         changed = False
         if machine.state in SERVING and not live.user_image:  # a user image has no control socket
@@ -307,6 +325,30 @@ class NodeAgent:
             changed = True
         if changed:
             await self.publish(live)
+
+    def _gpu_watched(self, live: Live) -> bool:
+        """Whether the slice watch applies: a serving GPU instance with a slice (``gpu.memory``)."""
+        return (self.config.gpu_memory_watch and live.gpu and live.machine.state in gpumem.WATCHED
+                and live.machine.instance.gpu_memory_bytes > 0)
+
+    async def _over_gpu_slice(self, live: Live, usage: Mapping[int, int]) -> bool:
+        """Records what the container's processes hold on the GPU; over the instance's limit, it
+        is FAILED and its container removed (True)."""
+        inst = live.machine.instance
+        limit = gpumem.SliceLimit.of(inst.gpu_memory_bytes, live.user_image,
+                                         self.config.gpu_memory_builtin_allowance_bytes)
+        try:
+            pids = await self.containers.pids(live.container_id)
+        except errors.SnapwakeError as exc:  # runc ps failed: judged next pass
+            log.warning("cannot list the container's processes: %s", exc.message, extra={"instance_id": live.id})
+            return False
+        live.gpu_memory_used = used = gpumem.used_by(pids, usage)
+        log.debug("GPU memory: %d MiB, slice %d MiB", used >> 20, inst.gpu_memory_bytes >> 20,
+                  extra={"instance_id": live.id})
+        if not limit.over(used):
+            return False
+        await self.fail(live, limit.reason(used, inst.gpu_index))
+        return True
 
     async def _poll_blobstore(self) -> None:
         stub = blobstore_pb2_grpc.BlobstoreServiceStub(self._blob_channel)

@@ -87,6 +87,12 @@ class NodeAgentConfig:
         "size of a container's private /tmp and of its /dev/shm (each; counted in its memory limit)"))
     cgroup_parent: str = field(default="snapwake", metadata=_help(
         "cgroup under which containers get theirs (/{cgroup_parent}/{container id})"))
+    gpu_memory_watch: bool = field(default=True, metadata=_help(
+        "every reconcile pass, read each serving instance's GPU memory (NVML, per process) and stop "
+        "one over its slice (gpu.memory); off without NVML"))
+    gpu_memory_builtin_allowance_bytes: int = field(default=2 << 30, metadata=_help(
+        "GPU memory the built-in model server may use beyond its slice before it is stopped: its "
+        "CUDA context and kernels, which it cannot cap (a user image's slice must hold its own)"))
     driver_lib_dir: str = field(default="", metadata=_help(
         "directory of the NVIDIA driver's libraries, e.g. /usr/local/nvidia/lib64 (default: ldconfig -p)"))
     endpoint_host: str = field(default="", metadata=_help(
@@ -184,6 +190,9 @@ class NodeAgentConfig:
                 bad.append(f"{key}: must be at least {low}, got {getattr(self, key)}")
         if not self.cgroup_parent or ".." in self.cgroup_parent.split("/"):
             bad.append(f"cgroup_parent: must be a non-empty path without '..', got {self.cgroup_parent!r}")
+        if self.gpu_memory_builtin_allowance_bytes < 0:
+            bad.append(f"gpu_memory_builtin_allowance_bytes: must not be negative, "
+                       f"got {self.gpu_memory_builtin_allowance_bytes}")
         if self.forward_idle_timeout <= 0:
             bad.append("forward_idle_timeout: must be positive")
         if self.image_cache_dir and not self.image_cache_dir.startswith("/"):

@@ -9,6 +9,7 @@ it on the host). ``--mode`` picks its behaviour:
     exit          print a traceback-like reason and exit 3 at once
     never-listen  run without ever opening the port
     refuse-warmup answer every POST with 400
+    worker        serve, with a second process in the container (as vLLM's engine core)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +34,8 @@ def main() -> None:
     if args.mode == "never-listen":
         print("loading a model that never finishes loading", flush=True)
         time.sleep(3600)
+    if args.mode == "worker":  # in the container's session: it goes with the container
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     posts: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):

@@ -3,7 +3,8 @@ subprocesses), a recording no-GPU checkpointer and ``stub_modelserver.py`` as th
 process (its side of the health and control contract, in milliseconds).
 
 The agent is given one GPU record so the GPU steps (checkpoint, restore, reserved memory on the
-node record) run; the checkpointer only records them. Not covered here, because they need a
+node record, the GPU memory slice watch) run; the checkpointer only records them, and the
+per-process GPU memory NVML would report is whatever a test sets on ``harness.gpu``. Not covered here, because they need a
 blobstore: an arena STANDBY start (its snapshot is pre-warmed over gRPC first) and the cache
 poll of the reconcile pass (it finds no blobstore and carries on). tests/inproc cover those.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -30,7 +32,7 @@ from services.nodeagent import operations
 from services.nodeagent.agent import NodeAgent
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.containers import FakeContainers
-from services.nodeagent.gpu import NoGpuCheckpointer
+from services.nodeagent.gpu import FakeProcessMemory, NoGpuCheckpointer
 from snapwake import errors, keys
 from snapwake.etcd_fake import FakeEtcd
 from snapwake.testing import free_port
@@ -85,12 +87,14 @@ class Harness:
     containers: FakeContainers = field(default_factory=FakeContainers)
     checkpointer: RecordingCheckpointer = field(default_factory=RecordingCheckpointer)
     clock: Clock = field(default_factory=Clock)
+    gpu: FakeProcessMemory = field(default_factory=FakeProcessMemory)
     handover: list[dict[str, Any]] = field(default_factory=list)  # what the blobstore was asked
     agent: NodeAgent | None = None
 
     async def start(self) -> NodeAgent:
         self.agent = NodeAgent(self.config, self.etcd, self.containers, self.checkpointer,
-                               [types_pb2.Gpu(index=0, memory_total_bytes=80 * GIB)], 64 * GIB, clock=self.clock)
+                               [types_pb2.Gpu(index=0, memory_total_bytes=80 * GIB)], 64 * GIB, clock=self.clock,
+                               gpu_memory=self.gpu)
         await self.agent.start()
         return self.agent
 
@@ -362,3 +366,58 @@ async def test_stop_removes_containers_and_revokes_the_lease(harness: Harness, a
     assert await harness.etcd.refresh_lease(lease) == 0
     with contextlib.suppress(FileNotFoundError):
         assert list(harness.config.instances_dir.iterdir()) == []
+
+
+async def test_a_builtin_instance_over_its_slice_and_allowance_is_failed(harness: Harness, agent: NodeAgent) -> None:
+    iid = "i-0000000a9001"
+    await operations.start_instance(agent, start_request(iid))  # a 20 GiB slice on GPU 0
+    pid, allowance = agent.instances[iid].pid, harness.config.gpu_memory_builtin_allowance_bytes
+    harness.gpu.usage = {pid: 20 * GIB + allowance}  # its CUDA context beyond the slice: healthy
+    await agent.reconcile_once()
+    stored = await harness.instance(iid)
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_IDLE
+    assert agent.instances[iid].gpu_memory_used == 20 * GIB + allowance
+
+    harness.gpu.usage = {pid: 20 * GIB + allowance + (1 << 20)}
+    await agent.reconcile_once()
+    stored = await harness.instance(iid)
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_FAILED
+    assert stored.message == ("over its GPU memory slice: used 22529 MiB of 20480 MiB on GPU 0 (the built-in "
+                              "model server may use 2048 MiB more for its CUDA context)")
+    assert await harness.containers.state("sw-" + iid) is None and _gone(pid)
+    assert (await harness.node()).gpus[0].memory_reserved_bytes == 0
+
+
+async def test_only_serving_instances_are_watched_each_for_its_own_processes(
+        harness: Harness, agent: NodeAgent) -> None:
+    serving, parked = "i-0000000a9002", "i-0000000a9003"
+    await operations.start_instance(agent, start_request(serving))
+    await operations.start_instance(agent, start_request(parked))
+    await operations.suspend_instance(agent, parked)
+    pids = {iid: agent.instances[iid].pid for iid in (serving, parked)}
+    # The standby's pid, and a pid in no container, hold far more than a slice.
+    harness.gpu.usage = {pids[serving]: 19 * GIB, pids[parked]: 60 * GIB, os.getpid(): 70 * GIB}
+    await agent.reconcile_once()
+    assert agent.instances[serving].gpu_memory_used == 19 * GIB  # only its own process counted
+    assert agent.instances[parked].gpu_memory_used == 0  # a standby is not checked
+    states = [(await harness.instance(iid)).state for iid in (serving, parked)]  # type: ignore[union-attr]
+    assert states == [InstanceState.INSTANCE_STATE_IDLE, InstanceState.INSTANCE_STATE_STANDBY]
+
+    await operations.suspend_instance(agent, serving)
+    reads = harness.gpu.reads
+    await agent.reconcile_once()
+    assert harness.gpu.reads == reads  # no instance to watch: NVML is not even read
+
+
+@pytest.mark.parametrize(("nvml", "watch"), [(False, True), (True, False)])
+async def test_without_nvml_or_with_the_watch_off_nothing_is_stopped(harness: Harness, nvml: bool, watch: bool) -> None:
+    harness.config = dataclasses.replace(harness.config, gpu_memory_watch=watch)
+    agent = await harness.start()
+    iid = "i-0000000a9004"
+    await operations.start_instance(agent, start_request(iid))
+    harness.gpu.usage = {agent.instances[iid].pid: 80 * GIB} if nvml else None
+    await agent.reconcile_once()
+    stored = await harness.instance(iid)
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_IDLE
+    assert agent.instances[iid].gpu_memory_used == 0
+    assert harness.gpu.reads == (0 if not watch else 1)

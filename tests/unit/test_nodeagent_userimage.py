@@ -1,7 +1,7 @@
 """Starting a user image on a node without runc or a registry: FakeEtcd, FakeContainers (plain
 subprocesses), an in-memory image cache whose "image" runs ``stub_openai_image.py``, a sandbox
-that only writes the command line and puts the node port in ``$PORT``, and a recording
-checkpointer. The real image cache, sandbox and runc are in tests/integration/test_byo_image.py.
+that only writes the command line and puts the node port in ``$PORT``, a recording
+checkpointer, and the per-process GPU memory NVML would report set by each test (``node.gpu``). The real image cache, sandbox and runc are in tests/integration/test_byo_image.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from services.nodeagent import operations, userimage
 from services.nodeagent.agent import NodeAgent
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.containers import FakeContainers
-from services.nodeagent.gpu import NoGpuCheckpointer
+from services.nodeagent.gpu import FakeProcessMemory, NoGpuCheckpointer
 from services.nodeagent.usertypes import UserContainer
 from snapwake import errors, keys
 from snapwake.etcd_fake import FakeEtcd
@@ -130,6 +130,7 @@ class Node:
     images: StubImages
     sandbox: HostSandbox
     checkpointer: RecordingCheckpointer
+    gpu: FakeProcessMemory = field(default_factory=FakeProcessMemory)
 
     async def stored(self, iid: str) -> types_pb2.Instance:
         entry = await self.etcd.get(keys.instance_key(iid), types_pb2.Instance)
@@ -145,7 +146,7 @@ async def node() -> AsyncIterator[Node]:
                              gpus="none", start_timeout=10, reconcile_interval=3600, ended_linger=5)
     n = Node(None, FakeEtcd(), FakeContainers(), StubImages(), HostSandbox(), RecordingCheckpointer())  # type: ignore[arg-type]
     n.agent = NodeAgent(config, n.etcd, n.containers, n.checkpointer, [types_pb2.Gpu(index=0, memory_total_bytes=80 * GIB)],
-                        64 * GIB, images=n.images, sandbox=n.sandbox)
+                        64 * GIB, images=n.images, sandbox=n.sandbox, gpu_memory=n.gpu)
     await n.agent.start()
     try:
         yield n
@@ -283,6 +284,23 @@ async def test_a_container_that_dies_later_is_failed_with_its_exit_status(node: 
     stored = await node.stored(iid)
     assert stored.state == InstanceState.INSTANCE_STATE_FAILED
     assert "container exited unexpectedly (killed by signal 9)" in stored.message and f"serving {SERVED}" in stored.message
+
+
+async def test_a_user_image_over_its_gpu_slice_is_failed_counting_all_its_processes(node: Node) -> None:
+    iid = "i-00000000e002"
+    await operations.start_instance(node.agent, request(iid, args=["--mode", "worker", "--served-model-name", SERVED]))
+    init, worker = await node.containers.pids("sw-" + iid)  # the server and its engine process
+    node.gpu.usage = {init: 12 * GIB, worker: 8 * GIB, os.getpid(): 40 * GIB}  # exactly its 20 GiB slice
+    await node.agent.reconcile_once()
+    assert (await node.stored(iid)).state == InstanceState.INSTANCE_STATE_RUNNING
+    assert node.agent.instances[iid].gpu_memory_used == 20 * GIB
+
+    node.gpu.usage = {init: 12 * GIB, worker: 8 * GIB + (1 << 20)}  # neither alone is over; together they are
+    await node.agent.reconcile_once()
+    stored = await node.stored(iid)
+    assert stored.state == InstanceState.INSTANCE_STATE_FAILED
+    assert stored.message == "over its GPU memory slice: used 20481 MiB of 20480 MiB on GPU 0"  # no allowance
+    assert await node.containers.list() == [] and node.sandbox.released == [iid] and node.images.released == [DIGEST]
 
 
 @pytest.mark.parametrize(("command", "args", "want"), [
