@@ -4,6 +4,10 @@ Actual state is reported to etcd, never cached as truth: every instance write go
 this node's lease, so a dead nodeagent's keys vanish by themselves. On start the agent removes
 what a previous run left behind (containers under its runc root, instance dirs, instance keys).
 The per-request flows (start, restore, suspend, stop) are in ``operations.py``.
+
+Each reconcile pass moves serving instances RUNNING <-> IDLE (``machine.activity_move``) by
+their requests in flight: the model server's count from its control socket, or, for a user
+image, whether bytes moved through its listener lately (``machine.traffic_inflight``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from services.nodeagent.containers import Containers
 from services.nodeagent.forward import Forwarder, TelemetryRelay
 from services.nodeagent.gpu import Checkpointer, NodeGpus
 from services.nodeagent.gpu import memory as gpumem
-from services.nodeagent.machine import InstanceMachine, activity_move
+from services.nodeagent.machine import InstanceMachine, activity_move, traffic_inflight
 from services.nodeagent.usertypes import ImageSource, Sandbox
 from snapwake import errors, keys, telemetry
 from snapwake.etcd import EtcdClient, LeaseKeeper
@@ -314,13 +318,12 @@ class NodeAgent:
         if gpu_usage is not None and self._gpu_watched(live) and await self._over_gpu_slice(live, gpu_usage):
             return
         changed = False
-        if machine.state in SERVING and not live.user_image:  # a user image has no control socket
-            with contextlib.suppress(errors.SnapwakeError):
-                status = await probe.control(live.control_socket, {"op": "status"}, 2.0)
-                new = activity_move(machine.state, int(status.get("inflight", 0)))
-                if new is not None:
-                    machine.move(new, self.clock())
-                    changed = True
+        if machine.state in SERVING:
+            inflight = await self._inflight(live)
+            new = None if inflight is None else activity_move(machine.state, inflight)
+            if new is not None:
+                machine.move(new, self.clock())
+                changed = True
         if _note_memory(machine.instance, await asyncio.to_thread(probe.host_memory, live.pid)):
             changed = True
         if changed:
@@ -349,6 +352,20 @@ class NodeAgent:
             return False
         await self.fail(live, limit.reason(used, inst.gpu_index))
         return True
+    async def _inflight(self, live: Live) -> int | None:
+        """Requests in flight on a serving instance, None when unknown: the model server's count
+        from its control socket; for a user image, which has none, 1 or 0 from its listener's
+        traffic (``machine.traffic_inflight`` says why that is safe)."""
+        if not live.user_image:
+            try:
+                status = await probe.control(live.control_socket, {"op": "status"}, 2.0)
+            except errors.SnapwakeError:
+                return None
+            return int(status.get("inflight", 0))
+        traffic = self.sandbox.traffic(live.id) if self.sandbox is not None else None
+        if traffic is None:
+            return None
+        return traffic_inflight(time.monotonic() - traffic.last_moved, self.config.user_idle_quiet_s)
 
     async def _poll_blobstore(self) -> None:
         stub = blobstore_pb2_grpc.BlobstoreServiceStub(self._blob_channel)

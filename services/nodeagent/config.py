@@ -110,6 +110,9 @@ class NodeAgentConfig:
     image_local_roots: tuple[str, ...] = field(default=_DEV_MODEL_ROOTS, metadata=_help(
         "the only directories oci-archive:/oci:/docker-archive: references may name, comma "
         "separated (default: the dev and test locations; set it on a real node)"))
+    user_idle_quiet_s: float = field(default=1.0, metadata=_help(
+        "a user image goes IDLE once no byte has moved through its endpoint for this many seconds, "
+        "and RUNNING again when bytes move (it has no control socket to count requests in flight)"))
 
     @property
     def advertise_address(self) -> str:
@@ -195,6 +198,8 @@ class NodeAgentConfig:
                        f"got {self.gpu_memory_builtin_allowance_bytes}")
         if self.forward_idle_timeout <= 0:
             bad.append("forward_idle_timeout: must be positive")
+        if self.user_idle_quiet_s <= 0:
+            bad.append(f"user_idle_quiet_s: must be positive, got {self.user_idle_quiet_s}")
         if self.image_cache_dir and not self.image_cache_dir.startswith("/"):
             bad.append(f"image_cache_dir: must be an absolute path, got {self.image_cache_dir!r}")
         if self.image_cache_max_bytes < 0:

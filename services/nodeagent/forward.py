@@ -14,6 +14,11 @@ does not succeed within ``CONNECT_TIMEOUT`` (the client sees the connection clos
 answer, which httpx reports as a transport error, as it does a refused connect). Bytes go on
 as they arrive (asyncio sets TCP_NODELAY), so SSE streams token by token.
 
+A forwarder also says what it carries (``Forwarder.traffic``): its open connections and when
+bytes last moved either way. That is how the node tells a user image's RUNNING from its IDLE
+(``machine.traffic_inflight``): such a server has no control socket to report requests in
+flight. Each splice stamps one float per chunk it moves, nothing per byte.
+
 Why this and not the alternatives: a veth pair per container with a bridge would need firewall
 rules to keep etcd, the services and the other instances out, and a mistake in them is silent;
 pasta/slirp give the container outbound access (what we must not) and add a process and a
@@ -36,9 +41,10 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CONNECT_TIMEOUT", "Forwarder", "NetNs", "TelemetryRelay"]
+__all__ = ["CONNECT_TIMEOUT", "Forwarder", "NetNs", "TelemetryRelay", "Traffic"]
 
 log = logging.getLogger(__name__)
 
@@ -147,23 +153,44 @@ class NetNs:
             self._fd = -1
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, last: list[float]) -> None:
-    """Copies until ``src`` ends, then half-closes ``dst``."""
+@dataclass(frozen=True)
+class Traffic:
+    """What a forwarder carries at one moment."""
+
+    # Connections carried now, silent keep-alive ones included.
+    connections: int
+    # time.monotonic() when bytes last moved either way (when the forwarder was made, before any).
+    last_moved: float
+
+
+def _stamp(marks: tuple[list[float], ...]) -> None:
+    now = time.monotonic()
+    for mark in marks:
+        mark[0] = now
+
+
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, marks: tuple[list[float], ...]) -> None:
+    """Copies until ``src`` ends, then half-closes ``dst``; stamps ``marks`` (monotonic seconds,
+    one float each) when a chunk arrives and when it has gone on."""
     while data := await src.read(_CHUNK):
+        _stamp(marks)
         dst.write(data)
         await dst.drain()
-        last[0] = time.monotonic()
+        _stamp(marks)
     if dst.can_write_eof():
         dst.write_eof()
 
 
 async def _splice(client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                  server: tuple[asyncio.StreamReader, asyncio.StreamWriter], idle_s: float) -> None:
+                  server: tuple[asyncio.StreamReader, asyncio.StreamWriter], idle_s: float,
+                  moved: list[float] | None = None) -> None:
     """Both directions until the server's side ended (an HTTP server that closes is done; a
-    client that half-closes still gets its answer), one failed, or nothing moved for ``idle_s``."""
+    client that half-closes still gets its answer), one failed, or nothing moved for ``idle_s``;
+    ``moved[0]`` is stamped too whenever bytes move (the owner's view over all its connections)."""
     last = [time.monotonic()]
-    up = asyncio.ensure_future(_pump(client[0], server[1], last))
-    down = asyncio.ensure_future(_pump(server[0], client[1], last))
+    marks = (last,) if moved is None else (last, moved)
+    up = asyncio.ensure_future(_pump(client[0], server[1], marks))
+    down = asyncio.ensure_future(_pump(server[0], client[1], marks))
     pending = {up, down}
     try:
         while down in pending:
@@ -189,9 +216,11 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 async def _carry(conns: set[asyncio.Task[None]], client: Streams,
-                 open_upstream: Callable[[], Awaitable[Streams]], idle_s: float, what: str) -> None:
+                 open_upstream: Callable[[], Awaitable[Streams]], idle_s: float, what: str,
+                 moved: list[float] | None = None) -> None:
     """One accepted connection of a Forwarder or TelemetryRelay: counted in ``conns`` (refused
-    over the bound), spliced to what ``open_upstream`` dials, closed on every path."""
+    over the bound), spliced to what ``open_upstream`` dials (stamping ``moved``, see ``_splice``),
+    closed on every path."""
     task = asyncio.current_task()
     if task is None or len(conns) >= _MAX_CONNECTIONS:
         await _close(client[1])
@@ -201,7 +230,7 @@ async def _carry(conns: set[asyncio.Task[None]], client: Streams,
     try:
         up_reader, up_writer = await open_upstream()
         upstream = up_writer
-        await _splice(client, (up_reader, up_writer), idle_s)
+        await _splice(client, (up_reader, up_writer), idle_s, moved)
     except (OSError, TimeoutError) as exc:
         log.debug("%s: %s", what, exc)
     except asyncio.CancelledError:
@@ -220,13 +249,14 @@ class Forwarder:
     ``attach``-ed to (before that, or after ``close``, they are closed at once).
 
     The listening socket is bound when the forwarder is made (so the endpoint is known before
-    the container starts); ``start`` begins accepting."""
+    the container starts); ``start`` begins accepting. ``traffic`` says what it carries."""
 
     def __init__(self, host: str, port: int, idle_timeout: float = 600.0) -> None:
         self.target_port, self.idle_timeout = port, idle_timeout
         self._netns: NetNs | None = None
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._moved = [time.monotonic()]
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock: socket.socket | None = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -250,6 +280,10 @@ class Forwarder:
         """host:port that clients dial."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
+    def traffic(self) -> Traffic:
+        """Its open connections and when bytes last moved through any of them."""
+        return Traffic(len(self._conns), self._moved[0])
+
     def attach(self, netns: NetNs) -> None:
         """From now on, connections go into ``netns`` (which the forwarder then owns)."""
         if self._netns is not None:
@@ -266,7 +300,8 @@ class Forwarder:
             sock = await netns.connect(self.target_port)
             return await asyncio.open_connection(sock=sock, limit=_CHUNK)
 
-        await _carry(self._conns, (reader, writer), inside, self.idle_timeout, f"forward to port {self.target_port}")
+        await _carry(self._conns, (reader, writer), inside, self.idle_timeout, f"forward to port {self.target_port}",
+                     self._moved)
 
     async def close(self) -> None:
         """Stops listening, drops every carried connection and the namespace handle; idempotent."""

@@ -15,7 +15,7 @@ from snapwake.lifecycle import LIVE, TERMINAL, allowed_moves, check_transition
 from snapwake.v1 import nodeagent_pb2, types_pb2
 from snapwake.v1.types_pb2 import InstanceState
 
-__all__ = ["InstanceMachine", "StartPlan", "activity_move", "plan_start", "modelserver_start_mode"]
+__all__ = ["InstanceMachine", "StartPlan", "activity_move", "modelserver_start_mode", "plan_start", "traffic_inflight"]
 
 T = nodeagent_pb2.StartTarget
 
@@ -62,6 +62,22 @@ def activity_move(state: types_pb2.InstanceState, inflight: int) -> types_pb2.In
     if state == InstanceState.INSTANCE_STATE_IDLE and inflight > 0:
         return InstanceState.INSTANCE_STATE_RUNNING
     return None
+
+
+def traffic_inflight(quiet_s: float, user_idle_quiet_s: float) -> int:
+    """A user image's in-flight signal for ``activity_move``: 1 while bytes moved through its
+    forwarder within the last ``user_idle_quiet_s`` seconds (``quiet_s`` ago), else 0.
+
+    Such a server has no control socket to count its requests, so the node goes by bytes, not by
+    open connections: a keep-alive connection that is open but silent is idle (gateways keep
+    their connections open between requests). Why a quiet spell is enough: IDLE alone parks or
+    stops nothing. The scheduler suspends or stops only an IDLE instance on which no claim is
+    held, and idle for longer than the function's ``idle_timeout`` (from the move to IDLE); the
+    gateway holds a claim for every request until its response has completed. So a request
+    that looks quiet here (a long prefill before the first byte of the answer) may let the
+    instance read IDLE for a while, and its claim still keeps it from being parked; its first
+    answer byte moves it back to RUNNING, which restarts the idle clock."""
+    return 1 if quiet_s < user_idle_quiet_s else 0
 
 
 def _stamp(seconds: float) -> Timestamp:

@@ -338,7 +338,8 @@ async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 
     async with live.lock:
         machine = live.machine
         if machine.state == InstanceState.INSTANCE_STATE_RUNNING and live.user_image:
-            # No control socket to ask: the scheduler suspends only an instance it holds no claim on.
+            # No control socket to ask (the reconcile loop may not have seen its traffic go
+            # quiet yet): the scheduler suspends only an instance it holds no claim on.
             await agent.move(live, InstanceState.INSTANCE_STATE_IDLE)
         elif machine.state == InstanceState.INSTANCE_STATE_RUNNING:  # the reconcile loop may not have seen it go idle
             status = await probe.control(live.control_socket, {"op": "status"}, 5.0)

@@ -16,7 +16,7 @@ from pathlib import Path
 from services.nodeagent.bundle import write_bundle
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.container import user_image_bundle_spec
-from services.nodeagent.forward import Forwarder, NetNs
+from services.nodeagent.forward import Forwarder, NetNs, Traffic
 from services.nodeagent.gpu import NodeGpus
 from services.nodeagent.usertypes import UserContainer
 from snapwake import errors
@@ -61,3 +61,7 @@ class RuncSandbox:
         forwarder = self._forwarders.pop(instance_id, None)
         if forwarder is not None:
             await forwarder.close()
+
+    def traffic(self, instance_id: str) -> Traffic | None:
+        forwarder = self._forwarders.get(instance_id)
+        return None if forwarder is None else forwarder.traffic()

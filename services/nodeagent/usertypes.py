@@ -8,7 +8,7 @@
 
 ``userimage.py`` is written against these; the agent holds one of each (``NodeAgent.images``,
 ``NodeAgent.sandbox``), None on a node that runs only the built-in image. This module imports
-nothing else from the package.
+nothing else from the package but the forwarder's ``Traffic`` record (a plain dataclass).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from services.nodeagent.forward import Traffic
 from snapwake.v1 import nodeagent_pb2
 
 __all__ = ["Image", "ImageConfig", "ImageSource", "Sandbox", "UserContainer"]
@@ -114,4 +115,9 @@ class Sandbox(Protocol):
 
     async def release(self, instance_id: str) -> None:
         """Closes the listener (idempotent; the container is gone or going)."""
+        ...
+
+    def traffic(self, instance_id: str) -> Traffic | None:
+        """What the instance's listener carries now (the node's RUNNING/IDLE signal for a user
+        image); None when it has no listener."""
         ...

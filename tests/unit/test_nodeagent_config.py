@@ -32,6 +32,8 @@ from snapwake.config import ConfigError, load
     (["--image-local-roots", "/srv/images,/"], "image_local_roots"),
     (["--gpu-memory-watch", "maybe"], "--gpu-memory-watch"),
     (["--gpu-memory-builtin-allowance-bytes", "-1"], "gpu_memory_builtin_allowance_bytes"),
+    (["--user-idle-quiet-s", "0"], "user_idle_quiet_s"),
+    (["--user-idle-quiet-s", "-0.5"], "user_idle_quiet_s"),
 ])
 def test_bad_keys_are_named(argv: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
@@ -42,6 +44,8 @@ def test_defaults_and_derived_paths() -> None:
     config = load(NodeAgentConfig, ["--state-dir", "/s", "--listen", "0.0.0.0:1"], env={})
     assert config.runc_root == Path("/s/runc") and config.instances_dir == Path("/s/instances")
     assert config.advertise_address == "0.0.0.0:1" and config.image_root == Path("/s/images")
+    assert config.user_idle_quiet_s == 1.0
+    assert load(NodeAgentConfig, ["--user-idle-quiet-s", "2.5"], env={}).user_idle_quiet_s == 2.5
     assert load(NodeAgentConfig, ["--image-cache-dir", "/var/images"], env={}).image_root == Path("/var/images")
     assert load(NodeAgentConfig, [], env={"SNAPWAKE_ADVERTISE": "h:2"}).advertise_address == "h:2"
     assert (config.gpu_memory_watch, config.gpu_memory_builtin_allowance_bytes) == (True, 2 << 30)

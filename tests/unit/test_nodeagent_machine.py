@@ -1,10 +1,11 @@
-"""The nodeagent's per-instance state machine: start plans, RUNNING/IDLE, moves and expiry."""
+"""The nodeagent's per-instance state machine: start plans, RUNNING/IDLE (a user image's from its
+traffic), moves and expiry."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.nodeagent.machine import InstanceMachine, StartPlan, activity_move, plan_start
+from services.nodeagent.machine import InstanceMachine, StartPlan, activity_move, plan_start, traffic_inflight
 from snapwake.lifecycle import IllegalTransition
 from snapwake.v1 import nodeagent_pb2, types_pb2
 from snapwake.v1.types_pb2 import InstanceState
@@ -37,6 +38,28 @@ def test_plan_start_rejects_unspecified() -> None:
 ])
 def test_activity_move(state: int, inflight: int, expected: int | None) -> None:
     assert activity_move(state, inflight) == expected
+
+
+@pytest.mark.parametrize(("quiet_s", "limit_s", "inflight"), [
+    (0.0, 1.0, 1),    # bytes are moving now
+    (0.99, 1.0, 1),
+    (1.0, 1.0, 0),    # quiet for the whole limit: idle
+    (42.0, 1.0, 0),   # a silent keep-alive connection changes nothing: only bytes count
+    (2.0, 5.0, 1),
+])
+def test_traffic_inflight(quiet_s: float, limit_s: float, inflight: int) -> None:
+    assert traffic_inflight(quiet_s, limit_s) == inflight
+
+
+@pytest.mark.parametrize(("state", "quiet_s", "expected"), [
+    (InstanceState.INSTANCE_STATE_RUNNING, 3.0, InstanceState.INSTANCE_STATE_IDLE),
+    (InstanceState.INSTANCE_STATE_RUNNING, 0.2, None),
+    (InstanceState.INSTANCE_STATE_IDLE, 0.2, InstanceState.INSTANCE_STATE_RUNNING),
+    (InstanceState.INSTANCE_STATE_IDLE, 3.0, None),
+])
+def test_a_user_images_traffic_moves_it_between_running_and_idle(state: int, quiet_s: float,
+                                                                 expected: int | None) -> None:
+    assert activity_move(state, traffic_inflight(quiet_s, 1.0)) == expected
 
 
 def _machine(now: float = 100.0) -> InstanceMachine:

@@ -1,18 +1,23 @@
 """Starting a user image on a node without runc or a registry: FakeEtcd, FakeContainers (plain
 subprocesses), an in-memory image cache whose "image" runs ``stub_openai_image.py``, a sandbox
 that only writes the command line and puts the node port in ``$PORT``, a recording
-checkpointer, and the per-process GPU memory NVML would report set by each test (``node.gpu``). The real image cache, sandbox and runc are in tests/integration/test_byo_image.py.
+checkpointer, and the per-process GPU memory NVML would report set by each test (``node.gpu``).
+Where the endpoint's traffic matters (RUNNING/IDLE) the sandbox is the real ``RuncSandbox``
+listener and forwarder, attached to the host's namespace, with the same command-line bundle. The real image cache, sandbox and runc are in tests/integration/test_byo_image.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +29,9 @@ from services.nodeagent import operations, userimage
 from services.nodeagent.agent import NodeAgent
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.containers import FakeContainers
-from services.nodeagent.gpu import FakeProcessMemory, NoGpuCheckpointer
+from services.nodeagent.forward import Traffic
+from services.nodeagent.gpu import FakeProcessMemory, NodeGpus, NoGpuCheckpointer
+from services.nodeagent.sandbox import RuncSandbox
 from services.nodeagent.usertypes import UserContainer
 from snapwake import errors, keys
 from snapwake.etcd_fake import FakeEtcd
@@ -84,19 +91,44 @@ class HostSandbox:
 
     def bundle(self, container: UserContainer) -> Path:
         self.built.append(container)
-        path = container.instance_dir / "bundle"
-        path.mkdir(parents=True, exist_ok=True)
-        port = container.endpoint.rpartition(":")[2]
-        env = [f"{k}={v}" for k, v in {**container.env, "PORT": port}.items()]
-        (path / "config.json").write_text(json.dumps({"process": {"args": list(container.args), "env": env,
-                                                                  "cwd": container.cwd}}))
-        return path
+        return _command_bundle(container, int(container.endpoint.rpartition(":")[2]))
 
     async def expose(self, container: UserContainer, pid: int) -> None:
         return None
 
     async def release(self, instance_id: str) -> None:
         self.released.append(instance_id)
+
+    def traffic(self, instance_id: str) -> Traffic | None:
+        return None  # no listener of its own: the node sees no traffic, and moves nothing
+
+
+def _command_bundle(container: UserContainer, port: int) -> Path:
+    """The bundle FakeContainers reads: the command line, with the server's port in ``$PORT``."""
+    path = container.instance_dir / "bundle"
+    path.mkdir(parents=True, exist_ok=True)
+    env = [f"{k}={v}" for k, v in {**container.env, "PORT": str(port)}.items()]
+    (path / "config.json").write_text(json.dumps({"process": {"args": list(container.args), "env": env,
+                                                              "cwd": container.cwd}}))
+    return path
+
+
+class ForwardingSandbox(RuncSandbox):
+    """The node's own listener and ``Forwarder`` (``RuncSandbox``), attached to the host's network
+    namespace as FakeContainers share it; since the host has one port space, the server listens
+    on a free port of its own (in ``$PORT``) instead of the container port, and the forwarder
+    carries there."""
+
+    def __init__(self, config: NodeAgentConfig) -> None:
+        super().__init__(config, NodeGpus(), isolates_network=False)
+        self.ports: dict[str, int] = {}
+
+    async def listen(self, instance_id: str, container_port: int) -> str:
+        self.ports[instance_id] = free_port()
+        return await super().listen(instance_id, self.ports[instance_id])
+
+    def bundle(self, container: UserContainer) -> Path:
+        return _command_bundle(container, self.ports[container.instance_id])
 
 
 class RecordingCheckpointer(NoGpuCheckpointer):
@@ -128,7 +160,7 @@ class Node:
     etcd: FakeEtcd
     containers: FakeContainers
     images: StubImages
-    sandbox: HostSandbox
+    sandbox: HostSandbox | ForwardingSandbox
     checkpointer: RecordingCheckpointer
     gpu: FakeProcessMemory = field(default_factory=FakeProcessMemory)
 
@@ -138,13 +170,16 @@ class Node:
         return entry.value  # type: ignore[return-value]
 
 
-@pytest.fixture
-async def node() -> AsyncIterator[Node]:
+@asynccontextmanager
+async def _running_node(make_sandbox: Callable[[NodeAgentConfig], HostSandbox | ForwardingSandbox],
+                        user_idle_quiet_s: float = 1.0) -> AsyncIterator[Node]:
+    """A started agent; the reconcile loop never runs by itself (tests call ``reconcile_once``)."""
     state = Path(tempfile.mkdtemp(prefix="swui-", dir="/tmp"))
     config = NodeAgentConfig(name="node-u", blobstore=f"127.0.0.1:{free_port()}", state_dir=str(state),
                              handover_socket=str(state / "handover.sock"), containers="fake", lease_ttl=2,
-                             gpus="none", start_timeout=10, reconcile_interval=3600, ended_linger=5)
-    n = Node(None, FakeEtcd(), FakeContainers(), StubImages(), HostSandbox(), RecordingCheckpointer())  # type: ignore[arg-type]
+                             gpus="none", start_timeout=10, reconcile_interval=3600, ended_linger=5,
+                             user_idle_quiet_s=user_idle_quiet_s)
+    n = Node(None, FakeEtcd(), FakeContainers(), StubImages(), make_sandbox(config), RecordingCheckpointer())  # type: ignore[arg-type]
     n.agent = NodeAgent(config, n.etcd, n.containers, n.checkpointer, [types_pb2.Gpu(index=0, memory_total_bytes=80 * GIB)],
                         64 * GIB, images=n.images, sandbox=n.sandbox, gpu_memory=n.gpu)
     await n.agent.start()
@@ -155,6 +190,21 @@ async def node() -> AsyncIterator[Node]:
         for leftover in await n.containers.list():
             await n.containers.delete(leftover.id)
         shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    async with _running_node(lambda _: HostSandbox()) as n:
+        yield n
+
+
+QUIET_S = 1.0  # the default; every wait below is bounded by _reconcile_until
+
+
+@pytest.fixture
+async def forwarded_node() -> AsyncIterator[Node]:
+    async with _running_node(ForwardingSandbox, user_idle_quiet_s=QUIET_S) as n:
+        yield n
 
 
 def request(iid: str, target: int = nodeagent_pb2.START_TARGET_RUNNING, *, args: Sequence[str] = (),
@@ -301,6 +351,68 @@ async def test_a_user_image_over_its_gpu_slice_is_failed_counting_all_its_proces
     assert stored.state == InstanceState.INSTANCE_STATE_FAILED
     assert stored.message == "over its GPU memory slice: used 20481 MiB of 20480 MiB on GPU 0"  # no allowance
     assert await node.containers.list() == [] and node.sandbox.released == [iid] and node.images.released == [DIGEST]
+async def _reconcile_until(node: Node, iid: str, want: int, limit_s: float = 5.0) -> types_pb2.Instance:
+    """Reconcile passes until etcd shows ``want`` for ``iid`` (bounded), as the scheduler sees it."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        await node.agent.reconcile_once()
+        stored = await node.stored(iid)
+        if stored.state == want or time.monotonic() > deadline:
+            return stored
+        await asyncio.sleep(0.05)
+
+
+async def test_a_user_image_goes_idle_when_quiet_and_running_when_a_request_flows(forwarded_node: Node) -> None:
+    node, iid = forwarded_node, "i-00000000f001"
+    inst = await operations.start_instance(node.agent, request(iid))
+    assert inst.state == InstanceState.INSTANCE_STATE_RUNNING
+    running_since = inst.update_time.ToNanoseconds()  # ``inst`` is the node's own record: it moves on
+    traffic = node.sandbox.traffic(iid)
+    assert traffic is not None and time.monotonic() - traffic.last_moved < QUIET_S  # the warm-up went through it
+    host, _, port = inst.endpoint.rpartition(":")
+    # A connection that is open and silent, as a gateway's keep-alive one between requests (the
+    # stub speaks HTTP/1.0 and closes each of its own).
+    _, silent = await asyncio.open_connection(host, int(port))
+    async with httpx.AsyncClient() as http:
+        await node.agent.reconcile_once()  # the warm-up was just now: still busy
+        assert (await node.stored(iid)).state == InstanceState.INSTANCE_STATE_RUNNING
+
+        assert (await http.get(f"http://{inst.endpoint}/health")).status_code == 200
+        idle = await _reconcile_until(node, iid, InstanceState.INSTANCE_STATE_IDLE)
+        assert idle.state == InstanceState.INSTANCE_STATE_IDLE
+        quiet = node.sandbox.traffic(iid)
+        assert quiet is not None and quiet.connections == 1  # open but silent: idle all the same
+        assert time.monotonic() - quiet.last_moved >= QUIET_S
+        assert idle.update_time.ToNanoseconds() > running_since  # the scheduler's idle clock starts now
+
+        reply = await http.post(f"http://{inst.endpoint}/v1/chat/completions",
+                                json={"model": SERVED, "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 200
+        await node.agent.reconcile_once()  # within QUIET_S of the answer's bytes
+        busy = await node.stored(iid)
+        assert busy.state == InstanceState.INSTANCE_STATE_RUNNING
+        assert busy.update_time.ToNanoseconds() > idle.update_time.ToNanoseconds()
+
+        again = await _reconcile_until(node, iid, InstanceState.INSTANCE_STATE_IDLE)
+        assert again.state == InstanceState.INSTANCE_STATE_IDLE
+    silent.close()
+    parked = await operations.suspend_instance(node.agent, iid)  # the scheduler parks an idle one
+    assert parked.state == InstanceState.INSTANCE_STATE_STANDBY
+    assert node.checkpointer.calls[-1] == ("checkpoint", node.agent.instances[iid].pid)
+    await node.agent.reconcile_once()  # a standby is not serving: its silence moves nothing
+    assert (await node.stored(iid)).state == InstanceState.INSTANCE_STATE_STANDBY
+
+
+async def test_a_running_user_image_suspended_before_it_went_quiet_is_parked(forwarded_node: Node) -> None:
+    node, iid = forwarded_node, "i-00000000f002"
+    await operations.start_instance(node.agent, request(iid))
+    await node.agent.reconcile_once()
+    assert (await node.stored(iid)).state == InstanceState.INSTANCE_STATE_RUNNING  # warm-up bytes just moved
+    parked = await operations.suspend_instance(node.agent, iid)  # the scheduler holds no claim on it
+    assert parked.state == InstanceState.INSTANCE_STATE_STANDBY
+    restored = await operations.restore_instance(node.agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))
+    assert restored.instance.state == InstanceState.INSTANCE_STATE_RUNNING
+    assert (await _reconcile_until(node, iid, InstanceState.INSTANCE_STATE_IDLE)).state == InstanceState.INSTANCE_STATE_IDLE
 
 
 @pytest.mark.parametrize(("command", "args", "want"), [
