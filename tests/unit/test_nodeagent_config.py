@@ -30,6 +30,8 @@ from snapwake.config import ConfigError, load
     (["--image-cache-max-bytes", "-1"], "image_cache_max_bytes"),
     (["--image-secrets-dir", "secrets"], "image_secrets_dir"),
     (["--image-local-roots", "/srv/images,/"], "image_local_roots"),
+    (["--standby-host-memory-fraction", "0"], "standby_host_memory_fraction"),
+    (["--standby-host-memory-fraction", "1.5"], "standby_host_memory_fraction"),
 ])
 def test_bad_keys_are_named(argv: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
@@ -42,6 +44,7 @@ def test_defaults_and_derived_paths() -> None:
     assert config.advertise_address == "0.0.0.0:1" and config.image_root == Path("/s/images")
     assert load(NodeAgentConfig, ["--image-cache-dir", "/var/images"], env={}).image_root == Path("/var/images")
     assert load(NodeAgentConfig, [], env={"SNAPWAKE_ADVERTISE": "h:2"}).advertise_address == "h:2"
+    assert config.standby_host_memory_fraction == 0.8
 
 
 async def test_fake_runtime_runs_the_bundle_process(tmp_path: Path) -> None:
