@@ -3,7 +3,8 @@
 Actual state is reported to etcd, never cached as truth: every instance write goes through
 this node's lease, so a dead nodeagent's keys vanish by themselves. On start the agent removes
 what a previous run left behind (containers under its runc root, instance dirs, instance keys).
-The per-request flows (start, restore, suspend, stop) are in ``operations.py``.
+The per-request flows (start, restore, suspend, stop) are in ``operations.py``. The agent also
+keeps the one check of host memory before a whole-process standby is made (``hostmem``).
 
 Each reconcile pass moves serving instances RUNNING <-> IDLE (``machine.activity_move``) by
 their requests in flight: the model server's count from its control socket, or, for a user
@@ -26,7 +27,7 @@ from pathlib import Path
 import grpc
 import httpx
 
-from services.nodeagent import cgroups, handover, probe
+from services.nodeagent import cgroups, handover, hostmem, probe
 from services.nodeagent.admission import DriverGate
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.container import cgroup_path, control_socket
@@ -78,12 +79,21 @@ class Live:
     image_held: str = ""
     # GPU memory its processes held at the last reconcile pass that read it (NVML; ``gpu.memory``).
     gpu_memory_used: int = 0
+    # What it was admitted with as a whole-process standby (``hostmem``): counted as its host
+    # memory, at least, from the admission until it is restored; 0 otherwise.
+    standby_host_bytes: int = 0
     # Serialises the flows on one instance; the reconcile loop skips a locked instance.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def id(self) -> str:
         return self.machine.id
+
+    @property
+    def whole_process(self) -> bool:
+        """Its driver checkpoint moves all its GPU memory into its host memory (PROCESS mode, and
+        any user image: nothing in it releases its weights first)."""
+        return self.process_mode or self.user_image
 
     @property
     def control_socket(self) -> Path:
@@ -211,6 +221,8 @@ class NodeAgent:
 
     async def move(self, live: Live, new: types_pb2.InstanceState, message: str = "") -> None:
         live.machine.move(new, self.clock(), message)
+        if new in SERVING:  # restored (or never parked): the driver gave the GPU state back
+            live.standby_host_bytes = 0
         await self.publish(live)
         if live.gpu:  # the node record's reserved GPU memory follows its instances
             await self.register()
@@ -259,6 +271,17 @@ class NodeAgent:
         await self.destroy(live)
         live.pid = 0
 
+    async def end(self, live: Live, reason: str) -> None:
+        """Stops an instance the node will not keep, which did nothing wrong: ENDED with
+        ``reason`` (a FAILED one would count towards its revision's crash loop)."""
+        log.info("instance ended: %s", reason, extra={"instance_id": live.id})
+        if live.machine.can_move(InstanceState.INSTANCE_STATE_STOPPING):
+            await self.move(live, InstanceState.INSTANCE_STATE_STOPPING)
+        await self.destroy(live)
+        live.pid = 0
+        if live.machine.can_move(InstanceState.INSTANCE_STATE_ENDED):
+            await self.move(live, InstanceState.INSTANCE_STATE_ENDED, reason[-2000:])
+
     async def forget(self, live: Live) -> None:
         """Deletes the key and the instance dir of an instance that is over."""
         self.instances.pop(live.id, None)
@@ -267,14 +290,58 @@ class NodeAgent:
         shutil.rmtree(live.dir, ignore_errors=True)
         shutil.rmtree(self.rootfs_path(live.id), ignore_errors=True)
 
-    async def checkpoint(self, live: Live, limit_s: float) -> None:
+    async def checkpoint(self, live: Live, limit_s: float, *, standby: bool = True) -> None:
         """The driver checkpoint of a parked or new standby, in one of the node's checkpoint slots
-        (``admission``); waiting longer than ``limit_s`` for one raises DeadlineExceeded."""
-        async with telemetry.traced("driver_checkpoint") as span, self.gate.checkpoint(limit_s) as waited:
-            span.set_attribute("snapwake.driver_gate.wait_seconds", waited)
-            pids = await self.containers.pids(live.container_id) or [live.pid]
-            live.cuda_pids = await self.checkpointer.checkpoint_all(pids)
-            span.set_attribute("snapwake.checkpoint.pids", len(live.cuda_pids))
+        (``admission``); waiting longer than ``limit_s`` for one raises DeadlineExceeded. A
+        whole-process standby must first fit in host memory (``admit_standby``); ``standby``
+        is False for the deploy validation's checkpoint, whose container ends right after."""
+        if standby and live.whole_process:
+            await self.admit_standby(live)
+        try:
+            async with telemetry.traced("driver_checkpoint") as span, self.gate.checkpoint(limit_s) as waited:
+                span.set_attribute("snapwake.driver_gate.wait_seconds", waited)
+                pids = await self.containers.pids(live.container_id) or [live.pid]
+                live.cuda_pids = await self.checkpointer.checkpoint_all(pids)
+                span.set_attribute("snapwake.checkpoint.pids", len(live.cuda_pids))
+        except BaseException:
+            live.standby_host_bytes = 0  # no standby made (its flow fails or ends it)
+            raise
+
+    # --- host memory (``hostmem``) --------------------------------------------------------
+    def host_memory_held(self, exclude: str = "") -> list[hostmem.Held]:
+        """What each live instance but ``exclude`` holds in host memory."""
+        return [hostmem.Held(hostmem.measured(live.machine.instance.host_rss_bytes,
+                                              live.machine.instance.host_pss_bytes), live.standby_host_bytes)
+                for live in self.instances.values() if live.machine.live and live.id != exclude]
+
+    def standby_room(self, instance_id: str, need: int) -> hostmem.Admission:
+        """The host memory rule for a whole-process standby of ``instance_id`` needing ``need``
+        bytes; raises ``HostMemoryFull`` naming the numbers when it does not fit."""
+        admission = hostmem.admit(need, self.host_memory_held(exclude=instance_id), self.host_memory,
+                                  self.config.standby_host_memory_fraction)
+        if not admission.ok:
+            log.warning("%s", admission.refusal(instance_id), extra={"instance_id": instance_id})
+            raise hostmem.HostMemoryFull(admission.refusal(instance_id))
+        return admission
+
+    async def admit_standby(self, live: Live) -> None:
+        """Admits ``live``'s coming checkpoint as a whole-process standby (its GPU slice plus its
+        container's RSS now) and counts it from here on; raises ``HostMemoryFull`` when the node's
+        host memory does not allow it, leaving the instance as it is."""
+        rss = await self._container_rss(live)
+        # Nothing awaits between the sum and the mark: two admissions cannot both take the room.
+        admission = self.standby_room(live.id, hostmem.standby_need(live.machine.instance.gpu_memory_bytes, rss))
+        live.standby_host_bytes = admission.need
+        log.info("standby admitted: ~%.1f GiB beside %.1f GiB of %.1f GiB", admission.need / (1 << 30),
+                 admission.committed / (1 << 30), admission.limit / (1 << 30), extra={"instance_id": live.id})
+
+    async def _container_rss(self, live: Live) -> int:
+        """The host RSS of every process in the container (its first alone when they cannot be
+        listed)."""
+        pids: list[int] = []
+        with contextlib.suppress(errors.SnapwakeError):
+            pids = await self.containers.pids(live.container_id)
+        return await asyncio.to_thread(lambda: sum(probe.host_memory(pid).rss for pid in pids or [live.pid]))
 
     # --- reconcile -----------------------------------------------------------------------
     async def _reconcile_forever(self) -> None:

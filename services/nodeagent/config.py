@@ -63,6 +63,10 @@ class NodeAgentConfig:
         "driver restores (with their weight DMA) run at once on this node; more wait their turn"))
     max_concurrent_checkpoints: int = field(default=2, metadata=_help(
         "driver checkpoints (parking, new standbys) run at once; more wait their turn"))
+    standby_host_memory_fraction: float = field(default=0.8, metadata=_help(
+        "share of the node's host memory that its instances may hold with one more PROCESS-mode "
+        "standby (whose GPU state waits in host memory); a standby that would pass it is refused "
+        "(see hostmem.py); the rest is left to the kernel, this agent and the blobstore's cache"))
     container_env: tuple[str, ...] = field(default=(), metadata=_help(
         "extra KEY=VALUE variables for every container, comma separated; main adds the OTEL_* "
         "tracing variables it was started with"))
@@ -173,6 +177,9 @@ class NodeAgentConfig:
         for key in ("max_concurrent_restores", "max_concurrent_checkpoints"):
             if getattr(self, key) < 1:
                 bad.append(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if not 0.0 < self.standby_host_memory_fraction <= 1.0:
+            bad.append(f"standby_host_memory_fraction: must be above 0 and at most 1, "
+                       f"got {self.standby_host_memory_fraction}")
         if self.start_timeout <= 0 or self.reconcile_interval <= 0:
             bad.append("start_timeout/reconcile_interval: must be positive")
         return bad + self._sandbox_problems()

@@ -3,6 +3,8 @@
 Each flow holds the instance's lock, writes every transition to etcd, and is bounded: a
 start that does not reach its goal in time (or whose container dies) ends FAILED with the
 reason and the tail of the container's output, its container removed, and raises StartFailed.
+A PROCESS-mode standby the node's host memory cannot hold (``hostmem``) is refused with
+RESOURCE_EXHAUSTED instead: before its container starts, or ENDED (not FAILED) at its checkpoint.
 A start of a user image (any ``FunctionSpec.image`` but the builtin) is ``userimage``'s.
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from services.nodeagent import handover, integrity, probe, process_mode, spec_checks, userimage
+from services.nodeagent import handover, hostmem, integrity, probe, process_mode, spec_checks, userimage
 from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.bundle import IdMap, write_bundle
 from services.nodeagent.container import (
@@ -190,6 +192,9 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
         raise errors.AlreadyExists(f"instance {req.instance_id} already exists on {agent.config.name}")
     timeout = userimage.start_timeout(agent, req)
     use_gpu = bool(agent.gpus) and req.spec.resources.gpu_count > 0
+    gpu_bytes = req.gpu_memory_bytes or req.spec.resources.gpu_memory_bytes
+    if plan is StartPlan.STANDBY and use_gpu and process_mode.is_process(req.spec):
+        agent.standby_room(req.instance_id, gpu_bytes)  # its RSS is added at the checkpoint
     # Inside its own network namespace any port would do; a distinct one keeps FakeContainers
     # (which share the host's) working the same way.
     port = free_port({live.port for live in agent.instances.values()})
@@ -199,8 +204,7 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
         raise errors.Unavailable(f"cannot listen for the instance on {agent.config.instance_host}: {exc}") from exc
     inst = types_pb2.Instance(
         id=req.instance_id, function_id=req.function_id, revision=req.revision, node=agent.config.name,
-        gpu_index=req.gpu_index, gpu_memory_bytes=req.gpu_memory_bytes or req.spec.resources.gpu_memory_bytes,
-        endpoint=forwarder.endpoint)
+        gpu_index=req.gpu_index, gpu_memory_bytes=gpu_bytes, endpoint=forwarder.endpoint)
     if model is not None:  # the scheduler copies it onto the function for the gateways
         inst.model.CopyFrom(model)
     idir = agent.config.instances_dir / req.instance_id
@@ -231,6 +235,9 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
             return live.machine.instance
         except TimeoutError:
             reason = f"{req.instance_id} did not become {plan.name.lower()} within {timeout:.0f}s"
+        except hostmem.HostMemoryFull as exc:  # no room for the standby after all: ended, not failed
+            await agent.end(live, exc.message)
+            raise
         except errors.SnapwakeError as exc:
             reason = f"{req.instance_id}: {exc.message}"
         except asyncio.CancelledError:  # the caller gave up: leave no half-started container
@@ -333,7 +340,8 @@ async def _prepare(handover_socket: str, sid: str, gpu: int, limit_s: float) -> 
 
 
 async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 60.0) -> types_pb2.Instance:
-    """IDLE -> STANDBY: the model server releases its weights and KV, then the driver checkpoints it."""
+    """IDLE -> STANDBY: the model server releases its weights and KV, then the driver checkpoints it
+    (a whole process: its GPU state moves into its host memory, when the node has room, ``hostmem``)."""
     live = _get(agent, instance_id)
     async with live.lock:
         machine = live.machine
@@ -348,10 +356,12 @@ async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 
         if machine.state != InstanceState.INSTANCE_STATE_IDLE:
             raise errors.FailedPrecondition(f"instance {instance_id} is {InstanceState.Name(machine.state)}, not IDLE")
         try:
-            if not live.process_mode and not live.user_image:  # process mode: the checkpoint takes the weights too
+            if not live.whole_process:  # process mode: the checkpoint takes the weights too
                 await probe.control(live.control_socket, {"op": "release"}, limit_s)
             if live.gpu:
                 await agent.checkpoint(live, limit_s)
+        except hostmem.HostMemoryFull:
+            raise  # refused before the checkpoint: it stays IDLE, serving as it was
         except errors.SnapwakeError as exc:
             await agent.fail(live, f"suspend failed: {exc.message}")
             raise

@@ -22,7 +22,9 @@ fails it on the start timeout, saying what the probe saw last. Either way the in
 FAILED with the reason and the tail of the container's output, its container removed, and
 ``StartFailed`` is raised. A reference or spec the node refuses, or a node without an image cache
 or sandbox, raises ``InvalidArgument`` (or the cache's ``NotFound``): the scheduler does not retry
-those.
+those. A standby the node's host memory cannot hold (``hostmem``) is refused with
+``HostMemoryFull`` (RESOURCE_EXHAUSTED): before the pull, or at its checkpoint, where the instance
+ends (ENDED, not FAILED) and its container is removed.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from services.nodeagent import probe, process_mode, spec_checks
+from services.nodeagent import hostmem, probe, process_mode, spec_checks
 from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.container import container_limits
 from services.nodeagent.machine import InstanceMachine, StartPlan
@@ -112,9 +114,12 @@ async def start_user_image(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReq
     assert agent.sandbox is not None  # _check
     timeout = start_timeout(agent, req)
     use_gpu = bool(agent.gpus) and req.spec.resources.gpu_count > 0
+    gpu_bytes = req.gpu_memory_bytes or req.spec.resources.gpu_memory_bytes
+    if plan is StartPlan.STANDBY and use_gpu and process_mode.is_process(req.spec):
+        agent.standby_room(req.instance_id, gpu_bytes)  # its RSS is added at the checkpoint
     inst = types_pb2.Instance(
         id=req.instance_id, function_id=req.function_id, revision=req.revision, node=agent.config.name,
-        gpu_index=req.gpu_index, gpu_memory_bytes=req.gpu_memory_bytes or req.spec.resources.gpu_memory_bytes)
+        gpu_index=req.gpu_index, gpu_memory_bytes=gpu_bytes)
     idir = agent.config.instances_dir / req.instance_id
     live = Live(InstanceMachine(inst, agent.clock()), agent.containers.prefix + req.instance_id, idir,
                 req.spec.http_port or 8000, use_gpu, process_mode=process_mode.is_process(req.spec), user_image=True,
@@ -133,6 +138,9 @@ async def start_user_image(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReq
         except TimeoutError:
             reason = f"{req.instance_id} did not become {plan.name.lower()} within {timeout:.0f}s: {progress.doing}"
             refused: type[errors.SnapwakeError] = errors.StartFailed
+        except hostmem.HostMemoryFull as exc:  # no room for the standby after all: ended, not failed
+            await agent.end(live, exc.message)
+            raise
         except errors.SnapwakeError as exc:
             reason = f"{req.instance_id}: {exc.message}"
             refused = type(exc) if isinstance(exc, errors.InvalidArgument | errors.NotFound) else errors.StartFailed
@@ -236,7 +244,8 @@ async def _reach_goal(agent: NodeAgent, live: Live, plan: StartPlan, deadline: f
         await agent.move(live, InstanceState.INSTANCE_STATE_RUNNING)
         return
     if live.gpu and live.process_mode:  # a standby's, and the deploy validation proves it works
-        await agent.checkpoint(live, max(1.0, deadline - time.monotonic()))
+        # The validation's container ends right after: its GPU state is in host memory only briefly.
+        await agent.checkpoint(live, max(1.0, deadline - time.monotonic()), standby=plan is StartPlan.STANDBY)
     if plan is StartPlan.STANDBY:
         await agent.move(live, InstanceState.INSTANCE_STATE_STANDBY)
         return

@@ -5,6 +5,8 @@ restarts of a revision whose instances keep failing (``crashloop``).
 Each pass compares the desired state (functions in etcd) with the actual state (instances and
 snapshots in etcd) and starts at most one operation per (function, kind); operations run as
 tasks so one slow node does not stall the loop.
+A node that has no room for a function's standby (``NodeFull``: its host memory holds no more
+whole-process standbys) is not asked for that standby again for ``_STANDBY_BACKOFF_S``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.crashloop import CrashLoop, Restarts
+from services.scheduler.nodes import NodeFull
 from services.scheduler.snapshots import SnapshotBuilder
 from services.scheduler.spec import seconds
 from services.scheduler.starter import Starter, snapshot_usable
@@ -37,6 +40,9 @@ from snapwake.v1.types_pb2 import (
 __all__ = ["Controller"]
 
 log = logging.getLogger(__name__)
+# How long a node that had no room for a function's standby (``NodeFull``) is not asked for
+# another: asking every pass would be refused every pass, or start a container only to end it.
+_STANDBY_BACKOFF_S = 30.0
 
 
 class Controller:
@@ -48,6 +54,8 @@ class Controller:
         self._ops: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._standbys_started: dict[str, tuple[str, float]] = {}  # iid -> (node, when)
+        # (function id, node) -> when (monotonic) that node may be asked for its standby again.
+        self._standbys_deferred: dict[tuple[str, str], float] = {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="controller")
@@ -186,7 +194,10 @@ class Controller:
         # A started standby counts from its start's answer until the watch shows it.
         self._standbys_started = {k: v for k, v in self._standbys_started.items()
                                   if k not in seen and now - v[1] < 30}
+        self._standbys_deferred = {k: v for k, v in self._standbys_deferred.items() if v > now}
         for node in self.state.nodes():
+            if (fn.id, node.name) in self._standbys_deferred:
+                continue
             have = {i.id for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision
                     and i.node == node.name and i.state == InstanceState.INSTANCE_STATE_STANDBY}
             have |= {iid for iid, (n, _) in self._standbys_started.items() if n == node.name}
@@ -208,8 +219,14 @@ class Controller:
         placement = await self.starter.place(fn, {node_name})
         if placement is None:
             return
-        inst = await self.starter.start_target(fn, placement.node, placement.gpu_index,
-                                               StartTarget.START_TARGET_STANDBY)
+        try:
+            inst = await self.starter.start_target(fn, placement.node, placement.gpu_index,
+                                                   StartTarget.START_TARGET_STANDBY)
+        except NodeFull as exc:
+            self._standbys_deferred[(fn.id, node_name)] = time.monotonic() + _STANDBY_BACKOFF_S
+            log.info("no standby on %s for %.0fs: %s", node_name, _STANDBY_BACKOFF_S, exc.message,
+                     extra={"function_id": fn.id})
+            return
         self._standbys_started[inst.id] = (node_name, time.monotonic())
 
     def _cleanup(self, functions: dict[str, Function]) -> None:

@@ -17,7 +17,7 @@ from snapwake.v1 import nodeagent_pb2
 from snapwake.v1.nodeagent_pb2_grpc import NodeAgentServiceStub
 from snapwake.v1.types_pb2 import FunctionSpec, Instance, Node
 
-__all__ = ["NodeClient", "NodeUnreachable", "StartRefused"]
+__all__ = ["NodeClient", "NodeFull", "NodeUnreachable", "StartRefused"]
 
 log = logging.getLogger(__name__)
 # How long a node that did not answer is left out of placement. Its etcd keys expire with its
@@ -35,6 +35,13 @@ class StartRefused(errors.StartFailed):
     NOT_FOUND): the same start would be refused again, so a deploy fails without retrying."""
 
 
+class NodeFull(errors.StartFailed):
+    """The node has no room for the instance now (RESOURCE_EXHAUSTED: its host memory holds no
+    more whole-process standbys). Nothing failed, and nothing is left running for it (the node
+    refused it first, or ended it, never FAILED); the same start may fit there once something
+    on that node ends, so the caller waits a while before asking that node again."""
+
+
 def _start_error(node: Node, what: str, err: errors.SnapwakeError) -> errors.StartFailed:
     # A start the node tried and failed comes back as StartFailed; a plain Unavailable means the
     # call never reached a working nodeagent. The message quotes the node's details as sent
@@ -44,6 +51,8 @@ def _start_error(node: Node, what: str, err: errors.SnapwakeError) -> errors.Sta
         return NodeUnreachable(message)
     if isinstance(err, errors.InvalidArgument | errors.NotFound):
         return StartRefused(message)
+    if isinstance(err, errors.ResourceExhausted):
+        return NodeFull(message)
     return errors.StartFailed(message)
 
 

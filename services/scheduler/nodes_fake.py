@@ -5,7 +5,8 @@ Every call is recorded in ``calls``. By default a call succeeds and, when the fa
 the same etcd sees what a real node reports:
 
     start      CREATING, then the target: RUNNING (with an endpoint) or STANDBY; a snapshot
-               build ends with the key deleted. A scripted StartFailed leaves it FAILED. A user
+               build ends with the key deleted. A scripted StartFailed leaves it FAILED, a
+               NodeFull ENDED (a node refusing a standby ends it without a failure). A user
                image's instance reports the digest it was pinned to, else ``fake_digest`` of
                its reference (what a node's pull would resolve).
     restore    RESTORING, then RUNNING on the asked GPU (StartFailed unless it was STANDBY)
@@ -24,7 +25,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
-from services.scheduler.nodes import NodeUnreachable
+from services.scheduler.nodes import NodeFull, NodeUnreachable
 from snapwake import errors, keys
 from snapwake.etcd import EtcdClient
 from snapwake.imageref import is_builtin
@@ -98,7 +99,9 @@ class FakeNodeClient:
         if outcome.error is None:
             return
         if failed is not None and isinstance(outcome.error, errors.StartFailed):
-            await self._put(failed, InstanceState.INSTANCE_STATE_FAILED, outcome.error.message)
+            state = InstanceState.INSTANCE_STATE_ENDED if isinstance(outcome.error, NodeFull) \
+                else InstanceState.INSTANCE_STATE_FAILED
+            await self._put(failed, state, outcome.error.message)
         raise outcome.error
 
     async def _put(self, inst: Instance, state: InstanceState, message: str = "") -> Instance:

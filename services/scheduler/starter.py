@@ -162,6 +162,8 @@ class Starter:
             # Not IDLE any more (already parked, or serving again): nothing to undo.
             log.info("not parked: %s", exc.message, extra={"instance_id": inst.id})
         except errors.SnapwakeError as exc:
+            # RESOURCE_EXHAUSTED: the node's host memory holds no more standbys; the instance is
+            # untouched, and ends as it would without a standby to become.
             log.warning("parking failed (%s); stopping it", exc.message, extra={"instance_id": inst.id})
             await self.nodes.stop(node, inst.id)
             self.pending[inst.id] = _with_state(inst, InstanceState.INSTANCE_STATE_STOPPING)

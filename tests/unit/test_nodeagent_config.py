@@ -34,6 +34,8 @@ from snapwake.config import ConfigError, load
     (["--gpu-memory-builtin-allowance-bytes", "-1"], "gpu_memory_builtin_allowance_bytes"),
     (["--user-idle-quiet-s", "0"], "user_idle_quiet_s"),
     (["--user-idle-quiet-s", "-0.5"], "user_idle_quiet_s"),
+    (["--standby-host-memory-fraction", "0"], "standby_host_memory_fraction"),
+    (["--standby-host-memory-fraction", "1.5"], "standby_host_memory_fraction"),
 ])
 def test_bad_keys_are_named(argv: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
@@ -50,6 +52,7 @@ def test_defaults_and_derived_paths() -> None:
     assert load(NodeAgentConfig, [], env={"SNAPWAKE_ADVERTISE": "h:2"}).advertise_address == "h:2"
     assert (config.gpu_memory_watch, config.gpu_memory_builtin_allowance_bytes) == (True, 2 << 30)
     assert load(NodeAgentConfig, ["--gpu-memory-watch", "off"], env={}).gpu_memory_watch is False
+    assert config.standby_host_memory_fraction == 0.8
 
 
 async def test_fake_runtime_runs_the_bundle_process(tmp_path: Path) -> None:

@@ -166,10 +166,11 @@ async def eventually(fetch: Callable[[], Awaitable[T]], ok: Callable[[T], bool],
 
 
 def start_request(iid: str, target: int = nodeagent_pb2.START_TARGET_RUNNING, timeout_s: int = 10,
-                  mode: int = types_pb2.SNAPSHOT_MODE_ARENA, env: dict[str, str] | None = None) -> nodeagent_pb2.StartInstanceRequest:
+                  mode: int = types_pb2.SNAPSHOT_MODE_ARENA, env: dict[str, str] | None = None,
+                  gpu_bytes: int = 20 * GIB) -> nodeagent_pb2.StartInstanceRequest:
     spec = types_pb2.FunctionSpec(
         tenant="t", namespace="d", name="f", image="builtin", model_dir=str(STUB.parent), env=env or {},
-        resources=types_pb2.Resources(gpu_count=1, gpu_memory_bytes=20 * GIB),
+        resources=types_pb2.Resources(gpu_count=1, gpu_memory_bytes=gpu_bytes),
         policy=types_pb2.Policy(snapshot_mode=mode),  # type: ignore[arg-type]
         sample_request=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
     return nodeagent_pb2.StartInstanceRequest(instance_id=iid, function_id=FUNCTION_ID, revision=1, spec=spec,
@@ -326,6 +327,75 @@ async def test_a_process_mode_standby_is_warmed_checkpointed_and_restored(harnes
     resp = await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))
     assert resp.instance.state == InstanceState.INSTANCE_STATE_RUNNING
     assert harness.checkpointer.calls[-1] == ("restore", pid) and harness.handover == []  # no DMA
+
+
+# --- host memory for whole-process standbys (``hostmem``): the node has 64 GiB, 51.2 GiB allowed ---
+PROCESS = types_pb2.SNAPSHOT_MODE_PROCESS
+
+
+async def test_a_process_mode_park_that_host_memory_cannot_hold_is_refused_and_stays_idle(
+        harness: Harness, agent: NodeAgent) -> None:
+    iid = "i-00000000e101"
+    await operations.start_instance(agent, start_request(iid, mode=PROCESS, gpu_bytes=60 * GIB))
+    assert agent.instances[iid].memory_limit == 16 * GIB + 60 * GIB  # room for its parked GPU state
+    with pytest.raises(errors.ResourceExhausted, match=rf"host memory: a standby of {iid} needs ~60\.\d GiB, "
+                                                       r"0\.\d GiB of 51\.2 GiB committed"):
+        await operations.suspend_instance(agent, iid)
+    stored = await harness.instance(iid)
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_IDLE  # untouched, still serving
+    assert harness.checkpointer.calls == [] and agent.instances[iid].standby_host_bytes == 0
+    assert (await harness.containers.state("sw-" + iid)).alive  # type: ignore[union-attr]
+    assert (await harness.node()).gpus[0].memory_reserved_bytes == 60 * GIB  # it keeps its slice
+
+
+async def test_process_mode_parks_are_admitted_while_host_memory_allows(harness: Harness, agent: NodeAgent) -> None:
+    first, second, third = "i-00000000e201", "i-00000000e202", "i-00000000e203"
+    for iid in (first, second, third):
+        await operations.start_instance(agent, start_request(iid, mode=PROCESS))
+    await operations.suspend_instance(agent, first)
+    await operations.suspend_instance(agent, second)  # ~20 GiB each: 40 of 51.2 GiB
+    held = agent.instances[first].standby_host_bytes
+    assert 20 * GIB < held < 21 * GIB  # its slice plus its RSS, held while it is a standby
+    with pytest.raises(errors.ResourceExhausted, match=r"needs ~20\.\d GiB, 40\.\d GiB of 51\.2 GiB"):
+        await operations.suspend_instance(agent, third)
+    assert (await harness.instance(third)).state == InstanceState.INSTANCE_STATE_IDLE  # type: ignore[union-attr]
+    # A restored standby's GPU state is back on the GPU: its room is free again.
+    await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=first))
+    assert agent.instances[first].standby_host_bytes == 0
+    parked = await operations.suspend_instance(agent, third)
+    assert parked.state == InstanceState.INSTANCE_STATE_STANDBY
+    assert [op for op, _ in harness.checkpointer.calls] == ["checkpoint", "checkpoint", "restore", "checkpoint"]
+
+
+async def test_an_arena_park_is_not_held_to_the_host_memory_rule(harness: Harness, agent: NodeAgent) -> None:
+    iid = "i-00000000e301"  # its weights wait in the blobstore: the checkpoint moves a bare context
+    await operations.start_instance(agent, start_request(iid, gpu_bytes=60 * GIB))
+    assert agent.instances[iid].memory_limit == 16 * GIB  # no GPU state parked in its memory
+    parked = await operations.suspend_instance(agent, iid)
+    assert parked.state == InstanceState.INSTANCE_STATE_STANDBY and agent.instances[iid].standby_host_bytes == 0
+
+
+async def test_a_process_mode_standby_start_without_host_memory_is_refused_before_it_runs(
+        harness: Harness, agent: NodeAgent) -> None:
+    iid = "i-00000000e401"
+    req = start_request(iid, target=nodeagent_pb2.START_TARGET_STANDBY, mode=PROCESS, gpu_bytes=52 * GIB)
+    with pytest.raises(errors.ResourceExhausted, match=f"a standby of {iid} needs ~52.0 GiB"):
+        await operations.start_instance(agent, req)
+    assert iid not in agent.instances and await harness.instance(iid) is None  # no key: nothing failed
+    assert await harness.containers.list() == [] and harness.checkpointer.calls == []
+
+
+async def test_a_standby_whose_rss_tips_host_memory_over_ends_without_failing(
+        harness: Harness, agent: NodeAgent) -> None:
+    iid = "i-00000000e501"  # its slice alone fits (checked before the start), its slice and RSS do not
+    req = start_request(iid, target=nodeagent_pb2.START_TARGET_STANDBY, mode=PROCESS,
+                        gpu_bytes=int(64 * GIB * 0.8) - (1 << 20))
+    with pytest.raises(errors.ResourceExhausted, match=f"host memory: a standby of {iid}"):
+        await operations.start_instance(agent, req)
+    stored = await harness.instance(iid)
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_ENDED  # not a crash to count
+    assert stored.message.startswith(f"host memory: a standby of {iid}")
+    assert await harness.containers.list() == [] and harness.checkpointer.calls == []
 
 
 @pytest.mark.parametrize("flow", ["stop", "suspend", "restore", "logs"])

@@ -78,6 +78,8 @@ def test_every_container_gets_the_whole_sandbox(tmp_path: Path) -> None:
     ({"host_memory_bytes": 2 * GIB, "cpu_millis": 2500}, False, False, 2 * GIB, 2500),
     # The driver checkpoint of a PROCESS-mode standby parks its GPU state in its host memory.
     ({"host_memory_bytes": 2 * GIB, "gpu_memory_bytes": 10 * GIB}, True, True, 12 * GIB, 1000),
+    ({"gpu_memory_bytes": 10 * GIB}, True, True, 26 * GIB, 1000),  # on top of the default 16 GiB
+    ({"gpu_memory_bytes": 10 * GIB}, True, False, 16 * GIB, 1000),  # on the CPU nothing is parked
     ({"host_memory_bytes": 2 * GIB, "gpu_memory_bytes": 10 * GIB}, False, True, 2 * GIB, 1000),
 ])
 def test_limits_come_from_the_spec(tmp_path: Path, resources: dict[str, int], process: bool, gpu: bool,

@@ -209,12 +209,13 @@ async def forwarded_node() -> AsyncIterator[Node]:
 
 def request(iid: str, target: int = nodeagent_pb2.START_TARGET_RUNNING, *, args: Sequence[str] = (),
             image: str = "docker://registry.local/acme/echo:1", timeout_s: int = 10, pinned: str = "",
-            health_path: str = "", env: dict[str, str] | None = None) -> nodeagent_pb2.StartInstanceRequest:
+            health_path: str = "", env: dict[str, str] | None = None,
+            gpu_bytes: int = 20 * GIB) -> nodeagent_pb2.StartInstanceRequest:
     spec = types_pb2.FunctionSpec(
         tenant="acme", namespace="team", name="echo", image=image, args=list(args), served_model_name=SERVED,
         registry_secret="acme-registry", health_path=health_path, http_port=8000, env=env or {"HF_HOME": "/tmp"},
         sample_request=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}),
-        resources=types_pb2.Resources(gpu_count=1, gpu_memory_bytes=20 * GIB),
+        resources=types_pb2.Resources(gpu_count=1, gpu_memory_bytes=gpu_bytes),
         policy=types_pb2.Policy(snapshot_mode=types_pb2.SNAPSHOT_MODE_PROCESS))
     return nodeagent_pb2.StartInstanceRequest(instance_id=iid, function_id="acme/team/echo", revision=1, spec=spec,
                                               target=target, gpu_index=0, timeout=Duration(seconds=timeout_s),  # type: ignore[arg-type]
@@ -272,6 +273,23 @@ async def test_a_standby_checkpoints_and_restores_every_process_of_its_container
     assert node.checkpointer.calls == [("checkpoint", pid) for pid in pids] and live.cuda_pids == tuple(pids)
     await operations.restore_instance(node.agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=iid))
     assert node.checkpointer.calls[len(pids):] == [("restore", pid) for pid in pids]
+
+
+async def test_standbys_the_host_memory_cannot_hold_are_refused_but_the_validation_is_not(node: Node) -> None:
+    # The node has 64 GiB, 51.2 GiB of it allowed (hostmem): a 60 GiB slice parked there would not fit.
+    with pytest.raises(errors.ResourceExhausted, match="a standby of i-00000000a101 needs ~60.0 GiB"):
+        await operations.start_instance(node.agent, request("i-00000000a101", nodeagent_pb2.START_TARGET_STANDBY,
+                                                            gpu_bytes=60 * GIB))
+    assert node.images.pulls == [] and "i-00000000a101" not in node.agent.instances  # refused before anything ran
+    iid = "i-00000000a102"
+    await operations.start_instance(node.agent, request(iid, gpu_bytes=60 * GIB))
+    with pytest.raises(errors.ResourceExhausted, match=f"a standby of {iid} needs ~60"):
+        await operations.suspend_instance(node.agent, iid)
+    assert (await node.stored(iid)).state == InstanceState.INSTANCE_STATE_IDLE and node.checkpointer.calls == []
+    # The deploy validation's checkpoint is no standby: its container ends right after.
+    inst = await operations.start_instance(node.agent, request("i-00000000a103", nodeagent_pb2.START_TARGET_SNAPSHOT,
+                                                               gpu_bytes=60 * GIB))
+    assert inst.state == InstanceState.INSTANCE_STATE_ENDED and [op for op, _ in node.checkpointer.calls] == ["checkpoint"]
 
 
 @pytest.mark.parametrize(("args", "timeout_s", "needles"), [

@@ -19,7 +19,7 @@ from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.claimtable import ClaimTable
 from services.scheduler.controller import Controller
 from services.scheduler.crashloop import CrashLoop
-from services.scheduler.nodes import NodeUnreachable, StartRefused
+from services.scheduler.nodes import NodeFull, NodeUnreachable, StartRefused, _start_error
 from services.scheduler.nodes_base import Nodes
 from services.scheduler.nodes_fake import Call, FakeNodeClient, Outcome, fake_digest
 from services.scheduler.snapshots import SnapshotBuilder
@@ -378,6 +378,44 @@ async def test_an_instance_idle_past_its_timeout_is_stopped_or_parked(
     await until(lambda: (i := core.state.instance(idle.id)) is None and after is None
                 or i is not None and i.state == after, "the instance's new state")
     assert [c.op for c in core.nodes.calls] == [op]
+
+
+async def test_a_node_without_host_memory_for_a_standby_is_not_asked_again_at_once(core: Core) -> None:
+    fn = function(standby_per_node=1, mode=SnapshotMode.SNAPSHOT_MODE_PROCESS)
+    await core.put(node(), fn)
+    core.nodes.script("start", Outcome(NodeFull("node node-a: host memory: a standby needs ~20.4 GiB, "
+                                                "40.8 GiB of 51.2 GiB committed")))
+    core.controller.reconcile()
+    await until(lambda: core.nodes.count("start", STANDBY) == 1 and not core.controller._ops, "the refused start")
+    for _ in range(3):  # later passes leave that node alone for a while
+        core.controller.reconcile()
+        await asyncio.sleep(0.02)
+    assert core.nodes.count("start") == 1
+    # Ended, not failed: no crash is counted and the function stays READY.
+    assert all(i.state == InstanceState.INSTANCE_STATE_ENDED for i in core.state.instances())
+    assert (f := core.state.function(fn.id)) is not None and f.state == FunctionState.FUNCTION_STATE_READY
+
+
+@pytest.mark.parametrize(("err", "want"), [
+    (errors.Unavailable("connection refused"), NodeUnreachable),
+    (errors.InvalidArgument("spec.image: bad"), StartRefused),
+    (errors.ResourceExhausted("host memory: a standby of i-1 needs ~20.0 GiB"), NodeFull),
+    (errors.StartFailed("the container exited"), errors.StartFailed),
+])
+def test_what_a_node_answers_to_a_start_is_told_apart(err: errors.SnapwakeError, want: type) -> None:
+    got = _start_error(node(), "start of i-1", err)
+    assert type(got) is want and got.message == f"node node-a: start of i-1: {errors.grpc_details(err)}"
+
+
+async def test_a_park_the_node_refuses_stops_the_instance_instead(core: Core) -> None:
+    fn = function(idle_s=1, standby_per_node=1, mode=SnapshotMode.SNAPSHOT_MODE_PROCESS)
+    idle = instance("i-000000000053", fn, InstanceState.INSTANCE_STATE_IDLE, idle_for_s=60)
+    await core.put(node(), fn, idle)
+    core.nodes.script("suspend", Outcome(errors.ResourceExhausted("host memory: a standby of i-000000000053 "
+                                                                  "needs ~60.0 GiB")))
+    core.controller.reconcile()
+    await until(lambda: core.state.instance(idle.id) is None, "the stop")  # its GPU slice is free again
+    assert [c.op for c in core.nodes.calls][:2] == ["suspend", "stop"]
 
 
 async def test_a_fresh_idle_instance_and_min_instances_are_kept(core: Core) -> None:
