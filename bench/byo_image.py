@@ -270,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--normal-repeats", type=int, default=2)
     p.add_argument("--runc", default="runc")
-    p.add_argument("--nodeagent-args", nargs="*", default=[])
-    opts = p.parse_args(argv)
+    opts, opts.nodeagent_args = p.parse_known_args(argv)  # the rest are nodeagent flags
     r = run(opts)
     s = r["summary"]
     print("| server | model | normal start TTFT | process-mode CS-TTFT | speedup | standby GPU | standby host PSS |")

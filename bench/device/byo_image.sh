@@ -8,7 +8,7 @@ umask 022
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 lib=/usr/local/nvidia/lib64; [ -e $lib/libcuda.so.1 ] || lib=""
 timeout ${BYO_LIMIT_S:-560} python3 -m bench.byo_image --out "$OUT/byo-image.json" --runc /opt/debs/usr/sbin/runc \
-  --nodeagent-args --seccomp-profile /opt/debs/usr/share/containers/seccomp.json ${lib:+--driver-lib-dir $lib} \
+  --seccomp-profile /opt/debs/usr/share/containers/seccomp.json ${lib:+--driver-lib-dir $lib} \
   "$@" 2>&1 | tee "$OUT/byo-image.log"
 rc=${PIPESTATUS[0]}
 tar czf "$OUT/byo-logs.tgz" -C /tmp/swbyo --exclude='*/images/*' --exclude='*/rootfs/*' --exclude='*.sock' . 2>/dev/null
