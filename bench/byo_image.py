@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,6 +63,7 @@ WHEELS = ["fastapi", "starlette", "uvicorn", "openai", "jiter", "distro", "sniff
 def build_image(layout: Path, wheels_dir: Path) -> dict[str, Any]:
     wheels = [w for name in WHEELS for w in sorted(wheels_dir.glob(f"{name}-*.whl"))]
     serve = Path(sys.prefix) / "bin" / "transformers"
+    shutil.rmtree(layout, ignore_errors=True)
     return build_host_python_image(layout, "serve", drop=DROP, wheels=wheels, config=[
         f"--config.entrypoint={serve}", "--config.entrypoint=serve",
         f"--config.cmd={SERVED}", "--config.cmd=--host", "--config.cmd=0.0.0.0", "--config.cmd=--port",

@@ -9,4 +9,6 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; export OUT
 mkdir -p /opt/debs/wrap
 printf '#!/bin/sh\nLD_LIBRARY_PATH=/opt/debs/usr/lib/x86_64-linux-gnu:/opt/debs/lib/x86_64-linux-gnu exec /opt/debs/usr/bin/skopeo "$@"\n' >/opt/debs/wrap/skopeo
 chmod +x /opt/debs/wrap/skopeo; export PATH=/opt/debs/wrap:$PATH
+# The node's image tools run with a fixed PATH of their own (services/nodeagent/images/tools.py).
+ln -sf /opt/debs/wrap/skopeo /usr/local/bin/skopeo; ln -sf /opt/debs/usr/bin/umoci /usr/local/bin/umoci
 ldconfig -p | grep -q libseccomp.so.2 || export LD_LIBRARY_PATH=/opt/debs/usr/lib/x86_64-linux-gnu
