@@ -43,9 +43,7 @@ from snapwake.v1 import nodeagent_pb2, nodeagent_pb2_grpc, scheduler_pb2, schedu
 from snapwake.v1.types_pb2 import InstanceState
 
 GIB = 1 << 30
-# transformers serve pins requests to the model it preloaded, named as given: the node's model
-# dir (/snapwake/model) relative to the working dir / (a served name starts with a letter or digit).
-SERVED = "snapwake/model"
+SERVED = "/snapwake/model"  # transformers serve pins requests to the model it preloaded, by its path
 PROMPT = [{"role": "user", "content": "Hello, how are you today?"}]
 # Site-packages the server never imports (JAX, CuPy, data science, vision): an image holds what it needs.
 DROP = ["jax", "jaxlib", "jax_plugins", "jax_cuda13_plugin", "jax_cuda13_pjrt", "cupy", "cupyx", "cupy_backends",
@@ -69,7 +67,7 @@ def build_image(layout: Path, wheels_dir: Path) -> dict[str, Any]:
         f"--config.cmd={SERVED}", "--config.cmd=--host", "--config.cmd=0.0.0.0", "--config.cmd=--port",
         "--config.cmd=8000", "--config.cmd=--dtype", "--config.cmd=bfloat16",
         "--config.env=HF_HUB_OFFLINE=1", "--config.env=HF_HOME=/tmp/hf", "--config.env=PYTHONUNBUFFERED=1",
-        "--config.env=TRANSFORMERS_VERBOSITY=info", "--config.workingdir=/", "--config.exposedports=8000/tcp"])
+        "--config.env=TRANSFORMERS_VERBOSITY=info", "--config.exposedports=8000/tcp"])
 
 
 def _spec(name: str, image: str, model: Path, mode: int, slice_bytes: int) -> types_pb2.FunctionSpec:

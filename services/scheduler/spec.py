@@ -27,7 +27,9 @@ DEFAULT_SAMPLE_REQUEST = json.dumps(
 _PART = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PATH = re.compile(r"/[\x21-\x7e]{0,1023}")
-_SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}")
+# A model id ("Qwen/Qwen2.5-0.5B-Instruct") or the path a server names its model by when given
+# no other name (vLLM and `transformers serve` do: "/models/llama-8b").
+_SERVED_NAME = re.compile(r"(?!.*//)(?!.*/\.\.?(/|$))[A-Za-z0-9/][A-Za-z0-9._:/@+-]{0,255}")
 _SECRET = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 # Upper bounds catch typos (an idle_timeout in milliseconds, a max of 1e6) before they bite.
 _MAX_INSTANCES = 1000
@@ -129,7 +131,7 @@ def _user_image(spec: FunctionSpec) -> None:
                               field="spec.model_dir")
     if spec.served_model_name and not _SERVED_NAME.fullmatch(spec.served_model_name):
         raise InvalidArgument(f"spec.served_model_name {spec.served_model_name!r} must be 1-256 characters of "
-                              "[A-Za-z0-9._:/@+-], starting with a letter or digit", field="spec.served_model_name")
+                              "[A-Za-z0-9._:/@+-], starting with a letter, digit or /", field="spec.served_model_name")
     if spec.registry_secret and not _SECRET.fullmatch(spec.registry_secret):
         raise InvalidArgument("spec.registry_secret must name a credential the operator registered (1-253 "
                               "chars of [a-z0-9.-], starting and ending alphanumeric), never hold one",

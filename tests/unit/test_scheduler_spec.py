@@ -85,6 +85,8 @@ BAD = [
     ("spec.sample_request", with_(custom, sample_request='{"model": 7}')),
     ("spec.served_model_name", with_(custom, served_model_name="has space")),
     ("spec.served_model_name", with_(custom, served_model_name="-leading-dash")),
+    ("spec.served_model_name", with_(custom, served_model_name="/models/../etc")),
+    ("spec.served_model_name", with_(custom, served_model_name="//models")),
     ("spec.served_model_name", with_(custom, served_model_name="x" * 300)),
     ("spec.served_model_name", with_(base, served_model_name="m")),  # builtin: not its business
     ("spec.registry_secret", with_(custom, registry_secret="user:password")),
@@ -128,6 +130,11 @@ def test_defaults_for_custom_image() -> None:
     assert spec.sample_request == DEFAULT_SAMPLE_REQUEST
     assert (spec.http_port, spec.health_path, spec.model_dir) == (8000, "", "")
     assert validated_at_deploy(spec)
+
+
+@pytest.mark.parametrize("name", ["/snapwake/model", "/models/llama-3.1-8b", "Qwen/Qwen2.5-0.5B-Instruct", "m:v1"])
+def test_a_served_name_may_be_a_model_id_or_the_path_a_server_names_its_model_by(name: str) -> None:
+    assert normalize(with_(custom, served_model_name=name)()).served_model_name == name
 
 
 def test_a_user_image_spec_keeps_what_it_was_given() -> None:
