@@ -58,6 +58,25 @@ WHEELS = ["fastapi", "starlette", "uvicorn", "openai", "jiter", "distro", "sniff
           "pydantic_core", "annotated_types", "typing_inspection", "httpx2", "httpcore2"]
 
 
+# What the model dir looks like from inside the image's sandbox (``--diagnose``).
+DIAGNOSE = """
+import mmap, os, sys
+p = "/snapwake/model"; f = p + "/model-00001.safetensors"
+print("ls", sorted(os.listdir(p)), "uid", os.getuid(), open("/proc/self/uid_map").read().split())
+print("stat", os.stat(f))
+with open(f, "rb") as fh:
+    print("read", len(fh.read(100)))
+    m = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ); print("mmap", len(m))
+from safetensors import safe_open
+for b in ("mmap", "pread"):
+    try:
+        print(b, "ok", len(list(safe_open(f, "pt", device="cpu", backend=b).keys())))
+    except Exception as e:
+        print(b, "fail", repr(e))
+sys.exit(3)
+"""
+
+
 def build_image(layout: Path, wheels_dir: Path) -> dict[str, Any]:
     wheels = [w for name in WHEELS for w in sorted(wheels_dir.glob(f"{name}-*.whl"))]
     serve = Path(sys.prefix) / "bin" / "transformers"
@@ -206,6 +225,16 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                                                   *opts.nodeagent_args]})
     with Cluster(cfg) as c:
         b = Bench(c)
+        if opts.diagnose:
+            diag = _spec("tf-diag", image, model, types_pb2.SNAPSHOT_MODE_NONE, slice_bytes)
+            diag.command[:] = [f"{sys.prefix}/bin/python3", "-c", DIAGNOSE]
+            try:
+                b.deploy(diag)
+            except RuntimeError as exc:  # it exits on purpose: the reason carries its output
+                results["diagnose"] = str(exc)[-1800:]
+            print("diagnose", results.get("diagnose"), flush=True)
+            save()
+            return results
         normal: dict[str, Any] = {}
         results["normal"] = normal
         normal["deploy_s"] = b.deploy(_spec("tf-normal", image, model, types_pb2.SNAPSHOT_MODE_NONE, slice_bytes))
@@ -272,8 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--normal-repeats", type=int, default=2)
     p.add_argument("--runc", default="runc")
+    p.add_argument("--diagnose", action="store_true", help="only show the model dir from inside the sandbox")
     opts, opts.nodeagent_args = p.parse_known_args(argv)  # the rest are nodeagent flags
     r = run(opts)
+    if opts.diagnose:
+        return 0
     s = r["summary"]
     print("| server | model | normal start TTFT | process-mode CS-TTFT | speedup | standby GPU | standby host PSS |")
     print("|---|---|---|---|---|---|---|")
