@@ -209,7 +209,11 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     model = make_random_llama(opts.models_dir / opts.preset, opts.preset)
     results["model_gb"] = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
     results["generate_s"] = time.monotonic() - t
+    # The container's ids are not the host's: the model must be readable by others, as a node's
+    # model dirs are (safetensors writes its shards 0600).
     os.chmod(opts.models_dir, 0o755)
+    for f in model.iterdir():
+        f.chmod(0o644)
     results["image"] = build_image(opts.layout, opts.wheels)
     image = f"oci:{opts.layout}:serve"
     save()

@@ -34,6 +34,8 @@ __all__ = ["build_host_python_image"]
 
 _ETC = ("etc/passwd", "etc/group", "etc/ld.so.cache", "etc/ld.so.conf")
 _TOOLS = ("/bin/sh", "/usr/bin/env")
+_GLIBC = ("libc.so.*", "libm.so.*", "libdl.so.*", "libpthread.so.*", "librt.so.*", "libresolv.so.*",
+          "libutil.so.*", "libnss_*.so.*", "libanl.so.*", "ld-linux*.so.*")
 
 
 def _elves(roots: Iterable[Path]) -> list[Path]:
@@ -96,6 +98,12 @@ def _system_members(site_entries: Sequence[Path]) -> list[str]:
     tools = [Path(t) for t in _TOOLS if Path(t).exists()]
     binaries = [python, *(t.resolve() for t in tools), *_elves([stdlib / "lib-dynload", *site_entries])]
     paths = {python, stdlib, *_closure(binaries), *_link_chain(Path(sys.prefix, "bin", "python3"))}
+    # All of the C library, as any base image holds it: the driver the node binds in later
+    # (libcuda) links libdl, librt and libpthread, which nothing here may have pulled in.
+    libc = next((p for p in paths if p.name == "libc.so.6"), None)
+    if libc is not None:
+        for pattern in _GLIBC:
+            paths |= {Path(lib.parent.resolve(), lib.name) for lib in libc.parent.glob(pattern)}
     for tool in tools:  # /bin/sh -> dash: the link and its target
         paths |= {Path(tool.parent.resolve(), tool.name), tool.resolve()}
     for link in ("bin", "lib", "lib64", "sbin"):
