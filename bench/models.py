@@ -74,6 +74,7 @@ def make_random_llama(path: Path, preset: str, seed: int = 0, shard_bytes: int =
         nonlocal shard, size
         fname = f"model-{len(set(index.values())) + 1:05d}.safetensors"
         save_file(shard, str(path / fname), metadata={"format": "pt"})
+        (path / fname).chmod(0o644)  # save_file writes 0600; containers read as an unprivileged user
         index.update({k: fname for k in shard})
         shard, size = {}, 0
 

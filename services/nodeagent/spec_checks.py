@@ -44,7 +44,29 @@ def resolve_model_dir(model_dir: str, roots: Iterable[str], private: Iterable[st
         raise refuse("is not a directory on this node")
     if os.stat(real).st_mode & 0o005 != 0o005:
         raise refuse("must be readable and searchable by others (o+rx): containers run as an unprivileged user")
+    unreadable = _unreadable_entry(real)
+    if unreadable is not None:
+        raise refuse(f"holds {unreadable}, which others cannot read: containers run as an unprivileged user "
+                     "(safetensors writes its shards 0600; chmod -R o+rX the model dir)")
     return real
+
+
+def _unreadable_entry(real: str, limit: int = 4096) -> str | None:
+    """The first file (o+r) or dir (o+rx) of ``real``'s top level that others cannot use, or
+    None: the usual trap is shards saved 0600, which the container's mapped ids cannot open.
+    Only the first ``limit`` entries are looked at, so a huge dir costs little."""
+    with os.scandir(real) as entries:
+        for n, entry in enumerate(entries):
+            if n >= limit:
+                break
+            try:
+                st = entry.stat()  # through links: what the container would open
+            except OSError:
+                continue  # a dangling link fails in the container with its own clear error
+            need = 0o005 if entry.is_dir() else 0o004
+            if st.st_mode & need != need:
+                return f"{entry.name} (mode {st.st_mode & 0o777:04o})"
+    return None
 
 
 def check_env(env: Mapping[str, str]) -> None:

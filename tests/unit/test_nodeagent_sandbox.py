@@ -218,6 +218,20 @@ def test_model_dir_below_a_root_resolves(roots: dict[str, Path]) -> None:
     assert spec_checks.resolve_model_dir(str(link), [str(roots["root"])], []) == str(roots["root"] / "llama")
 
 
+def test_a_model_dir_with_files_others_cannot_read_is_refused_naming_the_file(roots: dict[str, Path]) -> None:
+    model = roots["root"] / "llama"
+    (model / "config.json").write_text("{}")
+    (model / "config.json").chmod(0o644)
+    shard = model / "model-00001.safetensors"
+    shard.write_bytes(b"x")
+    shard.chmod(0o600)  # what safetensors' save_file leaves
+    with pytest.raises(errors.InvalidArgument, match=r"model-00001\.safetensors \(mode 0600\)") as caught:
+        spec_checks.resolve_model_dir(str(model), [str(roots["root"])], [])
+    assert caught.value.field == "spec.model_dir" and "chmod -R o+rX" in caught.value.message
+    shard.chmod(0o644)
+    assert spec_checks.resolve_model_dir(str(model), [str(roots["root"])], []) == str(model)
+
+
 @pytest.mark.parametrize(("key", "refused"), [
     ("LD_PRELOAD", True), ("LD_LIBRARY_PATH", True), ("PYTHONPATH", True), ("PYTHONSTARTUP", True),
     ("PERL5LIB", True), ("NODE_OPTIONS", True), ("BASH_ENV", True), ("ENV", True), ("GLIBC_TUNABLES", True),
