@@ -174,11 +174,13 @@ def test_renders_as_kustomize_does(target: str) -> None:
 def test_every_document_validates_against_the_schemas(target: str) -> None:
     docs = secrets_example() if target == "secrets.example" else rendered(target)
     assert docs
+    problems = []
     for doc in docs:
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{key(doc)}: {exc.message} at {'/'.join(map(str, exc.path))}")
+            problems.append(f"{key(doc)}: {exc.message} at {'/'.join(map(str, exc.path))}")
+    assert not problems
 
 
 @pytest.mark.parametrize("target", TARGETS)
