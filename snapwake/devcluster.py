@@ -154,24 +154,24 @@ class Cluster:
         return self.config.var_dir / name
 
     def _args(self, name: str) -> list[str]:
-        var, p, etcd = self.config.var_dir, self.ports, self.etcd.address
+        var, etcd = self.config.var_dir, self.etcd.address
         kind, _, index = name.partition("-")
-        suffix = f"-{index}" if index else ""
-        blob = f"blobstore{suffix}"
+        if kind == "scheduler":
+            return [*self._listen(name), "--etcd", etcd]
+        if kind == "gateway":
+            return ["--listen", f"{self.host(name).bind}:{self.ports[name]}",
+                    "--scheduler", ",".join(self.scheduler_addresses),
+                    *(["--api-keys", self.config.api_keys] if self.config.api_keys else [])]
+        blob = "blobstore" + (f"-{index}" if index else "")
         handover = str(var / blob / "handover.sock")
+        if kind == "nodeagent":
+            return ["--name", self.node_name(name), *self._listen(name), "--etcd", etcd,
+                    *self._blobstore_dial(name, blob),
+                    "--handover-socket", handover, "--state-dir", str(self.state_dir(name))]
         peers = [self.address(b) for b in self.names("blobstore") if b != blob] if self.config.static_peers else []
-        return {
-            "blobstore": ["--listen", f"{self.host(name).bind}:{p[name]}", "--dirs",
-                          f"{var}/{blob}/d0,{var}/{blob}/d1", "--handover-socket", handover,
-                          *(["--peers", ",".join(peers)] if peers else [])],
-            "nodeagent": ["--name", self.node_name(name), *self._listen(name), "--etcd", etcd,
-                          *self._blobstore_dial(name, blob),
-                          "--handover-socket", handover, "--state-dir", str(self.state_dir(name))],
-            "scheduler": [*self._listen(name), "--etcd", etcd],
-            "gateway": ["--listen", f"{self.host(name).bind}:{p['gateway']}",
-                        "--scheduler", ",".join(self.scheduler_addresses),
-                        *(["--api-keys", self.config.api_keys] if self.config.api_keys else [])],
-        }[kind]
+        return ["--listen", f"{self.host(name).bind}:{self.ports[name]}", "--dirs",
+                f"{var}/{blob}/d0,{var}/{blob}/d1", "--handover-socket", handover,
+                *(["--peers", ",".join(peers)] if peers else [])]
 
     def start_service(self, name: str, timeout: float = 60.0) -> subprocess.Popen[bytes]:
         """Starts ``python -m services.<name>`` and waits until its port answers."""
