@@ -32,8 +32,8 @@ class PeerFetcher:
     asyncio gRPC servicer and the threaded handover socket.
     """
 
-    def __init__(self, peers: tuple[str, ...], timeout: float = 600.0) -> None:
-        self.peers, self.timeout = peers, timeout
+    def __init__(self, peers: tuple[str, ...], timeout: float = 600.0, connect_timeout: float = 5.0) -> None:
+        self.peers, self.timeout, self.connect_timeout = peers, timeout, connect_timeout
 
     def candidates(self, extra: Sequence[str] = ()) -> list[str]:
         """``extra`` then the configured peers, each once."""
@@ -56,6 +56,12 @@ class PeerFetcher:
 
     def _fetch_one(self, peer: str, sid: str, store: SnapshotStore, digest: str) -> None:
         with grpc.insecure_channel(peer, options=_OPTIONS) as ch:
+            # A peer whose host went silent would hold the fetch (and the snapshot's lock) for
+            # gRPC's whole connect attempt; the next peer is asked instead.
+            try:
+                grpc.channel_ready_future(ch).result(timeout=self.connect_timeout)
+            except grpc.FutureTimeoutError:
+                raise errors.Unavailable(f"peer {peer} did not connect within {self.connect_timeout:g}s") from None
             stub = blobstore_pb2_grpc.BlobstoreServiceStub(ch)
             stream = blocking_stream(stub.GetSnapshot, blobstore_pb2.GetSnapshotRequest(snapshot_id=sid),
                                      timeout=self.timeout)
