@@ -24,7 +24,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from services.gateway import GatewayConfig, build_app
-from services.gateway.scheduler_client import ClaimSource, FunctionInfo
+from services.gateway.proxy import Upstream
+from services.gateway.scheduler_client import Claim, ClaimSource, FunctionInfo
 from services.gateway.scheduler_fake import InMemoryScheduler
 from snapwake.openai import ModelLimits
 from snapwake.testing import free_port
@@ -376,6 +377,20 @@ async def test_retry_waits_until_the_scheduler_heard_of_the_failure(client: open
     assert chat.choices[0].message.content.strip() == "ok"
     await _released(scheduler, "acme/default/roomy")
     assert [failed for _, failed in scheduler.released] == [True, False]
+
+
+async def test_a_slow_instance_is_not_a_dead_node() -> None:
+    """The dead-node bound watches the node's kernel (keepalive probes are acknowledged while
+    the model server thinks), so an answer slower than the bound still arrives."""
+    async def slow(request: Request) -> Any:
+        await asyncio.sleep(3.5)
+        return JSONResponse({"ok": True})
+
+    upstream = Upstream(connect_timeout=2, read_timeout=30, dead_node_timeout=1.0)
+    async with serve(Starlette(routes=[Route("/v1/chat/completions", slow, methods=["POST"])])) as address:
+        response = await upstream.open(Claim("c-1", "i-1", address), "/v1/chat/completions", b"{}", "req-1")
+        assert response.status_code == 200 and json.loads(await upstream.read(response, Claim("c-1", "i-1", address)))
+    await upstream.close()
 
 
 async def test_a_not_serving_instance_is_retried_on_another_lease(client: openai.AsyncOpenAI,
