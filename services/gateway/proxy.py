@@ -120,7 +120,8 @@ async def wait_disconnect(receive: Receive) -> None:
 
 
 def _sse_error(exc: BaseException) -> bytes:
-    body = error_body(f"the instance failed mid-stream: {type(exc).__name__}: {exc}",
+    # A connection its node's kernel timed out (dead_node_options) says nothing more itself.
+    body = error_body(f"the instance failed mid-stream: {type(exc).__name__}: {exc or 'the connection was lost'}",
                       "server_error", None, "upstream_error")
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
