@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "load", "parse_address"]
+__all__ = ["ConfigError", "is_wildcard", "load", "parse_address"]
 
 T = TypeVar("T")
 
@@ -30,6 +30,12 @@ def parse_address(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"expected host:port, got {value!r}")
     return host, int(port)
+
+
+def is_wildcard(host: str) -> bool:
+    """Whether ``host`` means "every address" (0.0.0.0, ::): fine to listen on, never an
+    address to advertise, since another host dialling it reaches itself."""
+    return host.strip("[]") in ("0.0.0.0", "::", "")
 
 
 def _convert(raw: str, kind: Any) -> Any:

@@ -3,6 +3,10 @@
 Everything lives under ``var/`` in the project (etcd data, snapshots, instance dirs, logs).
 Ctrl-C (SIGINT) or SIGTERM stops the services in reverse order; the nodeagent stops its
 containers on the way out, so nothing is left behind.
+
+By default every process listens on loopback here. ``ClusterConfig.hosts`` puts a process in a
+network namespace of its own with the address the others dial it at, which is how the
+integration tests run nodes "on separate hosts" (``tests/integration/test_multihost.py``).
 """
 
 from __future__ import annotations
@@ -21,9 +25,30 @@ import grpc
 
 from snapwake.testing import EtcdProcess, free_port, wait_for
 
-__all__ = ["Cluster", "ClusterConfig", "main"]
+__all__ = ["Cluster", "ClusterConfig", "Host", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Host:
+    """Where one process runs: the address the others dial it at, what it listens on, and the
+    network namespace (``ip netns`` name) it runs in."""
+
+    address: str = "127.0.0.1"
+    listen: str = ""
+    """Host part of its listen address (``0.0.0.0``: every address); empty: ``address``."""
+    netns: str | None = None
+    """None: the launcher's own network namespace."""
+
+    @property
+    def bind(self) -> str:
+        return self.listen or self.address
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """``argv`` run in this host's namespace. nsenter joins the network namespace only:
+        ``ip netns exec`` would also remount /sys privately, hiding the cgroup fs runc needs."""
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv] if self.netns else argv
 
 
 @dataclass(frozen=True)
@@ -50,6 +75,12 @@ class ClusterConfig:
     """Scheduler processes; one leads through the etcd election, the others stand by."""
     nodes: int = 1
     """Nodes, each a nodeagent and a blobstore (peers of each other) with its own dirs."""
+    hosts: dict[str, Host] = field(default_factory=dict)
+    """Where a process runs, by its name (``"etcd"``, ``"gateway"``, ``"nodeagent-1"``, ...);
+    the launcher's loopback for those not named."""
+    static_peers: bool = True
+    """Give each blobstore the others as ``--peers``; False: only the peers that nodeagents
+    find in etcd (the advertised blobstore addresses of the nodes holding a snapshot)."""
 
 
 class Cluster:
@@ -66,26 +97,46 @@ class Cluster:
                             ("blobstore", config.nodes)):
             for i in range(1, count):
                 self.ports[f"{kind}-{i}"] = free_port()
+        etcd_host = self.host("etcd")
         self.etcd = EtcdProcess(config.var_dir / "etcd", port(config.etcd_port),
-                                log_path=config.var_dir / "logs" / "etcd.log")
+                                log_path=config.var_dir / "logs" / "etcd.log", host=etcd_host.bind,
+                                wrapper=etcd_host.wrap([]))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
     def gateway_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['gateway']}"
+        return f"http://{self.address('gateway')}"
 
     @property
     def scheduler_address(self) -> str:
-        return f"127.0.0.1:{self.ports['scheduler']}"
+        return self.address("scheduler")
 
     @property
     def scheduler_addresses(self) -> list[str]:
         """Every scheduler's address, the first one's first (what the gateway is given)."""
         return [self.address(n) for n in self.names("scheduler")]
 
+    def host(self, name: str) -> Host:
+        """Where the process ``name`` runs."""
+        return self.config.hosts.get(name, Host())
+
     def address(self, name: str) -> str:
-        """``127.0.0.1:port`` of the process ``name`` (``"nodeagent-1"``, say)."""
-        return f"127.0.0.1:{self.ports[name]}"
+        """``host:port`` the others dial the process ``name`` (``"nodeagent-1"``, say) at."""
+        return f"{self.host(name).address}:{self.ports[name]}"
+
+    def _listen(self, name: str) -> list[str]:
+        """``--listen`` and, when it differs, ``--advertise``."""
+        listen = f"{self.host(name).bind}:{self.ports[name]}"
+        return ["--listen", listen, *(["--advertise", self.address(name)] if listen != self.address(name) else [])]
+
+    def _blobstore_dial(self, agent: str, blob: str) -> list[str]:
+        """How a nodeagent reaches its node's blobstore: over loopback when they share a
+        namespace and the blobstore listens everywhere; the node record advertises the address."""
+        here, there = self.host(agent), self.host(blob)
+        dial = self.address(blob)
+        if here.netns == there.netns and there.bind == "0.0.0.0":
+            dial = f"127.0.0.1:{self.ports[blob]}"
+        return ["--blobstore", dial, *(["--blobstore-advertise", self.address(blob)] if dial != self.address(blob) else [])]
 
     def names(self, kind: str) -> list[str]:
         """Process names of one kind: ``["scheduler", "scheduler-1", ...]``."""
@@ -103,23 +154,24 @@ class Cluster:
         return self.config.var_dir / name
 
     def _args(self, name: str) -> list[str]:
-        var, p, etcd = self.config.var_dir, self.ports, self.etcd.address
+        var, etcd = self.config.var_dir, self.etcd.address
         kind, _, index = name.partition("-")
-        suffix = f"-{index}" if index else ""
-        blob = f"blobstore{suffix}"
+        if kind == "scheduler":
+            return [*self._listen(name), "--etcd", etcd]
+        if kind == "gateway":
+            return ["--listen", f"{self.host(name).bind}:{self.ports[name]}",
+                    "--scheduler", ",".join(self.scheduler_addresses),
+                    *(["--api-keys", self.config.api_keys] if self.config.api_keys else [])]
+        blob = "blobstore" + (f"-{index}" if index else "")
         handover = str(var / blob / "handover.sock")
-        peers = [self.address(b) for b in self.names("blobstore") if b != blob]
-        return {
-            "blobstore": ["--listen", f"127.0.0.1:{p[name]}", "--dirs",
-                          f"{var}/{blob}/d0,{var}/{blob}/d1", "--handover-socket", handover,
-                          *(["--peers", ",".join(peers)] if peers else [])],
-            "nodeagent": ["--name", self.node_name(name), "--listen", f"127.0.0.1:{p[name]}",
-                          "--etcd", etcd, "--blobstore", f"127.0.0.1:{p[blob]}",
-                          "--handover-socket", handover, "--state-dir", str(self.state_dir(name))],
-            "scheduler": ["--listen", f"127.0.0.1:{p[name]}", "--etcd", etcd],
-            "gateway": ["--listen", f"127.0.0.1:{p['gateway']}", "--scheduler", ",".join(self.scheduler_addresses),
-                        *(["--api-keys", self.config.api_keys] if self.config.api_keys else [])],
-        }[kind]
+        if kind == "nodeagent":
+            return ["--name", self.node_name(name), *self._listen(name), "--etcd", etcd,
+                    *self._blobstore_dial(name, blob),
+                    "--handover-socket", handover, "--state-dir", str(self.state_dir(name))]
+        peers = [self.address(b) for b in self.names("blobstore") if b != blob] if self.config.static_peers else []
+        return ["--listen", f"{self.host(name).bind}:{self.ports[name]}", "--dirs",
+                f"{var}/{blob}/d0,{var}/{blob}/d1", "--handover-socket", handover,
+                *(["--peers", ",".join(peers)] if peers else [])]
 
     def start_service(self, name: str, timeout: float = 60.0) -> subprocess.Popen[bytes]:
         """Starts ``python -m services.<name>`` and waits until its port answers."""
@@ -129,7 +181,7 @@ class Cluster:
             kind = name.partition("-")[0]
             args = [*self._args(name), *self.config.extra_args.get(kind, []),
                     *(self.config.extra_args.get(name, []) if name != kind else [])]
-            proc = subprocess.Popen([sys.executable, "-m", f"services.{kind}", *args],
+            proc = subprocess.Popen(self.host(name).wrap([sys.executable, "-m", f"services.{kind}", *args]),
                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
                                     # Own session: a terminal's Ctrl-C reaches only the launcher,
                                     # which then stops the services in order.
@@ -143,7 +195,7 @@ class Cluster:
             if name == "gateway":
                 import httpx
                 return httpx.get(self.gateway_url + "/healthz", timeout=1).status_code == 200
-            ch = grpc.insecure_channel(f"127.0.0.1:{self.ports[name]}")
+            ch = grpc.insecure_channel(self.address(name))
             try:
                 grpc.channel_ready_future(ch).result(timeout=1)
                 return True

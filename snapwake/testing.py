@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 __all__ = ["EtcdProcess", "free_port", "wait_for"]
@@ -31,33 +31,36 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: flo
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s")
 
 
-def _port_open(port: int) -> bool:
+def _port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 class EtcdProcess:
-    """A real single-member etcd on loopback with its data in ``data_dir``."""
+    """A real single-member etcd with its data in ``data_dir``, on loopback unless ``host`` names
+    another address; ``wrapper`` goes before its command line (``nsenter --net=...``, say)."""
 
-    def __init__(self, data_dir: Path, client_port: int = 0, log_path: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, client_port: int = 0, log_path: Path | None = None,
+                 host: str = "127.0.0.1", wrapper: Sequence[str] = ()) -> None:
         self.data_dir = Path(data_dir)
         self.client_port = client_port or free_port()
         self.peer_port = free_port()
         self.log_path = log_path or self.data_dir.with_suffix(".log")
+        self.host, self.wrapper = host, tuple(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     def start(self, timeout: float = 20.0) -> EtcdProcess:
         binary = shutil.which("etcd") or "/usr/bin/etcd"
         if not os.path.exists(binary):
             raise FileNotFoundError("etcd not found: run 'make install' (Debian package etcd-server)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        c, p = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
-        args = [binary, "--name", "snapwake", "--data-dir", str(self.data_dir),
+        c, p = f"http://{self.host}:{self.client_port}", f"http://{self.host}:{self.peer_port}"
+        args = [*self.wrapper, binary, "--name", "snapwake", "--data-dir", str(self.data_dir),
                 "--listen-client-urls", c, "--advertise-client-urls", c,
                 "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
                 "--initial-cluster", f"snapwake={p}", "--logger", "zap", "--log-level", "warn"]
@@ -68,7 +71,7 @@ class EtcdProcess:
                                      env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.environ.get(
                                          "ETCD_UNSUPPORTED_ARCH", "")})
         log.close()
-        wait_for(lambda: self.proc is not None and self.proc.poll() is None and _port_open(self.client_port),
+        wait_for(lambda: self.proc is not None and self.proc.poll() is None and _port_open(self.host, self.client_port),
                  timeout, f"etcd on {self.address}")
         return self
 

@@ -17,6 +17,7 @@ from services.blobstore.core import Blobstore, Stat
 from services.blobstore.handover import HandoverServer, grant
 from services.blobstore.ids import check_snapshot_id
 from snapwake import errors
+from snapwake.config import parse_address
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc
 
 __all__ = ["BlobstoreApi", "MESSAGE_BYTES"]
@@ -97,7 +98,13 @@ class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
 
     async def PrewarmSnapshot(self, request: blobstore_pb2.PrewarmSnapshotRequest,  # noqa: N802
                               context: grpc.aio.ServicerContext) -> blobstore_pb2.PrewarmSnapshotResponse:
-        r = await asyncio.to_thread(self.core.prewarm, request.snapshot_id)
+        for peer in request.peers:
+            try:
+                parse_address(peer)
+            except ValueError as exc:
+                raise errors.InvalidArgument(f"peers: {exc}", field="peers") from None
+        r = await asyncio.to_thread(self.core.prewarm, request.snapshot_id, tuple(request.peers),
+                                    request.manifest_digest)
         return blobstore_pb2.PrewarmSnapshotResponse(was_cached=r.was_cached, fetched_from_peer=r.fetched_from_peer,
                                           bytes=r.nbytes)
 

@@ -11,7 +11,7 @@ import contextvars
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from services.blobstore import manifest as mf
@@ -162,8 +162,9 @@ class Blobstore:
             raise
 
     # -- cache fill --------------------------------------------------------------------------
-    def prewarm(self, sid: str) -> Prewarmed:
-        """Makes sure ``sid`` is in the cache, from disk or else from a peer."""
+    def prewarm(self, sid: str, peers: Sequence[str] = (), digest: str = "") -> Prewarmed:
+        """Makes sure ``sid`` is in the cache, from disk or else from a peer (``peers`` first,
+        then the configured ones; a copy is taken only with manifest ``digest``, when given)."""
         check_snapshot_id(sid)
         with self._lock(sid):
             with self.cache.use(sid) as entry:
@@ -172,23 +173,24 @@ class Blobstore:
                     return Prewarmed(True, False, entry.manifest.arena_bytes)
             from_peer = False
             if not self.store.contains(sid):
-                self._refetch(sid, None)
+                self._refetch(sid, None, peers, digest)
                 from_peer = True
             try:
                 m = self._read_to_cache(sid)
             except CorruptSnapshot as exc:
                 log.error("%s; dropping the local copy and refetching", exc.message)
                 self.store.delete(sid)
-                self._refetch(sid, exc)
+                self._refetch(sid, exc, peers, digest)
                 from_peer = True
                 m = self._read_to_cache(sid)
         log.info("cached %s (%d bytes%s)", sid, m.arena_bytes, ", from a peer" if from_peer else "")
         return Prewarmed(False, from_peer, m.arena_bytes)
 
-    def _refetch(self, sid: str, cause: CorruptSnapshot | None) -> None:
-        if self.peers.fetch(sid, self.store) is not None:
+    def _refetch(self, sid: str, cause: CorruptSnapshot | None, peers: Sequence[str] = (), digest: str = "") -> None:
+        if self.peers.fetch(sid, self.store, peers, digest) is not None:
             return
-        where = f"on peers {', '.join(self.peers.peers)}" if self.peers.peers else "(no peers configured)"
+        tried = self.peers.candidates(peers)
+        where = f"on peers {', '.join(tried)}" if tried else "(no peers configured)"
         if cause is not None:
             raise CorruptSnapshot(sid, cause.chunk, f"checksum failed; local copy dropped and no good copy {where}")
         raise errors.NotFound(f"snapshot {sid} not found locally nor {where}")

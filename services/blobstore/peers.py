@@ -1,9 +1,15 @@
-"""Fetching a snapshot from peer blobstores over GetSnapshot, verifying every chunk."""
+"""Fetching a snapshot from peer blobstores over GetSnapshot, verifying every chunk.
+
+Which peers: those the caller names for this fetch (the nodeagent reads the nodes that hold the
+snapshot, and their advertised blobstore addresses, from etcd), then the configured ones. The
+blobstore itself never reads etcd. With the snapshot record's manifest digest in hand, a peer
+whose manifest differs is skipped: its chunks would verify against the wrong checksums.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grpc
 
@@ -26,14 +32,19 @@ class PeerFetcher:
     asyncio gRPC servicer and the threaded handover socket.
     """
 
-    def __init__(self, peers: tuple[str, ...], timeout: float = 600.0) -> None:
-        self.peers, self.timeout = peers, timeout
+    def __init__(self, peers: tuple[str, ...], timeout: float = 600.0, connect_timeout: float = 5.0) -> None:
+        self.peers, self.timeout, self.connect_timeout = peers, timeout, connect_timeout
 
-    def fetch(self, sid: str, store: SnapshotStore) -> str | None:
-        """Stores ``sid`` from the first peer that has a good copy; returns that peer, or None."""
-        for peer in self.peers:
+    def candidates(self, extra: Sequence[str] = ()) -> list[str]:
+        """``extra`` then the configured peers, each once."""
+        return list(dict.fromkeys([*extra, *self.peers]))
+
+    def fetch(self, sid: str, store: SnapshotStore, extra: Sequence[str] = (), digest: str = "") -> str | None:
+        """Stores ``sid`` from the first of ``candidates(extra)`` that has a good copy (whose
+        manifest has ``digest``, when given); returns that peer, or None."""
+        for peer in self.candidates(extra):
             try:
-                self._fetch_one(peer, sid, store)
+                self._fetch_one(peer, sid, store, digest)
             except errors.NotFound:
                 continue
             except errors.SnapwakeError as exc:
@@ -43,8 +54,14 @@ class PeerFetcher:
             return peer
         return None
 
-    def _fetch_one(self, peer: str, sid: str, store: SnapshotStore) -> None:
+    def _fetch_one(self, peer: str, sid: str, store: SnapshotStore, digest: str) -> None:
         with grpc.insecure_channel(peer, options=_OPTIONS) as ch:
+            # A peer whose host went silent would hold the fetch (and the snapshot's lock) for
+            # gRPC's whole connect attempt; the next peer is asked instead.
+            try:
+                grpc.channel_ready_future(ch).result(timeout=self.connect_timeout)
+            except grpc.FutureTimeoutError:
+                raise errors.Unavailable(f"peer {peer} did not connect within {self.connect_timeout:g}s") from None
             stub = blobstore_pb2_grpc.BlobstoreServiceStub(ch)
             stream = blocking_stream(stub.GetSnapshot, blobstore_pb2.GetSnapshotRequest(snapshot_id=sid),
                                      timeout=self.timeout)
@@ -52,6 +69,9 @@ class PeerFetcher:
             if first is None or not first.HasField("manifest"):
                 raise errors.InvalidArgument(f"peer {peer} sent data before the manifest", field="manifest")
             m = mf.validate(first.manifest, sid)
+            if digest and mf.digest(m) != digest:
+                raise errors.InvalidArgument(f"peer {peer} has another manifest of {sid} "
+                                             f"(digest {mf.digest(m)[:12]}, not {digest[:12]})", field="manifest_digest")
             self._receive(m, stream, store)
 
     def _receive(self, m: mf.Manifest, stream: Iterator[blobstore_pb2.GetSnapshotResponse],

@@ -45,6 +45,9 @@ class GatewayConfig:
     connect_timeout: float = _field(5.0, "Seconds to connect to an instance.")
     read_timeout: float = _field(
         600.0, "Seconds to wait between bytes from an instance (a long generation stays inside it).")
+    dead_node_timeout: float = _field(
+        20.0, "Seconds an instance's node may answer nothing on a connection (TCP keepalive, unacknowledged "
+              "bytes) before it fails: a request on a node whose link went down moves or ends after this.")
     rpc_timeout: float = _field(5.0, "Deadline of scheduler calls other than AcquireClaim.")
     default_queue_len: int = _field(64, "Queue length for functions whose policy sets 0.")
     default_queue_timeout: float = _field(
@@ -74,7 +77,7 @@ class GatewayConfig:
             parse_api_keys(self.api_keys)
         except ValueError as exc:
             errors.append(str(exc))
-        for name in ("connect_timeout", "read_timeout", "rpc_timeout", "default_queue_timeout",
+        for name in ("connect_timeout", "read_timeout", "dead_node_timeout", "rpc_timeout", "default_queue_timeout",
                      "models_cache_seconds", "report_interval", "shutdown_grace"):
             if getattr(self, name) <= 0:
                 errors.append(f"{name}: must be > 0, got {getattr(self, name)}")

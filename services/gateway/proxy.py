@@ -7,6 +7,14 @@ streams the SSE bytes on as they come; an upstream failure after the stream star
 ``data: {"error": ...}`` before the stream ends, and a client that disconnects cancels the
 upstream read; a user image's stream passes through its ``SseRewriter`` (the ``model`` of each
 event) on the way. httpx exceptions are translated here and nowhere else.
+
+Instances live on other hosts, so a node can vanish without closing anything: its link goes
+down and its packets stop. The read timeout cannot tell that from a long generation, so every
+instance connection also carries TCP keepalive and ``TCP_USER_TIMEOUT`` (``dead_node_options``):
+the peer's kernel acknowledges while its model server thinks, and once it has answered nothing
+for ``dead_node_timeout`` the connection fails. Before the answer's headers that is
+``InstanceUnreachable`` (the request moves to another instance); after, a stream ends with its
+error event.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import Callable, Mapping
 
 import httpx
@@ -29,7 +38,7 @@ try:
 except ImportError:  # tracing is optional
     otel_inject = None  # type: ignore[assignment]
 
-__all__ = ["InstanceUnreachable", "RelayResponse", "Upstream", "wait_disconnect"]
+__all__ = ["InstanceUnreachable", "RelayResponse", "Upstream", "dead_node_options", "wait_disconnect"]
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +52,31 @@ class InstanceNotServing(errors.Unavailable):
     nothing, so the request can go to another claim. The instance itself is fine."""
 
 
+def dead_node_options(dead_after_s: float) -> list[tuple[int, int, int]]:
+    """Socket options that fail a connection whose peer host answered nothing (no keepalive
+    probe, no data acknowledged) for about ``dead_after_s`` seconds (Linux)."""
+    idle, interval = max(1, int(dead_after_s / 2)), max(1, int(dead_after_s / 4))
+    return [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+            # Bounds both the probes above and data sent and never acknowledged.
+            (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1000, int(dead_after_s * 1000)))]
+
+
 class Upstream:
-    """One pooled HTTP client for every instance, with a short connect and a long read timeout."""
+    """One pooled HTTP client for every instance, with a short connect and a long read timeout;
+    a connection whose node stops answering fails after ``dead_node_timeout`` (module docstring)."""
 
     def __init__(self, connect_timeout: float, read_timeout: float,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, dead_node_timeout: float = 20.0) -> None:
         timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=connect_timeout,
                                 pool=connect_timeout)
-        self._client = httpx.AsyncClient(timeout=timeout, transport=transport,
-                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        if transport is None:
+            transport = httpx.AsyncHTTPTransport(socket_options=dead_node_options(dead_node_timeout),
+                                                 limits=httpx.Limits(max_connections=None,
+                                                                     max_keepalive_connections=256))
+        self._client = httpx.AsyncClient(timeout=timeout, transport=transport)
 
     async def open(self, claim: Claim, path: str, body: bytes, request_id: str) -> httpx.Response:
         """POSTs ``body`` to the instance; returns with the headers read and the body not yet."""
@@ -95,7 +120,8 @@ async def wait_disconnect(receive: Receive) -> None:
 
 
 def _sse_error(exc: BaseException) -> bytes:
-    body = error_body(f"the instance failed mid-stream: {type(exc).__name__}: {exc}",
+    # A connection its node's kernel timed out (dead_node_options) says nothing more itself.
+    body = error_body(f"the instance failed mid-stream: {type(exc).__name__}: {exc or 'the connection was lost'}",
                       "server_error", None, "upstream_error")
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 

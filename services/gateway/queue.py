@@ -80,6 +80,7 @@ class ClaimQueue:
         self._on_depth = on_depth
         self._background: set[asyncio.Task[Any]] = set()
         self._held: dict[str, HeldClaim] = {}  # acquired, not yet released
+        self._releasing: dict[str, asyncio.Task[None]] = {}  # ReleaseClaim calls under way
         self._reported_held = False  # the last report listed claims: the next must say if they went
 
     def limits(self, fn: FunctionInfo) -> tuple[int, float]:
@@ -134,7 +135,14 @@ class ClaimQueue:
     def release(self, claim: Claim, instance_failed: bool = False) -> None:
         """Returns a claim in the background: cancellation of the request must not skip it."""
         self._held.pop(claim.claim_id, None)  # not reported from now on, even if the RPC fails
-        self._spawn(self._release(claim, instance_failed))
+        task = self._releasing[claim.claim_id] = self._spawn(self._release(claim, instance_failed))
+        task.add_done_callback(lambda _: self._releasing.pop(claim.claim_id, None))
+
+    async def released(self, claim: Claim, limit_s: float) -> None:
+        """Waits, at most ``limit_s``, until the release of ``claim`` reached the scheduler (or failed)."""
+        task = self._releasing.get(claim.claim_id)
+        if task is not None:
+            await asyncio.wait({task}, timeout=limit_s)
 
     async def _release(self, claim: Claim, instance_failed: bool) -> None:
         try:

@@ -41,6 +41,7 @@ class InMemoryScheduler(SchedulerClient):
         self.reports: list[dict[str, int]] = []
         self.reported_claims: list[list[HeldClaim]] = []  # one list per report
         self.list_calls = 0
+        self.release_delay = 0.0  # seconds each ReleaseClaim takes to arrive (a slow scheduler)
 
     def deploy(self, info: FunctionInfo, endpoints: list[str], concurrency: int = 1,
                source: ClaimSource = ClaimSource.WARM, start_error: str | None = None) -> None:
@@ -79,6 +80,7 @@ class InMemoryScheduler(SchedulerClient):
         return Claim(claim_id, f"i-{abs(hash(endpoint)) % 16**12:012x}", endpoint, d.source)
 
     async def release_claim(self, claim_id: str, instance_failed: bool = False) -> None:
+        await asyncio.sleep(self.release_delay)
         if claim_id not in self._claims:
             raise errors.NotFound(f"claim {claim_id} not found")
         function_id, endpoint = self._claims.pop(claim_id)

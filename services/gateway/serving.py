@@ -58,7 +58,9 @@ class OpenAIServing:
         self.catalog = FunctionCatalog(client, ttl=config.models_cache_seconds)
         self.queue = ClaimQueue(client, config.default_queue_len, config.default_queue_timeout,
                                 on_depth=lambda f, n: metrics.queue_depth.labels(f).set(n))
-        self.upstream = upstream or Upstream(config.connect_timeout, config.read_timeout)
+        self.upstream = upstream or Upstream(config.connect_timeout, config.read_timeout,
+                                             dead_node_timeout=config.dead_node_timeout)
+        self.rpc_timeout = config.rpc_timeout
         self.retry_after = config.retry_after
         self.max_body_bytes = config.max_body_bytes
 
@@ -142,6 +144,9 @@ class OpenAIServing:
             return await self._attempt(fn, claim, path, raw, streaming, ctx, rewrite)
         except (InstanceUnreachable, InstanceNotServing) as exc:
             log.warning("%s; retrying on another instance", exc.message, extra={"request_id": ctx.request_id})
+            # The scheduler hears that the instance failed before it grants the next claim, or
+            # it could grant the same unreachable instance again.
+            await self.queue.released(claim, self.rpc_timeout)
         return await self._attempt(fn, await self._claim(fn, ctx), path, raw, streaming, ctx, rewrite)
 
     async def _attempt(self, fn: FunctionInfo, claim: Claim, path: str, raw: bytes, streaming: bool,

@@ -197,7 +197,7 @@ class NodeAgent:
     # --- etcd ----------------------------------------------------------------------------
     def node_record(self) -> types_pb2.Node:
         node = types_pb2.Node(name=self.config.name, address=self.config.advertise_address,
-                              blobstore_address=self.config.blobstore, host_memory_bytes=self.host_memory,
+                              blobstore_address=self.config.blobstore_advertise_address, host_memory_bytes=self.host_memory,
                               cached_snapshots=sorted(self.cached_snapshots))
         reserved: dict[int, int] = {}
         for live in self.instances.values():

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.nodeagent.seccomp import DEFAULT_PROFILE
-from snapwake.config import parse_address
+from snapwake.config import is_wildcard, parse_address
 
 __all__ = ["NodeAgentConfig"]
 
@@ -40,6 +40,9 @@ class NodeAgentConfig:
     advertise: str = field(default="", metadata=_help("host:port others dial (default: listen)"))
     etcd: str = field(default="127.0.0.1:2379", metadata=_help("etcd client address host:port"))
     blobstore: str = field(default="127.0.0.1:7080", metadata=_help("this node's blobstore gRPC address"))
+    blobstore_advertise: str = field(default="", metadata=_help(
+        "host:port other nodes' blobstores fetch snapshots from this node's at, published in the node "
+        "record (default: blobstore)"))
     handover_socket: str = field(default="/tmp/snapwake/handover.sock",
                                  metadata=_help("the blobstore's handover Unix socket (bound into containers)"))
     state_dir: str = field(default="/tmp/snapwake/nodeagent",
@@ -123,6 +126,11 @@ class NodeAgentConfig:
         return self.advertise or self.listen
 
     @property
+    def blobstore_advertise_address(self) -> str:
+        """Where peers reach this node's blobstore (the node record's ``blobstore_address``)."""
+        return self.blobstore_advertise or self.blobstore
+
+    @property
     def instance_host(self) -> str:
         """Where instances are reached: the forwarders' listen address."""
         return self.endpoint_host or parse_address(self.advertise_address)[0]
@@ -153,11 +161,20 @@ class NodeAgentConfig:
                 parse_address(getattr(self, key))
             except ValueError as exc:
                 bad.append(f"{key}: {exc}")
-        if self.advertise:
+        # Other hosts dial these: a wildcard (0.0.0.0) can be listened on, never dialled.
+        for key, address in (("advertise", self.advertise_address),
+                             ("blobstore_advertise", self.blobstore_advertise_address)):
             try:
-                parse_address(self.advertise)
+                host, _ = parse_address(address)
             except ValueError as exc:
-                bad.append(f"advertise: {exc}")
+                if getattr(self, key):  # a default's problem is reported under listen/blobstore
+                    bad.append(f"{key}: {exc}")
+                continue
+            if is_wildcard(host):
+                bad.append(f"{key}: {address} is no address other hosts can dial; set {key} to this "
+                           f"node's routable host:port")
+        if self.endpoint_host and is_wildcard(self.endpoint_host):
+            bad.append(f"endpoint_host: {self.endpoint_host} is no address gateways can dial")
         if self.containers not in ("runc", "fake"):
             bad.append(f"containers: expected runc or fake, got {self.containers!r}")
         if self.gpus not in ("auto", "none"):

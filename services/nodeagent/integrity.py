@@ -1,5 +1,11 @@
 """Snapshot integrity on this node: pre-warm before a standby attaches, and mark corrupt copies.
 
+A pre-warm names the peers to fetch a missing snapshot from: the nodes whose blobstores hold it
+on disk (the snapshot record's ``disk_nodes``), at the blobstore addresses their node records
+advertise, with the record's manifest digest (``peer_blobstores``). The blobstore itself never
+reads etcd. A copy fetched from a peer adds this node to ``disk_nodes``, so the next node that
+needs it has one more source.
+
 The blobstore verifies every chunk it reads and never serves a bad one: a checksum failure with
 no good copy on a peer drops the local copy and answers "snapshot S is corrupt: chunk N: ...".
 When a standby start or a restore meets that answer, the nodeagent marks the snapshot record
@@ -10,8 +16,11 @@ by the blobstore's ``CorruptSnapshot`` wording (``corrupt_detail``), pinned by a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Sequence
+from typing import cast
 
 import grpc
 
@@ -20,7 +29,7 @@ from snapwake.etcd import EtcdClient
 from snapwake.grpcclient import call
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc, types_pb2
 
-__all__ = ["corrupt_detail", "note_failure", "prewarm"]
+__all__ = ["corrupt_detail", "note_failure", "peer_blobstores", "prewarm"]
 
 log = logging.getLogger(__name__)
 _CORRUPT = re.compile(r"snapshot \S+ is corrupt: chunk \d+.*", re.DOTALL)
@@ -61,16 +70,42 @@ async def note_failure(etcd: EtcdClient, node: str, inst: types_pb2.Instance, me
         return
 
 
+def peer_blobstores(snap: types_pb2.Snapshot | None, nodes: Sequence[types_pb2.Node], me: str) -> list[str]:
+    """The advertised blobstore addresses of the live nodes (those with a node record) that hold
+    ``snap`` on disk, other than ``me``; every other live node's when there is no record."""
+    by_name = {n.name: n for n in nodes if n.name != me and n.blobstore_address}
+    holders = list(snap.disk_nodes) if snap is not None else sorted(by_name)
+    return [by_name[name].blobstore_address for name in holders if name in by_name]
+
+
+def _add_disk_node(snap: types_pb2.Snapshot, node: str) -> types_pb2.Snapshot | None:
+    if snap.state != types_pb2.SNAPSHOT_STATE_READY or node in snap.disk_nodes:
+        return None
+    snap.disk_nodes.append(node)
+    return snap
+
+
 async def prewarm(channel: grpc.aio.Channel, etcd: EtcdClient, node: str, inst: types_pb2.Instance,
                   limit_s: float) -> None:
     """Has the blobstore cache the instance's snapshot (from disk or a peer, every chunk verified)
     before a standby attaches it; raises ``StartFailed`` with the blobstore's reason (corrupt,
     missing, unreachable), after marking a corrupt snapshot's record."""
     sid = keys.snapshot_id(inst.function_id, inst.revision)
+    key = keys.snapshot_key(inst.function_id, inst.revision)
     stub = blobstore_pb2_grpc.BlobstoreServiceStub(channel)
     try:
-        await call(stub.PrewarmSnapshot, blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=sid), timeout=limit_s)
+        entry = await etcd.get(key, types_pb2.Snapshot)
+        snap = cast(types_pb2.Snapshot, entry.value) if entry is not None else None
+        nodes = [cast(types_pb2.Node, e.value) for e in await etcd.list(keys.NODES, types_pb2.Node)]
+        request = blobstore_pb2.PrewarmSnapshotRequest(
+            snapshot_id=sid, peers=peer_blobstores(snap, nodes, node),
+            manifest_digest=snap.manifest_digest if snap is not None else "")
+        reply = await call(stub.PrewarmSnapshot, request, timeout=limit_s)
     except errors.SnapwakeError as exc:
         message = f"pre-warm of {sid} failed: {exc.message}"
         await note_failure(etcd, node, inst, message)
         raise errors.StartFailed(message) from exc
+    if reply.fetched_from_peer and snap is not None:
+        log.info("fetched %s from a peer blobstore", sid, extra={"instance_id": inst.id})
+        with contextlib.suppress(errors.NotFound):  # the record went (function deleted) meanwhile
+            await etcd.update(key, types_pb2.Snapshot, lambda s: _add_disk_node(s, node))

@@ -113,10 +113,14 @@ class DeleteSnapshotResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class PrewarmSnapshotRequest(_message.Message):
-    __slots__ = ("snapshot_id",)
+    __slots__ = ("snapshot_id", "peers", "manifest_digest")
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     snapshot_id: str
-    def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    manifest_digest: str
+    def __init__(self, snapshot_id: _Optional[str] = ..., peers: _Optional[_Iterable[str]] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
 
 class PrewarmSnapshotResponse(_message.Message):
     __slots__ = ("was_cached", "fetched_from_peer", "bytes")

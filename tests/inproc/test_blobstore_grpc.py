@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import grpc
@@ -164,3 +166,45 @@ async def test_peer_with_corrupt_copy_is_not_trusted(tmp_path: Path) -> None:
                 await stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
             assert exc.value.code() == grpc.StatusCode.NOT_FOUND and a.address in exc.value.details()
             assert not list((tmp_path / "b").glob("d*/snapshots/*/manifest.json"))
+
+
+async def test_prewarm_fetches_from_the_peers_a_request_names(tmp_path: Path) -> None:
+    """No configured peers: the caller names them (the nodeagent, from etcd), with the record's
+    manifest digest; a peer whose manifest has another digest is skipped."""
+    data, other = arena(2 * CHUNK + 7, seed=3), arena(2 * CHUNK + 7, seed=4)
+    async with running_blobstore(tmp_path / "a") as a, running_blobstore(tmp_path / "x") as x:
+        put = await put_snapshot(a.address, SID, data, CHUNK)
+        await put_snapshot(x.address, SID, other, CHUNK)
+        async with running_blobstore(tmp_path / "b") as b, channel(b.address) as ch:
+            stub = blobstore_pb2_grpc.BlobstoreServiceStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as exc:  # nobody named, none configured
+                await stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=SID), timeout=T)
+            assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(snapshot_id=SID, peers=["a:b"]),
+                                           timeout=T)
+            assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "peers" in exc.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as exc:  # x's copy is another snapshot
+                await stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(
+                    snapshot_id=SID, peers=[x.address], manifest_digest=put.manifest_digest), timeout=T)
+            assert exc.value.code() == grpc.StatusCode.NOT_FOUND and x.address in exc.value.details()
+            warm = await stub.PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(
+                snapshot_id=SID, peers=[x.address, a.address], manifest_digest=put.manifest_digest), timeout=T)
+            assert (warm.was_cached, warm.fetched_from_peer, warm.bytes) == (False, True, len(data))
+            assert (await get_snapshot(stub, SID))[1] == data
+
+
+async def test_a_silent_peer_is_passed_over_quickly(tmp_path: Path) -> None:
+    """A peer whose host accepts nothing it can speak to (here: a socket that listens and never
+    answers) costs the connect bound, not gRPC's whole connect attempt; the next one serves."""
+    data = arena(CHUNK, seed=7)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        async with running_blobstore(tmp_path / "a") as a, running_blobstore(tmp_path / "b") as b, \
+                channel(b.address) as ch:
+            await put_snapshot(a.address, SID, data, CHUNK)
+            began = time.monotonic()
+            warm = await blobstore_pb2_grpc.BlobstoreServiceStub(ch).PrewarmSnapshot(blobstore_pb2.PrewarmSnapshotRequest(
+                snapshot_id=SID, peers=[f"127.0.0.1:{silent.getsockname()[1]}", a.address]), timeout=T)
+            assert warm.fetched_from_peer and time.monotonic() - began < 12

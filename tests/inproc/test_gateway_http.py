@@ -24,7 +24,8 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from services.gateway import GatewayConfig, build_app
-from services.gateway.scheduler_client import ClaimSource, FunctionInfo
+from services.gateway.proxy import Upstream
+from services.gateway.scheduler_client import Claim, ClaimSource, FunctionInfo
 from services.gateway.scheduler_fake import InMemoryScheduler
 from snapwake.openai import ModelLimits
 from snapwake.testing import free_port
@@ -190,6 +191,8 @@ def scheduler(upstream: str, parked: str, parking: str, served: ServedUpstream) 
     s.deploy(_fn("asleep", queue_len=1, queue_timeout=0.4), [])  # scaled to zero, never starts
     s.deploy(_fn("broken", queue_timeout=30), [], start_error="image missing: registry.local/nope")
     s.deploy(_fn("flaky"), [f"127.0.0.1:{free_port()}", upstream])  # first endpoint refuses
+    # The same with room for more claims on the refusing endpoint (a node whose link went down).
+    s.deploy(_fn("roomy"), [f"127.0.0.1:{free_port()}", upstream], concurrency=4)
     s.deploy(_fn("tuned", namespace="team"), [upstream])
     # Built-in, with the model metadata its revision recorded: a context of 64, 100 token ids.
     s.deploy(_fn("small", limits=ModelLimits(max_context_tokens=64, vocab_size=100)), [upstream])
@@ -363,6 +366,31 @@ async def test_dead_instance_is_retried_on_another_lease(client: openai.AsyncOpe
     chat = await client.chat.completions.create(model="flaky", messages=[{"role": "user", "content": "ok"}])
     assert chat.choices[0].message.content.strip() == "ok"
     assert [failed for _, failed in scheduler.released] == [True, False]
+
+
+async def test_retry_waits_until_the_scheduler_heard_of_the_failure(client: openai.AsyncOpenAI,
+                                                                      scheduler: InMemoryScheduler) -> None:
+    """The unreachable endpoint still has room for claims: were the retry's claim asked for
+    before the failed release arrived, it would land on the same endpoint again."""
+    scheduler.release_delay = 0.3
+    chat = await client.chat.completions.create(model="roomy", messages=[{"role": "user", "content": "ok"}])
+    assert chat.choices[0].message.content.strip() == "ok"
+    await _released(scheduler, "acme/default/roomy")
+    assert [failed for _, failed in scheduler.released] == [True, False]
+
+
+async def test_a_slow_instance_is_not_a_dead_node() -> None:
+    """The dead-node bound watches the node's kernel (keepalive probes are acknowledged while
+    the model server thinks), so an answer slower than the bound still arrives."""
+    async def slow(request: Request) -> Any:
+        await asyncio.sleep(3.5)
+        return JSONResponse({"ok": True})
+
+    upstream = Upstream(connect_timeout=2, read_timeout=30, dead_node_timeout=1.0)
+    async with serve(Starlette(routes=[Route("/v1/chat/completions", slow, methods=["POST"])])) as address:
+        response = await upstream.open(Claim("c-1", "i-1", address), "/v1/chat/completions", b"{}", "req-1")
+        assert response.status_code == 200 and json.loads(await upstream.read(response, Claim("c-1", "i-1", address)))
+    await upstream.close()
 
 
 async def test_a_not_serving_instance_is_retried_on_another_lease(client: openai.AsyncOpenAI,

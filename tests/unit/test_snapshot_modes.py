@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from services.blobstore.store.base import CorruptSnapshot
-from services.nodeagent.integrity import _mark, corrupt_detail
+from services.nodeagent.integrity import _add_disk_node, _mark, corrupt_detail, peer_blobstores
 from services.nodeagent.machine import StartPlan, modelserver_start_mode
 from services.nodeagent.operations import validate_start
 from services.nodeagent.process_mode import warm_up_request
@@ -81,6 +81,39 @@ def test_mark_corrupt_only_a_ready_record(state: int, marked: bool) -> None:
     assert out is not None and out.state == SS.SNAPSHOT_STATE_CORRUPT
     assert out.message == "node node-0: snapshot x is corrupt: chunk 0: sha256 mismatch"
     assert list(out.disk_nodes) == ["node-1"]
+
+
+_NODES = [types_pb2.Node(name="n0", blobstore_address="10.0.0.10:7080"),
+          types_pb2.Node(name="n1", blobstore_address="10.0.1.10:7080"),
+          types_pb2.Node(name="n2", blobstore_address="10.0.2.10:7080"),
+          types_pb2.Node(name="n3")]  # no blobstore published
+
+
+@pytest.mark.parametrize(("disk_nodes", "record", "me", "peers"), [
+    (["n1"], True, "n0", ["10.0.1.10:7080"]),
+    (["n2", "n1"], True, "n0", ["10.0.2.10:7080", "10.0.1.10:7080"]),  # the record's order
+    (["n0", "n1"], True, "n0", ["10.0.1.10:7080"]),  # never this node itself
+    (["gone", "n1"], True, "n0", ["10.0.1.10:7080"]),  # no node record: its lease expired
+    (["n3"], True, "n0", []),
+    ([], True, "n0", []),  # a record that names no holder: nobody has it
+    ([], False, "n0", ["10.0.1.10:7080", "10.0.2.10:7080"]),  # no record (built by hand): ask everyone
+])
+def test_peer_blobstores(disk_nodes: list[str], record: bool, me: str, peers: list[str]) -> None:
+    snap = types_pb2.Snapshot(id=SID, disk_nodes=disk_nodes) if record else None
+    assert peer_blobstores(snap, _NODES, me) == peers
+
+
+@pytest.mark.parametrize(("state", "disk_nodes", "added"), [
+    (SS.SNAPSHOT_STATE_READY, ["n1"], True),
+    (SS.SNAPSHOT_STATE_READY, ["n1", "n0"], False),
+    (SS.SNAPSHOT_STATE_BUILDING, ["n1"], False),
+    (SS.SNAPSHOT_STATE_CORRUPT, ["n1"], False),
+])
+def test_a_peer_fetch_adds_the_node_to_disk_nodes(state: int, disk_nodes: list[str], added: bool) -> None:
+    out = _add_disk_node(types_pb2.Snapshot(id=SID, state=state, disk_nodes=disk_nodes), "n0")  # type: ignore[arg-type]
+    assert (out is not None) == added
+    if out is not None:
+        assert list(out.disk_nodes) == [*disk_nodes, "n0"]
 
 
 def _fn(mode: int) -> types_pb2.Function:
