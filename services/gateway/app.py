@@ -14,8 +14,10 @@ from starlette.routing import BaseRoute, Mount
 from services.gateway import dashboard
 from services.gateway.api_router import routes
 from services.gateway.config import GatewayConfig
+from services.gateway.keys import KeyStore
+from services.gateway.limits import KeyLimiter
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.middleware import AuthMiddleware, RequestIdMiddleware
+from services.gateway.middleware import AuthMiddleware, LimitMiddleware, RequestIdMiddleware
 from services.gateway.proxy import Upstream
 from services.gateway.scheduler_client import SchedulerClient
 from services.gateway.serving import OpenAIServing
@@ -33,12 +35,25 @@ def _dashboard(client: SchedulerClient, config: GatewayConfig) -> list[BaseRoute
     return [Mount("/dashboard", app=dashboard.build_app(client, per_tenant=bool(config.keys)))]
 
 
+def _warn_about_keys(keys: KeyStore, operators: KeyStore) -> None:
+    for what, store in (("api_keys", keys), ("operator_keys", operators)):
+        if store.plaintext:
+            log.warning("%s: %d entries give the key itself; use sha256:<digest>:tenant outside development "
+                        "(python -m services.gateway.keys)", what, store.plaintext)
+    if keys and not operators:
+        log.warning("operator_keys: none configured, so /metrics answers nobody")
+
+
 def build_app(client: SchedulerClient, config: GatewayConfig, upstream: Upstream | None = None) -> Starlette:
     """The gateway over ``client``; the caller owns (and closes) the client.
 
     ``upstream`` lets tests pass an ``Upstream`` with their own httpx transport.
     """
     serving = OpenAIServing(client, config, GatewayMetrics(), upstream)
+    keys, operators = config.keys, config.operators
+    _warn_about_keys(keys, operators)
+    limiter = KeyLimiter(config.rate_limit_rps, config.rate_limit_burst, config.max_in_flight_per_key,
+                         config.retry_after)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -55,6 +70,7 @@ def build_app(client: SchedulerClient, config: GatewayConfig, upstream: Upstream
     # AuthMiddleware checks, so it must run first.
     app = Starlette(routes=[*routes(serving), *_dashboard(client, config)], lifespan=lifespan,
                     middleware=[Middleware(RequestIdMiddleware),
-                                Middleware(dashboard.DashboardKeyMiddleware, keys=config.keys),
-                                Middleware(AuthMiddleware, keys=config.keys)])
+                                Middleware(dashboard.DashboardKeyMiddleware, keys=keys),
+                                Middleware(AuthMiddleware, keys=keys, operators=operators),
+                                Middleware(LimitMiddleware, limiter=limiter)])
     return app

@@ -7,21 +7,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from services.gateway.keys import KeyStore
+from services.gateway.limits import EdgeLimits
 from snapwake.config import parse_address
 
 __all__ = ["GatewayConfig", "parse_api_keys"]
 
 
-def parse_api_keys(entries: tuple[str, ...]) -> dict[str, str]:
-    """``("key:tenant", ...)`` to ``{key: tenant}``; raises ``ValueError`` naming the bad entry."""
-    keys: dict[str, str] = {}
-    for entry in entries:
-        key, sep, tenant = entry.partition(":")
-        if not sep or not key or not tenant:
-            # Never echo the whole entry: it holds a secret.
-            raise ValueError(f"api_keys entry #{len(keys) + 1} must be key:tenant")
-        keys[key] = tenant
-    return keys
+def parse_api_keys(entries: tuple[str, ...], what: str = "api_keys") -> KeyStore:
+    """``("sha256:<hex>:tenant" or "key:tenant", ...)`` to a ``KeyStore`` (``services.gateway.keys``);
+    raises ``ValueError`` naming the bad entry by position (never its text: it may hold a key)."""
+    return KeyStore.parse(entries, what)
 
 
 T = TypeVar("T")
@@ -40,7 +36,12 @@ class GatewayConfig:
     scheduler: tuple[str, ...] = _field(
         ("127.0.0.1:7001",), "Scheduler gRPC addresses (host:port,...); the leader is found by trying each.")
     api_keys: tuple[str, ...] = _field(
-        (), "API keys as key:tenant,...; none configured turns auth off (tenant 'default').")
+        (), "API keys as sha256:<hex digest of the key>:tenant,... (python -m services.gateway.keys new TENANT); "
+            "key:tenant (the key itself) is accepted for development only. None configured turns auth off "
+            "(tenant 'default').")
+    operator_keys: tuple[str, ...] = _field(
+        (), "Operator keys (same forms as api_keys; the tenant part names the operator): the only keys "
+            "/metrics accepts. With api_keys set and none here, /metrics answers nobody.")
     gateway_id: str = _field("", "This gateway's id for claims and queue reports; random when empty.")
     connect_timeout: float = _field(5.0, "Seconds to connect to an instance.")
     read_timeout: float = _field(
@@ -56,6 +57,17 @@ class GatewayConfig:
     report_interval: float = _field(1.0, "Seconds between queue-depth reports to the scheduler.")
     retry_after: int = _field(1, "Seconds sent in Retry-After with 429 and 503.")
     max_body_bytes: int = _field(16 << 20, "Largest request body accepted (413 above it), for every function.")
+    max_messages: int = _field(2048, "Most entries in messages (400 above it); 0: no cap.")
+    max_prompt_chars: int = _field(
+        2_000_000, "Most characters of text in messages, or in prompt (token ids count one each); 400 above; 0: no cap.")
+    max_tokens_cap: int = _field(
+        131072, "Largest max_tokens / max_completion_tokens accepted (400 above it, never lowered); 0: no cap.")
+    max_n: int = _field(16, "Largest n accepted (400 above it); the built-in model server takes only 1; 0: no cap.")
+    rate_limit_rps: float = _field(
+        50.0, "Requests per second per API key, in this gateway replica (429 above it); 0: no limit.")
+    rate_limit_burst: int = _field(100, "Requests an idle API key may send at once before rate_limit_rps applies.")
+    max_in_flight_per_key: int = _field(
+        256, "Requests one API key may have in flight in this gateway replica (429 above it); 0: no cap.")
     shutdown_grace: float = _field(30.0, "Seconds in-flight requests get to finish on shutdown.")
     log_level: str = _field("INFO", "Log level.")
 
@@ -73,10 +85,11 @@ class GatewayConfig:
                 parse_address(address)
             except ValueError as exc:
                 errors.append(f"scheduler: {exc}")
-        try:
-            parse_api_keys(self.api_keys)
-        except ValueError as exc:
-            errors.append(str(exc))
+        for what in ("api_keys", "operator_keys"):
+            try:
+                parse_api_keys(getattr(self, what), what)
+            except ValueError as exc:
+                errors.append(str(exc))
         for name in ("connect_timeout", "read_timeout", "dead_node_timeout", "rpc_timeout", "default_queue_timeout",
                      "models_cache_seconds", "report_interval", "shutdown_grace"):
             if getattr(self, name) <= 0:
@@ -85,14 +98,29 @@ class GatewayConfig:
             errors.append(f"default_queue_len: must be >= 1, got {self.default_queue_len}")
         if self.max_body_bytes < 1:
             errors.append(f"max_body_bytes: must be >= 1, got {self.max_body_bytes}")
+        for name in ("max_messages", "max_prompt_chars", "max_tokens_cap", "max_n", "rate_limit_rps",
+                     "max_in_flight_per_key"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name}: must be >= 0 (0: off), got {getattr(self, name)}")
+        if self.rate_limit_burst < 1:
+            errors.append(f"rate_limit_burst: must be >= 1, got {self.rate_limit_burst}")
         if self.retry_after < 0:
             errors.append(f"retry_after: must be >= 0, got {self.retry_after}")
         return errors
 
     @property
-    def keys(self) -> dict[str, str]:
-        """API key to tenant."""
+    def keys(self) -> KeyStore:
+        """The API keys' digests and tenants."""
         return parse_api_keys(self.api_keys)
+
+    @property
+    def operators(self) -> KeyStore:
+        """The operator keys' digests."""
+        return parse_api_keys(self.operator_keys, "operator_keys")
+
+    @property
+    def edge_limits(self) -> EdgeLimits:
+        return EdgeLimits(self.max_messages, self.max_prompt_chars, self.max_tokens_cap, self.max_n)
 
     def with_gateway_id(self) -> GatewayConfig:
         """This config with a random ``gateway_id`` filled in when none was set."""

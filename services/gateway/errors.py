@@ -1,13 +1,16 @@
 """The gateway's error leaves, and its HTTP error response (the shared OpenAI mapping).
 
-The gateway adds four leaves to the shared tree (``snapwake.errors``):
+The gateway adds these leaves to the shared tree (``snapwake.errors``):
 
     SnapwakeError
      +-- Unauthenticated            401: missing or unknown API key
+     +-- PermissionDenied           403: a tenant's key where an operator key is needed (/metrics)
      +-- InvalidArgument
      |    +-- BodyTooLarge          413: the body is over ``max_body_bytes``
      +-- ResourceExhausted
      |    +-- QueueFull             429: the function's queue is full
+     |    +-- RateLimited           429: the API key is over its requests per second
+     |    +-- TooManyInFlight       429: the API key has its limit of requests in flight
      +-- DeadlineExceeded
           +-- QueueTimeout          503: waited ``queue_timeout`` for an instance
 
@@ -23,11 +26,16 @@ from starlette.responses import JSONResponse
 from snapwake import errors
 from snapwake.openai import CODES, RETRYABLE, openai_error
 
-__all__ = ["BodyTooLarge", "QueueFull", "QueueTimeout", "Unauthenticated", "error_response"]
+__all__ = ["BodyTooLarge", "PermissionDenied", "QueueFull", "QueueTimeout", "RateLimited", "TooManyInFlight",
+           "Unauthenticated", "error_response"]
 
 
 class Unauthenticated(errors.SnapwakeError):
     http_status, openai_type = 401, "authentication_error"
+
+
+class PermissionDenied(errors.SnapwakeError):
+    http_status, openai_type = 403, "permission_error"
 
 
 class BodyTooLarge(errors.InvalidArgument):
@@ -35,6 +43,14 @@ class BodyTooLarge(errors.InvalidArgument):
 
 
 class QueueFull(errors.ResourceExhausted):
+    pass
+
+
+class RateLimited(errors.ResourceExhausted):
+    pass
+
+
+class TooManyInFlight(errors.ResourceExhausted):
     pass
 
 
@@ -47,6 +63,9 @@ _CODES: dict[type[errors.SnapwakeError], str] = {
     Unauthenticated: "invalid_api_key",
     BodyTooLarge: "request_too_large",
     QueueFull: "queue_full",
+    PermissionDenied: "operator_key_required",
+    RateLimited: "rate_limit_exceeded",
+    TooManyInFlight: "too_many_requests_in_flight",
     QueueTimeout: "queue_timeout",
 }
 

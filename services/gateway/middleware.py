@@ -1,7 +1,9 @@
-"""Plain ASGI middleware: request ids and API-key auth.
+"""Plain ASGI middleware: request ids, API-key auth and the per-key request limits.
 
-Both store what they learn in the ASGI scope under ``snapwake.*`` keys; read them with
-``request_id(scope)``, ``tenant(scope)`` and ``arrival(scope)`` rather than a state bag.
+They store what they learn in the ASGI scope under ``snapwake.*`` keys; read them with
+``request_id(scope)``, ``tenant(scope)``, ``key_id(scope)`` and ``arrival(scope)`` rather than
+a state bag. ``/healthz`` is open; ``/metrics`` takes only an operator key (``operator_keys``)
+once API keys are configured, since its labels name every tenant's functions.
 """
 
 from __future__ import annotations
@@ -9,18 +11,27 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.gateway.errors import Unauthenticated, error_response
+from services.gateway.errors import (
+    PermissionDenied,
+    RateLimited,
+    TooManyInFlight,
+    Unauthenticated,
+    error_response,
+)
+from services.gateway.keys import KeyStore
+from services.gateway.limits import KeyLimiter
 
-__all__ = ["AuthMiddleware", "RequestIdMiddleware", "arrival", "request_id", "tenant"]
+__all__ = ["AuthMiddleware", "LimitMiddleware", "RequestIdMiddleware", "arrival", "key_id", "request_id", "tenant"]
 
 DEFAULT_TENANT = "default"
+ANONYMOUS_KEY = "anonymous"  # the one key of a gateway without keys (auth off)
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Probes and scrapers carry no key.
-_OPEN_PATHS = ("/healthz", "/metrics")
+# Probes carry no key.
+_OPEN_PATHS = ("/healthz",)
+_OPERATOR_PATHS = ("/metrics",)
 
 
 def request_id(scope: Scope) -> str:
@@ -29,6 +40,11 @@ def request_id(scope: Scope) -> str:
 
 def tenant(scope: Scope) -> str:
     return str(scope.get("snapwake.tenant", DEFAULT_TENANT))
+
+
+def key_id(scope: Scope) -> str:
+    """A short id of the request's API key (a digest prefix), or ``anonymous`` with auth off."""
+    return str(scope.get("snapwake.key_id", ANONYMOUS_KEY))
 
 
 def arrival(scope: Scope) -> float:
@@ -58,24 +74,76 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-class AuthMiddleware:
-    """``Authorization: Bearer <key>`` to a tenant; no keys configured turns auth off."""
+def _bearer(scope: Scope) -> tuple[str, str]:
+    """The Authorization header as given, and the Bearer key in it ("" when none)."""
+    header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+    scheme, _, key = header.partition(" ")
+    return header, key.strip() if scheme.lower() == "bearer" else ""
 
-    def __init__(self, app: ASGIApp, keys: Mapping[str, str]) -> None:
+
+class AuthMiddleware:
+    """``Authorization: Bearer <key>`` to a tenant; no keys configured turns auth off.
+
+    Operator paths (``/metrics``) take only an operator key: a tenant's key is a 403. With no
+    keys of either kind they are open (a dev gateway); with API keys but no operator keys,
+    closed to everyone."""
+
+    def __init__(self, app: ASGIApp, keys: KeyStore, operators: KeyStore | None = None) -> None:
         self.app = app
-        self.keys = dict(keys)
+        self.keys = keys
+        self.operators = operators or KeyStore()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
             return await self.app(scope, receive, send)
+        if scope["path"] in _OPERATOR_PATHS:
+            return await self._operator(scope, receive, send)
         if not self.keys:
-            scope["snapwake.tenant"] = DEFAULT_TENANT
+            scope["snapwake.tenant"], scope["snapwake.key_id"] = DEFAULT_TENANT, ANONYMOUS_KEY
             return await self.app(scope, receive, send)
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, key = header.partition(" ")
-        found = self.keys.get(key.strip()) if scheme.lower() == "bearer" else None
+        header, key = _bearer(scope)
+        found = self.keys.lookup(key) if key else None
         if found is None:
-            message = "Missing API key" if not header else "Incorrect API key provided"
-            return await error_response(Unauthenticated(message))(scope, receive, send)
-        scope["snapwake.tenant"] = found
+            return await error_response(_unauthenticated(header))(scope, receive, send)
+        scope["snapwake.tenant"], scope["snapwake.key_id"] = found.tenant, found.key_id
         await self.app(scope, receive, send)
+
+    async def _operator(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.keys and not self.operators:
+            return await self.app(scope, receive, send)
+        header, key = _bearer(scope)
+        if key and self.operators.lookup(key) is not None:
+            return await self.app(scope, receive, send)
+        exc: Exception = _unauthenticated(header)
+        if key and self.keys.lookup(key) is not None:
+            exc = PermissionDenied(f"{scope['path']} needs an operator key, not a tenant's API key")
+        await error_response(exc)(scope, receive, send)
+
+
+def _unauthenticated(header: str) -> Unauthenticated:
+    return Unauthenticated("Missing API key" if not header else "Incorrect API key provided")
+
+
+class LimitMiddleware:
+    """Per API key, in this replica: a request rate and a cap on requests in flight (``KeyLimiter``).
+
+    Runs after ``AuthMiddleware``; a request counts as in flight until its response ends
+    (a stream's last byte). Probes and scrapes are not counted."""
+
+    def __init__(self, app: ASGIApp, limiter: KeyLimiter) -> None:
+        self.app = app
+        self.limiter = limiter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS + _OPERATOR_PATHS:
+            return await self.app(scope, receive, send)
+        key = key_id(scope)
+        refused = self.limiter.admit(key, time.monotonic())
+        if refused is not None:
+            kind = TooManyInFlight if refused.in_flight else RateLimited
+            exc = kind(f"Rate limit reached: {refused.message}; retry after {refused.retry_after}s")
+            return await error_response(exc, refused.retry_after)(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.limiter.done(key)

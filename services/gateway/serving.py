@@ -20,6 +20,7 @@ from starlette.types import ASGIApp
 
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import error_response
+from services.gateway.limits import check_body
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import FunctionCatalog, function_id_for, model_id_for
 from services.gateway.protocol import Routing, check_request
@@ -63,6 +64,7 @@ class OpenAIServing:
         self.rpc_timeout = config.rpc_timeout
         self.retry_after = config.retry_after
         self.max_body_bytes = config.max_body_bytes
+        self.limits = config.edge_limits
 
     @staticmethod
     def _model_card(fn: FunctionInfo) -> dict[str, Any]:
@@ -84,11 +86,14 @@ class OpenAIServing:
     async def generate(self, path: str, raw: bytes, ctx: RequestContext) -> ASGIApp:
         """``POST`` of a generation endpoint; every failure comes back as an OpenAI error.
 
-        The body is checked (``protocol.check_request``) before the queue: a request the
-        function's server would refuse costs no claim and no start."""
-        label = ctx.fixed_function or "unknown"
+        The body is checked (the edge limits, then ``protocol.check_request``) before the queue:
+        a request over a limit, or one the function's server would refuse, costs no claim and no
+        start. The metrics' function label is a function the catalogue knows, else "unknown":
+        made-up URLs and model names add no series."""
+        label = "unknown"
         try:
             body = parse_json(raw)
+            check_body(body, self.limits)
             fn = await self._resolve(validate(body, Routing).model, ctx)
             label = fn.function_id
             streaming = check_request(path, body, fn)

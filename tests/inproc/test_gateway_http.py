@@ -33,6 +33,7 @@ from snapwake.testing import free_port
 pytestmark = pytest.mark.timeout(30)
 
 KEY, TENANT = "sk-acme", "acme"
+OPERATOR = "sk-operator"
 MAX_BODY = 64 << 10
 
 
@@ -205,7 +206,8 @@ def scheduler(upstream: str, parked: str, parking: str, served: ServedUpstream) 
 
 @pytest.fixture
 async def gateway(scheduler: InMemoryScheduler) -> AsyncIterator[str]:
-    config = GatewayConfig(api_keys=(f"{KEY}:{TENANT}", "sk-other:other"), report_interval=0.1,
+    config = GatewayConfig(api_keys=(f"{KEY}:{TENANT}", "sk-other:other"), operator_keys=(f"{OPERATOR}:ops",),
+                           report_interval=0.1,
                            connect_timeout=1.0, read_timeout=5.0, max_body_bytes=MAX_BODY)
     async with serve(build_app(scheduler, config)) as address:
         yield f"http://{address}"
@@ -436,7 +438,7 @@ async def test_metrics_count_cold_start_ttft_and_queue(client: openai.AsyncOpenA
                                                   stream=True)
     _ = [c async for c in stream]
     await client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}])
-    async with httpx.AsyncClient(base_url=gateway) as http:
+    async with httpx.AsyncClient(base_url=gateway, headers={"Authorization": f"Bearer {OPERATOR}"}) as http:
         text = (await http.get("/metrics")).text
     assert 'snapwake_cold_start_ttft_seconds_count{function="acme/default/cold",source="cold_start"} 1.0' in text
     assert 'function="acme/default/chat"' not in "".join(line for line in text.splitlines() if "cold_start_ttft" in line)

@@ -10,12 +10,13 @@ unknown key is passed on the same way, so it gets the API's usual 401.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from urllib.parse import parse_qs
 
 from starlette.requests import cookie_parser
 from starlette.responses import HTMLResponse, RedirectResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from services.gateway.keys import KeyStore
 
 __all__ = ["COOKIE", "DashboardKeyMiddleware"]
 
@@ -27,9 +28,9 @@ _ASK_FOR_KEY = ("<!doctype html><title>Snapwake</title><p>This gateway needs an 
 class DashboardKeyMiddleware:
     """``?key=`` to a cookie, and the cookie to a Bearer header, under ``prefix`` only."""
 
-    def __init__(self, app: ASGIApp, keys: Mapping[str, str], prefix: str = "/dashboard") -> None:
+    def __init__(self, app: ASGIApp, keys: KeyStore, prefix: str = "/dashboard") -> None:
         self.app = app
-        self.keys = frozenset(keys)
+        self.keys = keys
         self.prefix = prefix
 
     def _ours(self, scope: Scope) -> bool:
@@ -41,7 +42,7 @@ class DashboardKeyMiddleware:
             return await self.app(scope, receive, send)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         key = query.get("key", [""])[-1]
-        if key in self.keys:
+        if key and self.keys.lookup(key) is not None:
             response = RedirectResponse(scope["path"], status_code=303, headers={"Cache-Control": "no-store"})
             response.set_cookie(COOKIE, key, path=self.prefix, httponly=True, samesite="strict")
             return await response(scope, receive, send)
