@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "load", "parse_address"]
+__all__ = ["ConfigError", "load", "parse_address", "parse_endpoints"]
 
 T = TypeVar("T")
 
@@ -30,6 +30,20 @@ def parse_address(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"expected host:port, got {value!r}")
     return host, int(port)
+
+
+def parse_endpoints(value: str) -> list[tuple[str, int]]:
+    """Splits ``host:port[,host:port...]`` (etcd's members, say); raises ``ValueError`` naming
+    the bad entry, or when there is none. An IPv6 host may be bracketed: ``[::1]:2379``."""
+    members = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        host, port = parse_address(entry)
+        members.append((host[1:-1] if host.startswith("[") and host.endswith("]") else host, port))
+    if not members:
+        raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+    return members
 
 
 def _convert(raw: str, kind: Any) -> Any:

@@ -50,6 +50,9 @@ class ClusterConfig:
     """Scheduler processes; one leads through the etcd election, the others stand by."""
     nodes: int = 1
     """Nodes, each a nodeagent and a blobstore (peers of each other) with its own dirs."""
+    etcd_endpoints: tuple[str, ...] = ()
+    """Members of an etcd the caller runs (a test's three-member cluster, say), given to every
+    service; empty starts one embedded single-member etcd, as ``make run`` does."""
 
 
 class Cluster:
@@ -102,8 +105,13 @@ class Cluster:
         """A nodeagent's state dir (its runc root is ``runc/`` inside)."""
         return self.config.var_dir / name
 
+    @property
+    def etcd_address(self) -> str:
+        """What the services get as ``--etcd``: every member, comma-separated."""
+        return ",".join(self.config.etcd_endpoints) or self.etcd.address
+
     def _args(self, name: str) -> list[str]:
-        var, p, etcd = self.config.var_dir, self.ports, self.etcd.address
+        var, p, etcd = self.config.var_dir, self.ports, self.etcd_address
         kind, _, index = name.partition("-")
         suffix = f"-{index}" if index else ""
         blob = f"blobstore{suffix}"
@@ -155,7 +163,8 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.config.var_dir.mkdir(parents=True, exist_ok=True)
-        self.etcd.start()
+        if not self.config.etcd_endpoints:
+            self.etcd.start()
         for blob, agent in zip(self.names("blobstore"), self.names("nodeagent"), strict=True):
             self.start_service(blob)
             self.start_service(agent)

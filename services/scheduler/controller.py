@@ -7,6 +7,11 @@ snapshots in etcd) and starts at most one operation per (function, kind); operat
 tasks so one slow node does not stall the loop.
 A node that has no room for a function's standby (``NodeFull``: its host memory holds no more
 whole-process standbys) is not asked for that standby again for ``_STANDBY_BACKOFF_S``.
+
+A node an operator drains (``snapwake node drain``) loses its instances here: each serving one
+stops once no claim is in use on it (the broker grants it none meanwhile, and starts its
+replacement elsewhere since it no longer counts), each standby at once. Instances still being
+started or restored finish first: stopping them would fail the requests waiting for them.
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ class Controller:
                 else:  # marked corrupt by a node (or lost): rebuild it; requests get normal starts meanwhile
                     self.builder.reconcile(fn, self._spawn)
         self._cleanup(functions)
+        self._drain()
 
     def _restarts(self, fn: Function) -> Restarts:
         """Counts the revision's FAILED instances and says what may start; in a crash loop the
@@ -236,6 +242,12 @@ class Controller:
             if stale and inst.state in LIVE and self.broker.table.in_use(inst.id) == 0 \
                     and not self._bridging(fn, inst):
                 self._stop(inst, "its function was deleted" if fn is None else "old revision, drained")
+
+    def _drain(self) -> None:
+        for inst in self.state.instances():
+            settled = inst.state in SERVING or inst.state == InstanceState.INSTANCE_STATE_STANDBY
+            if settled and self.state.draining(inst.node) and self.broker.table.in_use(inst.id) == 0:
+                self._stop(inst, f"node {inst.node} is being drained")
 
     def _bridging(self, fn: Function | None, inst: Instance) -> bool:
         """An old-revision instance that keeps serving until its function's new revision has an
