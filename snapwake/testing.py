@@ -12,13 +12,22 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["EtcdCluster", "EtcdProcess", "free_port", "wait_for"]
+__all__ = ["EtcdCluster", "EtcdProcess", "free_port", "free_ports", "wait_for"]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (each held until all are picked: ``free_port`` may repeat)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
@@ -110,9 +119,10 @@ class EtcdCluster:
     """``size`` etcd members on loopback forming one cluster, each with its own data dir."""
 
     def __init__(self, data_root: Path, size: int = 3) -> None:
-        peers = [free_port() for _ in range(size)]
+        ports = free_ports(2 * size)
+        peers, clients = ports[:size], ports[size:]
         initial = ",".join(f"m{i}=http://127.0.0.1:{port}" for i, port in enumerate(peers))
-        self.members = [EtcdProcess(Path(data_root) / f"m{i}", log_path=Path(data_root) / f"m{i}.log",
+        self.members = [EtcdProcess(Path(data_root) / f"m{i}", clients[i], Path(data_root) / f"m{i}.log",
                                     name=f"m{i}", peer_port=port, initial_cluster=initial)
                         for i, port in enumerate(peers)]
 
@@ -121,10 +131,14 @@ class EtcdCluster:
         return tuple(m.address for m in self.members)
 
     def start(self, timeout: float = 30.0) -> EtcdCluster:
-        for member in self.members:
-            member.spawn()
-        for member in self.members:
-            member.wait_ready(timeout)
+        try:
+            for member in self.members:
+                member.spawn()
+            for member in self.members:
+                member.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

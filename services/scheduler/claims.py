@@ -12,8 +12,9 @@ for ``settle``'s grace window after an election nothing is granted or started: r
 request still waiting when leadership changes (``reset``) is answered Unavailable at once, so
 its gateway asks the new leader instead of waiting out its deadline here.
 
-Instances on a node being drained (``ClusterState.draining``) get no new claims and do not
-count towards ``live_count``, so their replacements start elsewhere while they finish.
+Instances on a node being drained (``ClusterState.draining``) do not count towards
+``live_count``, so their replacements start elsewhere while they still serve; they get new
+claims only while their function has no usable instance off such nodes (make before break).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class ClaimBroker:
         conc = fn.spec.policy.concurrency
         usable = [i for i in self.state.instances()
                   if i.function_id == fn.id and i.state in SERVING and i.endpoint
-                  and self._suspect.get(i.id, 0.0) <= now and not self.state.draining(i.node)]
+                  and self._suspect.get(i.id, 0.0) <= now]
+        usable = [i for i in usable if not self.state.draining(i.node)] or usable
         # After UpdateFunction the old revision serves until the new one has an instance up
         # (its snapshot may still be building), so a rollout never stalls requests.
         ready = [i for i in usable if i.revision == fn.revision] or [i for i in usable if i.revision < fn.revision]

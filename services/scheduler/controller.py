@@ -8,10 +8,12 @@ tasks so one slow node does not stall the loop.
 A node that has no room for a function's standby (``NodeFull``: its host memory holds no more
 whole-process standbys) is not asked for that standby again for ``_STANDBY_BACKOFF_S``.
 
-A node an operator drains (``snapwake node drain``) loses its instances here: each serving one
-stops once no claim is in use on it (the broker grants it none meanwhile, and starts its
-replacement elsewhere since it no longer counts), each standby at once. Instances still being
-started or restored finish first: stopping them would fail the requests waiting for them.
+A node an operator drains (``snapwake node drain``) loses its instances here, make before
+break: a drained instance no longer counts, so ``_scale`` starts its replacement elsewhere;
+it is stopped once no claim is in use on it and either its function has a serving instance
+off draining nodes (which the broker then prefers) or wants none. Standbys go at once.
+Instances still being started or restored finish first: stopping them would fail the requests
+waiting for them. A replacement that cannot be placed keeps the drain from finishing.
 """
 
 from __future__ import annotations
@@ -244,9 +246,15 @@ class Controller:
                 self._stop(inst, "its function was deleted" if fn is None else "old revision, drained")
 
     def _drain(self) -> None:
-        for inst in self.state.instances():
-            settled = inst.state in SERVING or inst.state == InstanceState.INSTANCE_STATE_STANDBY
-            if settled and self.state.draining(inst.node) and self.broker.table.in_use(inst.id) == 0:
+        every = self.state.instances()
+        moved = {i.function_id for i in every if i.state in SERVING and not self.state.draining(i.node)}
+        for inst in every:
+            if not self.state.draining(inst.node) or self.broker.table.in_use(inst.id):
+                continue
+            fn = self.state.function(inst.function_id)
+            unwanted = fn is None or (not fn.spec.policy.min_instances and not self.queues.total(fn.id))
+            if inst.state == InstanceState.INSTANCE_STATE_STANDBY or (
+                    inst.state in SERVING and (inst.function_id in moved or unwanted)):
                 self._stop(inst, f"node {inst.node} is being drained")
 
     def _bridging(self, fn: Function | None, inst: Instance) -> bool:

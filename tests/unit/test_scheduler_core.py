@@ -302,6 +302,27 @@ async def test_a_drained_node_loses_its_instances_once_they_serve_no_request(cor
     assert [c.instance_id for c in core.nodes.calls if c.op == "stop"] == [busy.id]
 
 
+async def test_a_drained_instance_serves_until_its_replacement_does(core: Core) -> None:
+    fn = function(concurrency=1, min_instances=1, max_instances=1)
+    old = instance("i-000000000070", fn, InstanceState.INSTANCE_STATE_IDLE)
+    await core.put(node("node-a"), node("node-b", gib=10), fn, old, NodeCordon(node="node-a", drain=True))
+    core.controller.reconcile()  # no room for a replacement on node-b
+    await asyncio.sleep(0.1)
+    grant = await core.broker.acquire(fn.id, "gw", timeout_s=1)
+    assert grant.instance.id == old.id  # the only instance still serves
+    core.broker.release(grant.claim.claim_id, instance_failed=False)
+    core.controller.reconcile()
+    await asyncio.sleep(0.1)
+    assert core.nodes.count("stop") == 0
+    await core.put(node("node-b"))  # room now: the replacement starts, then the old one goes
+    core.controller.start()  # its loop, every 50 ms
+    await until(lambda: core.nodes.count("start") == 1, "the replacement started")
+    await until(lambda: any(i.node == "node-b" and i.state == InstanceState.INSTANCE_STATE_RUNNING
+                            for i in core.state.instances()), "the replacement serving")
+    await until(lambda: core.nodes.count("stop") == 1, "the drained instance stopped")
+    assert [c.instance_id for c in core.nodes.calls if c.op == "stop"] == [old.id]
+
+
 # --- ClaimBroker -------------------------------------------------------------------------
 async def test_a_waiter_is_told_to_ask_again_when_leadership_changes(core: Core) -> None:
     fn = function(gib=100)  # no node has room: the request waits
