@@ -1,4 +1,5 @@
-"""The ``snapwake`` admin command line: deploy, list, get, delete, logs, snapshots, nodes, instances.
+"""The ``snapwake`` admin command line: deploy, list, get, delete, logs, snapshots, nodes, instances,
+and ``node cordon|drain|uncordon NODE``.
 
 It talks to the scheduler's admin API (``SchedulerService``) with a deadline on every call and
 tries the next ``--scheduler`` address when one answers UNAVAILABLE (a standby scheduler says
@@ -13,6 +14,10 @@ with a code a script can test:
 image is any ``--image`` but ``builtin`` (``oci-archive:/path/img.tar``, ``ghcr.io/org/img:tag``).
 Its state goes to stderr (with ``--wait``: once the deploy is validated or failed), and progress
 too, so ``-o json`` output on stdout stays parseable.
+
+``node cordon`` keeps new instances off a node; ``node drain`` also moves its instances off it
+(each stops once it serves no request; replacements start elsewhere) and waits, unless
+``--no-wait``, until none is left there; ``node uncordon`` lifts either.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from google.protobuf.message import Message
 from snapwake import errors
 from snapwake.grpcclient import call, channel
 from snapwake.imageref import is_builtin
+from snapwake.lifecycle import GONE
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 __all__ = ["AdminClient", "DeployFailed", "build_spec", "main", "parse_duration", "parse_size"]
@@ -300,6 +306,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("snapshots", help="list snapshots").add_argument("function_id", nargs="?", default="")
     sub.add_parser("nodes", help="list nodes")
     sub.add_parser("instances", help="list instances").add_argument("function_id", nargs="?", default="")
+    node = sub.add_parser("node", help="cordon, drain or uncordon a node").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    for action, text in (("cordon", "no new instances on NODE"),
+                         ("drain", "cordon NODE and move its instances off it"),
+                         ("uncordon", "lift NODE's cordon (and drain)")):
+        a = node.add_parser(action, help=text)
+        a.add_argument("node")
+        if action != "uncordon":
+            a.add_argument("--reason", default="", help="shown by 'snapwake nodes'")
+    drain = node.choices["drain"]
+    drain.add_argument("--no-wait", action="store_true", help="return once the drain is recorded")
+    drain.add_argument("--wait-timeout", type=float, default=300.0, help="seconds the wait may take")
     return p
 
 
@@ -334,6 +352,37 @@ async def _deploy(client: AdminClient, args: argparse.Namespace, err: TextIO) ->
     return fn
 
 
+async def _node(client: AdminClient, args: argparse.Namespace, err: TextIO) -> tuple[str, Any]:
+    if args.action == "uncordon":
+        await client.call("UncordonNode", scheduler_pb2.UncordonNodeRequest(node=args.node))
+        return "uncordoned", args.node
+    req = scheduler_pb2.CordonNodeRequest(node=args.node, drain=args.action == "drain", reason=args.reason)
+    cordon = (await client.call("CordonNode", req)).cordon
+    if args.action == "cordon":
+        return "cordoned", cordon
+    if args.no_wait:
+        return "draining", cordon
+    await _wait_drained(client, args.node, time.monotonic() + args.wait_timeout, err)
+    return "drained", cordon
+
+
+async def _wait_drained(client: AdminClient, node: str, deadline: float, err: TextIO) -> None:
+    """Polls until no instance is left on ``node`` (ended ones aside)."""
+    shown = -1
+    while True:
+        listed = (await client.call("ListInstances", scheduler_pb2.ListInstancesRequest())).instances
+        left = sum(1 for i in listed if i.node == node and i.state not in GONE)
+        if left == 0:
+            return
+        if left != shown:
+            err.write(f"draining {node}: {left} instance{'s' if left > 1 else ''} left\n")
+            shown = left
+        if time.monotonic() > deadline:
+            raise errors.DeadlineExceeded(f"node {node} still runs {left} instances; it stays cordoned "
+                                          "and draining (run 'snapwake node drain' again to wait more)")
+        await asyncio.sleep(0.5)
+
+
 async def _run(client: AdminClient, args: argparse.Namespace, err: TextIO) -> tuple[str, Any]:
     """Runs one subcommand; returns (kind, message) for output."""
     c = args.command
@@ -354,6 +403,8 @@ async def _run(client: AdminClient, args: argparse.Namespace, err: TextIO) -> tu
         return "snapshots", await client.call("ListSnapshots", scheduler_pb2.ListSnapshotsRequest(function_id=args.function_id))
     if c == "nodes":
         return "nodes", await client.call("ListNodes", scheduler_pb2.ListNodesRequest())
+    if c == "node":
+        return await _node(client, args, err)
     return "instances", await client.call("ListInstances", scheduler_pb2.ListInstancesRequest(function_id=args.function_id))
 
 
@@ -396,8 +447,9 @@ def _rows(kind: str, value: Any) -> tuple[list[str], list[list[Any]]]:
              f"{i.last_start_seconds:.3f}s" if i.last_start_seconds else "-", _age(i.create_time)]
             for i in value.instances]
     if kind == "nodes":
-        return ["NAME", "ADDRESS", "BLOBSTORE", "GPUS (reserved/total)", "CACHED", "HEARTBEAT"], [
-            [n.name, n.address, n.blobstore_address or "-",
+        cordons = {c.node: c for c in value.cordons}
+        return ["NAME", "STATE", "ADDRESS", "BLOBSTORE", "GPUS (reserved/total)", "CACHED", "HEARTBEAT"], [
+            [n.name, _node_state(cordons.get(n.name)), n.address, n.blobstore_address or "-",
              " ".join(f"{g.index}:{_gib(g.memory_reserved_bytes)}/{_gib(g.memory_total_bytes)}" for g in n.gpus)
              or "-", len(n.cached_snapshots), _age(n.heartbeat_time)] for n in value.nodes]
     return ["ID", "STATE", "PROGRESS", "SIZE", "DISK", "CACHE", "ATTEMPTS", "MESSAGE"], [
@@ -405,6 +457,12 @@ def _rows(kind: str, value: Any) -> tuple[list[str], list[list[Any]]]:
          f"{100 * s.bytes_written // s.total_bytes}%" if s.total_bytes else "-", _gib(s.total_bytes),
          ",".join(s.disk_nodes) or "-", ",".join(s.cache_nodes) or "-", s.attempts, s.message]
         for s in value.snapshots]
+
+
+def _node_state(cordon: types_pb2.NodeCordon | None) -> str:
+    if cordon is None:
+        return "Ready"
+    return ("Draining" if cordon.drain else "Cordoned") + (f" ({cordon.reason})" if cordon.reason else "")
 
 
 def _to_json(value: Any) -> Any:
@@ -417,9 +475,13 @@ def _to_json(value: Any) -> Any:
 def render(kind: str, value: Any, output: str) -> str:
     """The text printed on stdout for a result."""
     if output == "json":
-        return json.dumps({"deleted": value} if kind == "deleted" else _to_json(value), indent=2) + "\n"
+        return json.dumps({kind: value} if kind in ("deleted", "uncordoned") else _to_json(value), indent=2) + "\n"
     if kind == "deleted":
         return f"deleted {value}\n"
+    if kind == "uncordoned":
+        return f"node {value} uncordoned\n"
+    if kind in ("cordoned", "draining", "drained"):
+        return f"node {value.node} {kind}\n"
     if kind == "logs":
         return value.logs
     if kind == "function":

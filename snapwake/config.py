@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "is_wildcard", "load", "parse_address"]
+__all__ = ["ConfigError", "is_wildcard", "load", "parse_address", "parse_endpoints"]
 
 T = TypeVar("T")
 
@@ -36,6 +36,20 @@ def is_wildcard(host: str) -> bool:
     """Whether ``host`` means "every address" (0.0.0.0, ::): fine to listen on, never an
     address to advertise, since another host dialling it reaches itself."""
     return host.strip("[]") in ("0.0.0.0", "::", "")
+
+
+def parse_endpoints(value: str) -> list[tuple[str, int]]:
+    """Splits ``host:port[,host:port...]`` (etcd's members, say); raises ``ValueError`` naming
+    the bad entry, or when there is none. An IPv6 host may be bracketed: ``[::1]:2379``."""
+    members = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry:
+            continue
+        host, port = parse_address(entry)
+        members.append((host[1:-1] if host.startswith("[") and host.endswith("]") else host, port))
+    if not members:
+        raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+    return members
 
 
 def _convert(raw: str, kind: Any) -> Any:

@@ -81,6 +81,9 @@ class ClusterConfig:
     static_peers: bool = True
     """Give each blobstore the others as ``--peers``; False: only the peers that nodeagents
     find in etcd (the advertised blobstore addresses of the nodes holding a snapshot)."""
+    etcd_endpoints: tuple[str, ...] = ()
+    """Members of an etcd the caller runs (a test's three-member cluster, say), given to every
+    service; empty starts one embedded single-member etcd, as ``make run`` does."""
 
 
 class Cluster:
@@ -153,8 +156,13 @@ class Cluster:
         """A nodeagent's state dir (its runc root is ``runc/`` inside)."""
         return self.config.var_dir / name
 
+    @property
+    def etcd_address(self) -> str:
+        """What the services get as ``--etcd``: every member, comma-separated."""
+        return ",".join(self.config.etcd_endpoints) or self.etcd.address
+
     def _args(self, name: str) -> list[str]:
-        var, etcd = self.config.var_dir, self.etcd.address
+        var, etcd = self.config.var_dir, self.etcd_address
         kind, _, index = name.partition("-")
         if kind == "scheduler":
             return [*self._listen(name), "--etcd", etcd]
@@ -207,7 +215,8 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.config.var_dir.mkdir(parents=True, exist_ok=True)
-        self.etcd.start()
+        if not self.config.etcd_endpoints:
+            self.etcd.start()
         for blob, agent in zip(self.names("blobstore"), self.names("nodeagent"), strict=True):
             self.start_service(blob)
             self.start_service(agent)

@@ -24,6 +24,29 @@ the socket is translated in exactly one place (``_translated``); no caller sees 
     ClientError from NOT_FOUND (an unknown lease)    NotFound
     ClientError from RESOURCE_EXHAUSTED              ResourceExhausted
     anything else (InternalError, Unauthenticated)   SnapwakeError
+
+Several members, one channel. ``Etcd.connect`` takes every member's ``host:port`` (a list, or
+one comma-separated string) and dials them through one gRPC channel with the ``round_robin``
+policy, as etcd's own Go client (clientv3, since 3.4) balances: each call goes to a member
+whose connection is READY, a killed member's connection drops out until it answers again (a
+reconnect is retried at most every 2 s, so a member that comes back is used within seconds),
+and keepalive pings find a member that went silent. aetcd 1.0 dials one ``host:port`` with an
+insecure channel and takes no channel of ours, so ``_MemberSetClient`` overrides only its
+``connect`` to set up this channel (and the same stubs); the pinned aetcd keeps it honest, and
+the behaviour suite runs every call through it. Other asyncio clients were no better: aioetcd3
+and aio-etcd are unmaintained, etcd3 needs the pure-Python protobuf. The target is
+``ipv4:a:p,b:p`` (or ``ipv6:``) for IP members; a host name is resolved once at connect time,
+except a single endpoint, which gRPC's DNS resolver keeps re-resolving: give one DNS name that
+lists every member (a Kubernetes headless service) where member addresses change. The channel
+takes optional ``grpc.ChannelCredentials``, so client certificates plug in here alone.
+
+What a member without quorum does: it accepts the connection and lets calls wait; each call
+then ends at our ``timeout`` as Unavailable, like an unreachable etcd. A request in flight when
+etcd's raft leader dies is never answered either, even though the others elect a new leader
+within a second or two, so requests that may run twice (reads, plain puts and deletes, lease
+refreshes) are sent in attempts of a third of the bound (``_retried``); compare-and-swaps are
+not. Holders of a lease never wait for etcd to say it is gone: ``LeaseKeeper`` tracks by this
+process's own clock when the lease may have run out, see there.
 """
 
 from __future__ import annotations
@@ -32,22 +55,28 @@ import abc
 import asyncio
 import builtins
 import contextlib
+import ipaddress
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import aetcd
 import aetcd.exceptions as aetcd_errors
+import aetcd.rpc
+import aetcd.watcher
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from snapwake import errors
-from snapwake.config import parse_address
+from snapwake.config import parse_endpoints
 
-__all__ = ["Entry", "Etcd", "EtcdClient", "LeaseKeeper", "WatchEvent", "decode_value", "encode_value"]
+__all__ = ["Entry", "Etcd", "EtcdClient", "LeaseKeeper", "WatchEvent", "channel_target", "decode_value",
+           "encode_value"]
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
@@ -195,23 +224,102 @@ def _translated(where: str, timeout: float) -> Iterator[None]:
     try:
         yield
     except _FOREIGN as exc:
-        detail = f"no answer within {timeout:g}s" if isinstance(exc, TimeoutError) else str(exc)
+        detail = (f"no answer within {timeout:g}s (unreachable, or without quorum)" if isinstance(exc, TimeoutError)
+                  else str(exc))
         raise _domain_class(exc)(f"{where}: {detail or type(exc).__name__}") from exc
 
 
+# One channel to every member (see the module docstring). etcd refuses keepalive pings more
+# often than every 5 s (its --grpc-keepalive-min-time) and pings without a call in flight.
+_CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
+    ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    # Not grpc.min_reconnect_backoff_ms: gRPC also takes it as the connect timeout.
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+
+
+def channel_target(members: Sequence[tuple[str, int]]) -> str:
+    """The gRPC target naming every member: ``host:port`` for one (DNS may list several), else
+    ``ipv4:a:p,b:p`` or ``ipv6:[a]:p,...`` (IPv4 when both kinds are given). Members must be IP
+    addresses here; ``Etcd.connect`` resolves names first."""
+    if len(members) == 1:
+        host, port = members[0]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    ips = [(ipaddress.ip_address(host), port) for host, port in members]
+    v4 = [f"{ip}:{port}" for ip, port in ips if ip.version == 4]
+    if v4:
+        return "ipv4:" + ",".join(v4)
+    return "ipv6:" + ",".join(f"[{ip}]:{port}" for ip, port in ips)
+
+
+async def _resolved(members: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Every member as IP addresses (a name may stand for several); one member stays as given."""
+    if len(members) == 1:
+        return list(members)
+    loop, out = asyncio.get_running_loop(), []
+    for host, port in members:
+        try:
+            ipaddress.ip_address(host)
+            out.append((host, port))
+            continue
+        except ValueError:
+            pass
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        out.extend(dict.fromkeys((str(info[4][0]), port) for info in infos))
+    return out
+
+
+class _MemberSetClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client on our channel: every member, ``round_robin``, optional TLS credentials.
+    Only ``connect`` differs from aetcd 1.0's, which dials one address without TLS."""
+
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None, timeout: int) -> None:
+        super().__init__(timeout=timeout)
+        self._target, self._credentials = target, credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        options = list(_CHANNEL_OPTIONS)
+        if self._credentials is not None:
+            self.channel = grpc.aio.secure_channel(self._target, self._credentials, options)
+        else:
+            self.channel = grpc.aio.insecure_channel(self._target, options)
+        rpc = aetcd.rpc
+        self.kvstub, self.clusterstub = rpc.KVStub(self.channel), rpc.ClusterStub(self.channel)
+        self.leasestub, self.maintenancestub = rpc.LeaseStub(self.channel), rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
+                                              metadata=self.metadata)
+        self._connected.set()
+
+
 class Etcd(EtcdClient):
-    """A connected etcd client. ``async with Etcd.connect(addr) as etcd: ...``."""
+    """A connected etcd client. ``async with Etcd.connect("a:2379,b:2379,c:2379") as etcd: ...``."""
 
     def __init__(self, client: aetcd.Client, address: str, timeout: float) -> None:
         self._client, self._address, self._timeout = client, address, timeout
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, address: str, timeout: float = 5.0) -> AsyncIterator[Etcd]:
-        """Connects and checks that etcd answers (Unavailable if not within ``timeout``); every
-        later call is bounded by ``timeout`` too."""
-        host, port = parse_address(address)
-        etcd = cls(aetcd.Client(host=host, port=port, timeout=math.ceil(timeout)), address, timeout)
+    async def connect(cls, endpoints: str | Sequence[str], timeout: float = 5.0,
+                      credentials: grpc.ChannelCredentials | None = None) -> AsyncIterator[Etcd]:
+        """Connects to the members ``endpoints`` names (``host:port`` each, or one string of
+        them comma-separated) and checks that one answers (Unavailable if none does within
+        ``timeout``); every later call is bounded by ``timeout`` too. ``credentials`` (TLS,
+        client certificates) make the channel a secure one."""
+        joined = endpoints if isinstance(endpoints, str) else ",".join(endpoints)
+        where = f"etcd at {joined}"
+        try:
+            members = parse_endpoints(joined)
+            with _translated(f"{where}: resolve", timeout):
+                target = channel_target(await asyncio.wait_for(_resolved(members), timeout))
+        except ValueError as exc:
+            raise errors.InvalidArgument(f"{where}: {exc}", field="etcd") from exc
+        etcd = cls(_MemberSetClient(target, credentials, math.ceil(timeout)), joined, timeout)
         try:
             await etcd._call("connect", etcd._connect())
             yield etcd
@@ -230,19 +338,42 @@ class Etcd(EtcdClient):
         with self._translated(what):
             return await asyncio.wait_for(call, self._timeout)
 
+    async def _retried(self, what: str, make: Callable[[], Awaitable[T]]) -> T:
+        """``_call`` for a request that may run twice (a read, a plain put or delete, a lease
+        refresh or revoke): within the same bound, in attempts of a third of it, so a request
+        lost with etcd's raft leader (it is never answered) goes again to a member that has a
+        new leader; and once more after a refused connection (the member died under it), but
+        not again: with every member refusing, the caller hears so at once. Compare-and-swaps
+        are never sent twice: the first may have applied."""
+        deadline, refused = time.monotonic() + self._timeout, False
+        with self._translated(what):
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    return await asyncio.wait_for(make(), min(left, self._timeout / 3))
+                except TimeoutError:
+                    if deadline - time.monotonic() < _RETRY_PAUSE_S:
+                        raise
+                except aetcd_errors.ConnectionFailedError:
+                    if refused or deadline - time.monotonic() < _RETRY_PAUSE_S:
+                        raise
+                    refused = True
+                    await asyncio.sleep(_RETRY_PAUSE_S / 4)
+
     async def get(self, key: str, cls: type[M]) -> Entry | None:
-        got = await self._call(f"get {key}", self._client.get(key.encode()))
+        got = await self._retried(f"get {key}", lambda: self._client.get(key.encode()))
         if got is None:
             return None
         return Entry(key, decode_value(got.value, cls), got.mod_revision, got.lease)
 
     async def list_at(self, prefix: str, cls: type[M]) -> tuple[builtins.list[Entry], int]:
-        result = await self._call(f"list {prefix}", self._client.get_prefix(prefix.encode()))
+        result = await self._retried(f"list {prefix}", lambda: self._client.get_prefix(prefix.encode()))
         entries = [Entry(kv.key.decode(), decode_value(kv.value, cls), kv.mod_revision, kv.lease) for kv in result]
         return entries, int(result.header.revision)
 
     async def put(self, key: str, value: Message, lease: int | None = None) -> int:
-        done = await self._call(f"put {key}", self._client.put(key.encode(), encode_value(value), lease=lease or None))
+        done = await self._retried(f"put {key}",
+                                   lambda: self._client.put(key.encode(), encode_value(value), lease=lease or None))
         return int(done.header.revision)
 
     async def _txn(self, what: str, compare: object, success: builtins.list[object]) -> bool:
@@ -261,12 +392,12 @@ class Etcd(EtcdClient):
 
     async def delete(self, key: str, mod_revision: int | None = None) -> bool:
         if mod_revision is None:
-            return bool(await self._call(f"delete {key}", self._client.delete(key.encode())))
+            return bool(await self._retried(f"delete {key}", lambda: self._client.delete(key.encode())))
         tx = self._client.transactions
         return await self._txn(f"delete {key}", tx.mod(key.encode()) == mod_revision, [tx.delete(key.encode())])
 
     async def delete_prefix(self, prefix: str) -> int:
-        done = await self._call(f"delete {prefix}*", self._client.delete_prefix(prefix.encode()))
+        done = await self._retried(f"delete {prefix}*", lambda: self._client.delete_prefix(prefix.encode()))
         return int(done.deleted) if done is not None else 0
 
     async def watch(self, prefix: str, cls: type[M], start_revision: int | None = None
@@ -292,50 +423,127 @@ class Etcd(EtcdClient):
         return int((await self._call(f"grant a {ttl}s lease", self._client.lease(ttl))).id)
 
     async def refresh_lease(self, lease_id: int) -> int:
-        reply = await self._call(f"refresh lease {lease_id:x}", self._client.refresh_lease(lease_id))
+        reply = await self._retried(f"refresh lease {lease_id:x}", lambda: self._client.refresh_lease(lease_id))
         return max(0, int(reply.TTL)) if reply is not None else 0
 
     async def revoke_lease(self, lease_id: int) -> bool:
         try:
-            await self._call(f"revoke lease {lease_id:x}", self._client.revoke_lease(lease_id))
+            await self._retried(f"revoke lease {lease_id:x}", lambda: self._client.revoke_lease(lease_id))
         except errors.NotFound:  # expired or revoked already: its keys are gone, as asked
             return False
         return True
 
 
+# A lease is taken as gone this share of its TTL before etcd could end it at the earliest:
+# room for two hosts' clocks running at slightly different rates.
+_SKEW = 0.1
+# Pause between refresh attempts that failed at once (no member reachable).
+_RETRY_PAUSE_S = 0.2
+
+
 class LeaseKeeper:
     """Holds one etcd lease and refreshes it until stopped; keys put under it die with us.
 
-    If a refresh finds the lease gone (etcd restarted or we were partitioned too long), a new
-    lease is taken and ``on_lost`` is awaited so the owner can re-register its keys under it.
+    How long the lease may be relied on is decided by this process's own clock, never by an
+    answer from etcd (a process cut off from etcd gets none): ``expires_at`` is the moment, on
+    the monotonic ``clock``, at which etcd may have ended the lease at the earliest. That is
+    when the last successful grant or refresh was *sent*, plus its TTL, less ``_SKEW`` of it;
+    ``held()`` is true only before then, and every refresh is bounded by it.
+
+    - When it passes without a successful refresh (etcd unreachable, or without quorum), or a
+      refresh finds the lease gone, ``on_expired`` is awaited once: the holder stops acting on
+      the lease (a scheduler leader steps down, a node fences itself).
+    - Once etcd answers again, the keeper revokes the old lease (if etcd still had it, its keys
+      go: they spoke for a holder that has stopped acting) and takes a new one, then awaits
+      ``on_lost`` so the owner re-registers under it. If ``on_lost`` fails, the next tick does
+      both again.
     """
 
-    def __init__(self, etcd: EtcdClient, ttl: int, on_lost: Callable[[], Awaitable[None]] | None = None) -> None:
-        self.etcd, self.ttl, self.on_lost = etcd, ttl, on_lost
+    def __init__(self, etcd: EtcdClient, ttl: int, on_lost: Callable[[], Awaitable[None]] | None = None,
+                 on_expired: Callable[[], Awaitable[None]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.etcd, self.ttl, self.on_lost, self.on_expired, self.clock = etcd, ttl, on_lost, on_expired, clock
         self.lease_id: int = 0
+        self.expires_at = -math.inf
+        self._expired = False
         self._task: asyncio.Task[None] | None = None
 
+    def held(self) -> bool:
+        """Whether the lease is certainly still alive in etcd, by our clock."""
+        return bool(self.lease_id) and not self._expired and self.clock() < self.expires_at
+
+    def _granted(self, sent: float, ttl: int) -> None:
+        self.expires_at = sent + ttl * (1 - _SKEW)
+
     async def start(self) -> int:
+        sent = self.clock()
         self.lease_id = await self.etcd.grant_lease(self.ttl)
+        self._granted(sent, self.ttl)
         self._task = asyncio.create_task(self._keepalive(), name="lease-keepalive")
         return self.lease_id
 
+    def _pause(self) -> float:
+        period = max(0.5, self.ttl / 3)
+        return period if self._expired else max(0.0, min(period, self.expires_at - self.clock()))
+
     async def _keepalive(self) -> None:
         while True:
-            await asyncio.sleep(max(0.5, self.ttl / 3))
+            await asyncio.sleep(self._pause())
+            if self._expired:
+                await self._renew()
+            else:
+                await self._refresh()
+
+    async def _refresh(self) -> None:
+        """One refresh, retried in short attempts until it succeeds or the lease runs out: a
+        keepalive sent as etcd's raft leader dies gets no answer at all, the next one sent to a
+        member that has a new leader does (a refresh is idempotent)."""
+        attempt_s = max(0.5, self.ttl / 4)
+        while (left := self.expires_at - (sent := self.clock())) > 0:
             try:
-                if await self.etcd.refresh_lease(self.lease_id) > 0:
-                    continue
-                log.warning("lease %x expired; taking a new one", self.lease_id)
-                self.lease_id = await self.etcd.grant_lease(self.ttl)
-            except errors.SnapwakeError as exc:  # a transient etcd error: try again next tick
-                log.warning("lease %x refresh failed: %s", self.lease_id, exc.message)
+                ttl = await asyncio.wait_for(self.etcd.refresh_lease(self.lease_id), min(left, attempt_s))
+            except TimeoutError:
+                log.warning("lease %x: no refresh answer within %.2fs; again", self.lease_id, min(left, attempt_s))
                 continue
-            if self.on_lost is not None:
-                try:
-                    await self.on_lost()
-                except errors.SnapwakeError as exc:  # keep the new lease alive all the same
-                    log.warning("re-registering under lease %x failed: %s", self.lease_id, exc.message)
+            except errors.SnapwakeError as exc:  # transient: again, while time is left
+                log.warning("lease %x refresh failed: %s", self.lease_id, exc.message)
+                await asyncio.sleep(min(_RETRY_PAUSE_S, max(0.0, self.expires_at - self.clock())))
+                continue
+            if ttl:
+                self._granted(sent, ttl)
+            else:
+                await self._expire("etcd says it expired")
+            return
+        await self._expire(f"not refreshed within its {self.ttl}s TTL")
+
+    async def _expire(self, why: str) -> None:
+        self._expired = True
+        log.warning("lease %x is gone (%s)", self.lease_id, why)
+        if self.on_expired is not None:
+            try:
+                await self.on_expired()
+            except errors.SnapwakeError as exc:
+                log.warning("after losing lease %x: %s", self.lease_id, exc.message)
+
+    async def _renew(self) -> None:
+        old = self.lease_id
+        try:
+            if old:
+                await self.etcd.revoke_lease(old)
+            sent = self.clock()
+            self.lease_id = await self.etcd.grant_lease(self.ttl)
+        except errors.SnapwakeError as exc:
+            log.info("no new lease yet: %s", exc.message)
+            return
+        self._expired = False
+        self._granted(sent, self.ttl)
+        log.warning("took a new lease %x", self.lease_id)
+        if self.on_lost is not None:
+            try:
+                await self.on_lost()
+            except errors.SnapwakeError as exc:  # again next tick, under yet another lease
+                log.warning("re-registering under lease %x failed: %s", self.lease_id, exc.message)
+                self._expired = True
 
     async def stop(self, revoke: bool = True) -> None:
         if self._task is not None:

@@ -3,6 +3,7 @@
 Desired state (written by the scheduler):
     /snapwake/functions/{tenant}/{namespace}/{name}   Function
     /snapwake/snapshots/{tenant}/{namespace}/{name}/{revision}   Snapshot
+    /snapwake/cordons/{node}                          NodeCordon (an operator's cordon or drain)
 Actual state (written by nodeagents, under their own etcd lease):
     /snapwake/nodes/{node}                            Node
     /snapwake/instances/{id}                          Instance
@@ -12,8 +13,8 @@ Coordination:
 
 from __future__ import annotations
 
-__all__ = ["FUNCTIONS", "INSTANCES", "LEADER", "NODES", "PREFIX", "SNAPSHOTS", "function_key",
-           "instance_key", "node_key", "snapshot_id", "snapshot_key", "split_snapshot_id"]
+__all__ = ["CORDONS", "FUNCTIONS", "INSTANCES", "LEADER", "NODES", "PREFIX", "SNAPSHOTS", "cordon_key",
+           "function_key", "instance_key", "node_key", "snapshot_id", "snapshot_key", "split_snapshot_id"]
 
 PREFIX = "/snapwake/"
 FUNCTIONS = PREFIX + "functions/"
@@ -21,6 +22,7 @@ NODES = PREFIX + "nodes/"
 INSTANCES = PREFIX + "instances/"
 SNAPSHOTS = PREFIX + "snapshots/"
 LEADER = PREFIX + "leader"
+CORDONS = PREFIX + "cordons/"
 
 
 def function_key(function_id: str) -> str:
@@ -29,6 +31,10 @@ def function_key(function_id: str) -> str:
 
 def node_key(node: str) -> str:
     return NODES + node
+
+
+def cordon_key(node: str) -> str:
+    return CORDONS + node
 
 
 def instance_key(instance_id: str) -> str:

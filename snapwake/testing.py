@@ -1,4 +1,5 @@
-"""Helpers for tests and the dev launcher: free ports, a real etcd process, readiness waits."""
+"""Helpers for tests and the dev launcher: free ports, real etcd processes (one member or a
+cluster of them), readiness waits."""
 
 from __future__ import annotations
 
@@ -11,13 +12,22 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["EtcdProcess", "free_port", "wait_for"]
+__all__ = ["EtcdCluster", "EtcdProcess", "free_port", "free_ports", "wait_for"]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (each held until all are picked: ``free_port`` may repeat)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
@@ -38,14 +48,19 @@ def _port_open(host: str, port: int) -> bool:
 
 
 class EtcdProcess:
-    """A real single-member etcd with its data in ``data_dir``, on loopback unless ``host`` names
-    another address; ``wrapper`` goes before its command line (``nsenter --net=...``, say)."""
+    """A real etcd member with its data in ``data_dir``, on loopback unless ``host`` names another
+    address: a single-member cluster by default, or one member of ``initial_cluster``
+    (``name=http://HOST:peer,...``); ``wrapper`` goes before its command line (``nsenter
+    --net=...``, say)."""
 
     def __init__(self, data_dir: Path, client_port: int = 0, log_path: Path | None = None,
-                 host: str = "127.0.0.1", wrapper: Sequence[str] = ()) -> None:
+                 host: str = "127.0.0.1", wrapper: Sequence[str] = (), *,
+                 name: str = "snapwake", peer_port: int = 0, initial_cluster: str = "") -> None:
         self.data_dir = Path(data_dir)
         self.client_port = client_port or free_port()
-        self.peer_port = free_port()
+        self.peer_port = peer_port or free_port()
+        self.name = name
+        self.initial_cluster = initial_cluster or f"{name}=http://{host}:{self.peer_port}"
         self.log_path = log_path or self.data_dir.with_suffix(".log")
         self.host, self.wrapper = host, tuple(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -54,16 +69,17 @@ class EtcdProcess:
     def address(self) -> str:
         return f"{self.host}:{self.client_port}"
 
-    def start(self, timeout: float = 20.0) -> EtcdProcess:
+    def spawn(self) -> None:
+        """Starts the process without waiting (members of a cluster wait for each other)."""
         binary = shutil.which("etcd") or "/usr/bin/etcd"
         if not os.path.exists(binary):
             raise FileNotFoundError("etcd not found: run 'make install' (Debian package etcd-server)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         c, p = f"http://{self.host}:{self.client_port}", f"http://{self.host}:{self.peer_port}"
-        args = [*self.wrapper, binary, "--name", "snapwake", "--data-dir", str(self.data_dir),
+        args = [*self.wrapper, binary, "--name", self.name, "--data-dir", str(self.data_dir),
                 "--listen-client-urls", c, "--advertise-client-urls", c,
                 "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
-                "--initial-cluster", f"snapwake={p}", "--logger", "zap", "--log-level", "warn"]
+                "--initial-cluster", self.initial_cluster, "--logger", "zap", "--log-level", "warn"]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
@@ -71,9 +87,21 @@ class EtcdProcess:
                                      env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.environ.get(
                                          "ETCD_UNSUPPORTED_ARCH", "")})
         log.close()
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
         wait_for(lambda: self.proc is not None and self.proc.poll() is None and _port_open(self.host, self.client_port),
                  timeout, f"etcd on {self.address}")
+
+    def start(self, timeout: float = 20.0) -> EtcdProcess:
+        self.spawn()
+        self.wait_ready(timeout)
         return self
+
+    def kill(self) -> None:
+        """SIGKILL, as a machine that dies: nothing is flushed or said goodbye to."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -85,6 +113,43 @@ class EtcdProcess:
                 self.proc.wait(5)
 
     def __enter__(self) -> EtcdProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EtcdCluster:
+    """``size`` etcd members on loopback forming one cluster, each with its own data dir."""
+
+    def __init__(self, data_root: Path, size: int = 3) -> None:
+        ports = free_ports(2 * size)
+        peers, clients = ports[:size], ports[size:]
+        initial = ",".join(f"m{i}=http://127.0.0.1:{port}" for i, port in enumerate(peers))
+        self.members = [EtcdProcess(Path(data_root) / f"m{i}", clients[i], Path(data_root) / f"m{i}.log",
+                                    name=f"m{i}", peer_port=port, initial_cluster=initial)
+                        for i, port in enumerate(peers)]
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return tuple(m.address for m in self.members)
+
+    def start(self, timeout: float = 30.0) -> EtcdCluster:
+        try:
+            for member in self.members:
+                member.spawn()
+            for member in self.members:
+                member.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+    def __enter__(self) -> EtcdCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

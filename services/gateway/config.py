@@ -50,6 +50,9 @@ class GatewayConfig:
         20.0, "Seconds an instance's node may answer nothing on a connection (TCP keepalive, unacknowledged "
               "bytes) before it fails: a request on a node whose link went down moves or ends after this.")
     rpc_timeout: float = _field(5.0, "Deadline of scheduler calls other than AcquireClaim.")
+    leader_wait: float = _field(
+        10.0, "Seconds calls wait for a scheduler leader (an election) before 503 with Retry-After; "
+              "once that long without one, calls fail at once until a leader answers again.")
     default_queue_len: int = _field(64, "Queue length for functions whose policy sets 0.")
     default_queue_timeout: float = _field(
         60.0, "Queue timeout (s) for functions whose policy sets none.")
@@ -90,7 +93,7 @@ class GatewayConfig:
                 parse_api_keys(getattr(self, what), what)
             except ValueError as exc:
                 errors.append(str(exc))
-        for name in ("connect_timeout", "read_timeout", "dead_node_timeout", "rpc_timeout", "default_queue_timeout",
+        for name in ("connect_timeout", "read_timeout", "dead_node_timeout", "rpc_timeout", "leader_wait", "default_queue_timeout",
                      "models_cache_seconds", "report_interval", "shutdown_grace"):
             if getattr(self, name) <= 0:
                 errors.append(f"{name}: must be > 0, got {getattr(self, name)}")

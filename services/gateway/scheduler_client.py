@@ -5,6 +5,13 @@
 elected leader answers; the others say UNAVAILABLE "not the leader", and the client moves on to
 the next address and remembers the one that answered. Every call goes through
 ``snapwake.grpcclient.call``, so failures arrive here as ``snapwake.errors``.
+
+While no scheduler leads, calls wait for one, but only ``leader_wait`` seconds counted from the
+first call that found none: an election takes about the election TTL, while etcd without quorum
+leaves every scheduler without a lease for as long as it lasts. Past that bound each call makes
+one round over the addresses and fails with Unavailable (the gateway's 503 with Retry-After) at
+once, until a leader answers again. A request therefore hears 503 at most ``leader_wait`` after
+the leader stepped down (``services.scheduler.election``), never after its whole queue timeout.
 """
 
 from __future__ import annotations
@@ -127,7 +134,8 @@ class SchedulerClient(abc.ABC):
 class GrpcSchedulerClient(SchedulerClient):
     """``SchedulerClient`` over gRPC, with leader failover across ``addresses``."""
 
-    def __init__(self, addresses: Sequence[str], gateway_id: str, rpc_timeout: float = 5.0) -> None:
+    def __init__(self, addresses: Sequence[str], gateway_id: str, rpc_timeout: float = 5.0,
+                 leader_wait: float = 10.0) -> None:
         if not addresses:
             raise errors.InvalidArgument("at least one scheduler address is required", field="scheduler")
         self._channels = [channel(a) for a in addresses]
@@ -137,13 +145,16 @@ class GrpcSchedulerClient(SchedulerClient):
         self._current = 0
         self._gateway_id = gateway_id
         self._rpc_timeout = rpc_timeout
+        self._leader_wait = leader_wait
+        self._leaderless_since: float | None = None  # monotonic; None while a leader answers
 
     async def _call(self, invoke: Callable[[int, float], Awaitable[R]], budget: float) -> R:
         """Runs ``invoke(index, remaining)`` on the leader, trying each address in turn.
 
         While no address leads (the leader died and its election lease has not run out yet),
-        the round is repeated after a short pause until ``budget`` is spent: a failover delays
-        requests by the election gap instead of failing them with 503.
+        the round is repeated after a short pause until ``budget`` is spent, or ``leader_wait``
+        since calls first found no leader (module docstring): a failover delays requests by the
+        election gap instead of failing them with 503, an outage fails them within the bound.
         """
         deadline = time.monotonic() + budget
         last: errors.Unavailable | None = None
@@ -163,9 +174,14 @@ class GrpcSchedulerClient(SchedulerClient):
                              err.message)
                     last = err
                     continue
-                self._current = index
+                self._current, self._leaderless_since = index, None
                 return result
-            if deadline - time.monotonic() <= _NO_LEADER_PAUSE_S:
+            now = time.monotonic()
+            if last is not None and self._leaderless_since is None:
+                self._leaderless_since = now
+            give_up = deadline if self._leaderless_since is None else \
+                min(deadline, self._leaderless_since + self._leader_wait)
+            if give_up - now <= _NO_LEADER_PAUSE_S:
                 break
             await asyncio.sleep(_NO_LEADER_PAUSE_S)
         if last is not None:

@@ -9,6 +9,9 @@ keeps the one check of host memory before a whole-process standby is made (``hos
 Each reconcile pass moves serving instances RUNNING <-> IDLE (``machine.activity_move``) by
 their requests in flight: the model server's count from its control socket, or, for a user
 image, whether bytes moved through its listener lately (``machine.traffic_inflight``).
+
+A node whose lease is gone (by its own clock) fences itself and rejoins once etcd answers
+again (``fencing``): meanwhile it takes no new work and writes nothing to etcd.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 import grpc
 import httpx
 
-from services.nodeagent import cgroups, handover, hostmem, probe
+from services.nodeagent import cgroups, fencing, handover, hostmem, probe
 from services.nodeagent.admission import DriverGate
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.container import cgroup_path, control_socket
@@ -128,7 +131,9 @@ class NodeAgent:
         # Driver restores before checkpoints, each kind capped (``admission``).
         self.gate = DriverGate(config.max_concurrent_restores, config.max_concurrent_checkpoints)
         self.cached_snapshots: list[str] = []
-        self.lease = LeaseKeeper(etcd, config.lease_ttl, on_lost=self._on_lease_lost)
+        self.lease = LeaseKeeper(etcd, config.lease_ttl, on_lost=self._on_lease_lost,
+                                 on_expired=self._on_lease_expired)
+        self.standing = fencing.Standing.SERVING
         self.http = httpx.AsyncClient()
         self._blob_channel = channel(config.blobstore)
         self._reconciler: asyncio.Task[None] | None = None
@@ -211,12 +216,37 @@ class NodeAgent:
         node.heartbeat_time.FromNanoseconds(int(self.clock() * 1e9))
         return node
 
+    def fenced(self) -> str:
+        """Why the node takes no new work and writes nothing to etcd now; "" while it serves."""
+        if self.standing is not fencing.Standing.SERVING:
+            return f"its etcd lease is gone ({self.standing.value})"
+        if not self.lease.held():
+            return f"its etcd lease {self.lease.lease_id:x} is not held (etcd unreachable?)"
+        return ""
+
+    def check_serving(self) -> None:
+        """Raises Unavailable naming the fence unless the node takes new work."""
+        why = self.fenced()
+        if why:
+            raise errors.Unavailable(f"node {self.config.name} is fenced ({why}); it takes no new work "
+                                     "until it has rejoined etcd")
+
     async def register(self) -> None:
+        """Writes the node record under the lease (skipped while fenced: ``fencing.rejoin`` does)."""
+        if not self.fenced():
+            await self.write_node()
+
+    async def write_node(self) -> None:
         await self.etcd.put(keys.node_key(self.config.name), self.node_record(), lease=self.lease.lease_id)
         self._registered_at = self.clock()
 
     async def publish(self, live: Live) -> None:
-        """Writes the instance's actual state under this node's lease."""
+        """Writes the instance's actual state under this node's lease (skipped while fenced: the
+        state stays here, and ``fencing.rejoin`` decides what etcd hears)."""
+        if not self.fenced():
+            await self.write_instance(live)
+
+    async def write_instance(self, live: Live) -> None:
         await self.etcd.put(keys.instance_key(live.id), live.machine.instance, lease=self.lease.lease_id)
 
     async def move(self, live: Live, new: types_pb2.InstanceState, message: str = "") -> None:
@@ -227,11 +257,11 @@ class NodeAgent:
         if live.gpu:  # the node record's reserved GPU memory follows its instances
             await self.register()
 
+    async def _on_lease_expired(self) -> None:
+        await fencing.fence(self)
+
     async def _on_lease_lost(self) -> None:
-        log.warning("lease lost: re-registering node %s and %d instances", self.config.name, len(self.instances))
-        await self.register()
-        for live in list(self.instances.values()):
-            await self.publish(live)
+        await fencing.rejoin(self)
 
     # --- containers ----------------------------------------------------------------------
     async def destroy(self, live: Live) -> None:
@@ -386,7 +416,7 @@ class NodeAgent:
             return
         changed = False
         if machine.state in SERVING:
-            inflight = await self._inflight(live)
+            inflight = await self.inflight(live)
             new = None if inflight is None else activity_move(machine.state, inflight)
             if new is not None:
                 machine.move(new, self.clock())
@@ -419,7 +449,7 @@ class NodeAgent:
             return False
         await self.fail(live, limit.reason(used, inst.gpu_index))
         return True
-    async def _inflight(self, live: Live) -> int | None:
+    async def inflight(self, live: Live) -> int | None:
         """Requests in flight on a serving instance, None when unknown: the model server's count
         from its control socket; for a user image, which has none, 1 or 0 from its listener's
         traffic (``machine.traffic_inflight`` says why that is safe)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.nodeagent.seccomp import DEFAULT_PROFILE
-from snapwake.config import is_wildcard, parse_address
+from snapwake.config import is_wildcard, parse_address, parse_endpoints
 
 __all__ = ["NodeAgentConfig"]
 
@@ -38,7 +38,8 @@ class NodeAgentConfig:
     name: str = field(default="node-1", metadata=_help("node name; its etcd key is /snapwake/nodes/{name}"))
     listen: str = field(default="127.0.0.1:7070", metadata=_help("host:port the gRPC server binds"))
     advertise: str = field(default="", metadata=_help("host:port others dial (default: listen)"))
-    etcd: str = field(default="127.0.0.1:2379", metadata=_help("etcd client address host:port"))
+    etcd: str = field(default="127.0.0.1:2379", metadata=_help(
+        "etcd members' client addresses, host:port[,host:port...] (every member of a cluster)"))
     blobstore: str = field(default="127.0.0.1:7080", metadata=_help("this node's blobstore gRPC address"))
     blobstore_advertise: str = field(default="", metadata=_help(
         "host:port other nodes' blobstores fetch snapshots from this node's at, published in the node "
@@ -54,6 +55,9 @@ class NodeAgentConfig:
         "extra import dirs for containers, comma separated (bound read-only, before repo_root)"))
     repo_root: str = field(default=_REPO, metadata=_help("directory holding the model server package (bound ro)"))
     lease_ttl: int = field(default=5, metadata=_help("etcd lease TTL in seconds"))
+    fence_drain_s: float = field(default=30.0, metadata=_help(
+        "once its lease is gone the node fences itself: seconds its serving instances get to finish "
+        "requests in flight before they are stopped (see fencing.py)"))
     gpus: str = field(default="auto", metadata=_help("auto: use NVML's GPUs; none: run everything on CPU"))
     start_timeout: float = field(default=120.0, metadata=_help("default bound on a container start (s)"))
     heartbeat_interval: float = field(default=5.0, metadata=_help(
@@ -158,7 +162,7 @@ class NodeAgentConfig:
         bad = []
         for key in ("listen", "etcd", "blobstore"):
             try:
-                parse_address(getattr(self, key))
+                (parse_endpoints if key == "etcd" else parse_address)(getattr(self, key))
             except ValueError as exc:
                 bad.append(f"{key}: {exc}")
         # Other hosts dial these: a wildcard (0.0.0.0) can be listened on, never dialled.
@@ -197,6 +201,8 @@ class NodeAgentConfig:
         if not 0.0 < self.standby_host_memory_fraction <= 1.0:
             bad.append(f"standby_host_memory_fraction: must be above 0 and at most 1, "
                        f"got {self.standby_host_memory_fraction}")
+        if self.fence_drain_s < 0:
+            bad.append(f"fence_drain_s: must not be negative, got {self.fence_drain_s}")
         if self.start_timeout <= 0 or self.reconcile_interval <= 0:
             bad.append("start_timeout/reconcile_interval: must be positive")
         return bad + self._sandbox_problems()

@@ -1,5 +1,6 @@
 """The per-request flows on instances: start, restore, suspend, stop, logs.
 
+A fenced node (``fencing``) refuses starts and restores with UNAVAILABLE naming the fence.
 Each flow holds the instance's lock, writes every transition to etcd, and is bounded: a
 start that does not reach its goal in time (or whose container dies) ends FAILED with the
 reason and the tail of the container's output, its container removed, and raises StartFailed.
@@ -181,6 +182,7 @@ async def _record_snapshot(agent: NodeAgent, inst: types_pb2.Instance, reply: di
 @telemetry.traced("container.start")
 async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceRequest) -> types_pb2.Instance:
     """Starts a container and returns once it reached ``req.target`` (see module docstring)."""
+    agent.check_serving()
     if not is_builtin(req.spec.image):
         return await userimage.start_user_image(agent, req, validate_target(req))
     plan = validate_start(req)
@@ -255,6 +257,7 @@ async def restore_instance(agent: NodeAgent, req: nodeagent_pb2.RestoreInstanceR
                            limit_s: float = 60.0) -> nodeagent_pb2.RestoreInstanceResponse:
     """STANDBY -> RESTORING -> RUNNING: blobstore prepare and driver restore at once, then attach
     (process mode: the driver restore alone, see ``process_mode``)."""
+    agent.check_serving()
     live = _get(agent, req.instance_id)
     async with live.lock:
         inst = live.machine.instance

@@ -22,7 +22,7 @@ from services.scheduler.nodes import NodeClient
 from services.scheduler.state import ClusterState
 from snapwake import errors, keys
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc
-from snapwake.v1.types_pb2 import Function, FunctionState, Instance, Node, Snapshot
+from snapwake.v1.types_pb2 import Function, FunctionState, Instance, Node, NodeCordon, Snapshot
 
 __all__ = ["ClaimServicer", "Leadership", "SchedulerServicer", "initial_state"]
 
@@ -42,6 +42,13 @@ def initial_state(spec: specs.FunctionSpec) -> int:
     if specs.validated_at_deploy(spec):
         return FunctionState.FUNCTION_STATE_PENDING
     return FunctionState.FUNCTION_STATE_READY
+
+
+def _node_name(name: str) -> str:
+    """A node name as nodeagents take it (``--name``); InvalidArgument otherwise."""
+    if not name or "/" in name or len(name) > 253:
+        raise errors.InvalidArgument(f"node: expected a node name, got {name!r}", field="node")
+    return name
 
 
 def _now() -> Timestamp:
@@ -114,7 +121,28 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                         ) -> scheduler_pb2.ListNodesResponse:
         self.leader.require()
         found: list[Node] = [e.value for e in await self.state.etcd.list(keys.NODES, Node)]  # type: ignore[misc]
-        return scheduler_pb2.ListNodesResponse(nodes=sorted(found, key=attrgetter("name")))
+        cordons: list[NodeCordon] = [e.value for e in await self.state.etcd.list(keys.CORDONS, NodeCordon)]  # type: ignore[misc]
+        return scheduler_pb2.ListNodesResponse(nodes=sorted(found, key=attrgetter("name")),
+                                               cordons=sorted(cordons, key=attrgetter("node")))
+
+    async def CordonNode(self, request: scheduler_pb2.CordonNodeRequest, context: grpc.aio.ServicerContext
+                         ) -> scheduler_pb2.CordonNodeResponse:
+        self.leader.require()
+        name = _node_name(request.node)
+        known = await self.state.etcd.get(keys.node_key(name), Node) is not None
+        if not known and await self.state.etcd.get(keys.cordon_key(name), NodeCordon) is None:
+            raise errors.NotFound(f"node {name} is not registered", field="node")
+        cordon = NodeCordon(node=name, drain=request.drain, reason=request.reason[:500], create_time=_now())
+        await self.state.put_cordon(cordon)
+        return scheduler_pb2.CordonNodeResponse(cordon=cordon)
+
+    async def UncordonNode(self, request: scheduler_pb2.UncordonNodeRequest, context: grpc.aio.ServicerContext
+                           ) -> scheduler_pb2.UncordonNodeResponse:
+        self.leader.require()
+        name = _node_name(request.node)
+        if not await self.state.delete_cordon(name):
+            raise errors.NotFound(f"node {name} is not cordoned", field="node")
+        return scheduler_pb2.UncordonNodeResponse()
 
     async def ListInstances(self, request: scheduler_pb2.ListInstancesRequest, context: grpc.aio.ServicerContext
                             ) -> scheduler_pb2.ListInstancesResponse:
@@ -154,6 +182,11 @@ class ClaimServicer(scheduler_pb2_grpc.ClaimServiceServicer):
         remaining = context.time_remaining()
         grant = await self.broker.acquire(request.function_id, request.gateway_id,
                                           remaining if remaining is not None else float("inf"))
+        try:  # leadership may have run out (by our clock) while the request waited
+            self.leader.require()
+        except errors.Unavailable:
+            self.broker.release(grant.claim.claim_id, instance_failed=False)
+            raise
         wait, ttl = Duration(), Duration()
         wait.FromNanoseconds(int(grant.wait_s * 1e9))
         ttl.FromNanoseconds(int(self.broker.table.ttl_s * 1e9))

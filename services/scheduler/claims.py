@@ -8,7 +8,13 @@ if it fails, every one of them gets ``StartFailed`` with the reason at once.
 
 A new leader knows no claims until the gateways report the ones they hold (``report``), so
 for ``settle``'s grace window after an election nothing is granted or started: requests wait
-(within their deadline) until the reports are in and ``free`` counts the adopted claims.
+(within their deadline) until the reports are in and ``free`` counts the adopted claims. A
+request still waiting when leadership changes (``reset``) is answered Unavailable at once, so
+its gateway asks the new leader instead of waiting out its deadline here.
+
+Instances on a node being drained (``ClusterState.draining``) do not count towards
+``live_count``, so their replacements start elsewhere while they still serve; they get new
+claims only while their function has no usable instance off such nodes (make before break).
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ class ClaimBroker:
         self._no_room_until: dict[str, float] = {}
         self._suspect: dict[str, float] = {}
         self._grants_from = 0.0  # monotonic time before which settle() holds grants back
+        self._term = 0  # bumped by every reset(): a waiter from an earlier term gives up
         state.subscribe(self._on_change)
 
     # Wake-ups ---------------------------------------------------------------------------
@@ -99,7 +106,8 @@ class ClaimBroker:
     # Decisions --------------------------------------------------------------------------
     def live_count(self, fn: Function) -> int:
         return sum(1 for i in self.state.instances()
-                   if i.function_id == fn.id and i.revision == fn.revision and i.state in COUNTED)
+                   if i.function_id == fn.id and i.revision == fn.revision and i.state in COUNTED
+                   and not self.state.draining(i.node))
 
     def _try_warm(self, fn: Function, gateway_id: str) -> tuple[Claim, Instance] | None:
         now = time.monotonic()
@@ -107,6 +115,7 @@ class ClaimBroker:
         usable = [i for i in self.state.instances()
                   if i.function_id == fn.id and i.state in SERVING and i.endpoint
                   and self._suspect.get(i.id, 0.0) <= now]
+        usable = [i for i in usable if not self.state.draining(i.node)] or usable
         # After UpdateFunction the old revision serves until the new one has an instance up
         # (its snapshot may still be building), so a rollout never stalls requests.
         ready = [i for i in usable if i.revision == fn.revision] or [i for i in usable if i.revision < fn.revision]
@@ -169,10 +178,12 @@ class ClaimBroker:
     @telemetry.traced("claim")
     async def acquire(self, function_id: str, gateway_id: str, timeout_s: float) -> Grant:
         """Blocks up to ``min(timeout_s, queue_timeout)`` for a claim."""
-        began = time.monotonic()
+        began, term = time.monotonic(), self._term
         fn = self._function(function_id)
         deadline = began + min(timeout_s, seconds(fn.spec.policy.queue_timeout))
         while True:
+            if term != self._term:
+                raise errors.Unavailable("leadership changed while the request waited; ask the leader again")
             fn = self._function(function_id)
             task = None
             settling = self.settling_s()
@@ -233,6 +244,7 @@ class ClaimBroker:
 
     def reset(self) -> None:
         """Forgets soft state (on losing or gaining leadership)."""
+        self._term += 1
         self.table.clear()
         for task in self._starts.values():
             task.cancel()

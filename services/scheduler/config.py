@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from snapwake.config import parse_address
+from snapwake.config import parse_address, parse_endpoints
 
 __all__ = ["SchedulerConfig"]
 
@@ -16,7 +16,8 @@ class SchedulerConfig:
     listen: str = field(default="127.0.0.1:7001", metadata={"help": "gRPC listen address host:port"})
     advertise: str = field(default="", metadata={
         "help": "address other processes reach this scheduler at (default: the listen address)"})
-    etcd: str = field(default="127.0.0.1:2379", metadata={"help": "etcd client address host:port"})
+    etcd: str = field(default="127.0.0.1:2379", metadata={
+        "help": "etcd members' client addresses, host:port[,host:port...] (every member of a cluster)"})
     election_ttl_s: int = field(default=5, metadata={"help": "leader lease TTL in seconds"})
     claim_ttl_s: float = field(default=600.0, metadata={
         "help": "how long a gateway's instance claim lives unless released (bounds one request)"})
@@ -39,7 +40,7 @@ class SchedulerConfig:
         problems = []
         for name in ("listen", "etcd") + (("advertise",) if self.advertise else ()):
             try:
-                parse_address(getattr(self, name))
+                (parse_endpoints if name == "etcd" else parse_address)(getattr(self, name))
             except ValueError as exc:
                 problems.append(f"{name}: {exc}")
         for name in ("election_ttl_s", "claim_ttl_s", "node_rpc_timeout_s", "node_stale_s",

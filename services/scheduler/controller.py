@@ -7,6 +7,13 @@ snapshots in etcd) and starts at most one operation per (function, kind); operat
 tasks so one slow node does not stall the loop.
 A node that has no room for a function's standby (``NodeFull``: its host memory holds no more
 whole-process standbys) is not asked for that standby again for ``_STANDBY_BACKOFF_S``.
+
+A node an operator drains (``snapwake node drain``) loses its instances here, make before
+break: a drained instance no longer counts, so ``_scale`` starts its replacement elsewhere;
+it is stopped once no claim is in use on it and either its function has a serving instance
+off draining nodes (which the broker then prefers) or wants none. Standbys go at once.
+Instances still being started or restored finish first: stopping them would fail the requests
+waiting for them. A replacement that cannot be placed keeps the drain from finishing.
 """
 
 from __future__ import annotations
@@ -111,6 +118,7 @@ class Controller:
                 else:  # marked corrupt by a node (or lost): rebuild it; requests get normal starts meanwhile
                     self.builder.reconcile(fn, self._spawn)
         self._cleanup(functions)
+        self._drain()
 
     def _restarts(self, fn: Function) -> Restarts:
         """Counts the revision's FAILED instances and says what may start; in a crash loop the
@@ -236,6 +244,18 @@ class Controller:
             if stale and inst.state in LIVE and self.broker.table.in_use(inst.id) == 0 \
                     and not self._bridging(fn, inst):
                 self._stop(inst, "its function was deleted" if fn is None else "old revision, drained")
+
+    def _drain(self) -> None:
+        every = self.state.instances()
+        moved = {i.function_id for i in every if i.state in SERVING and not self.state.draining(i.node)}
+        for inst in every:
+            if not self.state.draining(inst.node) or self.broker.table.in_use(inst.id):
+                continue
+            fn = self.state.function(inst.function_id)
+            unwanted = fn is None or (not fn.spec.policy.min_instances and not self.queues.total(fn.id))
+            if inst.state == InstanceState.INSTANCE_STATE_STANDBY or (
+                    inst.state in SERVING and (inst.function_id in moved or unwanted)):
+                self._stop(inst, f"node {inst.node} is being drained")
 
     def _bridging(self, fn: Function | None, inst: Instance) -> bool:
         """An old-revision instance that keeps serving until its function's new revision has an

@@ -84,7 +84,7 @@ class Starter:
                       if (only is None or n.name in only) and self.nodes.reachable(n.name))
         held = {i.id: i for i in self.state.instances()}
         held.update(self.pending)
-        return policy.ClusterView(nodes, tuple(held.values()))
+        return policy.ClusterView(nodes, tuple(held.values()), self.state.cordoned())
 
     def request(self, fn: Function) -> policy.Request:
         return policy.Request(fn.id, fn.revision, fn.spec.resources.gpu_count,

@@ -1,4 +1,4 @@
-"""The scheduler's view of etcd: functions, nodes, instances and snapshots.
+"""The scheduler's view of etcd: functions, nodes, instances, snapshots and node cordons.
 
 On start every prefix is listed and then watched from the listed revision + 1, so the
 in-memory mirror is always a replay of etcd and a restarted scheduler rebuilds it the same
@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from snapwake import errors, keys
 from snapwake.etcd import EtcdClient
 from snapwake.lifecycle import GONE, SERVING
-from snapwake.v1.types_pb2 import Function, Instance, Node, Snapshot
+from snapwake.v1.types_pb2 import Function, Instance, Node, NodeCordon, Snapshot
 
 __all__ = ["ClusterState", "Mirror"]
 
@@ -69,7 +69,8 @@ class ClusterState:
         self.etcd = etcd
         self.mirrors = {name: Mirror(prefix, cls) for name, prefix, cls in (
             ("functions", keys.FUNCTIONS, Function), ("nodes", keys.NODES, Node),
-            ("instances", keys.INSTANCES, Instance), ("snapshots", keys.SNAPSHOTS, Snapshot))}
+            ("instances", keys.INSTANCES, Instance), ("snapshots", keys.SNAPSHOTS, Snapshot),
+            ("cordons", keys.CORDONS, NodeCordon))}
         self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._fresh: dict[str, tuple[Instance, float]] = {}
@@ -134,6 +135,20 @@ class ClusterState:
         held = self.mirrors["nodes"].items.get(keys.node_key(name))
         return held[0] if held else None  # type: ignore[return-value]
 
+    def cordon(self, node: str) -> NodeCordon | None:
+        """The operator's cordon on ``node``, if there is one."""
+        held = self.mirrors["cordons"].items.get(keys.cordon_key(node))
+        return held[0] if held else None  # type: ignore[return-value]
+
+    def cordoned(self) -> frozenset[str]:
+        """Nodes that get no new instances."""
+        return frozenset(c.node for c in self.mirrors["cordons"].values())  # type: ignore[attr-defined]
+
+    def draining(self, node: str) -> bool:
+        """Whether ``node``'s instances are being moved off it."""
+        cordon = self.cordon(node)
+        return cordon is not None and cordon.drain
+
     def snapshots(self) -> list[Snapshot]:
         return self.mirrors["snapshots"].values()  # type: ignore[return-value]
 
@@ -180,6 +195,12 @@ class ClusterState:
     async def delete_function(self, function_id: str) -> None:
         if not await self.etcd.delete(keys.function_key(function_id)):
             raise errors.NotFound(f"function {function_id} does not exist", field="function_id")
+
+    async def put_cordon(self, cordon: NodeCordon) -> None:
+        await self.etcd.put(keys.cordon_key(cordon.node), cordon)
+
+    async def delete_cordon(self, node: str) -> bool:
+        return await self.etcd.delete(keys.cordon_key(node))
 
     async def put_snapshot(self, snap: Snapshot) -> None:
         await self.etcd.put(keys.snapshot_key(snap.function_id, snap.revision), snap)

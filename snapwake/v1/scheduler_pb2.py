@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from snapwake.v1 import types_pb2 as snapwake_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsnapwake/v1/scheduler.proto\x12\x0bsnapwake.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17snapwake/v1/types.proto\"@\n\x15\x43reateFunctionRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.snapwake.v1.FunctionSpec\"A\n\x16\x43reateFunctionResponse\x12\'\n\x08\x66unction\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Function\")\n\x12GetFunctionRequest\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\">\n\x13GetFunctionResponse\x12\'\n\x08\x66unction\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Function\"&\n\x14ListFunctionsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"A\n\x15ListFunctionsResponse\x12(\n\tfunctions\x18\x01 \x03(\x0b\x32\x15.snapwake.v1.Function\"@\n\x15UpdateFunctionRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.snapwake.v1.FunctionSpec\"A\n\x16UpdateFunctionResponse\x12\'\n\x08\x66unction\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Function\",\n\x15\x44\x65leteFunctionRequest\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteFunctionResponse\"\x12\n\x10ListNodesRequest\"5\n\x11ListNodesResponse\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.snapwake.v1.Node\"+\n\x14ListInstancesRequest\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\"A\n\x15ListInstancesResponse\x12(\n\tinstances\x18\x01 \x03(\x0b\x32\x15.snapwake.v1.Instance\"A\n\x16GetInstanceLogsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x12\n\ntail_bytes\x18\x02 \x01(\r\"\'\n\x17GetInstanceLogsResponse\x12\x0c\n\x04logs\x18\x01 \x01(\t\"+\n\x14ListSnapshotsRequest\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\"A\n\x15ListSnapshotsResponse\x12(\n\tsnapshots\x18\x01 \x03(\x0b\x32\x15.snapwake.v1.Snapshot\"R\n\x13\x41\x63quireClaimRequest\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\ngateway_id\x18\x03 \x01(\t\"\xca\x01\n\x14\x41\x63quireClaimResponse\x12\x10\n\x08\x63laim_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12(\n\x06source\x18\x04 \x01(\x0e\x32\x18.snapwake.v1.ClaimSource\x12\'\n\x04wait\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x13ReleaseClaimRequest\x12\x10\n\x08\x63laim_id\x18\x01 \x01(\t\x12\x17\n\x0finstance_failed\x18\x02 \x01(\x08\"\x16\n\x14ReleaseClaimResponse\"\xbc\x01\n\x12ReportQueueRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12;\n\x06\x64\x65pths\x18\x02 \x03(\x0b\x32+.snapwake.v1.ReportQueueRequest.DepthsEntry\x12&\n\x06\x63laims\x18\x03 \x03(\x0b\x32\x16.snapwake.v1.HeldClaim\x1a-\n\x0b\x44\x65pthsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"G\n\tHeldClaim\x12\x10\n\x08\x63laim_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66unction_id\x18\x03 \x01(\t\"\x15\n\x13ReportQueueResponse*~\n\x0b\x43laimSource\x12\x1c\n\x18\x43LAIM_SOURCE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43LAIM_SOURCE_WARM\x10\x01\x12\x1b\n\x17\x43LAIM_SOURCE_COLD_START\x10\x02\x12\x1d\n\x19\x43LAIM_SOURCE_NORMAL_START\x10\x03\x32\xa7\x06\n\x10SchedulerService\x12Y\n\x0e\x43reateFunction\x12\".snapwake.v1.CreateFunctionRequest\x1a#.snapwake.v1.CreateFunctionResponse\x12P\n\x0bGetFunction\x12\x1f.snapwake.v1.GetFunctionRequest\x1a .snapwake.v1.GetFunctionResponse\x12V\n\rListFunctions\x12!.snapwake.v1.ListFunctionsRequest\x1a\".snapwake.v1.ListFunctionsResponse\x12Y\n\x0eUpdateFunction\x12\".snapwake.v1.UpdateFunctionRequest\x1a#.snapwake.v1.UpdateFunctionResponse\x12Y\n\x0e\x44\x65leteFunction\x12\".snapwake.v1.DeleteFunctionRequest\x1a#.snapwake.v1.DeleteFunctionResponse\x12J\n\tListNodes\x12\x1d.snapwake.v1.ListNodesRequest\x1a\x1e.snapwake.v1.ListNodesResponse\x12V\n\rListInstances\x12!.snapwake.v1.ListInstancesRequest\x1a\".snapwake.v1.ListInstancesResponse\x12\\\n\x0fGetInstanceLogs\x12#.snapwake.v1.GetInstanceLogsRequest\x1a$.snapwake.v1.GetInstanceLogsResponse\x12V\n\rListSnapshots\x12!.snapwake.v1.ListSnapshotsRequest\x1a\".snapwake.v1.ListSnapshotsResponse2\x8a\x02\n\x0c\x43laimService\x12S\n\x0c\x41\x63quireClaim\x12 .snapwake.v1.AcquireClaimRequest\x1a!.snapwake.v1.AcquireClaimResponse\x12S\n\x0cReleaseClaim\x12 .snapwake.v1.ReleaseClaimRequest\x1a!.snapwake.v1.ReleaseClaimResponse\x12P\n\x0bReportQueue\x12\x1f.snapwake.v1.ReportQueueRequest\x1a .snapwake.v1.ReportQueueResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsnapwake/v1/scheduler.proto\x12\x0bsnapwake.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x17snapwake/v1/types.proto\"@\n\x15\x43reateFunctionRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.snapwake.v1.FunctionSpec\"A\n\x16\x43reateFunctionResponse\x12\'\n\x08\x66unction\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Function\")\n\x12GetFunctionRequest\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\">\n\x13GetFunctionResponse\x12\'\n\x08\x66unction\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Function\"&\n\x14ListFunctionsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"A\n\x15ListFunctionsResponse\x12(\n\tfunctions\x18\x01 \x03(\x0b\x32\x15.snapwake.v1.Function\"@\n\x15UpdateFunctionRequest\x12\'\n\x04spec\x18\x01 \x01(\x0b\x32\x19.snapwake.v1.FunctionSpec\"A\n\x16UpdateFunctionResponse\x12\'\n\x08\x66unction\x18\x01 \x01(\x0b\x32\x15.snapwake.v1.Function\",\n\x15\x44\x65leteFunctionRequest\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteFunctionResponse\"\x12\n\x10ListNodesRequest\"_\n\x11ListNodesResponse\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.snapwake.v1.Node\x12(\n\x07\x63ordons\x18\x02 \x03(\x0b\x32\x17.snapwake.v1.NodeCordon\"+\n\x14ListInstancesRequest\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\"A\n\x15ListInstancesResponse\x12(\n\tinstances\x18\x01 \x03(\x0b\x32\x15.snapwake.v1.Instance\"A\n\x16GetInstanceLogsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x12\n\ntail_bytes\x18\x02 \x01(\r\"\'\n\x17GetInstanceLogsResponse\x12\x0c\n\x04logs\x18\x01 \x01(\t\"+\n\x14ListSnapshotsRequest\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\"A\n\x15ListSnapshotsResponse\x12(\n\tsnapshots\x18\x01 \x03(\x0b\x32\x15.snapwake.v1.Snapshot\"@\n\x11\x43ordonNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05\x64rain\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"=\n\x12\x43ordonNodeResponse\x12\'\n\x06\x63ordon\x18\x01 \x01(\x0b\x32\x17.snapwake.v1.NodeCordon\"#\n\x13UncordonNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"\x16\n\x14UncordonNodeResponse\"R\n\x13\x41\x63quireClaimRequest\x12\x13\n\x0b\x66unction_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\ngateway_id\x18\x03 \x01(\t\"\xca\x01\n\x14\x41\x63quireClaimResponse\x12\x10\n\x08\x63laim_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12(\n\x06source\x18\x04 \x01(\x0e\x32\x18.snapwake.v1.ClaimSource\x12\'\n\x04wait\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x03ttl\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"@\n\x13ReleaseClaimRequest\x12\x10\n\x08\x63laim_id\x18\x01 \x01(\t\x12\x17\n\x0finstance_failed\x18\x02 \x01(\x08\"\x16\n\x14ReleaseClaimResponse\"\xbc\x01\n\x12ReportQueueRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12;\n\x06\x64\x65pths\x18\x02 \x03(\x0b\x32+.snapwake.v1.ReportQueueRequest.DepthsEntry\x12&\n\x06\x63laims\x18\x03 \x03(\x0b\x32\x16.snapwake.v1.HeldClaim\x1a-\n\x0b\x44\x65pthsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"G\n\tHeldClaim\x12\x10\n\x08\x63laim_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66unction_id\x18\x03 \x01(\t\"\x15\n\x13ReportQueueResponse*~\n\x0b\x43laimSource\x12\x1c\n\x18\x43LAIM_SOURCE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43LAIM_SOURCE_WARM\x10\x01\x12\x1b\n\x17\x43LAIM_SOURCE_COLD_START\x10\x02\x12\x1d\n\x19\x43LAIM_SOURCE_NORMAL_START\x10\x03\x32\xcb\x07\n\x10SchedulerService\x12Y\n\x0e\x43reateFunction\x12\".snapwake.v1.CreateFunctionRequest\x1a#.snapwake.v1.CreateFunctionResponse\x12P\n\x0bGetFunction\x12\x1f.snapwake.v1.GetFunctionRequest\x1a .snapwake.v1.GetFunctionResponse\x12V\n\rListFunctions\x12!.snapwake.v1.ListFunctionsRequest\x1a\".snapwake.v1.ListFunctionsResponse\x12Y\n\x0eUpdateFunction\x12\".snapwake.v1.UpdateFunctionRequest\x1a#.snapwake.v1.UpdateFunctionResponse\x12Y\n\x0e\x44\x65leteFunction\x12\".snapwake.v1.DeleteFunctionRequest\x1a#.snapwake.v1.DeleteFunctionResponse\x12J\n\tListNodes\x12\x1d.snapwake.v1.ListNodesRequest\x1a\x1e.snapwake.v1.ListNodesResponse\x12V\n\rListInstances\x12!.snapwake.v1.ListInstancesRequest\x1a\".snapwake.v1.ListInstancesResponse\x12\\\n\x0fGetInstanceLogs\x12#.snapwake.v1.GetInstanceLogsRequest\x1a$.snapwake.v1.GetInstanceLogsResponse\x12V\n\rListSnapshots\x12!.snapwake.v1.ListSnapshotsRequest\x1a\".snapwake.v1.ListSnapshotsResponse\x12M\n\nCordonNode\x12\x1e.snapwake.v1.CordonNodeRequest\x1a\x1f.snapwake.v1.CordonNodeResponse\x12S\n\x0cUncordonNode\x12 .snapwake.v1.UncordonNodeRequest\x1a!.snapwake.v1.UncordonNodeResponse2\x8a\x02\n\x0c\x43laimService\x12S\n\x0c\x41\x63quireClaim\x12 .snapwake.v1.AcquireClaimRequest\x1a!.snapwake.v1.AcquireClaimResponse\x12S\n\x0cReleaseClaim\x12 .snapwake.v1.ReleaseClaimRequest\x1a!.snapwake.v1.ReleaseClaimResponse\x12P\n\x0bReportQueue\x12\x1f.snapwake.v1.ReportQueueRequest\x1a .snapwake.v1.ReportQueueResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REPORTQUEUEREQUEST_DEPTHSENTRY']._loaded_options = None
   _globals['_REPORTQUEUEREQUEST_DEPTHSENTRY']._serialized_options = b'8\001'
-  _globals['_CLAIMSOURCE']._serialized_start=1726
-  _globals['_CLAIMSOURCE']._serialized_end=1852
+  _globals['_CLAIMSOURCE']._serialized_start=1958
+  _globals['_CLAIMSOURCE']._serialized_end=2084
   _globals['_CREATEFUNCTIONREQUEST']._serialized_start=101
   _globals['_CREATEFUNCTIONREQUEST']._serialized_end=165
   _globals['_CREATEFUNCTIONRESPONSE']._serialized_start=167
@@ -60,37 +60,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTNODESREQUEST']._serialized_start=653
   _globals['_LISTNODESREQUEST']._serialized_end=671
   _globals['_LISTNODESRESPONSE']._serialized_start=673
-  _globals['_LISTNODESRESPONSE']._serialized_end=726
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=728
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=771
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=773
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=838
-  _globals['_GETINSTANCELOGSREQUEST']._serialized_start=840
-  _globals['_GETINSTANCELOGSREQUEST']._serialized_end=905
-  _globals['_GETINSTANCELOGSRESPONSE']._serialized_start=907
-  _globals['_GETINSTANCELOGSRESPONSE']._serialized_end=946
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=948
-  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=991
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=993
-  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=1058
-  _globals['_ACQUIRECLAIMREQUEST']._serialized_start=1060
-  _globals['_ACQUIRECLAIMREQUEST']._serialized_end=1142
-  _globals['_ACQUIRECLAIMRESPONSE']._serialized_start=1145
-  _globals['_ACQUIRECLAIMRESPONSE']._serialized_end=1347
-  _globals['_RELEASECLAIMREQUEST']._serialized_start=1349
-  _globals['_RELEASECLAIMREQUEST']._serialized_end=1413
-  _globals['_RELEASECLAIMRESPONSE']._serialized_start=1415
-  _globals['_RELEASECLAIMRESPONSE']._serialized_end=1437
-  _globals['_REPORTQUEUEREQUEST']._serialized_start=1440
-  _globals['_REPORTQUEUEREQUEST']._serialized_end=1628
-  _globals['_REPORTQUEUEREQUEST_DEPTHSENTRY']._serialized_start=1583
-  _globals['_REPORTQUEUEREQUEST_DEPTHSENTRY']._serialized_end=1628
-  _globals['_HELDCLAIM']._serialized_start=1630
-  _globals['_HELDCLAIM']._serialized_end=1701
-  _globals['_REPORTQUEUERESPONSE']._serialized_start=1703
-  _globals['_REPORTQUEUERESPONSE']._serialized_end=1724
-  _globals['_SCHEDULERSERVICE']._serialized_start=1855
-  _globals['_SCHEDULERSERVICE']._serialized_end=2662
-  _globals['_CLAIMSERVICE']._serialized_start=2665
-  _globals['_CLAIMSERVICE']._serialized_end=2931
+  _globals['_LISTNODESRESPONSE']._serialized_end=768
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=770
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=813
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=815
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=880
+  _globals['_GETINSTANCELOGSREQUEST']._serialized_start=882
+  _globals['_GETINSTANCELOGSREQUEST']._serialized_end=947
+  _globals['_GETINSTANCELOGSRESPONSE']._serialized_start=949
+  _globals['_GETINSTANCELOGSRESPONSE']._serialized_end=988
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=990
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=1033
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=1035
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=1100
+  _globals['_CORDONNODEREQUEST']._serialized_start=1102
+  _globals['_CORDONNODEREQUEST']._serialized_end=1166
+  _globals['_CORDONNODERESPONSE']._serialized_start=1168
+  _globals['_CORDONNODERESPONSE']._serialized_end=1229
+  _globals['_UNCORDONNODEREQUEST']._serialized_start=1231
+  _globals['_UNCORDONNODEREQUEST']._serialized_end=1266
+  _globals['_UNCORDONNODERESPONSE']._serialized_start=1268
+  _globals['_UNCORDONNODERESPONSE']._serialized_end=1290
+  _globals['_ACQUIRECLAIMREQUEST']._serialized_start=1292
+  _globals['_ACQUIRECLAIMREQUEST']._serialized_end=1374
+  _globals['_ACQUIRECLAIMRESPONSE']._serialized_start=1377
+  _globals['_ACQUIRECLAIMRESPONSE']._serialized_end=1579
+  _globals['_RELEASECLAIMREQUEST']._serialized_start=1581
+  _globals['_RELEASECLAIMREQUEST']._serialized_end=1645
+  _globals['_RELEASECLAIMRESPONSE']._serialized_start=1647
+  _globals['_RELEASECLAIMRESPONSE']._serialized_end=1669
+  _globals['_REPORTQUEUEREQUEST']._serialized_start=1672
+  _globals['_REPORTQUEUEREQUEST']._serialized_end=1860
+  _globals['_REPORTQUEUEREQUEST_DEPTHSENTRY']._serialized_start=1815
+  _globals['_REPORTQUEUEREQUEST_DEPTHSENTRY']._serialized_end=1860
+  _globals['_HELDCLAIM']._serialized_start=1862
+  _globals['_HELDCLAIM']._serialized_end=1933
+  _globals['_REPORTQUEUERESPONSE']._serialized_start=1935
+  _globals['_REPORTQUEUERESPONSE']._serialized_end=1956
+  _globals['_SCHEDULERSERVICE']._serialized_start=2087
+  _globals['_SCHEDULERSERVICE']._serialized_end=3058
+  _globals['_CLAIMSERVICE']._serialized_start=3061
+  _globals['_CLAIMSERVICE']._serialized_end=3327
 # @@protoc_insertion_point(module_scope)

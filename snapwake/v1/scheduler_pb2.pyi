@@ -85,10 +85,12 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListNodesResponse(_message.Message):
-    __slots__ = ("nodes",)
+    __slots__ = ("nodes", "cordons")
     NODES_FIELD_NUMBER: _ClassVar[int]
+    CORDONS_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[_types_pb2.Node]
-    def __init__(self, nodes: _Optional[_Iterable[_Union[_types_pb2.Node, _Mapping]]] = ...) -> None: ...
+    cordons: _containers.RepeatedCompositeFieldContainer[_types_pb2.NodeCordon]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[_types_pb2.Node, _Mapping]]] = ..., cordons: _Optional[_Iterable[_Union[_types_pb2.NodeCordon, _Mapping]]] = ...) -> None: ...
 
 class ListInstancesRequest(_message.Message):
     __slots__ = ("function_id",)
@@ -127,6 +129,32 @@ class ListSnapshotsResponse(_message.Message):
     SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
     snapshots: _containers.RepeatedCompositeFieldContainer[_types_pb2.Snapshot]
     def __init__(self, snapshots: _Optional[_Iterable[_Union[_types_pb2.Snapshot, _Mapping]]] = ...) -> None: ...
+
+class CordonNodeRequest(_message.Message):
+    __slots__ = ("node", "drain", "reason")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    drain: bool
+    reason: str
+    def __init__(self, node: _Optional[str] = ..., drain: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CordonNodeResponse(_message.Message):
+    __slots__ = ("cordon",)
+    CORDON_FIELD_NUMBER: _ClassVar[int]
+    cordon: _types_pb2.NodeCordon
+    def __init__(self, cordon: _Optional[_Union[_types_pb2.NodeCordon, _Mapping]] = ...) -> None: ...
+
+class UncordonNodeRequest(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    def __init__(self, node: _Optional[str] = ...) -> None: ...
+
+class UncordonNodeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class AcquireClaimRequest(_message.Message):
     __slots__ = ("function_id", "request_id", "gateway_id")

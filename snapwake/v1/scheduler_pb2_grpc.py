@@ -80,6 +80,16 @@ class SchedulerServiceStub:
                 request_serializer=snapwake_dot_v1_dot_scheduler__pb2.ListSnapshotsRequest.SerializeToString,
                 response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.ListSnapshotsResponse.FromString,
                 _registered_method=True)
+        self.CordonNode = channel.unary_unary(
+                '/snapwake.v1.SchedulerService/CordonNode',
+                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.CordonNodeRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.CordonNodeResponse.FromString,
+                _registered_method=True)
+        self.UncordonNode = channel.unary_unary(
+                '/snapwake.v1.SchedulerService/UncordonNode',
+                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.UncordonNodeRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.UncordonNodeResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -140,6 +150,21 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CordonNode(self, request, context):
+        """Marks a node unschedulable (no new instances there); with drain, also moves its instances
+        off it. Idempotent: a second call replaces the first's drain flag and reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UncordonNode(self, request, context):
+        """Lifts a node's cordon (and its drain).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +212,16 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.ListSnapshots,
                     request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.ListSnapshotsRequest.FromString,
                     response_serializer=snapwake_dot_v1_dot_scheduler__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'CordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonNode,
+                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.CordonNodeRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.CordonNodeResponse.SerializeToString,
+            ),
+            'UncordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UncordonNode,
+                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.UncordonNodeRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.UncordonNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -433,6 +468,60 @@ class SchedulerService:
             '/snapwake.v1.SchedulerService/ListSnapshots',
             snapwake_dot_v1_dot_scheduler__pb2.ListSnapshotsRequest.SerializeToString,
             snapwake_dot_v1_dot_scheduler__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapwake.v1.SchedulerService/CordonNode',
+            snapwake_dot_v1_dot_scheduler__pb2.CordonNodeRequest.SerializeToString,
+            snapwake_dot_v1_dot_scheduler__pb2.CordonNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UncordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapwake.v1.SchedulerService/UncordonNode',
+            snapwake_dot_v1_dot_scheduler__pb2.UncordonNodeRequest.SerializeToString,
+            snapwake_dot_v1_dot_scheduler__pb2.UncordonNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

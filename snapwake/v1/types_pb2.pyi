@@ -248,6 +248,18 @@ class Node(_message.Message):
     heartbeat_time: _timestamp_pb2.Timestamp
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., blobstore_address: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., host_memory_bytes: _Optional[int] = ..., cached_snapshots: _Optional[_Iterable[str]] = ..., heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
+class NodeCordon(_message.Message):
+    __slots__ = ("node", "drain", "reason", "create_time")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    drain: bool
+    reason: str
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, node: _Optional[str] = ..., drain: _Optional[bool] = ..., reason: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class Snapshot(_message.Message):
     __slots__ = ("id", "function_id", "revision", "state", "bytes_written", "total_bytes", "manifest_digest", "disk_nodes", "cache_nodes", "message", "attempts", "build_duration")
     ID_FIELD_NUMBER: _ClassVar[int]

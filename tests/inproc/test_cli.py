@@ -36,6 +36,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.snapshots: dict[str, types_pb2.Snapshot] = {}
         self.instances: list[types_pb2.Instance] = []
         self.validating: dict[str, int] = {}  # user-image function id -> GetFunction polls seen
+        self.cordons: dict[str, types_pb2.NodeCordon] = {}
 
     def CreateFunction(self, request: scheduler_pb2.CreateFunctionRequest, context: grpc.ServicerContext) -> scheduler_pb2.CreateFunctionResponse:
         spec = request.spec
@@ -95,13 +96,34 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     def ListNodes(self, request: scheduler_pb2.ListNodesRequest, context: grpc.ServicerContext) -> scheduler_pb2.ListNodesResponse:
         gpu = types_pb2.Gpu(index=0, name="H100", memory_total_bytes=80 << 30, memory_reserved_bytes=20 << 30)
-        return scheduler_pb2.ListNodesResponse(nodes=[types_pb2.Node(name="node-a", address="10.0.0.1:7001", gpus=[gpu],
-                                                  cached_snapshots=["t/d/m@1"])])
+        with self.lock:
+            return scheduler_pb2.ListNodesResponse(
+                nodes=[types_pb2.Node(name="node-a", address="10.0.0.1:7001", gpus=[gpu], cached_snapshots=["t/d/m@1"])],
+                cordons=list(self.cordons.values()))
 
     def ListInstances(self, request: scheduler_pb2.ListInstancesRequest, context: grpc.ServicerContext) -> scheduler_pb2.ListInstancesResponse:
         with self.lock:
+            for inst in self.instances:  # a drain moves one instance off its node per poll
+                cordon = self.cordons.get(inst.node)
+                if cordon is not None and cordon.drain and inst.state != types_pb2.INSTANCE_STATE_ENDED:
+                    inst.state = types_pb2.INSTANCE_STATE_ENDED
+                    break
             return scheduler_pb2.ListInstancesResponse(instances=[i for i in self.instances
                                                        if request.function_id in ("", i.function_id)])
+
+    def CordonNode(self, request: scheduler_pb2.CordonNodeRequest, context: grpc.ServicerContext) -> scheduler_pb2.CordonNodeResponse:
+        if request.node != "node-a":
+            context.abort(grpc.StatusCode.NOT_FOUND, f"node {request.node} is not registered")
+        with self.lock:
+            cordon = self.cordons[request.node] = types_pb2.NodeCordon(node=request.node, drain=request.drain,
+                                                                       reason=request.reason)
+        return scheduler_pb2.CordonNodeResponse(cordon=cordon)
+
+    def UncordonNode(self, request: scheduler_pb2.UncordonNodeRequest, context: grpc.ServicerContext) -> scheduler_pb2.UncordonNodeResponse:
+        with self.lock:
+            if self.cordons.pop(request.node, None) is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"node {request.node} is not cordoned")
+        return scheduler_pb2.UncordonNodeResponse()
 
     def GetInstanceLogs(self, request: scheduler_pb2.GetInstanceLogsRequest, context: grpc.ServicerContext) -> scheduler_pb2.GetInstanceLogsResponse:
         if request.instance_id != "i-0000000000aa":
@@ -306,3 +328,28 @@ def test_deploy_without_wait_prints_the_pending_state(sched: tuple[FakeScheduler
     code, out, err = _cli(capsys, address, "deploy", "--name", "later", "--image", "ghcr.io/acme/llm:2")
     assert code == 0 and "state: FUNCTION_STATE_PENDING" in out
     assert err == "default/default/later revision 1: PENDING, image ghcr.io/acme/llm:2\n"
+
+
+def test_node_cordon_drain_and_uncordon(sched: tuple[FakeScheduler, str], capsys: pytest.CaptureFixture[str]) -> None:
+    fake, address = sched
+    fake.instances += [types_pb2.Instance(id=f"i-00000000000{n}", function_id="a/b/c", node="node-a",
+                                          state=types_pb2.INSTANCE_STATE_RUNNING) for n in (1, 2)]
+    code, out, err = _cli(capsys, address, "node", "cordon", "node-a", "--reason", "disk swap")
+    assert (code, out) == (0, "node node-a cordoned\n"), err
+    code, out, _ = _cli(capsys, address, "nodes")
+    assert out.splitlines()[1].split()[:4] == ["node-a", "Cordoned", "(disk", "swap)"]
+    assert fake.instances[0].state == types_pb2.INSTANCE_STATE_RUNNING  # a cordon moves nothing
+    code, out, err = _cli(capsys, address, "node", "drain", "node-a")
+    assert (code, out) == (0, "node node-a drained\n"), err
+    assert err == "draining node-a: 1 instance left\n"  # one moved per poll here
+    assert all(i.state == types_pb2.INSTANCE_STATE_ENDED for i in fake.instances)
+    code, out, _ = _cli(capsys, address, "-o", "json", "nodes")
+    assert json.loads(out)["cordons"][0]["drain"] is True
+    code, out, _ = _cli(capsys, address, "node", "uncordon", "node-a")
+    assert (code, out) == (0, "node node-a uncordoned\n")
+    code, out, _ = _cli(capsys, address, "nodes")
+    assert out.splitlines()[1].split()[:2] == ["node-a", "Ready"]
+    code, _, err = _cli(capsys, address, "node", "uncordon", "node-a")
+    assert code == 3 and "not cordoned" in err
+    code, _, err = _cli(capsys, address, "node", "drain", "node-z", "--no-wait")
+    assert code == 3 and "not registered" in err

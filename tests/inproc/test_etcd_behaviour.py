@@ -22,7 +22,7 @@ from google.protobuf.duration_pb2 import Duration
 from snapwake import errors
 from snapwake.etcd import Etcd, EtcdClient, WatchEvent
 from snapwake.etcd_fake import FakeEtcd
-from snapwake.testing import EtcdProcess
+from snapwake.testing import EtcdCluster, EtcdProcess
 from snapwake.v1.types_pb2 import Function, FunctionSpec, FunctionState, Node, Policy
 
 pytestmark = pytest.mark.timeout(60)
@@ -294,3 +294,35 @@ async def test_a_silent_server_is_unavailable_within_the_bound() -> None:
             async with Etcd.connect(f"127.0.0.1:{s.getsockname()[1]}", timeout=1):
                 pass
         assert time.monotonic() - began < 5
+
+
+# --- several members (the real client only: the fake is one store) ---------------------------
+
+async def test_one_channel_to_three_members_outlives_one_and_bounds_calls_without_quorum(tmp_path: Path) -> None:
+    """Every member through one channel: a killed member costs no call; with two gone (no
+    quorum) each call is Unavailable within the client's bound; when they are back, calls work
+    again within seconds and a lease granted before lived on."""
+    with EtcdCluster(tmp_path / "cluster") as cluster:
+        async with Etcd.connect(",".join(cluster.endpoints), timeout=3) as etcd:
+            lease = await etcd.grant_lease(30)
+            await etcd.put("/k", Node(name="before"), lease=lease)
+            cluster.members[0].kill()
+            for n in range(10):
+                await etcd.put("/k", Node(name=str(n)), lease=lease)
+                assert (await etcd.get("/k", Node)) is not None
+            cluster.members[1].kill()
+            began = time.monotonic()
+            with pytest.raises(errors.Unavailable, match="without quorum"):
+                await etcd.put("/k", Node(name="lost"))
+            assert time.monotonic() - began < 5
+            for member in cluster.members[:2]:
+                member.spawn()
+            began = time.monotonic()
+            while True:
+                with contextlib.suppress(errors.Unavailable):
+                    await etcd.put("/k", Node(name="after"), lease=lease)
+                    break
+                assert time.monotonic() - began < 20, "no quorum again after 20 s"
+            assert await etcd.refresh_lease(lease) > 0
+            entry = await etcd.get("/k", Node)
+            assert entry is not None and entry.value.name == "after"  # type: ignore[attr-defined]

@@ -148,3 +148,31 @@ async def test_acquire_waits_out_an_election_gap() -> None:
         await client.close()
         for s in servers:
             await s.stop(0)
+
+
+async def test_without_a_leader_calls_fail_within_leader_wait_then_at_once() -> None:
+    # etcd lost quorum: no scheduler can hold a lease, for as long as that lasts. A claim waits
+    # out leader_wait (an election would be over by then), not its whole queue budget; calls
+    # after it fail at once, and the wait starts over once a leader answered again.
+    a, b = Claims(leader=False), Claims(leader=False)
+    servers = [await _server(a), await _server(b)]
+    client = GrpcSchedulerClient([f"127.0.0.1:{s.port}" for s in servers], "gw-test", rpc_timeout=1,
+                                 leader_wait=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(errors.Unavailable, match="no scheduler leader"):
+            await client.acquire_claim("acme/default/chat", "req-5", max_wait=30)
+        assert 0.8 < time.monotonic() - started < 2.5
+        started = time.monotonic()
+        with pytest.raises(errors.Unavailable, match="not the leader"):
+            await client.acquire_claim("acme/default/chat", "req-6", max_wait=30)
+        assert time.monotonic() - started < 0.5
+        b.leader = True
+        assert (await client.acquire_claim("acme/default/chat", "req-7", max_wait=30)).claim_id == "c-1"
+        b.leader = False
+        asyncio.get_running_loop().call_later(0.6, setattr, a, "leader", True)
+        assert (await client.acquire_claim("acme/default/chat", "req-8", max_wait=30)).claim_id == "c-1"
+    finally:
+        await client.close()
+        for s in servers:
+            await s.stop(0)

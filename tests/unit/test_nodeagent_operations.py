@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,12 +418,65 @@ async def test_the_node_re_registers_when_its_lease_is_lost(harness: Harness, ag
     lost = agent.lease.lease_id
     harness.etcd.advance(60)  # the lease ran out (a partition, an etcd restart): its keys go
     assert await harness.instance(iid) is None
-    # The keeper's next refresh (every 0.67 s) finds the lease gone and re-registers.
+    # The keeper's next refresh (every 0.67 s) finds the lease gone: the node fences itself
+    # (its serving instance is stopped: etcd and the scheduler count it gone), then rejoins.
     entry = await eventually(lambda: harness.etcd.get(keys.node_key("node-u"), types_pb2.Node),
                              lambda e: e is not None)
     assert entry is not None and entry.lease == agent.lease.lease_id != lost
-    stored = await eventually(lambda: harness.instance(iid), lambda i: i is not None)
-    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_RUNNING
+    assert agent.fenced() == ""
+    assert agent.instances[iid].machine.state == InstanceState.INSTANCE_STATE_ENDED
+    assert await harness.containers.list() == []
+    assert await harness.instance(iid) is None  # not offered again: etcd no longer had it
+
+
+async def test_a_node_cut_off_from_etcd_fences_itself_then_reconciles_before_serving(harness: Harness) -> None:
+    """etcd unreachable: within the lease TTL by the node's own clock it refuses new work, lets
+    requests in flight finish (bounded), stops its serving instances and keeps its standby
+    parked; when etcd answers again it drops what etcd no longer wants, offers the standby
+    again under a new lease and serves."""
+    harness.config = dataclasses.replace(harness.config, fence_drain_s=0.4)
+    agent = await harness.start()
+    idle, busy, parked = "i-00000000f101", "i-00000000f102", "i-00000000f103"
+    await operations.start_instance(agent, start_request(idle))
+    await operations.start_instance(agent, start_request(busy, env={"STUB_INFLIGHT": "1"}))
+    await operations.start_instance(agent, start_request(parked))
+    await operations.suspend_instance(agent, parked)
+    fn = types_pb2.Function(id=FUNCTION_ID, revision=1, state=types_pb2.FUNCTION_STATE_READY)
+    await harness.etcd.put(keys.function_key(FUNCTION_ID), fn)
+    old_lease = agent.lease.lease_id
+
+    harness.etcd.down = True
+    cut = time.monotonic()
+    await eventually(lambda: _value(agent.fenced()), bool, limit_s=4)
+    assert time.monotonic() - cut <= harness.config.lease_ttl  # its own clock, not etcd's word
+    with pytest.raises(errors.Unavailable, match="fenced"):
+        await operations.start_instance(agent, start_request("i-00000000f104"))
+    with pytest.raises(errors.Unavailable, match="fenced"):
+        await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=parked))
+    ended = InstanceState.INSTANCE_STATE_ENDED
+    await eventually(lambda: _value([agent.instances[i].machine.state for i in (idle, busy)]),
+                     lambda states: states == [ended, ended])
+    assert "1 requests still in flight after 0.4s" in agent.instances[busy].machine.instance.message
+    assert agent.instances[parked].machine.state == InstanceState.INSTANCE_STATE_STANDBY
+    assert [c.id for c in await harness.containers.list()] == [agent.instances[parked].container_id]
+    assert agent.fenced()  # etcd is still down: no rejoin yet
+
+    harness.etcd.down = False
+    await eventually(lambda: _value(agent.fenced()), lambda why: why == "", limit_s=5)
+    assert agent.lease.lease_id != old_lease and await harness.etcd.refresh_lease(old_lease) == 0
+    node = await harness.node()
+    assert node.name == "node-u"
+    stored = await harness.instance(parked)
+    assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_STANDBY
+    assert await harness.instance(idle) is None and await harness.instance(busy) is None
+    entry = await harness.etcd.get(keys.instance_key(parked), types_pb2.Instance)
+    assert entry is not None and entry.lease == agent.lease.lease_id
+    resp = await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=parked))
+    assert resp.instance.state == InstanceState.INSTANCE_STATE_RUNNING
+
+
+async def _value(value: T) -> T:
+    return value
 
 
 async def test_stop_removes_containers_and_revokes_the_lease(harness: Harness, agent: NodeAgent) -> None:

@@ -37,6 +37,7 @@ from snapwake.v1.types_pb2 import (
     Instance,
     InstanceState,
     Node,
+    NodeCordon,
     Policy,
     Resources,
     Snapshot,
@@ -127,6 +128,8 @@ def _key(value: Message) -> str:
         return keys.node_key(value.name)
     if isinstance(value, Instance):
         return keys.instance_key(value.id)
+    if isinstance(value, NodeCordon):
+        return keys.cordon_key(value.node)
     assert isinstance(value, Snapshot)
     return keys.snapshot_key(value.function_id, value.revision)
 
@@ -268,7 +271,69 @@ async def test_a_start_evicts_the_least_recently_idle_instances(core: Core) -> N
     assert await core.stored(idle[0].id) is None and await core.stored(idle[3].id) is not None
 
 
+async def test_a_cordoned_node_gets_no_new_instance(core: Core) -> None:
+    fn = function(max_instances=4)
+    await core.put(node("node-a"), node("node-b"), fn, NodeCordon(node="node-a"))
+    for _ in range(2):
+        result = await core.starter.start(fn)
+        assert result is not None and result.instance.node == "node-b"
+    await core.put(NodeCordon(node="node-b", drain=True))
+    assert await core.starter.start(fn) is None
+    assert [c.node for c in core.nodes.calls] == ["node-b", "node-b"]
+
+
+async def test_a_drained_node_loses_its_instances_once_they_serve_no_request(core: Core) -> None:
+    fn = function(concurrency=1, max_instances=1)
+    busy = instance("i-000000000060", fn, InstanceState.INSTANCE_STATE_RUNNING)
+    await core.put(node("node-a"), node("node-b"), fn, busy)
+    held = await core.broker.acquire(fn.id, "gw", timeout_s=1)
+    assert held.instance.id == busy.id
+    await core.put(NodeCordon(node="node-a", drain=True))
+    core.controller.reconcile()
+    await asyncio.sleep(0.05)
+    assert core.nodes.count("stop") == 0  # a request is in flight on it
+    # It no longer counts (even at max_instances): its claim in use asks for a replacement, which
+    # starts on the other node, and the next request is served there, not on the drained one.
+    moved = await core.broker.acquire(fn.id, "gw", timeout_s=1)
+    assert moved.instance.node == "node-b" and core.nodes.count("start") == 1
+    core.broker.release(held.claim.claim_id, instance_failed=False)
+    core.controller.reconcile()
+    await until(lambda: core.nodes.count("stop") == 1, "the drained instance stopped")
+    assert [c.instance_id for c in core.nodes.calls if c.op == "stop"] == [busy.id]
+
+
+async def test_a_drained_instance_serves_until_its_replacement_does(core: Core) -> None:
+    fn = function(concurrency=1, min_instances=1, max_instances=1)
+    old = instance("i-000000000070", fn, InstanceState.INSTANCE_STATE_IDLE)
+    await core.put(node("node-a"), node("node-b", gib=10), fn, old, NodeCordon(node="node-a", drain=True))
+    core.controller.reconcile()  # no room for a replacement on node-b
+    await asyncio.sleep(0.1)
+    grant = await core.broker.acquire(fn.id, "gw", timeout_s=1)
+    assert grant.instance.id == old.id  # the only instance still serves
+    core.broker.release(grant.claim.claim_id, instance_failed=False)
+    core.controller.reconcile()
+    await asyncio.sleep(0.1)
+    assert core.nodes.count("stop") == 0
+    await core.put(node("node-b"))  # room now: the replacement starts, then the old one goes
+    core.controller.start()  # its loop, every 50 ms
+    await until(lambda: core.nodes.count("start") == 1, "the replacement started")
+    await until(lambda: any(i.node == "node-b" and i.state == InstanceState.INSTANCE_STATE_RUNNING
+                            for i in core.state.instances()), "the replacement serving")
+    await until(lambda: core.nodes.count("stop") == 1, "the drained instance stopped")
+    assert [c.instance_id for c in core.nodes.calls if c.op == "stop"] == [old.id]
+
+
 # --- ClaimBroker -------------------------------------------------------------------------
+async def test_a_waiter_is_told_to_ask_again_when_leadership_changes(core: Core) -> None:
+    fn = function(gib=100)  # no node has room: the request waits
+    await core.put(node(gib=80), fn)
+    waiter = asyncio.create_task(core.broker.acquire(fn.id, "gw", timeout_s=10))
+    await asyncio.sleep(0.1)
+    core.broker.reset()  # deposed (or re-elected): the waiter's term is over
+    with pytest.raises(errors.Unavailable, match="leadership changed"):
+        await asyncio.wait_for(waiter, 1)
+
+
 async def test_a_warm_instance_is_granted_without_a_start(core: Core) -> None:
     fn = function(concurrency=2)
     warm = instance("i-000000000020", fn, InstanceState.INSTANCE_STATE_IDLE)

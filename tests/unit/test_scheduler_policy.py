@@ -10,6 +10,7 @@ from services.scheduler.policy import (
     CycleState,
     GpuSlice,
     NodeReady,
+    NodeSchedulable,
     Request,
     SnapshotLocality,
     Spread,
@@ -79,6 +80,28 @@ def test_gpu_slice_respects_reported_reservation() -> None:
 ])
 def test_node_ready(n: Node, ok: bool) -> None:
     assert NodeReady(30.0).filter(CycleState(), req(), n, ClusterView((n,), ())).ok is ok
+
+
+@pytest.mark.parametrize(("cordoned", "ok"), [
+    (frozenset(), True),
+    (frozenset({"b"}), True),  # another node's cordon
+    (frozenset({"a"}), False),
+    (frozenset({"a", "b"}), False),
+])
+def test_node_schedulable(cordoned: frozenset[str], ok: bool) -> None:
+    n = node("a", 80)
+    status = NodeSchedulable().filter(CycleState(), req(), n, ClusterView((n,), (), cordoned))
+    assert status.ok is ok and (ok or status.message == "cordoned")
+
+
+def test_framework_names_a_cordoned_node() -> None:
+    a, b = node("a", 80), node("b", 80)
+    status, placement = schedule(req(), ClusterView((a, b), (), frozenset({"a"})), default_filters(30.0),
+                                 default_scores())
+    assert placement is not None and placement.node.name == "b"
+    status, placement = schedule(req(), ClusterView((a,), (), frozenset({"a"})), default_filters(30.0),
+                                 default_scores())
+    assert placement is None and "a: cordoned" in status.message
 
 
 @pytest.mark.parametrize(("cached", "score"), [(("t/d/f@1",), 100), (("t/d/f@2",), 0), ((), 0)])

@@ -6,6 +6,7 @@
 
 from services.scheduler.policy.filter_gpu_slice import GpuSlice
 from services.scheduler.policy.filter_node_ready import NodeReady
+from services.scheduler.policy.filter_node_schedulable import NodeSchedulable
 from services.scheduler.policy.framework import (
     ClusterView,
     Code,
@@ -20,13 +21,13 @@ from services.scheduler.policy.framework import (
 from services.scheduler.policy.score_snapshot_locality import SnapshotLocality
 from services.scheduler.policy.score_spread import Spread
 
-__all__ = ["ClusterView", "Code", "CycleState", "FilterPlugin", "GpuSlice", "NodeReady", "Placement",
-           "Request", "ScorePlugin", "SnapshotLocality", "Spread", "Status", "default_filters",
+__all__ = ["ClusterView", "Code", "CycleState", "FilterPlugin", "GpuSlice", "NodeReady", "NodeSchedulable",
+           "Placement", "Request", "ScorePlugin", "SnapshotLocality", "Spread", "Status", "default_filters",
            "default_scores", "schedule"]
 
 
 def default_filters(stale_after_s: float) -> list[FilterPlugin]:
-    return [NodeReady(stale_after_s), GpuSlice()]
+    return [NodeSchedulable(), NodeReady(stale_after_s), GpuSlice()]
 
 
 def default_scores() -> list[ScorePlugin]:

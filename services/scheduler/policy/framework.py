@@ -59,6 +59,8 @@ class ClusterView:
 
     nodes: tuple[Node, ...]
     instances: tuple[Instance, ...]
+    # Nodes an operator cordoned: no new instance goes there.
+    cordoned: frozenset[str] = frozenset()
 
     def on_node(self, node: str) -> list[Instance]:
         return [i for i in self.instances if i.node == node]
