@@ -256,7 +256,7 @@ def test_cut_link_expires_node_1_and_moves_its_traffic(cluster: Cluster, net: Ne
 
         def moved() -> bool:
             on_node2 = {i.id for i in instances(cluster) if i.node == node2}
-            return traffic.served_by(on_node2, cut_at) >= 6
+            return traffic.served_by(on_node2, cut_at + expired_s) >= 6  # begun once node 1 was gone
 
         wait_for(moved, 90, "traffic on node 2", interval=0.2)
     outcomes = traffic.outcomes
