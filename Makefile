@@ -7,7 +7,7 @@ APT_PACKAGES := runc golang-github-containers-common etcd-server etcd-client doc
 	fonts-liberation skopeo umoci mmdebstrap docker-registry
 PROTOS := $(wildcard proto/snapwake/v1/*.proto)
 
-.PHONY: install proto proto-check lint test test-unit test-gpu run bench clean
+.PHONY: install proto proto-check lint test test-unit test-gpu run bench clean compose-up compose-down
 
 install: $(STAMP)
 
@@ -50,6 +50,14 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.coldstart
+
+# The compose cluster (deploy/compose): docker.io installed and dockerd started if missing, the
+# images built from Debian packages, two nodes and the demo model; prints the URL and API key.
+compose-up: $(STAMP)
+	bash deploy/compose/cluster.sh up
+
+compose-down:
+	bash deploy/compose/cluster.sh down
 
 clean:
 	rm -rf var/ .pytest_cache .ruff_cache .mypy_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,30 +23,58 @@ def _compose() -> str:
     return binary
 
 
-@pytest.mark.parametrize("profile", [None, "cpu", "gpu"])
-def test_compose_file_validates(profile: str | None) -> None:
+def _doc() -> dict:
+    return yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
+
+
+# The observability images are public and cannot be pulled here: that profile is checked by
+# `docker-compose config` only (the others also run, tests/integration/test_compose.py).
+@pytest.mark.parametrize("profiles", [[], ["cpu"], ["gpu"], ["cpu", "observability"]])
+def test_compose_file_validates(profiles: list[str]) -> None:
     argv = [_compose(), "-f", str(COMPOSE / "docker-compose.yml")]
-    argv += ["--profile", profile] if profile else []
-    done = subprocess.run([*argv, "config", "-q"], capture_output=True, text=True, timeout=60)
+    for profile in profiles:
+        argv += ["--profile", profile]
+    done = subprocess.run([*argv, "config", "-q"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "SNAPWAKE_API_KEY": "sk-test"})
     assert done.returncode == 0, done.stderr
+
+
+def test_compose_file_requires_an_api_key() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SNAPWAKE_API_KEY"}
+    done = subprocess.run([_compose(), "-f", str(COMPOSE / "docker-compose.yml"), "config", "-q"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode != 0 and "SNAPWAKE_API_KEY" in done.stderr
 
 
 def test_profiles_split_the_node_services() -> None:
     # Debian's docker-compose 1.29 lists every service whatever the profile, so read the file.
-    services = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())["services"]
-    profiles = {name: tuple(svc.get("profiles", ())) for name, svc in services.items()}
-    assert {n for n, p in profiles.items() if p == ("cpu",)} == {"nodeagent-cpu", "blobstore-cpu"}
-    assert {n for n, p in profiles.items() if p == ("gpu",)} == {"nodeagent-gpu", "blobstore-gpu"}
+    profiles = {name: set(svc.get("profiles", ())) for name, svc in _doc()["services"].items()}
+    assert {n for n, p in profiles.items() if "cpu" in p} == {
+        "nodeagent-1", "blobstore-1", "nodeagent-2", "blobstore-2"}
+    assert {n for n, p in profiles.items() if "gpu" in p} == {
+        "nodeagent-1-gpu", "blobstore-1-gpu", "nodeagent-2", "blobstore-2"}
+    assert {n for n, p in profiles.items() if p == {"observability"}} == {
+        "otel-collector", "tempo", "prometheus", "grafana"}
     always = {n for n, p in profiles.items() if not p}
-    assert {"etcd", "scheduler", "gateway", "otel-collector", "tempo", "prometheus", "grafana"} <= always
+    assert always == {"etcd", "scheduler", "gateway", "node-1", "node-2", "deploy-demo"}
 
 
 def test_gpu_services_reserve_nvidia_devices() -> None:
-    doc = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
-    for name in ("nodeagent-gpu", "blobstore-gpu"):
-        (device,) = doc["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+    services = _doc()["services"]
+    for name in ("nodeagent-1-gpu", "blobstore-1-gpu"):
+        (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert doc["services"]["nodeagent-gpu"]["privileged"] is True
+    assert "deploy" not in services["nodeagent-2"]
+
+
+def test_nodeagents_get_named_capabilities_not_privileged() -> None:
+    services = _doc()["services"]
+    for name in ("nodeagent-1", "nodeagent-1-gpu", "nodeagent-2"):
+        svc = services[name]
+        assert "privileged" not in svc, name
+        assert svc["cap_drop"] == ["ALL"] and "SYS_ADMIN" in svc["cap_add"], name
+        assert "/sys/fs/cgroup:/sys/fs/cgroup:rw" in svc["volumes"], name
+    assert not any("cgroup" in v for v in services["blobstore-1"]["volumes"])
 
 
 def test_grafana_dashboard_plots_the_shared_metric_names() -> None:
