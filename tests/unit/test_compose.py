@@ -28,7 +28,7 @@ def _doc() -> dict:
 
 
 # The observability images are public and cannot be pulled here: that profile is checked by
-# `docker-compose config` only (the others also run, tests/integration/test_compose.py).
+# `docker-compose config` only (the others also run, tests/integration/test_compose_cluster.py).
 @pytest.mark.parametrize("profiles", [[], ["cpu"], ["gpu"], ["cpu", "observability"]])
 def test_compose_file_validates(profiles: list[str]) -> None:
     argv = [_compose(), "-f", str(COMPOSE / "docker-compose.yml")]
