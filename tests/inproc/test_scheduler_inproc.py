@@ -494,7 +494,11 @@ async def test_takeover_after_leader_lease_expires(store: Etcd, etcd_server: Etc
         await wait_until(lambda: first.election.is_leader, 10, "first leadership")
         keeper = first.election._keeper
         assert keeper is not None and keeper._task is not None
-        keeper._task.cancel()  # stop refreshing, like a process frozen or killed
+        # Frozen or killed: no refresh and no new campaign (its election would run again once
+        # its own clock says the lease is gone, and could win the key back).
+        keeper._task.cancel()
+        assert first._election_task is not None
+        first._election_task.cancel()
         async with running(store, etcd_server) as second:
             began = time.monotonic()
             await wait_until(lambda: second.election.is_leader, 15, "takeover after expiry")

@@ -196,13 +196,17 @@ def test_every_namespaced_object_is_in_a_rendered_namespace(target: str) -> None
 # --- images and commands ----------------------------------------------------------------------
 
 
+_SUBST = re.compile(r"\$\{(\w+):?-([^}]*)\}")
+
+
 def compose_images() -> tuple[set[str], set[str]]:
     """(names of images compose builds, image:tag of those it pulls)."""
     built, pulled = set(), set()
     for section in yaml.safe_load(COMPOSE.read_text()).values():
         for svc in (section or {}).values() if isinstance(section, dict) else ():
             if isinstance(svc, dict) and "image" in svc:
-                (built.add(split_image(svc["image"])[0]) if "build" in svc else pulled.add(svc["image"]))
+                image = _SUBST.sub(lambda m: m.group(2), svc["image"])  # ${VAR:-default}: the default
+                (built.add(split_image(image)[0]) if "build" in svc else pulled.add(image))
     return built, pulled
 
 
