@@ -21,7 +21,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,43 +33,19 @@ from services.nodeagent import operations
 from services.nodeagent.agent import NodeAgent
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.containers import FakeContainers
-from services.nodeagent.gpu import FakeProcessMemory, NoGpuCheckpointer
+from services.nodeagent.gpu import FakeProcessMemory
 from snapwake import errors, keys
 from snapwake.etcd_fake import FakeEtcd
 from snapwake.testing import free_port
 from snapwake.v1 import nodeagent_pb2, types_pb2
 from snapwake.v1.types_pb2 import InstanceState
+from tests.unit.checkpointers import RecordingCheckpointer
 
 pytestmark = pytest.mark.timeout(30)
 STUB = Path(__file__).with_name("stub_modelserver.py")
 FUNCTION_ID, GIB = "t/d/f", 1 << 30
 SID = keys.snapshot_id(FUNCTION_ID, 1)
 T = TypeVar("T")
-
-
-class RecordingCheckpointer(NoGpuCheckpointer):
-    """No device state to move; records which pids were checkpointed and restored."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int]] = []
-
-    async def checkpoint(self, pid: int) -> float:
-        self.calls.append(("checkpoint", pid))
-        return 0.0
-
-    async def restore(self, pid: int) -> float:
-        self.calls.append(("restore", pid))
-        return 0.0
-
-    async def checkpoint_all(self, pids: Sequence[int]) -> tuple[int, ...]:
-        for pid in pids:
-            await self.checkpoint(pid)
-        return tuple(pids)
-
-    async def restore_all(self, pids: Sequence[int]) -> float:
-        for pid in pids:
-            await self.restore(pid)
-        return 0.0
 
 
 class Clock:

@@ -30,7 +30,7 @@ from services.nodeagent.agent import NodeAgent
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.containers import FakeContainers
 from services.nodeagent.forward import Traffic
-from services.nodeagent.gpu import FakeProcessMemory, NodeGpus, NoGpuCheckpointer
+from services.nodeagent.gpu import FakeProcessMemory, NodeGpus
 from services.nodeagent.sandbox import RuncSandbox
 from services.nodeagent.usertypes import UserContainer
 from snapwake import errors, keys
@@ -38,6 +38,7 @@ from snapwake.etcd_fake import FakeEtcd
 from snapwake.testing import free_port
 from snapwake.v1 import nodeagent_pb2, types_pb2
 from snapwake.v1.types_pb2 import InstanceState
+from tests.unit.checkpointers import RecordingCheckpointer
 
 pytestmark = pytest.mark.timeout(30)
 STUB = Path(__file__).with_name("stub_openai_image.py")
@@ -129,29 +130,6 @@ class ForwardingSandbox(RuncSandbox):
 
     def bundle(self, container: UserContainer) -> Path:
         return _command_bundle(container, self.ports[container.instance_id])
-
-
-class RecordingCheckpointer(NoGpuCheckpointer):
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int]] = []
-
-    async def checkpoint(self, pid: int) -> float:
-        self.calls.append(("checkpoint", pid))
-        return 0.0
-
-    async def restore(self, pid: int) -> float:
-        self.calls.append(("restore", pid))
-        return 0.0
-
-    async def checkpoint_all(self, pids: Sequence[int]) -> tuple[int, ...]:
-        for pid in pids:
-            await self.checkpoint(pid)
-        return tuple(pids)
-
-    async def restore_all(self, pids: Sequence[int]) -> float:
-        for pid in pids:
-            await self.restore(pid)
-        return 0.0
 
 
 @dataclass
