@@ -138,8 +138,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         step = r.snapshot("f1 and f2 at once")
         g1, g2 = r.serving_gpu("f1"), r.serving_gpu("f2")
         step.update(calls=calls, f1_gpu=g1, f2_gpu=g2,
+                    gpu_growth_mib=[u - s for u, s in zip(step["gpu_used_mib"], results["gpus_at_start_mib"])],
                     ok=g1 is not None and g2 is not None and g1 != g2
-                    and all(m >= slice_bytes // 2 >> 20 for m in step["gpu_used_mib"][:2]))
+                    and all(u - s >= 1024 for u, s in zip(step["gpu_used_mib"][:2], results["gpus_at_start_mib"])))
         results["steps"].append(step)
         save()
         # 2. A third: the least recently used of f1/f2 (f1: called first, then f2 again) is evicted.

@@ -12,4 +12,5 @@ timeout ${MGPU_LIMIT_S:-540} python3 -m bench.multigpu --out "$OUT/multigpu.json
   --python-path "$SITE" "$@" 2>&1 | tee "$OUT/multigpu.log"
 rc=${PIPESTATUS[0]}
 find /tmp/swmgpu -name output.log | head -6 | xargs -r tail -n 30 > "$OUT/instance-logs.txt" 2>/dev/null
+(cd /tmp/swmgpu 2>/dev/null && find . -name "*.log" -size -20M | tar czf "$OUT/mgpu-logs.tgz" -T -)
 exit $rc
