@@ -1,8 +1,8 @@
 """``bench/multigpu``: placement across the GPUs of one node (issue 11's two-H100 run).
 
 One node with every GPU of the machine, three functions of the built-in model server whose
-slices are sized so that two instances cannot share one GPU (``--slice-gib``, default 48 on
-80 GB cards). Through the gateway, with the real ``openai`` client (``max_retries=0``):
+slices are sized so that two instances cannot share one GPU (``--slice-gib``, default 55% of the smallest
+card). Through the gateway, with the real ``openai`` client (``max_retries=0``):
 
   1. f1 and f2 are called at once: each is served, on different GPUs (the instances' ``gpu_index``
      and NVML's per-GPU memory both say so);
@@ -35,6 +35,17 @@ from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 GIB = 1 << 30
 NAMES = ("f1", "f2", "f3")
+
+
+def gpu_total_mib() -> list[int]:
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        return [int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total) >> 20
+                for i in range(pynvml.nvmlDeviceGetCount())]
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def gpu_used_mib() -> list[int]:
@@ -82,6 +93,16 @@ class Run:
             time.sleep(0.5)
         raise TimeoutError(f"{fid} not READY")
 
+    def wait_standbys(self, bound_s: float = 180) -> None:
+        """READY comes before the standby is made: the calls start from standbys only."""
+        deadline = time.monotonic() + bound_s
+        while time.monotonic() < deadline:
+            states = {i["function"] for i in self.instances() if i["state"] == "INSTANCE_STATE_STANDBY"}
+            if states >= set(NAMES):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"no standby for every function within {bound_s} s: {self.instances()}")
+
     def instances(self) -> list[dict[str, Any]]:
         out = []
         for name in NAMES:
@@ -110,7 +131,11 @@ class Run:
 
 
 def run(opts: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"benchmark": "multigpu", "machine": machine(), "slice_gib": opts.slice_gib, "steps": []}
+    totals = gpu_total_mib()
+    # Sized so that two instances cannot share one GPU: over half of the smallest card.
+    slice_gib = opts.slice_gib or int(min(totals) * 0.55) >> 10
+    results: dict[str, Any] = {"benchmark": "multigpu", "machine": machine(), "gpu_total_mib": totals,
+                               "slice_gib": slice_gib, "steps": []}
 
     def save() -> None:
         opts.out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,11 +150,12 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                             "blobstore": ["--gpu", "true"],
                             "nodeagent": ["--runc-binary", opts.runc, "--start-timeout", "300",
                                           "--model-roots", str(opts.models_dir), *opts.nodeagent_args]})
-    slice_bytes = opts.slice_gib * GIB
+    slice_bytes = slice_gib * GIB
     with Cluster(cfg) as c:
         r = Run(c)
         for name in NAMES:
             r.deploy(_spec(name, model, slice_bytes))
+        r.wait_standbys()
         results["steps"].append(r.snapshot("deployed: standbys only"))
         save()
         # 1. Two at once: one per GPU.
@@ -169,7 +195,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.multigpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--slice-gib", type=int, default=48)
+    p.add_argument("--slice-gib", type=int, default=0, help="GPU slice per function (default: 55%% of the smallest card)")
     p.add_argument("--models-dir", type=Path, default=Path("/var/tmp/snapwake-models"))
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/swmgpu"))
     p.add_argument("--out", type=Path, default=Path("bench/results/multigpu-h100x2.json"))
