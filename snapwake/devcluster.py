@@ -7,6 +7,13 @@ containers on the way out, so nothing is left behind.
 By default every process listens on loopback here. ``ClusterConfig.hosts`` puts a process in a
 network namespace of its own with the address the others dial it at, which is how the
 integration tests run nodes "on separate hosts" (``tests/integration/test_multihost.py``).
+
+TLS (``ClusterConfig.tls``, on by default): a development CA in ``var/pki`` and one certificate
+per process (``var/pki/<process>/``, ``snapwake.pki``), given as ``--tls-dir``. The scheduler
+serves gateways' claims on its mutual-TLS port (``internal_address``) and the admin API on the
+port tests and people dial (``address``/``scheduler_address``, server-authenticated TLS).
+Tests reach it through ``admin_channel``, and any service as a given identity through
+``channel_as``; ``client_tls`` and ``cli_args`` give the same to other clients.
 """
 
 from __future__ import annotations
@@ -23,7 +30,10 @@ from pathlib import Path
 
 import grpc
 
+from snapwake.grpcclient import blocking_channel
+from snapwake.pki import Identity, create_ca, issue_dir
 from snapwake.testing import EtcdProcess, free_port, wait_for
+from snapwake.tlsconfig import ClientTls
 
 __all__ = ["Cluster", "ClusterConfig", "Host", "main"]
 
@@ -84,6 +94,9 @@ class ClusterConfig:
     etcd_endpoints: tuple[str, ...] = ()
     """Members of an etcd the caller runs (a test's three-member cluster, say), given to every
     service; empty starts one embedded single-member etcd, as ``make run`` does."""
+    tls: bool = True
+    """Mutual TLS between the services, certificates from a development CA in ``var/pki``;
+    False runs every service with ``--dev-plaintext``."""
 
 
 class Cluster:
@@ -100,6 +113,9 @@ class Cluster:
                             ("blobstore", config.nodes)):
             for i in range(1, count):
                 self.ports[f"{kind}-{i}"] = free_port()
+        # A scheduler's ``ports`` entry is its admin port; gateways dial this one (mutual TLS).
+        self.internal_ports = {name: free_port() for name in self.names("scheduler")}
+        self.pki_dir = config.var_dir / "pki"
         etcd_host = self.host("etcd")
         self.etcd = EtcdProcess(config.var_dir / "etcd", port(config.etcd_port),
                                 log_path=config.var_dir / "logs" / "etcd.log", host=etcd_host.bind,
@@ -116,8 +132,65 @@ class Cluster:
 
     @property
     def scheduler_addresses(self) -> list[str]:
-        """Every scheduler's address, the first one's first (what the gateway is given)."""
+        """Every scheduler's admin address, the first one's first (what the CLI is given)."""
         return [self.address(n) for n in self.names("scheduler")]
+
+    def internal_address(self, name: str) -> str:
+        """``host:port`` of the mutual-TLS port of the process ``name`` (a scheduler's claim port;
+        the one port of a nodeagent or blobstore)."""
+        port = self.internal_ports.get(name) or self.ports[name]
+        return f"{self.host(name).address}:{port}"
+
+    # --- TLS -----------------------------------------------------------------------------
+    def identity(self, name: str) -> Identity:
+        """The identity of the process ``name``: ``nodeagent/<its node>``, ``scheduler/scheduler-1``."""
+        kind = name.partition("-")[0]
+        return Identity(kind, self.node_name(name) if kind in ("nodeagent", "blobstore") else name)
+
+    @property
+    def ca_path(self) -> Path:
+        return self.pki_dir / "ca.crt"
+
+    def _issue(self, folder: str, identity: Identity, hosts: list[str]) -> Path:
+        out = self.pki_dir / folder
+        issue_dir(create_ca(self.pki_dir), out, identity, hosts)
+        return out
+
+    def _issue_all(self) -> None:
+        for kind in ("gateway", "scheduler", "nodeagent", "blobstore"):
+            for name in self.names(kind):
+                host = self.host(name)
+                self._issue(name, self.identity(name), [h for h in (host.address, host.listen) if h and h != "0.0.0.0"])
+
+    def client_tls(self, identity: Identity | None = None) -> ClientTls | None:
+        """What a client of this cluster needs: the CA only (admin callers), or also a
+        certificate of ``identity`` (issued on first use); None when the cluster runs plaintext."""
+        if not self.config.tls:
+            return None
+        ca = create_ca(self.pki_dir).cert_path.read_bytes()
+        if identity is None:
+            return ClientTls(ca)
+        folder = self.pki_dir / f"client-{identity.role}-{identity.name}"
+        if not (folder / "tls.crt").exists():
+            self._issue(folder.name, identity, [])
+        return ClientTls(ca, (folder / "tls.crt").read_bytes(), (folder / "tls.key").read_bytes())
+
+    def admin_channel(self, name: str = "scheduler") -> grpc.Channel:
+        """A blocking channel to a scheduler's admin API, as the CLI or grpcurl reach it."""
+        return blocking_channel(self.address(name), self.client_tls(), server_role="scheduler")
+
+    def channel_as(self, name: str, identity: Identity) -> grpc.Channel:
+        """A blocking channel to the mutual-TLS port of the process ``name`` (``"nodeagent-1"``),
+        presenting a certificate of ``identity``."""
+        return blocking_channel(self.internal_address(name), self.client_tls(identity),
+                                server_role=name.partition("-")[0])
+
+    def cli_args(self) -> list[str]:
+        """``snapwake`` flags reaching this cluster's admin API (after ``--scheduler``)."""
+        return ["--ca", str(self.ca_path)] if self.config.tls else ["--plaintext"]
+
+    def _tls_args(self, name: str) -> list[str]:
+        return ["--tls-dir", str(self.pki_dir / name)] if self.config.tls else ["--dev-plaintext"]
 
     def host(self, name: str) -> Host:
         """Where the process ``name`` runs."""
@@ -164,22 +237,25 @@ class Cluster:
     def _args(self, name: str) -> list[str]:
         var, etcd = self.config.var_dir, self.etcd_address
         kind, _, index = name.partition("-")
+        tls = self._tls_args(name)
         if kind == "scheduler":
-            return [*self._listen(name), "--etcd", etcd]
+            internal = self.internal_address(name)
+            return ["--listen", f"{self.host(name).bind}:{self.internal_ports[name]}", "--advertise", internal,
+                    "--admin-listen", f"{self.host(name).bind}:{self.ports[name]}", "--etcd", etcd, *tls]
         if kind == "gateway":
-            return ["--listen", f"{self.host(name).bind}:{self.ports[name]}",
-                    "--scheduler", ",".join(self.scheduler_addresses),
+            return ["--listen", f"{self.host(name).bind}:{self.ports[name]}", *tls,
+                    "--scheduler", ",".join(self.internal_address(n) for n in self.names("scheduler")),
                     *(["--api-keys", self.config.api_keys] if self.config.api_keys else [])]
         blob = "blobstore" + (f"-{index}" if index else "")
         handover = str(var / blob / "handover.sock")
         if kind == "nodeagent":
             return ["--name", self.node_name(name), *self._listen(name), "--etcd", etcd,
                     *self._blobstore_dial(name, blob),
-                    "--handover-socket", handover, "--state-dir", str(self.state_dir(name))]
+                    "--handover-socket", handover, "--state-dir", str(self.state_dir(name)), *tls]
         peers = [self.address(b) for b in self.names("blobstore") if b != blob] if self.config.static_peers else []
         return ["--listen", f"{self.host(name).bind}:{self.ports[name]}", "--dirs",
                 f"{var}/{blob}/d0,{var}/{blob}/d1", "--handover-socket", handover,
-                *(["--peers", ",".join(peers)] if peers else [])]
+                *(["--peers", ",".join(peers)] if peers else []), *tls]
 
     def start_service(self, name: str, timeout: float = 60.0) -> subprocess.Popen[bytes]:
         """Starts ``python -m services.<name>`` and waits until its port answers."""
@@ -203,7 +279,8 @@ class Cluster:
             if name == "gateway":
                 import httpx
                 return httpx.get(self.gateway_url + "/healthz", timeout=1).status_code == 200
-            ch = grpc.insecure_channel(self.address(name))
+            ch = blocking_channel(self.internal_address(name), self.client_tls(Identity("admin", "devcluster")),
+                                  server_role=kind)
             try:
                 grpc.channel_ready_future(ch).result(timeout=1)
                 return True
@@ -215,6 +292,8 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.config.var_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.tls:
+            self._issue_all()
         if not self.config.etcd_endpoints:
             self.etcd.start()
         for blob, agent in zip(self.names("blobstore"), self.names("nodeagent"), strict=True):
@@ -252,15 +331,17 @@ class Cluster:
         self.stop()
 
 
-async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeout: float = 180.0) -> None:  # noqa: ASYNC109
-    """Creates the demo function (if absent) and waits until it is READY."""
+async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeout: float = 180.0,  # noqa: ASYNC109
+                      tls: ClientTls | None = None) -> None:
+    """Creates the demo function (if absent) and waits until it is READY; ``tls``: the cluster's
+    ``client_tls()`` (None: plaintext)."""
     from snapwake import errors
-    from snapwake.grpcclient import call
+    from snapwake.grpcclient import call, channel
     from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
     spec = types_pb2.FunctionSpec(tenant="default", namespace="default", name=name, image="builtin",
                                   model_dir=str(model_dir))
-    async with grpc.aio.insecure_channel(scheduler) as ch:
+    async with channel(scheduler, tls, server_role="scheduler" if tls else "") as ch:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
         deadline = time.monotonic() + timeout
         fid = f"default/default/{name}"
@@ -302,10 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
     with Cluster(config) as cluster:
         print("deploying the demo model (snapshot build and pre-warm) ...", flush=True)
-        asyncio.run(deploy_demo(cluster.scheduler_address, model_dir))
+        asyncio.run(deploy_demo(cluster.scheduler_address, model_dir, tls=cluster.client_tls()))
         url = cluster.gateway_url
-        print(f"\nSnapwake is up.\n  OpenAI base URL: {url}/v1\n  admin API (gRPC): {cluster.scheduler_address}\n"
+        print(f"\nSnapwake is up.\n  OpenAI base URL: {url}/v1\n  admin API (gRPC over TLS): {cluster.scheduler_address}"
+              f" (CA {cluster.ca_path})\n"
               f"  dashboard: {url}/dashboard/\n  logs: {config.var_dir / 'logs'}\n\nTry:\n"
+              f"  grpcurl -cacert {cluster.ca_path} {cluster.scheduler_address} list\n"
               f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' "
               f"-d '{{\"model\": \"demo\", \"stream\": true, \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"hello\"}}]}}'\n\nCtrl-C stops everything.", flush=True)

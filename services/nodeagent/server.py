@@ -91,7 +91,7 @@ async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
         agent = NodeAgent(config, etcd, containers, _checkpointer(bool(gpus)), gpus, host_memory_bytes(),
                           node_gpus=node_gpus, images=images,
                           sandbox=RuncSandbox(config, node_gpus, containers.isolates_network))
-        server = GrpcServer(config.listen, [SERVICE_NAME])
+        server = GrpcServer(config.listen, [SERVICE_NAME], tls=config.server_tls(), health_bind=config.health_listen)
         nodeagent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(agent), server.server)
         await agent.start()
         try:
