@@ -70,6 +70,9 @@ class ClusterConfig:
     gateway_port: int = 8000
     """Port of the OpenAI gateway (0 picks a free one)."""
     scheduler_port: int = 7001
+    """The scheduler's admin port (TLS without a client certificate: CLI, grpcurl)."""
+    scheduler_internal_port: int = 7000
+    """Its mutual-TLS port (gateways' claims); a free one when ``scheduler_port`` is 0."""
     nodeagent_port: int = 7002
     blobstore_port: int = 7003
     etcd_port: int = 2379
@@ -115,6 +118,8 @@ class Cluster:
                 self.ports[f"{kind}-{i}"] = free_port()
         # A scheduler's ``ports`` entry is its admin port; gateways dial this one (mutual TLS).
         self.internal_ports = {name: free_port() for name in self.names("scheduler")}
+        if config.scheduler_port and config.scheduler_internal_port:
+            self.internal_ports["scheduler"] = config.scheduler_internal_port
         self.pki_dir = config.var_dir / "pki"
         etcd_host = self.host("etcd")
         self.etcd = EtcdProcess(config.var_dir / "etcd", port(config.etcd_port),

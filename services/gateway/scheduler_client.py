@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 
 from snapwake import errors
 from snapwake.grpcclient import call, channel
-from snapwake.tlsconfig import ClientTls
 from snapwake.imageref import is_builtin
 from snapwake.openai import ModelLimits
+from snapwake.tlsconfig import ClientTls
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 __all__ = ["Claim", "ClaimSource", "FunctionInfo", "GrpcSchedulerClient", "HeldClaim", "SchedulerClient"]
