@@ -120,6 +120,8 @@ class Cluster:
         self.internal_ports = {name: free_port() for name in self.names("scheduler")}
         if config.scheduler_port and config.scheduler_internal_port:
             self.internal_ports["scheduler"] = config.scheduler_internal_port
+        # Plaintext ports serving only grpc.health.v1 (what kubelet's probes dial).
+        self.health_ports = {n: free_port() for k in ("scheduler", "nodeagent", "blobstore") for n in self.names(k)}
         self.pki_dir = config.var_dir / "pki"
         etcd_host = self.host("etcd")
         self.etcd = EtcdProcess(config.var_dir / "etcd", port(config.etcd_port),
@@ -194,8 +196,13 @@ class Cluster:
         """``snapwake`` flags reaching this cluster's admin API (after ``--scheduler``)."""
         return ["--ca", str(self.ca_path)] if self.config.tls else ["--plaintext"]
 
+    def health_address(self, name: str) -> str:
+        """``host:port`` of the plaintext health-only port of the process ``name``."""
+        return f"{self.host(name).address}:{self.health_ports[name]}"
+
     def _tls_args(self, name: str) -> list[str]:
-        return ["--tls-dir", str(self.pki_dir / name)] if self.config.tls else ["--dev-plaintext"]
+        health = ["--health-listen", f"{self.host(name).bind}:{self.health_ports[name]}"] if name in self.health_ports else []
+        return [*(["--tls-dir", str(self.pki_dir / name)] if self.config.tls else ["--dev-plaintext"]), *health]
 
     def host(self, name: str) -> Host:
         """Where the process ``name`` runs."""
