@@ -160,7 +160,7 @@ class NodeAgentConfig(ServerSettings):
 
     def validate(self) -> list[str]:
         """Every bad key, by name."""
-        bad = self.tls_problems("nodeagent", self.name)
+        bad = self.tls_problems("nodeagent")
         for key in ("listen", "etcd", "blobstore"):
             try:
                 (parse_endpoints if key == "etcd" else parse_address)(getattr(self, key))

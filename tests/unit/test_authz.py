@@ -110,7 +110,7 @@ def test_without_a_certificate_a_service_may_start_only_with_dev_plaintext(cls: 
 
 
 @pytest.mark.parametrize(("argv", "needle"), [
-    (["--tls-dir", "{pki}/gateway"], "tls_cert: .* is gateway/gw, not blobstore"),  # another role's certificate
+    (["--tls-dir", "{pki}/gateway"], "tls_cert: .* is gateway/gw, not blobstore/<name>"),  # another role's certificate
     (["--tls-dir", "{pki}/nowhere"], "tls_ca: .* is not a readable file"),
     (["--tls-ca", "{pki}/ca.crt"], "tls_cert: not set"),
     (["--tls-dir", "{pki}/blobstore", "--dev-plaintext"], "dev_plaintext: set together with a certificate"),
@@ -122,9 +122,9 @@ def test_bad_tls_keys_are_named(argv: list[str], needle: str, pkidir: Path) -> N
         load(BlobstoreConfig, [a.format(pki=pkidir) for a in argv], env={})
 
 
-def test_a_nodeagent_certificate_must_name_its_node(pkidir: Path) -> None:
-    with pytest.raises(ConfigError, match="nodeagent/node-1, not nodeagent/node-2"):
-        load(NodeAgentConfig, ["--tls-dir", str(pkidir / "nodeagent"), "--name", "node-2"], env={})
+def test_a_nodeagent_certificate_must_be_a_nodeagents(pkidir: Path) -> None:
+    with pytest.raises(ConfigError, match="blobstore/node-1, not nodeagent"):
+        load(NodeAgentConfig, ["--tls-dir", str(pkidir / "blobstore"), "--name", "node-1"], env={})
 
 
 def test_the_pki_command_writes_a_tls_dir_per_identity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
