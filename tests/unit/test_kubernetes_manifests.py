@@ -275,9 +275,9 @@ def test_container_ports_are_the_ports_the_config_listens_on(target: str) -> Non
         assert named.pop("grpc" if service != "gateway" else "http") == listen, f"{w.name}/{c['name']}"
         if getattr(config, "metrics_port", 0):
             assert named.pop("metrics") == config.metrics_port, f"{w.name}/{c['name']}"
-        for name, key in (("admin", "admin_listen"), ("health", "health_listen")):
-            if getattr(config, key, ""):
-                assert named.pop(name) == parse_address(getattr(config, key))[1], f"{w.name}/{c['name']}"
+        for name, setting in (("admin", "admin_listen"), ("health", "health_listen")):
+            if getattr(config, setting, ""):
+                assert named.pop(name) == parse_address(getattr(config, setting))[1], f"{w.name}/{c['name']}"
         assert not named, f"{w.name}/{c['name']}: ports nothing listens on: {named}"
         for probe in ("readinessProbe", "livenessProbe"):
             port = c[probe].get("grpc", c[probe].get("httpGet", {})).get("port")
