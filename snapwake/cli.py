@@ -15,6 +15,10 @@ image is any ``--image`` but ``builtin`` (``oci-archive:/path/img.tar``, ``ghcr.
 Its state goes to stderr (with ``--wait``: once the deploy is validated or failed), and progress
 too, so ``-o json`` output on stdout stays parseable.
 
+The admin API is TLS without a client certificate: ``--ca`` (or ``$SNAPWAKE_CA``) names the CA the
+scheduler's certificate is checked against (``make run``: ``var/pki/ca.crt``), else the system's
+roots; ``--plaintext`` is for a cluster run with ``--dev-plaintext``.
+
 ``node cordon`` keeps new instances off a node; ``node drain`` also moves its instances off it
 (each stops once it serves no request; replacements start elsewhere) and waits, unless
 ``--no-wait``, until none is left there; ``node uncordon`` lifts either.

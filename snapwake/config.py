@@ -80,7 +80,7 @@ def load(cls: type[T], argv: Sequence[str] | None = None, env: Mapping[str, str]
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     for f in fields:
         # A boolean flag alone means true (``--dev-plaintext``); ``--flag off`` still works.
-        flag = {"nargs": "?", "const": "true"} if hints[f.name] is bool else {}
+        flag: dict[str, Any] = {"nargs": "?", "const": "true"} if hints[f.name] is bool else {}
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
                             help=f.metadata.get("help", ""), **flag)
     ns = parser.parse_args(list(argv) if argv is not None else None)

@@ -10,6 +10,10 @@ and let ``asyncio.CancelledError`` through untouched:
     for message in blocking_stream(stub.Method, request, timeout=5.0):  # on a blocking channel
         ...
 
+``channel(address, tls, server_role=...)`` is plaintext without ``tls``; with it, TLS that presents
+the service's own certificate (mutual TLS; ``snapwake.tlsconfig``) and checks the server's under
+``<server_role>.snapwake.internal``, so a gateway dialling a scheduler accepts only a scheduler.
+
 No code outside this module catches ``grpc.RpcError`` (tests/unit/test_architecture.py checks).
 The helpers are plain functions, not a client interceptor, so a caller's cancel reaches the
 server exactly as ``_awaited`` below arranges.
