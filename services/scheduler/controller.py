@@ -224,7 +224,13 @@ class Controller:
         return lambda: self._start_standby(fn, node_name)
 
     async def _start_standby(self, fn: Function, node_name: str) -> None:
-        placement = await self.starter.place(fn, {node_name})
+        placement = None
+        if fn.spec.resources.gpu_count:
+            # A standby restores onto the GPU it was made on: spread them over the node's GPUs
+            # (fewest standbys first), so the functions parked on one node can serve at once.
+            placement = await self.starter.place(fn, {node_name}, self._emptiest_gpus(node_name))
+        if placement is None:
+            placement = await self.starter.place(fn, {node_name})
         if placement is None:
             return
         try:
@@ -236,6 +242,19 @@ class Controller:
                      extra={"function_id": fn.id})
             return
         self._standbys_started[inst.id] = (node_name, time.monotonic())
+
+    def _emptiest_gpus(self, node_name: str) -> frozenset[tuple[str, int]] | None:
+        node = self.state.node(node_name)
+        if node is None or not node.gpus:
+            return None
+        count = dict.fromkeys((g.index for g in node.gpus), 0)
+        starting = [i for i in self.starter.pending.values() if i.state == InstanceState.INSTANCE_STATE_CREATING]
+        for i in [*self.state.instances(), *starting]:
+            if i.node == node_name and i.gpu_index in count and i.state in (
+                    InstanceState.INSTANCE_STATE_STANDBY, InstanceState.INSTANCE_STATE_CREATING):
+                count[i.gpu_index] += 1
+        least = min(count.values())
+        return frozenset((node_name, idx) for idx, n in count.items() if n == least)
 
     def _cleanup(self, functions: dict[str, Function]) -> None:
         for inst in self.state.instances():

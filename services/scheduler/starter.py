@@ -86,15 +86,17 @@ class Starter:
         held.update(self.pending)
         return policy.ClusterView(nodes, tuple(held.values()), self.state.cordoned())
 
-    def request(self, fn: Function) -> policy.Request:
+    def request(self, fn: Function, gpus: frozenset[tuple[str, int]] | None = None) -> policy.Request:
         return policy.Request(fn.id, fn.revision, fn.spec.resources.gpu_count,
                               fn.spec.resources.gpu_memory_bytes, keys.snapshot_id(fn.id, fn.revision),
-                              time.time())
+                              time.time(), gpus)
 
     @telemetry.traced("placement")
-    async def place(self, fn: Function, only: set[str] | None = None) -> policy.Placement | None:
-        """A node and GPU for one instance of ``fn``, evicting idle instances if that makes room."""
-        req = self.request(fn)
+    async def place(self, fn: Function, only: set[str] | None = None,
+                    gpus: frozenset[tuple[str, int]] | None = None) -> policy.Placement | None:
+        """A node and GPU for one instance of ``fn`` (among ``gpus`` if given), evicting idle
+        instances if that makes room."""
+        req = self.request(fn, gpus)
         status, placement = policy.schedule(req, self.view(only), self.filters, self.scores)
         if placement is not None:
             return placement
@@ -107,7 +109,7 @@ class Starter:
     async def _evict_for(self, req: policy.Request, only: set[str] | None) -> bool:
         view = self.view(only)
         rooms = [GpuRoom(n.name, idx, free) for n in view.nodes
-                 for idx, free in gpu_free_bytes(n, view.on_node(n.name)).items()]
+                 for idx, free in gpu_free_bytes(n, view.on_node(n.name)).items() if req.allows(n.name, idx)]
         mins = {f.id: f.spec.policy.min_instances for f in self.state.functions()}
         plan = plan_eviction(req.gpu_memory_bytes, rooms, list(view.instances), mins, self.table.busy_instances())
         node = self.state.node(plan.node) if plan else None
@@ -178,9 +180,16 @@ class Starter:
         if standbys and not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
             standbys = []  # its snapshot is corrupt or being rebuilt: never attach it, start normally
         if standbys:
-            placement = await self.place(fn, {i.node for i in standbys})
+            # A standby restores onto the GPU it was checkpointed on (the node refuses another:
+            # the sandbox grants the container that GPU's device node alone). When none of those
+            # GPUs has room even after evicting idle instances, a normal start on another GPU
+            # serves instead: slower, but never a refused restore.
+            on_gpu = bool(fn.spec.resources.gpu_count)
+            placement = await self.place(fn, {i.node for i in standbys},
+                                         frozenset((i.node, i.gpu_index) for i in standbys) if on_gpu else None)
             if placement is not None:
-                chosen = next(i for i in standbys if i.node == placement.node.name)
+                chosen = next(i for i in standbys if i.node == placement.node.name
+                              and (not on_gpu or i.gpu_index == placement.gpu_index))
                 try:
                     return await self._restore(fn, chosen, placement)
                 except NodeUnreachable as exc:

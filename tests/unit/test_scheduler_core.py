@@ -229,6 +229,27 @@ async def test_a_standby_is_restored_only_while_its_snapshot_is_usable(
     assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_RUNNING
 
 
+@pytest.mark.parametrize(("standby_gpu", "busy_gpu", "op", "lands_on"), [
+    (1, None, "restore", 1),  # both GPUs empty: restored on its own GPU 1, not the first-fit GPU 0
+    (0, 0, "start", 1),       # its GPU is held by a busy instance: a normal start on the GPU with room
+])
+async def test_a_standby_restores_only_onto_the_gpu_it_was_checkpointed_on(
+        core: Core, standby_gpu: int, busy_gpu: int | None, op: str, lands_on: int) -> None:
+    fn = function(gib=50, mode=SnapshotMode.SNAPSHOT_MODE_ARENA, standby_per_node=1)
+    other = function("g", gib=50)
+    standby = instance("i-00000000000a", fn, InstanceState.INSTANCE_STATE_STANDBY)
+    standby.gpu_index = standby_gpu
+    busy = instance("i-00000000000b", other, InstanceState.INSTANCE_STATE_RUNNING)
+    busy.gpu_index = busy_gpu or 0
+    await core.put(node(gpus=2), fn, other, snapshot(fn, SnapshotState.SNAPSHOT_STATE_READY), standby,
+                   *([busy] if busy_gpu is not None else []))
+    result = await core.starter.start(fn)
+    assert result is not None
+    assert [c.op for c in core.nodes.calls] == [op]
+    assert result.instance.gpu_index == lands_on
+    assert (result.instance.id == standby.id) == (op == "restore")
+
+
 async def test_no_room_is_none_and_calls_no_node(core: Core) -> None:
     fn = function(gib=100)
     await core.put(node(gib=80), fn)
@@ -443,6 +464,16 @@ async def test_an_instance_idle_past_its_timeout_is_stopped_or_parked(
     await until(lambda: (i := core.state.instance(idle.id)) is None and after is None
                 or i is not None and i.state == after, "the instance's new state")
     assert [c.op for c in core.nodes.calls] == [op]
+
+
+async def test_standbys_are_spread_over_the_gpus_of_a_node(core: Core) -> None:
+    fns = [function(name, gib=20, standby_per_node=1, mode=SnapshotMode.SNAPSHOT_MODE_ARENA) for name in "abcd"]
+    await core.put(node(gpus=2), *fns, *(snapshot(f, SnapshotState.SNAPSHOT_STATE_READY) for f in fns))
+    # Several at a time: a standby start holds its slice until it checkpoints.
+    await until(lambda: core.controller.reconcile() or sum(
+        i.state == InstanceState.INSTANCE_STATE_STANDBY for i in core.state.instances()) == 4, "four standbys")
+    on_gpu = sorted(i.gpu_index for i in core.state.instances() if i.state == InstanceState.INSTANCE_STATE_STANDBY)
+    assert on_gpu == [0, 0, 1, 1]
 
 
 async def test_a_node_without_host_memory_for_a_standby_is_not_asked_again_at_once(core: Core) -> None:
