@@ -93,12 +93,12 @@ class Starter:
 
     @telemetry.traced("placement")
     async def place(self, fn: Function, only: set[str] | None = None,
-                    gpus: frozenset[tuple[str, int]] | None = None) -> policy.Placement | None:
+                    gpus: frozenset[tuple[str, int]] | None = None, evict: bool = True) -> policy.Placement | None:
         """A node and GPU for one instance of ``fn`` (among ``gpus`` if given), evicting idle
-        instances if that makes room."""
+        instances if that makes room (unless ``evict`` is false)."""
         req = self.request(fn, gpus)
         status, placement = policy.schedule(req, self.view(only), self.filters, self.scores)
-        if placement is not None:
+        if placement is not None or not evict:
             return placement
         if req.gpu_count and await self._evict_for(req, only):
             status, placement = policy.schedule(req, self.view(only), self.filters, self.scores)
@@ -179,23 +179,29 @@ class Starter:
                     and i.state == InstanceState.INSTANCE_STATE_STANDBY and i.id not in self.restoring]
         if standbys and not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
             standbys = []  # its snapshot is corrupt or being rebuilt: never attach it, start normally
+        placement = None
         if standbys:
             # A standby restores onto the GPU it was checkpointed on (the node refuses another:
-            # the sandbox grants the container that GPU's device node alone). When none of those
-            # GPUs has room even after evicting idle instances, a normal start on another GPU
-            # serves instead: slower, but never a refused restore.
+            # the sandbox grants the container that GPU's device node alone). First a standby's
+            # GPU with room as it is; else placement as for any start, least recently used idle
+            # instances evicted wherever that frees room, restoring if that GPU holds a standby
+            # and starting normally if not (slower, but never a refused restore).
             on_gpu = bool(fn.spec.resources.gpu_count)
-            placement = await self.place(fn, {i.node for i in standbys},
-                                         frozenset((i.node, i.gpu_index) for i in standbys) if on_gpu else None)
+            pairs = frozenset((i.node, i.gpu_index) for i in standbys) if on_gpu else None
+            placement = await self.place(fn, {i.node for i in standbys}, pairs, evict=not on_gpu)
+            if placement is None and on_gpu:
+                placement = await self.place(fn)
             if placement is not None:
-                chosen = next(i for i in standbys if i.node == placement.node.name
-                              and (not on_gpu or i.gpu_index == placement.gpu_index))
-                try:
-                    return await self._restore(fn, chosen, placement)
-                except NodeUnreachable as exc:
-                    log.warning("%s; placing elsewhere", exc.message, extra={"function_id": fn.id})
-                    return None  # the caller places again; the view now leaves that node out
-        placement = await self.place(fn)
+                chosen = next((i for i in standbys if i.node == placement.node.name
+                               and (not on_gpu or i.gpu_index == placement.gpu_index)), None)
+                if chosen is not None:
+                    try:
+                        return await self._restore(fn, chosen, placement)
+                    except NodeUnreachable as exc:
+                        log.warning("%s; placing elsewhere", exc.message, extra={"function_id": fn.id})
+                        return None  # the caller places again; the view now leaves that node out
+        if placement is None:
+            placement = await self.place(fn)
         if placement is None:
             return None
         try:
