@@ -8,7 +8,10 @@ card). Through the gateway, with the real ``openai`` client (``max_retries=0``):
      and NVML's per-GPU memory both say so);
   2. f3 is called while both idle: the least recently used of f1/f2 is evicted (parked or
      stopped) and f3 is served on the GPU it freed;
-  3. the evicted function is called again: its cold start lands on a GPU that has room.
+  3. the evicted function is called again: the least recently used (f2) is evicted and f1's cold
+     start lands on the GPU that freed.
+A standby restores onto the GPU it was checkpointed on; each call records whether it was warm, a
+restored standby or a normal start.
 Each step records which instance served on which GPU, NVML's used memory per GPU, CS-TTFT, and
 whether the step's expectation held. Results: JSON to ``--out`` (``bench/results/multigpu-h100x2.json``).
 
@@ -117,6 +120,18 @@ class Run:
         return gpus[0] if gpus else None
 
     def call(self, name: str) -> dict[str, Any]:
+        before = self.instances()
+        standbys = {i["id"]: i["gpu_index"] for i in before if i["function"] == name and i["state"] == "INSTANCE_STATE_STANDBY"}
+        warm = {i["id"] for i in before if i["function"] == name and i["serving"]}
+        out = self._call(name)
+        served = [i for i in self.instances() if i["function"] == name and i["serving"]]
+        iid = served[0]["id"] if served else None
+        out.update(instance=iid, gpu_index=served[0]["gpu_index"] if served else None,
+                   standbys_before=standbys,
+                   start="warm" if iid in warm else "restored standby" if iid in standbys else "normal start")
+        return out
+
+    def _call(self, name: str) -> dict[str, Any]:
         t = time.monotonic()
         stream = self.client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
                                                      max_tokens=4, stream=True)
@@ -164,9 +179,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         step = r.snapshot("f1 and f2 at once")
         g1, g2 = r.serving_gpu("f1"), r.serving_gpu("f2")
         step.update(calls=calls, f1_gpu=g1, f2_gpu=g2,
-                    gpu_growth_mib=[u - s for u, s in zip(step["gpu_used_mib"], results["gpus_at_start_mib"])],
+                    gpu_growth_mib=[u - s for u, s in zip(step["gpu_used_mib"], results["gpus_at_start_mib"], strict=True)],
                     ok=g1 is not None and g2 is not None and g1 != g2
-                    and all(u - s >= 1024 for u, s in zip(step["gpu_used_mib"][:2], results["gpus_at_start_mib"])))
+                    and all(u - s >= 1024 for u, s in zip(step["gpu_used_mib"][:2], results["gpus_at_start_mib"][:2], strict=True)))
         results["steps"].append(step)
         save()
         # 2. A third: the least recently used of f1/f2 (f1: called first, then f2 again) is evicted.
@@ -182,9 +197,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         # 3. The evicted one again: its cold start lands where there is room (evicting LRU f2 or f3).
         calls = [r.call("f1")]
         step = r.snapshot("f1 again")
-        step.update(calls=calls, f1_gpu=r.serving_gpu("f1"),
-                    ok=r.serving_gpu("f1") is not None and len({i["gpu_index"] for i in r.instances()
-                                                                 if i["serving"]}) == 2)
+        step.update(calls=calls, f1_gpu=r.serving_gpu("f1"), f2_gpu=r.serving_gpu("f2"), f3_gpu=r.serving_gpu("f3"),
+                    ok=r.serving_gpu("f1") == g2 and r.serving_gpu("f2") is None and r.serving_gpu("f3") == g1)
         results["steps"].append(step)
         save()
     results["all_ok"] = all(s.get("ok", True) for s in results["steps"])
