@@ -8,8 +8,9 @@ card). Through the gateway, with the real ``openai`` client (``max_retries=0``):
      and NVML's per-GPU memory both say so);
   2. f3 is called while both idle: the least recently used of f1/f2 is evicted (parked or
      stopped) and f3 is served on the GPU it freed;
-  3. the evicted function is called again: the least recently used (f2) is evicted and f1's cold
-     start lands on the GPU that freed.
+  3. the evicted function is called again: its standby is on the GPU it parked on, so the least
+     recently used instance of that GPU gives way and it restores there (a restore, ~1 s, beats
+     evicting the less recently used f2 on the other GPU for a normal start, ~14 s).
 A standby restores onto the GPU it was checkpointed on; each call records whether it was warm, a
 restored standby or a normal start.
 Each step records which instance served on which GPU, NVML's used memory per GPU, CS-TTFT, and
@@ -197,8 +198,11 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         # 3. The evicted one again: its cold start lands where there is room (evicting LRU f2 or f3).
         calls = [r.call("f1")]
         step = r.snapshot("f1 again")
+        # f1 parked on g1 in step 2, so its standby is there: f3 (idle on g1) gives way and f1
+        # restores, rather than evicting the less recently used f2 for a normal start on g2.
         step.update(calls=calls, f1_gpu=r.serving_gpu("f1"), f2_gpu=r.serving_gpu("f2"), f3_gpu=r.serving_gpu("f3"),
-                    ok=r.serving_gpu("f1") == g2 and r.serving_gpu("f2") is None and r.serving_gpu("f3") == g1)
+                    ok=r.serving_gpu("f1") == g1 and r.serving_gpu("f2") == g2 and r.serving_gpu("f3") is None
+                    and calls[0]["start"] == "restored standby")
         results["steps"].append(step)
         save()
     results["all_ok"] = all(s.get("ok", True) for s in results["steps"])

@@ -250,21 +250,27 @@ async def test_a_standby_restores_only_onto_the_gpu_it_was_checkpointed_on(
     assert (result.instance.id == standby.id) == (op == "restore")
 
 
-@pytest.mark.parametrize(("standby_gpu", "op"), [(0, "restore"), (1, "start")])
-async def test_a_full_node_evicts_the_least_recently_used_whichever_gpu_holds_the_standby(
-        core: Core, standby_gpu: int, op: str) -> None:
+@pytest.mark.parametrize(("standby_gpu", "victim", "op"), [
+    (0, "lru", "restore"),     # the least recently used idles on the standby's GPU
+    (1, "recent", "restore"),  # a restore after evicting a more recent one beats a normal start
+    (None, "lru", "start"),    # no standby: least recently used, then a normal start
+])
+async def test_a_full_node_evicts_least_recently_used_on_the_gpus_a_standby_can_restore_onto(
+        core: Core, standby_gpu: int | None, victim: str, op: str) -> None:
     fn = function(gib=50, mode=SnapshotMode.SNAPSHOT_MODE_ARENA, standby_per_node=1)
     others = [function(name, gib=50) for name in ("old", "new")]
     standby = instance("i-00000000000a", fn, InstanceState.INSTANCE_STATE_STANDBY)
-    standby.gpu_index = standby_gpu
+    standby.gpu_index = standby_gpu or 0
     lru = instance("i-00000000000b", others[0], InstanceState.INSTANCE_STATE_IDLE, idle_for_s=100)
     recent = instance("i-00000000000c", others[1], InstanceState.INSTANCE_STATE_IDLE, idle_for_s=10)
     recent.gpu_index = 1
-    await core.put(node(gpus=2), fn, *others, snapshot(fn, SnapshotState.SNAPSHOT_STATE_READY), standby, lru, recent)
+    await core.put(node(gpus=2), fn, *others, snapshot(fn, SnapshotState.SNAPSHOT_STATE_READY), lru, recent,
+                   *([standby] if standby_gpu is not None else []))
     result = await core.starter.start(fn)
-    assert result is not None and result.instance.gpu_index == 0
+    evicted = lru if victim == "lru" else recent
+    assert result is not None and result.instance.gpu_index == evicted.gpu_index
     assert [(c.op, c.instance_id) for c in core.nodes.calls] == [
-        ("stop", lru.id), (op, standby.id if op == "restore" else result.instance.id)]
+        ("stop", evicted.id), (op, standby.id if op == "restore" else result.instance.id)]
 
 
 async def test_no_room_is_none_and_calls_no_node(core: Core) -> None:
