@@ -107,6 +107,15 @@ class Run:
             time.sleep(0.5)
         raise TimeoutError(f"no standby for every function within {bound_s} s: {self.instances()}")
 
+    def wait_idle(self, name: str, bound_s: float = 30) -> None:
+        """Until ``name``'s instance reports IDLE (only an idle instance may be evicted)."""
+        deadline = time.monotonic() + bound_s
+        while time.monotonic() < deadline:
+            if any(i["function"] == name and i["state"] == "INSTANCE_STATE_IDLE" for i in self.instances()):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} not IDLE within {bound_s} s: {self.instances()}")
+
     def instances(self) -> list[dict[str, Any]]:
         out = []
         for name in NAMES:
@@ -187,7 +196,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         save()
         # 2. A third: the least recently used of f1/f2 (f1: called first, then f2 again) is evicted.
         r.call("f2")
-        time.sleep(1.0)
+        r.wait_idle("f1")
+        r.wait_idle("f2")
         calls = [r.call("f3")]
         step = r.snapshot("f3 while f1 and f2 idle")
         g3 = r.serving_gpu("f3")
@@ -196,6 +206,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         results["steps"].append(step)
         save()
         # 3. The evicted one again: its cold start lands where there is room (evicting LRU f2 or f3).
+        r.wait_idle("f3")
         calls = [r.call("f1")]
         step = r.snapshot("f1 again")
         # f1 parked on g1 in step 2, so its standby is there: f3 (idle on g1) gives way and f1
