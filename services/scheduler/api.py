@@ -123,7 +123,8 @@ def _admin(change: bool, resource: Callable[[Any], str] = lambda _: "") -> Calla
 
 def _instance_refused(caller: Caller, instance_id: str) -> errors.PermissionDenied:
     """The one answer a tenant gets for an instance that is not its own, or does not exist."""
-    return errors.PermissionDenied(f"instance {instance_id!r} is not an instance of tenant {caller.tenant}")
+    return errors.PermissionDenied(f"instance {instance_id!r} is not an instance of tenant {caller.tenant} "
+                                   f"(token {caller.token_id})")
 
 
 def _description(text: str) -> str:
