@@ -34,7 +34,15 @@ from snapwake.grpcclient import channel
 from snapwake.testing import EtcdProcess
 from snapwake.v1 import scheduler_pb2 as pb
 from snapwake.v1 import scheduler_pb2_grpc
-from snapwake.v1.types_pb2 import FunctionSpec, Instance, InstanceState, Policy, Resources, Snapshot, SnapshotMode
+from snapwake.v1.types_pb2 import (
+    FunctionSpec,
+    Instance,
+    InstanceState,
+    Policy,
+    Resources,
+    Snapshot,
+    SnapshotMode,
+)
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio(loop_scope="module")]
 GIB = 1 << 30
