@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from services.gateway.scheduler_client import GrpcSchedulerClient
 from services.scheduler.app import Scheduler
 from services.scheduler.bootstrap import ensure_operator_token, ensure_secret
 from services.scheduler.config import SchedulerConfig
-from snapwake import keys
+from snapwake import cli, keys
 from snapwake.etcd import Etcd
 from snapwake.grpcclient import channel
 from snapwake.testing import EtcdProcess
@@ -276,3 +277,46 @@ async def test_an_api_key_works_and_stops_working_within_the_refresh_bound(env: 
         await env.call(env.operator, "RevokeApiKey", pb.RevokeApiKeyRequest(id=made.key.id))
         took = await _until_status(http, made.secret, 401, bound_s)
         assert took <= bound_s
+
+
+async def _cli(*argv: str) -> int:
+    return await asyncio.to_thread(cli.main, list(argv))
+
+
+async def test_the_cli_manages_keys_tokens_and_quotas(env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    (tmp_path / "op").write_text(env.operator + "\n")
+    (tmp_path / "acme").write_text(env.acme)
+    op = ["--scheduler", f"127.0.0.1:{env.sched.port}", "--token-file", str(tmp_path / "op")]
+    assert await _cli(*op, "apikey", "create", "acme", "--description", "from the cli") == 0
+    out = capsys.readouterr().out
+    kid = re.search(r"^id: ([0-9a-f]{12})$", out, re.M)
+    secret = re.search(r"(sk-sw-\S+)", out)
+    assert kid and secret and secret.group(1).startswith(f"sk-sw-{kid.group(1)}-")
+    assert await _cli(*op, "apikey", "list", "--prefix", kid.group(1)) == 0
+    listed = capsys.readouterr().out
+    assert kid.group(1) in listed and "from the cli" in listed and secret.group(1) not in listed
+    assert await _cli(*op, "apikey", "revoke", kid.group(1)) == 0
+    assert await _cli(*op, "apikey", "revoke", kid.group(1)) == 3  # not found
+    assert await _cli(*op, "quota", "set", "globex", "--functions", "5", "--gpu-memory", "10GiB") == 0
+    capsys.readouterr()
+    assert await _cli(*op, "quota", "get", "globex") == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["functions"] == ["5", str(len((await env.call(env.operator, "ListFunctions", pb.ListFunctionsRequest(
+        tenant="globex"))).functions))] and rows["gpu_memory_bytes"][0] == str(10 * GIB)
+    acme = ["--scheduler", f"127.0.0.1:{env.sched.port}", "--token-file", str(tmp_path / "acme")]
+    assert await _cli(*acme, "token", "list") == 7  # operator only
+    assert await _cli("--scheduler", f"127.0.0.1:{env.sched.port}", "list") == 7  # no token
+    assert "Unauthenticated: no credentials" in capsys.readouterr().err
+
+
+async def test_bootstrap_keeps_a_known_token_and_writes_it_privately(env: Env, tmp_path: Path) -> None:
+    path = tmp_path / "access" / "op.token"
+    first, created = await ensure_operator_token(env.sched.etcd, path, "t")  # type: ignore[arg-type]
+    assert created and path.stat().st_mode & 0o777 == 0o600
+    again, created = await ensure_operator_token(env.sched.etcd, path, "t", path.read_text().strip())  # type: ignore[arg-type]
+    assert (again, created) == (first, False)
+    await env.call(env.operator, "RevokeAdminToken", pb.RevokeAdminTokenRequest(id=first))
+    fresh, created = await ensure_operator_token(env.sched.etcd, path, "t", path.read_text().strip())  # type: ignore[arg-type]
+    assert created and fresh != first
+    assert (await env.call(path.read_text().strip(), "ListNodes", pb.ListNodesRequest())) is not None
