@@ -28,12 +28,12 @@ __all__ = ["build_app"]
 log = logging.getLogger(__name__)
 
 
-def _dashboard(client: SchedulerClient, config: GatewayConfig) -> list[BaseRoute]:
+def _dashboard(client: SchedulerClient, keys: KeyStore) -> list[BaseRoute]:
     """The read-only dashboard at /dashboard, when the client offers the scheduler's admin lists
     (the gRPC client does; the in-memory one does not, and has nothing to show)."""
     if not isinstance(client, dashboard.AdminLists):
         return []
-    return [Mount("/dashboard", app=dashboard.build_app(client, per_tenant=bool(config.keys)))]
+    return [Mount("/dashboard", app=dashboard.build_app(client, per_tenant=bool(keys)))]
 
 
 def _warn_about_keys(keys: KeyStore, operators: KeyStore) -> None:
@@ -73,7 +73,7 @@ def build_app(client: SchedulerClient, config: GatewayConfig, upstream: Upstream
 
     # DashboardKeyMiddleware turns the dashboard's key cookie into the Bearer header that
     # AuthMiddleware checks, so it must run first.
-    app = Starlette(routes=[*routes(serving), *_dashboard(client, config)], lifespan=lifespan,
+    app = Starlette(routes=[*routes(serving), *_dashboard(client, keys)], lifespan=lifespan,
                     middleware=[Middleware(RequestIdMiddleware),
                                 Middleware(dashboard.DashboardKeyMiddleware, keys=keys),
                                 Middleware(AuthMiddleware, keys=keys, operators=operators),

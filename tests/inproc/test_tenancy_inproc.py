@@ -270,6 +270,8 @@ async def test_an_api_key_works_and_stops_working_within_the_refresh_bound(env: 
         await _until_status(http, made.secret, 200, bound_s)
         models = (await http.get("/v1/models", headers={"Authorization": f"Bearer {made.secret}"})).json()
         assert models["data"] and {m["owned_by"] for m in models["data"]} == {"acme"}
+        board = await http.get("/dashboard/api/state", headers={"Authorization": f"Bearer {made.secret}"})
+        assert board.status_code == 200 and "acme/prod/chat" in board.text and "globex" not in board.text
         listed = await env.call(env.operator, "ListApiKeys", pb.ListApiKeysRequest(id_prefix=made.key.id[:4]))
         assert [k.id for k in listed.keys] == [made.key.id] and not listed.keys[0].hmac_sha256
         forged = made.secret[:-2] + ("AA" if not made.secret.endswith("AA") else "BB")
