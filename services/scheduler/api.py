@@ -15,6 +15,7 @@ PERMISSION_DENIED. Quotas (``quota``) are checked where functions are created or
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Awaitable, Callable
 from operator import attrgetter
 from typing import Any, Protocol, TypeVar
@@ -125,6 +126,17 @@ def _instance_refused(caller: Caller, instance_id: str) -> errors.PermissionDeni
     """The one answer a tenant gets for an instance that is not its own, or does not exist."""
     return errors.PermissionDenied(f"instance {instance_id!r} is not an instance of tenant {caller.tenant} "
                                    f"(token {caller.token_id})")
+
+
+_CREDENTIAL_ID = re.compile(r"[0-9a-f]{1,12}")
+
+
+def _credential_id(value: str, field: str, prefix: bool = False) -> str:
+    """A token or key id (12 hex digits; a prefix of one with ``prefix``); InvalidArgument otherwise."""
+    if (prefix and not value) or _CREDENTIAL_ID.fullmatch(value) and (prefix or len(value) == 12):
+        return value
+    raise errors.InvalidArgument(f"{field}: expected {'a prefix of ' if prefix else ''}an id of 12 hex digits, "
+                                 f"got {value[:40]!r}", field=field)
 
 
 def _description(text: str) -> str:
@@ -333,7 +345,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def RevokeAdminToken(self, request: scheduler_pb2.RevokeAdminTokenRequest, caller: Caller
                                ) -> scheduler_pb2.RevokeAdminTokenResponse:
         caller.require_operator("RevokeAdminToken")
-        if not request.id or "/" in request.id or not await self.state.etcd.delete(keys.admin_token_key(request.id)):
+        if not await self.state.etcd.delete(keys.admin_token_key(_credential_id(request.id, "id"))):
             raise errors.NotFound(f"admin token {request.id!r} does not exist", field="id")
         return scheduler_pb2.RevokeAdminTokenResponse()
 
@@ -359,9 +371,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def ListApiKeys(self, request: scheduler_pb2.ListApiKeysRequest, caller: Caller
                           ) -> scheduler_pb2.ListApiKeysResponse:
         caller.require_operator("ListApiKeys")
-        if request.id_prefix and "/" in request.id_prefix:
-            raise errors.InvalidArgument("id_prefix: a key id prefix has no '/'", field="id_prefix")
-        found: list[ApiKey] = [e.value for e in await self.state.etcd.list(keys.API_KEYS + request.id_prefix, ApiKey)]  # type: ignore[misc]
+        prefix = _credential_id(request.id_prefix, "id_prefix", prefix=True)
+        found: list[ApiKey] = [e.value for e in await self.state.etcd.list(keys.API_KEYS + prefix, ApiKey)]  # type: ignore[misc]
         found = [k for k in found if not request.tenant or k.tenant == request.tenant]
         for k in found:
             k.ClearField("hmac_sha256")
@@ -371,7 +382,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def RevokeApiKey(self, request: scheduler_pb2.RevokeApiKeyRequest, caller: Caller
                            ) -> scheduler_pb2.RevokeApiKeyResponse:
         caller.require_operator("RevokeApiKey")
-        if not request.id or "/" in request.id or not await self.state.etcd.delete(keys.api_key_key(request.id)):
+        if not await self.state.etcd.delete(keys.api_key_key(_credential_id(request.id, "id"))):
             raise errors.NotFound(f"API key {request.id!r} does not exist", field="id")
         return scheduler_pb2.RevokeApiKeyResponse()
 

@@ -21,6 +21,10 @@ Where each is enforced:
 
 Every refusal is ``errors.ResourceExhausted`` naming the quota, the tenant, the limit and the
 current use.
+
+The admin checks read etcd and then write, without one transaction over the tenant's whole
+prefix: two CreateFunction calls racing at the limit may both pass. The runtime checks read the
+mirror plus the starts in flight, so a tenant's own concurrent starts are counted.
 """
 
 from __future__ import annotations

@@ -322,3 +322,19 @@ async def test_bootstrap_keeps_a_known_token_and_writes_it_privately(env: Env, t
     fresh, created = await ensure_operator_token(env.sched.etcd, path, "t", path.read_text().strip())  # type: ignore[arg-type]
     assert created and fresh != first
     assert (await env.call(path.read_text().strip(), "ListNodes", pb.ListNodesRequest())) is not None
+
+
+@pytest.mark.parametrize(("method", "request_"), [
+    ("RevokeApiKey", pb.RevokeApiKeyRequest(id="../tokens/0123")),
+    ("RevokeAdminToken", pb.RevokeAdminTokenRequest(id="")),
+    ("ListApiKeys", pb.ListApiKeysRequest(id_prefix="x/")),
+    ("CreateAdminToken", pb.CreateAdminTokenRequest(tenant="acme", operator=True)),
+    ("CreateApiKey", pb.CreateApiKeyRequest(tenant="Acme Corp")),
+    ("CreateApiKey", pb.CreateApiKeyRequest(tenant="acme", description="x\n" * 10)),
+])
+async def test_bad_admin_input_is_refused_by_name(env: Env, method: str, request_: Message) -> None:
+    code, details = await env.refused(env.operator, method, request_)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.split(":")[0] in ("id", "id_prefix", "give either tenant or operator, not both or neither",
+                                     "tenant 'Acme Corp' must be 1-63 chars of [a-z0-9-], starting and ending "
+                                     "alphanumeric", "description"), details
