@@ -100,13 +100,16 @@ def _admin(change: bool, resource: Callable[[Any], str] = lambda _: "") -> Calla
 
         @functools.wraps(method)
         async def handler(self: SchedulerServicer, request: Any, context: grpc.aio.ServicerContext) -> R:
-            caller: Caller | None = None
             try:
                 caller = await self.auth.caller(context.invocation_metadata())
-                self.leader.require()
+            except errors.Unauthenticated as exc:
+                self.audit.record(None, context.peer(), name, resource(request), exc.code.name, exc.message)
+                raise
+            self.leader.require()  # a standby's UNAVAILABLE: nothing was tried, nothing to audit
+            try:
                 response = await method(self, request, caller)
             except errors.SnapwakeError as exc:
-                if change or isinstance(exc, errors.Unauthenticated | errors.PermissionDenied):
+                if change or isinstance(exc, errors.PermissionDenied):
                     self.audit.record(caller, context.peer(), name, resource(request), exc.code.name, exc.message)
                 raise
             except Exception:
