@@ -23,6 +23,7 @@ import json
 import logging
 import logging.handlers
 from datetime import UTC, datetime
+from pathlib import Path
 
 from services.scheduler.access import Caller
 
@@ -38,6 +39,7 @@ class AuditLog:
             # A logger object of our own (not from the registry): several schedulers in one
             # test process each keep their own file.
             self._log = logging.Logger("snapwake.audit")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
                                                            encoding="utf-8")
             handler.setFormatter(logging.Formatter("%(message)s"))

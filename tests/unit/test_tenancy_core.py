@@ -238,11 +238,11 @@ async def test_the_controller_starts_no_standby_past_the_tenants_quota(core: Cor
 # Audit -------------------------------------------------------------------------------------
 
 def test_audit_lines_are_json_with_who_what_when_and_outcome(tmp_path: Path) -> None:
-    log = AuditLog(str(tmp_path / "audit.log"))
+    log = AuditLog(str(tmp_path / "logs" / "audit.log"))  # the folder is made
     log.record(Caller("0123456789ab", "acme", False), "ipv4:1.2.3.4:5", "DeleteFunction", "acme/d/a", "OK")
     log.record(None, "ipv4:1.2.3.4:6", "ListNodes", "", "UNAUTHENTICATED", "no credentials")
     log.close()
-    first, second = (json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines())
+    first, second = (json.loads(line) for line in (tmp_path / "logs" / "audit.log").read_text().splitlines())
     assert first["token_id"] == "0123456789ab" and first["tenant"] == "acme" and first["method"] == "DeleteFunction"
     assert first["resource"] == "acme/d/a" and first["outcome"] == "OK" and first["time"].endswith("Z")
     assert second["token_id"] is None and second["outcome"] == "UNAUTHENTICATED" and second["message"] == "no credentials"
