@@ -38,7 +38,7 @@ class AuditLog:
         if path:
             # A logger object of our own (not from the registry): several schedulers in one
             # test process each keep their own file.
-            self._log = logging.Logger("snapwake.audit")
+            self._log = logging.Logger("snapwake.audit", logging.INFO)
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
                                                            encoding="utf-8")
@@ -57,7 +57,7 @@ class AuditLog:
         line.update(peer=peer, method=method, resource=resource[:_RESOURCE_CHARS], outcome=outcome)
         if message:
             line["message"] = message[:_MESSAGE_CHARS]
-        self._log.warning(json.dumps(line, ensure_ascii=True))
+        self._log.info(json.dumps(line, ensure_ascii=True))
 
     def close(self) -> None:
         if self.path:
