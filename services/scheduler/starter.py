@@ -3,7 +3,8 @@
 Placement runs the policy framework over the mirror plus the starts in flight (their slices
 are reserved here until the watch shows them), and evicts LRU idle instances when no GPU has
 room. ``None`` means "no capacity now": the caller waits; ``StartFailed`` means the node tried
-and failed.
+and failed; ``ResourceExhausted`` means the function's tenant is at its GPU memory quota
+(``services.scheduler.quota``), so one tenant cannot take a node's every GPU.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from services.scheduler import policy
+from services.scheduler import policy, quota
 from services.scheduler.claimtable import ClaimTable
 from services.scheduler.nodes import NodeUnreachable
 from services.scheduler.nodes_base import Nodes
@@ -60,8 +61,10 @@ class StartResult:
 
 
 class Starter:
-    def __init__(self, state: ClusterState, nodes: Nodes, table: ClaimTable, stale_after_s: float) -> None:
+    def __init__(self, state: ClusterState, nodes: Nodes, table: ClaimTable, stale_after_s: float,
+                 quotas: quota.Quotas | None = None) -> None:
         self.state, self.nodes, self.table = state, nodes, table
+        self.quotas = quotas or quota.Quotas(quota.Limits())
         self.filters = policy.default_filters(stale_after_s)
         self.scores = policy.default_scores()
         self.pending: dict[str, Instance] = {}
@@ -149,7 +152,7 @@ class Starter:
             return False
         standbys = [i for i in self.state.instances() if i.function_id == fn.id and i.node == inst.node
                     and i.revision == fn.revision and i.state == InstanceState.INSTANCE_STATE_STANDBY]
-        return len(standbys) < fn.spec.policy.standby_per_node
+        return len(standbys) < fn.spec.policy.standby_per_node and self.standby_room(quota.tenant_of(fn.id)) > 0
 
     async def park(self, node: Node, inst: Instance) -> None:
         """Suspends ``inst`` to STANDBY; it can be claimed again once the node reports that.
@@ -173,8 +176,29 @@ class Starter:
         finally:
             self.table.unretire(inst.id)
 
+    def check_gpu_quota(self, fn: Function) -> None:
+        """ResourceExhausted when one more instance of ``fn`` would take its tenant past its GPU
+        memory quota, counting the instances being started too."""
+        tenant = quota.tenant_of(fn.id)
+        limit = self.quotas.limits(tenant).gpu_memory_bytes
+        if limit:
+            used = sum(quota.gpu_bytes(i) for i in self.view().instances if quota.tenant_of(i.function_id) == tenant)
+            quota.check("gpu_memory_bytes", tenant, limit, used,
+                        fn.spec.resources.gpu_count * fn.spec.resources.gpu_memory_bytes)
+
+    def standby_room(self, tenant: str, starting: int = 0) -> int:
+        """How many more standbys ``tenant`` may have (a large number without a limit), given
+        ``starting`` standby starts in flight. STARTING instances count as standbys to come."""
+        limit = self.quotas.limits(tenant).standbys
+        if not limit:
+            return 1 << 30
+        held = sum(1 for i in self.state.instances() if quota.tenant_of(i.function_id) == tenant
+                   and i.state in (InstanceState.INSTANCE_STATE_STANDBY, InstanceState.INSTANCE_STATE_STARTING))
+        return limit - held - starting
+
     async def start(self, fn: Function) -> StartResult | None:
         """Restores a standby of ``fn`` or starts a new instance; None when nothing fits."""
+        self.check_gpu_quota(fn)
         standbys = [i for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision
                     and i.state == InstanceState.INSTANCE_STATE_STANDBY and i.id not in self.restoring]
         if standbys and not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
