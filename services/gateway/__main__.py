@@ -25,7 +25,7 @@ log = logging.getLogger("services.gateway")
 async def serve(config: GatewayConfig) -> None:
     """Runs until a signal; uvicorn stops accepting, lets requests finish for ``shutdown_grace``."""
     client = GrpcSchedulerClient(config.scheduler, config.gateway_id, config.rpc_timeout, config.leader_wait,
-                                 tls=config.client_tls())
+                                 config.admin_token, tls=config.client_tls())
     try:
         app = build_app(client, config)
         host, port = parse_address(config.listen)
