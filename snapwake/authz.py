@@ -18,7 +18,7 @@ The table (``GRANTS``) lists what each role's code actually calls (grep for the 
 
 | caller | may call |
 | --- | --- |
-| gateway | ClaimService AcquireClaim/ReleaseClaim/ReportQueue; SchedulerService's reads the dashboard shows |
+| gateway | ClaimService AcquireClaim/ReleaseClaim/ReportQueue/SyncApiKeys; SchedulerService's reads the dashboard shows |
 | scheduler | NodeAgentService (every method) |
 | nodeagent/X | BlobstoreService (every method) on blobstore/X only: handover, prewarm, list, put/get |
 | blobstore (a peer) | BlobstoreService GetSnapshot and StatSnapshot |
@@ -74,7 +74,8 @@ class Grant:
 
 
 GRANTS: tuple[Grant, ...] = (
-    Grant(_V1 + "ClaimService", ("AcquireClaim", "ReleaseClaim", "ReportQueue"), "gateway"),
+    # Claims, queue reports, and the API-key table the gateways poll (its digests: gateways only).
+    Grant(_V1 + "ClaimService", ("AcquireClaim", "ReleaseClaim", "ReportQueue", "SyncApiKeys"), "gateway"),
     # The dashboard's reads (services/gateway/scheduler_client.py).
     Grant(_V1 + "SchedulerService", ("ListFunctions", "ListInstances", "ListNodes", "ListSnapshots"), "gateway"),
     Grant(_V1 + "SchedulerService", ALL, "admin"),

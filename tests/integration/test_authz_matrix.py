@@ -3,7 +3,8 @@ descriptors (so a new RPC is in it the day it is added), called on a real TLS de
 
 - with no certificate: on the mutual-TLS port the handshake is refused; on the plaintext health
   port and the scheduler's admin port the call is refused UNAUTHENTICATED (SchedulerService on
-  the admin port goes on to its bearer-token check: ADMIN_TOKEN_CASES);
+  the admin port goes on to its bearer-token check, the scheduler's own: test_admin_tokens, with
+  no token, a forged one, another tenant's, and the operator's);
 - with a certificate of every identity the method is not for (every other role, and a nodeagent
   of another node on a blobstore): PERMISSION_DENIED;
 - with the right identity: anything but UNAUTHENTICATED or PERMISSION_DENIED (the empty request
@@ -77,13 +78,23 @@ CALLERS = [Identity(role, {"nodeagent": NODE, "blobstore": "node-9", "scheduler"
                            "gateway": "gateway", "admin": "ops"}.get(role, "x")) for role in ROLES if role != "etcd"]
 CALLERS.append(Identity("nodeagent", "node-9"))
 
-# Bearer-token cases on SchedulerService over the admin port (no certificate): the tenancy work
-# extends this with (label, metadata, expected code or None for "not refused"), e.g.
-#   ("no token", [], grpc.StatusCode.UNAUTHENTICATED),
-#   ("another tenant's token", [("authorization", f"Bearer {other}")], grpc.StatusCode.PERMISSION_DENIED),
-#   ("the right token", [("authorization", f"Bearer {mine}")], None),
-# Until then a call without a certificate must pass the certificate check (reach the servicer).
-ADMIN_TOKEN_CASES: list[tuple[str, list[tuple[str, str]], grpc.StatusCode | None]] = []
+# Bearer-token cases on SchedulerService over the admin port (no certificate), each with the
+# code expected (None: not refused). "globex" asks about tenant acme's resources (acme_request).
+TOKEN_CASES = ["none", "forged", "globex", "operator"]
+TENANT = "acme"
+
+
+def acme_request(method: MethodDescriptor) -> Any:
+    """A request for ``method`` that names tenant acme's resources wherever it names any."""
+    request = message_factory.GetMessageClass(method.input_type)()
+    fields = request.DESCRIPTOR.fields_by_name
+    for name, value in (("function_id", f"{TENANT}/default/fn"), ("tenant", TENANT), ("instance_id", "i-0123456789ab"),
+                        ("node", NODE)):
+        if name in fields:
+            setattr(request, name, value)
+    if "spec" in fields:
+        request.spec.tenant, request.spec.namespace, request.spec.name = TENANT, "default", "fn"
+    return request
 
 
 @dataclass(frozen=True)
@@ -95,14 +106,16 @@ class Outcome:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     config = ClusterConfig(var_dir=tmp_path_factory.mktemp("authz"), gateway_port=0, scheduler_port=0,
-                           nodeagent_port=0, blobstore_port=0, etcd_port=0)
+                           nodeagent_port=0, blobstore_port=0, etcd_port=0, admin_auth=True)
     with Cluster(config) as c:
         yield c
 
 
-def invoke(ch: grpc.Channel, method: MethodDescriptor, metadata: list[tuple[str, str]] | None = None) -> Outcome:
-    """Calls ``method`` with an empty request (an empty stream for a client-streaming one)."""
-    request = message_factory.GetMessageClass(method.input_type)()
+def invoke(ch: grpc.Channel, method: MethodDescriptor, metadata: list[tuple[str, str]] | None = None,
+           request: Any = None) -> Outcome:
+    """Calls ``method`` with ``request``, else an empty one (an empty stream for a client-streaming
+    one)."""
+    request = request or message_factory.GetMessageClass(method.input_type)()
     reply = message_factory.GetMessageClass(method.output_type)
     path = f"/{method.containing_service.full_name}/{method.name}"
     kind = {(False, False): ch.unary_unary, (False, True): ch.unary_stream,
@@ -173,32 +186,70 @@ def test_no_certificate_is_refused(method: MethodDescriptor, cluster: Cluster, c
 
 @pytest.mark.parametrize("method", METHODS, ids=IDS)
 def test_a_wrong_certificate_is_refused_and_the_right_one_is_not(method: MethodDescriptor, cluster: Cluster,
-                                                                 channels: Channels) -> None:
+                                                                 channels: Channels, tokens: dict[str, str]) -> None:
     host = HOSTS[method.containing_service.full_name]
     allowed = right(method)
+    md = bearer(tokens["operator"])  # SchedulerService's own check wants a token too; others ignore it
     for caller in CALLERS:
-        got = invoke(channels.get(cluster.internal_address(host), caller, host), method)
+        got = invoke(channels.get(cluster.internal_address(host), caller, host), method, md)
         if caller in allowed:  # reached the servicer (UNAVAILABLE here would be a refused handshake)
             assert got.code not in (*REFUSED, grpc.StatusCode.UNAVAILABLE), (caller, got)
         else:
             assert got.code == grpc.StatusCode.PERMISSION_DENIED, (caller, got)
             assert method.name in got.details and str(caller) in got.details, got
     if None in allowed:
-        got = invoke(channels.get(cluster.address("scheduler"), None, host), method)
-        assert got.code != grpc.StatusCode.UNAVAILABLE and "client certificate" not in got.details, got
+        got = invoke(channels.get(cluster.address("scheduler"), None, host), method, md)
+        assert got.code not in (*REFUSED, grpc.StatusCode.UNAVAILABLE), got
 
 
-@pytest.mark.parametrize(("label", "metadata", "expected"), ADMIN_TOKEN_CASES or [
-    pytest.param("", [], None, marks=pytest.mark.skip(reason="bearer tokens come with the tenancy work"))])
+@pytest.fixture(scope="module")
+def tokens(cluster: Cluster, channels: Channels) -> dict[str, str]:
+    """Bearer tokens: the operator's (make run's bootstrap), one of tenant globex, a forged one."""
+    from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    operator = cluster.token_file.read_text().strip()
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(channels.get(cluster.address("scheduler"), None, "scheduler"))
+    wait_for(lambda: leads(stub, operator), 30, "a scheduler leader", interval=0.2)
+    globex = stub.CreateAdminToken(scheduler_pb2.CreateAdminTokenRequest(tenant="globex"), timeout=T,
+                                   metadata=[("authorization", f"Bearer {operator}")]).secret
+    return {"operator": operator, "globex": globex, "forged": operator[:-4] + "AAAA", "none": ""}
+
+
+def leads(stub: Any, operator: str) -> bool:
+    from snapwake.v1 import scheduler_pb2
+
+    try:
+        stub.ListNodes(scheduler_pb2.ListNodesRequest(), timeout=T, metadata=[("authorization", f"Bearer {operator}")])
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+        return False
+    return True
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")] if token else []
+
+
+def expected_for_token(case: str, method: MethodDescriptor) -> grpc.StatusCode | None:
+    if case in ("none", "forged"):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if case == "globex":  # every call naming acme's resources (a list filtered to acme too)
+        return grpc.StatusCode.PERMISSION_DENIED
+    return None
+
+
+@pytest.mark.parametrize("case", TOKEN_CASES)
 @pytest.mark.parametrize("method", [m for m in METHODS if m.containing_service.name == "SchedulerService"],
                          ids=[i for i in IDS if i.startswith("SchedulerService.")])
-def test_admin_tokens(method: MethodDescriptor, label: str, metadata: list[tuple[str, str]],
-                      expected: grpc.StatusCode | None, cluster: Cluster, channels: Channels) -> None:
-    got = invoke(channels.get(cluster.address("scheduler"), None, "scheduler"), method, metadata)
+def test_admin_tokens(method: MethodDescriptor, case: str, cluster: Cluster, channels: Channels,
+                      tokens: dict[str, str]) -> None:
+    got = invoke(channels.get(cluster.address("scheduler"), None, "scheduler"), method, bearer(tokens[case]),
+                 acme_request(method) if case == "globex" else None)
+    expected = expected_for_token(case, method)
     if expected is None:
-        assert got.code not in REFUSED, (label, got)
+        assert got.code not in (*REFUSED, grpc.StatusCode.UNAVAILABLE), (case, got)
     else:
-        assert got.code == expected, (label, got)
+        assert got.code == expected, (case, got)
 
 
 def test_health_answers_on_the_probe_ports_without_credentials(cluster: Cluster) -> None:

@@ -30,6 +30,9 @@ CASES = [
     # method, transport, caller, server, anonymous services, expected
     (V1 + "ClaimService/AcquireClaim", MTLS, GW, SCHED, (), OK),
     (V1 + "ClaimService/ReportQueue", MTLS, GW, SCHED, (), OK),
+    (V1 + "ClaimService/SyncApiKeys", MTLS, GW, SCHED, (), OK),
+    (V1 + "ClaimService/SyncApiKeys", MTLS, ADMIN, SCHED, (), DENIED),
+    (V1 + "ClaimService/SyncApiKeys", ANON, None, SCHED, ("snapwake.v1.SchedulerService",), UNAUTH),
     (V1 + "ClaimService/AcquireClaim", MTLS, NA1, SCHED, (), DENIED),
     (V1 + "ClaimService/AcquireClaim", MTLS, ADMIN, SCHED, (), DENIED),
     (V1 + "ClaimService/AcquireClaim", ANON, None, SCHED, ("snapwake.v1.SchedulerService",), UNAUTH),
