@@ -3,6 +3,7 @@
     SnapwakeError
      +-- InvalidArgument      (bad input; ``field`` names it)
      +-- NotFound
+     +-- PermissionDenied     (the caller may not touch this object)
      +-- AlreadyExists
      +-- FailedPrecondition   (the object is in the wrong state)
      +-- Aborted              (lost a compare-and-swap; retry)
@@ -25,7 +26,7 @@ import grpc
 
 __all__ = [
     "Aborted", "AlreadyExists", "DeadlineExceeded", "FailedPrecondition", "InvalidArgument",
-    "NotFound", "ResourceExhausted", "SnapwakeError", "StartFailed", "Unavailable",
+    "NotFound", "PermissionDenied", "ResourceExhausted", "SnapwakeError", "StartFailed", "Unavailable",
     "from_rpc_error", "to_grpc_code",
 ]
 
@@ -49,6 +50,10 @@ class InvalidArgument(SnapwakeError):
 
 class NotFound(SnapwakeError):
     code, http_status, openai_type = grpc.StatusCode.NOT_FOUND, 404, "not_found_error"
+
+
+class PermissionDenied(SnapwakeError):
+    code, http_status, openai_type = grpc.StatusCode.PERMISSION_DENIED, 403, "permission_error"
 
 
 class AlreadyExists(SnapwakeError):
@@ -80,7 +85,7 @@ class StartFailed(SnapwakeError):
 
 
 _BY_CODE: dict[grpc.StatusCode, type[SnapwakeError]] = {
-    cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Aborted,
+    cls.code: cls for cls in (InvalidArgument, NotFound, PermissionDenied, AlreadyExists, FailedPrecondition, Aborted,
                               Unavailable, ResourceExhausted, DeadlineExceeded)
 }
 
