@@ -21,7 +21,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from services.nodeagent import handover, hostmem, integrity, probe, process_mode, spec_checks, userimage
+from services.nodeagent import handover, hostmem, integrity, logs, probe, process_mode, spec_checks, userimage
 from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.bundle import IdMap, write_bundle
 from services.nodeagent.container import (
@@ -46,6 +46,7 @@ __all__ = ["get_logs", "restore_instance", "start_instance", "stop_instance", "s
 log = logging.getLogger(__name__)
 _INSTANCE_ID = re.compile(r"^i-[0-9a-f]{12}$")
 _POLL = 0.25
+_MAX_LOG_TAIL = 1 << 20  # GetInstanceLogs answers stay well under gRPC's message limit
 
 
 def validate_target(req: nodeagent_pb2.StartInstanceRequest) -> StartPlan:
@@ -245,7 +246,7 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
         except asyncio.CancelledError:  # the caller gave up: leave no half-started container
             await asyncio.shield(agent.fail(live, "start cancelled by the caller"))
             raise
-        output = probe.tail(live.log_path, 1500).strip()
+        output = logs.tail(live.log_path, 1500).strip()
         reason += f"; container output:\n{output}" if output else "; the container wrote no output"
         await integrity.note_failure(agent.etcd, agent.config.name, inst, reason)
         await agent.fail(live, reason)
@@ -293,7 +294,7 @@ async def _restore_arena(agent: NodeAgent, live: Live, started: float,
     except (TimeoutError, errors.SnapwakeError) as exc:
         reason = f"restore of {inst.id} failed: {getattr(exc, 'message', None) or 'timed out'}"
         await integrity.note_failure(agent.etcd, agent.config.name, inst, reason)
-        await agent.fail(live, reason + "; output:\n" + probe.tail(live.log_path, 1500))
+        await agent.fail(live, reason + "; output:\n" + logs.tail(live.log_path, 1500))
         raise errors.StartFailed(reason) from exc
     total = time.perf_counter() - started
     inst.last_start_seconds = total
@@ -324,7 +325,7 @@ async def _restore_process(agent: NodeAgent, live: Live, started: float,
             agent.checkpointer, agent.http, _checkpointed(live), inst.endpoint, live.gpu, live.health_path), limit_s)
     except (TimeoutError, errors.SnapwakeError) as exc:
         reason = f"restore of {inst.id} failed: {getattr(exc, 'message', None) or 'timed out'}"
-        await agent.fail(live, reason + "; output:\n" + probe.tail(live.log_path, 1500))
+        await agent.fail(live, reason + "; output:\n" + logs.tail(live.log_path, 1500))
         raise errors.StartFailed(reason) from exc
     total = time.perf_counter() - started
     inst.last_start_seconds = total
@@ -385,6 +386,6 @@ async def stop_instance(agent: NodeAgent, instance_id: str) -> None:
 
 
 def get_logs(agent: NodeAgent, instance_id: str, tail_bytes: int) -> str:
-    """The tail of the container's output.log."""
+    """The tail of the container's output (``logs.tail``: no symlink followed), at most 1 MiB."""
     live = _get(agent, instance_id)
-    return probe.tail(live.log_path, tail_bytes or 64 << 10)
+    return logs.tail(live.log_path, min(tail_bytes or 64 << 10, _MAX_LOG_TAIL))
