@@ -246,10 +246,6 @@ class ClaimServicer(scheduler_pb2_grpc.ClaimServiceServicer):
             for name in ("claim_id", "instance_id", "function_id"):
                 if not getattr(held, name):
                     raise errors.InvalidArgument(f"claims[{n}].{name} is empty", field=f"claims[{n}].{name}")
-        if request.claims and not request.gateway_id:
-            raise errors.InvalidArgument("gateway_id is required with claims", field="gateway_id")
-        if not request.gateway_id:
-            return scheduler_pb2.ReportQueueResponse()
         holder = self._holder(context, request.gateway_id)
         self.broker.report(holder, request.claims)
         # Only deployed functions count: a gateway cannot grow this map with made-up ids.
