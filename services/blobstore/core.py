@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,7 +33,15 @@ from snapwake import errors, telemetry
 __all__ = ["Blobstore", "Prewarmed", "Stat"]
 
 log = logging.getLogger(__name__)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 Progress = Callable[[int], None]
+
+
+def _checked_digest(digest: str) -> str:
+    if not _DIGEST.fullmatch(digest):
+        raise errors.InvalidArgument(f"manifest_digest: expected 64 lowercase hex digits, got {digest[:80]!r}",
+                                     field="manifest_digest")
+    return digest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +187,7 @@ class Blobstore:
         check_snapshot_id(sid)
         with self._lock(sid):
             if digest:
-                self._digests[sid] = digest
+                self._digests[sid] = _checked_digest(digest)
             digest = self._digests.get(sid, "")
             with self.cache.use(sid) as entry:
                 self.stats.lookup(entry is not None)
@@ -273,10 +282,14 @@ class Blobstore:
                     return exported
         raise errors.ResourceExhausted(f"cache: {sid} was evicted twice while loading; cache too small")
 
-    def prepare(self, sid: str, gpu: int) -> None:
-        """Starts filling memory for a later ``load``; unclaimed memory is freed after ``prepare_ttl``."""
+    def prepare(self, sid: str, gpu: int, digest: str = "") -> None:
+        """Starts filling memory for a later ``load``; unclaimed memory is freed after ``prepare_ttl``.
+        A manifest ``digest`` (the snapshot record's) is remembered and checked as a pre-warm's is."""
         check_snapshot_id(sid)
         self._loader(gpu)
+        if digest:
+            with self._lock(sid):
+                self._digests[sid] = _checked_digest(digest)
         key = (sid, gpu)
         with self._meta:
             if key in self._prepared:

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry import trace
 
@@ -286,7 +286,7 @@ async def _restore_arena(agent: NodeAgent, live: Live, started: float,
     restore: Awaitable[float] = agent.checkpointer.restore_all(_checkpointed(live)) if live.gpu else _zero()
     try:
         _, restore_s, _ = await asyncio.wait_for(asyncio.gather(
-            _prepare(agent.config.handover_socket, sid, gpu, limit_s), in_span("driver_restore", restore),
+            _prepare(agent, inst, sid, gpu, limit_s), in_span("driver_restore", restore),
             handover.open_socket(agent.blob_channel, live)), limit_s)
         async with telemetry.traced("attach"):
             attach = await probe.control(live.control_socket, {"op": "attach", "snapshot_id": sid, "gpu": gpu,
@@ -336,11 +336,20 @@ async def _restore_process(agent: NodeAgent, live: Live, started: float,
     return resp
 
 
-async def _prepare(handover_socket: str, sid: str, gpu: int, limit_s: float) -> dict[str, Any]:
-    """Asks the blobstore to start the DMA now, inside a span it continues (``traceparent``)."""
+async def _prepare(agent: NodeAgent, inst: types_pb2.Instance, sid: str, gpu: int, limit_s: float) -> dict[str, Any]:
+    """Asks the blobstore to start the DMA now, inside a span it continues (``traceparent``), with
+    the snapshot record's manifest digest, so that only the recorded copy is loaded."""
     async with telemetry.traced("dma.prepare"):
-        return await probe.handover(handover_socket, {"op": "prepare", "snapshot_id": sid, "gpu": gpu,
-                                                      **telemetry.traceparent()}, limit_s)
+        digest = ""
+        try:
+            entry = await agent.etcd.get(keys.snapshot_key(inst.function_id, inst.revision), types_pb2.Snapshot)
+            digest = cast(types_pb2.Snapshot, entry.value).manifest_digest if entry is not None else ""
+        except errors.SnapwakeError as exc:  # the blobstore still checks the digest its pre-warm named
+            log.warning("snapshot record of %s unreadable (%s); preparing without its digest", sid, exc.message,
+                        extra={"instance_id": inst.id})
+        return await probe.handover(agent.config.handover_socket, {
+            "op": "prepare", "snapshot_id": sid, "gpu": gpu, **({"manifest_digest": digest} if digest else {}),
+            **telemetry.traceparent()}, limit_s)
 
 
 async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 60.0) -> types_pb2.Instance:

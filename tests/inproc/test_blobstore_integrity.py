@@ -204,3 +204,33 @@ async def test_an_instance_socket_serves_a_bounded_number_of_loads_per_restore(t
             assert [(await asyncio.to_thread(_load, path))["ok"] for _ in range(3)] == [True, True, False]
             # The node socket (the nodeagent's) is not bounded this way.
             assert all([(await asyncio.to_thread(_load, Path(app.cfg.handover_socket)))["ok"] for _ in range(3)])
+
+
+async def test_a_prepare_naming_another_digest_loads_nothing(tmp_path: Path) -> None:
+    """The nodeagent's restore names the record's digest in ``prepare``: a local copy with another
+    manifest is then never handed to the model server."""
+    async with running_blobstore(tmp_path) as app:
+        put = await put_snapshot(app.address, SID, arena(CHUNK), CHUNK)
+        node = Path(app.cfg.handover_socket)
+        bad = await asyncio.to_thread(_ask, node, {"op": "prepare", "snapshot_id": SID, "gpu": -1,
+                                                   "manifest_digest": "not-a-digest"})
+        assert not bad["ok"] and "manifest_digest: expected 64 lowercase hex digits" in bad["error"]
+        other = "0" * 64
+        assert (await asyncio.to_thread(_ask, node, {"op": "prepare", "snapshot_id": SID, "gpu": -1,
+                                                     "manifest_digest": other}))["ok"]
+        refused = await asyncio.to_thread(_load, node)
+        assert not refused["ok"] and "not found locally" in refused["error"]
+        assert (await asyncio.to_thread(_ask, node, {"op": "prepare", "snapshot_id": SID, "gpu": -1,
+                                                     "manifest_digest": put.manifest_digest}))["ok"]
+        assert (await asyncio.to_thread(_load, node))["ok"] is False  # the mismatched copy was dropped
+
+
+def _ask(path: Path, msg: dict[str, Any]) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        send_message(sock, msg)
+        reply, fds = recv_message(sock)
+        for fd in fds:
+            os.close(fd)
+        return reply

@@ -163,7 +163,7 @@ class Session:
                         "for this start or restore")
                 self._load(sid, gpu)
                 return None
-            self.core.prepare(sid, gpu)
+            self.core.prepare(sid, gpu, _field(msg, "manifest_digest", str, ""))
             return {"ok": True}
         except ProtocolError:
             raise
