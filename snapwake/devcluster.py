@@ -81,6 +81,10 @@ class ClusterConfig:
     static_peers: bool = True
     """Give each blobstore the others as ``--peers``; False: only the peers that nodeagents
     find in etcd (the advertised blobstore addresses of the nodes holding a snapshot)."""
+    admin_auth: bool = False
+    """Run the scheduler with ``admin_auth`` (``make run`` does): an operator token is written to
+    ``access/operator.token`` under ``var_dir`` (``services.scheduler.bootstrap``), the gateway
+    gets a token of its own, the API-key secret and the audit log (``logs/audit.log``)."""
     etcd_endpoints: tuple[str, ...] = ()
     """Members of an etcd the caller runs (a test's three-member cluster, say), given to every
     service; empty starts one embedded single-member etcd, as ``make run`` does."""
@@ -157,6 +161,29 @@ class Cluster:
         return self.config.var_dir / name
 
     @property
+    def token_file(self) -> Path:
+        """The operator token ``make run`` writes (with ``admin_auth``)."""
+        return self.config.var_dir / "access" / "operator.token"
+
+    def _access_args(self, kind: str) -> list[str]:
+        if not self.config.admin_auth:
+            return []
+        access = self.config.var_dir / "access"
+        if kind == "scheduler":
+            return ["--admin-auth", "true", "--audit-log", str(self.config.var_dir / "logs" / "audit.log"),
+                    "--api-key-secret-file", str(access / "apikey.secret")]
+        return ["--api-key-secret-file", str(access / "apikey.secret"),
+                "--admin-token-file", str(access / "gateway.token")]
+
+    def bootstrap_access(self) -> None:
+        """Operator and gateway tokens and the API-key secret, in files (kept across runs)."""
+        access = self.config.var_dir / "access"
+        for name, extra in (("operator", ["--secret-file", str(access / "apikey.secret")]), ("gateway", [])):
+            subprocess.run([sys.executable, "-m", "services.scheduler.bootstrap", "--etcd", self.etcd_address,
+                            "--token-file", str(access / f"{name}.token"), "--description", f"make run: {name}",
+                            *extra], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+    @property
     def etcd_address(self) -> str:
         """What the services get as ``--etcd``: every member, comma-separated."""
         return ",".join(self.config.etcd_endpoints) or self.etcd.address
@@ -165,11 +192,12 @@ class Cluster:
         var, etcd = self.config.var_dir, self.etcd_address
         kind, _, index = name.partition("-")
         if kind == "scheduler":
-            return [*self._listen(name), "--etcd", etcd]
+            return [*self._listen(name), "--etcd", etcd, *self._access_args(kind)]
         if kind == "gateway":
             return ["--listen", f"{self.host(name).bind}:{self.ports[name]}",
                     "--scheduler", ",".join(self.scheduler_addresses),
-                    *(["--api-keys", self.config.api_keys] if self.config.api_keys else [])]
+                    *(["--api-keys", self.config.api_keys] if self.config.api_keys else []),
+                    *self._access_args(kind)]
         blob = "blobstore" + (f"-{index}" if index else "")
         handover = str(var / blob / "handover.sock")
         if kind == "nodeagent":
@@ -220,6 +248,8 @@ class Cluster:
         for blob, agent in zip(self.names("blobstore"), self.names("nodeagent"), strict=True):
             self.start_service(blob)
             self.start_service(agent)
+        if self.config.admin_auth:
+            self.bootstrap_access()
         for name in (*self.names("scheduler"), "gateway"):
             self.start_service(name)
         return self
@@ -252,8 +282,13 @@ class Cluster:
         self.stop()
 
 
-async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeout: float = 180.0) -> None:  # noqa: ASYNC109
-    """Creates the demo function (if absent) and waits until it is READY."""
+async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeout: float = 180.0,  # noqa: ASYNC109
+                      token: str = "") -> str:
+    """Creates the demo function (if absent) and waits until it is READY; with ``token`` (an
+    operator's, the scheduler runs with admin_auth) it also makes an API key for the demo's
+    tenant and returns it ("" otherwise)."""
+    import functools
+
     from snapwake import errors
     from snapwake.grpcclient import call
     from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
@@ -262,15 +297,17 @@ async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeo
                                   model_dir=str(model_dir))
     async with grpc.aio.insecure_channel(scheduler) as ch:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+        md = (("authorization", "Bearer " + token),) if token else None
+        create, get = (functools.partial(stub.CreateFunction, metadata=md), functools.partial(stub.GetFunction, metadata=md))
         deadline = time.monotonic() + timeout
         fid = f"default/default/{name}"
         created = False
         while time.monotonic() < deadline:
             try:
                 if not created:
-                    await call(stub.CreateFunction, scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10)
+                    await call(create, scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10)
                     created = True
-                got = await call(stub.GetFunction, scheduler_pb2.GetFunctionRequest(function_id=fid), timeout=10)
+                got = await call(get, scheduler_pb2.GetFunctionRequest(function_id=fid), timeout=10)
             except (errors.AlreadyExists, errors.Unavailable) as exc:
                 created = created or isinstance(exc, errors.AlreadyExists)
                 # Unavailable: a scheduler restarted on a kept etcd waits out the old
@@ -279,7 +316,11 @@ async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeo
                 continue
             state = got.function.state
             if state == types_pb2.FUNCTION_STATE_READY:
-                return
+                if not token:
+                    return ""
+                made = await call(functools.partial(stub.CreateApiKey, metadata=md), scheduler_pb2.CreateApiKeyRequest(
+                    tenant="default", description="make run: demo"), timeout=10)
+                return str(made.secret)
             if state == types_pb2.FUNCTION_STATE_FAILED:
                 raise RuntimeError(f"demo function failed: {got.function.status_message}")
             await asyncio.sleep(0.5)
@@ -294,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     from snapwake.log import setup
 
     setup("devcluster")
-    config = ClusterConfig(var_dir=opts.var_dir.resolve(), gateway_port=opts.gateway_port)
+    config = ClusterConfig(var_dir=opts.var_dir.resolve(), gateway_port=opts.gateway_port, admin_auth=True)
     # The model server's own tool writes the demo model (shared code imports no model server).
     model_dir = Path(subprocess.run([sys.executable, "-m", "modelserver.demo", str(config.var_dir / "models" / "demo"),
                                      "--seed", "0"], check=True, capture_output=True, text=True).stdout.strip())
@@ -302,11 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
     with Cluster(config) as cluster:
         print("deploying the demo model (snapshot build and pre-warm) ...", flush=True)
-        asyncio.run(deploy_demo(cluster.scheduler_address, model_dir))
+        api_key = asyncio.run(deploy_demo(cluster.scheduler_address, model_dir, token=cluster.token_file.read_text().strip()))
         url = cluster.gateway_url
         print(f"\nSnapwake is up.\n  OpenAI base URL: {url}/v1\n  admin API (gRPC): {cluster.scheduler_address}\n"
-              f"  dashboard: {url}/dashboard/\n  logs: {config.var_dir / 'logs'}\n\nTry:\n"
+              f"  dashboard: {url}/dashboard/\n  logs: {config.var_dir / 'logs'}\n"
+              f"  operator token: export SNAPWAKE_TOKEN_FILE={cluster.token_file}  (snapwake token/apikey create)\n"
+              f"  API key of tenant default (made now; more: snapwake apikey create TENANT): {api_key}\n\nTry:\n"
               f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' "
+              f"-H 'Authorization: Bearer {api_key}' "
               f"-d '{{\"model\": \"demo\", \"stream\": true, \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"hello\"}}]}}'\n\nCtrl-C stops everything.", flush=True)
         try:

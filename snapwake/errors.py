@@ -3,7 +3,6 @@
     SnapwakeError
      +-- InvalidArgument      (bad input; ``field`` names it)
      +-- NotFound
-     +-- PermissionDenied     (the caller may not touch this object)
      +-- AlreadyExists
      +-- FailedPrecondition   (the object is in the wrong state)
      +-- Aborted              (lost a compare-and-swap; retry)
@@ -11,6 +10,8 @@
      +-- ResourceExhausted    (capacity or queue full)
      +-- DeadlineExceeded
      +-- StartFailed          (an instance could not be started or restored)
+     +-- Unauthenticated      (no credentials, or unknown or revoked ones)
+     +-- PermissionDenied     (known caller, not allowed this call or resource)
 
 Lower libraries' exceptions are translated at exactly one place per boundary. For gRPC:
 
@@ -26,7 +27,8 @@ import grpc
 
 __all__ = [
     "Aborted", "AlreadyExists", "DeadlineExceeded", "FailedPrecondition", "InvalidArgument",
-    "NotFound", "PermissionDenied", "ResourceExhausted", "SnapwakeError", "StartFailed", "Unavailable",
+    "NotFound", "PermissionDenied", "ResourceExhausted", "SnapwakeError", "StartFailed", "Unauthenticated",
+    "Unavailable",
     "from_rpc_error", "to_grpc_code",
 ]
 
@@ -50,10 +52,6 @@ class InvalidArgument(SnapwakeError):
 
 class NotFound(SnapwakeError):
     code, http_status, openai_type = grpc.StatusCode.NOT_FOUND, 404, "not_found_error"
-
-
-class PermissionDenied(SnapwakeError):
-    code, http_status, openai_type = grpc.StatusCode.PERMISSION_DENIED, 403, "permission_error"
 
 
 class AlreadyExists(SnapwakeError):
@@ -84,9 +82,17 @@ class StartFailed(SnapwakeError):
     code, http_status, openai_type = grpc.StatusCode.UNAVAILABLE, 503, "start_failed"
 
 
+class Unauthenticated(SnapwakeError):
+    code, http_status, openai_type = grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"
+
+
+class PermissionDenied(SnapwakeError):
+    code, http_status, openai_type = grpc.StatusCode.PERMISSION_DENIED, 403, "permission_error"
+
+
 _BY_CODE: dict[grpc.StatusCode, type[SnapwakeError]] = {
-    cls.code: cls for cls in (InvalidArgument, NotFound, PermissionDenied, AlreadyExists, FailedPrecondition, Aborted,
-                              Unavailable, ResourceExhausted, DeadlineExceeded)
+    cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Aborted,
+                              Unavailable, ResourceExhausted, DeadlineExceeded, Unauthenticated, PermissionDenied)
 }
 
 # Details starting with this tag mark a StartFailed sent over gRPC as UNAVAILABLE.

@@ -33,7 +33,8 @@ def uvicorn_config(app: ASGIApp, config: GatewayConfig) -> uvicorn.Config:
 
 async def serve(config: GatewayConfig) -> None:
     """Runs until a signal; uvicorn stops accepting, lets requests finish for ``shutdown_grace``."""
-    client = GrpcSchedulerClient(config.scheduler, config.gateway_id, config.rpc_timeout, config.leader_wait)
+    client = GrpcSchedulerClient(config.scheduler, config.gateway_id, config.rpc_timeout, config.leader_wait,
+                                 config.admin_token)
     try:
         app = build_app(client, config)
         if StarletteInstrumentor is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -128,6 +129,11 @@ class SchedulerClient(abc.ABC):
         """Reports waiting requests per function id (the autoscaler's input) and every claim
         held (the leader's count of them survives a failover)."""
 
+    async def fetch_api_keys(self) -> list[tuple[str, str, str]]:
+        """``(id, tenant, hmac hex)`` of every API key made through the admin API
+        (``services.gateway.keys.ApiKeyTable``); none by default."""
+        return []
+
     async def close(self) -> None:  # noqa: B027 - an optional hook; most fakes hold nothing
         """Releases connections."""
 
@@ -136,7 +142,9 @@ class GrpcSchedulerClient(SchedulerClient):
     """``SchedulerClient`` over gRPC, with leader failover across ``addresses``."""
 
     def __init__(self, addresses: Sequence[str], gateway_id: str, rpc_timeout: float = 5.0,
-                 leader_wait: float = 10.0) -> None:
+                 leader_wait: float = 10.0, admin_token: str = "") -> None:
+        """``admin_token``: the bearer token sent on SchedulerService calls (the function list
+        and the dashboard's lists) when the scheduler requires one."""
         if not addresses:
             raise errors.InvalidArgument("at least one scheduler address is required", field="scheduler")
         self._channels = [channel(a) for a in addresses]
@@ -148,6 +156,7 @@ class GrpcSchedulerClient(SchedulerClient):
         self._rpc_timeout = rpc_timeout
         self._leader_wait = leader_wait
         self._leaderless_since: float | None = None  # monotonic; None while a leader answers
+        self._admin_metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
 
     async def _call(self, invoke: Callable[[int, float], Awaitable[R]], budget: float) -> R:
         """Runs ``invoke(index, remaining)`` on the leader, trying each address in turn.
@@ -198,28 +207,32 @@ class GrpcSchedulerClient(SchedulerClient):
     async def list_function_records(self) -> list[types_pb2.Function]:
         """Every deployed function, as the scheduler's ``Function`` records."""
         async def invoke(i: int, t: float) -> Any:
-            return await call(self._admin[i].ListFunctions, scheduler_pb2.ListFunctionsRequest(), timeout=t)
+            return await call(functools.partial(self._admin[i].ListFunctions, metadata=self._admin_metadata),
+                              scheduler_pb2.ListFunctionsRequest(), timeout=t)
 
         return list((await self._call(invoke, self._rpc_timeout)).functions)
 
     async def list_instances(self) -> list[types_pb2.Instance]:
         """Every instance of every function, in any state."""
         async def invoke(i: int, t: float) -> Any:
-            return await call(self._admin[i].ListInstances, scheduler_pb2.ListInstancesRequest(), timeout=t)
+            return await call(functools.partial(self._admin[i].ListInstances, metadata=self._admin_metadata),
+                              scheduler_pb2.ListInstancesRequest(), timeout=t)
 
         return list((await self._call(invoke, self._rpc_timeout)).instances)
 
     async def list_nodes(self) -> list[types_pb2.Node]:
         """Every registered node with its GPUs and cached snapshots."""
         async def invoke(i: int, t: float) -> Any:
-            return await call(self._admin[i].ListNodes, scheduler_pb2.ListNodesRequest(), timeout=t)
+            return await call(functools.partial(self._admin[i].ListNodes, metadata=self._admin_metadata),
+                              scheduler_pb2.ListNodesRequest(), timeout=t)
 
         return list((await self._call(invoke, self._rpc_timeout)).nodes)
 
     async def list_snapshots(self) -> list[types_pb2.Snapshot]:
         """Every snapshot record, with where it is stored."""
         async def invoke(i: int, t: float) -> Any:
-            return await call(self._admin[i].ListSnapshots, scheduler_pb2.ListSnapshotsRequest(), timeout=t)
+            return await call(functools.partial(self._admin[i].ListSnapshots, metadata=self._admin_metadata),
+                              scheduler_pb2.ListSnapshotsRequest(), timeout=t)
 
         return list((await self._call(invoke, self._rpc_timeout)).snapshots)
 
@@ -255,6 +268,12 @@ class GrpcSchedulerClient(SchedulerClient):
             return await call(self._claims[i].ReportQueue, request, timeout=t)
 
         await self._call(invoke, self._rpc_timeout)
+
+    async def fetch_api_keys(self) -> list[tuple[str, str, str]]:
+        async def invoke(i: int, t: float) -> Any:
+            return await call(self._claims[i].SyncApiKeys, scheduler_pb2.SyncApiKeysRequest(), timeout=t)
+
+        return [(k.id, k.tenant, k.hmac_sha256) for k in (await self._call(invoke, self._rpc_timeout)).keys]
 
     async def close(self) -> None:
         for c in self._channels:

@@ -19,7 +19,7 @@ from snapwake.imageref import is_builtin
 from snapwake.imageref import parse as parse_image
 from snapwake.v1.types_pb2 import FunctionSpec, SnapshotMode
 
-__all__ = ["BUILTIN_IMAGE", "DEFAULT_SAMPLE_REQUEST", "function_id", "normalize", "split_function_id",
+__all__ = ["BUILTIN_IMAGE", "DEFAULT_SAMPLE_REQUEST", "check_tenant", "function_id", "normalize", "split_function_id",
            "validated_at_deploy"]
 
 DEFAULT_SAMPLE_REQUEST = json.dumps(
@@ -43,6 +43,12 @@ def _check_part(value: str, field: str) -> None:
         raise InvalidArgument(
             f"{field} {value!r} must be 1-63 chars of [a-z0-9-], starting and ending alphanumeric",
             field=field)
+
+
+def check_tenant(tenant: str, field: str = "tenant") -> str:
+    """``tenant`` if it is a valid tenant name (the first part of a function id)."""
+    _check_part(tenant, field)
+    return tenant
 
 
 def split_function_id(fid: str, field: str = "function_id") -> tuple[str, str, str]:
