@@ -57,9 +57,11 @@ def _grpc_edge_violations(rel: str, source: str) -> list[str]:
             found.append(f"{where}: answers a status itself ({ast.unparse(node.func)})")
         if isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("Servicer") for b in node.bases):
             for fn in node.body:
+                if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
                 named = [d for d in fn.decorator_list
                          if ast.unparse(d.func if isinstance(d, ast.Call) else d) not in _NON_TRANSLATING_DECORATORS]
-                if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and named:
+                if named:
                     decorators = ", ".join(ast.unparse(d) for d in named)
                     found.append(f"{rel}:{fn.lineno}: servicer method {node.name}.{fn.name} is decorated ({decorators})")
     return found
