@@ -17,7 +17,12 @@ from services.gateway.config import GatewayConfig
 from services.gateway.keys import ApiKeyTable, KeyStore, refresh_forever
 from services.gateway.limits import KeyLimiter
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.middleware import AuthMiddleware, LimitMiddleware, RequestIdMiddleware
+from services.gateway.middleware import (
+    AuthMiddleware,
+    LimitMiddleware,
+    LoopbackOnlyMiddleware,
+    RequestIdMiddleware,
+)
 from services.gateway.proxy import Upstream
 from services.gateway.scheduler_client import SchedulerClient
 from services.gateway.serving import OpenAIServing
@@ -74,7 +79,8 @@ def build_app(client: SchedulerClient, config: GatewayConfig, upstream: Upstream
     # DashboardKeyMiddleware turns the dashboard's key cookie into the Bearer header that
     # AuthMiddleware checks, so it must run first.
     app = Starlette(routes=[*routes(serving), *_dashboard(client, keys)], lifespan=lifespan,
-                    middleware=[Middleware(RequestIdMiddleware),
+                    middleware=[Middleware(LoopbackOnlyMiddleware, enabled=not keys and not operators),
+                                Middleware(RequestIdMiddleware),
                                 Middleware(dashboard.DashboardKeyMiddleware, keys=keys),
                                 Middleware(AuthMiddleware, keys=keys, operators=operators),
                                 Middleware(LimitMiddleware, limiter=limiter)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ class GatewayConfig(TlsSettings):
     operator_keys: tuple[str, ...] = _field(
         (), "Operator keys (same forms as api_keys; the tenant part names the operator): the only keys "
             "/metrics accepts. With api_keys set and none here, /metrics answers nobody.")
+    tls_certfile: str = _field("", "PEM certificate (chain) to serve HTTPS with; with tls_keyfile. Empty: plain HTTP.")
+    tls_keyfile: str = _field("", "PEM private key of tls_certfile.")
     api_key_secret_file: str = _field(
         "", "File holding the scheduler's API-key secret (its api_key_secret_file): turns on the keys made through "
             "the admin API (snapwake apikey create), checked as HMAC-SHA256 under it.")
@@ -128,6 +131,11 @@ class GatewayConfig(TlsSettings):
                 errors.append(f"{name}: must be >= 0 (0: off), got {getattr(self, name)}")
         if self.rate_limit_burst < 1:
             errors.append(f"rate_limit_burst: must be >= 1, got {self.rate_limit_burst}")
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            errors.append("tls_certfile, tls_keyfile: set both (HTTPS) or neither (plain HTTP)")
+        for name in ("tls_certfile", "tls_keyfile"):
+            if getattr(self, name) and not os.access(getattr(self, name), os.R_OK):
+                errors.append(f"{name}: cannot read {getattr(self, name)}")
         if self.retry_after < 0:
             errors.append(f"retry_after: must be >= 0, got {self.retry_after}")
         return errors

@@ -64,6 +64,7 @@ class Claim:
     endpoint: str  # host:port of the instance's OpenAI server
     source: ClaimSource = ClaimSource.WARM
     wait_seconds: float = 0.0
+    ttl_seconds: float = 0.0  # it expires unless reported within this long; 0: not said
 
 
 @dataclass(frozen=True)
@@ -248,10 +249,12 @@ class GrpcSchedulerClient(SchedulerClient):
         return Claim(claim_id=r.claim_id, instance_id=r.instance_id, endpoint=r.endpoint,
                      source=ClaimSource(r.source) if r.source in ClaimSource._value2member_map_
                      else ClaimSource.UNSPECIFIED,
-                     wait_seconds=r.wait.ToTimedelta().total_seconds())
+                     wait_seconds=r.wait.ToTimedelta().total_seconds(),
+                     ttl_seconds=r.ttl.ToTimedelta().total_seconds())
 
     async def release_claim(self, claim_id: str, instance_failed: bool = False) -> None:
-        request = scheduler_pb2.ReleaseClaimRequest(claim_id=claim_id, instance_failed=instance_failed)
+        request = scheduler_pb2.ReleaseClaimRequest(claim_id=claim_id, instance_failed=instance_failed,
+                                                    gateway_id=self._gateway_id)
 
         async def invoke(i: int, t: float) -> Any:
             return await call(self._claims[i].ReleaseClaim, request, timeout=t)

@@ -49,8 +49,8 @@ class Running:
 
 def _containers(config: NodeAgentConfig) -> Containers:
     if config.containers == "fake":
-        return FakeContainers()
-    return RuncContainers(config.runc_root, binary=config.runc_binary)
+        return FakeContainers(log_max_bytes=config.log_max_bytes)
+    return RuncContainers(config.runc_root, binary=config.runc_binary, log_max_bytes=config.log_max_bytes)
 
 
 def _checkpointer(has_gpu: bool) -> Checkpointer:

@@ -31,7 +31,7 @@ from services.scheduler.audit import AuditLog
 from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.nodes import NodeClient
 from services.scheduler.state import ClusterState
-from snapwake import credentials, errors, keys
+from snapwake import credentials, errors, keys, pki
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc
 from snapwake.v1.scheduler_pb2 import AdminToken, ApiKey, TenantQuota
 from snapwake.v1.types_pb2 import (
@@ -44,9 +44,10 @@ from snapwake.v1.types_pb2 import (
     SnapshotMode,
 )
 
-__all__ = ["ClaimServicer", "Leadership", "SchedulerServicer", "initial_state"]
+__all__ = ["ClaimServicer", "Leadership", "SchedulerServicer", "certificate_identity", "initial_state"]
 
 _DEFAULT_LOG_TAIL = 64 << 10
+_MAX_GATEWAY_ID = 128
 
 
 class Leadership(Protocol):
@@ -408,21 +409,54 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         return scheduler_pb2.SetTenantQuotaResponse(quota=(await self._limits(tenant)).to_proto(tenant))
 
 
+def certificate_identity(context: grpc.aio.ServicerContext) -> str:
+    """The identity of the caller's verified client certificate (``pki.identity_from_pem``),
+    or "" on a connection without one (no mutual TLS)."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    return _identity_of(pems[0]) if pems else ""
+
+
+@functools.lru_cache(maxsize=256)
+def _identity_of(pem: bytes) -> str:
+    identity = pki.identity_from_pem(pem)
+    return str(identity) if identity is not None else ""
+
+
+def _required_gateway_id(gateway_id: str) -> str:
+    if not gateway_id:
+        raise errors.InvalidArgument("gateway_id is required", field="gateway_id")
+    if len(gateway_id) > _MAX_GATEWAY_ID:
+        raise errors.InvalidArgument(f"gateway_id: at most {_MAX_GATEWAY_ID} characters", field="gateway_id")
+    return gateway_id
+
+
 class ClaimServicer(scheduler_pb2_grpc.ClaimServiceServicer):
-    def __init__(self, broker: ClaimBroker, queues: QueueDepths, leader: Leadership) -> None:
-        self.broker, self.queues, self.leader = broker, queues, leader
+    """Claims belong to the gateway that holds them: the ``gateway_id`` it sends, scoped by the
+    identity of its client certificate where it has one (``caller``), so a gateway can neither
+    release nor report (keep alive) another gateway's claims, whatever id it sends."""
+
+    def __init__(self, broker: ClaimBroker, queues: QueueDepths, leader: Leadership,
+                 caller: Callable[[grpc.aio.ServicerContext], str] = certificate_identity) -> None:
+        self.broker, self.queues, self.leader, self.caller = broker, queues, leader, caller
+
+    def _holder(self, context: grpc.aio.ServicerContext, gateway_id: str) -> str:
+        """The claim holder a call speaks for: its certificate identity and its gateway id."""
+        identity = self.caller(context)
+        gateway_id = _required_gateway_id(gateway_id)
+        return f"{identity}#{gateway_id}" if identity else gateway_id
 
     async def AcquireClaim(self, request: scheduler_pb2.AcquireClaimRequest, context: grpc.aio.ServicerContext
                            ) -> scheduler_pb2.AcquireClaimResponse:
         self.leader.require()
         specs.split_function_id(request.function_id)
+        holder = self._holder(context, request.gateway_id)
         remaining = context.time_remaining()
-        grant = await self.broker.acquire(request.function_id, request.gateway_id,
+        grant = await self.broker.acquire(request.function_id, holder,
                                           remaining if remaining is not None else float("inf"))
         try:  # leadership may have run out (by our clock) while the request waited
             self.leader.require()
         except errors.Unavailable:
-            self.broker.release(grant.claim.claim_id, instance_failed=False)
+            self.broker.release(grant.claim.claim_id, holder, instance_failed=False)
             raise
         wait, ttl = Duration(), Duration()
         wait.FromNanoseconds(int(grant.wait_s * 1e9))
@@ -434,7 +468,10 @@ class ClaimServicer(scheduler_pb2_grpc.ClaimServiceServicer):
     async def ReleaseClaim(self, request: scheduler_pb2.ReleaseClaimRequest, context: grpc.aio.ServicerContext
                            ) -> scheduler_pb2.ReleaseClaimResponse:
         self.leader.require()
-        self.broker.release(request.claim_id, request.instance_failed)
+        holder = self._holder(context, request.gateway_id)
+        if self.broker.release(request.claim_id, holder, request.instance_failed) is None:
+            raise errors.NotFound(f"claim {request.claim_id} is not held by gateway {request.gateway_id} "
+                                  "(released, expired, or not reported to this leader yet)", field="claim_id")
         return scheduler_pb2.ReleaseClaimResponse()
 
     async def SyncApiKeys(self, request: scheduler_pb2.SyncApiKeysRequest, context: grpc.aio.ServicerContext
@@ -451,9 +488,8 @@ class ClaimServicer(scheduler_pb2_grpc.ClaimServiceServicer):
             for name in ("claim_id", "instance_id", "function_id"):
                 if not getattr(held, name):
                     raise errors.InvalidArgument(f"claims[{n}].{name} is empty", field=f"claims[{n}].{name}")
-        if request.claims and not request.gateway_id:
-            raise errors.InvalidArgument("gateway_id is required with claims", field="gateway_id")
-        self.queues.report(request.gateway_id, dict(request.depths))
-        if request.gateway_id:
-            self.broker.report(request.gateway_id, request.claims)
+        holder = self._holder(context, request.gateway_id)
+        self.broker.report(holder, request.claims)
+        # Only deployed functions count: a gateway cannot grow this map with made-up ids.
+        self.queues.report(holder, {fid: n for fid, n in request.depths.items() if self.broker.state.function(fid)})
         return scheduler_pb2.ReportQueueResponse()

@@ -25,8 +25,9 @@ class SchedulerConfig(ServerSettings):
     etcd: str = field(default="127.0.0.1:2379", metadata={
         "help": "etcd members' client addresses, host:port[,host:port...] (every member of a cluster)"})
     election_ttl_s: int = field(default=5, metadata={"help": "leader lease TTL in seconds"})
-    claim_ttl_s: float = field(default=600.0, metadata={
-        "help": "how long a gateway's instance claim lives unless released (bounds one request)"})
+    claim_ttl_s: float = field(default=5.0, metadata={
+        "help": "a claim expires (its slot comes back) when its gateway neither releases it nor lists "
+                "it in a report for this long: a few of the gateways' report_interval (1 s)"})
     claim_adopt_grace_s: float = field(default=2.0, metadata={
         "help": "after winning an election, grant and stop nothing for this long while gateways "
                 "report the claims they hold (at least the gateways' report_interval plus margin)"})

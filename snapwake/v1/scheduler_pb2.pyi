@@ -354,12 +354,14 @@ class AcquireClaimResponse(_message.Message):
     def __init__(self, claim_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., source: _Optional[_Union[ClaimSource, str]] = ..., wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ReleaseClaimRequest(_message.Message):
-    __slots__ = ("claim_id", "instance_failed")
+    __slots__ = ("claim_id", "instance_failed", "gateway_id")
     CLAIM_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FAILED_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     claim_id: str
     instance_failed: bool
-    def __init__(self, claim_id: _Optional[str] = ..., instance_failed: _Optional[bool] = ...) -> None: ...
+    gateway_id: str
+    def __init__(self, claim_id: _Optional[str] = ..., instance_failed: _Optional[bool] = ..., gateway_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseClaimResponse(_message.Message):
     __slots__ = ()

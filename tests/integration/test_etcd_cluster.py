@@ -349,7 +349,7 @@ def _grants(ch: grpc.Channel, stop: threading.Event, out: list[float]) -> None:
             continue
         out.append(time.monotonic())
         with contextlib.suppress(grpc.RpcError):
-            stub.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id), timeout=2)
+            stub.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id, gateway_id="probe"), timeout=2)
 
 
 def test_a_leader_cut_off_from_etcd_stops_granting_before_the_next_one_starts(setup: Setup) -> None:

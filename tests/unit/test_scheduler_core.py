@@ -340,7 +340,7 @@ async def test_a_drained_node_loses_its_instances_once_they_serve_no_request(cor
     # starts on the other node, and the next request is served there, not on the drained one.
     moved = await core.broker.acquire(fn.id, "gw", timeout_s=1)
     assert moved.instance.node == "node-b" and core.nodes.count("start") == 1
-    core.broker.release(held.claim.claim_id, instance_failed=False)
+    core.broker.release(held.claim.claim_id, "gw", instance_failed=False)
     core.controller.reconcile()
     await until(lambda: core.nodes.count("stop") == 1, "the drained instance stopped")
     assert [c.instance_id for c in core.nodes.calls if c.op == "stop"] == [busy.id]
@@ -354,7 +354,7 @@ async def test_a_drained_instance_serves_until_its_replacement_does(core: Core) 
     await asyncio.sleep(0.1)
     grant = await core.broker.acquire(fn.id, "gw", timeout_s=1)
     assert grant.instance.id == old.id  # the only instance still serves
-    core.broker.release(grant.claim.claim_id, instance_failed=False)
+    core.broker.release(grant.claim.claim_id, "gw", instance_failed=False)
     core.controller.reconcile()
     await asyncio.sleep(0.1)
     assert core.nodes.count("stop") == 0
@@ -417,7 +417,7 @@ async def test_at_max_instances_a_waiter_gets_a_released_slot_or_times_out(core:
     waiting = asyncio.ensure_future(core.broker.acquire(fn.id, "gw", timeout_s=2))
     await asyncio.sleep(0.05)
     assert not waiting.done()
-    core.broker.release(first.claim.claim_id, instance_failed=False)
+    core.broker.release(first.claim.claim_id, "gw", instance_failed=False)
     second = await waiting
     assert second.instance.id == first.instance.id and core.nodes.calls == []
 
