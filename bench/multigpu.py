@@ -28,7 +28,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import grpc
 import openai
 
 from bench.coldstart import machine
@@ -80,7 +79,7 @@ def _spec(name: str, model: Path, slice_bytes: int) -> types_pb2.FunctionSpec:
 class Run:
     def __init__(self, cluster: Cluster) -> None:
         self.c = cluster
-        self.admin = scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(cluster.scheduler_address))
+        self.admin = scheduler_pb2_grpc.SchedulerServiceStub(cluster.admin_channel())
         self.client = openai.OpenAI(base_url=cluster.gateway_url + "/v1", api_key="unused", max_retries=0,
                                     timeout=300)
 

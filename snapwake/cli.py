@@ -20,6 +20,10 @@ image is any ``--image`` but ``builtin`` (``oci-archive:/path/img.tar``, ``ghcr.
 Its state goes to stderr (with ``--wait``: once the deploy is validated or failed), and progress
 too, so ``-o json`` output on stdout stays parseable.
 
+The admin API is TLS without a client certificate: ``--ca`` (or ``$SNAPWAKE_CA``) names the CA the
+scheduler's certificate is checked against (``make run``: ``var/pki/ca.crt``), else the system's
+roots; ``--plaintext`` is for a cluster run with ``--dev-plaintext``.
+
 ``node cordon`` keeps new instances off a node; ``node drain`` also moves its instances off it
 (each stops once it serves no request; replacements start elsewhere) and waits, unless
 ``--no-wait``, until none is left there; ``node uncordon`` lifts either.
@@ -49,6 +53,7 @@ from snapwake import errors
 from snapwake.grpcclient import call, channel
 from snapwake.imageref import is_builtin
 from snapwake.lifecycle import GONE
+from snapwake.tlsconfig import ClientTls
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 __all__ = ["AdminClient", "DeployFailed", "build_spec", "main", "parse_duration", "parse_size"]
@@ -68,18 +73,22 @@ DEFAULT_SCHEDULER = "127.0.0.1:7001"
 class AdminClient:
     """SchedulerService over several addresses; sticks to the one that answered last."""
 
-    def __init__(self, addresses: Sequence[str], timeout: float, token: str = "") -> None:
+    def __init__(self, addresses: Sequence[str], timeout: float, token: str = "",
+                 tls: ClientTls | None = None) -> None:
+        """``tls``: server-authenticated TLS to the schedulers' admin port (no client
+        certificate); None: plaintext, for a ``dev_plaintext`` cluster."""
         if not addresses:
             raise errors.InvalidArgument("--scheduler: no address given")
         self.addresses = list(addresses)
         self.timeout = timeout
+        self.tls = tls
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     async def call(self, method: str, request: Message) -> Any:
         """Calls ``method``; raises the domain error, or Unavailable once every address failed."""
         last = ""
         for address in list(self.addresses):
-            async with channel(address) as ch:
+            async with channel(address, self.tls, server_role="scheduler" if self.tls and self.tls.ca else "") as ch:
                 stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
                 try:
                     response = await call(functools.partial(getattr(stub, method), metadata=self.metadata), request,
@@ -292,6 +301,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="snapwake", description="Snapwake admin command line.")
     p.add_argument("--scheduler", help="host:port[,host:port...] of the schedulers "
                    f"(default: $SNAPWAKE_SCHEDULER, else {DEFAULT_SCHEDULER})")
+    p.add_argument("--ca", type=Path, help="CA certificate (PEM) the scheduler's admin port is checked against "
+                   "(default: $SNAPWAKE_CA, else the system's trusted roots)")
+    p.add_argument("--plaintext", action="store_true", help="no TLS: only for a cluster run with --dev-plaintext")
     p.add_argument("--output", "-o", choices=("table", "json"), default="table")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, seconds")
     p.add_argument("--token-file", default="", help="file holding the admin bearer token "
@@ -592,6 +604,18 @@ def _exit_code(exc: errors.SnapwakeError) -> int:
     return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
 
 
+def _tls(args: argparse.Namespace) -> ClientTls | None:
+    if args.plaintext:
+        return None
+    ca = args.ca or (Path(os.environ["SNAPWAKE_CA"]) if os.environ.get("SNAPWAKE_CA") else None)
+    if ca is None:
+        return ClientTls(ca=b"")  # gRPC's default roots
+    try:
+        return ClientTls(ca=ca.read_bytes())
+    except OSError as exc:
+        raise errors.InvalidArgument(f"--ca: cannot read {ca}: {exc.strerror}", field="ca") from None
+
+
 def _token(path: str, value: str) -> str:
     """The bearer token from the file at ``path``, else ``value``."""
     if not path:
@@ -612,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         token = _token(args.token_file or os.environ.get("SNAPWAKE_TOKEN_FILE", ""),
                        os.environ.get("SNAPWAKE_TOKEN", ""))
-        client = AdminClient([a.strip() for a in addresses.split(",") if a.strip()], args.timeout, token)
+        client = AdminClient([a.strip() for a in addresses.split(",") if a.strip()], args.timeout, token, _tls(args))
         kind, value = asyncio.run(_run(client, args, sys.stderr))
     except DeployFailed as exc:  # the node's reason keeps its lines: it ends with the container's output
         print(f"snapwake: {exc.message}", file=sys.stderr)

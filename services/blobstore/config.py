@@ -7,12 +7,13 @@ from dataclasses import field
 
 from snapwake.config import parse_address
 from snapwake.protocols import MAX_LINE
+from snapwake.tlsconfig import ServerSettings
 
 __all__ = ["BlobstoreConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
-class BlobstoreConfig:
+class BlobstoreConfig(ServerSettings):
     """Snapwake blobstore: striped snapshot storage, cache tier and device handover."""
 
     listen: str = field(default="127.0.0.1:7003", metadata={"help": "gRPC listen address host:port"})
@@ -35,7 +36,7 @@ class BlobstoreConfig:
 
     def validate(self) -> list[str]:
         """Every problem, each naming its key."""
-        problems = []
+        problems = self.tls_problems("blobstore")
         for key, value in [("listen", self.listen), *[("peers", p) for p in self.peers]]:
             try:
                 parse_address(value)

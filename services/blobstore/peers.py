@@ -19,7 +19,8 @@ import grpc
 from services.blobstore import manifest as mf
 from services.blobstore.store.base import SnapshotStore
 from snapwake import errors
-from snapwake.grpcclient import blocking_stream
+from snapwake.grpcclient import blocking_channel, blocking_stream
+from snapwake.tlsconfig import ClientTls
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc
 
 __all__ = ["PeerFetcher"]
@@ -37,9 +38,12 @@ class PeerFetcher:
     """
 
     def __init__(self, peers: tuple[str, ...], timeout: float = 600.0, connect_timeout: float = 5.0,
-                 max_chunk_bytes: int = mf.MAX_CHUNK_BYTES) -> None:
+                 max_chunk_bytes: int = mf.MAX_CHUNK_BYTES, tls: ClientTls | None = None) -> None:
+        """``tls``: this blobstore's own certificate, presented to peers (who allow a blobstore
+        identity GetSnapshot and StatSnapshot only)."""
         self.peers, self.timeout, self.connect_timeout = peers, timeout, connect_timeout
         self.max_chunk_bytes = max_chunk_bytes
+        self.tls = tls
 
     def candidates(self, extra: Sequence[str] = ()) -> list[str]:
         """``extra`` then the configured peers, each once."""
@@ -61,7 +65,7 @@ class PeerFetcher:
         return None
 
     def _fetch_one(self, peer: str, sid: str, store: SnapshotStore, digest: str) -> None:
-        with grpc.insecure_channel(peer, options=_OPTIONS) as ch:
+        with blocking_channel(peer, self.tls, server_role="blobstore", options=_OPTIONS) as ch:
             # A peer whose host went silent would hold the fetch (and the snapshot's lock) for
             # gRPC's whole connect attempt; the next peer is asked instead.
             try:

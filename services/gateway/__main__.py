@@ -34,7 +34,7 @@ def uvicorn_config(app: ASGIApp, config: GatewayConfig) -> uvicorn.Config:
 async def serve(config: GatewayConfig) -> None:
     """Runs until a signal; uvicorn stops accepting, lets requests finish for ``shutdown_grace``."""
     client = GrpcSchedulerClient(config.scheduler, config.gateway_id, config.rpc_timeout, config.leader_wait,
-                                 config.admin_token)
+                                 config.admin_token, tls=config.client_tls())
     try:
         app = build_app(client, config)
         if StarletteInstrumentor is not None:

@@ -13,6 +13,7 @@ from services.gateway.keys import KeyStore
 from services.gateway.limits import EdgeLimits
 from snapwake.config import parse_address
 from snapwake.credentials import load_secret
+from snapwake.tlsconfig import TlsSettings
 
 __all__ = ["GatewayConfig", "parse_api_keys"]
 
@@ -32,7 +33,7 @@ def _field(default: T, help: str) -> T:
 
 
 @dataclass(frozen=True)
-class GatewayConfig:
+class GatewayConfig(TlsSettings):
     """Snapwake gateway: OpenAI REST API in front of the scheduler's claims."""
 
     listen: str = _field("127.0.0.1:8000", "host:port the HTTP server listens on.")
@@ -89,7 +90,7 @@ class GatewayConfig:
 
     def validate(self) -> list[str]:
         """Every problem, each naming its key (called by ``snapwake.config.load``)."""
-        errors: list[str] = []
+        errors: list[str] = self.tls_problems("gateway")
         try:
             parse_address(self.listen)
         except ValueError as exc:

@@ -30,6 +30,7 @@ from snapwake import errors
 from snapwake.grpcclient import call, channel
 from snapwake.imageref import is_builtin
 from snapwake.openai import ModelLimits
+from snapwake.tlsconfig import ClientTls
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 __all__ = ["Claim", "ClaimSource", "FunctionInfo", "GrpcSchedulerClient", "HeldClaim", "SchedulerClient"]
@@ -142,12 +143,13 @@ class GrpcSchedulerClient(SchedulerClient):
     """``SchedulerClient`` over gRPC, with leader failover across ``addresses``."""
 
     def __init__(self, addresses: Sequence[str], gateway_id: str, rpc_timeout: float = 5.0,
-                 leader_wait: float = 10.0, admin_token: str = "") -> None:
+                 leader_wait: float = 10.0, admin_token: str = "", tls: ClientTls | None = None) -> None:
         """``admin_token``: the bearer token sent on SchedulerService calls (the function list
-        and the dashboard's lists) when the scheduler requires one."""
+        and the dashboard's lists) when the scheduler requires one. ``tls``: the gateway's
+        certificate, for the schedulers' mutual-TLS port; None: plaintext."""
         if not addresses:
             raise errors.InvalidArgument("at least one scheduler address is required", field="scheduler")
-        self._channels = [channel(a) for a in addresses]
+        self._channels = [channel(a, tls, server_role="scheduler") for a in addresses]
         self._addresses = list(addresses)
         self._admin = [scheduler_pb2_grpc.SchedulerServiceStub(c) for c in self._channels]
         self._claims = [scheduler_pb2_grpc.ClaimServiceStub(c) for c in self._channels]

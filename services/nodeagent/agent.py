@@ -135,7 +135,7 @@ class NodeAgent:
                                  on_expired=self._on_lease_expired)
         self.standing = fencing.Standing.SERVING
         self.http = httpx.AsyncClient()
-        self._blob_channel = channel(config.blobstore)
+        self._blob_channel = channel(config.blobstore, config.client_tls(), server_role="blobstore")
         self._reconciler: asyncio.Task[None] | None = None
         self._registered_at = float("-inf")
 

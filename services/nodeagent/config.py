@@ -11,6 +11,7 @@ from pathlib import Path
 
 from services.nodeagent.seccomp import DEFAULT_PROFILE
 from snapwake.config import is_wildcard, parse_address, parse_endpoints
+from snapwake.tlsconfig import ServerSettings
 
 __all__ = ["NodeAgentConfig"]
 
@@ -32,7 +33,7 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class NodeAgentConfig:
+class NodeAgentConfig(ServerSettings):
     """Snapwake nodeagent: runs instance containers on one node."""
 
     name: str = field(default="node-1", metadata=_help("node name; its etcd key is /snapwake/nodes/{name}"))
@@ -162,7 +163,7 @@ class NodeAgentConfig:
 
     def validate(self) -> list[str]:
         """Every bad key, by name."""
-        bad = []
+        bad = self.tls_problems("nodeagent")
         for key in ("listen", "etcd", "blobstore"):
             try:
                 (parse_endpoints if key == "etcd" else parse_address)(getattr(self, key))

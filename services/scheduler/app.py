@@ -39,7 +39,8 @@ class Scheduler:
     def __init__(self, cfg: SchedulerConfig, etcd: EtcdClient) -> None:
         self.cfg, self.etcd = cfg, etcd
         self.state = ClusterState(etcd)
-        self.nodes = NodeClient(cfg.node_rpc_timeout_s)
+        tls = cfg.server_tls()
+        self.nodes = NodeClient(cfg.node_rpc_timeout_s, tls.client() if tls else None)
         self.table = ClaimTable(time.monotonic, cfg.claim_ttl_s)
         self.queues = QueueDepths(time.monotonic)
         self.quotas = Quotas(Limits(cfg.quota_functions, cfg.quota_standbys, cfg.quota_snapshot_bytes,
@@ -50,8 +51,12 @@ class Scheduler:
                                      SnapshotBuilder(self.state, self.starter, cfg.snapshot_attempts),
                                      cfg.reconcile_interval_s,
                                      CrashLoop(cfg.crash_loop_limit, cfg.crash_loop_window_s))
-        self.server = GrpcServer(cfg.listen, SERVICES)
+        # Admin callers (no client certificate) reach SchedulerService on admin_listen only; the
+        # gateways' ClaimService needs their certificate (snapwake.authz).
+        self.server = GrpcServer(cfg.listen, SERVICES, tls=tls, admin_bind=cfg.admin_listen,
+                                 health_bind=cfg.health_listen, anonymous_services=SERVICES[:1])
         self.port = self.server.port
+        self.admin_port = self.server.admin_port
         host = cfg.listen.rpartition(":")[0]
         self.address = cfg.advertise or f"{host}:{self.port}"
         self.election = Election(etcd, "sched-" + secrets.token_hex(4), self.address, cfg.election_ttl_s,

@@ -6,15 +6,20 @@ from dataclasses import dataclass, field
 
 from snapwake.config import parse_address, parse_endpoints
 from snapwake.credentials import load_secret
+from snapwake.tlsconfig import ServerSettings
 
 __all__ = ["SchedulerConfig"]
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(ServerSettings):
     """Snapwake scheduler: admin API, claims, placement and autoscaling."""
 
-    listen: str = field(default="127.0.0.1:7001", metadata={"help": "gRPC listen address host:port"})
+    listen: str = field(default="127.0.0.1:7001", metadata={
+        "help": "gRPC listen address host:port (mutual TLS: gateways' claims, with TLS configured)"})
+    admin_listen: str = field(default="", metadata={
+        "help": "host:port of the admin port: SchedulerService over TLS without a client certificate "
+                "(CLI, grpcurl; bearer token); empty: none"})
     advertise: str = field(default="", metadata={
         "help": "address other processes reach this scheduler at (default: the listen address)"})
     etcd: str = field(default="127.0.0.1:2379", metadata={
@@ -56,7 +61,9 @@ class SchedulerConfig:
 
     def validate(self) -> list[str]:
         problems = []
-        for name in ("listen", "etcd") + (("advertise",) if self.advertise else ()):
+        problems.extend(self.tls_problems("scheduler"))
+        for name in ("listen", "etcd") + (("advertise",) if self.advertise else ()) + (
+                ("admin_listen",) if self.admin_listen else ()):
             try:
                 (parse_endpoints if name == "etcd" else parse_address)(getattr(self, name))
             except ValueError as exc:

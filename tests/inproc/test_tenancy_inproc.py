@@ -289,7 +289,7 @@ async def test_the_cli_manages_keys_tokens_and_quotas(env: Env, tmp_path: Path, 
                                                       ) -> None:
     (tmp_path / "op").write_text(env.operator + "\n")
     (tmp_path / "acme").write_text(env.acme)
-    op = ["--scheduler", f"127.0.0.1:{env.sched.port}", "--token-file", str(tmp_path / "op")]
+    op = ["--scheduler", f"127.0.0.1:{env.sched.port}", "--plaintext", "--token-file", str(tmp_path / "op")]
     assert await _cli(*op, "apikey", "create", "acme", "--description", "from the cli") == 0
     out = capsys.readouterr().out
     kid = re.search(r"^id: ([0-9a-f]{12})$", out, re.M)
@@ -306,9 +306,9 @@ async def test_the_cli_manages_keys_tokens_and_quotas(env: Env, tmp_path: Path, 
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["functions"] == ["5", str(len((await env.call(env.operator, "ListFunctions", pb.ListFunctionsRequest(
         tenant="globex"))).functions))] and rows["gpu_memory_bytes"][0] == str(10 * GIB)
-    acme = ["--scheduler", f"127.0.0.1:{env.sched.port}", "--token-file", str(tmp_path / "acme")]
+    acme = ["--scheduler", f"127.0.0.1:{env.sched.port}", "--plaintext", "--token-file", str(tmp_path / "acme")]
     assert await _cli(*acme, "token", "list") == 7  # operator only
-    assert await _cli("--scheduler", f"127.0.0.1:{env.sched.port}", "list") == 7  # no token
+    assert await _cli("--scheduler", f"127.0.0.1:{env.sched.port}", "--plaintext", "list") == 7  # no token
     assert "Unauthenticated: no credentials" in capsys.readouterr().err
 
 
