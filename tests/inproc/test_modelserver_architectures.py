@@ -34,8 +34,8 @@ ARCHS: dict[str, dict[str, Any]] = {
     "qwen2": dict(tie_word_embeddings=True),  # Qwen2.5 small sizes tie embeddings; q/k/v have biases
     "qwen3": dict(tie_word_embeddings=True),  # q/k norm
     "mistral": dict(sliding_window=WINDOW),
-    "gemma2": dict(sliding_window=WINDOW, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                   query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh"),
+    "gemma2": dict(sliding_window=WINDOW, attn_logit_softcapping=1.0, final_logit_softcapping=5.0,
+                   query_pre_attn_scalar=4, hidden_activation="gelu_pytorch_tanh"),
     "gemma3_text": dict(sliding_window=WINDOW, layer_types=["sliding_attention", "sliding_attention",
                                                             "full_attention"],
                         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
@@ -47,6 +47,15 @@ ARCHS: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """Tiny models gain nothing from intra-op threads; on a shared machine they cost 10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def make_model(path: Path, kind: str, seed: int = 0) -> Path:
@@ -110,3 +119,97 @@ def test_batched_greedy_matches_transformers(tmp_path: Path, kind: str) -> None:
     want = reference(path, PROMPTS, MAX_NEW)
     assert len({tuple(w) for w in want}) > 1  # the random model does not say the same for every prompt
     assert engine_tokens(path, PROMPTS, MAX_NEW) == want
+
+
+# --- fp8 checkpoints ------------------------------------------------------------------------
+
+FP8_MAX = 448.0  # the largest float8_e4m3fn value
+
+
+def _expand(scale: torch.Tensor, block: int, shape: torch.Size) -> torch.Tensor:
+    return scale.repeat_interleave(block, 0)[:shape[0]].repeat_interleave(block, 1)[:, :shape[1]]
+
+
+def make_fp8_model(tmp: Path, kind: str, scheme: str) -> tuple[Path, Path]:
+    """A random ``kind`` model quantised to fp8 as published checkpoints are (compressed-tensors
+    per-channel ``weight_scale``, or the "fp8" method's 32x32 block ``weight_scale_inv``), and the
+    same model dequantised to float32: the reference."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = make_model(tmp / "src", kind)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    quant: dict[str, torch.Tensor] = {}
+    deq: dict[str, torch.Tensor] = {}
+    for name, w in tensors.items():
+        if not (name.startswith("model.layers.") and name.endswith("proj.weight") and w.dim() == 2):
+            quant[name] = deq[name] = w
+            continue
+        if scheme == "channel":
+            scale = w.abs().amax(1, keepdim=True) / FP8_MAX
+            full = scale
+            quant[name + "_scale"] = scale
+        else:
+            out, inp = w.shape
+            pad = w.new_zeros(-(-out // 32) * 32, -(-inp // 32) * 32)
+            pad[:out, :inp] = w.abs()
+            scale = pad.view(pad.shape[0] // 32, 32, pad.shape[1] // 32, 32).amax((1, 3)) / FP8_MAX
+            full = _expand(scale, 32, w.shape)
+            quant[name + "_scale_inv"] = scale
+        q = (w / full).to(torch.float8_e4m3fn)
+        quant[name] = q
+        deq[name] = q.float() * full
+    config = json.loads((src / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = "bfloat16"
+    dirs = []
+    for label, weights in (("fp8", quant), ("deq", deq)):
+        d = tmp / label
+        d.mkdir()
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            shutil.copy(src / f, d / f)
+        cfg = dict(config)
+        if label == "fp8":
+            cfg["quantization_config"] = (
+                {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+                 "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
+                     "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}}}}
+                if scheme == "channel" else
+                {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [32, 32]})
+        (d / "config.json").write_text(json.dumps(cfg))
+        save_file(weights, str(d / "model.safetensors"), metadata={"format": "pt"})
+        dirs.append(d)
+    return dirs[0], dirs[1]
+
+
+@pytest.mark.parametrize(("kind", "scheme"), [("llama", "channel"), ("qwen3", "block")])
+def test_fp8_weights_stay_fp8_and_match_the_dequantised_model(tmp_path: Path, kind: str, scheme: str) -> None:
+    """The arena keeps the fp8 bytes (one per weight) with their scales; computed in float32,
+    greedy output is token for token that of the dequantised float32 checkpoint under
+    transformers, and the logits agree within 1e-4 (the stated tolerance: dequantising per layer
+    is the same arithmetic, up to the order of float32 sums)."""
+    from transformers import AutoModelForCausalLM
+
+    from modelserver.model import bind, build_skeleton, fill_from_safetensors, layout, read_model_config
+
+    fp8_dir, deq_dir = make_fp8_model(tmp_path, kind, scheme)
+    sk = build_skeleton(read_model_config(fp8_dir), "float32")
+    specs, arena_bytes = layout(sk)
+    dtypes = {s.name: s.dtype for s in specs}
+    assert dtypes["model.layers.0.self_attn.q_proj.weight"] == "float8_e4m3fn"
+    assert dtypes["model.layers.0.mlp.down_proj.weight"] == "float8_e4m3fn"
+    assert dtypes["model.embed_tokens.weight"] == "float32"
+    fp8 = [s for s in specs if s.dtype == "float8_e4m3fn"]
+    assert fp8 and all(s.nbytes == s.shape[0] * s.shape[1] for s in fp8)  # one byte a weight in the arena
+    arena = torch.zeros(arena_bytes, dtype=torch.uint8)
+    fill_from_safetensors(fp8_dir, specs, arena)
+    bind(sk, specs, arena)
+    ref = AutoModelForCausalLM.from_pretrained(str(deq_dir), dtype=torch.float32).eval()
+    ids = torch.tensor([PROMPTS[-1]])
+    with torch.inference_mode():
+        got, want = sk.model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert (got - want).abs().max().item() < 1e-4
+    assert engine_tokens(fp8_dir, PROMPTS, MAX_NEW, dtype="float32") == reference(deq_dir, PROMPTS, MAX_NEW)
