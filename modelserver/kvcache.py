@@ -221,8 +221,9 @@ def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
         if softcap is not None:
             from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
-            return eager_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                           scaling=scaling, softcap=softcap, **kwargs)
+            out, _ = eager_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                             scaling=scaling, softcap=softcap, **kwargs)
+            return out, None
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     layer = module.layer_idx

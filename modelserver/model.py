@@ -166,12 +166,13 @@ def _sources(name: str, shape: tuple[int, ...], where: dict[str, Path]) -> list[
     if m is None or len(shape) != 3:
         return None
     pre, experts = m["pre"], shape[0]
-    names = {  # per expert: checkpoint names of the halves of gate_up (gate first), or of down
+    # Per expert: the checkpoint names of gate_up's halves (gate first), or of down.
+    table: dict[str, list[tuple[str, ...]]] = {
         "gate_up_proj": [("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"),
                          ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight")],
         "down_proj": [("mlp.experts.{e}.down_proj.weight",), ("block_sparse_moe.experts.{e}.w2.weight",)],
-    }[m["what"]]
-    for parts in names:
+    }
+    for parts in table[m["what"]]:
         found = [(f"{pre}.{p.format(e=e)}", e, i) for e in range(experts) for i, p in enumerate(parts)]
         if all(n in where for n, _, _ in found):
             half = shape[1] // len(parts)
