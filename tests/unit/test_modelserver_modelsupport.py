@@ -100,8 +100,13 @@ def test_generation_defaults(tmp_path: Path) -> None:
     (tmp_path / "generation_config.json").write_text(json.dumps({
         "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0,
         "repetition_penalty": 1.05, "max_new_tokens": 2048, "eos_token_id": [1, 2]}))
-    assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0,
-                                             "repetition_penalty": 1.05, "max_tokens": 2048}
+    want = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0, "repetition_penalty": 1.05,
+            "max_tokens": 2048}
+    assert generation_defaults(tmp_path) == want
+    from modelserver.arena import MemfdArena
+    from modelserver.instance import Instance, Settings
+
+    assert Instance(Settings(tmp_path), MemfdArena(), None).generation_defaults == want  # what requests read
     (tmp_path / "generation_config.json").write_text(json.dumps({
         "temperature": "hot", "top_p": 7, "top_k": True, "max_new_tokens": -1}))
     assert generation_defaults(tmp_path) == {}
