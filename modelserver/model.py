@@ -29,7 +29,7 @@ from torch import nn
 from modelserver.fp8 import quantise_skeleton
 from modelserver.manifest import TensorSpec, plan
 from snapwake.errors import InvalidArgument, NotFound
-from snapwake.modelsupport import check_model_config, fp8_scheme
+from snapwake.modelsupport import check_model_config, fp8_scheme, text_config
 
 __all__ = ["Skeleton", "bind", "build_skeleton", "fill_from_safetensors", "generation_defaults",
            "read_model_config", "modelserver_config", "unbind"]
@@ -80,6 +80,7 @@ def build_skeleton(model_config: dict[str, Any], dtype: str | None = None) -> Sk
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     check_model_config(model_config)
+    model_config = text_config(model_config)  # a multimodal checkpoint: its language model
     kind = str(model_config["model_type"])
     scheme = fp8_scheme(model_config)
     # transformers' own quantisers are not used: the fp8 modules are swapped in below.
@@ -157,8 +158,11 @@ _EXPERT = re.compile(r"(?P<pre>.*)\.mlp\.experts\.(?P<what>gate_up_proj|down_pro
 def _sources(name: str, shape: tuple[int, ...], where: dict[str, Path]) -> list[tuple[str, Any]] | None:
     """The checkpoint tensors that fill arena tensor ``name``, each with the index of the slice it
     fills (``...`` for all of it); None when the checkpoint has none of them."""
-    if name in where:
-        return [(name, ...)]
+    # A multimodal checkpoint keeps its language model under a prefix (both layouts exist).
+    rest = name.removeprefix("model.")
+    for alias in (name, "language_model." + name, "model.language_model." + rest):
+        if alias in where:
+            return [(alias, ...)]
     if name.endswith(".mlp.gate.weight"):  # Mixtral's router
         old = name.removesuffix(".mlp.gate.weight") + ".block_sparse_moe.gate.weight"
         return [(old, ...)] if old in where else None

@@ -9,7 +9,8 @@ Supported: the ``model_type`` values of ``SUPPORTED_MODEL_TYPES``, each verified
 transformers' own ``generate`` (tests/inproc/test_modelserver_architectures.py); unquantised or
 fp8 (e4m3) weights, from ``quantization_config`` ``quant_method`` "fp8" (per-tensor or block
 ``weight_scale_inv``) or "compressed-tensors" (8-bit float weights, per-tensor, per-channel or
-block ``weight_scale``), dense models only. ``fp8_scheme`` says how such a checkpoint's scales
+block ``weight_scale``), dense models only. A multimodal checkpoint of ``TEXT_OF_MULTIMODAL``
+(Gemma-3 4B and up) is served as its language model, text only (``text_config``). ``fp8_scheme`` says how such a checkpoint's scales
 are laid out, for the loader.
 """
 
@@ -21,7 +22,8 @@ from typing import Any
 
 from snapwake.errors import InvalidArgument
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "Fp8Scheme", "check_model_config", "fp8_scheme"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "TEXT_OF_MULTIMODAL", "Fp8Scheme", "check_model_config", "fp8_scheme",
+           "text_config"]
 
 # model_type -> the family as users know it (for messages).
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -30,9 +32,8 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE", "mixtral": "Mixtral",
 }
 MOE_MODEL_TYPES = frozenset({"qwen2_moe", "qwen3_moe", "mixtral"})
-# model_type values users meet whose text model is supported under another name.
-_HINTS = {"gemma3": "a Gemma-3 checkpoint with its vision tower (Gemma3ForConditionalGeneration); "
-                    "deploy a text-only (gemma3_text, Gemma3ForCausalLM) checkpoint"}
+# Multimodal checkpoints whose language model is served (text only): model_type -> its text model's.
+TEXT_OF_MULTIMODAL = {"gemma3": "gemma3_text"}
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,29 @@ def check_model_config(config: dict[str, Any]) -> None:
     kind = config.get("model_type")
     if not isinstance(kind, str) or not kind:
         raise _refuse("config.json has no model_type")
+    if kind in TEXT_OF_MULTIMODAL:  # served text only: its language model must be supported
+        if not isinstance(config.get("text_config"), dict):
+            raise _refuse(f"a {kind} checkpoint needs its text_config")
+        return check_model_config(text_config(config))
     if kind not in SUPPORTED_MODEL_TYPES:
         archs = config.get("architectures")
         name = ", ".join(map(str, archs)) if isinstance(archs, list) and archs else kind
-        hint = f" ({_HINTS[kind]})" if kind in _HINTS else ""
         raise _refuse(f"architecture {name} (model_type {kind!r}) is not supported by the built-in model "
-                      f"server{hint}; supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
+                      f"server; supported: {', '.join(sorted([*SUPPORTED_MODEL_TYPES, *TEXT_OF_MULTIMODAL]))}")
     fp8_scheme(config)
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config of the model the server runs: a multimodal checkpoint's language model (its
+    ``text_config``, with the top level's dtype and quantisation), else ``config`` itself."""
+    kind = config.get("model_type")
+    if kind not in TEXT_OF_MULTIMODAL or not isinstance(config.get("text_config"), dict):
+        return config
+    out = {**config["text_config"], "model_type": TEXT_OF_MULTIMODAL[kind]}
+    for key in ("dtype", "torch_dtype", "quantization_config"):
+        if key in config:
+            out[key] = config[key]
+    return out
 
 
 def fp8_scheme(config: dict[str, Any]) -> Fp8Scheme | None:

@@ -15,7 +15,7 @@ from modelserver.manifest import plan
 from modelserver.model import fill_from_safetensors, generation_defaults
 from services.nodeagent.modelinfo import read_model_metadata
 from snapwake.errors import InvalidArgument
-from snapwake.modelsupport import SUPPORTED_MODEL_TYPES, check_model_config, fp8_scheme
+from snapwake.modelsupport import SUPPORTED_MODEL_TYPES, check_model_config, fp8_scheme, text_config
 
 CT_FP8 = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head", "re:.*gate$"],
           "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
@@ -27,10 +27,16 @@ def test_supported_architectures_pass(kind: str) -> None:
     check_model_config({"model_type": kind})
 
 
+def test_a_multimodal_gemma3_is_served_as_its_language_model() -> None:
+    config = {"model_type": "gemma3", "torch_dtype": "bfloat16", "text_config": {"hidden_size": 8}}
+    check_model_config(config)
+    assert text_config(config) == {"model_type": "gemma3_text", "hidden_size": 8, "torch_dtype": "bfloat16"}
+
+
 @pytest.mark.parametrize(("config", "named"), [
     ({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}, "MambaForCausalLM"),
     ({"model_type": "deepseek_v3"}, "'deepseek_v3'"),
-    ({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}, "text-only"),
+    ({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}, "needs its text_config"),
     ({}, "no model_type"),
 ])
 def test_unsupported_architectures_are_refused_by_name(config: dict[str, Any], named: str) -> None:
