@@ -224,6 +224,16 @@ def test_fp8_weights_stay_fp8_and_match_the_dequantised_model(tmp_path: Path, ki
     with torch.inference_mode():
         got, want = sk.model(input_ids=ids).logits, ref(input_ids=ids).logits
     assert (got - want).abs().max().item() < 1e-4
+    # A standby rebuilds the skeleton from the manifest alone: the same fp8 layout, the same logits.
+    from modelserver import manifest
+    from modelserver.model import modelserver_config
+
+    msg = manifest.to_proto(specs, arena_bytes, modelserver_config(read_model_config(fp8_dir), sk.dtype))
+    specs2, _, config2 = manifest.from_json(manifest.to_json(msg))
+    sk2 = build_skeleton(config2["model_config"], config2["dtype"])
+    bind(sk2, specs2, arena)
+    with torch.inference_mode():
+        assert torch.equal(sk2.model(input_ids=ids).logits, got)
     assert engine_tokens(fp8_dir, PROMPTS, MAX_NEW, dtype="float32") == reference(deq_dir, PROMPTS, MAX_NEW)
 
 
