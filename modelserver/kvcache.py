@@ -214,7 +214,7 @@ def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     """Attention over the paged pool. ``query`` [1, H, T, D]; ``key``/``value`` [1, KVH, T, D] (the
     step's new tokens, rotary applied). Returns [1, T, H, D] as transformers expects. Called
     without a ``StepMeta`` (a plain forward of the model, outside the engine), it is transformers'
-    own eager attention (which honours the mask, window and soft-capping the model built)."""
+    SDPA over the mask the model built (its eager attention where scores are soft-capped)."""
     if paged is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
