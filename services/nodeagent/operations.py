@@ -191,6 +191,8 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
     spec_checks.check_env(req.spec.env)
     # Read first: nothing may await between the checks below and the instance's registration.
     model = await asyncio.to_thread(read_model_metadata, Path(model_dir))
+    if model is not None and req.spec.chat_template:
+        model.has_chat_template = True
     if req.instance_id in agent.instances:
         raise errors.AlreadyExists(f"instance {req.instance_id} already exists on {agent.config.name}")
     timeout = userimage.start_timeout(agent, req)
