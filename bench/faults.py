@@ -279,7 +279,7 @@ def cluster_up(*, etcd_members: int = 3, nodes: int = 2, snapshots: bool = True,
     from modelserver.demo import make_demo_model
 
     # Short: control and handover sockets live under it and Unix socket paths stay < 108 chars.
-    var = Path(tempfile.mkdtemp(prefix="swk-", dir="/tmp"))
+    var = Path(tempfile.mkdtemp(prefix="swfault-", dir="/tmp"))
     model_dir = make_demo_model(var / "models" / "demo", seed=0)
     extra_args = {k: list(v) for k, v in (extra_args or {}).items()}
     # A container start on a loaded two-core machine can take minutes (Python and torch imports).
@@ -310,16 +310,22 @@ def cluster_up(*, etcd_members: int = 3, nodes: int = 2, snapshots: bool = True,
         if not snapshots:
             spec.policy.snapshot_mode = types_pb2.SNAPSHOT_MODE_NONE
         spec.policy.queue_timeout.FromSeconds(60)
+        spec.policy.start_timeout.FromSeconds(300)  # starts and snapshot builds on a loaded machine
         admin(cluster).CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10)
         setup = Setup(cluster, etcd, supervisor, var, tmpfs)
+
+        failed: list[str] = []
 
         def ready() -> bool:
             fn = admin(cluster).GetFunction(scheduler_pb2.GetFunctionRequest(function_id=FID), timeout=5).function
             if fn.state == types_pb2.FUNCTION_STATE_FAILED:
-                raise RuntimeError(f"demo failed to deploy: {fn.status_message}")
+                failed.append(fn.status_message)
+                return True
             return fn.state == types_pb2.FUNCTION_STATE_READY and setup.healthy()
 
         wait_for(ready, 600, f"{FID} READY with 2 instances serving", interval=0.5)
+        if failed:
+            raise RuntimeError(f"demo failed to deploy: {failed[0]}")
         yield setup
         ok = True
     finally:
