@@ -472,10 +472,11 @@ def classify(o: Outcome, fault: Injected | None, back_at: float) -> str:
     return "lost"
 
 
-def run_fault(fault: str, setup: Setup, load: Load, *, pre_s: float, post_s: float, recover_timeout_s: float,
-              disk_full_s: float) -> dict[str, Any]:
+def run_fault(fault: str, setup: Setup, load: Load, *, begin: float, pre_s: float, post_s: float,
+              recover_timeout_s: float, disk_full_s: float) -> dict[str, Any]:
+    """One phase: from ``begin`` (where the last one ended, so every request counts somewhere)
+    until ``post_s`` after the recovery."""
     wait_for(setup.healthy, 240, f"a healthy cluster before {fault}", interval=0.5)
-    begin = time.monotonic()
     time.sleep(pre_s)
     error = ""
     try:
@@ -522,6 +523,7 @@ def run_fault(fault: str, setup: Setup, load: Load, *, pre_s: float, post_s: flo
         "back_s": round(back_at - at, 2) if back_at == back_at else None,
         "gap_s": round(max(gaps, default=0.0), 2),
         "phase_s": round(end - begin, 1), "examples": examples, **({"error": error} if error else {}),
+        "_end": end,
     }
 
 
@@ -536,14 +538,19 @@ def run_matrix(faults: tuple[str, ...] = ALL_FAULTS, *, etcd_members: int = 3, n
         setup_s = time.monotonic() - began
         expected = expected_answers(setup.cluster)
         rows: list[dict[str, Any]] = []
+        mark = time.monotonic()
         with Load(setup.cluster, expected, workers=workers, pause_s=pause_s) as load:
             for fault in faults:
-                rows.append(run_fault(fault, setup, load, pre_s=pre_s, post_s=post_s,
+                rows.append(run_fault(fault, setup, load, begin=mark, pre_s=pre_s, post_s=post_s,
                                       recover_timeout_s=recover_timeout_s, disk_full_s=disk_full_s))
+                mark = rows[-1].pop("_end")
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "examples"}), flush=True)
+        # The few requests sent after the last phase, with no fault: any of them lost counts too.
+        after = [classify(o, None, mark) for o in load.outcomes if o.sent >= mark]
         restarts = [{"name": e["name"], "down_s": round(float(e["back_at"]) - float(e["dead_at"]), 2),  # type: ignore[arg-type]
                      **({"error": e["error"]} if "error" in e else {})} for e in setup.supervisor.events]
-    return {"faults": rows, "restarts": restarts, "setup_s": round(setup_s, 1),
+    return {"faults": rows, "after_last_phase": {k: after.count(k) for k in ("served", "failed_clean", "lost")},
+            "restarts": restarts, "setup_s": round(setup_s, 1),
             "cluster": {"etcd_members": etcd_members, "schedulers": 2, "nodes": nodes, "gateways": 2,
                         "instances": 2, "snapshots": ("arena snapshot built at deploy, no standbys (each start opens a handover socket on "
                                       "its node's blobstore)") if snapshots else "none",

@@ -43,6 +43,7 @@ def test_no_request_is_lost_and_every_part_recovers(matrix: dict[str, Any]) -> N
         assert row["sent"] == row["served"] + row["failed_clean"] + row["cut"] + row["lost"], detail
         assert row["served"] >= 5, detail  # the load really ran through the fault
         assert row["recovery_s"] is not None and row["recovery_s"] <= RECOVERY_BOUND_S[fault], detail
+    assert matrix["after_last_phase"]["lost"] == 0, matrix["after_last_phase"]
     # Only a gateway's own connections can be cut here: no instance was killed.
     assert rows["scheduler-leader"]["cut"] == 0 and rows["etcd-member"]["cut"] == 0
 
