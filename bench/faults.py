@@ -15,11 +15,13 @@ connection the balancer cannot open at all (the gateway's port refuses) goes to 
 gateway; that is not a retry, since no gateway received anything. Every answer is greedy
 (temperature 0) and checked against the text the same prompt got before any fault.
 
-Faults, in turn (each in its own phase, with load before and after): kill -9 of a gateway, of
+Faults, in turn (each in its own phase: from where the last one ended, through ``pre_s`` of
+load, the fault and its recovery, until ``post_s`` after it): kill -9 of a gateway, of
 the scheduler leader, of a nodeagent, of a blobstore, of an instance container (``runc kill
 KILL``), of one etcd member (the raft leader); the blobstore's disk filled (a small tmpfs
 under each blobstore dir, filled to ENOSPC for ``disk_full_s``); etcd stopped whole (every
-member) for 10 s. Each request is counted once, in the phase it was sent in:
+member) for 10 s. Each request is counted once, in the phase it was sent in (those sent after
+the last phase in ``after_last_phase``):
 
 - ``served``: 200 and the expected text, with a finish reason;
 - ``failed_clean``: an OpenAI-shaped error (``{"error": {"message", "type", ...}}``; 429/503
