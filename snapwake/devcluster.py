@@ -24,6 +24,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from snapwake.pki import Identity, create_ca, issue_dir
 from snapwake.testing import EtcdProcess, free_port, wait_for
 from snapwake.tlsconfig import ClientTls
 
-__all__ = ["Cluster", "ClusterConfig", "Host", "main"]
+__all__ = ["Cluster", "ClusterConfig", "Host", "Supervisor", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,6 +87,8 @@ class ClusterConfig:
     go to every process of that kind, ``"nodeagent-1"`` adds flags for that one process."""
     schedulers: int = 1
     """Scheduler processes; one leads through the etcd election, the others stand by."""
+    gateways: int = 1
+    """Gateway processes (``gateway``, ``gateway-1``, ...), each on its own port, all alike."""
     nodes: int = 1
     """Nodes, each a nodeagent and a blobstore (peers of each other) with its own dirs."""
     hosts: dict[str, Host] = field(default_factory=dict)
@@ -117,7 +120,7 @@ class Cluster:
         # Extra schedulers and nodes are "kind-i" (i >= 1) on free ports; index 0 keeps the plain
         # names, ports and dirs above, so a one-node cluster is what it always was.
         for kind, count in (("scheduler", config.schedulers), ("nodeagent", config.nodes),
-                            ("blobstore", config.nodes)):
+                            ("blobstore", config.nodes), ("gateway", config.gateways)):
             for i in range(1, count):
                 self.ports[f"{kind}-{i}"] = free_port()
         # A scheduler's ``ports`` entry is its admin port; gateways dial this one (mutual TLS).
@@ -132,6 +135,7 @@ class Cluster:
                                 log_path=config.var_dir / "logs" / "etcd.log", host=etcd_host.bind,
                                 wrapper=etcd_host.wrap([]))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.supervisor: Supervisor | None = None
 
     @property
     def gateway_url(self) -> str:
@@ -233,7 +237,7 @@ class Cluster:
     def names(self, kind: str) -> list[str]:
         """Process names of one kind: ``["scheduler", "scheduler-1", ...]``."""
         count = {"scheduler": self.config.schedulers, "nodeagent": self.config.nodes,
-                 "blobstore": self.config.nodes}.get(kind, 1)
+                 "blobstore": self.config.nodes, "gateway": self.config.gateways}.get(kind, 1)
         return [kind] + [f"{kind}-{i}" for i in range(1, count)]
 
     def node_name(self, name: str) -> str:
@@ -317,9 +321,9 @@ class Cluster:
         def up() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; see {logs / (name + '.log')}")
-            if name == "gateway":
+            if kind == "gateway":
                 import httpx
-                return httpx.get(self.gateway_url + "/healthz", timeout=1).status_code == 200
+                return httpx.get(f"http://{self.address(name)}/healthz", timeout=1).status_code == 200
             ch = blocking_channel(self.internal_address(name), self.client_tls(Identity("admin", "devcluster")),
                                   server_role=kind)
             try:
@@ -342,7 +346,7 @@ class Cluster:
             self.start_service(agent)
         if self.config.admin_auth:
             self.bootstrap_access()
-        for name in (*self.names("scheduler"), "gateway"):
+        for name in (*self.names("scheduler"), *self.names("gateway")):
             self.start_service(name)
         return self
 
@@ -357,7 +361,22 @@ class Cluster:
             proc.kill()
             proc.wait(5)
 
+    def kill(self, name: str) -> int:
+        """SIGKILL to the process ``name``, as a crash: it stays in ``procs`` (dead), so a
+        ``Supervisor`` restarts it; ``stop_service`` is the deliberate stop. Returns its pid."""
+        proc = self.procs[name]
+        proc.kill()
+        proc.wait(10)
+        return proc.pid
+
+    def supervise(self, etcd_members: dict[str, EtcdProcess] | None = None, **options: float) -> Supervisor:
+        """Starts a ``Supervisor`` over this cluster's processes (and ``etcd_members``)."""
+        self.supervisor = Supervisor(self, etcd_members, **options).start()
+        return self.supervisor
+
     def stop(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
         order = ("gateway", "scheduler", "nodeagent", "blobstore")
         for name in sorted(self.procs, key=lambda n: order.index(n.partition("-")[0])):
             self.stop_service(name)
@@ -372,6 +391,87 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Supervisor:
+    """Restarts the cluster's processes when they die, as systemd's ``Restart=always`` would.
+
+    Every ``poll_s`` it looks at the service processes in ``cluster.procs`` (a deliberate
+    ``stop_service`` removes one from there, so only crashes and kills are restarted), the
+    embedded etcd, and any etcd members it is given by name (a test's ``EtcdCluster``). A dead
+    one is started again after a backoff: ``backoff_s``, doubled (up to ``max_backoff_s``) each
+    time it dies within ``stable_s`` of its last start, so a process that cannot start does not
+    spin. Restarts run one at a time on the supervisor's thread (a service restart waits until
+    its port answers). ``hold(name)`` leaves a process down until ``release(name)``, for an
+    operator's planned stop. ``events`` records each restart: name, when it was seen dead and
+    when it was back (``time.monotonic()``), and an error when a start failed.
+    """
+
+    def __init__(self, cluster: Cluster, etcd_members: dict[str, EtcdProcess] | None = None, *,
+                 backoff_s: float = 0.5, max_backoff_s: float = 8.0, stable_s: float = 30.0,
+                 poll_s: float = 0.2) -> None:
+        self.cluster = cluster
+        self.etcd_members = dict(etcd_members or {})
+        if not cluster.config.etcd_endpoints:
+            self.etcd_members.setdefault("etcd", cluster.etcd)
+        self.backoff_s, self.max_backoff_s, self.stable_s, self.poll_s = backoff_s, max_backoff_s, stable_s, poll_s
+        self.events: list[dict[str, object]] = []
+        self._held: set[str] = set()
+        self._dead_since: dict[str, float] = {}
+        self._started: dict[str, float] = {}
+        self._backoff: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="supervisor", daemon=True)
+
+    def start(self) -> Supervisor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(90)
+
+    def hold(self, *names: str) -> None:
+        self._held.update(names)
+
+    def release(self, *names: str) -> None:
+        self._held.difference_update(names)
+
+    def _dead(self) -> list[str]:
+        dead = [n for n, p in list(self.cluster.procs.items()) if p.poll() is not None]
+        dead += [n for n, m in self.etcd_members.items() if m.proc is not None and m.proc.poll() is not None]
+        return [n for n in dead if n not in self._held]
+
+    def _restart(self, name: str) -> None:
+        member = self.etcd_members.get(name)
+        if member is not None:
+            member.spawn()
+            member.wait_ready(30)
+        else:
+            self.cluster.start_service(name)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            now = time.monotonic()
+            for name in self._dead():
+                if name not in self._dead_since:
+                    self._dead_since[name] = now
+                    quick = now - self._started.get(name, float("-inf")) < self.stable_s
+                    self._backoff[name] = (min(self.max_backoff_s, 2 * self._backoff.get(name, self.backoff_s))
+                                           if quick else self.backoff_s)
+                if now < self._dead_since[name] + self._backoff[name] or self._stop.is_set():
+                    continue
+                event: dict[str, object] = {"name": name, "dead_at": self._dead_since[name]}
+                try:
+                    self._restart(name)
+                except Exception as exc:  # noqa: BLE001 - a failed start is retried after a longer backoff
+                    event["error"] = f"{type(exc).__name__}: {exc}"
+                self._started[name] = event["back_at"] = time.monotonic()
+                del self._dead_since[name]
+                self.events.append(event)
+                print(f"supervisor: restarted {name}" + (f" (failed: {event['error']})" if "error" in event else ""),
+                      file=sys.stderr, flush=True)
 
 
 async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeout: float = 180.0,  # noqa: ASYNC109
@@ -423,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make run", description=__doc__)
     parser.add_argument("--gateway-port", type=int, default=8000)
     parser.add_argument("--var-dir", type=Path, default=ROOT / "var")
+    parser.add_argument("--restart", action="store_true",
+                        help="restart a service that dies (with backoff) instead of stopping everything")
     opts = parser.parse_args(argv)
     from snapwake.log import setup
 
@@ -437,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         print("deploying the demo model (snapshot build and pre-warm) ...", flush=True)
         api_key = asyncio.run(deploy_demo(cluster.scheduler_address, model_dir, token=cluster.token_file.read_text().strip(),
                                           tls=cluster.client_tls()))
+        if opts.restart:
+            cluster.supervise()
         url = cluster.gateway_url
         print(f"\nSnapwake is up.\n  OpenAI base URL: {url}/v1\n  admin API (gRPC over TLS): {cluster.scheduler_address}"
               f" (CA {cluster.ca_path})\n"
@@ -452,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             while not stop[0]:
                 time.sleep(0.5)
                 dead = [n for n, p in cluster.procs.items() if p.poll() is not None]
-                if dead:
+                if dead and not opts.restart:
                     print(f"service exited: {', '.join(dead)}; stopping", file=sys.stderr)
                     return 1
         except KeyboardInterrupt:
