@@ -23,7 +23,10 @@ from pathlib import Path
 
 import grpc
 
-from snapwake.testing import EtcdProcess, free_port, wait_for
+from snapwake import etcdauth
+from snapwake.etcd import EtcdTls
+from snapwake.pki import Identity
+from snapwake.testing import ETCD_ROOT, EtcdProcess, free_port, tls_files, wait_for
 
 __all__ = ["Cluster", "ClusterConfig", "Host", "main"]
 
@@ -84,6 +87,10 @@ class ClusterConfig:
     etcd_endpoints: tuple[str, ...] = ()
     """Members of an etcd the caller runs (a test's three-member cluster, say), given to every
     service; empty starts one embedded single-member etcd, as ``make run`` does."""
+    etcd_tls: bool = True
+    """etcd over TLS with client certificates and auth (``snapwake.etcdauth``), every
+    certificate from the development CA in ``var_dir/pki`` (a caller's etcd must use that CA:
+    ``EtcdCluster(..., pki=var_dir / "pki")``); False: plaintext (``--etcd-plaintext true``)."""
 
 
 class Cluster:
@@ -101,9 +108,10 @@ class Cluster:
             for i in range(1, count):
                 self.ports[f"{kind}-{i}"] = free_port()
         etcd_host = self.host("etcd")
+        self.pki = config.var_dir / "pki"
         self.etcd = EtcdProcess(config.var_dir / "etcd", port(config.etcd_port),
                                 log_path=config.var_dir / "logs" / "etcd.log", host=etcd_host.bind,
-                                wrapper=etcd_host.wrap([]))
+                                wrapper=etcd_host.wrap([]), pki=self.pki if config.etcd_tls else None)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
@@ -161,6 +169,48 @@ class Cluster:
         """What the services get as ``--etcd``: every member, comma-separated."""
         return ",".join(self.config.etcd_endpoints) or self.etcd.address
 
+    def etcd_identity(self, name: str) -> Identity | None:
+        """The identity process ``name`` talks to etcd as (None: it never does)."""
+        kind = name.partition("-")[0]
+        if kind == "scheduler":
+            return Identity("scheduler", name)
+        if kind == "nodeagent":
+            return Identity("nodeagent", self.node_name(name))
+        return None
+
+    def etcd_tls(self, identity: Identity = ETCD_ROOT) -> EtcdTls | None:
+        """``identity``'s etcd client settings (the etcd root's by default); None when plaintext."""
+        if not self.config.etcd_tls:
+            return None
+        return tls_files(self.pki, identity)
+
+    def _etcd_args(self, name: str) -> list[str]:
+        identity = self.etcd_identity(name)
+        if identity is None:
+            return []
+        tls = self.etcd_tls(identity)
+        if tls is None:
+            return ["--etcd-plaintext", "true"]
+        return ["--etcd-ca", tls.ca, "--etcd-cert", tls.cert, "--etcd-key", tls.key]
+
+    def _etcd_auth(self) -> None:
+        """Users, roles and grants for every scheduler and nodeagent; auth on (idempotent)."""
+        tls = self.etcd_tls()
+        if tls is None:
+            return
+        users = [i for kind in ("scheduler", "nodeagent") for n in self.names(kind)
+                 if (i := self.etcd_identity(n)) is not None]
+        deadline = time.monotonic() + 30
+        while True:  # a member that just opened its port may still be electing a raft leader
+            try:
+                etcdauth.bootstrap(self.etcd_address, tls, users, timeout=5)
+                return
+            except grpc.RpcError as err:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"etcd auth set-up at {self.etcd_address}: {err.code().name}: "
+                                       f"{err.details()}") from err
+                time.sleep(0.5)
+
     def _args(self, name: str) -> list[str]:
         var, etcd = self.config.var_dir, self.etcd_address
         kind, _, index = name.partition("-")
@@ -187,7 +237,7 @@ class Cluster:
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{name}.log", "ab") as log:
             kind = name.partition("-")[0]
-            args = [*self._args(name), *self.config.extra_args.get(kind, []),
+            args = [*self._args(name), *self._etcd_args(name), *self.config.extra_args.get(kind, []),
                     *(self.config.extra_args.get(name, []) if name != kind else [])]
             proc = subprocess.Popen(self.host(name).wrap([sys.executable, "-m", f"services.{kind}", *args]),
                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
@@ -217,6 +267,7 @@ class Cluster:
         self.config.var_dir.mkdir(parents=True, exist_ok=True)
         if not self.config.etcd_endpoints:
             self.etcd.start()
+        self._etcd_auth()
         for blob, agent in zip(self.names("blobstore"), self.names("nodeagent"), strict=True):
             self.start_service(blob)
             self.start_service(agent)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from snapwake.config import parse_address, parse_endpoints
+from snapwake.config import EtcdTlsConfig, parse_address, parse_endpoints
 
 __all__ = ["SchedulerConfig"]
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(EtcdTlsConfig):
     """Snapwake scheduler: admin API, claims, placement and autoscaling."""
 
     listen: str = field(default="127.0.0.1:7001", metadata={"help": "gRPC listen address host:port"})
@@ -43,6 +43,7 @@ class SchedulerConfig:
                 (parse_endpoints if name == "etcd" else parse_address)(getattr(self, name))
             except ValueError as exc:
                 problems.append(f"{name}: {exc}")
+        problems.extend(self.etcd_tls_problems())
         for name in ("election_ttl_s", "claim_ttl_s", "node_rpc_timeout_s", "node_stale_s",
                      "reconcile_interval_s", "snapshot_attempts", "crash_loop_limit", "crash_loop_window_s"):
             if getattr(self, name) <= 0:
