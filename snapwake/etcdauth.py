@@ -39,9 +39,11 @@ longer have (users it is not given are left as they are: remove a node's with et
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from aetcd.rpc import auth_pb2, rpc_pb2, rpc_pb2_grpc
@@ -52,9 +54,10 @@ from snapwake import keys
 from snapwake.config import ConfigError, EtcdTlsConfig, load, parse_endpoints
 from snapwake.errors import SnapwakeError
 from snapwake.etcd import EtcdTls, channel_target
-from snapwake.pki import Identity
+from snapwake.pki import Identity, create_ca, issue
 
-__all__ = ["ROLE_PERMISSIONS", "Permission", "bootstrap", "main", "node_role", "roles_of", "user_name"]
+__all__ = ["ROLE_PERMISSIONS", "EtcdAuthConfig", "Permission", "Report", "bootstrap", "main", "node_role", "roles_of",
+           "user_name", "write_identity_dirs"]
 
 ROOT = "root"
 
@@ -210,6 +213,26 @@ def bootstrap(endpoints: str, tls: EtcdTls, users: Sequence[Identity], timeout: 
                     report.granted.append(f"{user}: role {role}")
         stub.AuthEnable(rpc_pb2.AuthEnableRequest(), timeout=timeout)  # a no-op when enabled
     return report
+
+
+def write_identity_dirs(pki: Path | str, identities: Sequence[str], hosts: Sequence[str] = ()) -> list[Path]:
+    """Development certificates for a compose cluster: the CA in ``pki`` (created if absent)
+    and, per ``role/name``, ``pki/<role>-<name>/`` holding ``ca.crt``, ``tls.crt`` and ``tls.key``
+    (the key names of a Kubernetes TLS Secret), each folder mounted into that process alone.
+    ``hosts`` go into every certificate (an etcd member's names). Existing folders are kept."""
+    pki = Path(pki)
+    ca = create_ca(pki)
+    out = []
+    for text in identities:
+        identity = _identity(text)
+        folder = pki / f"{identity.role}-{identity.name}"
+        if not (folder / "tls.key").exists():
+            files = issue(ca, folder, identity, hosts=hosts)
+            shutil.copyfile(ca.cert_path, folder / "ca.crt")
+            files.cert.rename(folder / "tls.crt")
+            files.key.rename(folder / "tls.key")
+        out.append(folder)
+    return out
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,18 @@ deploy_exited() {
   [ -n "$id" ] && [ "$(docker inspect -f '{{.State.Status}}' "$id")" = exited ]
 }
 
+# The development CA and each process's etcd client certificate (see docker-compose.yml's header).
+etcd_pki() {
+  export SNAPWAKE_PKI_DIR=${SNAPWAKE_PKI_DIR:-$STATE/pki}
+  PYTHONPATH=$ROOT "$PY" -c 'import sys; from snapwake.etcdauth import write_identity_dirs as w
+w(sys.argv[1], ["etcd/etcd"], ["etcd"]); w(sys.argv[1], sys.argv[2:])' "$SNAPWAKE_PKI_DIR" \
+    admin/etcd-root scheduler/scheduler nodeagent/node-1 nodeagent/node-2
+}
+
 up() {
   ensure_docker
   api_key
+  etcd_pki
   "$ROOT/deploy/compose/build-images.sh" services
   compose up -d --no-build
   local url=http://localhost:$SNAPWAKE_GATEWAY_PORT
