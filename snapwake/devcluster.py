@@ -193,8 +193,11 @@ class Cluster:
             return ["--etcd-plaintext", "true"]
         return ["--etcd-ca", tls.ca, "--etcd-cert", tls.cert, "--etcd-key", tls.key]
 
-    def _etcd_auth(self) -> None:
-        """Users, roles and grants for every scheduler and nodeagent; auth on (idempotent)."""
+    def start_etcd(self) -> None:
+        """Starts the embedded etcd (unless the caller runs one) and, over TLS, sets up its
+        users, roles and grants for every scheduler and nodeagent and turns auth on."""
+        if not self.config.etcd_endpoints:
+            self.etcd.start()
         tls = self.etcd_tls()
         if tls is None:
             return
@@ -265,9 +268,7 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.config.var_dir.mkdir(parents=True, exist_ok=True)
-        if not self.config.etcd_endpoints:
-            self.etcd.start()
-        self._etcd_auth()
+        self.start_etcd()
         for blob, agent in zip(self.names("blobstore"), self.names("nodeagent"), strict=True):
             self.start_service(blob)
             self.start_service(agent)

@@ -8,7 +8,9 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from aetcd.rpc import auth_pb2, rpc_pb2, rpc_pb2_grpc
 
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.server import _etcd_tls
@@ -54,9 +56,6 @@ def test_bootstrap_again_changes_nothing_and_narrows_what_was_widened(secured: E
     again = etcdauth.bootstrap(secured.address, secured.client_tls(), users)
     assert (again.created, again.granted, again.revoked) == ([], [], [])
     # Someone widened the scheduler role and gave a node the scheduler's: a run puts it back.
-    import grpc
-    from aetcd.rpc import auth_pb2, rpc_pb2, rpc_pb2_grpc
-
     tls = secured.client_tls()
     with grpc.secure_channel(secured.address, tls.credentials()) as channel:
         stub = rpc_pb2_grpc.AuthStub(channel)
@@ -113,14 +112,17 @@ async def test_node_writes_only_its_own_node_key(secured: EtcdProcess) -> None:
         assert await b.revoke_lease(lease_b) and await a.revoke_lease(lease_a)
 
 
+def _server_auth_only(tls: EtcdTls) -> grpc.ChannelCredentials:
+    """TLS that checks etcd's certificate but presents none."""
+    return grpc.ssl_channel_credentials(root_certificates=Path(tls.ca).read_bytes())
+
+
 async def test_client_without_a_certificate_of_the_ca_cannot_connect(secured: EtcdProcess, tmp_path: Path) -> None:
     with pytest.raises(errors.Unavailable):
         async with Etcd.connect(secured.address, timeout=2):  # plaintext
             pass
-    import grpc
-
     root = secured.client_tls()
-    no_cert = grpc.ssl_channel_credentials(root_certificates=Path(root.ca).read_bytes())
+    no_cert = _server_auth_only(root)
     with pytest.raises(errors.Unavailable):
         async with Etcd.connect(secured.address, timeout=2, credentials=no_cert):
             pass
