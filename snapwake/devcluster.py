@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from snapwake import etcdauth
+from snapwake import errors, etcdauth
 from snapwake.etcd import EtcdTls
 from snapwake.pki import Identity
 from snapwake.testing import ETCD_ROOT, EtcdProcess, free_port, tls_files, wait_for
@@ -208,10 +208,9 @@ class Cluster:
             try:
                 etcdauth.bootstrap(self.etcd_address, tls, users, timeout=5)
                 return
-            except grpc.RpcError as err:
+            except errors.Unavailable:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"etcd auth set-up at {self.etcd_address}: {err.code().name}: "
-                                       f"{err.details()}") from err
+                    raise
                 time.sleep(0.5)
 
     def _args(self, name: str) -> list[str]:

@@ -93,7 +93,7 @@ from google.protobuf.message import Message
 from snapwake import errors
 from snapwake.config import EtcdTlsConfig, parse_endpoints
 
-__all__ = ["Entry", "Etcd", "EtcdClient", "EtcdTls", "LeaseKeeper", "WatchEvent", "channel_target", "decode_value",
+__all__ = ["Entry", "Etcd", "EtcdAuthApi", "EtcdClient", "EtcdTls", "KeyPermission", "LeaseKeeper", "WatchEvent", "channel_target", "decode_value",
            "encode_value"]
 
 log = logging.getLogger(__name__)
@@ -358,6 +358,90 @@ class _MemberSetClient(aetcd.Client):  # type: ignore[misc]
         self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout,
                                               metadata=self.metadata)
         self._connected.set()
+
+
+@dataclass(frozen=True)
+class KeyPermission:
+    """One permission of an etcd role: read, or read and write, on ``key`` or on ``[key,
+    range_end)`` (a prefix)."""
+
+    key: bytes
+    range_end: bytes
+    write: bool
+
+
+class EtcdAuthApi:
+    """etcd's Auth service (users, roles, their permissions, ``auth enable``) for the
+    bootstrap in ``snapwake.etcdauth``: blocking calls to the first member over TLS (auth
+    changes go through raft to every member), errors translated as every other etcd call.
+    ``with EtcdAuthApi(endpoints, tls) as api: ...``."""
+
+    def __init__(self, endpoints: str, tls: EtcdTls, timeout: float = 10.0) -> None:
+        members = parse_endpoints(endpoints)
+        options: list[tuple[str, str]] = []
+        if tls.server_name or len(members) > 1:
+            options.append(("grpc.ssl_target_name_override", tls.server_name or members[0][0]))
+        self._where, self._timeout = f"etcd at {endpoints}", timeout
+        self._channel = grpc.secure_channel(channel_target(members[:1]), tls.credentials(), options)
+        self._auth = aetcd.rpc.AuthStub(self._channel)
+
+    def __enter__(self) -> EtcdAuthApi:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._channel.close()
+
+    def _call(self, what: str, method: Callable[..., T], request: object) -> T:
+        with _translated(f"{self._where}: {what}", self._timeout):
+            return method(request, timeout=self._timeout)
+
+    def _add(self, what: str, method: Callable[..., object], request: object) -> bool:
+        try:
+            self._call(what, method, request)
+        except errors.FailedPrecondition as exc:
+            if "already exists" in exc.message:
+                return False
+            raise
+        return True
+
+    def add_role(self, role: str) -> bool:
+        """Creates the role; False when it exists."""
+        return self._add(f"add role {role}", self._auth.RoleAdd, aetcd.rpc.AuthRoleAddRequest(name=role))
+
+    def add_user(self, user: str) -> bool:
+        """Creates the user without a password (a client certificate names it); False when it exists."""
+        request = aetcd.rpc.AuthUserAddRequest(name=user, options=aetcd.rpc.UserAddOptions(no_password=True))
+        return self._add(f"add user {user}", self._auth.UserAdd, request)
+
+    def permissions(self, role: str) -> builtins.list[KeyPermission]:
+        got = self._call(f"get role {role}", self._auth.RoleGet, aetcd.rpc.AuthRoleGetRequest(role=role))
+        return [KeyPermission(p.key, p.range_end, p.permType != aetcd.rpc.Permission.READ) for p in got.perm]
+
+    def grant(self, role: str, perm: KeyPermission) -> None:
+        kind = aetcd.rpc.Permission.READWRITE if perm.write else aetcd.rpc.Permission.READ
+        request = aetcd.rpc.AuthRoleGrantPermissionRequest(
+            name=role, perm=aetcd.rpc.Permission(permType=kind, key=perm.key, range_end=perm.range_end))
+        self._call(f"grant {role} {perm.key!r}", self._auth.RoleGrantPermission, request)
+
+    def revoke(self, role: str, perm: KeyPermission) -> None:
+        request = aetcd.rpc.AuthRoleRevokePermissionRequest(role=role, key=perm.key, range_end=perm.range_end)
+        self._call(f"revoke {role} {perm.key!r}", self._auth.RoleRevokePermission, request)
+
+    def roles(self, user: str) -> builtins.list[str]:
+        got = self._call(f"get user {user}", self._auth.UserGet, aetcd.rpc.AuthUserGetRequest(name=user))
+        return list(got.roles)
+
+    def grant_role(self, user: str, role: str) -> None:
+        self._call(f"grant {user} role {role}", self._auth.UserGrantRole,
+                   aetcd.rpc.AuthUserGrantRoleRequest(user=user, role=role))
+
+    def revoke_role(self, user: str, role: str) -> None:
+        self._call(f"revoke {user} role {role}", self._auth.UserRevokeRole,
+                   aetcd.rpc.AuthUserRevokeRoleRequest(name=user, role=role))
+
+    def enable(self) -> None:
+        """Turns auth on (a no-op when it is on); etcd refuses without a root user."""
+        self._call("auth enable", self._auth.AuthEnable, aetcd.rpc.AuthEnableRequest())
 
 
 class Etcd(EtcdClient):

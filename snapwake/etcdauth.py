@@ -38,22 +38,19 @@ longer have (users it is not given are left as they are: remove a node's with et
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from aetcd.rpc import auth_pb2, rpc_pb2, rpc_pb2_grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from snapwake import keys
 from snapwake.config import ConfigError, EtcdTlsConfig, load, parse_endpoints
 from snapwake.errors import SnapwakeError
-from snapwake.etcd import EtcdTls, channel_target
+from snapwake.etcd import EtcdAuthApi, EtcdTls, KeyPermission
 from snapwake.pki import Identity, create_ca, issue
 
 __all__ = ["ROLE_PERMISSIONS", "EtcdAuthConfig", "Permission", "Report", "bootstrap", "main", "node_role", "roles_of",
@@ -70,16 +67,9 @@ class Permission:
     prefix: bool = True
     write: bool = False
 
-    @property
-    def range_end(self) -> bytes:
-        if not self.prefix:
-            return b""
+    def key_permission(self) -> KeyPermission:
         raw = self.key.encode()
-        return raw[:-1] + bytes([raw[-1] + 1])
-
-    def proto(self) -> auth_pb2.Permission:
-        kind = auth_pb2.Permission.READWRITE if self.write else auth_pb2.Permission.READ
-        return auth_pb2.Permission(permType=kind, key=self.key.encode(), range_end=self.range_end)
+        return KeyPermission(raw, raw[:-1] + bytes([raw[-1] + 1]) if self.prefix else b"", self.write)
 
 
 def _rw(key: str, prefix: bool = True) -> Permission:
@@ -120,14 +110,6 @@ def _permissions(role: str) -> tuple[Permission, ...]:
     return ROLE_PERMISSIONS[role]
 
 
-def _exists(err: grpc.RpcError) -> bool:
-    return err.code() == grpc.StatusCode.FAILED_PRECONDITION and "already exists" in (err.details() or "")
-
-
-def _missing(err: grpc.RpcError) -> bool:
-    return err.code() == grpc.StatusCode.FAILED_PRECONDITION and "not found" in (err.details() or "")
-
-
 def _common_name(cert_path: str) -> str:
     with open(cert_path, "rb") as f:
         cert = x509.load_pem_x509_certificate(f.read())
@@ -135,20 +117,6 @@ def _common_name(cert_path: str) -> str:
     if not names:
         raise ValueError(f"{cert_path}: the certificate has no common name, so no etcd user")
     return str(names[0].value)
-
-
-@contextlib.contextmanager
-def _channel(endpoints: str, tls: EtcdTls) -> Iterator[grpc.Channel]:
-    members = parse_endpoints(endpoints)
-    options: list[tuple[str, str]] = [("grpc.lb_policy_name", "pick_first")]
-    if tls.server_name or len(members) > 1:
-        options.append(("grpc.ssl_target_name_override", tls.server_name or members[0][0]))
-    # The first member is enough: auth changes go through raft to every member.
-    channel = grpc.secure_channel(channel_target(members[:1]), tls.credentials(), options)
-    try:
-        yield channel
-    finally:
-        channel.close()
 
 
 @dataclass
@@ -162,56 +130,41 @@ class Report:
 
 def bootstrap(endpoints: str, tls: EtcdTls, users: Sequence[Identity], timeout: float = 10.0) -> Report:
     """Makes etcd's users, roles and grants those of ``users`` (plus root and the caller's own
-    certificate as root), then enables auth. Idempotent; revokes what is no longer wanted."""
+    certificate as root), then enables auth. Idempotent; revokes what is no longer wanted.
+    Errors are ``snapwake.errors`` (Unavailable while etcd does not answer)."""
     caller = _common_name(tls.cert)
     wanted: dict[str, tuple[str, ...]] = {ROOT: (ROOT,), caller: (ROOT,)}
     for identity in users:
         wanted[user_name(identity)] = roles_of(identity)
     report = Report()
-    with _channel(endpoints, tls) as channel:
-        stub = rpc_pb2_grpc.AuthStub(channel)
-        roles = sorted({r for rs in wanted.values() for r in rs})
-        for role in roles:
-            try:
-                stub.RoleAdd(rpc_pb2.AuthRoleAddRequest(name=role), timeout=timeout)
+    with EtcdAuthApi(endpoints, tls, timeout) as api:
+        for role in sorted({r for rs in wanted.values() for r in rs}):
+            if api.add_role(role):
                 report.created.append(f"role {role}")
-            except grpc.RpcError as err:
-                if not _exists(err):
-                    raise
             if role == ROOT:
                 continue
-            want = {(p.key.encode(), p.range_end): p.proto() for p in _permissions(role)}
-            have = {(p.key, p.range_end): p
-                    for p in stub.RoleGet(rpc_pb2.AuthRoleGetRequest(role=role), timeout=timeout).perm}
-            for (key, end), perm in have.items():
-                if (key, end) not in want or want[(key, end)].permType != perm.permType:
-                    stub.RoleRevokePermission(rpc_pb2.AuthRoleRevokePermissionRequest(
-                        role=role, key=key, range_end=end), timeout=timeout)
-                    report.revoked.append(f"{role}: {key.decode()}")
-            have = {(p.key, p.range_end): p
-                    for p in stub.RoleGet(rpc_pb2.AuthRoleGetRequest(role=role), timeout=timeout).perm}
-            for (key, end), perm in want.items():
-                if (key, end) not in have:
-                    stub.RoleGrantPermission(rpc_pb2.AuthRoleGrantPermissionRequest(name=role, perm=perm),
-                                             timeout=timeout)
-                    report.granted.append(f"{role}: {key.decode()}{'*' if end else ''}")
+            want = [p.key_permission() for p in _permissions(role)]
+            for perm in api.permissions(role):
+                if perm not in want:
+                    api.revoke(role, perm)
+                    report.revoked.append(f"{role}: {perm.key.decode()}")
+            have = api.permissions(role)
+            for perm in want:
+                if perm not in have:
+                    api.grant(role, perm)
+                    report.granted.append(f"{role}: {perm.key.decode()}{'*' if perm.range_end else ''}")
         for user, user_roles in wanted.items():
-            try:
-                stub.UserAdd(rpc_pb2.AuthUserAddRequest(name=user, options=auth_pb2.UserAddOptions(no_password=True)),
-                             timeout=timeout)
+            if api.add_user(user):
                 report.created.append(f"user {user}")
-            except grpc.RpcError as err:
-                if not _exists(err):
-                    raise
-            have_roles = set(stub.UserGet(rpc_pb2.AuthUserGetRequest(name=user), timeout=timeout).roles)
+            have_roles = set(api.roles(user))
             for role in sorted(have_roles - set(user_roles)):
-                stub.UserRevokeRole(rpc_pb2.AuthUserRevokeRoleRequest(name=user, role=role), timeout=timeout)
+                api.revoke_role(user, role)
                 report.revoked.append(f"{user}: role {role}")
             for role in user_roles:
                 if role not in have_roles:
-                    stub.UserGrantRole(rpc_pb2.AuthUserGrantRoleRequest(user=user, role=role), timeout=timeout)
+                    api.grant_role(user, role)
                     report.granted.append(f"{user}: role {role}")
-        stub.AuthEnable(rpc_pb2.AuthEnableRequest(), timeout=timeout)  # a no-op when enabled
+        api.enable()  # a no-op when it is on
     return report
 
 
@@ -277,9 +230,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     assert tls is not None  # validate refuses plaintext
     try:
         report = bootstrap(cfg.etcd, tls, [_identity(u) for u in cfg.users])
-    except grpc.RpcError as err:
-        print(f"etcdauth: etcd at {cfg.etcd}: {err.code().name}: {err.details()}", file=sys.stderr)
-        return 1
     except (SnapwakeError, ValueError) as exc:
         print(f"etcdauth: {exc}", file=sys.stderr)
         return 1

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from aetcd.rpc import auth_pb2, rpc_pb2, rpc_pb2_grpc
 
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.server import _etcd_tls
 from services.scheduler.config import SchedulerConfig
 from snapwake import errors, etcdauth, keys
-from snapwake.etcd import Etcd, EtcdTls
+from snapwake.etcd import Etcd, EtcdAuthApi, EtcdTls, KeyPermission
 from snapwake.pki import Identity, create_ca, issue
 from snapwake.testing import ETCD_ROOT, EtcdProcess
 from snapwake.v1.types_pb2 import Function, Node, NodeCordon, Snapshot
@@ -57,11 +56,9 @@ def test_bootstrap_again_changes_nothing_and_narrows_what_was_widened(secured: E
     assert (again.created, again.granted, again.revoked) == ([], [], [])
     # Someone widened the scheduler role and gave a node the scheduler's: a run puts it back.
     tls = secured.client_tls()
-    with grpc.secure_channel(secured.address, tls.credentials()) as channel:
-        stub = rpc_pb2_grpc.AuthStub(channel)
-        stub.RoleGrantPermission(rpc_pb2.AuthRoleGrantPermissionRequest(name="scheduler", perm=auth_pb2.Permission(
-            permType=auth_pb2.Permission.READWRITE, key=b"/", range_end=b"\0")))
-        stub.UserGrantRole(rpc_pb2.AuthUserGrantRoleRequest(user=str(NODE_A), role="scheduler"))
+    with EtcdAuthApi(secured.address, tls) as api:
+        api.grant("scheduler", KeyPermission(b"/", b"\0", write=True))
+        api.grant_role(str(NODE_A), "scheduler")
     fixed = etcdauth.bootstrap(secured.address, tls, users)
     assert fixed.revoked == ["scheduler: /", f"{NODE_A}: role scheduler"]
     assert fixed.granted == []
