@@ -10,13 +10,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.server import _etcd_tls
 from services.scheduler.config import SchedulerConfig
 from snapwake import errors, etcdauth, keys
 from snapwake.etcd import Etcd, EtcdAuthApi, EtcdTls, KeyPermission
-from snapwake.pki import Identity, create_ca, issue
+from snapwake.pki import Identity, create_ca, identity_from_pem, issue
 from snapwake.testing import ETCD_ROOT, EtcdProcess
 from snapwake.v1.types_pb2 import Function, Node, NodeCordon, Snapshot
 
@@ -165,3 +166,19 @@ def test_roles_follow_the_identity() -> None:
         with pytest.raises(ValueError, match="never talks to etcd"):
             etcdauth.roles_of(identity)
     assert etcdauth.main(["--etcd", "127.0.0.1:1", "--etcd-plaintext", "true"]) == 2
+
+
+def test_compose_certificate_folders_hold_one_identity_each(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    (etcd_dir,) = etcdauth.write_identity_dirs(pki, ["etcd/etcd"], hosts=["etcd"])
+    (node_dir,) = etcdauth.write_identity_dirs(pki, ["nodeagent/node-1"])
+    assert sorted(p.name for p in node_dir.iterdir()) == ["ca.crt", "tls.crt", "tls.key"]
+    assert (node_dir / "tls.key").stat().st_mode & 0o077 == 0
+    assert identity_from_pem((node_dir / "tls.crt").read_bytes()) == Identity("nodeagent", "node-1")
+    sans = x509.load_pem_x509_certificate((etcd_dir / "tls.crt").read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert "etcd" in sans.get_values_for_type(x509.DNSName)
+    before = (node_dir / "tls.crt").read_bytes()
+    etcdauth.write_identity_dirs(pki, ["nodeagent/node-1"])  # kept, not reissued
+    assert (node_dir / "tls.crt").read_bytes() == before
+    assert EtcdTls(str(node_dir / "ca.crt"), str(node_dir / "tls.crt"), str(node_dir / "tls.key")).credentials()
