@@ -72,9 +72,9 @@ class EtcdProcess:
     --net=...``, say).
 
     With ``pki`` (a folder holding, or getting, the CA of ``snapwake.pki``) it serves clients
-    and peers over TLS only, requires a client certificate of that CA (``--client-cert-auth``,
-    whose common name etcd takes as the user once ``enable_auth`` ran) and talks to its peers
-    with mutual TLS; without, plaintext, as the session-wide test etcd."""
+    over TLS only and requires a client certificate of that CA (``--client-cert-auth``, whose
+    common name etcd takes as the user once ``enable_auth`` ran); a member of a cluster talks
+    to its peers with mutual TLS too. Without, plaintext, as the session-wide test etcd."""
 
     def __init__(self, data_dir: Path, client_port: int = 0, log_path: Path | None = None,
                  host: str = "127.0.0.1", wrapper: Sequence[str] = (), *,
@@ -86,7 +86,10 @@ class EtcdProcess:
         self.name = name
         self.pki = Path(pki) if pki is not None else None
         self.scheme = "https" if pki is not None else "http"
-        self.initial_cluster = initial_cluster or f"{name}={self.scheme}://{host}:{self.peer_port}"
+        # Peers over mutual TLS in a cluster; a single member (``make run``'s, whose data dir
+        # outlives its flags) keeps its peer URL as it was registered, on its own host.
+        self.peer_scheme = self.scheme if initial_cluster else "http"
+        self.initial_cluster = initial_cluster or f"{name}={self.peer_scheme}://{host}:{self.peer_port}"
         self.log_path = log_path or self.data_dir.with_suffix(".log")
         self.host, self.wrapper = host, tuple(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -109,10 +112,12 @@ class EtcdProcess:
         if self.pki is None:
             return []
         files = tls_files(self.pki, Identity("etcd", self.name), hosts=[self.host])
-        pem = ["--trusted-ca-file", files.ca, "--cert-file", files.cert, "--key-file", files.key]
-        return [*pem, "--client-cert-auth",
-                "--peer-trusted-ca-file", files.ca, "--peer-cert-file", files.cert, "--peer-key-file", files.key,
-                "--peer-client-cert-auth"]
+        client = ["--trusted-ca-file", files.ca, "--cert-file", files.cert, "--key-file", files.key,
+                  "--client-cert-auth"]
+        if self.peer_scheme != "https":
+            return client
+        return [*client, "--peer-trusted-ca-file", files.ca, "--peer-cert-file", files.cert,
+                "--peer-key-file", files.key, "--peer-client-cert-auth"]
 
     def spawn(self) -> None:
         """Starts the process without waiting (members of a cluster wait for each other)."""
@@ -121,7 +126,7 @@ class EtcdProcess:
             raise FileNotFoundError("etcd not found: run 'make install' (Debian package etcd-server)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         c = f"{self.scheme}://{self.host}:{self.client_port}"
-        p = f"{self.scheme}://{self.host}:{self.peer_port}"
+        p = f"{self.peer_scheme}://{self.host}:{self.peer_port}"
         args = [*self.wrapper, binary, "--name", self.name, "--data-dir", str(self.data_dir),
                 "--listen-client-urls", c, "--advertise-client-urls", c,
                 "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
