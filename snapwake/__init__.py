@@ -4,7 +4,8 @@
     config.py       frozen, validated configuration; service.py the one bootstrap of every main
     log.py          logging; telemetry.py tracing, metrics and the one traceparent()
     keys.py         the etcd key layout; lifecycle.py the instance lifecycle and its state sets
-    etcd.py         the etcd edge: EtcdClient, Etcd over aetcd, LeaseKeeper; etcd_fake.py FakeEtcd
+    etcd.py         the etcd edge: EtcdClient, Etcd over aetcd (TLS), LeaseKeeper; etcd_fake.py FakeEtcd
+    etcdauth.py     etcd users and roles per service, the idempotent auth bootstrap
     grpcserver.py   the gRPC server edge (health, reflection, the ErrorInterceptor)
     grpcclient.py   the gRPC client edge (channel, call, stream: the one RpcError translation)
     cuda.py         the CUDA driver edge: lazy bindings and the one result check

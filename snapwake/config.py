@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "is_wildcard", "load", "parse_address", "parse_endpoints"]
+__all__ = ["ConfigError", "EtcdTlsConfig", "is_wildcard", "load", "parse_address", "parse_endpoints"]
 
 T = TypeVar("T")
 
@@ -50,6 +50,32 @@ def parse_endpoints(value: str) -> list[tuple[str, int]]:
     if not members:
         raise ValueError(f"expected host:port[,host:port...], got {value!r}")
     return members
+
+
+@dataclasses.dataclass(frozen=True)
+class EtcdTlsConfig:
+    """The etcd client keys of every service that talks to etcd (a base of its config class).
+
+    etcd is dialled over TLS with a client certificate, whose common name (``role/name``, see
+    ``snapwake.pki``) is the etcd user its permissions belong to (``snapwake.etcdauth``).
+    Plaintext needs the explicit development flag ``etcd_plaintext``."""
+
+    etcd_ca: str = dataclasses.field(default="", metadata={"help": "PEM CA bundle etcd's certificates are checked against"})
+    etcd_cert: str = dataclasses.field(default="", metadata={
+        "help": "PEM client certificate presented to etcd; its common name is the etcd user"})
+    etcd_key: str = dataclasses.field(default="", metadata={"help": "PEM private key of etcd_cert"})
+    etcd_server_name: str = dataclasses.field(default="", metadata={
+        "help": "name every etcd member's certificate is checked for (default: the first member's host)"})
+    etcd_plaintext: bool = dataclasses.field(default=False, metadata={
+        "help": "development only: talk to etcd without TLS or a client certificate"})
+
+    def etcd_tls_problems(self) -> list[str]:
+        files = {"etcd_ca": self.etcd_ca, "etcd_cert": self.etcd_cert, "etcd_key": self.etcd_key}
+        if self.etcd_plaintext:
+            given = [name for name, value in files.items() if value]
+            return [f"etcd_plaintext: contradicts {', '.join(given)} (give one or the other)"] if given else []
+        return [f"{name}: required (a PEM file path), unless etcd_plaintext is set for development"
+                for name, value in files.items() if not value]
 
 
 def _convert(raw: str, kind: Any) -> Any:

@@ -31,9 +31,11 @@ from pathlib import Path
 
 import grpc
 
+from snapwake import errors, etcdauth
+from snapwake.etcd import EtcdTls
 from snapwake.grpcclient import blocking_channel
 from snapwake.pki import Identity, create_ca, issue_dir
-from snapwake.testing import EtcdProcess, free_port, wait_for
+from snapwake.testing import ETCD_ROOT, EtcdProcess, free_port, tls_files, wait_for
 from snapwake.tlsconfig import ClientTls
 
 __all__ = ["Cluster", "ClusterConfig", "Host", "Supervisor", "main"]
@@ -107,6 +109,10 @@ class ClusterConfig:
     tls: bool = True
     """Mutual TLS between the services, certificates from a development CA in ``var/pki``;
     False runs every service with ``--dev-plaintext``."""
+    etcd_tls: bool = True
+    """etcd over TLS with client certificates and auth (``snapwake.etcdauth``), every
+    certificate from the development CA in ``var_dir/pki`` (a caller's etcd must use that CA:
+    ``EtcdCluster(..., pki=var_dir / "pki")``); False: plaintext (``--etcd-plaintext true``)."""
 
 
 class Cluster:
@@ -131,9 +137,10 @@ class Cluster:
         self.health_ports = {n: free_port() for k in ("scheduler", "nodeagent", "blobstore") for n in self.names(k)}
         self.pki_dir = config.var_dir / "pki"
         etcd_host = self.host("etcd")
+        self.pki = config.var_dir / "pki"
         self.etcd = EtcdProcess(config.var_dir / "etcd", port(config.etcd_port),
                                 log_path=config.var_dir / "logs" / "etcd.log", host=etcd_host.bind,
-                                wrapper=etcd_host.wrap([]))
+                                wrapper=etcd_host.wrap([]), pki=self.pki if config.etcd_tls else None)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.supervisor: Supervisor | None = None
 
@@ -269,6 +276,7 @@ class Cluster:
         access = self.config.var_dir / "access"
         for name, extra in (("operator", ["--secret-file", str(access / "apikey.secret")]), ("gateway", [])):
             subprocess.run([sys.executable, "-m", "services.scheduler.bootstrap", "--etcd", self.etcd_address,
+                            *self._etcd_args(self.names("scheduler")[0]),
                             "--token-file", str(access / f"{name}.token"), "--description", f"make run: {name}",
                             *extra], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
@@ -276,6 +284,50 @@ class Cluster:
     def etcd_address(self) -> str:
         """What the services get as ``--etcd``: every member, comma-separated."""
         return ",".join(self.config.etcd_endpoints) or self.etcd.address
+
+    def etcd_identity(self, name: str) -> Identity | None:
+        """The identity process ``name`` talks to etcd as (None: it never does)."""
+        kind = name.partition("-")[0]
+        if kind == "scheduler":
+            return Identity("scheduler", name)
+        if kind == "nodeagent":
+            return Identity("nodeagent", self.node_name(name))
+        return None
+
+    def etcd_tls(self, identity: Identity = ETCD_ROOT) -> EtcdTls | None:
+        """``identity``'s etcd client settings (the etcd root's by default); None when plaintext."""
+        if not self.config.etcd_tls:
+            return None
+        return tls_files(self.pki, identity)
+
+    def _etcd_args(self, name: str) -> list[str]:
+        identity = self.etcd_identity(name)
+        if identity is None:
+            return []
+        tls = self.etcd_tls(identity)
+        if tls is None:
+            return ["--etcd-plaintext", "true"]
+        return ["--etcd-ca", tls.ca, "--etcd-cert", tls.cert, "--etcd-key", tls.key]
+
+    def start_etcd(self) -> None:
+        """Starts the embedded etcd (unless the caller runs one) and, over TLS, sets up its
+        users, roles and grants for every scheduler and nodeagent and turns auth on."""
+        if not self.config.etcd_endpoints:
+            self.etcd.start()
+        tls = self.etcd_tls()
+        if tls is None:
+            return
+        users = [i for kind in ("scheduler", "nodeagent") for n in self.names(kind)
+                 if (i := self.etcd_identity(n)) is not None]
+        deadline = time.monotonic() + 30
+        while True:  # a member that just opened its port may still be electing a raft leader
+            try:
+                etcdauth.bootstrap(self.etcd_address, tls, users, timeout=5)
+                return
+            except errors.Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def _args(self, name: str) -> list[str]:
         var, etcd = self.config.var_dir, self.etcd_address
@@ -308,7 +360,7 @@ class Cluster:
         logs.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{name}.log", "ab") as log:
             kind = name.partition("-")[0]
-            args = [*self._args(name), *self.config.extra_args.get(kind, []),
+            args = [*self._args(name), *self._etcd_args(name), *self.config.extra_args.get(kind, []),
                     *(self.config.extra_args.get(name, []) if name != kind else [])]
             proc = subprocess.Popen(self.host(name).wrap([sys.executable, "-m", f"services.{kind}", *args]),
                                     stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
@@ -339,8 +391,7 @@ class Cluster:
         self.config.var_dir.mkdir(parents=True, exist_ok=True)
         if self.config.tls:
             self._issue_all()
-        if not self.config.etcd_endpoints:
-            self.etcd.start()
+        self.start_etcd()
         for blob, agent in zip(self.names("blobstore"), self.names("nodeagent"), strict=True):
             self.start_service(blob)
             self.start_service(agent)

@@ -17,7 +17,7 @@ Coordination:
 
 from __future__ import annotations
 
-__all__ = ["ADMIN_TOKENS", "API_KEYS", "QUOTAS", "admin_token_key", "api_key_key", "quota_key", "CORDONS", "FUNCTIONS", "INSTANCES", "LEADER", "NODES", "PREFIX", "SNAPSHOTS", "cordon_key",
+__all__ = ["ACCESS", "ADMIN_TOKENS", "API_KEYS", "QUOTAS", "admin_token_key", "api_key_key", "quota_key", "CORDONS", "FUNCTIONS", "INSTANCES", "LEADER", "NODES", "PREFIX", "SNAPSHOTS", "cordon_key",
            "function_key", "instance_key", "node_key", "snapshot_id", "snapshot_key", "split_snapshot_id"]
 
 PREFIX = "/snapwake/"
@@ -27,9 +27,10 @@ INSTANCES = PREFIX + "instances/"
 SNAPSHOTS = PREFIX + "snapshots/"
 LEADER = PREFIX + "leader"
 CORDONS = PREFIX + "cordons/"
-ADMIN_TOKENS = PREFIX + "access/tokens/"
-API_KEYS = PREFIX + "access/apikeys/"
-QUOTAS = PREFIX + "access/quotas/"
+ACCESS = PREFIX + "access/"
+ADMIN_TOKENS = ACCESS + "tokens/"
+API_KEYS = ACCESS + "apikeys/"
+QUOTAS = ACCESS + "quotas/"
 
 
 def function_key(function_id: str) -> str:

@@ -12,7 +12,25 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["EtcdCluster", "EtcdProcess", "free_port", "free_ports", "wait_for"]
+from snapwake import etcdauth
+from snapwake.etcd import EtcdTls
+from snapwake.pki import Identity, create_ca, issue
+
+__all__ = ["ETCD_ROOT", "EtcdCluster", "EtcdProcess", "free_port", "free_ports", "tls_files", "wait_for"]
+
+# The operator identity tests and the dev cluster run ``snapwake.etcdauth`` with (an etcd root).
+ETCD_ROOT = Identity("admin", "etcd-root")
+
+
+def tls_files(pki: Path, identity: Identity, hosts: Sequence[str] = ()) -> EtcdTls:
+    """``identity``'s certificate from the CA in ``pki`` (created, both, when absent) as the
+    etcd client settings; the files are reused once they exist."""
+    ca = create_ca(pki)
+    stem = f"{identity.role}-{identity.name}"
+    cert, key = pki / f"{stem}.crt", pki / f"{stem}.key"
+    if not (cert.exists() and key.exists()):
+        issue(ca, pki, identity, hosts=hosts)
+    return EtcdTls(str(ca.cert_path), str(cert), str(key))
 
 
 def free_port() -> int:
@@ -51,16 +69,27 @@ class EtcdProcess:
     """A real etcd member with its data in ``data_dir``, on loopback unless ``host`` names another
     address: a single-member cluster by default, or one member of ``initial_cluster``
     (``name=http://HOST:peer,...``); ``wrapper`` goes before its command line (``nsenter
-    --net=...``, say)."""
+    --net=...``, say).
+
+    With ``pki`` (a folder holding, or getting, the CA of ``snapwake.pki``) it serves clients
+    over TLS only and requires a client certificate of that CA (``--client-cert-auth``, whose
+    common name etcd takes as the user once ``enable_auth`` ran); a member of a cluster talks
+    to its peers with mutual TLS too. Without, plaintext, as the session-wide test etcd."""
 
     def __init__(self, data_dir: Path, client_port: int = 0, log_path: Path | None = None,
                  host: str = "127.0.0.1", wrapper: Sequence[str] = (), *,
-                 name: str = "snapwake", peer_port: int = 0, initial_cluster: str = "") -> None:
+                 name: str = "snapwake", peer_port: int = 0, initial_cluster: str = "",
+                 pki: Path | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.client_port = client_port or free_port()
         self.peer_port = peer_port or free_port()
         self.name = name
-        self.initial_cluster = initial_cluster or f"{name}=http://{host}:{self.peer_port}"
+        self.pki = Path(pki) if pki is not None else None
+        self.scheme = "https" if pki is not None else "http"
+        # Peers over mutual TLS in a cluster; a single member (``make run``'s, whose data dir
+        # outlives its flags) keeps its peer URL as it was registered, on its own host.
+        self.peer_scheme = self.scheme if initial_cluster else "http"
+        self.initial_cluster = initial_cluster or f"{name}={self.peer_scheme}://{host}:{self.peer_port}"
         self.log_path = log_path or self.data_dir.with_suffix(".log")
         self.host, self.wrapper = host, tuple(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -69,17 +98,40 @@ class EtcdProcess:
     def address(self) -> str:
         return f"{self.host}:{self.client_port}"
 
+    def client_tls(self, identity: Identity = ETCD_ROOT) -> EtcdTls:
+        """A client certificate of this etcd's CA for ``identity`` (default: the etcd root)."""
+        if self.pki is None:
+            raise ValueError("this etcd runs without TLS")
+        return tls_files(self.pki, identity)
+
+    def enable_auth(self, users: Sequence[Identity] = ()) -> None:
+        """Runs the auth bootstrap (``snapwake.etcdauth``) as the etcd root."""
+        etcdauth.bootstrap(self.address, self.client_tls(), users)
+
+    def _tls_args(self) -> list[str]:
+        if self.pki is None:
+            return []
+        files = tls_files(self.pki, Identity("etcd", self.name), hosts=[self.host])
+        client = ["--trusted-ca-file", files.ca, "--cert-file", files.cert, "--key-file", files.key,
+                  "--client-cert-auth"]
+        if self.peer_scheme != "https":
+            return client
+        return [*client, "--peer-trusted-ca-file", files.ca, "--peer-cert-file", files.cert,
+                "--peer-key-file", files.key, "--peer-client-cert-auth"]
+
     def spawn(self) -> None:
         """Starts the process without waiting (members of a cluster wait for each other)."""
         binary = shutil.which("etcd") or "/usr/bin/etcd"
         if not os.path.exists(binary):
             raise FileNotFoundError("etcd not found: run 'make install' (Debian package etcd-server)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        c, p = f"http://{self.host}:{self.client_port}", f"http://{self.host}:{self.peer_port}"
+        c = f"{self.scheme}://{self.host}:{self.client_port}"
+        p = f"{self.peer_scheme}://{self.host}:{self.peer_port}"
         args = [*self.wrapper, binary, "--name", self.name, "--data-dir", str(self.data_dir),
                 "--listen-client-urls", c, "--advertise-client-urls", c,
                 "--listen-peer-urls", p, "--initial-advertise-peer-urls", p,
-                "--initial-cluster", self.initial_cluster, "--logger", "zap", "--log-level", "warn"]
+                "--initial-cluster", self.initial_cluster, *self._tls_args(),
+                "--logger", "zap", "--log-level", "warn"]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
@@ -120,19 +172,36 @@ class EtcdProcess:
 
 
 class EtcdCluster:
-    """``size`` etcd members on loopback forming one cluster, each with its own data dir."""
+    """``size`` etcd members on loopback forming one cluster, each with its own data dir; with
+    ``pki``, over TLS with client certificates (see ``EtcdProcess``)."""
 
-    def __init__(self, data_root: Path, size: int = 3) -> None:
+    def __init__(self, data_root: Path, size: int = 3, pki: Path | None = None) -> None:
         ports = free_ports(2 * size)
         peers, clients = ports[:size], ports[size:]
-        initial = ",".join(f"m{i}=http://127.0.0.1:{port}" for i, port in enumerate(peers))
+        scheme = "https" if pki is not None else "http"
+        initial = ",".join(f"m{i}={scheme}://127.0.0.1:{port}" for i, port in enumerate(peers))
         self.members = [EtcdProcess(Path(data_root) / f"m{i}", clients[i], Path(data_root) / f"m{i}.log",
-                                    name=f"m{i}", peer_port=port, initial_cluster=initial)
+                                    name=f"m{i}", peer_port=port, initial_cluster=initial, pki=pki)
                         for i, port in enumerate(peers)]
 
     @property
     def endpoints(self) -> tuple[str, ...]:
         return tuple(m.address for m in self.members)
+
+    def client_tls(self, identity: Identity = ETCD_ROOT) -> EtcdTls:
+        return self.members[0].client_tls(identity)
+
+    def enable_auth(self, users: Sequence[Identity] = ()) -> None:
+        etcdauth.bootstrap(",".join(self.endpoints), self.client_tls(), users)
+
+    def etcdctl(self, identity: Identity = ETCD_ROOT) -> list[str]:
+        """``etcdctl`` with every member and, over TLS, ``identity``'s certificate."""
+        scheme = self.members[0].scheme
+        flags = ["etcdctl", "--endpoints", ",".join(f"{scheme}://{e}" for e in self.endpoints)]
+        if self.members[0].pki is not None:
+            tls = self.client_tls(identity)
+            flags += ["--cacert", tls.ca, "--cert", tls.cert, "--key", tls.key]
+        return flags
 
     def start(self, timeout: float = 30.0) -> EtcdCluster:
         try:

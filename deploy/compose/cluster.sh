@@ -72,11 +72,13 @@ deploy_exited() {
 }
 
 # The development CA and one certificate per service and node (kept once made), mounted by
-# docker-compose.yml from $SNAPWAKE_PKI_DIR.
+# docker-compose.yml from $SNAPWAKE_PKI_DIR: the services' mutual TLS, and the etcd client
+# certificates of the scheduler and nodeagents (the same folders) plus etcd's and its root's.
 certificates() {
   export SNAPWAKE_PKI_DIR=${SNAPWAKE_PKI_DIR:-$STATE/pki}
   (cd "$ROOT" && "$PY" -m snapwake.pki "$SNAPWAKE_PKI_DIR" scheduler/scheduler=scheduler gateway/gateway \
-    nodeagent/node-1=node-1 blobstore/node-1=node-1 nodeagent/node-2=node-2 blobstore/node-2=node-2 >/dev/null)
+    nodeagent/node-1=node-1 blobstore/node-1=node-1 nodeagent/node-2=node-2 blobstore/node-2=node-2 \
+    etcd/etcd=etcd admin/etcd-root >/dev/null)
 }
 
 up() {

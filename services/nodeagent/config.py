@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.nodeagent.seccomp import DEFAULT_PROFILE
-from snapwake.config import is_wildcard, parse_address, parse_endpoints
+from snapwake.config import EtcdTlsConfig, is_wildcard, parse_address, parse_endpoints
 from snapwake.tlsconfig import ServerSettings
 
 __all__ = ["NodeAgentConfig"]
@@ -33,7 +33,7 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class NodeAgentConfig(ServerSettings):
+class NodeAgentConfig(ServerSettings, EtcdTlsConfig):
     """Snapwake nodeagent: runs instance containers on one node."""
 
     name: str = field(default="node-1", metadata=_help("node name; its etcd key is /snapwake/nodes/{name}"))
@@ -169,6 +169,7 @@ class NodeAgentConfig(ServerSettings):
                 (parse_endpoints if key == "etcd" else parse_address)(getattr(self, key))
             except ValueError as exc:
                 bad.append(f"{key}: {exc}")
+        bad.extend(self.etcd_tls_problems())
         # Other hosts dial these: a wildcard (0.0.0.0) can be listened on, never dialled.
         for key, address in (("advertise", self.advertise_address),
                              ("blobstore_advertise", self.blobstore_advertise_address)):

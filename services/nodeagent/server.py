@@ -26,8 +26,9 @@ from services.nodeagent.gpu import (
 from services.nodeagent.images import ImageCache
 from services.nodeagent.sandbox import RuncSandbox
 from snapwake import errors
-from snapwake.etcd import Etcd
+from snapwake.etcd import Etcd, EtcdTls
 from snapwake.grpcserver import GrpcServer
+from snapwake.pki import Identity, identity_from_pem
 from snapwake.v1 import nodeagent_pb2_grpc, types_pb2
 
 __all__ = ["Running", "serve"]
@@ -45,6 +46,21 @@ class Running:
     @property
     def port(self) -> int:
         return self.grpc.port
+
+
+def _etcd_tls(config: NodeAgentConfig) -> EtcdTls | None:
+    """The etcd client certificate, which must be this node's: etcd lets the user it names write
+    only its own node key (``snapwake.etcdauth``)."""
+    tls = EtcdTls.from_config(config)
+    if tls is not None:
+        try:
+            found = identity_from_pem(Path(tls.cert).read_bytes())
+        except OSError:
+            return tls  # EtcdTls names the unreadable file
+        if found != Identity("nodeagent", config.name):
+            raise errors.InvalidArgument(f"etcd_cert: {tls.cert} is the certificate of {found or 'no identity'}, "
+                                         f"not of nodeagent/{config.name}", field="etcd_cert")
+    return tls
 
 
 def _containers(config: NodeAgentConfig) -> Containers:
@@ -85,7 +101,7 @@ async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
     gpus = discover() if config.gpus == "auto" else []
     node_gpus = _node_gpus(config, gpus)
     Path(config.handover_socket).parent.mkdir(parents=True, exist_ok=True)
-    async with Etcd.connect(config.etcd) as etcd:
+    async with Etcd.connect(config.etcd, tls=_etcd_tls(config)) as etcd:
         containers = _containers(config)
         images = await asyncio.to_thread(_image_cache, config)  # reads its index from disk
         agent = NodeAgent(config, etcd, containers, _checkpointer(bool(gpus)), gpus, host_memory_bytes(),

@@ -12,7 +12,7 @@ from services.scheduler.app import Scheduler
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.metrics import InstancesCollector
 from snapwake import errors, telemetry
-from snapwake.etcd import Etcd
+from snapwake.etcd import Etcd, EtcdTls
 from snapwake.service import bootstrap
 
 
@@ -21,7 +21,7 @@ async def serve(cfg: SchedulerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Etcd.connect(cfg.etcd) as etcd:
+    async with Etcd.connect(cfg.etcd, tls=EtcdTls.from_config(cfg)) as etcd:
         scheduler = Scheduler(cfg, etcd)
         if cfg.metrics_port:
             REGISTRY.register(InstancesCollector(scheduler.state))
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = bootstrap(SchedulerConfig, "scheduler", argv)
     try:
         asyncio.run(serve(cfg))
-    except errors.Unavailable as exc:
+    except (errors.Unavailable, errors.InvalidArgument) as exc:
         print(f"scheduler: {exc.message}", file=sys.stderr)
         return 1
     return 0

@@ -1,6 +1,7 @@
 """First credentials of a fresh cluster, written to files (never to a command line).
 
-    python -m services.scheduler.bootstrap --etcd HOST:PORT --token-file PATH [--secret-file PATH]
+    python -m services.scheduler.bootstrap --etcd HOST:PORT --etcd-ca CA --etcd-cert CRT --etcd-key KEY \
+        --token-file PATH [--secret-file PATH]
 
 ``--token-file``: an operator admin token. When the file already holds a token that etcd
 still knows, it is kept; otherwise a new operator token is stored in etcd (as its SHA-256,
@@ -28,7 +29,7 @@ from pathlib import Path
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from snapwake import credentials, keys
-from snapwake.etcd import Etcd
+from snapwake.etcd import Etcd, EtcdTls
 from snapwake.v1.scheduler_pb2 import AdminToken
 
 __all__ = ["ensure_operator_token", "ensure_secret", "main"]
@@ -75,7 +76,8 @@ async def ensure_operator_token(etcd: Etcd, path: Path, description: str, held: 
 
 
 async def _run(opts: argparse.Namespace) -> None:
-    async with Etcd.connect(opts.etcd) as etcd:
+    tls = None if opts.etcd_plaintext else EtcdTls(opts.etcd_ca, opts.etcd_cert, opts.etcd_key)
+    async with Etcd.connect(opts.etcd, tls=tls) as etcd:
         tid, created = await ensure_operator_token(etcd, opts.token_file, opts.description, opts.held)
     print(f"operator token {tid} {'written to' if created else 'kept in'} {opts.token_file}")
 
@@ -87,7 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path, required=True, help="where the operator token is kept")
     parser.add_argument("--description", default="bootstrap operator", help="stored with the token")
     parser.add_argument("--secret-file", type=Path, help="API-key secret file, created when absent")
+    parser.add_argument("--etcd-ca", default="", help="PEM CA bundle etcd's certificates are checked against")
+    parser.add_argument("--etcd-cert", default="", help="PEM client certificate (a scheduler's, or etcd's root)")
+    parser.add_argument("--etcd-key", default="", help="PEM private key of --etcd-cert")
+    parser.add_argument("--etcd-plaintext", nargs="?", const="true", default="false", choices=("true", "false"),
+                        help="development only: etcd without TLS")
     opts = parser.parse_args(argv)
+    opts.etcd_plaintext = opts.etcd_plaintext == "true"
+    if not opts.etcd_plaintext and not (opts.etcd_ca and opts.etcd_cert and opts.etcd_key):
+        parser.error("--etcd-ca, --etcd-cert and --etcd-key are required, unless --etcd-plaintext (development)")
     opts.held = opts.token_file.read_text().strip() if opts.token_file.exists() else ""
     if opts.secret_file is not None and ensure_secret(opts.secret_file):
         print(f"API-key secret written to {opts.secret_file}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from snapwake.config import parse_address, parse_endpoints
+from snapwake.config import EtcdTlsConfig, parse_address, parse_endpoints
 from snapwake.credentials import load_secret
 from snapwake.tlsconfig import ServerSettings
 
@@ -12,7 +12,7 @@ __all__ = ["SchedulerConfig"]
 
 
 @dataclass(frozen=True)
-class SchedulerConfig(ServerSettings):
+class SchedulerConfig(ServerSettings, EtcdTlsConfig):
     """Snapwake scheduler: admin API, claims, placement and autoscaling."""
 
     listen: str = field(default="127.0.0.1:7001", metadata={
@@ -68,6 +68,7 @@ class SchedulerConfig(ServerSettings):
                 (parse_endpoints if name == "etcd" else parse_address)(getattr(self, name))
             except ValueError as exc:
                 problems.append(f"{name}: {exc}")
+        problems.extend(self.etcd_tls_problems())
         for name in ("election_ttl_s", "claim_ttl_s", "node_rpc_timeout_s", "node_stale_s",
                      "reconcile_interval_s", "snapshot_attempts", "crash_loop_limit", "crash_loop_window_s"):
             if getattr(self, name) <= 0:

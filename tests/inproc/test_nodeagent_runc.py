@@ -40,7 +40,7 @@ async def node(etcd_server: EtcdProcess) -> AsyncIterator[Node]:
     # A short state dir: Unix socket paths (instance control sockets) are limited to 107 bytes.
     state = Path(tempfile.mkdtemp(prefix="swna-", dir="/tmp"))
     config = NodeAgentConfig(
-        name=f"node-{state.name[5:].lower()}", listen="127.0.0.1:0", etcd=etcd_server.address,
+        name=f"node-{state.name[5:].lower()}", listen="127.0.0.1:0", etcd=etcd_server.address, etcd_plaintext=True,
         blobstore=f"127.0.0.1:{free_port()}", handover_socket=str(state / "hs" / "handover.sock"),
         state_dir=str(state), gpus="none", reconcile_interval=0.5, ended_linger=2.0)
     try:

@@ -68,6 +68,7 @@ async def stack(etcd_server: EtcdProcess) -> AsyncIterator[tuple[NodeAgentConfig
     log = state / "blobstore.log"
     blob = _spawn_blobstore(blob_addr, state, handover, log)
     config = NodeAgentConfig(name=f"node-{state.name[5:].lower()}", listen="127.0.0.1:0", etcd=etcd_server.address,
+                             etcd_plaintext=True,
                              blobstore=blob_addr, handover_socket=str(handover), state_dir=str(state),
                              gpus="none", reconcile_interval=0.5, ended_linger=30.0)
     try:

@@ -474,7 +474,7 @@ async def hog_node(etcd_server: EtcdProcess) -> AsyncIterator[tuple[Any, Etcd]]:
     models = _short_dir("swsm-", 0o755)  # outside the node's state, as required
     _stub_python(state / "bin" / "python")
     config = NodeAgentConfig(
-        name=f"node-{state.name[5:].lower()}", listen="127.0.0.1:0", etcd=etcd_server.address,
+        name=f"node-{state.name[5:].lower()}", listen="127.0.0.1:0", etcd=etcd_server.address, etcd_plaintext=True,
         blobstore=f"127.0.0.1:{free_port()}", handover_socket=str(state / "hs" / "handover.sock"),
         state_dir=str(state), gpus="none", reconcile_interval=0.3, ended_linger=30.0, python=str(state / "bin" / "python"),
         model_roots=(str(models),))

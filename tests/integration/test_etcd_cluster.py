@@ -124,11 +124,11 @@ def ask(cluster: Cluster, max_tokens: int = 4) -> str:
 
 def etcd_leader(etcd: EtcdCluster) -> int:
     """Index of the member that is etcd's raft leader."""
-    out = subprocess.run(["etcdctl", "--endpoints", ",".join(etcd.endpoints), "endpoint", "status", "-w", "json"],
+    out = subprocess.run([*etcd.etcdctl(), "endpoint", "status", "-w", "json"],
                          capture_output=True, text=True, timeout=20, check=True).stdout
     for status in json.loads(out):
         if status["Status"]["leader"] == status["Status"]["header"]["member_id"]:
-            return etcd.endpoints.index(status["Endpoint"].removeprefix("http://"))
+            return etcd.endpoints.index(status["Endpoint"].removeprefix("https://"))
     raise AssertionError(f"no etcd leader in {out}")
 
 
@@ -214,7 +214,8 @@ def _kill_containers(cluster: Cluster) -> None:
 def setup(request: pytest.FixtureRequest, demo_model_dir: Path) -> Iterator[Setup]:
     # Short: control and handover sockets live under it and Unix socket paths stay < 108 chars.
     var = Path(tempfile.mkdtemp(prefix="swe-", dir="/tmp"))
-    etcd = EtcdCluster(var / "etcd")
+    # TLS with client certificates and auth, from the CA the cluster issues its services' from.
+    etcd = EtcdCluster(var / "etcd", pki=var / "pki")
     proxies = {name: [TcpProxy(e) for e in etcd.endpoints] for name in PARTITIONED}
     # Processes of one kind share its flags; a named process adds its own (its --etcd wins).
     config = ClusterConfig(

@@ -29,7 +29,7 @@ import pytest
 
 from snapwake import keys
 from snapwake.devcluster import Cluster, ClusterConfig, deploy_demo
-from snapwake.etcd import Etcd
+from snapwake.etcd import Etcd, EtcdTls
 from snapwake.lifecycle import TERMINAL
 from snapwake.pki import Identity
 from snapwake.testing import wait_for
@@ -116,11 +116,12 @@ def _create(cluster: Cluster, name: str, model_dir: Path, mode: int, standbys: i
     return _admin(cluster).CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10).function
 
 
-async def _history(etcd: str, prefix: str, cls: type, after_revision: int, until: float) -> list:
+async def _history(etcd: str, prefix: str, cls: type, after_revision: int, until: float,
+                   tls: EtcdTls | None = None) -> list:
     """Every change under ``prefix`` since ``after_revision`` (etcd keeps the history), read
     until the watch has been quiet for a moment or ``until`` seconds pass."""
     events = []
-    async with Etcd.connect(etcd) as store:
+    async with Etcd.connect(etcd, tls=tls) as store:
         stream = store.watch(prefix, cls, start_revision=after_revision + 1).__aiter__()
         deadline = time.monotonic() + until
         while time.monotonic() < deadline:
@@ -132,8 +133,8 @@ async def _history(etcd: str, prefix: str, cls: type, after_revision: int, until
     return events
 
 
-async def _mod_revision(etcd: str, key: str) -> int:
-    async with Etcd.connect(etcd) as store:
+async def _mod_revision(etcd: str, key: str, tls: EtcdTls | None = None) -> int:
+    async with Etcd.connect(etcd, tls=tls) as store:
         entry = await store.get(key, types_pb2.Snapshot)
         assert entry is not None, key
         return int(entry.mod_revision)
@@ -234,7 +235,7 @@ def test_corrupt_chunk_is_never_served_and_the_snapshot_is_rebuilt(cluster: Clus
     standby = _wait_standby(cluster)
     before = _snapshot(cluster)
     assert before is not None and before.state == types_pb2.SNAPSHOT_STATE_READY
-    since = asyncio.run(_mod_revision(cluster.etcd.address, keys.snapshot_key(DEMO, 1)))
+    since = asyncio.run(_mod_revision(cluster.etcd.address, keys.snapshot_key(DEMO, 1), cluster.etcd_tls()))
     # Flip bytes in chunk 0 on disk, then restart the blobstore so its cache no longer holds
     # the good copy: the next reader must go to disk.
     chunk = next((cluster.config.var_dir / "blobstore" / "d0" / "snapshots" / "default.default.demo.1").glob(
@@ -255,7 +256,8 @@ def test_corrupt_chunk_is_never_served_and_the_snapshot_is_rebuilt(cluster: Clus
     wait_for(lambda: (s := _snapshot(cluster)) is not None and s.state == types_pb2.SNAPSHOT_STATE_READY
              and s.attempts == before.attempts + 1, 120, "the snapshot rebuilt", interval=0.25)
 
-    snaps = asyncio.run(_history(cluster.etcd.address, keys.snapshot_key(DEMO, 1), types_pb2.Snapshot, since, 5))
+    snaps = asyncio.run(_history(cluster.etcd.address, keys.snapshot_key(DEMO, 1), types_pb2.Snapshot, since, 5,
+                                     cluster.etcd_tls()))
     states = [(e.value.state, e.value.message) for e in snaps if e.value is not None]
     marked = [i for i, (st, _) in enumerate(states) if st == types_pb2.SNAPSHOT_STATE_CORRUPT]
     assert marked, states
@@ -263,7 +265,8 @@ def test_corrupt_chunk_is_never_served_and_the_snapshot_is_rebuilt(cluster: Clus
     assert "chunk 0" in message and cluster.config.node_name in message, message
     after = [st for st, _ in states[marked[0]:]]
     assert types_pb2.SNAPSHOT_STATE_BUILDING in after and after[-1] == types_pb2.SNAPSHOT_STATE_READY, states
-    insts = asyncio.run(_history(cluster.etcd.address, keys.INSTANCES, types_pb2.Instance, since, 5))
+    insts = asyncio.run(_history(cluster.etcd.address, keys.INSTANCES, types_pb2.Instance, since, 5,
+                                     cluster.etcd_tls()))
     failed = [e.value.message for e in insts if e.value is not None and e.value.state == InstanceState.INSTANCE_STATE_FAILED]
     assert any("is corrupt: chunk 0" in m for m in failed), failed
     with cluster.channel_as("blobstore", Identity("nodeagent", cluster.node_name("nodeagent"))) as ch:

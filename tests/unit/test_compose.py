@@ -56,7 +56,7 @@ def test_profiles_split_the_node_services() -> None:
     assert {n for n, p in profiles.items() if p == {"observability"}} == {
         "otel-collector", "tempo", "prometheus", "grafana"}
     always = {n for n, p in profiles.items() if not p}
-    assert always == {"etcd", "scheduler", "gateway", "node-1", "node-2", "deploy-demo"}
+    assert always == {"etcd", "etcd-auth", "scheduler", "gateway", "node-1", "node-2", "deploy-demo"}
 
 
 def test_gpu_services_reserve_nvidia_devices() -> None:

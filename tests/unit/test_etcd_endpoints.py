@@ -41,5 +41,5 @@ def test_channel_target(members: list[tuple[str, int]], target: str) -> None:
 
 @pytest.mark.parametrize("cls", [SchedulerConfig, NodeAgentConfig])
 def test_service_configs_take_every_member(cls: type[SchedulerConfig] | type[NodeAgentConfig]) -> None:
-    assert not [p for p in cls(etcd="10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379").validate() if "etcd" in p]
+    assert not [p for p in cls(etcd="10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379", etcd_plaintext=True).validate() if "etcd" in p]
     assert [p for p in cls(etcd="10.0.0.1:2379,10.0.0.2").validate() if p.startswith("etcd:")]

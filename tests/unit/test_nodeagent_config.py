@@ -13,6 +13,8 @@ from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.containers import ContainerStatus, FakeContainers
 from snapwake.config import ConfigError, load
 
+PLAIN = {"SNAPWAKE_ETCD_PLAINTEXT": "true"}  # no etcd client certificate to give here
+
 
 @pytest.mark.parametrize(("argv", "needle"), [
     (["--listen", "nope"], "listen"),
@@ -44,25 +46,25 @@ from snapwake.config import ConfigError, load
 ])
 def test_bad_keys_are_named(argv: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
-        load(NodeAgentConfig, argv, env={})
+        load(NodeAgentConfig, argv, env=PLAIN)
 
 
 def test_defaults_and_derived_paths() -> None:
-    config = load(NodeAgentConfig, ["--state-dir", "/s", "--listen", "10.0.0.5:1"], env={})
+    config = load(NodeAgentConfig, ["--state-dir", "/s", "--listen", "10.0.0.5:1"], env=PLAIN)
     assert config.runc_root == Path("/s/runc") and config.instances_dir == Path("/s/instances")
     assert config.advertise_address == "10.0.0.5:1" and config.image_root == Path("/s/images")
     assert (config.instance_host, config.blobstore_advertise_address) == ("10.0.0.5", "127.0.0.1:7080")
     assert config.user_idle_quiet_s == 1.0
-    assert load(NodeAgentConfig, ["--user-idle-quiet-s", "2.5"], env={}).user_idle_quiet_s == 2.5
-    assert load(NodeAgentConfig, ["--image-cache-dir", "/var/images"], env={}).image_root == Path("/var/images")
-    assert load(NodeAgentConfig, [], env={"SNAPWAKE_ADVERTISE": "h:2"}).advertise_address == "h:2"
+    assert load(NodeAgentConfig, ["--user-idle-quiet-s", "2.5"], env=PLAIN).user_idle_quiet_s == 2.5
+    assert load(NodeAgentConfig, ["--image-cache-dir", "/var/images"], env=PLAIN).image_root == Path("/var/images")
+    assert load(NodeAgentConfig, [], env={**PLAIN, "SNAPWAKE_ADVERTISE": "h:2"}).advertise_address == "h:2"
     # A node on its own host: listen everywhere, advertise what other hosts dial.
     spread = load(NodeAgentConfig, ["--listen", "0.0.0.0:7070", "--blobstore", "127.0.0.1:7080"],
-                  env={"SNAPWAKE_ADVERTISE": "10.0.0.5:7070", "SNAPWAKE_BLOBSTORE_ADVERTISE": "10.0.0.5:7080"})
+                  env={**PLAIN, "SNAPWAKE_ADVERTISE": "10.0.0.5:7070", "SNAPWAKE_BLOBSTORE_ADVERTISE": "10.0.0.5:7080"})
     assert (spread.advertise_address, spread.instance_host, spread.blobstore_advertise_address) == (
         "10.0.0.5:7070", "10.0.0.5", "10.0.0.5:7080")
     assert (config.gpu_memory_watch, config.gpu_memory_builtin_allowance_bytes) == (True, 2 << 30)
-    assert load(NodeAgentConfig, ["--gpu-memory-watch", "off"], env={}).gpu_memory_watch is False
+    assert load(NodeAgentConfig, ["--gpu-memory-watch", "off"], env=PLAIN).gpu_memory_watch is False
     assert config.standby_host_memory_fraction == 0.8
 
 
