@@ -7,6 +7,7 @@ import threading
 import time
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -14,8 +15,8 @@ from starlette.routing import Route
 from modelserver.instance import Instance, Phase
 from modelserver.openai import serving
 from modelserver.openai.requests import prepare_chat, prepare_completion
-from snapwake.errors import SnapwakeError, Unavailable
-from snapwake.openai import RETRYABLE, openai_error, parse_json
+from snapwake.errors import NotFound, SnapwakeError, Unavailable
+from snapwake.openai import RETRYABLE, error_body, openai_error, parse_json
 
 __all__ = ["create_app"]
 
@@ -45,10 +46,22 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
         code = 200 if instance.phase is Phase.SERVING else 503
         return JSONResponse({"phase": instance.phase.value}, code)
 
+    def card() -> dict[str, object]:
+        engine = instance.engine
+        return {"id": served_model, "object": "model", "created": created, "owned_by": "snapwake",
+                "root": served_model, "parent": None,
+                "max_model_len": engine.max_context if engine is not None else None}
+
     async def models(request: Request) -> Response:
         gate()
-        return JSONResponse({"object": "list", "data": [
-            {"id": served_model, "object": "model", "created": created, "owned_by": "snapwake"}]})
+        return JSONResponse({"object": "list", "data": [card()]})
+
+    async def model(request: Request) -> Response:
+        gate()
+        name = request.path_params["model"]
+        if name != served_model:
+            raise NotFound(f"The model '{name}' does not exist", field="model")
+        return JSONResponse(card())
 
     async def complete(request: Request, chat: bool) -> Response:
         gate()
@@ -77,7 +90,16 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
     async def on_error(request: Request, exc: Exception) -> Response:
         return error_response(exc)  # type: ignore[arg-type]
 
-    routes = [Route("/health", health), Route("/v1/models", models),
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        """A route or method the server lacks: an OpenAI error body, never plain text."""
+        code = getattr(exc, "status_code", 500)
+        if code == 405:
+            return JSONResponse(error_body(f"{request.method} {request.url.path}: method not allowed",
+                                           "invalid_request_error", None, "method_not_allowed"), 405)
+        return JSONResponse(error_body(f"{request.url.path}: no such route on this model server",
+                                       "invalid_request_error", None, "not_found"), code if code >= 400 else 404)
+
+    routes = [Route("/health", health), Route("/v1/models", models), Route("/v1/models/{model:path}", model),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={SnapwakeError: on_error})
+    return Starlette(routes=routes, exception_handlers={SnapwakeError: on_error, HTTPException: on_http_error})

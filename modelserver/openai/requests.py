@@ -41,7 +41,7 @@ def _checked(body: dict[str, Any], kind: type[G], tokenizer: Any, max_context: i
     request = validate_body(body, kind)
     if request.model is None:  # the gateway always sends one
         raise InvalidArgument("model: field required", field="model")
-    request.check_limits(ModelLimits(max_context, len(tokenizer)))
+    request.check_limits(ModelLimits(max_context, len(tokenizer), bool(getattr(tokenizer, "chat_template", None))))
     return request, request.model
 
 
@@ -55,7 +55,11 @@ def prepare_chat(body: dict[str, Any], tokenizer: Any, max_context: int) -> Prep
     request, model = _checked(body, ChatCompletionRequest, tokenizer, max_context)
     messages = [m.plain() for m in request.messages]
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template gets chat_template_kwargs (enable_thinking, ...) as vLLM passes them.
+        kwargs = dict(request.chat_template_kwargs or {})
+        for reserved in ("messages", "tools", "add_generation_prompt", "tokenize", "conversation"):
+            kwargs.pop(reserved, None)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
     else:  # a model with no template: a plain transcript
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])

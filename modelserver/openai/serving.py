@@ -21,6 +21,7 @@ from modelserver.engine import Piece
 from modelserver.instance import Instance
 from modelserver.openai import sse
 from modelserver.openai.requests import Prepared
+from modelserver.sampling import Sampled
 from snapwake.errors import SnapwakeError
 from snapwake.openai import openai_error
 
@@ -67,45 +68,79 @@ async def pieces(instance: Instance, req: Prepared, cancel: threading.Event) -> 
         instance.last_request_unix = time.time()
 
 
+def _logprob_entries(tokenizer: Any, picked: tuple[Sampled, ...]) -> list[tuple[str, float, list[tuple[str, float]]]]:
+    """Each token's text, logprob and alternatives (logprobs clamped: JSON has no -inf)."""
+    def text(tok: int) -> str:
+        return str(tokenizer.decode([tok]))
+
+    return [(text(p.token), max(p.logprob or 0.0, -9999.0), [(text(t), max(v, -9999.0)) for t, v in p.top])
+            for p in picked]
+
+
+def _logprobs(tokenizer: Any, chat: bool, picked: tuple[Sampled, ...], offset: int) -> dict[str, Any]:
+    entries = _logprob_entries(tokenizer, picked)
+    return sse.chat_logprobs(entries) if chat else sse.completion_logprobs(entries, offset)
+
+
 async def collect(instance: Instance, req: Prepared, chat: bool, cancel: threading.Event) -> dict[str, Any]:
-    """The whole completion as one response object."""
-    text, reason, n = [], "length", 0
+    """The whole completion (its ``n`` choices) as one response object."""
+    n = req.params.n
+    texts: list[list[str]] = [[] for _ in range(n)]
+    reasons = ["length"] * n
+    tokens = [0] * n
+    picked: list[list[Sampled]] = [[] for _ in range(n)]
     async for p in pieces(instance, req, cancel):
-        text.append(p.text)
-        reason, n = p.finish_reason or reason, p.completion_tokens
-    out = "".join(text)
+        texts[p.index].append(p.text)
+        picked[p.index] += p.logprobs
+        reasons[p.index], tokens[p.index] = p.finish_reason or reasons[p.index], p.completion_tokens
     rid, created = _id(chat), int(time.time())
-    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": out}
-    else:
-        choice["text"] = out
+    choices = []
+    for i in range(n):
+        out = "".join(texts[i])
+        lp = None
+        if req.params.logprobs is not None:
+            lp = _logprobs(instance.tokenizer, chat, tuple(picked[i]), 0)
+        choice: dict[str, Any] = {"index": i, "logprobs": lp, "finish_reason": reasons[i]}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": out, "refusal": None, "tool_calls": []}
+        else:
+            choice["text"] = out
+        choices.append(choice)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": req.model, "choices": [choice], "usage": sse.usage(len(req.prompt_ids), n)}
+            "model": req.model, "choices": choices, "usage": sse.usage(len(req.prompt_ids), sum(tokens))}
 
 
 async def stream(instance: Instance, req: Prepared, chat: bool, cancel: threading.Event) -> AsyncIterator[bytes]:
-    """The completion as SSE events, ending with ``[DONE]``; errors mid-stream become an event."""
-    rid, created, n = _id(chat), int(time.time()), 0
-    # The role chunk goes out with the first piece, not before the prefill: the first byte a
-    # client (or the gateway's CS-TTFT metric) sees is then the first token's.
-    role = chat
+    """The completion as SSE events, ending with ``[DONE]``; errors mid-stream become an event.
+    With ``n`` > 1 the choices' chunks interleave, each naming its ``index``."""
+    rid, created = _id(chat), int(time.time())
+    tokens = [0] * req.params.n
+    offsets = [0] * req.params.n
+    # A choice's role chunk goes out with its first piece, not before the prefill: the first byte
+    # a client (or the gateway's CS-TTFT metric) sees is then the first token's.
+    started: set[int] = set()
+    want_lp = req.params.logprobs is not None
     try:
         async for p in pieces(instance, req, cancel):
-            if role:
-                role = False
-                yield sse.event(sse.chat_chunk(rid, req.model, created, {"role": "assistant", "content": ""}, None))
-            n = p.completion_tokens
+            i = p.index
+            if chat and i not in started:
+                started.add(i)
+                yield sse.event(sse.chat_chunk(rid, req.model, created, {"role": "assistant", "content": ""}, None,
+                                               index=i))
+            tokens[i] = p.completion_tokens
+            lp = _logprobs(instance.tokenizer, chat, p.logprobs, offsets[i]) if want_lp else None
+            offsets[i] += len(p.text)
             if chat:
                 delta = {"content": p.text} if p.text else {}
-                yield sse.event(sse.chat_chunk(rid, req.model, created, delta, p.finish_reason))
+                yield sse.event(sse.chat_chunk(rid, req.model, created, delta, p.finish_reason, index=i, logprobs=lp))
             else:
-                yield sse.event(sse.completion_chunk(rid, req.model, created, p.text, p.finish_reason))
+                yield sse.event(sse.completion_chunk(rid, req.model, created, p.text, p.finish_reason, index=i,
+                                                     logprobs=lp))
     except SnapwakeError as exc:
         yield sse.event(openai_error(exc)[1])
         return
     if req.params.include_usage:
-        use = sse.usage(len(req.prompt_ids), n)
+        use = sse.usage(len(req.prompt_ids), sum(tokens))
         chunk = (sse.chat_chunk(rid, req.model, created, None, None, use) if chat
                  else sse.completion_chunk(rid, req.model, created, None, None, use))
         yield sse.event(chunk)

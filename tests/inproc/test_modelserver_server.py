@@ -112,7 +112,7 @@ def test_stop_string_ends_output_and_is_not_included(client: openai.OpenAI) -> N
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
     ({"temperature": 5}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 100000}, "max_tokens"),
@@ -217,14 +217,21 @@ async def test_a_chat_stream_sends_nothing_before_the_first_piece(monkeypatch: p
 
 # Bad requests and what they name; the model server refused each of them before this schema.
 BAD_REQUESTS = [
-    ("/v1/chat/completions", {"n": 2}, "n"),
+    ("/v1/chat/completions", {"n": 17}, "n"),
+    ("/v1/chat/completions", {"frobnicate": 1}, "frobnicate"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"logit_bias": {"600": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"stop_token_ids": [512]}, "stop_token_ids"),
+    ("/v1/chat/completions", {"top_k": -2}, "top_k"),
+    ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
     ("/v1/chat/completions", {"top_p": 0}, "top_p"),
     ("/v1/chat/completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("/v1/chat/completions", {"temperature": 5}, "temperature"),
     ("/v1/chat/completions", {"max_tokens": 100000}, "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "robot"}]}, "messages.0.role"),
     ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
-    ("/v1/completions", {"logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"echo": True}, "echo"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": 511}, "max_tokens"),
 ]
