@@ -1,0 +1,169 @@
+"""The OpenAI API as users call it, through the whole running cluster (etcd, the four services,
+the CPU model server with the tiny random demo model) with the real ``openai`` client: every
+field is honoured (checked by its effect) or refused with a 400 naming it before any instance
+is touched; streamed and not."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from snapwake.devcluster import Cluster, ClusterConfig, deploy_demo
+
+pytestmark = pytest.mark.integration
+
+CHAT = [{"role": "user", "content": "The quick brown fox"}]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Iterator[Cluster]:
+    config = ClusterConfig(var_dir=tmp_path_factory.mktemp("conformance"), gateway_port=0, scheduler_port=0,
+                           nodeagent_port=0, blobstore_port=0, etcd_port=0)
+    with Cluster(config) as c:
+        asyncio.run(deploy_demo(c.scheduler_address, demo_model_dir, timeout=240))
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(cluster: Cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.gateway_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _chat(client: openai.OpenAI, **kw: Any) -> Any:
+    return client.chat.completions.create(model="demo", messages=kw.pop("messages", CHAT), **kw)
+
+
+# --- refused at the gateway, naming the field -------------------------------------------------
+
+@pytest.mark.parametrize(("kw", "param"), [
+    ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
+    ({"extra_body": {"reasoning_effort": "low"}}, "reasoning_effort"),
+    ({"n": 17}, "n"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs=true
+    ({"logit_bias": {"512": 1}}, "logit_bias"),  # past the recorded vocabulary
+    ({"extra_body": {"stop_token_ids": [600]}}, "stop_token_ids"),
+    ({"max_completion_tokens": 600}, "max_completion_tokens"),  # past the recorded context
+    ({"tool_choice": "required"}, "tool_choice"),
+])
+def test_what_cannot_be_honoured_is_a_400_naming_it(client: openai.OpenAI, kw: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        _chat(client, max_tokens=4, **kw)
+    assert err.value.body["param"] == param, err.value.body
+    assert err.value.body["type"] == "invalid_request_error"
+
+
+def test_documented_no_ops_are_accepted(client: openai.OpenAI) -> None:
+    out = _chat(client, max_tokens=3, temperature=0, user="u-1", metadata={"k": "v"}, store=False,
+                parallel_tool_calls=True, service_tier="auto", response_format={"type": "text"})
+    plain = _chat(client, max_tokens=3, temperature=0)
+    assert out.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_embeddings_for_a_chat_model_is_a_400_at_once(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="demo", input="hello")
+    assert err.value.body["param"] == "model" and "embeddings" in err.value.body["message"]
+
+
+def test_health_model_card_and_unknown_routes(cluster: Cluster, client: openai.OpenAI) -> None:
+    assert httpx.get(cluster.gateway_url + "/health", timeout=10).status_code == 200
+    assert client.models.retrieve("demo").id == "demo"
+    r = httpx.get(cluster.gateway_url + "/v1/no-such-route", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+# --- honoured, checked by their effect ---------------------------------------------------------
+
+def test_chat_logprobs_match_the_sampled_tokens(client: openai.OpenAI) -> None:
+    out = _chat(client, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    for entry in content:  # greedy: the sampled token is the most likely one
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+    if out.choices[0].finish_reason == "length":
+        assert "".join(e.token for e in content) == out.choices[0].message.content
+    chunks = list(_chat(client, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3, stream=True,
+                        stream_options={"include_usage": True}))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, pytest.approx(e.logprob)) for e in content]
+    assert chunks[-1].usage.completion_tokens == len(streamed)
+
+
+def test_completion_logprobs_streamed_and_not(client: openai.OpenAI) -> None:
+    out = client.completions.create(model="demo", prompt="One two three", max_tokens=6, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == out.usage.completion_tokens
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs,
+                                                                                        lp.token_logprobs))
+    assert lp.text_offset[0] == 0
+    chunks = list(client.completions.create(model="demo", prompt="One two three", max_tokens=6, temperature=0,
+                                            logprobs=2, stream=True))
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == lp.tokens
+
+
+def test_n_gives_n_choices_streamed_and_not(client: openai.OpenAI) -> None:
+    out = _chat(client, n=3, max_tokens=6, temperature=1.0, seed=11)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert len({c.message.content for c in out.choices}) > 1  # each choice samples on its own
+    chunks = list(_chat(client, n=3, max_tokens=6, temperature=1.0, seed=11, stream=True))
+    text = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+            for i in range(3)}
+    assert text == {c.index: c.message.content for c in out.choices}  # same seed: the same choices
+    finished = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finished) == [0, 1, 2]
+
+
+def test_a_seed_repeats_whatever_else_is_in_the_batch(client: openai.OpenAI) -> None:
+    kw = {"max_tokens": 16, "temperature": 1.0, "seed": 1234}
+    alone = _chat(client, **kw).choices[0].message.content
+    results: list[str] = []
+
+    def other(i: int) -> None:
+        _chat(client, max_tokens=24, temperature=1.0, messages=[{"role": "user", "content": f"other {i}"}])
+
+    threads = [threading.Thread(target=other, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    results.append(_chat(client, **kw).choices[0].message.content)
+    for t in threads:
+        t.join(60)
+    assert results == [alone]
+    assert _chat(client, **{**kw, "seed": 4321}).choices[0].message.content != alone
+
+
+def test_penalties_and_vllm_sampling_fields_change_the_output(client: openai.OpenAI) -> None:
+    def text(**kw: Any) -> str:
+        return client.completions.create(model="demo", prompt="the the the", max_tokens=24,
+                                         **{"temperature": 0, **kw}).choices[0].text
+
+    greedy = text()
+    assert text(frequency_penalty=2.0) != greedy
+    assert text(presence_penalty=2.0) != greedy
+    assert text(extra_body={"repetition_penalty": 3.0}) != greedy
+    # top_k=1 and min_p=1 keep only the most likely token: greedy at any temperature.
+    assert text(temperature=1.5, seed=3, extra_body={"top_k": 1}) == greedy
+    assert text(temperature=1.5, seed=3, extra_body={"min_p": 1.0}) == greedy
+
+
+def test_logit_bias_stop_token_ids_and_max_completion_tokens(client: openai.OpenAI) -> None:
+    forced = client.completions.create(model="demo", prompt="hello", max_tokens=5, temperature=0,
+                                       logit_bias={"300": 100}, logprobs=0)
+    assert forced.usage.completion_tokens == 5
+    token = forced.choices[0].logprobs.tokens[0]
+    assert forced.choices[0].logprobs.tokens == [token] * 5
+    stopped = client.completions.create(model="demo", prompt="hello", max_tokens=5, temperature=0,
+                                        logit_bias={"300": 100}, extra_body={"stop_token_ids": [300]})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 0
+    capped = _chat(client, max_completion_tokens=3, temperature=0, logit_bias={"300": 100})
+    assert capped.usage.completion_tokens == 3 and capped.choices[0].finish_reason == "length"
