@@ -13,7 +13,9 @@ loops are over the batch's rows (a handful of calls each), never over the vocabu
    the exponential race (``argmax(p / q)``, ``q ~ Exp(1)``, which samples from ``p``) with
    ``q`` drawn from each request's own ``torch.Generator``: a seeded request draws the same
    numbers whatever else shares the batch, so it samples the same tokens;
-5. logprobs, for the rows that asked: of the model's own distribution (the raw logits, before
+5. ``response_format``: the rows with a grammar get the tokens it forbids masked out (after
+   the bias and penalties, before the choice); the choice then advances the row's matcher;
+6. logprobs, for the rows that asked: of the model's own distribution (the raw logits, before
    any of the above, as vLLM's default ``raw_logprobs``), the chosen token's and the top ``k``.
 
 The rules for each field live in the shared schema (``snapwake.openai``), which the gateway
@@ -61,6 +63,8 @@ class SamplingParams:
     """Choices; they share the prompt's prefill."""
     logprobs: int | None = None
     """None: no logprobs; else how many alternatives each token's entry lists."""
+    grammar: Any = field(default=None, compare=False)
+    """A compiled xgrammar grammar (``response_format``): every token must follow it."""
 
     @property
     def penalised(self) -> bool:
@@ -102,6 +106,13 @@ class SamplerState:
     """Output token counts ``[V]`` (penalised requests only; made at the first step)."""
     seen: torch.Tensor | None = None
     """Prompt tokens ``[V]`` as a mask (``repetition_penalty`` only)."""
+    matcher: Any = None
+    """This sequence's place in its grammar (an ``xgrammar.GrammarMatcher``)."""
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete: nothing may follow."""
+        return self.matcher is not None and bool(self.matcher.is_terminated())
 
     @classmethod
     def create(cls, params: SamplingParams, prompt: list[int], device: torch.device, choice: int = 0) -> SamplerState:
@@ -114,7 +125,12 @@ class SamplerState:
                 gen.manual_seed(seed % (1 << 64) if seed >= 1 << 64 else seed)
             else:
                 gen.seed()
-        return cls(params, list(prompt), gen)
+        matcher = None
+        if params.grammar is not None:
+            import xgrammar as xgr
+
+            matcher = xgr.GrammarMatcher(params.grammar)
+        return cls(params, list(prompt), gen, matcher=matcher)
 
     def _tensors(self, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.counts is None or self.seen is None:
@@ -177,6 +193,17 @@ def _sample_rows(x: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
     return torch.argmax(probs / q, dim=-1)
 
 
+def _mask(x: torch.Tensor, rows: list[int], states: list[SamplerState]) -> None:
+    """Masks, in place, the tokens each constrained row's grammar forbids next (one C++ fill per
+    row, one masking call for all of them)."""
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(x.shape[0], x.shape[1])
+    for i in rows:
+        states[i].matcher.fill_next_token_bitmask(bitmask, i)
+    xgr.apply_token_bitmask_inplace(x, bitmask.to(x.device), indices=rows)
+
+
 def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Sampled]:
     """A token for each row of ``logits`` ``[S, V]`` (row ``i`` is ``states[i]``'s)."""
     dev, vocab = logits.device, logits.shape[1]
@@ -184,7 +211,8 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Sampled]:
     x = raw
     biased = [i for i, s in enumerate(states) if s.params.logit_bias]
     penalised = [i for i, s in enumerate(states) if s.params.penalised]
-    if biased or penalised:
+    constrained = [i for i, s in enumerate(states) if s.matcher is not None]
+    if biased or penalised or constrained:
         x = raw.clone()
     if biased:
         entries = [(i, t, b) for i in biased for t, b in states[i].params.logit_bias if t < vocab]
@@ -193,6 +221,8 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Sampled]:
                      torch.tensor(vals, dtype=x.dtype, device=dev), accumulate=True)
     if penalised:
         _penalise(x, penalised, states)
+    if constrained:
+        _mask(x, constrained, states)
     tokens = torch.argmax(x, dim=-1)
     sampled = [i for i, s in enumerate(states) if s.params.temperature > 0]
     if sampled:
@@ -211,6 +241,8 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> list[Sampled]:
             values, ids = torch.topk(lp, k, dim=-1)
             top_ids, top_lps = ids.tolist(), values.tolist()
     picked = tokens.tolist()  # the step's one device sync
+    for i in constrained:
+        states[i].matcher.accept_token(picked[i])
     for i in penalised:
         counts = states[i].counts
         assert counts is not None

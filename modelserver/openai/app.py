@@ -12,6 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from modelserver.engine import Engine
+from modelserver.grammar import Grammars
 from modelserver.instance import Instance, Phase
 from modelserver.openai import serving
 from modelserver.openai.requests import prepare_chat, prepare_completion
@@ -37,6 +39,13 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
 def create_app(instance: Instance, served_model: str) -> Starlette:
     """The OpenAI-compatible app for one instance; ``served_model`` is listed in /v1/models."""
     created = int(time.time())
+    compilers: list[Grammars] = []
+
+    def grammars(engine: Engine) -> Grammars:
+        """The instance's grammar compiler, made on the first structured request."""
+        if not compilers:
+            compilers.append(Grammars(instance.tokenizer, engine.model.config.vocab_size, engine.eos_ids))
+        return compilers[0]
 
     def gate() -> None:
         if instance.phase is not Phase.SERVING:
@@ -69,8 +78,14 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
         engine = instance.engine
         if engine is None:
             raise Unavailable("the model is not serving")
-        prepare = prepare_chat if chat else prepare_completion
-        req = prepare(body, instance.tokenizer, engine.max_context)
+        if chat:
+            if "response_format" in body:  # compiling a grammar takes a while: off the event loop
+                req = await asyncio.to_thread(prepare_chat, body, instance.tokenizer, engine.max_context,
+                                              grammars(engine))
+            else:
+                req = prepare_chat(body, instance.tokenizer, engine.max_context)
+        else:
+            req = prepare_completion(body, instance.tokenizer, engine.max_context)
         cancel = threading.Event()
         if req.params.stream:
             return StreamingResponse(serving.stream(instance, req, chat, cancel), media_type="text/event-stream",

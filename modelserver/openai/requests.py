@@ -8,8 +8,11 @@ the prompt's length in tokens, is checked here.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from modelserver.grammar import Grammars
 
 from modelserver.sampling import SamplingParams, from_request
 from snapwake.errors import InvalidArgument
@@ -50,9 +53,16 @@ def _prepared(request: GenerationRequest, model: str, ids: list[int], max_contex
     return Prepared(model, ids, from_request(request))
 
 
-def prepare_chat(body: dict[str, Any], tokenizer: Any, max_context: int) -> Prepared:
-    """Validates a chat completion request and applies the tokenizer's chat template."""
+def prepare_chat(body: dict[str, Any], tokenizer: Any, max_context: int, grammars: Grammars | None = None) -> Prepared:
+    """Validates a chat completion request, applies the tokenizer's chat template and compiles its
+    ``response_format`` (with ``grammars``; a worker thread's job: it can take a while)."""
     request, model = _checked(body, ChatCompletionRequest, tokenizer, max_context)
+    fmt = request.response_format
+    grammar = None
+    if fmt is not None and fmt.type != "text":
+        if grammars is None:
+            raise InvalidArgument("response_format: structured output is not available here", field="response_format")
+        grammar = grammars.compile(fmt)
     messages = [m.plain() for m in request.messages]
     if getattr(tokenizer, "chat_template", None):
         # The template gets chat_template_kwargs (enable_thinking, ...) as vLLM passes them.
@@ -63,7 +73,10 @@ def prepare_chat(body: dict[str, Any], tokenizer: Any, max_context: int) -> Prep
     else:  # a model with no template: a plain transcript
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return _prepared(request, model, ids, max_context, "messages")
+    prepared = _prepared(request, model, ids, max_context, "messages")
+    if grammar is not None:
+        prepared = dataclasses.replace(prepared, params=dataclasses.replace(prepared.params, grammar=grammar))
+    return prepared
 
 
 def prepare_completion(body: dict[str, Any], tokenizer: Any, max_context: int) -> Prepared:

@@ -324,9 +324,6 @@ class ChatCompletionRequest(GenerationRequest):
                 raise InvalidArgument(f"tool_choice: no tool named {name!r} in tools", field="tool_choice")
         if self.tools and self.tool_choice != "none":
             raise InvalidArgument("tools: not supported by the built-in model server yet", field="tools")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise InvalidArgument(f"response_format: {self.response_format.type} is not supported by the "
-                                  "built-in model server yet", field="response_format")
         return self
 
     @property

@@ -6,6 +6,8 @@ is touched; streamed and not."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,3 +169,53 @@ def test_logit_bias_stop_token_ids_and_max_completion_tokens(client: openai.Open
     assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 0
     capped = _chat(client, max_completion_tokens=3, temperature=0, logit_bias={"300": 100})
     assert capped.usage.completion_tokens == 3 and capped.choices[0].finish_reason == "length"
+
+
+# --- structured output ---------------------------------------------------------------------------
+
+# Bounded strings by pattern: xgrammar 0.2.8 lets control characters into a maxLength string
+# (its rule for one is [^"\\\r\n]{0,n}), which is not valid JSON.
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z ]{0,6}$"},
+                                           "ok": {"type": "boolean"},
+                                           "size": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "ok", "size"], "additionalProperties": False}
+
+
+def _valid(obj: Any) -> bool:
+    return (isinstance(obj, dict) and set(obj) == {"name", "ok", "size"} and isinstance(obj["name"], str)
+            and re.fullmatch("[a-z ]{0,6}", obj["name"]) is not None and isinstance(obj["ok"], bool) and isinstance(obj["size"], int)
+            and 0 <= obj["size"] <= 99)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_output_parses_and_validates(client: openai.OpenAI, temperature: float) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
+    finished = 0
+    for seed in range(3):
+        out = _chat(client, max_tokens=60, temperature=temperature, seed=seed, response_format=fmt)
+        choice = out.choices[0]
+        if choice.finish_reason == "length":
+            continue  # a random model may not finish; what it wrote is still a prefix of valid JSON
+        assert choice.finish_reason == "stop" and _valid(json.loads(choice.message.content)), choice
+        finished += 1
+    assert finished  # the bounded schema leaves a random model room to finish
+    chunks = list(_chat(client, max_tokens=60, temperature=0, response_format=fmt, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == _chat(client, max_tokens=60, temperature=0, response_format=fmt).choices[0].message.content
+
+
+def test_json_object_output_is_an_object_or_stops_at_length(client: openai.OpenAI) -> None:
+    out = _chat(client, max_tokens=40, temperature=0, response_format={"type": "json_object"})
+    text = out.choices[0].message.content
+    assert text.startswith("{")
+    if out.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert out.choices[0].finish_reason == "length"
+
+
+def test_a_schema_the_grammar_engine_refuses_is_a_400(client: openai.OpenAI) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "objectx"}}}
+    with pytest.raises(openai.BadRequestError) as err:
+        _chat(client, max_tokens=4, response_format=fmt)
+    assert err.value.body["param"] == "response_format.json_schema.schema"
