@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -44,7 +45,8 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
     def grammars(engine: Engine) -> Grammars:
         """The instance's grammar compiler, made on the first structured request."""
         if not compilers:
-            compilers.append(Grammars(instance.tokenizer, engine.model.config.vocab_size, engine.eos_ids))
+            config: Any = engine.model.config
+            compilers.append(Grammars(instance.tokenizer, int(config.vocab_size), engine.eos_ids))
         return compilers[0]
 
     def gate() -> None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from modelserver.grammar import Grammars
-
 from modelserver.sampling import SamplingParams, from_request
 from snapwake.errors import InvalidArgument
 from snapwake.openai import (

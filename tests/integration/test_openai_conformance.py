@@ -105,8 +105,8 @@ def test_completion_logprobs_streamed_and_not(client: openai.OpenAI) -> None:
     out = client.completions.create(model="demo", prompt="One two three", max_tokens=6, temperature=0, logprobs=2)
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == out.usage.completion_tokens
-    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs,
-                                                                                        lp.token_logprobs))
+    pairs = zip(lp.top_logprobs, lp.token_logprobs, strict=True)
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v) for top, v in pairs)
     assert lp.text_offset[0] == 0
     chunks = list(client.completions.create(model="demo", prompt="One two three", max_tokens=6, temperature=0,
                                             logprobs=2, stream=True))
