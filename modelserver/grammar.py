@@ -43,6 +43,13 @@ class Grammars:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1)
             return self._compiler
 
+    def compile_schema(self, schema: dict[str, Any], field: str) -> Any:
+        """The compiled grammar of a JSON schema made by the server (a forced tool call's)."""
+        try:
+            return self._get_compiler().compile_json_schema(json.dumps(schema), any_whitespace=False)
+        except (RuntimeError, ValueError) as exc:
+            raise InvalidArgument(f"{field}: cannot be used: {str(exc).splitlines()[-1]}", field=field) from None
+
     def compile(self, fmt: JsonObjectFormat | JsonSchemaResponseFormat) -> Any:
         """The compiled grammar of ``fmt``; ``InvalidArgument`` naming the schema if xgrammar refuses it.
         Compact JSON (no free whitespace): a model cannot pad its answer with spaces forever."""

@@ -81,7 +81,7 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
         if engine is None:
             raise Unavailable("the model is not serving")
         if chat:
-            if "response_format" in body:  # compiling a grammar takes a while: off the event loop
+            if "response_format" in body or "tools" in body:  # compiling a grammar takes a while: off the loop
                 req = await asyncio.to_thread(prepare_chat, body, instance.tokenizer, engine.max_context,
                                               grammars(engine))
             else:

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from modelserver import tools as toolcalls
 from modelserver.grammar import Grammars
 from modelserver.sampling import SamplingParams, from_request
 from snapwake.errors import InvalidArgument
@@ -36,6 +37,8 @@ class Prepared:
     model: str
     prompt_ids: list[int]
     params: SamplingParams
+    tools: toolcalls.ToolMode | None = None
+    """Set when the answer is read for tool calls."""
 
 
 def _checked(body: dict[str, Any], kind: type[G], tokenizer: Any, max_context: int) -> tuple[G, str]:
@@ -63,11 +66,28 @@ def prepare_chat(body: dict[str, Any], tokenizer: Any, max_context: int, grammar
             raise InvalidArgument("response_format: structured output is not available here", field="response_format")
         grammar = grammars.compile(fmt)
     messages = [m.plain() for m in request.messages]
-    if getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    tools = [t.model_dump(by_alias=True, exclude_none=True) for t in request.tools or ()]
+    mode = None
+    if tools and request.tool_choice != "none":
+        choice = request.tool_choice
+        forced = choice == "required" or not isinstance(choice, str | None)
+        mode = toolcalls.ToolMode(toolcalls.family_of(template), forced)
+        if forced:
+            if grammars is None:
+                raise InvalidArgument("tool_choice: forcing a call is not available here", field="tool_choice")
+            name = None if isinstance(choice, str) else choice.function.name  # type: ignore[union-attr]
+            grammar = grammars.compile_schema(toolcalls.forced_schema(tools, name), "tools")
+    if template:
         # The template gets chat_template_kwargs (enable_thinking, ...) as vLLM passes them.
-        kwargs = dict(request.chat_template_kwargs or {})
+        kwargs: dict[str, Any] = dict(request.chat_template_kwargs or {})
         for reserved in ("messages", "tools", "add_generation_prompt", "tokenize", "conversation"):
             kwargs.pop(reserved, None)
+        if mode is not None:
+            if toolcalls.renders_tools(template):
+                kwargs["tools"] = tools
+            else:  # the template would drop them: say what they are in a system message
+                messages = [toolcalls.fallback_system_message(tools), *messages]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
     else:  # a model with no template: a plain transcript
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
@@ -75,7 +95,7 @@ def prepare_chat(body: dict[str, Any], tokenizer: Any, max_context: int, grammar
     prepared = _prepared(request, model, ids, max_context, "messages")
     if grammar is not None:
         prepared = dataclasses.replace(prepared, params=dataclasses.replace(prepared.params, grammar=grammar))
-    return prepared
+    return dataclasses.replace(prepared, tools=mode)
 
 
 def prepare_completion(body: dict[str, Any], tokenizer: Any, max_context: int) -> Prepared:

@@ -17,6 +17,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from modelserver import tools as toolcalls
 from modelserver.engine import Piece
 from modelserver.instance import Instance
 from modelserver.openai import sse
@@ -102,7 +103,13 @@ async def collect(instance: Instance, req: Prepared, chat: bool, cancel: threadi
             lp = _logprobs(instance.tokenizer, chat, tuple(picked[i]), 0)
         choice: dict[str, Any] = {"index": i, "logprobs": lp, "finish_reason": reasons[i]}
         if chat:
-            choice["message"] = {"role": "assistant", "content": out, "refusal": None, "tool_calls": []}
+            message: dict[str, Any] = {"role": "assistant", "content": out, "refusal": None, "tool_calls": []}
+            if req.tools is not None:
+                parsed = toolcalls.parse(out, req.tools)
+                if parsed.calls:
+                    message.update(content=parsed.content, tool_calls=parsed.calls)
+                    choice["finish_reason"] = "tool_calls"
+            choice["message"] = message
         else:
             choice["text"] = out
         choices.append(choice)
@@ -120,9 +127,19 @@ async def stream(instance: Instance, req: Prepared, chat: bool, cancel: threadin
     # a client (or the gateway's CS-TTFT metric) sees is then the first token's.
     started: set[int] = set()
     want_lp = req.params.logprobs is not None
+    # With tools, a choice's text is held until it ends, then sent as content or tool-call deltas.
+    held: dict[int, list[str]] = {i: [] for i in range(req.params.n)}
     try:
         async for p in pieces(instance, req, cancel):
             i = p.index
+            if chat and req.tools is not None:
+                held[i].append(p.text)
+                tokens[i] = p.completion_tokens
+                if p.finish_reason is None:
+                    continue
+                for chunk in _tool_chunks(rid, req, created, i, "".join(held[i]), p.finish_reason):
+                    yield sse.event(chunk)
+                continue
             if chat and i not in started:
                 started.add(i)
                 yield sse.event(sse.chat_chunk(rid, req.model, created, {"role": "assistant", "content": ""}, None,
@@ -145,6 +162,22 @@ async def stream(instance: Instance, req: Prepared, chat: bool, cancel: threadin
                  else sse.completion_chunk(rid, req.model, created, None, None, use))
         yield sse.event(chunk)
     yield sse.DONE
+
+
+def _tool_chunks(rid: str, req: Prepared, created: int, index: int, text: str,
+                 reason: str) -> list[dict[str, Any]]:
+    """A finished choice of a request with tools, as chunks: the role, the content (if any), one
+    delta per tool call (its name and whole arguments), and the finish."""
+    assert req.tools is not None
+    parsed = toolcalls.parse(text, req.tools)
+    chunks = [sse.chat_chunk(rid, req.model, created, {"role": "assistant", "content": ""}, None, index=index)]
+    if parsed.content:
+        chunks.append(sse.chat_chunk(rid, req.model, created, {"content": parsed.content}, None, index=index))
+    for k, call in enumerate(parsed.calls):
+        delta = {"tool_calls": [{"index": k, **call}]}
+        chunks.append(sse.chat_chunk(rid, req.model, created, delta, None, index=index))
+    chunks.append(sse.chat_chunk(rid, req.model, created, {}, "tool_calls" if parsed.calls else reason, index=index))
+    return chunks
 
 
 def _id(chat: bool) -> str:

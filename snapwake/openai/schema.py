@@ -322,8 +322,9 @@ class ChatCompletionRequest(GenerationRequest):
             name = self.tool_choice.function.name
             if name not in {t.function.name for t in self.tools or ()}:
                 raise InvalidArgument(f"tool_choice: no tool named {name!r} in tools", field="tool_choice")
-        if self.tools and self.tool_choice != "none":
-            raise InvalidArgument("tools: not supported by the built-in model server yet", field="tools")
+        if self.tools and self.tool_choice not in (None, "none") and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise InvalidArgument("response_format: only text with tools", field="response_format")
         return self
 
     @property

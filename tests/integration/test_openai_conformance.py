@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,21 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
                            nodeagent_port=0, blobstore_port=0, etcd_port=0)
     with Cluster(config) as c:
         asyncio.run(deploy_demo(c.scheduler_address, demo_model_dir, timeout=240))
+        _warm(c)
         yield c
+
+
+def _warm(cluster: Cluster, within: float = 180.0) -> None:
+    """The first request starts an instance; on a busy machine that can outlast the gateway's queue
+    timeout (a 503), so it is retried, bounded, before the tests time their own requests."""
+    deadline = time.monotonic() + within
+    while True:
+        r = httpx.post(cluster.gateway_url + "/v1/completions", timeout=120,
+                       json={"model": "demo", "prompt": "hi", "max_tokens": 1})
+        if r.status_code == 200:
+            return
+        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +234,39 @@ def test_a_schema_the_grammar_engine_refuses_is_a_400(client: openai.OpenAI) -> 
     with pytest.raises(openai.BadRequestError) as err:
         _chat(client, max_tokens=4, response_format=fmt)
     assert err.value.body["param"] == "response_format.json_schema.schema"
+
+
+# --- tools -----------------------------------------------------------------------------------------
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[a-z]{1,4}$"}},
+                   "required": ["city"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {}, "additionalProperties": False}}}]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_forced_tool_calls_come_back_as_tool_calls(client: openai.OpenAI, choice: Any) -> None:
+    out = _chat(client, max_tokens=100, temperature=0, tools=TOOLS, tool_choice=choice)
+    c = out.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    call = c.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    if isinstance(choice, dict):
+        assert call.function.name == "get_weather"
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        assert re.fullmatch("[a-z]{1,4}", args["city"])
+    else:
+        assert args == {}
+    chunks = list(_chat(client, max_tokens=100, temperature=0, tools=TOOLS, tool_choice=choice, stream=True))
+    deltas = [d for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls for d in ch.choices[0].delta.tool_calls]
+    assert [(d.function.name, d.function.arguments) for d in deltas] == [(call.function.name, call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_auto_and_none_answer_in_text(client: openai.OpenAI) -> None:
+    for choice in ("auto", "none"):  # a random model never calls a tool by itself
+        out = _chat(client, max_tokens=6, temperature=0, tools=TOOLS, tool_choice=choice)
+        assert out.choices[0].finish_reason in ("stop", "length") and not out.choices[0].message.tool_calls
