@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from modelserver import tools as toolcalls
 from modelserver.grammar import Grammars
+from modelserver.reasoning import is_reasoning_template, opened_in_prompt
 from modelserver.sampling import SamplingParams, from_request
 from snapwake.errors import InvalidArgument
 from snapwake.openai import (
@@ -39,6 +40,8 @@ class Prepared:
     params: SamplingParams
     tools: toolcalls.ToolMode | None = None
     """Set when the answer is read for tool calls."""
+    reasoning: bool | None = None
+    """Set for a reasoning model (``<think>``): whether the prompt left the block open."""
 
 
 def _checked(body: dict[str, Any], kind: type[G], tokenizer: Any, max_context: int) -> tuple[G, str]:
@@ -95,7 +98,8 @@ def prepare_chat(body: dict[str, Any], tokenizer: Any, max_context: int, grammar
     prepared = _prepared(request, model, ids, max_context, "messages")
     if grammar is not None:
         prepared = dataclasses.replace(prepared, params=dataclasses.replace(prepared.params, grammar=grammar))
-    return dataclasses.replace(prepared, tools=mode)
+    reasoning = opened_in_prompt(text) if is_reasoning_template(template) else None
+    return dataclasses.replace(prepared, tools=mode, reasoning=reasoning)
 
 
 def prepare_completion(body: dict[str, Any], tokenizer: Any, max_context: int) -> Prepared:

@@ -22,6 +22,8 @@ from modelserver.engine import Piece
 from modelserver.instance import Instance
 from modelserver.openai import sse
 from modelserver.openai.requests import Prepared
+from modelserver.reasoning import ReasoningSplitter
+from modelserver.reasoning import split as split_reasoning
 from modelserver.sampling import Sampled
 from snapwake.errors import SnapwakeError
 from snapwake.openai import openai_error
@@ -104,6 +106,9 @@ async def collect(instance: Instance, req: Prepared, chat: bool, cancel: threadi
         choice: dict[str, Any] = {"index": i, "logprobs": lp, "finish_reason": reasons[i]}
         if chat:
             message: dict[str, Any] = {"role": "assistant", "content": out, "refusal": None, "tool_calls": []}
+            if req.reasoning is not None:
+                message["reasoning_content"], out = split_reasoning(out, req.reasoning)
+                message["content"] = out
             if req.tools is not None:
                 parsed = toolcalls.parse(out, req.tools)
                 if parsed.calls:
@@ -129,6 +134,7 @@ async def stream(instance: Instance, req: Prepared, chat: bool, cancel: threadin
     want_lp = req.params.logprobs is not None
     # With tools, a choice's text is held until it ends, then sent as content or tool-call deltas.
     held: dict[int, list[str]] = {i: [] for i in range(req.params.n)}
+    splitters = {i: ReasoningSplitter(req.reasoning) for i in range(req.params.n)} if req.reasoning is not None else {}
     try:
         async for p in pieces(instance, req, cancel):
             i = p.index
@@ -148,7 +154,13 @@ async def stream(instance: Instance, req: Prepared, chat: bool, cancel: threadin
             lp = _logprobs(instance.tokenizer, chat, p.logprobs, offsets[i]) if want_lp else None
             offsets[i] += len(p.text)
             if chat:
-                delta = {"content": p.text} if p.text else {}
+                delta: dict[str, str] = {"content": p.text} if p.text else {}
+                if i in splitters:
+                    reasoning, answer = splitters[i].feed(p.text)
+                    if p.finish_reason is not None:
+                        more = splitters[i].flush()
+                        reasoning, answer = reasoning + more[0], answer + more[1]
+                    delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", answer)) if v}
                 yield sse.event(sse.chat_chunk(rid, req.model, created, delta, p.finish_reason, index=i, logprobs=lp))
             else:
                 yield sse.event(sse.completion_chunk(rid, req.model, created, p.text, p.finish_reason, index=i,
@@ -169,8 +181,12 @@ def _tool_chunks(rid: str, req: Prepared, created: int, index: int, text: str,
     """A finished choice of a request with tools, as chunks: the role, the content (if any), one
     delta per tool call (its name and whole arguments), and the finish."""
     assert req.tools is not None
-    parsed = toolcalls.parse(text, req.tools)
     chunks = [sse.chat_chunk(rid, req.model, created, {"role": "assistant", "content": ""}, None, index=index)]
+    if req.reasoning is not None:
+        reasoning, text = split_reasoning(text, req.reasoning)
+        if reasoning:
+            chunks.append(sse.chat_chunk(rid, req.model, created, {"reasoning_content": reasoning}, None, index=index))
+    parsed = toolcalls.parse(text, req.tools)
     if parsed.content:
         chunks.append(sse.chat_chunk(rid, req.model, created, {"content": parsed.content}, None, index=index))
     for k, call in enumerate(parsed.calls):
