@@ -16,7 +16,7 @@ from starlette.routing import Route
 from modelserver.engine import Engine
 from modelserver.grammar import Grammars
 from modelserver.instance import Instance, Phase
-from modelserver.openai import serving
+from modelserver.openai import responses, serving
 from modelserver.openai.requests import prepare_chat, prepare_completion
 from snapwake.errors import NotFound, SnapwakeError, Unavailable
 from snapwake.openai import RETRYABLE, error_body, openai_error, parse_json
@@ -98,6 +98,23 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
         finally:
             watcher.cancel()
 
+    async def create_response(request: Request) -> Response:
+        gate()
+        body = parse_json(await request.body())
+        engine = instance.engine
+        if engine is None:
+            raise Unavailable("the model is not serving")
+        req, parsed = responses.prepare(body, instance.tokenizer, engine.max_context)
+        cancel = threading.Event()
+        if req.params.stream:
+            return StreamingResponse(responses.stream(instance, req, parsed, cancel), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.create_task(_watch_disconnect(request, cancel))
+        try:
+            return JSONResponse(await responses.collect(instance, req, parsed, cancel))
+        finally:
+            watcher.cancel()
+
     async def chat_completions(request: Request) -> Response:
         return await complete(request, chat=True)
 
@@ -118,5 +135,6 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
 
     routes = [Route("/health", health), Route("/v1/models", models), Route("/v1/models/{model:path}", model),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/v1/completions", completions, methods=["POST"])]
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/responses", create_response, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={SnapwakeError: on_error, HTTPException: on_http_error})

@@ -20,6 +20,7 @@ The extra fields vLLM takes (``top_k``, ``min_p``, ``repetition_penalty``, ``sto
      +-- GenerationRequest        the sampling fields of both completions endpoints
      |    +-- ChatCompletionRequest   POST /v1/chat/completions
      |    +-- CompletionRequest       POST /v1/completions
+     +-- ResponsesRequest         POST /v1/responses (text in and out)
      +-- EmbeddingRequest         POST /v1/embeddings (not served by the built-in model server)
 """
 
@@ -47,7 +48,7 @@ from snapwake.openai.limits import ModelLimits, check_length, check_token_ids
 
 __all__ = [
     "MAX_JSON_DEPTH", "MAX_LOGIT_BIAS", "MAX_N", "MAX_STOPS", "MAX_TOP_LOGPROBS", "MODEL_SERVER_PATHS", "SCHEMAS", "ChatCompletionRequest", "ChatMessage",
-    "CompletionRequest", "EmbeddingRequest", "GenerationRequest", "ModelName", "OpenAIRequest", "json_depth",
+    "CompletionRequest", "EmbeddingRequest", "GenerationRequest", "ModelName", "OpenAIRequest", "ResponsesRequest", "json_depth",
     "parse_body", "parse_json", "validate",
 ]
 
@@ -384,6 +385,64 @@ class CompletionRequest(GenerationRequest):
                          self.max_tokens_field)
 
 
+class InputText(_Strict):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+    annotations: list[Any] | None = None
+
+
+class InputMessage(_Strict):
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[InputText]
+    id: str | None = None
+    status: str | None = None
+
+    def plain(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class TextFormatOptions(_Strict):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(OpenAIRequest):
+    """``POST /v1/responses``: the Responses API for text in and text out. Tools, reasoning
+    options, stored conversations and structured output there are refused (not named here)."""
+
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[InputMessage], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    stream: bool | None = None
+    text: TextFormatOptions | None = None
+    # Documented no-ops.
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = None
+    store: bool | None = None
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["disabled"] | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation as chat messages (``instructions`` first, as a system message)."""
+        out = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        if isinstance(self.input, str):
+            return [*out, {"role": "user", "content": self.input}]
+        return [*out, *(m.plain() for m in self.input)]
+
+    def check_limits(self, limits: ModelLimits) -> None:
+        new, ctx = self.max_output_tokens, limits.max_context_tokens
+        if ctx and new is not None and new >= ctx:
+            raise InvalidArgument(f"max_output_tokens: {new} leaves no room for a prompt in the context of {ctx} "
+                                  "tokens", field="max_output_tokens")
+
+
 class EmbeddingRequest(OpenAIRequest):
     """``POST /v1/embeddings``."""
 
@@ -397,9 +456,10 @@ SCHEMAS: dict[str, type[OpenAIRequest]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
     "/v1/embeddings": EmbeddingRequest,
+    "/v1/responses": ResponsesRequest,
 }
 # What the built-in model server serves (modelserver/openai/app.py).
-MODEL_SERVER_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+MODEL_SERVER_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 
 _TYPE_TAGS = frozenset({"str", "int", "bool", "float", "dict", "list", "none"})
 

@@ -270,3 +270,29 @@ def test_tool_choice_auto_and_none_answer_in_text(client: openai.OpenAI) -> None
     for choice in ("auto", "none"):  # a random model never calls a tool by itself
         out = _chat(client, max_tokens=6, temperature=0, tools=TOOLS, tool_choice=choice)
         assert out.choices[0].finish_reason in ("stop", "length") and not out.choices[0].message.tool_calls
+
+
+# --- the Responses API -----------------------------------------------------------------------------
+
+def test_responses_text_in_and_out_streamed_and_not(client: openai.OpenAI) -> None:
+    kw: dict[str, Any] = {"model": "demo", "input": "The quick brown fox", "instructions": "Be brief.",
+                          "max_output_tokens": 8, "temperature": 0}
+    out = client.responses.create(**kw)
+    assert out.object == "response" and out.status in ("completed", "incomplete")
+    assert out.output_text and out.usage.output_tokens <= 8
+    if out.status == "incomplete":
+        assert out.incomplete_details.reason == "max_output_tokens"
+    events = list(client.responses.create(**kw, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == out.output_text
+    assert events[-1].response.output_text == out.output_text
+    chat = _chat(client, max_completion_tokens=8, temperature=0,
+                 messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox"}])
+    assert chat.choices[0].message.content == out.output_text  # the same request on the chat path
+
+
+def test_responses_refuses_what_it_cannot_honour(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="demo", input="hi", tools=[{"type": "web_search_preview"}])
+    assert err.value.body["param"] == "tools"
