@@ -129,6 +129,12 @@ class Engine:
         """Counters since the engine started (the control socket's ``status`` shows them)."""
         return {**self._stats, "graphs": self.graphs.captured, "graph_steps": self.graphs.replays}
 
+    def load(self) -> dict[str, int]:
+        """Sequences running and waiting, KV blocks used and allocated (for metrics; unlocked reads)."""
+        allocator = self.pool.allocator
+        return {"running": len(self._running), "waiting": len(self._waiting) + len(self._inbox),
+                "kv_used": allocator.num_blocks - allocator.free, "kv_total": allocator.num_blocks}
+
     def generate(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
                  emit: Callable[[Piece], None]) -> None:
         """Runs one request (its ``n`` choices) to its end, handing each piece to ``emit`` (from

@@ -7,6 +7,7 @@ import threading
 import time
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -16,6 +17,7 @@ from starlette.routing import Route
 from modelserver.engine import Engine
 from modelserver.grammar import Grammars
 from modelserver.instance import Instance, Phase
+from modelserver.metrics import ServerMetrics
 from modelserver.openai import responses, serving
 from modelserver.openai.requests import prepare_chat, prepare_completion
 from snapwake.errors import NotFound, SnapwakeError, Unavailable
@@ -40,6 +42,7 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
 def create_app(instance: Instance, served_model: str) -> Starlette:
     """The OpenAI-compatible app for one instance; ``served_model`` is listed in /v1/models."""
     created = int(time.time())
+    metrics = ServerMetrics(instance)
     compilers: list[Grammars] = []
 
     def grammars(engine: Engine) -> Grammars:
@@ -90,11 +93,11 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
             req = prepare_completion(body, instance.tokenizer, engine.max_context)
         cancel = threading.Event()
         if req.params.stream:
-            return StreamingResponse(serving.stream(instance, req, chat, cancel), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(serving.stream(instance, req, chat, cancel, metrics),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         watcher = asyncio.create_task(_watch_disconnect(request, cancel))
         try:
-            return JSONResponse(await serving.collect(instance, req, chat, cancel))
+            return JSONResponse(await serving.collect(instance, req, chat, cancel, metrics))
         finally:
             watcher.cancel()
 
@@ -107,13 +110,16 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
         req, parsed = responses.prepare(body, instance.tokenizer, engine.max_context)
         cancel = threading.Event()
         if req.params.stream:
-            return StreamingResponse(responses.stream(instance, req, parsed, cancel), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(responses.stream(instance, req, parsed, cancel, metrics),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         watcher = asyncio.create_task(_watch_disconnect(request, cancel))
         try:
-            return JSONResponse(await responses.collect(instance, req, parsed, cancel))
+            return JSONResponse(await responses.collect(instance, req, parsed, cancel, metrics))
         finally:
             watcher.cancel()
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def chat_completions(request: Request) -> Response:
         return await complete(request, chat=True)
@@ -136,5 +142,5 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
     routes = [Route("/health", health), Route("/v1/models", models), Route("/v1/models/{model:path}", model),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/responses", create_response, methods=["POST"])]
+              Route("/v1/responses", create_response, methods=["POST"]), Route("/metrics", prometheus)]
     return Starlette(routes=routes, exception_handlers={SnapwakeError: on_error, HTTPException: on_http_error})

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from modelserver.instance import Instance
+from modelserver.metrics import ServerMetrics
 from modelserver.openai.requests import Prepared, prepare_chat
 from modelserver.openai.serving import pieces
 from snapwake.errors import SnapwakeError
@@ -68,9 +69,9 @@ def _ids() -> tuple[str, str]:
 
 
 async def collect(instance: Instance, req: Prepared, request: ResponsesRequest,
-                  cancel: threading.Event) -> dict[str, Any]:
+                  cancel: threading.Event, metrics: ServerMetrics | None = None) -> dict[str, Any]:
     texts, reason, n = [], "length", 0
-    async for p in pieces(instance, req, cancel):
+    async for p in pieces(instance, req, cancel, metrics):
         texts.append(p.text)
         reason, n = p.finish_reason or reason, p.completion_tokens
     rid, mid = _ids()
@@ -83,7 +84,7 @@ def _event(obj: dict[str, Any]) -> bytes:
 
 
 async def stream(instance: Instance, req: Prepared, request: ResponsesRequest,
-                 cancel: threading.Event) -> AsyncIterator[bytes]:
+                 cancel: threading.Event, metrics: ServerMetrics | None = None) -> AsyncIterator[bytes]:
     rid, mid = _ids()
     created = int(time.time())
     seq = 0
@@ -102,7 +103,7 @@ async def stream(instance: Instance, req: Prepared, request: ResponsesRequest,
     yield event("response.content_part.added", item_id=mid, output_index=0, content_index=0, part=part)
     texts, reason, n = [], "length", 0
     try:
-        async for p in pieces(instance, req, cancel):
+        async for p in pieces(instance, req, cancel, metrics):
             if p.text:
                 texts.append(p.text)
                 yield event("response.output_text.delta", item_id=mid, output_index=0, content_index=0,

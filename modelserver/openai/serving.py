@@ -20,6 +20,7 @@ from opentelemetry import trace
 from modelserver import tools as toolcalls
 from modelserver.engine import Piece
 from modelserver.instance import Instance
+from modelserver.metrics import ServerMetrics
 from modelserver.openai import sse
 from modelserver.openai.requests import Prepared
 from modelserver.reasoning import ReasoningSplitter
@@ -33,8 +34,10 @@ __all__ = ["collect", "stream", "pieces"]
 _END = object()
 
 
-async def pieces(instance: Instance, req: Prepared, cancel: threading.Event) -> AsyncIterator[Piece]:
-    """The engine's pieces, produced in a worker thread; counts the request as in flight."""
+async def pieces(instance: Instance, req: Prepared, cancel: threading.Event,
+                 metrics: ServerMetrics | None = None) -> AsyncIterator[Piece]:
+    """The engine's pieces, produced in a worker thread; counts the request as in flight and
+    observes its latencies and tokens in ``metrics``."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -60,10 +63,26 @@ async def pieces(instance: Instance, req: Prepared, cancel: threading.Event) -> 
     instance.inflight_peak = max(instance.inflight_peak, instance.inflight)
     instance.last_request_unix = time.time()
     threading.Thread(target=work, name="generate", daemon=True).start()
+    started = last = time.monotonic()
+    tokens = [0] * req.params.n
+    if metrics is not None:
+        metrics.prompt_tokens.inc(len(req.prompt_ids))
     try:
         while (item := await queue.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
+            if metrics is not None:
+                now, new = time.monotonic(), item.completion_tokens - tokens[item.index]
+                tokens[item.index] = item.completion_tokens
+                if new > 0:
+                    if last == started:
+                        metrics.ttft.observe(now - started)
+                    else:
+                        metrics.inter_token.observe((now - last) / new)
+                    metrics.generation_tokens.inc(new)
+                    last = now
+                if item.finish_reason is not None:
+                    metrics.requests.labels(item.finish_reason).inc()
             yield item
     finally:
         cancel.set()
@@ -85,14 +104,15 @@ def _logprobs(tokenizer: Any, chat: bool, picked: tuple[Sampled, ...], offset: i
     return sse.chat_logprobs(entries) if chat else sse.completion_logprobs(entries, offset)
 
 
-async def collect(instance: Instance, req: Prepared, chat: bool, cancel: threading.Event) -> dict[str, Any]:
+async def collect(instance: Instance, req: Prepared, chat: bool, cancel: threading.Event,
+                  metrics: ServerMetrics | None = None) -> dict[str, Any]:
     """The whole completion (its ``n`` choices) as one response object."""
     n = req.params.n
     texts: list[list[str]] = [[] for _ in range(n)]
     reasons = ["length"] * n
     tokens = [0] * n
     picked: list[list[Sampled]] = [[] for _ in range(n)]
-    async for p in pieces(instance, req, cancel):
+    async for p in pieces(instance, req, cancel, metrics):
         texts[p.index].append(p.text)
         picked[p.index] += p.logprobs
         reasons[p.index], tokens[p.index] = p.finish_reason or reasons[p.index], p.completion_tokens
@@ -122,7 +142,8 @@ async def collect(instance: Instance, req: Prepared, chat: bool, cancel: threadi
             "model": req.model, "choices": choices, "usage": sse.usage(len(req.prompt_ids), sum(tokens))}
 
 
-async def stream(instance: Instance, req: Prepared, chat: bool, cancel: threading.Event) -> AsyncIterator[bytes]:
+async def stream(instance: Instance, req: Prepared, chat: bool, cancel: threading.Event,
+                 metrics: ServerMetrics | None = None) -> AsyncIterator[bytes]:
     """The completion as SSE events, ending with ``[DONE]``; errors mid-stream become an event.
     With ``n`` > 1 the choices' chunks interleave, each naming its ``index``."""
     rid, created = _id(chat), int(time.time())
@@ -136,7 +157,7 @@ async def stream(instance: Instance, req: Prepared, chat: bool, cancel: threadin
     held: dict[int, list[str]] = {i: [] for i in range(req.params.n)}
     splitters = {i: ReasoningSplitter(req.reasoning) for i in range(req.params.n)} if req.reasoning is not None else {}
     try:
-        async for p in pieces(instance, req, cancel):
+        async for p in pieces(instance, req, cancel, metrics):
             i = p.index
             if chat and req.tools is not None:
                 held[i].append(p.text)

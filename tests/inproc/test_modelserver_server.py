@@ -266,3 +266,24 @@ async def test_the_gateway_refuses_with_the_model_servers_bytes(base_url: str, d
     assert from_server.status_code == 400 and from_server.json()["error"]["param"] == param
     assert (via_gateway.status_code, via_gateway.content) == (from_server.status_code, from_server.content)
     assert scheduler.acquired == []
+
+
+def test_metrics_count_tokens_latencies_and_the_kv_pool(base_url: str, client: openai.OpenAI) -> None:
+    def value(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+                   or line.startswith(name + "{"))
+
+    before = httpx.get(base_url + "/metrics", timeout=5).text
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, stream=False)
+    after = httpx.get(base_url + "/metrics", timeout=5).text
+    made = out.usage.completion_tokens
+    assert value(after, "snapwake_model_generation_tokens_total") - value(before, "snapwake_model_generation_tokens_total") == made
+    assert value(after, "snapwake_model_prompt_tokens_total") - value(before, "snapwake_model_prompt_tokens_total") == \
+        out.usage.prompt_tokens
+    assert value(after, "snapwake_model_ttft_seconds_count") - value(before, "snapwake_model_ttft_seconds_count") == 1
+    assert value(after, "snapwake_model_inter_token_seconds_count") > value(before, "snapwake_model_inter_token_seconds_count")
+    assert value(after, "snapwake_model_kv_blocks_total") > 0 and value(after, "snapwake_model_requests_running") == 0
+    r = httpx.get(base_url + "/v1/nope", timeout=5)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(base_url + "/v1/models/" + MODEL, timeout=5)
+    assert r.json()["id"] == MODEL and r.json()["max_model_len"] > 0
