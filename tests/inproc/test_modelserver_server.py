@@ -199,7 +199,7 @@ async def test_a_chat_stream_sends_nothing_before_the_first_piece(monkeypatch: p
 
     first_piece = asyncio.Event()
 
-    async def pieces(instance: object, req: object, cancel: object):  # type: ignore[no-untyped-def]
+    async def pieces(instance: object, req: object, cancel: object, metrics: object = None):  # type: ignore[no-untyped-def]
         await first_piece.wait()
         yield Piece("hi", "stop", 1)
 
@@ -217,7 +217,7 @@ async def test_a_chat_stream_sends_nothing_before_the_first_piece(monkeypatch: p
 
 # Bad requests and what they name; the model server refused each of them before this schema.
 BAD_REQUESTS = [
-    ("/v1/chat/completions", {"n": 17}, "n"),
+    ("/v1/chat/completions", {"n": 0}, "n"),
     ("/v1/chat/completions", {"frobnicate": 1}, "frobnicate"),
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {"logit_bias": {"600": 1}}, "logit_bias"),
