@@ -583,3 +583,13 @@ async def test_user_images_are_listed_by_their_public_name(client: openai.AsyncO
     ids = {m.id async for m in client.models.list()}
     assert {"team/byo", "custom"} <= ids and SERVED not in ids
     assert (await client.models.retrieve("team/byo")).id == "team/byo"
+
+
+async def test_health_and_unknown_routes_answer_as_vllm(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as http:
+        assert (await http.get("/health")).status_code == 200  # open, as /healthz
+        auth = {"Authorization": f"Bearer {KEY}"}
+        missing = await http.get("/v1/no-such-route", headers=auth)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        wrong = await http.delete("/v1/models", headers=auth)
+        assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
