@@ -8,13 +8,14 @@ loops are over the batch's rows (a handful of calls each), never over the vocabu
 2. penalties, as vLLM applies them: ``repetition_penalty`` on every token seen in the prompt or
    the output (positive logits divided, negative multiplied), ``frequency_penalty`` times each
    output token's count and ``presence_penalty`` once per output token seen, subtracted;
-3. greedy rows (temperature 0): the argmax;
-4. sampled rows: temperature, ``top_k``, ``top_p`` and ``min_p`` as masks over one sort, then
+3. ``response_format`` and forced tool calls: the rows with a grammar get the tokens it forbids
+   masked out (xgrammar fills one bitmask row per sequence in C++ and masks them all in one
+   call); the chosen token then advances the row's matcher;
+4. greedy rows (temperature 0): the argmax;
+5. sampled rows: temperature, ``top_k``, ``top_p`` and ``min_p`` as masks over one sort, then
    the exponential race (``argmax(p / q)``, ``q ~ Exp(1)``, which samples from ``p``) with
    ``q`` drawn from each request's own ``torch.Generator``: a seeded request draws the same
    numbers whatever else shares the batch, so it samples the same tokens;
-5. ``response_format``: the rows with a grammar get the tokens it forbids masked out (after
-   the bias and penalties, before the choice); the choice then advances the row's matcher;
 6. logprobs, for the rows that asked: of the model's own distribution (the raw logits, before
    any of the above, as vLLM's default ``raw_logprobs``), the chosen token's and the top ``k``.
 
