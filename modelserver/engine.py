@@ -11,8 +11,13 @@ batch at the next step; a step is
 When a running request needs a new block and none is free, the most recently admitted request
 is preempted: its blocks are freed and it goes back to the head of the queue, to be prefilled
 again (prompt plus what it generated so far) when blocks free up; its client sees nothing but
-a short pause. Sampling is per request (greedy at temperature 0, else top-p with the request's
-own seeded generator); stop strings and detokenization are per request too.
+a short pause. Sampling is one batched step over the whole batch's logits
+(``modelserver.sampling.sample``: logit bias, penalties, top-k/top-p/min-p, each request's own
+seeded generator, logprobs); stop strings, stop token ids and detokenization are per request.
+
+A request with ``n`` > 1 is ``n`` sequences of one group: when they are admitted together, the
+prompt is prefilled once and its K/V copied into the other sequences' blocks (a copy, not a
+forward), and every choice samples from the same first-token logits with its own generator.
 
 On CUDA, decode steps replay CUDA graphs (``modelserver.graphs``: one per batch and
 block-table width bucket, captured the second time a bucket is needed); a step without a graph
@@ -36,36 +41,26 @@ import torch
 
 from modelserver.graphs import DecodeGraphs, DecodeRow
 from modelserver.kvcache import ATTN_IMPLEMENTATION, KVPool, StepMeta, blocks_for, register
-from modelserver.sampling import SamplingParams
+from modelserver.sampling import Sampled, SamplerState, SamplingParams, sample
 from modelserver.stops import StopFilter
 from snapwake.errors import ResourceExhausted, SnapwakeError, Unavailable
 
-__all__ = ["Engine", "Piece", "next_token"]
+__all__ = ["Engine", "Piece"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Piece:
-    """Text produced since the last piece; the last piece carries ``finish_reason``."""
+    """Text produced since the last piece of one choice; its last piece carries ``finish_reason``."""
 
     text: str
     finish_reason: str | None
     completion_tokens: int
-
-
-def next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> int:
-    """Picks the next token from 1-D logits: greedy at temperature 0, else top-p sampling."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=gen))
+    index: int = 0
+    """Which of the request's ``n`` choices."""
+    logprobs: tuple[Sampled, ...] = ()
+    """The tokens generated since the last piece, with their logprobs (requests that asked)."""
 
 
 @dataclass(eq=False)
@@ -77,10 +72,15 @@ class _Seq:
     cancel: threading.Event
     emit: Callable[[Piece], None]
     limit: int
-    gen: torch.Generator | None
+    state: SamplerState
     stops: StopFilter
     order: int
+    index: int = 0
+    group: int | None = None
+    """Sequences of one ``n`` > 1 request share a group (and their prompt's prefill)."""
     out: list[int] = field(default_factory=list)
+    pending: list[Sampled] = field(default_factory=list)
+    """Logprob entries not yet handed out with a piece."""
     sent: str = ""
     blocks: list[int] = field(default_factory=list)
     kv_len: int = 0
@@ -129,36 +129,49 @@ class Engine:
         """Counters since the engine started (the control socket's ``status`` shows them)."""
         return {**self._stats, "graphs": self.graphs.captured, "graph_steps": self.graphs.replays}
 
+    def load(self) -> dict[str, int]:
+        """Sequences running and waiting, KV blocks used and allocated (for metrics; unlocked reads)."""
+        allocator = self.pool.allocator
+        return {"running": len(self._running), "waiting": len(self._waiting) + len(self._inbox),
+                "kv_used": allocator.num_blocks - allocator.free, "kv_total": allocator.num_blocks}
+
     def generate(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
                  emit: Callable[[Piece], None]) -> None:
-        """Runs one request to its end, handing each piece to ``emit`` (from the engine thread)."""
-        seq = self.submit(prompt_ids, params, cancel, emit)
-        seq.done.wait()
-        if seq.error is not None:
-            raise seq.error
+        """Runs one request (its ``n`` choices) to its end, handing each piece to ``emit`` (from
+        the engine thread); the first choice to fail fails the request."""
+        seqs = self.submit_all(prompt_ids, params, cancel, emit)
+        for seq in seqs:
+            seq.done.wait()
+            if seq.error is not None:
+                cancel.set()
+                raise seq.error
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
                emit: Callable[[Piece], None]) -> _Seq:
+        """Submits a request of one choice."""
+        return self.submit_all(prompt_ids, params, cancel, emit)[0]
+
+    def submit_all(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event,
+                   emit: Callable[[Piece], None]) -> list[_Seq]:
+        """Submits the request's ``n`` choices (sequences of one group)."""
         limit = self.max_context - len(prompt_ids)
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens)
-        gen = None
-        if params.temperature > 0:
-            gen = torch.Generator(device=self._device)
-            if params.seed is not None:
-                gen.manual_seed(params.seed)
-            else:
-                gen.seed()
         with self._cv:
             if self._fatal is not None:
                 raise Unavailable(f"the engine stopped after an error: {self._fatal}")
             if self._closed:
                 raise Unavailable("the model is being released")
-            self._order += 1
-            seq = _Seq(list(prompt_ids), params, cancel, emit, limit, gen, StopFilter(params.stop), self._order)
-            self._inbox.append(seq)
+            seqs = []
+            group = self._order + 1 if params.n > 1 else None
+            for i in range(params.n):
+                self._order += 1
+                state = SamplerState.create(params, prompt_ids, self._device, choice=i)
+                seqs.append(_Seq(list(prompt_ids), params, cancel, emit, limit, state, StopFilter(params.stop),
+                                 self._order, index=i, group=group))
+            self._inbox.extend(seqs)
             self._cv.notify()
-        return seq
+        return seqs
 
     def close(self, drain_s: float = 300.0) -> None:
         """Stops admitting; running and queued requests finish (cancelled after ``drain_s``)."""
@@ -259,11 +272,26 @@ class Engine:
         return seq.blocks[pos // bs] * bs + pos % bs
 
     def _prefill(self, seqs: list[_Seq]) -> None:
+        # The choices of one request admitted together share one prefill: the first runs it,
+        # the others get a copy of its K/V and its logits.
+        leaders: dict[int, _Seq] = {}
+        row_of: dict[int, int] = {}
+        forward: list[_Seq] = []
+        followers: list[tuple[_Seq, _Seq]] = []
+        for seq in seqs:
+            lead = leaders.get(seq.group) if seq.group is not None and not seq.out else None
+            if lead is not None and lead.tokens == seq.tokens:
+                followers.append((seq, lead))
+                continue
+            if seq.group is not None and not seq.out:
+                leaders[seq.group] = seq
+            row_of[id(seq)] = len(forward)
+            forward.append(seq)
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         cu = [0]
-        for seq in seqs:
+        for seq in forward:
             toks = seq.tokens
             ids += toks
             positions += range(len(toks))
@@ -275,6 +303,15 @@ class Engine:
         logits = self.model(input_ids=torch.tensor([ids], device=dev),
                             position_ids=torch.tensor([positions], device=dev),
                             use_cache=False, logits_to_keep=last, paged=meta).logits[0]
+        if followers:
+            pairs = [(self._slot(lead, p), self._slot(seq, p)) for seq, lead in followers for p in range(len(seq.tokens))]
+            src = torch.tensor([a for a, _ in pairs], device=dev)
+            dst = torch.tensor([b for _, b in pairs], device=dev)
+            for cache in (*self.pool.k, *self.pool.v):
+                cache[dst] = cache[src]
+            for seq, lead in followers:
+                row_of[id(seq)] = row_of[id(lead)]
+            logits = logits[torch.tensor([row_of[id(s)] for s in seqs], device=dev)]
         for seq in seqs:
             seq.kv_len = len(seq.tokens)
         self._running.extend(seqs)
@@ -338,18 +375,18 @@ class Engine:
         return logits
 
     def _accept_all(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
-        """Samples one token per row of ``logits`` [S, V] and hands it to each request."""
-        tokens = torch.argmax(logits, dim=-1).tolist()  # one device sync for every greedy row
-        for i, seq in enumerate(seqs):
-            if seq.params.temperature > 0:
-                tokens[i] = next_token(logits[i], seq.params, seq.gen)
-            self._accept(seq, tokens[i])
+        """Samples one token per row of ``logits`` [S, V] (one batched step) and hands it to each request."""
+        for seq, picked in zip(seqs, sample(logits, [s.state for s in seqs]), strict=True):
+            self._accept(seq, picked)
 
-    def _accept(self, seq: _Seq, tok: int) -> None:
-        if tok in self.eos_ids:
+    def _accept(self, seq: _Seq, picked: Sampled) -> None:
+        tok = picked.token
+        if tok in self.eos_ids or tok in seq.params.stop_token_ids:
             self._finish(seq, "stop")
             return
         seq.out.append(tok)
+        if picked.logprob is not None:
+            seq.pending.append(picked)
         self._stats["generated_tokens"] += 1
         text = self.tokenizer.decode(seq.out, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence waits for the next token
@@ -358,10 +395,14 @@ class Engine:
             if seq.stops.stopped:
                 self._finish(seq, "stop", piece)
                 return
-            if piece and not self._emit(seq, Piece(piece, None, len(seq.out))):
+            if piece and not self._emit(seq, self._piece(seq, piece, None)):
                 return
         if len(seq.out) >= seq.limit:
             self._finish(seq, "length")
+
+    def _piece(self, seq: _Seq, text: str, reason: str | None) -> Piece:
+        entries, seq.pending = tuple(seq.pending), []
+        return Piece(text, reason, len(seq.out), seq.index, entries)
 
     def _emit(self, seq: _Seq, piece: Piece) -> bool:
         try:
@@ -387,7 +428,7 @@ class Engine:
             last = seq.stops.feed(tail) + seq.stops.flush()
             if seq.stops.stopped:
                 reason = "stop"
-        self._emit(seq, Piece(last, reason, len(seq.out)))
+        self._emit(seq, self._piece(seq, last, reason))
         seq.done.set()
 
     def _fail(self, seq: _Seq, error: BaseException) -> None:

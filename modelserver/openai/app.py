@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from modelserver.engine import Engine
+from modelserver.grammar import Grammars
 from modelserver.instance import Instance, Phase
-from modelserver.openai import serving
+from modelserver.metrics import ServerMetrics
+from modelserver.openai import responses, serving
 from modelserver.openai.requests import prepare_chat, prepare_completion
-from snapwake.errors import SnapwakeError, Unavailable
-from snapwake.openai import RETRYABLE, openai_error, parse_json
+from snapwake.errors import NotFound, SnapwakeError, Unavailable
+from snapwake.openai import RETRYABLE, error_body, openai_error, parse_json
 
 __all__ = ["create_app"]
 
@@ -36,6 +42,15 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
 def create_app(instance: Instance, served_model: str) -> Starlette:
     """The OpenAI-compatible app for one instance; ``served_model`` is listed in /v1/models."""
     created = int(time.time())
+    metrics = ServerMetrics(instance)
+    compilers: list[Grammars] = []
+
+    def grammars(engine: Engine) -> Grammars:
+        """The instance's grammar compiler, made on the first structured request."""
+        if not compilers:
+            config: Any = engine.model.config
+            compilers.append(Grammars(instance.tokenizer, int(config.vocab_size), engine.eos_ids))
+        return compilers[0]
 
     def gate() -> None:
         if instance.phase is not Phase.SERVING:
@@ -45,10 +60,22 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
         code = 200 if instance.phase is Phase.SERVING else 503
         return JSONResponse({"phase": instance.phase.value}, code)
 
+    def card() -> dict[str, object]:
+        engine = instance.engine
+        return {"id": served_model, "object": "model", "created": created, "owned_by": "snapwake",
+                "root": served_model, "parent": None,
+                "max_model_len": engine.max_context if engine is not None else None}
+
     async def models(request: Request) -> Response:
         gate()
-        return JSONResponse({"object": "list", "data": [
-            {"id": served_model, "object": "model", "created": created, "owned_by": "snapwake"}]})
+        return JSONResponse({"object": "list", "data": [card()]})
+
+    async def model(request: Request) -> Response:
+        gate()
+        name = request.path_params["model"]
+        if name != served_model:
+            raise NotFound(f"The model '{name}' does not exist", field="model")
+        return JSONResponse(card())
 
     async def complete(request: Request, chat: bool) -> Response:
         gate()
@@ -56,17 +83,43 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
         engine = instance.engine
         if engine is None:
             raise Unavailable("the model is not serving")
-        prepare = prepare_chat if chat else prepare_completion
-        req = prepare(body, instance.tokenizer, engine.max_context)
+        if chat:
+            if "response_format" in body or "tools" in body:  # compiling a grammar takes a while: off the loop
+                req = await asyncio.to_thread(prepare_chat, body, instance.tokenizer, engine.max_context,
+                                              grammars(engine))
+            else:
+                req = prepare_chat(body, instance.tokenizer, engine.max_context)
+        else:
+            req = prepare_completion(body, instance.tokenizer, engine.max_context)
         cancel = threading.Event()
         if req.params.stream:
-            return StreamingResponse(serving.stream(instance, req, chat, cancel), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(serving.stream(instance, req, chat, cancel, metrics),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         watcher = asyncio.create_task(_watch_disconnect(request, cancel))
         try:
-            return JSONResponse(await serving.collect(instance, req, chat, cancel))
+            return JSONResponse(await serving.collect(instance, req, chat, cancel, metrics))
         finally:
             watcher.cancel()
+
+    async def create_response(request: Request) -> Response:
+        gate()
+        body = parse_json(await request.body())
+        engine = instance.engine
+        if engine is None:
+            raise Unavailable("the model is not serving")
+        req, parsed = responses.prepare(body, instance.tokenizer, engine.max_context)
+        cancel = threading.Event()
+        if req.params.stream:
+            return StreamingResponse(responses.stream(instance, req, parsed, cancel, metrics),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.create_task(_watch_disconnect(request, cancel))
+        try:
+            return JSONResponse(await responses.collect(instance, req, parsed, cancel, metrics))
+        finally:
+            watcher.cancel()
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def chat_completions(request: Request) -> Response:
         return await complete(request, chat=True)
@@ -77,7 +130,17 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
     async def on_error(request: Request, exc: Exception) -> Response:
         return error_response(exc)  # type: ignore[arg-type]
 
-    routes = [Route("/health", health), Route("/v1/models", models),
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        """A route or method the server lacks: an OpenAI error body, never plain text."""
+        code = getattr(exc, "status_code", 500)
+        if code == 405:
+            return JSONResponse(error_body(f"{request.method} {request.url.path}: method not allowed",
+                                           "invalid_request_error", None, "method_not_allowed"), 405)
+        return JSONResponse(error_body(f"{request.url.path}: no such route on this model server",
+                                       "invalid_request_error", None, "not_found"), code if code >= 400 else 404)
+
+    routes = [Route("/health", health), Route("/v1/models", models), Route("/v1/models/{model:path}", model),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/v1/completions", completions, methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={SnapwakeError: on_error})
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/responses", create_response, methods=["POST"]), Route("/metrics", prometheus)]
+    return Starlette(routes=routes, exception_handlers={SnapwakeError: on_error, HTTPException: on_http_error})

@@ -77,6 +77,9 @@ def routes(serving: OpenAIServing) -> list[BaseRoute]:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def health(request: Request) -> Response:
+        return Response(status_code=200)  # as vLLM's /health: 200, no body
+
     async def metrics(request: Request) -> Response:
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -107,6 +110,7 @@ def routes(serving: OpenAIServing) -> list[BaseRoute]:
 
     return [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),

@@ -8,12 +8,16 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount
 
 from services.gateway import dashboard
 from services.gateway.api_router import routes
 from services.gateway.config import GatewayConfig
+from services.gateway.errors import http_error_response
 from services.gateway.keys import ApiKeyTable, KeyStore, refresh_forever
 from services.gateway.limits import KeyLimiter
 from services.gateway.metrics import GatewayMetrics
@@ -78,7 +82,11 @@ def build_app(client: SchedulerClient, config: GatewayConfig, upstream: Upstream
 
     # DashboardKeyMiddleware turns the dashboard's key cookie into the Bearer header that
     # AuthMiddleware checks, so it must run first.
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        return http_error_response(getattr(exc, "status_code", 404), request.method, request.url.path)
+
     app = Starlette(routes=[*routes(serving), *_dashboard(client, keys)], lifespan=lifespan,
+                    exception_handlers={HTTPException: on_http_error},
                     middleware=[Middleware(LoopbackOnlyMiddleware, enabled=not keys and not operators),
                                 Middleware(RequestIdMiddleware),
                                 Middleware(dashboard.DashboardKeyMiddleware, keys=keys),

@@ -24,7 +24,7 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 
 from snapwake import errors
-from snapwake.openai import CODES, RETRYABLE, openai_error
+from snapwake.openai import CODES, RETRYABLE, error_body, openai_error
 
 __all__ = ["BodyTooLarge", "PermissionDenied", "QueueFull", "QueueTimeout", "RateLimited", "TooManyInFlight",
            "Unauthenticated", "error_response"]
@@ -68,6 +68,15 @@ _CODES: dict[type[errors.SnapwakeError], str] = {
     TooManyInFlight: "too_many_requests_in_flight",
     QueueTimeout: "queue_timeout",
 }
+
+
+def http_error_response(status: int, method: str, path: str) -> JSONResponse:
+    """Starlette's own 404/405 (a route or method the gateway lacks) as an OpenAI error body."""
+    if status == 405:
+        return JSONResponse(error_body(f"{method} {path}: method not allowed", "invalid_request_error", None,
+                                       "method_not_allowed"), 405)
+    return JSONResponse(error_body(f"{path}: no such route", "invalid_request_error", None, "not_found"),
+                        status if status >= 400 else 404)
 
 
 def error_response(exc: BaseException, retry_after: int = 1,

@@ -32,7 +32,7 @@ DEFAULT_TENANT = "default"
 ANONYMOUS_KEY = "anonymous"  # the one key of a gateway without keys (auth off)
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Probes carry no key.
-_OPEN_PATHS = ("/healthz",)
+_OPEN_PATHS = ("/healthz", "/health")
 _OPERATOR_PATHS = ("/metrics",)
 
 

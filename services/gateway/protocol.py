@@ -3,13 +3,15 @@
 Every body must be a JSON object whose ``model`` names a function (``Routing``). What follows
 depends on who serves that function:
 
-- the built-in model server: the whole shared schema (``snapwake.openai``), then the limits
-  recorded for the function's revision (context length, vocabulary), so a request the model
-  server would refuse is refused here, with its bytes, before a claim or a cold start;
+- the built-in model server: the whole shared schema (``snapwake.openai``: every field is
+  honoured or refused, an unknown one too), then the limits recorded for the function's
+  revision (context length, vocabulary, chat template), so a request the model server would
+  refuse is refused here, with its bytes, before a claim or a cold start; a path it does not
+  serve (``/v1/embeddings``) is refused at once;
 - a user image: only what the gateway uses itself (``stream``, to relay the answer); the body
   passes on unchanged and the image answers the rest.
 
-The body is forwarded as it came, unknown fields included.
+The body is forwarded as it came.
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ def check_request(path: str, body: dict[str, object], fn: FunctionInfo) -> bool:
     ``InvalidArgument`` naming the first bad field."""
     if not fn.builtin:
         return validate(body, Streaming).streaming
-    request = validate(body, SCHEMAS[path])
-    if path not in MODEL_SERVER_PATHS:
+    if path not in MODEL_SERVER_PATHS:  # at once, whatever the body: no claim, no start
         raise errors.InvalidArgument(f"model: {model_id_for(fn.function_id)} is served by the built-in model "
                                      f"server, which does not serve {path}", field="model")
+    request = validate(body, SCHEMAS[path])
     if fn.limits is not None:
         request.check_limits(fn.limits)
     return request.streaming

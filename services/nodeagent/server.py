@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
 from services.nodeagent.agent import NodeAgent
 from services.nodeagent.api import SERVICE_NAME, NodeAgentServicer
 from services.nodeagent.config import NodeAgentConfig
@@ -24,6 +26,7 @@ from services.nodeagent.gpu import (
     host_memory_bytes,
 )
 from services.nodeagent.images import ImageCache
+from services.nodeagent.modelmetrics import ModelServerMetrics
 from services.nodeagent.sandbox import RuncSandbox
 from snapwake import errors
 from snapwake.etcd import Etcd, EtcdTls
@@ -115,11 +118,18 @@ async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
         server = GrpcServer(config.listen, [SERVICE_NAME], tls=tls, health_bind=config.health_listen)
         nodeagent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(agent), server.server)
         await agent.start()
+        relay = None
+        if config.metrics_port:  # the model servers' metrics, scraped through the node's /metrics
+            relay = ModelServerMetrics(lambda: [live.machine.instance for live in list(agent.instances.values())
+                                                if not live.user_image])
+            REGISTRY.register(relay)
         try:
             await server.start()
             log.info("nodeagent %s serving on port %d", config.name, server.port)
             yield Running(agent, server)
         finally:
+            if relay is not None:
+                REGISTRY.unregister(relay)
             await server.stop(grace=2.0)
             await agent.stop()
             await images.close()

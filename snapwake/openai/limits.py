@@ -1,4 +1,4 @@
-"""The rules that depend on the model, not on the tokenizer: context length and vocabulary.
+"""The rules that depend on the model, not on the tokenizer: context length, vocabulary, chat template.
 
 The gateway knows a function's limits from the metadata recorded for its revision
 (``Function.model``); the model server knows its own (its engine's context, its tokenizer's
@@ -25,10 +25,12 @@ class ModelLimits:
     """Prompt plus completion tokens; 0: unknown."""
     vocab_size: int = 0
     """Token ids are below it; 0: unknown."""
+    has_chat_template: bool = True
+    """Whether the tokenizer has a chat template (tools need one to be rendered)."""
 
     @classmethod
     def from_proto(cls, meta: types_pb2.ModelMetadata) -> ModelLimits:
-        return cls(meta.max_context_tokens, meta.vocab_size)
+        return cls(meta.max_context_tokens, meta.vocab_size, meta.has_chat_template)
 
 
 def check_length(prompt_tokens: int, max_tokens: int | None, max_context: int, field: str,

@@ -455,14 +455,17 @@ def _body(model: str, path: str, change: dict[str, Any]) -> dict[str, Any]:
 
 # Requests the built-in model server would refuse: (function, path, change to a good body, param).
 REFUSED_BY_THE_SCHEMA = [
-    ("chat", "/v1/chat/completions", {"n": 2}, "n"),
+    ("chat", "/v1/chat/completions", {"n": 0}, "n"),
+    ("chat", "/v1/chat/completions", {"frobnicate": True}, "frobnicate"),
+    ("chat", "/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs"),
+    ("chat", "/v1/chat/completions", {"audio": {"voice": "x"}}, "audio"),
     ("chat", "/v1/chat/completions", {"top_p": 0}, "top_p"),
     ("chat", "/v1/chat/completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("chat", "/v1/chat/completions", {"temperature": 2.5}, "temperature"),
     ("chat", "/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
     ("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages.0.content"),
-    ("chat", "/v1/completions", {"logprobs": 1}, "logprobs"),
+    ("chat", "/v1/completions", {"logprobs": 21}, "logprobs"),
     ("chat", "/v1/completions", {"echo": True}, "echo"),
     ("chat", "/v1/completions", {"prompt": ["one", "two"]}, "prompt"),
     ("chat", "/v1/embeddings", {}, "model"),  # the built-in model server does not serve embeddings
@@ -471,6 +474,7 @@ REFUSED_BY_THE_LIMITS = [
     ("small", "/v1/chat/completions", {"max_tokens": 64}, "max_tokens"),
     ("small", "/v1/chat/completions", {"max_completion_tokens": 500}, "max_completion_tokens"),
     ("small", "/v1/chat/completions", {"logit_bias": {"100": 5}}, "logit_bias"),
+    ("small", "/v1/chat/completions", {"stop_token_ids": [7, 100]}, "stop_token_ids"),
     ("small", "/v1/completions", {"prompt": [1] * 60, "max_tokens": 5}, "max_tokens"),
     ("small", "/v1/completions", {"prompt": [5, 100]}, "prompt"),
 ]
@@ -579,3 +583,13 @@ async def test_user_images_are_listed_by_their_public_name(client: openai.AsyncO
     ids = {m.id async for m in client.models.list()}
     assert {"team/byo", "custom"} <= ids and SERVED not in ids
     assert (await client.models.retrieve("team/byo")).id == "team/byo"
+
+
+async def test_health_and_unknown_routes_answer_as_vllm(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway) as http:
+        assert (await http.get("/health")).status_code == 200  # open, as /healthz
+        auth = {"Authorization": f"Bearer {KEY}"}
+        missing = await http.get("/v1/no-such-route", headers=auth)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        wrong = await http.delete("/v1/models", headers=auth)
+        assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"

@@ -194,6 +194,44 @@ def test_seeded_sampling_repeats_and_other_seeds_differ(engine: Engine) -> None:
     assert text(7) != text(8)
 
 
+def test_n_choices_share_one_prefill_and_decode_as_one_request_would(demo_model_dir: Path, engine: Engine,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy choices of one request, prefilled once and their K/V copied, give exactly what the
+    request alone gives (a wrong copy would change the text); each choice names its index and
+    carries a logprob entry for each of its tokens."""
+    prompts = _prompts(3)
+    want = _reference(demo_model_dir, prompts[2:], 12)[0]
+    got: list[Piece] = []
+    params = SamplingParams(max_tokens=12, temperature=0, n=3, logprobs=2)
+    forward = engine.model.forward
+    widths: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        widths.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", counted)
+    engine.generate(prompts[2], params, threading.Event(), got.append)
+    by_choice = {i: [p for p in got if p.index == i] for i in range(3)}
+    for pieces in by_choice.values():
+        _assert_same_text(engine, [pieces], [want])
+        assert [e.token for p in pieces for e in p.logprobs] == want
+        assert all(e.top[0][0] == e.token for p in pieces for e in p.logprobs)
+    assert widths[0] == len(prompts[2])  # one prefill for the three choices
+    assert widths[1:] == [3] * 11  # then they decode together
+    assert engine.pool.allocator.free == engine.pool.allocator.num_blocks
+
+
+def test_stop_token_ids_end_the_choice(engine: Engine) -> None:
+    out: list[Piece] = []
+    engine.generate([1, 2, 3], SamplingParams(max_tokens=12, temperature=0), threading.Event(), out.append)
+    tokens = engine.tokenizer("".join(p.text for p in out), add_special_tokens=False)["input_ids"]
+    cut: list[Piece] = []
+    engine.generate([1, 2, 3], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=frozenset({tokens[2]})),
+                    threading.Event(), cut.append)
+    assert cut[-1].finish_reason == "stop" and cut[-1].completion_tokens < 12
+
+
 def test_a_request_the_pool_can_never_hold_fails_clearly(demo_model_dir: Path) -> None:
     eng = _engine(demo_model_dir, blocks=2)  # 32 tokens
     try:

@@ -112,7 +112,7 @@ def test_stop_string_ends_output_and_is_not_included(client: openai.OpenAI) -> N
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
     ({"temperature": 5}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"max_tokens": 100000}, "max_tokens"),
@@ -199,7 +199,7 @@ async def test_a_chat_stream_sends_nothing_before_the_first_piece(monkeypatch: p
 
     first_piece = asyncio.Event()
 
-    async def pieces(instance: object, req: object, cancel: object):  # type: ignore[no-untyped-def]
+    async def pieces(instance: object, req: object, cancel: object, metrics: object = None):  # type: ignore[no-untyped-def]
         await first_piece.wait()
         yield Piece("hi", "stop", 1)
 
@@ -217,14 +217,21 @@ async def test_a_chat_stream_sends_nothing_before_the_first_piece(monkeypatch: p
 
 # Bad requests and what they name; the model server refused each of them before this schema.
 BAD_REQUESTS = [
-    ("/v1/chat/completions", {"n": 2}, "n"),
+    ("/v1/chat/completions", {"n": 0}, "n"),
+    ("/v1/chat/completions", {"frobnicate": 1}, "frobnicate"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"logit_bias": {"600": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"stop_token_ids": [512]}, "stop_token_ids"),
+    ("/v1/chat/completions", {"top_k": -2}, "top_k"),
+    ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
     ("/v1/chat/completions", {"top_p": 0}, "top_p"),
     ("/v1/chat/completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ("/v1/chat/completions", {"temperature": 5}, "temperature"),
     ("/v1/chat/completions", {"max_tokens": 100000}, "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "robot"}]}, "messages.0.role"),
     ("/v1/chat/completions", {"stream_options": {"include_usage": True}}, "stream_options"),
-    ("/v1/completions", {"logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"echo": True}, "echo"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": 511}, "max_tokens"),
 ]
@@ -259,3 +266,24 @@ async def test_the_gateway_refuses_with_the_model_servers_bytes(base_url: str, d
     assert from_server.status_code == 400 and from_server.json()["error"]["param"] == param
     assert (via_gateway.status_code, via_gateway.content) == (from_server.status_code, from_server.content)
     assert scheduler.acquired == []
+
+
+def test_metrics_count_tokens_latencies_and_the_kv_pool(base_url: str, client: openai.OpenAI) -> None:
+    def value(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+                   or line.startswith(name + "{"))
+
+    before = httpx.get(base_url + "/metrics", timeout=5).text
+    out = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0, stream=False)
+    after = httpx.get(base_url + "/metrics", timeout=5).text
+    made = out.usage.completion_tokens
+    assert value(after, "snapwake_model_generation_tokens_total") - value(before, "snapwake_model_generation_tokens_total") == made
+    assert value(after, "snapwake_model_prompt_tokens_total") - value(before, "snapwake_model_prompt_tokens_total") == \
+        out.usage.prompt_tokens
+    assert value(after, "snapwake_model_ttft_seconds_count") - value(before, "snapwake_model_ttft_seconds_count") == 1
+    assert value(after, "snapwake_model_inter_token_seconds_count") > value(before, "snapwake_model_inter_token_seconds_count")
+    assert value(after, "snapwake_model_kv_blocks_total") > 0 and value(after, "snapwake_model_requests_running") == 0
+    r = httpx.get(base_url + "/v1/nope", timeout=5)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    r = httpx.get(base_url + "/v1/models/" + MODEL, timeout=5)
+    assert r.json()["id"] == MODEL and r.json()["max_model_len"] > 0

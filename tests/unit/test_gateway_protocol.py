@@ -71,14 +71,11 @@ def test_malformed_body_names_body(raw: bytes) -> None:
     assert info.value.field == "body"
 
 
-def test_unknown_fields_are_kept_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_unknown_fields_are_refused_naming_them() -> None:
     body = {**CHAT, "frobnicate": True, "stream": True, "stream_options": {"include_usage": True}}
-    with caplog.at_level("INFO", logger="snapwake.openai.schema"):
-        request, parsed = parse_body(json.dumps(body).encode(), ChatCompletionRequest)
-    assert request.model_extra == {"frobnicate": True}
-    assert parsed == body
-    assert request.streaming
-    assert "frobnicate" in caplog.text
+    with pytest.raises(errors.InvalidArgument) as info:
+        parse_body(json.dumps(body).encode(), ChatCompletionRequest)
+    assert info.value.field == "frobnicate" and "Unrecognized request argument" in info.value.message
 
 
 @pytest.mark.parametrize(("body", "streaming"), [
@@ -95,7 +92,10 @@ USER_IMAGE = FunctionInfo("acme/default/u", 8, 5.0, image="docker://registry.loc
 
 
 @pytest.mark.parametrize(("fn", "path", "change", "field"), [
-    (BUILTIN, "/v1/chat/completions", {"n": 2}, "n"),
+    (BUILTIN, "/v1/chat/completions", {"n": 17}, "n"),
+    (BUILTIN, "/v1/chat/completions", {"frobnicate": 1}, "frobnicate"),
+    (BUILTIN, "/v1/chat/completions", {"logit_bias": {"100": 1}}, "logit_bias"),  # the recorded vocabulary
+    (BUILTIN, "/v1/embeddings", {"input": 5}, "model"),  # refused at once, whatever the body
     (BUILTIN, "/v1/chat/completions", {"max_tokens": 64}, "max_tokens"),
     (replace(BUILTIN, limits=None), "/v1/chat/completions", {"max_tokens": 64}, None),  # nothing recorded yet
     (replace(BUILTIN, image=""), "/v1/chat/completions", {"top_p": 0}, "top_p"),  # "" is the built-in image
@@ -124,6 +124,6 @@ def test_function_info_carries_the_image_and_the_recorded_model() -> None:
     fn = types_pb2.Function(id="acme/default/m", spec=types_pb2.FunctionSpec(image="builtin"))
     assert FunctionInfo.from_proto(fn).builtin and FunctionInfo.from_proto(fn).limits is None
     fn.model.CopyFrom(types_pb2.ModelMetadata(max_context_tokens=512, vocab_size=1000))
-    assert FunctionInfo.from_proto(fn).limits == ModelLimits(512, 1000)
+    assert FunctionInfo.from_proto(fn).limits == ModelLimits(512, 1000, has_chat_template=False)
     fn.spec.image = "registry.local/echo:1"
     assert not FunctionInfo.from_proto(fn).builtin

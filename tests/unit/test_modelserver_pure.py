@@ -15,7 +15,7 @@ from snapwake.errors import InvalidArgument
 
 
 @pytest.mark.parametrize(("body", "field"), [
-    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
     ({"n": 0}, "n"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": "5"}, "max_tokens"),
@@ -29,6 +29,7 @@ from snapwake.errors import InvalidArgument
     ({"stop": ["a", 1]}, "stop"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stop": ""}, "stop"),
+    ({"n": 17}, "n"),
     ({"seed": 1.5}, "seed"),
     ({"stream": "yes"}, "stream"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),

@@ -27,7 +27,7 @@ TEXT: dict[str, Any] = {"model": "m", "prompt": "hi"}
 
 @pytest.mark.parametrize(("kind", "base", "change", "field", "says"), [
     # The sampling fields, as the model server has always refused them.
-    (ChatCompletionRequest, CHAT, {"n": 2}, "n", "only n=1"),
+    (ChatCompletionRequest, CHAT, {"n": 17}, "n", "less than or equal to 16"),
     (ChatCompletionRequest, CHAT, {"n": 0}, "n", "greater than or equal to 1"),
     (ChatCompletionRequest, CHAT, {"top_p": 0}, "top_p", "greater than 0"),
     (ChatCompletionRequest, CHAT, {"top_p": 1.01}, "top_p", "less than or equal to 1"),
@@ -59,8 +59,30 @@ TEXT: dict[str, Any] = {"model": "m", "prompt": "hi"}
     (ChatCompletionRequest, CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
      "messages.0.content", "messages.0.content.0.text:"),
     # Text completions: one prompt, and none of echo, logprobs, best_of, suffix.
-    (CompletionRequest, TEXT, {"logprobs": 1}, "logprobs", "not supported"),
-    (CompletionRequest, TEXT, {"logprobs": True}, "logprobs", "not supported"),
+    (CompletionRequest, TEXT, {"logprobs": 21}, "logprobs", "less than or equal to 20"),
+    (CompletionRequest, TEXT, {"logprobs": True}, "logprobs", "valid integer"),
+    # Every field is named in the schema: an unknown one is refused as OpenAI refuses it.
+    (ChatCompletionRequest, CHAT, {"frobnicate": 1}, "frobnicate", "Unrecognized request argument"),
+    (CompletionRequest, TEXT, {"functions": []}, "functions", "Unrecognized request argument"),
+    (ChatCompletionRequest, CHAT, {"messages": [{"role": "user", "content": "x", "x": 1}]}, "messages.0.x",
+     "Unrecognized request argument"),
+    (ChatCompletionRequest, CHAT, {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats", "Unrecognized"),
+    # Fields the engine honours, with their bounds.
+    (ChatCompletionRequest, CHAT, {"top_logprobs": 2}, "top_logprobs", "logprobs=true"),
+    (ChatCompletionRequest, CHAT, {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
+    (ChatCompletionRequest, CHAT, {"logprobs": 1}, "logprobs", "valid boolean"),
+    (ChatCompletionRequest, CHAT, {"top_k": -2}, "top_k", "greater than or equal to -1"),
+    (ChatCompletionRequest, CHAT, {"min_p": 1.5}, "min_p", "less than or equal to 1"),
+    (ChatCompletionRequest, CHAT, {"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+    (ChatCompletionRequest, CHAT, {"stop_token_ids": [-1]}, "stop_token_ids.0", "greater than or equal to 0"),
+    (ChatCompletionRequest, CHAT, {"seed": 1 << 64}, "seed", "less than"),
+    (ChatCompletionRequest, CHAT, {"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "at most 300"),
+    (ChatCompletionRequest, CHAT, {"service_tier": "cheap"}, "service_tier", "service_tier:"),
+    (ChatCompletionRequest, CHAT, {"chat_template_kwargs": {"x": [1]}}, "chat_template_kwargs.x", "chat_template_kwargs.x"),
+    # Tools and structured output: refused until the model server honours them.
+    (ChatCompletionRequest, CHAT, {"tool_choice": "required"}, "tool_choice", "needs tools"),
+    (ChatCompletionRequest, CHAT, {"response_format": {"type": "xml"}}, "response_format", "response_format"),
     (CompletionRequest, TEXT, {"echo": True}, "echo", "not supported"),
     (CompletionRequest, TEXT, {"best_of": 2}, "best_of", "not supported"),
     (CompletionRequest, TEXT, {"suffix": "!"}, "suffix", "not supported"),
@@ -95,6 +117,17 @@ def test_each_bad_field_is_named(kind: type[OpenAIRequest], base: dict[str, Any]
     (CompletionRequest, {**TEXT, "prompt": [[1, 2]]}, {"prompt": [1, 2]}),
     (CompletionRequest, {**TEXT, "prompt": [0, 7], "max_tokens": 3}, {"prompt": [0, 7], "max_new_tokens": 3}),
     (CompletionRequest, {**TEXT, "echo": False, "logprobs": 0, "best_of": 1, "suffix": None}, {"echo": False}),
+    (CompletionRequest, {**TEXT, "logprobs": 3, "n": 2}, {"top_logprobs_count": 3, "choices": 2}),
+    (ChatCompletionRequest, {**CHAT, "logprobs": True}, {"top_logprobs_count": 0}),
+    (ChatCompletionRequest, CHAT, {"top_logprobs_count": None, "choices": 1}),
+    # The documented no-ops, as common clients send them.
+    (ChatCompletionRequest, {**CHAT, "user": "u1", "metadata": {"k": "v"}, "store": False, "parallel_tool_calls": True,
+                             "service_tier": "auto", "response_format": {"type": "text"}, "tool_choice": "none"},
+     {"store": False}),
+    # An assistant message as the openai client sends an earlier answer back.
+    (ChatCompletionRequest, {**CHAT, "messages": [{"role": "assistant", "content": "a", "refusal": None,
+                                                   "annotations": [], "audio": None, "function_call": None,
+                                                   "tool_calls": None}]}, {"streaming": False}),
     (GenerationRequest, {}, {"model": None, "max_new_tokens": None}),
 ])
 def test_good_bodies(kind: type[OpenAIRequest], body: dict[str, Any], want: dict[str, Any]) -> None:
@@ -144,7 +177,7 @@ def test_model_limits(kind: type[OpenAIRequest], body: dict[str, Any], limits: M
 def test_limits_from_the_recorded_metadata() -> None:
     meta = types_pb2.ModelMetadata(max_context_tokens=8192, vocab_size=128256, has_chat_template=True)
     assert ModelLimits.from_proto(meta) == ModelLimits(8192, 128256)
-    assert ModelLimits.from_proto(types_pb2.ModelMetadata()) == ModelLimits()
+    assert ModelLimits.from_proto(types_pb2.ModelMetadata()) == ModelLimits(0, 0, has_chat_template=False)
 
 
 @pytest.mark.parametrize("raw", [b"{", b"", b"\xff\xfe", b"[1, 2]", b'"text"', b"null"])
