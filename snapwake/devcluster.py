@@ -580,7 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     from snapwake.log import setup
 
     setup("devcluster")
-    config = ClusterConfig(var_dir=opts.var_dir.resolve(), gateway_port=opts.gateway_port, admin_auth=True)
+    var = opts.var_dir.resolve()
+    # The demo model is written under the var dir, which --var-dir may move: it is a model root.
+    config = ClusterConfig(var_dir=var, gateway_port=opts.gateway_port, admin_auth=True,
+                           extra_args={"nodeagent": ["--model-roots", f"{var / 'models'},{ROOT / 'var' / 'models'}"]})
     # The model server's own tool writes the demo model (shared code imports no model server).
     model_dir = Path(subprocess.run([sys.executable, "-m", "modelserver.demo", str(config.var_dir / "models" / "demo"),
                                      "--seed", "0"], check=True, capture_output=True, text=True).stdout.strip())
