@@ -97,8 +97,8 @@ def model_config(preset: str, seed: int = 0, overrides: dict[str, Any] | None = 
         n = p["sliding_window_pattern"]
         args["layer_types"] = ["full_attention" if (i + 1) % n == 0 else "sliding_attention"
                                for i in range(args["num_hidden_layers"])]
-    config: dict[str, Any] = CONFIG_MAPPING[kind](**args, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                                                  dtype="bfloat16").to_dict()
+    args.update(bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype="bfloat16")
+    config: dict[str, Any] = CONFIG_MAPPING[kind](**args).to_dict()
     config.pop("transformers_version", None)
     config.update(architectures=[ARCHITECTURES[kind]], model_type=kind, torch_dtype="bfloat16",
                   snapwake_seed=seed, snapwake_tokenizer=TOKENIZER_VERSION)
@@ -227,7 +227,9 @@ def describe(model: Path) -> dict[str, Any]:
     q = config.get("quantization_config")
     dtype = str(config.get("torch_dtype") or config.get("dtype"))
     if q:
-        w = next(iter(q.get("config_groups", {}).values()), {}).get("weights", {})
+        groups: dict[str, Any] = q.get("config_groups") or {}
+        first: dict[str, Any] = next(iter(groups.values()), {})
+        w: dict[str, Any] = first.get("weights") or {}
         dtype = f"fp8-e4m3 weights ({q['quant_method']}, {w.get('strategy', 'block')} scales), {dtype} elsewhere"
     return {"architecture": (config.get("architectures") or ["?"])[0], "model_type": config.get("model_type"),
             "dtype": dtype, "tie_word_embeddings": bool(config.get("tie_word_embeddings"))}

@@ -42,6 +42,9 @@ def test_tiny_preset_loads_and_generates(tmp_path: Path, preset: str) -> None:
 
     path = make_random_model(tmp_path / preset, preset, device="cpu", overrides=TINY, shard_bytes=200_000)
     config = read_model_config(path)
+    stamp = (path / "config.json").stat().st_mtime_ns
+    assert make_random_model(path, preset, device="cpu", overrides=TINY) == path  # the config matches: kept
+    assert (path / "config.json").stat().st_mtime_ns == stamp
     check_model_config(config)  # the node would deploy it
     full = model_config(preset)  # the real-size preset: the same family, accepted too
     check_model_config(full)
@@ -67,7 +70,8 @@ def test_tiny_preset_loads_and_generates(tmp_path: Path, preset: str) -> None:
         assert fp8_scheme(config) is None and info["dtype"] == "bfloat16"
         from transformers import AutoModelForCausalLM
 
-        _, loading = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(str(path), output_loading_info=True)
+        loading = loaded[1]
         assert not loading["missing_keys"] and not loading["unexpected_keys"], loading
     if preset in ("qwen3-4b", "gemma3-4b"):
         assert config["tie_word_embeddings"] and "lm_head.weight" not in names  # tied, as published
