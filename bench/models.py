@@ -50,7 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-4b": dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                      tie_word_embeddings=True, max_position_embeddings=40960, rms_norm_eps=1e-6,
-                     rope_theta=1000000.0, hidden_act="silu", attention_bias=False),
+                     rope_theta=1000000.0, hidden_act="silu", attention_bias=False, max_window_layers=36),
     # Gemma-3-4B's language model (google/gemma-3-4b-it text_config) as Gemma3ForCausalLM: 3.9 B
     # parameters, head_dim 256, q/k norms and pre/post feed-forward norms, 1024-token sliding
     # window on 5 of every 6 layers, linear rope scaling (8x) on the global ones; 7.8 GB.

@@ -3,6 +3,7 @@
 # cold start (CS-TTFT through the gateway) for the Qwen3-4B-, Gemma-3-4B- and fp8 Llama-3.1-8B-
 # shaped presets beside Llama 8b (the no-regression comparison), then, in the time left, a short
 # batching run of qwen3-4b. About 8 minutes; ARCH_LIMIT_S (default 470) bounds the whole script.
+# Run: the run tool with carry [".whl", ".deb"], command `bash bench/device/arch_bench.sh`.
 # Results: $OUT/arch-coldstart.json, $OUT/arch-batching.json, their logs and the cluster logs.
 set -uo pipefail
 . "$(dirname "$0")/env.sh"
