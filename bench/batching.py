@@ -108,18 +108,21 @@ def run_load(instance: Any, concurrency: int, requests: int, prompt_len: int, ma
     return {"concurrency": concurrency, "requests": requests, "wall_s": round(wall, 3),
             "generated_tokens": tokens[0], "tokens_per_s": round(tokens[0] / wall, 1),
             "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
-            "itl_p50_ms": 1000 * percentile(itl, 50) if itl else None,
-            "itl_p99_ms": 1000 * percentile(itl, 99) if itl else None,
+            "itl_p50_ms": _ms(percentile(itl, 50)), "itl_p99_ms": _ms(percentile(itl, 99)),
             "gpu_busy_pct": busy, "engine": dict(instance.engine.stats)}
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
+
+
 def bench_preset(preset: str, models_dir: Path, args: argparse.Namespace, graphs: bool) -> dict[str, Any]:
-    from bench.models import make_random_llama
+    from bench.models import describe, make_random_model
     from modelserver.__main__ import load_tokenizer
     from modelserver.arena import make_arena
     from modelserver.instance import Instance, Settings
 
-    model = make_random_llama(models_dir / preset, preset)
+    model = make_random_model(models_dir / preset, preset)
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     slice_bytes = weights + max(2 << 30, weights // 4)
     inst = Instance(Settings(model, gpu_memory_bytes=slice_bytes, max_batch=max(args.concurrency),
@@ -127,7 +130,7 @@ def bench_preset(preset: str, models_dir: Path, args: argparse.Namespace, graphs
                     make_arena("cuda", 0, slice_bytes), load_tokenizer(model))
     load = inst.load_from_dir()
     assert inst.engine is not None
-    out: dict[str, Any] = {"preset": preset, "cuda_graphs": graphs, "weights_bytes": weights, "slice_bytes": slice_bytes,
+    out: dict[str, Any] = {"preset": preset, **describe(model), "cuda_graphs": graphs, "weights_bytes": weights, "slice_bytes": slice_bytes,
                            "kv_pool_tokens": inst.engine.pool.tokens, "load_s": round(load["seconds"], 2),
                            "runs": []}
     for c in args.concurrency:  # warm-up: kernels, allocator, the graphs of each batch size
@@ -146,7 +149,8 @@ def bench_preset(preset: str, models_dir: Path, args: argparse.Namespace, graphs
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.batching", description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", default="small,8b")
+    ap.add_argument("--presets", default="small,8b", help="comma-separated bench/models.py presets "
+                    "(small, 8b, 12b, qwen3-4b, gemma3-4b, 8b-fp8)")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--modes", default="graphs,eager", help="graphs, eager or both (comma-separated)")
     ap.add_argument("--requests", type=int, default=64)
@@ -156,6 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="bench/results/batching-h100.json")
     args = ap.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    from bench.models import PRESETS
+
+    unknown = [p for p in args.presets.split(",") if p not in PRESETS]
+    if unknown:
+        ap.error(f"unknown preset(s) {unknown}; choose from {', '.join(sorted(PRESETS))}")
     import torch
 
     report: dict[str, Any] = {

@@ -1,6 +1,7 @@
 """``bench/coldstart``: cold-start time to first token, side by side, on one GPU machine.
 
-For each model size it measures, in one run:
+For each model preset (Llama sizes, ``qwen3-4b``, ``gemma3-4b``, fp8 ``8b-fp8``: bench/models.py)
+it measures, in one run (``--skip`` leaves modes out; ``--modes arena`` runs only (c)):
   (a) baseline: a fresh process loads the safetensors directory (page cache warm) with
       transformers onto the GPU and answers one request (what users have today);
   (b) process mode: the model server process, loaded and warmed, is driver-checkpointed whole
@@ -32,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from bench.models import PRESETS, make_random_llama
+from bench.models import PRESETS, describe, make_random_model
 from snapwake.testing import free_port, wait_for
 
 GIB = 1 << 30
@@ -142,6 +143,8 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench/results/coldstart-h100.json"))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip", action="append", default=[], choices=["baseline", "process", "arena"])
+    p.add_argument("--modes", default="", help="comma-separated modes to run (baseline, process, arena); "
+                   "the others are skipped")
     p.add_argument("--python-path", default="", help="extra import dirs for containers (carried wheels)")
     p.add_argument("--runc", default="runc")
     p.add_argument("--keep-models", action="store_true")
@@ -165,7 +168,8 @@ def summarize(results: dict[str, Any]) -> str:
         b = statistics.median([x["ttft_s"] for x in b_r] or [float("nan")])
         arena = r.get("arena", {})
         c = statistics.median(arena.get("cs_ttft_s", []) or [float("nan")])
-        rows.append(f"| {name} ({r['model_gb']:.1f} GB) | {a:.2f} s | {b:.2f} s | {c:.3f} s | {a / c:.0f}x | "
+        arch = f"{r.get('architecture', 'LlamaForCausalLM').removesuffix('ForCausalLM')}, {r.get('dtype', 'bfloat16')}"
+        rows.append(f"| {name} ({arch}; {r['model_gb']:.1f} GB) | {a:.2f} s | {b:.2f} s | {c:.3f} s | {a / c:.0f}x | "
                     f"{arena.get('dma_gbps', float('nan')):.1f} | {arena.get('standby_gpu_mib', 'n/a')} | "
                     f"{arena.get('standby_rss_bytes', 0) / 2**20:.0f} | {arena.get('snapshot_build_s', float('nan')):.1f} s |")
     return "\n".join(rows)
@@ -173,6 +177,12 @@ def summarize(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     opts = _bench_parser().parse_args(argv)
+    if opts.modes:
+        modes = {m.strip() for m in opts.modes.split(",") if m.strip()}
+        unknown = modes - {"baseline", "process", "arena"}
+        if unknown:
+            raise SystemExit(f"--modes: unknown mode(s) {sorted(unknown)}; choose from baseline, process, arena")
+        opts.skip = sorted({*opts.skip, *({"baseline", "process", "arena"} - modes)})
     from bench.coldstart_arena import arena_mode
 
     results: dict[str, Any] = {"benchmark": "coldstart", "machine": machine(), "models": {}}
@@ -181,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     for preset in opts.preset or ["8b"]:
         r: dict[str, Any] = {}
         t = time.monotonic()
-        model = make_random_llama(opts.models_dir / preset, preset)
+        model = make_random_model(opts.models_dir / preset, preset)
         r["generate_s"] = time.monotonic() - t
+        r.update(describe(model))
         r["model_gb"] = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 1e9
         slice_bytes = int(r["model_gb"] * 1e9) + 6 * GIB
         r["page_cache_warm_read_s"] = warm_page_cache(model)

@@ -83,7 +83,7 @@ def arena_mode(model: Path, preset: str, slice_bytes: int, opts: argparse.Namesp
                             "nodeagent": ["--runc-binary", opts.runc, "--start-timeout", "600",
                                           "--model-roots", str(model.parent),
                                           *(["--python-path", opts.python_path] if opts.python_path else [])]})
-    name = f"llama-{preset}"
+    name = f"bench-{preset}"
     fid = f"default/default/{name}"
     r: dict[str, Any] = {}
     with Cluster(cfg) as c, c.admin_channel() as ch:
