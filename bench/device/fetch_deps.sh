@@ -15,7 +15,7 @@ pkgs=(aetcd==1.0.0 starlette==1.10.0 uvicorn==0.54.0 grpcio==1.85.1 grpcio-healt
       opentelemetry-instrumentation-asgi==0.66b1 opentelemetry-instrumentation-grpc==0.66b1
       opentelemetry-instrumentation-starlette==0.66b1 opentelemetry-proto==1.45.1
       opentelemetry-semantic-conventions==0.66b1 opentelemetry-util-http==0.66b1 wrapt==2.5.2 typing_extensions==4.16.0
-      fastapi==0.165.0)
+      fastapi==0.165.0 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${plat[@]}" -d .whl "${pkgs[@]}"
 (cd .deb && apt-get download runc etcd-server golang-github-containers-common libseccomp2 skopeo umoci \
