@@ -176,7 +176,8 @@ def summarize(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = _bench_parser().parse_args(argv)
+    # Unknown flags go to the nodeagent (--seccomp-profile, --driver-lib-dir on the GPU machine).
+    opts, opts.nodeagent_args = _bench_parser().parse_known_args(argv)
     if opts.modes:
         modes = {m.strip() for m in opts.modes.split(",") if m.strip()}
         unknown = modes - {"baseline", "process", "arena"}

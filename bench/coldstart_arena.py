@@ -82,7 +82,8 @@ def arena_mode(model: Path, preset: str, slice_bytes: int, opts: argparse.Namesp
                                           "--chunk-bytes", str(256 << 20)],
                             "nodeagent": ["--runc-binary", opts.runc, "--start-timeout", "600",
                                           "--model-roots", str(model.parent),
-                                          *(["--python-path", opts.python_path] if opts.python_path else [])]})
+                                          *(["--python-path", opts.python_path] if opts.python_path else []),
+                                          *getattr(opts, "nodeagent_args", [])]})
     name = f"bench-{preset}"
     fid = f"default/default/{name}"
     r: dict[str, Any] = {}
