@@ -13,6 +13,7 @@ from starlette.types import ASGIApp
 
 from services.gateway import middleware
 from services.gateway.errors import BodyTooLarge
+from services.gateway.openapi import openapi_document
 from services.gateway.proxy import wait_disconnect
 from services.gateway.serving import ENDPOINTS, OpenAIServing, RequestContext
 from snapwake import errors
@@ -77,6 +78,11 @@ def routes(serving: OpenAIServing) -> list[BaseRoute]:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    document = openapi_document(serving.limits, serving.max_body_bytes)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
     async def metrics(request: Request) -> Response:
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -107,6 +113,7 @@ def routes(serving: OpenAIServing) -> list[BaseRoute]:
 
     return [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),

@@ -2,7 +2,7 @@
 
 They store what they learn in the ASGI scope under ``snapwake.*`` keys; read them with
 ``request_id(scope)``, ``tenant(scope)``, ``key_id(scope)`` and ``arrival(scope)`` rather than
-a state bag. ``/healthz`` is open; ``/metrics`` takes only an operator key (``operator_keys``)
+a state bag. ``/healthz`` and ``/openapi.json`` are open; ``/metrics`` takes only an operator key (``operator_keys``)
 once API keys are configured, since its labels name every tenant's functions.
 """
 
@@ -29,8 +29,8 @@ __all__ = ["AuthMiddleware", "LimitMiddleware", "RequestIdMiddleware", "arrival"
 DEFAULT_TENANT = "default"
 ANONYMOUS_KEY = "anonymous"  # the one key of a gateway without keys (auth off)
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Probes carry no key.
-_OPEN_PATHS = ("/healthz",)
+# Probes carry no key; the API's description names nothing of any tenant's.
+_OPEN_PATHS = ("/healthz", "/openapi.json")
 _OPERATOR_PATHS = ("/metrics",)
 
 
