@@ -147,11 +147,30 @@ _MANIFEST = st.one_of(
               st.sampled_from([0, 1, 4, 4096, 4097, 1 << 40, 2**63 - 1, 2**64, -1]),
               st.sampled_from([0, 1, 4096, 2**63, -1])),
     _JSON)
-_MESSAGE = st.fixed_dictionaries(
-    {"op": st.one_of(st.sampled_from(["load", "prepare", "store", "mapped", "status", ""]), _JSON)},
-    optional={"snapshot_id": _SNAPSHOT_ID, "gpu": _GPU, "manifest": _MANIFEST,
-              "traceparent": st.one_of(st.text(max_size=60), _JSON,
-                                       st.just("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"))})
+_TRACEPARENT = st.one_of(st.text(max_size=60), _JSON, st.just("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"))
+
+
+@st.composite
+def _message(draw: st.DrawFn) -> dict[str, Any]:
+    """A request that is well-formed but for at most one field: one dropped, or anything instead."""
+    op = draw(st.sampled_from(["load", "prepare", "store"]))
+    msg: dict[str, Any] = {"op": op, "snapshot_id": draw(st.sampled_from([SID, "acme/default/llama@2", OTHER_SID])),
+                           "gpu": draw(st.sampled_from([-1, -1, 0]))}
+    if op == "store":
+        msg["manifest"] = draw(_MANIFEST)
+    change = draw(st.sampled_from(["none", "drop", "replace", "traceparent"]))
+    key = draw(st.sampled_from(sorted(msg)))
+    if change == "drop":
+        del msg[key]
+    elif change == "replace":
+        msg[key] = draw({"op": st.one_of(st.sampled_from(["mapped", "status", ""]), _JSON),
+                         "snapshot_id": _SNAPSHOT_ID, "gpu": _GPU, "manifest": _MANIFEST}[key])
+    elif change == "traceparent":
+        msg["traceparent"] = draw(_TRACEPARENT)
+    return msg
+
+
+_MESSAGE = _message()
 
 
 @dataclass(frozen=True)
@@ -167,7 +186,8 @@ def _line(msg: dict[str, Any]) -> bytes:
 
 _RAW = st.binary(max_size=200).map(lambda b: b.replace(b"\n", b""))
 _FRAME = st.one_of(
-    st.builds(Frame, _MESSAGE.map(_line), st.sampled_from(["none", "none", "sealed", "unsealed", "pipe"])),
+    st.builds(Frame, _MESSAGE.map(_line), st.sampled_from(["none", "none", "sealed", "sealed", "unsealed", "pipe"])),
+    st.builds(Frame, _MESSAGE.map(_line)),
     st.builds(Frame, _RAW),
     st.builds(Frame, st.integers(1, 50_000).map(lambda n: b"[" * n)),  # deep, and (past the limit) long
     st.builds(Frame, st.sampled_from([b"{}", b"[]", b'"op"', b"null", b"1e999", b'{"op": NaN}', b"\xff"])),
@@ -255,11 +275,12 @@ def _round_trip(path: str, data: bytes, sid: str = SID) -> None:
 def test_handover_answers_any_frame_and_lives_on(sockets: Sockets, failures: Failures, which: str) -> None:
     path = getattr(sockets, which)
 
-    @fuzz_settings(60)
+    @fuzz_settings(150)
     @given(frames=st.lists(_FRAME, min_size=1, max_size=4))
-    @example(frames=[Frame(b"[" * 5000)])
-    @example(frames=[Frame(_line({"op": "store", "snapshot_id": SID, "gpu": -1,
-                                  "manifest": {**_manifest(SID, 4096), "arena_bytes": 2**64}}), "sealed")])
+    @example(frames=[Frame(b"[" * 4000)])
+    @example(frames=[Frame(_line({"op": "store", "snapshot_id": SID, "gpu": -1, "manifest": _manifest(SID, size)}),
+                           "sealed") for size in (4097, 1 << 40, 2**64)])
+    @example(frames=[Frame(_line({"op": "load", "snapshot_id": SID, "gpu": gpu})) for gpu in (10**30, -(10**30))])
     def run(frames: list[Frame]) -> None:
         _converse(path, frames)
         assert failures.seen == []
