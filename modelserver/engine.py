@@ -58,11 +58,16 @@ def next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
     """Picks the next token from 1-D logits: greedy at temperature 0, else top-p sampling."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    scaled = logits.float() / params.temperature
+    if not bool(torch.isfinite(scaled).all()):
+        # A temperature so small (1e-38) that the logits overflow: sampling at it is greedy.
+        return int(torch.argmax(logits))
+    probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        drop[0] = False  # a top_p below float32's least value (5e-324) compares as 0
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=gen))

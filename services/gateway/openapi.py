@@ -62,6 +62,13 @@ _COMPLETION: Json = {
                    "model": {"type": "string"}, "choices": {"type": "array", "items": {"type": "object"}},
                    "usage": {"type": "object"}},
 }
+# One server-sent event (OpenAPI before 3.2: ``schema`` describes each event of a stream).
+_EVENT: Json = {
+    "type": "object", "required": ["data"],
+    "description": "``data`` is a JSON chunk, then ``[DONE]``; a failure after the stream began is one "
+                   "last event whose data is the OpenAI error body.",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+}
 _NOTES = {
     "/v1/chat/completions": "The built-in model server takes only n = 1; a prompt and max_tokens must fit "
                             "the model's context.",
@@ -115,7 +122,7 @@ def _generation(path: str, per_function: bool) -> Json:
         "responses": {
             "200": {"description": "The function's answer: JSON, or server-sent events when ``stream`` is true.",
                     "content": {"application/json": {"schema": {"$ref": _REF.format(model="Completion")}},
-                                "text/event-stream": {"schema": {"type": "string"}}}},
+                                "text/event-stream": {"schema": _EVENT}}},
             **_errors("400", "401", "404", "409", "413", "429", "503")},
     }}
 

@@ -236,3 +236,20 @@ def test_the_document_is_served_open_and_names_every_route(stack: Stack) -> None
     assert doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]["messages"]["maxItems"] == 64
     busy = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["503"]
     assert busy["headers"]["Retry-After"]["required"] is True
+
+
+# What the fuzzer found, kept as cases of their own (its own examples are drawn afresh).
+FOUND = [
+    # The demo engine stopped for good ("invalid multinomial distribution"): the logits overflowed.
+    ("/v1/completions", {"model": "demo", "prompt": "\n\n\u00ff", "stream": True, "temperature": 1e-38}),
+    ("/v1/chat/completions", {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "top_p": 5e-324}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), FOUND, ids=["tiny-temperature", "tiny-top-p"])
+def test_what_the_fuzzer_found_stays_fixed(stack: Stack, path: str, body: dict[str, Any]) -> None:
+    for sent in (body, {**body, "temperature": 0.7, "top_p": 0.9}):  # and the instance serves on
+        case = stack.schema[path]["POST"].Case(body={**sent, "max_tokens": 4})
+        response = case.call(base_url=stack.base_url, headers=_headers(path), timeout=REQUEST_TIMEOUT)
+        case.validate_response(response, checks=CHECKS)
+        assert response.status_code == 200 and "error" not in response.text, response.text
