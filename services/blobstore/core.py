@@ -113,6 +113,7 @@ class Blobstore:
             with self._lock(m.snapshot_id):
                 commit()
                 self.cache.remove(m.snapshot_id)
+                self._drop_prepared(m.snapshot_id)
         writer.commit = commit_and_invalidate  # type: ignore[method-assign]
         return writer
 
@@ -133,6 +134,7 @@ class Blobstore:
                 full = mf.fill_checksums(m, entry.view, self.chunk_bytes)
                 self._write(full, entry.view, progress)
                 self.cache.commit(sid, full)
+                self._drop_prepared(sid)
             except BaseException:
                 self.cache.abandon(sid)
                 raise
@@ -251,6 +253,13 @@ class Blobstore:
         timer.daemon = True
         timer.start()
 
+    def _drop_prepared(self, sid: str) -> None:
+        """Prepared memory of ``sid`` holds the copy a store just replaced: freed, never handed out."""
+        with self._meta:
+            stale = [self._prepared.pop(key) for key in [k for k in self._prepared if k[0] == sid]]
+        for fut in stale:
+            fut.add_done_callback(_release)
+
     def _expire(self, key: tuple[str, int], fut: Future[Exported]) -> None:
         with self._meta:
             if self._prepared.get(key) is not fut:
@@ -269,3 +278,8 @@ class Blobstore:
                 fut.result().release()
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.store.close()
+
+
+def _release(fut: Future[Exported]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().release()
