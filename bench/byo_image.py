@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
 import httpx
 
 from bench.coldstart import machine, warm_page_cache
@@ -39,6 +38,7 @@ from bench.hostimage import build_host_python_image
 from bench.models import make_random_llama
 from snapwake.devcluster import Cluster, ClusterConfig
 from snapwake.lifecycle import SERVING
+from snapwake.pki import Identity
 from snapwake.v1 import nodeagent_pb2, nodeagent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from snapwake.v1.types_pb2 import InstanceState
 
@@ -148,9 +148,9 @@ def _gpu_apps() -> dict[int, int]:
 class Bench:
     def __init__(self, cluster: Cluster) -> None:
         self.c = cluster
-        self.ch = grpc.insecure_channel(cluster.scheduler_address)
+        self.ch = cluster.admin_channel()
         self.admin = scheduler_pb2_grpc.SchedulerServiceStub(self.ch)
-        self.na = nodeagent_pb2_grpc.NodeAgentServiceStub(grpc.insecure_channel(f"127.0.0.1:{cluster.ports['nodeagent']}"))
+        self.na = nodeagent_pb2_grpc.NodeAgentServiceStub(cluster.channel_as("nodeagent", Identity("scheduler", "scheduler")))
 
     def deploy(self, spec: types_pb2.FunctionSpec) -> float:
         fid = f"{spec.tenant}/{spec.namespace}/{spec.name}"

@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from bench.coldstart import first_token
 from snapwake import keys, protocols
 from snapwake.devcluster import Cluster, ClusterConfig
 from snapwake.lifecycle import SERVING
+from snapwake.pki import Identity
 from snapwake.v1 import nodeagent_pb2, nodeagent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from snapwake.v1.types_pb2 import InstanceState
 
@@ -87,7 +86,7 @@ def arena_mode(model: Path, preset: str, slice_bytes: int, opts: argparse.Namesp
     name = f"llama-{preset}"
     fid = f"default/default/{name}"
     r: dict[str, Any] = {}
-    with Cluster(cfg) as c, grpc.insecure_channel(c.scheduler_address) as ch:
+    with Cluster(cfg) as c, c.admin_channel() as ch:
         admin = scheduler_pb2_grpc.SchedulerServiceStub(ch)
         t0 = time.monotonic()
         admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=_spec(name, model, slice_bytes)), timeout=30)
@@ -126,7 +125,7 @@ def arena_mode(model: Path, preset: str, slice_bytes: int, opts: argparse.Namesp
         # pinned cache. Everything else on the GPU belongs to the standby.
         r["standby_gpu_mib"] = sum(m for p, m in apps.items() if p not in (blob_pid, os.getpid()))
         r["standby_rss_bytes"] = sb.host_rss_bytes
-        na = nodeagent_pb2_grpc.NodeAgentServiceStub(grpc.insecure_channel(f"127.0.0.1:{c.ports['nodeagent']}"))
+        na = nodeagent_pb2_grpc.NodeAgentServiceStub(c.channel_as("nodeagent", Identity("scheduler", "scheduler")))
         r["cs_ttft_s"], r["warm_ttft_s"], r["restore_s"] = [], [], []
         for _ in range(opts.repeats):
             sb = _wait("a settled STANDBY instance", settled_standby, 900)

@@ -486,11 +486,11 @@ async def replay(gateway_url: str, names: Sequence[str], trace: Sequence[tr.Even
 
 async def run(config: DensityConfig) -> dict[str, Any]:
     """The whole benchmark; writes the JSON to ``config.out_path`` and returns the report."""
-    import grpc
     import httpx
 
     from snapwake import telemetry
     from snapwake.devcluster import Cluster, ClusterConfig
+    from snapwake.grpcclient import channel
     from snapwake.v1 import scheduler_pb2_grpc
 
     config = with_defaults(config)
@@ -517,7 +517,7 @@ async def run(config: DensityConfig) -> dict[str, Any]:
     (work / "var" / "logs").mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(cluster.start)
     try:
-        async with grpc.aio.insecure_channel(cluster.scheduler_address) as ch:
+        async with channel(cluster.scheduler_address, cluster.client_tls(), server_role="scheduler") as ch:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
             deploy_s = await deploy(stub, [function_spec(config, *m) for m in models], config.ready_timeout_s)
             fids = [f"default/default/{n}" for n in names]

@@ -35,11 +35,15 @@ log = logging.getLogger("modelserver")
 DEFAULT_SAMPLE = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
 
 
-def load_tokenizer(model_dir: Path) -> Any:
-    """The model's tokenizer (tokenizer.json + tokenizer_config.json), local files only."""
+def load_tokenizer(model_dir: Path, chat_template: str = "") -> Any:
+    """The model's tokenizer (tokenizer.json + tokenizer_config.json), local files only; a
+    non-empty ``chat_template`` replaces its own (the spec's override)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 def warm_up(instance: Instance, sample: dict[str, Any]) -> None:
@@ -74,7 +78,7 @@ async def serve(cfg: ModelServerConfig) -> int:
                                  gpu_memory_bytes=cfg.gpu_memory_bytes, max_batch=cfg.max_batch,
                                  cuda_graphs=cfg.cuda_graphs),
                         make_arena(cfg.device, cfg.gpu_index, cfg.gpu_memory_bytes, cfg.cuda_device),
-                        await asyncio.to_thread(load_tokenizer, model_dir))
+                        await asyncio.to_thread(load_tokenizer, model_dir, cfg.chat_template))
     control = ControlServer(instance, cfg.control_socket) if cfg.control_socket else None
     if control:
         await control.start()

@@ -32,6 +32,8 @@ class ModelServerConfig:
     sample_request: str = field(default="", metadata={"help": "JSON chat request run as warm-up"})
     served_model: str = field(default="", metadata={"help": "id listed in /v1/models (default: the dir name)"})
     dtype: str = field(default="", metadata={"help": "weight dtype override (default: the config's)"})
+    chat_template: str = field(default="", metadata={"help": "Jinja chat template replacing the tokenizer's "
+                                                               "(default: the tokenizer's own)"})
     log_level: str = field(default="INFO", metadata={"help": "log level"})
 
     def validate(self) -> list[str]:

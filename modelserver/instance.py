@@ -30,6 +30,7 @@ from modelserver.model import (
     bind,
     build_skeleton,
     fill_from_safetensors,
+    generation_defaults,
     layout,
     read_model_config,
     unbind,
@@ -95,6 +96,8 @@ class Instance:
         # concurrency limit from the instance's side, not from the scheduler's own books.
         self.inflight_peak = 0
         self.last_request_unix = 0.0
+        # generation_config.json's sampling defaults, for requests that give none (vLLM's rule).
+        self.generation_defaults: dict[str, Any] = generation_defaults(settings.model_dir)
 
     def _move(self, new: Phase) -> None:
         if new not in TRANSITIONS[self.phase]:

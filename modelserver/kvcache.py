@@ -19,6 +19,13 @@ blocks each sequence reads. Two kinds of step:
   folded into the query length, so K/V are never repeated per head, and rows are gathered in
   chunks of at most ``GATHER_BYTES`` so a long context cannot outgrow the slice's workspace.
 
+Per-layer variants come from the attention module's own keyword arguments, as transformers
+passes them to every attention implementation: ``sliding_window`` (Mistral, Gemma-2/3's local
+layers, Qwen2's sliding layers: a query sees its own token and the ``window - 1`` before it)
+narrows the mask, and ``softcap`` (Gemma-2: ``tanh(s / c) * c`` on the scores) needs the scores
+themselves, so those layers compute them explicitly instead of through SDPA. Layers without
+either (Llama, Qwen) run exactly the SDPA calls above.
+
 ``BlockAllocator`` is the pure part (a free list with counts); it is unit-tested alone.
 """
 
@@ -162,15 +169,61 @@ class StepMeta:
     """decode: [S] int64, tokens each sequence attends to (its new token included)."""
 
 
+def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
+              softcap: float | None) -> torch.Tensor:
+    """Attention with the scores computed (and soft-capped) explicitly, as transformers' eager
+    attention does. ``q`` [..., Tq, D], ``k``/``v`` [..., Tk, D] (heads already matched), ``mask``
+    boolean (True: attend), broadcastable to the scores."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def _prefill_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int | None,
+                 softcap: float | None) -> torch.Tensor:
+    """One sequence's prefill attention ``[1, H, T, D]`` with a sliding window or soft-capping:
+    queries in chunks, so the explicit scores stay within ``GATHER_BYTES``."""
+    heads, length = q.shape[1], q.shape[2]
+    if k.shape[1] != heads:
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    rows = max(1, GATHER_BYTES // (heads * length * 4))
+    cols = torch.arange(length, device=q.device)
+    outs = []
+    for r0 in range(0, length, rows):
+        r = cols[r0:r0 + rows, None]
+        mask = cols[None, :] <= r
+        if window is not None:
+            mask &= cols[None, :] > r - window
+        if softcap is None:
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, r0:r0 + rows], k, v, attn_mask=mask, scale=scale))
+        else:
+            outs.append(_explicit(q[:, :, r0:r0 + rows], k, v, mask, scale, softcap))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                    paged: StepMeta | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                    paged: StepMeta | None = None, sliding_window: int | None = None,
+                    softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention over the paged pool. ``query`` [1, H, T, D]; ``key``/``value`` [1, KVH, T, D] (the
     step's new tokens, rotary applied). Returns [1, T, H, D] as transformers expects. Called
-    without a ``StepMeta`` (a plain forward of the model, outside the engine), it is SDPA."""
+    without a ``StepMeta`` (a plain forward of the model, outside the engine), it is transformers'
+    SDPA over the mask the model built (its eager attention where scores are soft-capped)."""
     if paged is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        if softcap is not None:
+            from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+            out, _ = eager_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                             scaling=scaling, softcap=softcap, **kwargs)
+            return out, None
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     layer = module.layer_idx
@@ -181,8 +234,13 @@ def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     if paged.prefill:
         cu = paged.cu_seqlens
         assert cu is not None
-        outs = [sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
-                     enable_gqa=True) for a, b in zip(cu, cu[1:], strict=False)]
+        if softcap is None and (sliding_window is None or max(b - a for a, b in zip(cu, cu[1:], strict=False))
+                                <= sliding_window):
+            outs = [sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
+                         enable_gqa=True) for a, b in zip(cu, cu[1:], strict=False)]
+        else:
+            outs = [_prefill_one(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], scaling, sliding_window,
+                                 softcap) for a, b in zip(cu, cu[1:], strict=False)]
         return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).transpose(1, 2), None
     assert paged.block_table is not None and paged.seq_lens is not None
     heads, dim = query.shape[1], query.shape[3]
@@ -199,8 +257,15 @@ def paged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
         n = table.shape[0]
         k = kc.view(-1, bs, kv_heads, dim)[table].view(n, length, kv_heads, dim).transpose(1, 2)
         v = vc.view(-1, bs, kv_heads, dim)[table].view(n, length, kv_heads, dim).transpose(1, 2)
-        mask = (positions[None, :] < paged.seq_lens[r0:r0 + rows, None])[:, None, None, :]
-        outs.append(sdpa(q[r0:r0 + n], k, v, attn_mask=mask, scale=scaling))  # [n, KVH, G, D]
+        lens = paged.seq_lens[r0:r0 + rows, None]
+        mask = positions[None, :] < lens
+        if sliding_window is not None:
+            mask &= positions[None, :] >= lens - sliding_window
+        mask = mask[:, None, None, :]
+        if softcap is None:
+            outs.append(sdpa(q[r0:r0 + n], k, v, attn_mask=mask, scale=scaling))  # [n, KVH, G, D]
+        else:
+            outs.append(_explicit(q[r0:r0 + n], k, v, mask, scaling, softcap))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.reshape(1, seqs, heads, dim), None
 

@@ -1,5 +1,10 @@
 """The ``snapwake`` admin command line: deploy, list, get, delete, logs, snapshots, nodes, instances,
-and ``node cordon|drain|uncordon NODE``.
+``node cordon|drain|uncordon NODE``, and (operators) ``token``, ``apikey`` and ``quota``.
+
+With the scheduler's ``admin_auth`` on, every call carries ``authorization: Bearer <token>``:
+the token is read from ``--token-file``, else the file named by ``$SNAPWAKE_TOKEN_FILE``, else
+``$SNAPWAKE_TOKEN`` (never a command-line argument: those show in ``ps``). ``token create`` and
+``apikey create`` print the new secret once; it is stored nowhere.
 
 It talks to the scheduler's admin API (``SchedulerService``) with a deadline on every call and
 tries the next ``--scheduler`` address when one answers UNAVAILABLE (a standby scheduler says
@@ -7,13 +12,17 @@ tries the next ``--scheduler`` address when one answers UNAVAILABLE (a standby s
 with a code a script can test:
 
     0 ok, 1 other error, 2 usage or bad input, 3 not found, 4 already exists, 5 unavailable,
-    6 the deployed function FAILED (``deploy --wait``; the node's reason follows, with the tail
+    7 unauthenticated or permission denied, 8 over a quota, 6 the deployed function FAILED (``deploy --wait``; the node's reason follows, with the tail
     of the container's output, on the lines after the first).
 
 ``deploy`` takes a spec file (YAML or JSON, FunctionSpec fields) and flags, which win; a user
 image is any ``--image`` but ``builtin`` (``oci-archive:/path/img.tar``, ``ghcr.io/org/img:tag``).
 Its state goes to stderr (with ``--wait``: once the deploy is validated or failed), and progress
 too, so ``-o json`` output on stdout stays parseable.
+
+The admin API is TLS without a client certificate: ``--ca`` (or ``$SNAPWAKE_CA``) names the CA the
+scheduler's certificate is checked against (``make run``: ``var/pki/ca.crt``), else the system's
+roots; ``--plaintext`` is for a cluster run with ``--dev-plaintext``.
 
 ``node cordon`` keeps new instances off a node; ``node drain`` also moves its instances off it
 (each stops once it serves no request; replacements start elsewhere) and waits, unless
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import re
@@ -43,6 +53,7 @@ from snapwake import errors
 from snapwake.grpcclient import call, channel
 from snapwake.imageref import is_builtin
 from snapwake.lifecycle import GONE
+from snapwake.tlsconfig import ClientTls
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 __all__ = ["AdminClient", "DeployFailed", "build_spec", "main", "parse_duration", "parse_size"]
@@ -54,6 +65,7 @@ class DeployFailed(errors.FailedPrecondition):
 EXIT_CODES: dict[type[errors.SnapwakeError], int] = {
     errors.InvalidArgument: 2, errors.NotFound: 3, errors.AlreadyExists: 4,
     errors.Unavailable: 5, errors.DeadlineExceeded: 5, DeployFailed: 6,
+    errors.Unauthenticated: 7, errors.PermissionDenied: 7, errors.ResourceExhausted: 8,
 }
 DEFAULT_SCHEDULER = "127.0.0.1:7001"
 
@@ -61,20 +73,26 @@ DEFAULT_SCHEDULER = "127.0.0.1:7001"
 class AdminClient:
     """SchedulerService over several addresses; sticks to the one that answered last."""
 
-    def __init__(self, addresses: Sequence[str], timeout: float) -> None:
+    def __init__(self, addresses: Sequence[str], timeout: float, token: str = "",
+                 tls: ClientTls | None = None) -> None:
+        """``tls``: server-authenticated TLS to the schedulers' admin port (no client
+        certificate); None: plaintext, for a ``dev_plaintext`` cluster."""
         if not addresses:
             raise errors.InvalidArgument("--scheduler: no address given")
         self.addresses = list(addresses)
         self.timeout = timeout
+        self.tls = tls
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     async def call(self, method: str, request: Message) -> Any:
         """Calls ``method``; raises the domain error, or Unavailable once every address failed."""
         last = ""
         for address in list(self.addresses):
-            async with channel(address) as ch:
+            async with channel(address, self.tls, server_role="scheduler" if self.tls and self.tls.ca else "") as ch:
                 stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
                 try:
-                    response = await call(getattr(stub, method), request, timeout=self.timeout)
+                    response = await call(functools.partial(getattr(stub, method), metadata=self.metadata), request,
+                                          timeout=self.timeout)
                 except errors.Unavailable as exc:  # a standby ("not the leader") or a dead address
                     last = f"{address}: {exc.message}"
                     continue
@@ -283,8 +301,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="snapwake", description="Snapwake admin command line.")
     p.add_argument("--scheduler", help="host:port[,host:port...] of the schedulers "
                    f"(default: $SNAPWAKE_SCHEDULER, else {DEFAULT_SCHEDULER})")
+    p.add_argument("--ca", type=Path, help="CA certificate (PEM) the scheduler's admin port is checked against "
+                   "(default: $SNAPWAKE_CA, else the system's trusted roots)")
+    p.add_argument("--plaintext", action="store_true", help="no TLS: only for a cluster run with --dev-plaintext")
     p.add_argument("--output", "-o", choices=("table", "json"), default="table")
     p.add_argument("--timeout", type=float, default=10.0, help="deadline of each call, seconds")
+    p.add_argument("--token-file", default="", help="file holding the admin bearer token "
+                   "(default: $SNAPWAKE_TOKEN_FILE, else the token in $SNAPWAKE_TOKEN)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser("deploy", help="create (or --update) a function from -f YAML/JSON and/or flags")
     d.add_argument("-f", "--file", type=Path, help="YAML or JSON file of FunctionSpec fields")
@@ -315,10 +338,73 @@ def _parser() -> argparse.ArgumentParser:
         a.add_argument("node")
         if action != "uncordon":
             a.add_argument("--reason", default="", help="shown by 'snapwake nodes'")
+    _access_parsers(sub)
     drain = node.choices["drain"]
     drain.add_argument("--no-wait", action="store_true", help="return once the drain is recorded")
     drain.add_argument("--wait-timeout", type=float, default=300.0, help="seconds the wait may take")
     return p
+
+
+def _access_parsers(sub: Any) -> None:
+    """``token``, ``apikey`` and ``quota`` (operator calls, but ``quota get`` of one's own tenant)."""
+    tok = sub.add_parser("token", help="admin bearer tokens").add_subparsers(dest="action", required=True,
+                                                                              metavar="ACTION")
+    tc = tok.add_parser("create", help="a new token (printed once)")
+    who = tc.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tenant", default="", help="the tenant whose resources the token reaches")
+    who.add_argument("--operator", action="store_true", help="an operator token (everything)")
+    tc.add_argument("--description", default="")
+    tok.add_parser("list", help="tokens, without their secrets")
+    tok.add_parser("revoke", help="revoke a token by id").add_argument("id")
+    key = sub.add_parser("apikey", help="gateway API keys").add_subparsers(dest="action", required=True,
+                                                                            metavar="ACTION")
+    kc = key.add_parser("create", help="a new key for TENANT (printed once)")
+    kc.add_argument("tenant")
+    kc.add_argument("--description", default="")
+    kl = key.add_parser("list", help="keys, without their secrets")
+    kl.add_argument("--prefix", default="", help="only ids starting with this")
+    kl.add_argument("--tenant", default="")
+    key.add_parser("revoke", help="revoke a key by id").add_argument("id")
+    quota = sub.add_parser("quota", help="per-tenant quotas").add_subparsers(dest="action", required=True,
+                                                                              metavar="ACTION")
+    quota.add_parser("get", help="limits and use").add_argument("tenant", nargs="?", default="")
+    qs = quota.add_parser("set", help="override limits (0: no limit; unset: the scheduler's default)")
+    qs.add_argument("tenant")
+    qs.add_argument("--functions", type=int)
+    qs.add_argument("--standbys", type=int)
+    qs.add_argument("--snapshot-bytes", type=parse_size, help="e.g. 200GiB")
+    qs.add_argument("--gpu-memory", dest="gpu_memory_bytes", type=parse_size, help="e.g. 80GiB")
+
+
+async def _access(client: AdminClient, args: argparse.Namespace) -> tuple[str, Any]:
+    """The ``token``, ``apikey`` and ``quota`` commands."""
+    c, a = args.command, args.action
+    if c == "token" and a == "create":
+        req = scheduler_pb2.CreateAdminTokenRequest(tenant=args.tenant, operator=args.operator,
+                                                    description=args.description)
+        return "created", await client.call("CreateAdminToken", req)
+    if c == "token" and a == "list":
+        return "tokens", await client.call("ListAdminTokens", scheduler_pb2.ListAdminTokensRequest())
+    if c == "token":
+        await client.call("RevokeAdminToken", scheduler_pb2.RevokeAdminTokenRequest(id=args.id))
+        return "revoked", f"token {args.id}"
+    if c == "apikey" and a == "create":
+        req2 = scheduler_pb2.CreateApiKeyRequest(tenant=args.tenant, description=args.description)
+        return "created", await client.call("CreateApiKey", req2)
+    if c == "apikey" and a == "list":
+        return "apikeys", await client.call("ListApiKeys", scheduler_pb2.ListApiKeysRequest(
+            id_prefix=args.prefix, tenant=args.tenant))
+    if c == "apikey":
+        await client.call("RevokeApiKey", scheduler_pb2.RevokeApiKeyRequest(id=args.id))
+        return "revoked", f"API key {args.id}"
+    if a == "get":
+        return "quota", await client.call("GetTenantQuota", scheduler_pb2.GetTenantQuotaRequest(tenant=args.tenant))
+    limits = {f"max_{n}": getattr(args, n) for n in ("functions", "standbys", "snapshot_bytes", "gpu_memory_bytes")
+              if getattr(args, n) is not None}
+    if any(v < 0 for v in limits.values()):
+        raise errors.InvalidArgument("quota limits must not be negative (0: no limit)")
+    req3 = scheduler_pb2.SetTenantQuotaRequest(quota=scheduler_pb2.TenantQuota(tenant=args.tenant, **limits))
+    return "quota", await client.call("SetTenantQuota", req3)
 
 
 def _load_yaml(path: Path | None) -> Any:
@@ -405,6 +491,8 @@ async def _run(client: AdminClient, args: argparse.Namespace, err: TextIO) -> tu
         return "nodes", await client.call("ListNodes", scheduler_pb2.ListNodesRequest())
     if c == "node":
         return await _node(client, args, err)
+    if c in ("token", "apikey", "quota"):
+        return await _access(client, args)
     return "instances", await client.call("ListInstances", scheduler_pb2.ListInstancesRequest(function_id=args.function_id))
 
 
@@ -434,6 +522,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _rows(kind: str, value: Any) -> tuple[list[str], list[list[Any]]]:
+    if kind in ("tokens", "apikeys", "quota"):
+        return _access_rows(kind, value)
     if kind == "functions":
         return ["ID", "REV", "STATE", "IMAGE", "GPU MEM", "MIN/MAX", "MODE", "MESSAGE"], [
             [f.id, f.revision, _enum(f.state, types_pb2.FunctionState, "FUNCTION_STATE_"), f.spec.image or "-",
@@ -459,6 +549,21 @@ def _rows(kind: str, value: Any) -> tuple[list[str], list[list[Any]]]:
         for s in value.snapshots]
 
 
+def _access_rows(kind: str, value: Any) -> tuple[list[str], list[list[Any]]]:
+    if kind == "tokens":
+        return ["ID", "TENANT", "OPERATOR", "DESCRIPTION", "AGE"], [
+            [t.id, t.tenant or "-", "yes" if t.operator else "no", t.description, _age(t.create_time)]
+            for t in value.tokens]
+    if kind == "apikeys":
+        return ["ID", "TENANT", "DESCRIPTION", "AGE"], [
+            [k.id, k.tenant, k.description, _age(k.create_time)] for k in value.keys]
+    names = ("functions", "standbys", "snapshot_bytes", "gpu_memory_bytes")
+    usage = value.usage if isinstance(value, scheduler_pb2.GetTenantQuotaResponse) else None
+    return ["QUOTA", "LIMIT", "IN USE"], [
+        [n, getattr(value.quota, f"max_{n}") or "no limit", getattr(usage, n) if usage is not None else "-"]
+        for n in names]
+
+
 def _node_state(cordon: types_pb2.NodeCordon | None) -> str:
     if cordon is None:
         return "Ready"
@@ -475,11 +580,17 @@ def _to_json(value: Any) -> Any:
 def render(kind: str, value: Any, output: str) -> str:
     """The text printed on stdout for a result."""
     if output == "json":
-        return json.dumps({kind: value} if kind in ("deleted", "uncordoned") else _to_json(value), indent=2) + "\n"
+        return json.dumps({kind: value} if kind in ("deleted", "uncordoned", "revoked") else _to_json(value),
+                          indent=2) + "\n"
     if kind == "deleted":
         return f"deleted {value}\n"
     if kind == "uncordoned":
         return f"node {value} uncordoned\n"
+    if kind == "revoked":
+        return f"{value} revoked\n"
+    if kind == "created":
+        record = value.token if isinstance(value, scheduler_pb2.CreateAdminTokenResponse) else value.key
+        return (f"id: {record.id}\nsecret (shown once, stored nowhere): {value.secret}\n")
     if kind in ("cordoned", "draining", "drained"):
         return f"node {value.node} {kind}\n"
     if kind == "logs":
@@ -493,6 +604,28 @@ def _exit_code(exc: errors.SnapwakeError) -> int:
     return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
 
 
+def _tls(args: argparse.Namespace) -> ClientTls | None:
+    if args.plaintext:
+        return None
+    ca = args.ca or (Path(os.environ["SNAPWAKE_CA"]) if os.environ.get("SNAPWAKE_CA") else None)
+    if ca is None:
+        return ClientTls(ca=b"")  # gRPC's default roots
+    try:
+        return ClientTls(ca=ca.read_bytes())
+    except OSError as exc:
+        raise errors.InvalidArgument(f"--ca: cannot read {ca}: {exc.strerror}", field="ca") from None
+
+
+def _token(path: str, value: str) -> str:
+    """The bearer token from the file at ``path``, else ``value``."""
+    if not path:
+        return value.strip()
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise errors.InvalidArgument(f"--token-file: cannot read {path}: {exc.strerror}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``snapwake``; returns the exit status."""
     try:
@@ -501,7 +634,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     addresses = args.scheduler or os.environ.get("SNAPWAKE_SCHEDULER") or DEFAULT_SCHEDULER
     try:
-        client = AdminClient([a.strip() for a in addresses.split(",") if a.strip()], args.timeout)
+        token = _token(args.token_file or os.environ.get("SNAPWAKE_TOKEN_FILE", ""),
+                       os.environ.get("SNAPWAKE_TOKEN", ""))
+        client = AdminClient([a.strip() for a in addresses.split(",") if a.strip()], args.timeout, token, _tls(args))
         kind, value = asyncio.run(_run(client, args, sys.stderr))
     except DeployFailed as exc:  # the node's reason keeps its lines: it ends with the container's output
         print(f"snapwake: {exc.message}", file=sys.stderr)

@@ -79,8 +79,10 @@ def load(cls: type[T], argv: Sequence[str] | None = None, env: Mapping[str, str]
     parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     for f in fields:
+        # A boolean flag alone means true (``--dev-plaintext``); ``--flag off`` still works.
+        flag: dict[str, Any] = {"nargs": "?", "const": "true"} if hints[f.name] is bool else {}
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            help=f.metadata.get("help", ""))
+                            help=f.metadata.get("help", ""), **flag)
     ns = parser.parse_args(list(argv) if argv is not None else None)
     values: dict[str, Any] = {}
     errors: list[str] = []

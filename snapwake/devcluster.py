@@ -7,6 +7,13 @@ containers on the way out, so nothing is left behind.
 By default every process listens on loopback here. ``ClusterConfig.hosts`` puts a process in a
 network namespace of its own with the address the others dial it at, which is how the
 integration tests run nodes "on separate hosts" (``tests/integration/test_multihost.py``).
+
+TLS (``ClusterConfig.tls``, on by default): a development CA in ``var/pki`` and one certificate
+per process (``var/pki/<process>/``, ``snapwake.pki``), given as ``--tls-dir``. The scheduler
+serves gateways' claims on its mutual-TLS port (``internal_address``) and the admin API on the
+port tests and people dial (``address``/``scheduler_address``, server-authenticated TLS).
+Tests reach it through ``admin_channel``, and any service as a given identity through
+``channel_as``; ``client_tls`` and ``cli_args`` give the same to other clients.
 """
 
 from __future__ import annotations
@@ -23,7 +30,10 @@ from pathlib import Path
 
 import grpc
 
+from snapwake.grpcclient import blocking_channel
+from snapwake.pki import Identity, create_ca, issue_dir
 from snapwake.testing import EtcdProcess, free_port, wait_for
+from snapwake.tlsconfig import ClientTls
 
 __all__ = ["Cluster", "ClusterConfig", "Host", "main"]
 
@@ -60,6 +70,9 @@ class ClusterConfig:
     gateway_port: int = 8000
     """Port of the OpenAI gateway (0 picks a free one)."""
     scheduler_port: int = 7001
+    """The scheduler's admin port (TLS without a client certificate: CLI, grpcurl)."""
+    scheduler_internal_port: int = 7000
+    """Its mutual-TLS port (gateways' claims); a free one when ``scheduler_port`` is 0."""
     nodeagent_port: int = 7002
     blobstore_port: int = 7003
     etcd_port: int = 2379
@@ -81,9 +94,16 @@ class ClusterConfig:
     static_peers: bool = True
     """Give each blobstore the others as ``--peers``; False: only the peers that nodeagents
     find in etcd (the advertised blobstore addresses of the nodes holding a snapshot)."""
+    admin_auth: bool = False
+    """Run the scheduler with ``admin_auth`` (``make run`` does): an operator token is written to
+    ``access/operator.token`` under ``var_dir`` (``services.scheduler.bootstrap``), the gateway
+    gets a token of its own, the API-key secret and the audit log (``logs/audit.log``)."""
     etcd_endpoints: tuple[str, ...] = ()
     """Members of an etcd the caller runs (a test's three-member cluster, say), given to every
     service; empty starts one embedded single-member etcd, as ``make run`` does."""
+    tls: bool = True
+    """Mutual TLS between the services, certificates from a development CA in ``var/pki``;
+    False runs every service with ``--dev-plaintext``."""
 
 
 class Cluster:
@@ -100,6 +120,13 @@ class Cluster:
                             ("blobstore", config.nodes)):
             for i in range(1, count):
                 self.ports[f"{kind}-{i}"] = free_port()
+        # A scheduler's ``ports`` entry is its admin port; gateways dial this one (mutual TLS).
+        self.internal_ports = {name: free_port() for name in self.names("scheduler")}
+        if config.scheduler_port and config.scheduler_internal_port:
+            self.internal_ports["scheduler"] = config.scheduler_internal_port
+        # Plaintext ports serving only grpc.health.v1 (what kubelet's probes dial).
+        self.health_ports = {n: free_port() for k in ("scheduler", "nodeagent", "blobstore") for n in self.names(k)}
+        self.pki_dir = config.var_dir / "pki"
         etcd_host = self.host("etcd")
         self.etcd = EtcdProcess(config.var_dir / "etcd", port(config.etcd_port),
                                 log_path=config.var_dir / "logs" / "etcd.log", host=etcd_host.bind,
@@ -116,8 +143,70 @@ class Cluster:
 
     @property
     def scheduler_addresses(self) -> list[str]:
-        """Every scheduler's address, the first one's first (what the gateway is given)."""
+        """Every scheduler's admin address, the first one's first (what the CLI is given)."""
         return [self.address(n) for n in self.names("scheduler")]
+
+    def internal_address(self, name: str) -> str:
+        """``host:port`` of the mutual-TLS port of the process ``name`` (a scheduler's claim port;
+        the one port of a nodeagent or blobstore)."""
+        port = self.internal_ports.get(name) or self.ports[name]
+        return f"{self.host(name).address}:{port}"
+
+    # --- TLS -----------------------------------------------------------------------------
+    def identity(self, name: str) -> Identity:
+        """The identity of the process ``name``: ``nodeagent/<its node>``, ``scheduler/scheduler-1``."""
+        kind = name.partition("-")[0]
+        return Identity(kind, self.node_name(name) if kind in ("nodeagent", "blobstore") else name)
+
+    @property
+    def ca_path(self) -> Path:
+        return self.pki_dir / "ca.crt"
+
+    def _issue(self, folder: str, identity: Identity, hosts: list[str]) -> Path:
+        out = self.pki_dir / folder
+        issue_dir(create_ca(self.pki_dir), out, identity, hosts)
+        return out
+
+    def _issue_all(self) -> None:
+        for kind in ("gateway", "scheduler", "nodeagent", "blobstore"):
+            for name in self.names(kind):
+                host = self.host(name)
+                self._issue(name, self.identity(name), [h for h in (host.address, host.listen) if h and h != "0.0.0.0"])
+
+    def client_tls(self, identity: Identity | None = None) -> ClientTls | None:
+        """What a client of this cluster needs: the CA only (admin callers), or also a
+        certificate of ``identity`` (issued on first use); None when the cluster runs plaintext."""
+        if not self.config.tls:
+            return None
+        ca = create_ca(self.pki_dir).cert_path.read_bytes()
+        if identity is None:
+            return ClientTls(ca)
+        folder = self.pki_dir / f"client-{identity.role}-{identity.name}"
+        if not (folder / "tls.crt").exists():
+            self._issue(folder.name, identity, [])
+        return ClientTls(ca, (folder / "tls.crt").read_bytes(), (folder / "tls.key").read_bytes())
+
+    def admin_channel(self, name: str = "scheduler") -> grpc.Channel:
+        """A blocking channel to a scheduler's admin API, as the CLI or grpcurl reach it."""
+        return blocking_channel(self.address(name), self.client_tls(), server_role="scheduler")
+
+    def channel_as(self, name: str, identity: Identity) -> grpc.Channel:
+        """A blocking channel to the mutual-TLS port of the process ``name`` (``"nodeagent-1"``),
+        presenting a certificate of ``identity``."""
+        return blocking_channel(self.internal_address(name), self.client_tls(identity),
+                                server_role=name.partition("-")[0])
+
+    def cli_args(self) -> list[str]:
+        """``snapwake`` flags reaching this cluster's admin API (after ``--scheduler``)."""
+        return ["--ca", str(self.ca_path)] if self.config.tls else ["--plaintext"]
+
+    def health_address(self, name: str) -> str:
+        """``host:port`` of the plaintext health-only port of the process ``name``."""
+        return f"{self.host(name).address}:{self.health_ports[name]}"
+
+    def _tls_args(self, name: str) -> list[str]:
+        health = ["--health-listen", f"{self.host(name).bind}:{self.health_ports[name]}"] if name in self.health_ports else []
+        return [*(["--tls-dir", str(self.pki_dir / name)] if self.config.tls else ["--dev-plaintext"]), *health]
 
     def host(self, name: str) -> Host:
         """Where the process ``name`` runs."""
@@ -157,6 +246,29 @@ class Cluster:
         return self.config.var_dir / name
 
     @property
+    def token_file(self) -> Path:
+        """The operator token ``make run`` writes (with ``admin_auth``)."""
+        return self.config.var_dir / "access" / "operator.token"
+
+    def _access_args(self, kind: str) -> list[str]:
+        if not self.config.admin_auth:
+            return []
+        access = self.config.var_dir / "access"
+        if kind == "scheduler":
+            return ["--admin-auth", "true", "--audit-log", str(self.config.var_dir / "logs" / "audit.log"),
+                    "--api-key-secret-file", str(access / "apikey.secret")]
+        return ["--api-key-secret-file", str(access / "apikey.secret"),
+                "--admin-token-file", str(access / "gateway.token")]
+
+    def bootstrap_access(self) -> None:
+        """Operator and gateway tokens and the API-key secret, in files (kept across runs)."""
+        access = self.config.var_dir / "access"
+        for name, extra in (("operator", ["--secret-file", str(access / "apikey.secret")]), ("gateway", [])):
+            subprocess.run([sys.executable, "-m", "services.scheduler.bootstrap", "--etcd", self.etcd_address,
+                            "--token-file", str(access / f"{name}.token"), "--description", f"make run: {name}",
+                            *extra], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+    @property
     def etcd_address(self) -> str:
         """What the services get as ``--etcd``: every member, comma-separated."""
         return ",".join(self.config.etcd_endpoints) or self.etcd.address
@@ -164,22 +276,27 @@ class Cluster:
     def _args(self, name: str) -> list[str]:
         var, etcd = self.config.var_dir, self.etcd_address
         kind, _, index = name.partition("-")
+        tls = self._tls_args(name)
         if kind == "scheduler":
-            return [*self._listen(name), "--etcd", etcd]
+            internal = self.internal_address(name)
+            return ["--listen", f"{self.host(name).bind}:{self.internal_ports[name]}", "--advertise", internal,
+                    "--admin-listen", f"{self.host(name).bind}:{self.ports[name]}", "--etcd", etcd, *tls,
+                    *self._access_args(kind)]
         if kind == "gateway":
-            return ["--listen", f"{self.host(name).bind}:{self.ports[name]}",
-                    "--scheduler", ",".join(self.scheduler_addresses),
-                    *(["--api-keys", self.config.api_keys] if self.config.api_keys else [])]
+            return ["--listen", f"{self.host(name).bind}:{self.ports[name]}", *tls,
+                    "--scheduler", ",".join(self.internal_address(n) for n in self.names("scheduler")),
+                    *(["--api-keys", self.config.api_keys] if self.config.api_keys else []),
+                    *self._access_args(kind)]
         blob = "blobstore" + (f"-{index}" if index else "")
         handover = str(var / blob / "handover.sock")
         if kind == "nodeagent":
             return ["--name", self.node_name(name), *self._listen(name), "--etcd", etcd,
                     *self._blobstore_dial(name, blob),
-                    "--handover-socket", handover, "--state-dir", str(self.state_dir(name))]
+                    "--handover-socket", handover, "--state-dir", str(self.state_dir(name)), *tls]
         peers = [self.address(b) for b in self.names("blobstore") if b != blob] if self.config.static_peers else []
         return ["--listen", f"{self.host(name).bind}:{self.ports[name]}", "--dirs",
                 f"{var}/{blob}/d0,{var}/{blob}/d1", "--handover-socket", handover,
-                *(["--peers", ",".join(peers)] if peers else [])]
+                *(["--peers", ",".join(peers)] if peers else []), *tls]
 
     def start_service(self, name: str, timeout: float = 60.0) -> subprocess.Popen[bytes]:
         """Starts ``python -m services.<name>`` and waits until its port answers."""
@@ -203,7 +320,8 @@ class Cluster:
             if name == "gateway":
                 import httpx
                 return httpx.get(self.gateway_url + "/healthz", timeout=1).status_code == 200
-            ch = grpc.insecure_channel(self.address(name))
+            ch = blocking_channel(self.internal_address(name), self.client_tls(Identity("admin", "devcluster")),
+                                  server_role=kind)
             try:
                 grpc.channel_ready_future(ch).result(timeout=1)
                 return True
@@ -215,11 +333,15 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.config.var_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.tls:
+            self._issue_all()
         if not self.config.etcd_endpoints:
             self.etcd.start()
         for blob, agent in zip(self.names("blobstore"), self.names("nodeagent"), strict=True):
             self.start_service(blob)
             self.start_service(agent)
+        if self.config.admin_auth:
+            self.bootstrap_access()
         for name in (*self.names("scheduler"), "gateway"):
             self.start_service(name)
         return self
@@ -252,25 +374,32 @@ class Cluster:
         self.stop()
 
 
-async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeout: float = 180.0) -> None:  # noqa: ASYNC109
-    """Creates the demo function (if absent) and waits until it is READY."""
+async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeout: float = 180.0,  # noqa: ASYNC109
+                      token: str = "", tls: ClientTls | None = None) -> str:
+    """Creates the demo function (if absent) and waits until it is READY; with ``token`` (an
+    operator's, the scheduler runs with admin_auth) it also makes an API key for the demo's
+    tenant and returns it ("" otherwise). ``tls``: the cluster's ``client_tls()`` (None: plaintext)."""
+    import functools
+
     from snapwake import errors
-    from snapwake.grpcclient import call
+    from snapwake.grpcclient import call, channel
     from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
     spec = types_pb2.FunctionSpec(tenant="default", namespace="default", name=name, image="builtin",
                                   model_dir=str(model_dir))
-    async with grpc.aio.insecure_channel(scheduler) as ch:
+    async with channel(scheduler, tls, server_role="scheduler" if tls else "") as ch:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+        md = (("authorization", "Bearer " + token),) if token else None
+        create, get = (functools.partial(stub.CreateFunction, metadata=md), functools.partial(stub.GetFunction, metadata=md))
         deadline = time.monotonic() + timeout
         fid = f"default/default/{name}"
         created = False
         while time.monotonic() < deadline:
             try:
                 if not created:
-                    await call(stub.CreateFunction, scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10)
+                    await call(create, scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=10)
                     created = True
-                got = await call(stub.GetFunction, scheduler_pb2.GetFunctionRequest(function_id=fid), timeout=10)
+                got = await call(get, scheduler_pb2.GetFunctionRequest(function_id=fid), timeout=10)
             except (errors.AlreadyExists, errors.Unavailable) as exc:
                 created = created or isinstance(exc, errors.AlreadyExists)
                 # Unavailable: a scheduler restarted on a kept etcd waits out the old
@@ -279,7 +408,11 @@ async def deploy_demo(scheduler: str, model_dir: Path, name: str = "demo", timeo
                 continue
             state = got.function.state
             if state == types_pb2.FUNCTION_STATE_READY:
-                return
+                if not token:
+                    return ""
+                made = await call(functools.partial(stub.CreateApiKey, metadata=md), scheduler_pb2.CreateApiKeyRequest(
+                    tenant="default", description="make run: demo"), timeout=10)
+                return str(made.secret)
             if state == types_pb2.FUNCTION_STATE_FAILED:
                 raise RuntimeError(f"demo function failed: {got.function.status_message}")
             await asyncio.sleep(0.5)
@@ -294,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     from snapwake.log import setup
 
     setup("devcluster")
-    config = ClusterConfig(var_dir=opts.var_dir.resolve(), gateway_port=opts.gateway_port)
+    config = ClusterConfig(var_dir=opts.var_dir.resolve(), gateway_port=opts.gateway_port, admin_auth=True)
     # The model server's own tool writes the demo model (shared code imports no model server).
     model_dir = Path(subprocess.run([sys.executable, "-m", "modelserver.demo", str(config.var_dir / "models" / "demo"),
                                      "--seed", "0"], check=True, capture_output=True, text=True).stdout.strip())
@@ -302,11 +435,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
     with Cluster(config) as cluster:
         print("deploying the demo model (snapshot build and pre-warm) ...", flush=True)
-        asyncio.run(deploy_demo(cluster.scheduler_address, model_dir))
+        api_key = asyncio.run(deploy_demo(cluster.scheduler_address, model_dir, token=cluster.token_file.read_text().strip(),
+                                          tls=cluster.client_tls()))
         url = cluster.gateway_url
-        print(f"\nSnapwake is up.\n  OpenAI base URL: {url}/v1\n  admin API (gRPC): {cluster.scheduler_address}\n"
-              f"  dashboard: {url}/dashboard/\n  logs: {config.var_dir / 'logs'}\n\nTry:\n"
+        print(f"\nSnapwake is up.\n  OpenAI base URL: {url}/v1\n  admin API (gRPC over TLS): {cluster.scheduler_address}"
+              f" (CA {cluster.ca_path})\n"
+              f"  dashboard: {url}/dashboard/\n  logs: {config.var_dir / 'logs'}\n"
+              f"  operator token: export SNAPWAKE_TOKEN_FILE={cluster.token_file}  (snapwake token/apikey create)\n"
+              f"  API key of tenant default (made now; more: snapwake apikey create TENANT): {api_key}\n\nTry:\n"
+              f"  grpcurl -cacert {cluster.ca_path} {cluster.scheduler_address} list\n"
               f"  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' "
+              f"-H 'Authorization: Bearer {api_key}' "
               f"-d '{{\"model\": \"demo\", \"stream\": true, \"messages\": [{{\"role\": \"user\", "
               f"\"content\": \"hello\"}}]}}'\n\nCtrl-C stops everything.", flush=True)
         try:

@@ -10,6 +10,8 @@
      +-- ResourceExhausted    (capacity or queue full)
      +-- DeadlineExceeded
      +-- StartFailed          (an instance could not be started or restored)
+     +-- Unauthenticated      (no credentials, or unknown or revoked ones)
+     +-- PermissionDenied     (known caller, not allowed this call or resource)
 
 Lower libraries' exceptions are translated at exactly one place per boundary. For gRPC:
 
@@ -25,7 +27,8 @@ import grpc
 
 __all__ = [
     "Aborted", "AlreadyExists", "DeadlineExceeded", "FailedPrecondition", "InvalidArgument",
-    "NotFound", "ResourceExhausted", "SnapwakeError", "StartFailed", "Unavailable",
+    "NotFound", "PermissionDenied", "ResourceExhausted", "SnapwakeError", "StartFailed", "Unauthenticated",
+    "Unavailable",
     "from_rpc_error", "to_grpc_code",
 ]
 
@@ -79,9 +82,17 @@ class StartFailed(SnapwakeError):
     code, http_status, openai_type = grpc.StatusCode.UNAVAILABLE, 503, "start_failed"
 
 
+class Unauthenticated(SnapwakeError):
+    code, http_status, openai_type = grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error"
+
+
+class PermissionDenied(SnapwakeError):
+    code, http_status, openai_type = grpc.StatusCode.PERMISSION_DENIED, 403, "permission_error"
+
+
 _BY_CODE: dict[grpc.StatusCode, type[SnapwakeError]] = {
     cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Aborted,
-                              Unavailable, ResourceExhausted, DeadlineExceeded)
+                              Unavailable, ResourceExhausted, DeadlineExceeded, Unauthenticated, PermissionDenied)
 }
 
 # Details starting with this tag mark a StartFailed sent over gRPC as UNAVAILABLE.

@@ -10,6 +10,10 @@ and let ``asyncio.CancelledError`` through untouched:
     for message in blocking_stream(stub.Method, request, timeout=5.0):  # on a blocking channel
         ...
 
+``channel(address, tls, server_role=...)`` is plaintext without ``tls``; with it, TLS that presents
+the service's own certificate (mutual TLS; ``snapwake.tlsconfig``) and checks the server's under
+``<server_role>.snapwake.internal``, so a gateway dialling a scheduler accepts only a scheduler.
+
 No code outside this module catches ``grpc.RpcError`` (tests/unit/test_architecture.py checks).
 The helpers are plain functions, not a client interceptor, so a caller's cancel reaches the
 server exactly as ``_awaited`` below arranges.
@@ -18,14 +22,16 @@ server exactly as ``_awaited`` below arranges.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
 from snapwake import errors
+from snapwake.pki import server_name
+from snapwake.tlsconfig import ClientTls
 
-__all__ = ["blocking_stream", "call", "channel", "stream"]
+__all__ = ["blocking_channel", "blocking_stream", "call", "channel", "stream"]
 
 R = TypeVar("R")
 
@@ -105,8 +111,32 @@ def _client_interceptors() -> list[Any]:
     return [*aio_client_interceptors(), _AwaitUnaryUnary(), _AwaitStreamUnary()]
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    """An insecure aio channel to ``address`` with trace propagation."""
-    return grpc.aio.insecure_channel(address, interceptors=_client_interceptors(),
-                                     options=[("grpc.max_receive_message_length", 64 << 20),
-                                              ("grpc.max_send_message_length", 64 << 20)])
+_MESSAGE_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+def _secure(tls: ClientTls, server_role: str) -> tuple[grpc.ChannelCredentials, list[tuple[str, Any]]]:
+    """Credentials presenting ``tls``'s pair (if any) and checking the server against its CA; with
+    ``server_role``, under the name ``<role>.snapwake.internal`` instead of the address dialled."""
+    creds = grpc.ssl_channel_credentials(root_certificates=tls.ca or None, private_key=tls.key or None,
+                                         certificate_chain=tls.cert or None)
+    return creds, ([("grpc.ssl_target_name_override", server_name(server_role))] if server_role else [])
+
+
+def channel(address: str, tls: ClientTls | None = None, server_role: str = "",
+            options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+    """An aio channel to ``address`` with trace propagation: plaintext without ``tls``, else TLS
+    presenting ``tls``'s certificate and checking the server's (of ``server_role``, when given)."""
+    opts = [*_MESSAGE_OPTIONS, *options]
+    if tls is None:
+        return grpc.aio.insecure_channel(address, interceptors=_client_interceptors(), options=opts)
+    creds, name = _secure(tls, server_role)
+    return grpc.aio.secure_channel(address, creds, interceptors=_client_interceptors(), options=[*opts, *name])
+
+
+def blocking_channel(address: str, tls: ClientTls | None = None, server_role: str = "",
+                     options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """``channel`` for blocking code (worker threads, test drivers), without trace interceptors."""
+    if tls is None:
+        return grpc.insecure_channel(address, options=list(options))
+    creds, name = _secure(tls, server_role)
+    return grpc.secure_channel(address, creds, options=[*options, *name])

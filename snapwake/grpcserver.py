@@ -1,13 +1,35 @@
-"""An asyncio gRPC server with health, reflection, tracing, error translation and graceful shutdown.
+"""An asyncio gRPC server with TLS, authorization, health, reflection, tracing, error translation
+and graceful shutdown.
 
-Every service builds its server here so that ``grpcurl -plaintext host:port list`` works
-against each of them, health answers SERVING while it runs and NOT_SERVING while it drains, and
-``ErrorInterceptor`` is the one place where a servicer's exceptions become gRPC statuses.
+Every service builds its server here so that ``grpcurl ... host:port list`` works against each
+of them, health answers SERVING while it runs and NOT_SERVING while it drains,
+``AuthzInterceptor`` is the one place where a caller is authorized (``snapwake.authz``) and
+``ErrorInterceptor`` the one place where a servicer's exceptions become gRPC statuses.
+
+Ports. With TLS (``tls``), one server listens on up to three ports, all serving the same
+services, and the authorization tells them apart by what the caller could prove:
+
+- ``bind``: mutual TLS. gRPC refuses the handshake of a client without a certificate from the CA.
+- ``admin_bind`` (the scheduler): server-authenticated TLS, no client certificate asked for;
+  such a caller reaches only ``anonymous_services`` (SchedulerService, whose bearer token is
+  checked by the servicer), health and reflection.
+- ``health_bind``: plaintext, ``grpc.health.v1`` only, for probes (kubelet's gRPC probe speaks
+  no TLS); everything else, reflection included, is refused UNAUTHENTICATED.
+
+Why a separate admin port rather than optional client certificates on one port: gRPC Python's
+``ssl_server_credentials(require_client_auth=False)`` does not ask the client for a certificate
+at all (it maps to GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE), so a service could not see the
+certificate of a caller that has one; ``tests/inproc/test_tls_wiring.py`` checks this.
+
+Without ``tls`` (``dev_plaintext``, and the in-process tests that build bare servers) every port
+is plaintext and nothing is authorized.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import inspect
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
@@ -17,11 +39,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from snapwake import errors
+from snapwake import authz, errors
 from snapwake.grpcclient import channel
+from snapwake.pki import Identity, identity_from_pem
+from snapwake.tlsconfig import ServerTls
 
 # ``channel`` lives in snapwake.grpcclient; it is re-exported for code that imports it from here.
-__all__ = ["ErrorInterceptor", "GrpcServer", "channel"]
+__all__ = ["AuthzInterceptor", "ErrorInterceptor", "GrpcServer", "caller_identity", "channel", "peer_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -104,25 +128,105 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                        response_serializer=handler.response_serializer)
 
 
-def _interceptors(tracer_provider: Any = None) -> list[grpc.aio.ServerInterceptor]:
+# The identity of the current call's client (set by AuthzInterceptor; None without a certificate).
+caller_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("caller_identity", default=None)
+
+
+def _transport(context: Any) -> authz.Transport:
+    auth = context.auth_context()
+    if auth.get("transport_security_type") != [b"ssl"]:
+        return authz.Transport.PLAINTEXT
+    return authz.Transport.MUTUAL_TLS if auth.get("x509_pem_cert") else authz.Transport.SERVER_TLS
+
+
+# Parsing a certificate costs tens of microseconds; a server sees few distinct ones.
+_identity_of = functools.lru_cache(maxsize=1024)(identity_from_pem)
+
+
+def peer_identity(context: Any) -> Identity | None:
+    """The identity in the client certificate of this call (verified against the CA by the TLS
+    handshake), or None: no certificate (admin port, plaintext) or one without an identity."""
+    pem = context.auth_context().get("x509_pem_cert")
+    return _identity_of(pem[0]) if pem else None
+
+
+class AuthzInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call ``snapwake.authz.decide`` refuses, before the servicer runs, and sets
+    ``caller_identity`` for the ones it lets through."""
+
+    def __init__(self, server: Identity | None, anonymous_services: Iterable[str] = ()) -> None:
+        self.server = server
+        self.anonymous_services = frozenset(anonymous_services)
+
+    def _check(self, method: str, context: Any) -> tuple[authz.Refusal | None, Identity | None]:
+        caller = peer_identity(context)
+        refusal = authz.decide(method, _transport(context), caller, self.server, self.anonymous_services)
+        if refusal is not None:
+            log.warning("refused %s from %s (%s): %s", method, caller or "no identity", context.peer(),
+                        refusal.message)
+        caller_identity.set(caller)
+        return refusal, caller
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        attr, factory = _KINDS[(handler.request_streaming, handler.response_streaming)]
+        behavior = getattr(handler, attr)
+        method = details.method
+        check = self._check
+        wrapped: Callable[..., Any]
+        if inspect.isasyncgenfunction(behavior):
+            async def wrapped(request: Any, context: Any) -> Any:
+                refusal, _ = check(method, context)
+                if refusal is not None:
+                    await context.abort(getattr(grpc.StatusCode, refusal.code.value), refusal.message)
+                responses = behavior(request, context)
+                try:
+                    async for response in responses:
+                        yield response
+                finally:
+                    await responses.aclose()
+        elif inspect.iscoroutinefunction(behavior):
+            async def wrapped(request: Any, context: Any) -> Any:  # type: ignore[misc]
+                refusal, _ = check(method, context)
+                if refusal is not None:
+                    await context.abort(getattr(grpc.StatusCode, refusal.code.value), refusal.message)
+                return await behavior(request, context)
+        else:  # a synchronous handler: none of ours is one; refused rather than run unchecked
+            async def wrapped(request: Any, context: Any) -> Any:  # type: ignore[misc]
+                await context.abort(grpc.StatusCode.INTERNAL, f"{method}: a synchronous handler is not authorized")
+        return factory(wrapped, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+
+def _interceptors(tracer_provider: Any = None, authorizer: AuthzInterceptor | None = None
+                  ) -> list[grpc.aio.ServerInterceptor]:
+    own: list[grpc.aio.ServerInterceptor] = [*([authorizer] if authorizer else []), ErrorInterceptor()]
     try:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
     except ImportError:  # tracing is optional in stripped-down images
-        return [ErrorInterceptor()]
+        return own
     # Health is excluded: the aio interceptor breaks streaming handlers that use
     # context.write (health Watch), open-telemetry/opentelemetry-python-contrib#3066.
-    # ErrorInterceptor comes after (inside) it, so its aborts reach the span's status.
+    # The others come after (inside) it, so their aborts reach the span's status.
     return [aio_server_interceptor(tracer_provider=tracer_provider, filter_=filters.negate(filters.health_check())),
-            ErrorInterceptor()]
+            *own]
 
 
 class GrpcServer:
     """Owns one ``grpc.aio.Server`` plus its health and reflection services."""
 
     def __init__(self, bind: str, service_names: Iterable[str], message_bytes: int = 64 << 20, *,
-                 tracer_provider: Any = None) -> None:
-        """``tracer_provider``: where server spans go; None is the global one (tests pass theirs)."""
-        self.server = grpc.aio.server(interceptors=_interceptors(tracer_provider), options=[
+                 tracer_provider: Any = None, tls: ServerTls | None = None, admin_bind: str = "",
+                 health_bind: str = "", anonymous_services: Iterable[str] = ()) -> None:
+        """``tracer_provider``: where server spans go; None is the global one (tests pass theirs).
+        ``tls``: None serves plaintext without authorization (module docstring for the ports);
+        ``anonymous_services``: what callers without a certificate reach on ``admin_bind``."""
+        self.tls = tls
+        authorizer = AuthzInterceptor(tls.identity, anonymous_services) if tls else None
+        self.server = grpc.aio.server(interceptors=_interceptors(tracer_provider, authorizer), options=[
             ("grpc.max_receive_message_length", message_bytes),
             ("grpc.max_send_message_length", message_bytes),
             ("grpc.so_reuseport", 0)])
@@ -131,9 +235,22 @@ class GrpcServer:
         self.service_names = list(service_names)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(bind)
-        if self.port == 0:
-            raise OSError(f"cannot bind gRPC server to {bind}")
+        self.port = self._bind(bind, self._credentials(require_client_auth=True))
+        self.admin_port = self._bind(admin_bind, self._credentials(require_client_auth=False)) if admin_bind else 0
+        self.health_port = self._bind(health_bind, None) if health_bind else 0
+
+    def _credentials(self, require_client_auth: bool) -> grpc.ServerCredentials | None:
+        if self.tls is None:
+            return None
+        return grpc.ssl_server_credentials([(self.tls.key, self.tls.cert)], root_certificates=self.tls.ca,
+                                           require_client_auth=require_client_auth)
+
+    def _bind(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        port = (self.server.add_secure_port(address, credentials) if credentials
+                else self.server.add_insecure_port(address))
+        if port == 0:
+            raise OSError(f"cannot bind gRPC server to {address}")
+        return port
 
     async def start(self) -> None:
         await self.server.start()

@@ -7,13 +7,17 @@ Desired state (written by the scheduler):
 Actual state (written by nodeagents, under their own etcd lease):
     /snapwake/nodes/{node}                            Node
     /snapwake/instances/{id}                          Instance
+Access (written by the scheduler's admin API, operator calls only):
+    /snapwake/access/tokens/{id}                      AdminToken (SHA-256 of the token, never the token)
+    /snapwake/access/apikeys/{id}                     ApiKey (HMAC-SHA256 of the key, never the key)
+    /snapwake/access/quotas/{tenant}                  TenantQuota (overrides of the configured defaults)
 Coordination:
     /snapwake/leader                                  the elected scheduler's address
 """
 
 from __future__ import annotations
 
-__all__ = ["CORDONS", "FUNCTIONS", "INSTANCES", "LEADER", "NODES", "PREFIX", "SNAPSHOTS", "cordon_key",
+__all__ = ["ADMIN_TOKENS", "API_KEYS", "QUOTAS", "admin_token_key", "api_key_key", "quota_key", "CORDONS", "FUNCTIONS", "INSTANCES", "LEADER", "NODES", "PREFIX", "SNAPSHOTS", "cordon_key",
            "function_key", "instance_key", "node_key", "snapshot_id", "snapshot_key", "split_snapshot_id"]
 
 PREFIX = "/snapwake/"
@@ -23,6 +27,9 @@ INSTANCES = PREFIX + "instances/"
 SNAPSHOTS = PREFIX + "snapshots/"
 LEADER = PREFIX + "leader"
 CORDONS = PREFIX + "cordons/"
+ADMIN_TOKENS = PREFIX + "access/tokens/"
+API_KEYS = PREFIX + "access/apikeys/"
+QUOTAS = PREFIX + "access/quotas/"
 
 
 def function_key(function_id: str) -> str:
@@ -55,3 +62,15 @@ def split_snapshot_id(sid: str) -> tuple[str, int]:
 
 def snapshot_key(function_id: str, revision: int) -> str:
     return f"{SNAPSHOTS}{function_id}/{revision}"
+
+
+def admin_token_key(token_id: str) -> str:
+    return ADMIN_TOKENS + token_id
+
+
+def api_key_key(key_id: str) -> str:
+    return API_KEYS + key_id
+
+
+def quota_key(tenant: str) -> str:
+    return QUOTAS + tenant

@@ -26,7 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["ROLES", "CertificateAuthority", "Identity", "TlsFiles", "create_ca", "identity_from_pem", "issue"]
+__all__ = ["ROLES", "CertificateAuthority", "Identity", "TlsFiles", "create_ca", "identity_from_pem", "issue",
+           "issue_dir", "main", "parse_identity", "server_name"]
 
 TRUST_DOMAIN = "snapwake"
 # Who may hold a certificate. ``admin`` is an operator's client certificate (optional: admin
@@ -36,6 +37,12 @@ _NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 _URI = re.compile(rf"^spiffe://{TRUST_DOMAIN}/(?P<role>[a-z]+)/(?P<name>[a-z0-9.-]+)$")
 CA_DAYS = 3650
 LEAF_DAYS = 365
+
+
+def server_name(role: str) -> str:
+    """The DNS name every certificate of ``role`` carries: clients check a server's role by it
+    (``grpc.ssl_target_name_override``), since node and pod addresses change."""
+    return f"{role}.{TRUST_DOMAIN}.internal"
 
 
 @dataclass(frozen=True)
@@ -127,10 +134,11 @@ def _san(host: str) -> x509.GeneralName:
 def issue(ca: CertificateAuthority, directory: Path, identity: Identity, hosts: Sequence[str] = (),
           days: int = LEAF_DAYS) -> TlsFiles:
     """Writes ``<role>-<name>.crt``/``.key`` for ``identity`` in ``directory``, valid as a server
-    for ``hosts`` (DNS names or IPs; ``localhost`` and ``127.0.0.1`` always) and as a client."""
+    for ``hosts`` (DNS names or IPs; ``<role>.snapwake.internal``, ``localhost`` and ``127.0.0.1``
+    always) and as a client."""
     ca_cert, ca_key = ca.load()
     key = ec.generate_private_key(ec.SECP256R1())
-    names = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1", "::1"]))
+    names = list(dict.fromkeys([*hosts, server_name(identity.role), "localhost", "127.0.0.1", "::1"]))
     now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(identity)),
@@ -172,3 +180,56 @@ def identity_from_pem(pem: bytes) -> Identity | None:
         return Identity(found[0]["role"], found[0]["name"])
     except ValueError:
         return None
+
+
+def issue_dir(ca: CertificateAuthority, directory: Path, identity: Identity, hosts: Sequence[str] = ()) -> TlsFiles:
+    """``issue`` into ``directory`` as ``ca.crt``, ``tls.crt`` and ``tls.key``: the layout a
+    service's ``tls_dir`` (and a Kubernetes TLS Secret) has."""
+    files = issue(ca, directory, identity, hosts)
+    out = TlsFiles(directory / "ca.crt", directory / "tls.crt", directory / "tls.key")
+    files.cert.replace(out.cert)
+    files.key.replace(out.key)
+    if ca.cert_path.resolve() != out.ca.resolve():
+        out.ca.write_bytes(ca.cert_path.read_bytes())
+    return out
+
+
+def parse_identity(text: str) -> Identity:
+    """``role/name`` as an Identity; raises ValueError naming the problem."""
+    role, sep, name = text.partition("/")
+    if not sep:
+        raise ValueError(f"identity {text!r}: expected role/name (nodeagent/node-1)")
+    return Identity(role, name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m snapwake.pki DIR ROLE/NAME[=HOST,HOST...] ...``: the CA in DIR (created once)
+    and, for each identity, ``DIR/<role>-<name>/{ca.crt,tls.crt,tls.key}`` (kept if present)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m snapwake.pki", description=main.__doc__)
+    parser.add_argument("dir", type=Path, help="where the CA and the identities' folders go")
+    parser.add_argument("identities", nargs="*", metavar="ROLE/NAME[=HOSTS]",
+                        help="an identity, and the comma-separated hosts its server certificate is valid for")
+    parser.add_argument("--force", action="store_true", help="reissue certificates that exist")
+    opts = parser.parse_args(argv)
+    try:
+        wanted = []
+        for item in opts.identities:
+            ident, _, hosts = item.partition("=")
+            wanted.append((parse_identity(ident), [h for h in hosts.split(",") if h]))
+    except ValueError as exc:
+        print(f"snapwake.pki: {exc}", file=sys.stderr)
+        return 2
+    ca = create_ca(opts.dir)
+    for identity, hosts in wanted:
+        folder = opts.dir / f"{identity.role}-{identity.name}"
+        if opts.force or not (folder / "tls.crt").exists():
+            issue_dir(ca, folder, identity, hosts)
+        print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

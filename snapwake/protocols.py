@@ -33,9 +33,10 @@ Handover socket (the blobstore listens; model servers connect)
           -> {"ok": true, "bytes": N, "alloc_bytes": A, "manifest": {...}, "dma_seconds": s}
           The client answers {"op": "mapped"} once it has imported and mapped the memory;
           only then does the blobstore drop its own handle.
-      {"op": "prepare", "snapshot_id": ..., "gpu": 0 | -1}
+      {"op": "prepare", "snapshot_id": ..., "gpu": 0 | -1, "manifest_digest": "..."}
           Start filling the memory now (the DMA overlaps the driver restore of the
-          container); reply {"ok": true} at once. A later ``load`` for the same snapshot and
+          container); reply {"ok": true} at once. ``manifest_digest`` (optional, the snapshot
+          record's) is checked against the local copy first, as a pre-warm's is. A later ``load`` for the same snapshot and
           gpu takes the prepared memory instead of allocating again. Node socket only.
       {"op": "store", "snapshot_id": ..., "manifest": {...}, "gpu": 0 | -1}
           Sent with the arena's file descriptor attached. The blobstore reads it (imports

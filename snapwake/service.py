@@ -3,12 +3,14 @@ one line and exit 2."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from typing import TypeVar
 
 from snapwake import log, telemetry
 from snapwake.config import ConfigError, load
+from snapwake.tlsconfig import TlsSettings
 
 __all__ = ["bootstrap"]
 
@@ -26,7 +28,14 @@ def bootstrap(cls: type[T], name: str, argv: Sequence[str] | None = None, *, pro
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
+    refusal = cfg.plaintext_refusal() if isinstance(cfg, TlsSettings) else None
+    if refusal:
+        print(refusal, file=sys.stderr)
+        raise SystemExit(2)
     log.setup(name, getattr(cfg, "log_level", "INFO"))
+    if getattr(cfg, "dev_plaintext", False):
+        logging.getLogger(name).warning("dev_plaintext: serving and calling without TLS and without any "
+                                        "authorization; for development only")
     try:
         telemetry.setup_tracing(f"snapwake-{name}")
     except ValueError as exc:

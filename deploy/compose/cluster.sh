@@ -7,7 +7,8 @@
 #   deploy/compose/cluster.sh down   removes the project's containers, networks and volumes
 #
 # Environment: SNAPWAKE_GATEWAY_PORT (8000), SNAPWAKE_ADMIN_PORT (7001), SNAPWAKE_API_KEY (made
-# once and kept in var/compose/api-key), COMPOSE_PROFILES (cpu), SNAPWAKE_COMPOSE_TIMEOUT
+# once and kept in var/compose/api-key), SNAPWAKE_PKI_DIR (var/compose/pki: the development CA
+# and the services' certificates, made once), COMPOSE_PROFILES (cpu), SNAPWAKE_COMPOSE_TIMEOUT
 # (seconds for the gateway and the demo deploy, 600).
 set -euo pipefail
 
@@ -70,9 +71,18 @@ deploy_exited() {
   [ -n "$id" ] && [ "$(docker inspect -f '{{.State.Status}}' "$id")" = exited ]
 }
 
+# The development CA and one certificate per service and node (kept once made), mounted by
+# docker-compose.yml from $SNAPWAKE_PKI_DIR.
+certificates() {
+  export SNAPWAKE_PKI_DIR=${SNAPWAKE_PKI_DIR:-$STATE/pki}
+  (cd "$ROOT" && "$PY" -m snapwake.pki "$SNAPWAKE_PKI_DIR" scheduler/scheduler=scheduler gateway/gateway \
+    nodeagent/node-1=node-1 blobstore/node-1=node-1 nodeagent/node-2=node-2 blobstore/node-2=node-2 >/dev/null)
+}
+
 up() {
   ensure_docker
   api_key
+  certificates
   "$ROOT/deploy/compose/build-images.sh" services
   compose up -d --no-build
   local url=http://localhost:$SNAPWAKE_GATEWAY_PORT
@@ -91,7 +101,7 @@ up() {
 Snapwake is up (docker-compose project $PROJECT, profiles $COMPOSE_PROFILES).
   OpenAI base URL: $url/v1
   API key: $SNAPWAKE_API_KEY
-  admin API (gRPC): 127.0.0.1:$SNAPWAKE_ADMIN_PORT
+  admin API (gRPC over TLS): 127.0.0.1:$SNAPWAKE_ADMIN_PORT (CA $SNAPWAKE_PKI_DIR/ca.crt)
   dashboard: $url/dashboard/
 
 Try:

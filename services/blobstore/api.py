@@ -46,7 +46,7 @@ class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
         if first is None or not first.HasField("manifest"):
             raise errors.InvalidArgument("manifest: the first message must carry the manifest", field="manifest")
         m = first.manifest
-        writer = await asyncio.to_thread(self.core.begin_put, m)
+        writer = await asyncio.to_thread(self.core.begin_put, m)  # chunk_bytes is capped there
         try:
             index, buf = 0, bytearray()
             async for msg in request_iterator:
@@ -56,6 +56,9 @@ class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
                     await asyncio.to_thread(writer.write_chunk, index, memoryview(bytes(buf[:n])))
                     del buf[:n]
                     index += 1
+                if index == len(m.chunk_sha256) and buf:  # never buffer what no chunk will take
+                    raise errors.InvalidArgument(f"data: more than the manifest's {m.arena_bytes} bytes",
+                                                 field="data")
             if buf or index != len(m.chunk_sha256):
                 raise errors.InvalidArgument(
                     f"data: got {index} of {len(m.chunk_sha256)} chunks (+{len(buf)} bytes)", field="data")
@@ -71,6 +74,7 @@ class BlobstoreApi(blobstore_pb2_grpc.BlobstoreServiceServicer):
         try:
             stat = await asyncio.to_thread(self.core.stat, request.snapshot_id)
             m = stat.manifest
+            self.core.check_served(m, request.manifest_digest)
             yield blobstore_pb2.GetSnapshotResponse(manifest=m)
             for index in range(len(m.chunk_sha256)):
                 data = await asyncio.to_thread(self.core.read_chunk, m, index)

@@ -37,20 +37,23 @@ class BlobstoreApp:
     def __init__(self, cfg: BlobstoreConfig) -> None:
         self.cfg = cfg
         gpus = _gpu_count(cfg.gpu)
+        tls = cfg.server_tls()
         # Pinned once here, at start-up: pinning costs ~44 ms/GiB and must never be on the hot path.
         arena = pinned_arena(cfg.cache_bytes) if gpus else HostArena.anonymous(cfg.cache_bytes)
         log.info("cache: %d bytes, %s; %d GPU(s)", cfg.cache_bytes, "pinned" if arena.pinned else "pageable", gpus)
         self.core = Blobstore(StripedStore([Path(d) for d in cfg.dirs]), HostCache(arena, cfg.cache_bytes),
-                              PeerFetcher(cfg.peers), MemfdLoader(), CudaLoader() if gpus else None, gpus,
-                              cfg.chunk_bytes)
+                              PeerFetcher(cfg.peers, max_chunk_bytes=cfg.max_chunk_bytes, tls=tls.client() if tls else None),
+                              MemfdLoader(), CudaLoader() if gpus else None, gpus, cfg.chunk_bytes,
+                              max_chunk_bytes=cfg.max_chunk_bytes)
         limits = HandoverLimits(
             max_connections=cfg.handover_max_connections,
             max_connections_per_instance=cfg.handover_max_connections_per_instance,
             max_message_bytes=cfg.handover_max_message_bytes, idle_timeout=cfg.handover_idle_timeout,
-            request_timeout=cfg.handover_request_timeout, mapped_timeout=cfg.handover_mapped_timeout)
+            request_timeout=cfg.handover_request_timeout, mapped_timeout=cfg.handover_mapped_timeout,
+            max_loads_per_open=cfg.handover_max_loads_per_open)
         self.handover = HandoverServer(Path(cfg.handover_socket), self.core, limits)
         name = blobstore_pb2.DESCRIPTOR.services_by_name["BlobstoreService"].full_name
-        self.grpc = GrpcServer(cfg.listen, [name])
+        self.grpc = GrpcServer(cfg.listen, [name], tls=tls, health_bind=cfg.health_listen)
         blobstore_pb2_grpc.add_BlobstoreServiceServicer_to_server(BlobstoreApi(self.core, self.handover),
                                                                   self.grpc.server)
 

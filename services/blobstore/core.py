@@ -3,6 +3,11 @@
 Thread-safe; every operation on one snapshot id runs under that id's lock, so a fill, a
 refetch and a store never race. A corrupt or missing chunk found while filling the cache drops
 the local copy and refetches it from a peer; it is never served.
+
+A pre-warm names the manifest digest the snapshot record in etcd holds (the blobstore never
+reads etcd itself); it is remembered for that snapshot, and the local copy (disk or cache) is
+checked against it before anything is served from it: a copy with another manifest is dropped,
+logged, and fetched again from a peer whose manifest has that digest.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,7 +33,15 @@ from snapwake import errors, telemetry
 __all__ = ["Blobstore", "Prewarmed", "Stat"]
 
 log = logging.getLogger(__name__)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 Progress = Callable[[int], None]
+
+
+def _checked_digest(digest: str) -> str:
+    if not _DIGEST.fullmatch(digest):
+        raise errors.InvalidArgument(f"manifest_digest: expected 64 lowercase hex digits, got {digest[:80]!r}",
+                                     field="manifest_digest")
+    return digest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +63,11 @@ class Blobstore:
 
     def __init__(self, store: SnapshotStore, cache: HostCache, peers: PeerFetcher, memfd: Loader,
                  cuda: Loader | None = None, gpu_count: int = 0, chunk_bytes: int = 64 << 20,
-                 prepare_ttl: float = 60.0) -> None:
+                 prepare_ttl: float = 60.0, max_chunk_bytes: int = mf.MAX_CHUNK_BYTES) -> None:
         self.store, self.cache, self.peers = store, cache, peers
         self.memfd, self.cuda, self.gpu_count = memfd, cuda, gpu_count
-        self.chunk_bytes, self.prepare_ttl = chunk_bytes, prepare_ttl
+        self.chunk_bytes, self.prepare_ttl, self.max_chunk_bytes = chunk_bytes, prepare_ttl, max_chunk_bytes
+        self._digests: dict[str, str] = {}  # the manifest digest each snapshot's record says (pre-warms)
         self.workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blob-prepare")
         self._locks: dict[str, threading.Lock] = {}
         self._prepared: dict[tuple[str, int], Future[Exported]] = {}
@@ -86,6 +101,7 @@ class Blobstore:
     def delete(self, sid: str) -> None:
         with self._lock(check_snapshot_id(sid)):
             in_cache, on_disk = self.cache.remove(sid), self.store.delete(sid)
+            self._digests.pop(sid, None)
         if not (in_cache or on_disk):
             raise errors.NotFound(f"snapshot {sid} not found")
         log.info("deleted %s", sid)
@@ -105,13 +121,14 @@ class Blobstore:
     # -- writes ----------------------------------------------------------------------------
     def begin_put(self, m: Manifest, sid: str | None = None) -> SnapshotWriter:
         """A writer for PutSnapshot; the stale cached copy (if any) goes at commit time."""
-        mf.validate(m, sid)
+        mf.validate(m, sid, max_chunk_bytes=self.max_chunk_bytes)
         writer = self.store.begin(m)
         commit = writer.commit
 
         def commit_and_invalidate() -> None:
             with self._lock(m.snapshot_id):
                 commit()
+                # The remembered digest stays: the record in etcd, not an upload, says which copy counts.
                 self.cache.remove(m.snapshot_id)
                 self._drop_prepared(m.snapshot_id)
         writer.commit = commit_and_invalidate  # type: ignore[method-assign]
@@ -134,6 +151,7 @@ class Blobstore:
                 full = mf.fill_checksums(m, entry.view, self.chunk_bytes)
                 self._write(full, entry.view, progress)
                 self.cache.commit(sid, full)
+                self._digests[sid] = mf.digest(full)  # what its record will say once the store is noted
                 self._drop_prepared(sid)
             except BaseException:
                 self.cache.abandon(sid)
@@ -166,14 +184,21 @@ class Blobstore:
     # -- cache fill --------------------------------------------------------------------------
     def prewarm(self, sid: str, peers: Sequence[str] = (), digest: str = "") -> Prewarmed:
         """Makes sure ``sid`` is in the cache, from disk or else from a peer (``peers`` first,
-        then the configured ones; a copy is taken only with manifest ``digest``, when given)."""
+        then the configured ones). With a manifest ``digest`` (the snapshot record's; else the
+        one a pre-warm named before), only a copy with that manifest is kept or taken."""
         check_snapshot_id(sid)
         with self._lock(sid):
+            if digest:
+                self._digests[sid] = _checked_digest(digest)
+            digest = self._digests.get(sid, "")
             with self.cache.use(sid) as entry:
                 self.stats.lookup(entry is not None)
-                if entry is not None:
+                if entry is not None and self._matches(entry.manifest, digest, "the cached copy"):
                     return Prewarmed(True, False, entry.manifest.arena_bytes)
+            self.cache.remove(sid)  # another manifest (if it was there at all): never served
             from_peer = False
+            if self.store.contains(sid) and not self._matches(self.store.manifest(sid), digest, "the copy on disk"):
+                self.store.delete(sid)
             if not self.store.contains(sid):
                 self._refetch(sid, None, peers, digest)
                 from_peer = True
@@ -187,6 +212,27 @@ class Blobstore:
                 m = self._read_to_cache(sid)
         log.info("cached %s (%d bytes%s)", sid, m.arena_bytes, ", from a peer" if from_peer else "")
         return Prewarmed(False, from_peer, m.arena_bytes)
+
+    def _matches(self, m: Manifest, digest: str, what: str) -> bool:
+        """True if ``m`` has ``digest`` (or none is known); logs the mismatch otherwise."""
+        try:
+            if digest:
+                mf.check_digest(m, digest, what)
+        except errors.InvalidArgument as exc:
+            log.error("%s; dropping it and fetching the recorded one", exc.message)
+            return False
+        return True
+
+    def check_served(self, m: Manifest, expected: str = "") -> None:
+        """Raises FailedPrecondition unless ``m`` has the digest a peer asked for (``expected``)
+        and the one a pre-warm recorded for it: a copy with another manifest is never served."""
+        for digest, who in ((expected, "the requester"), (self._digests.get(m.snapshot_id, ""), "its record")):
+            if digest and mf.digest(m) != digest:
+                log.warning("not serving %s: its manifest (digest %s) is not the one %s names (%s)",
+                            m.snapshot_id, mf.digest(m)[:12], who, digest[:12])
+                raise errors.FailedPrecondition(f"snapshot {m.snapshot_id} here has manifest digest "
+                                                f"{mf.digest(m)[:12]}, not {digest[:12]} as {who} names",
+                                                field="manifest_digest")
 
     def _refetch(self, sid: str, cause: CorruptSnapshot | None, peers: Sequence[str] = (), digest: str = "") -> None:
         if self.peers.fetch(sid, self.store, peers, digest) is not None:
@@ -238,10 +284,14 @@ class Blobstore:
                     return exported
         raise errors.ResourceExhausted(f"cache: {sid} was evicted twice while loading; cache too small")
 
-    def prepare(self, sid: str, gpu: int) -> None:
-        """Starts filling memory for a later ``load``; unclaimed memory is freed after ``prepare_ttl``."""
+    def prepare(self, sid: str, gpu: int, digest: str = "") -> None:
+        """Starts filling memory for a later ``load``; unclaimed memory is freed after ``prepare_ttl``.
+        A manifest ``digest`` (the snapshot record's) is remembered and checked as a pre-warm's is."""
         check_snapshot_id(sid)
         self._loader(gpu)
+        if digest:
+            with self._lock(sid):
+                self._digests[sid] = _checked_digest(digest)
         key = (sid, gpu)
         with self._meta:
             if key in self._prepared:

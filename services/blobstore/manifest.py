@@ -12,8 +12,8 @@ from services.blobstore.ids import check_snapshot_id
 from snapwake import errors
 from snapwake.v1.blobstore_pb2 import Manifest
 
-__all__ = ["Manifest", "chunk_count", "chunk_span", "digest", "fill_checksums", "from_dict",
-           "sha256", "to_dict", "validate"]
+__all__ = ["MAX_CHUNK_BYTES", "Manifest", "check_digest", "chunk_count", "chunk_span", "digest", "fill_checksums",
+           "from_dict", "sha256", "to_dict", "validate"]
 
 
 def to_dict(m: Manifest) -> dict[str, Any]:
@@ -37,6 +37,14 @@ def digest(m: Manifest) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
+def check_digest(m: Manifest, expected: str, where: str) -> None:
+    """InvalidArgument unless ``m`` has manifest digest ``expected`` (the snapshot record's)."""
+    got = digest(m)
+    if got != expected:
+        raise errors.InvalidArgument(f"{where} has another manifest of {m.snapshot_id} (digest {got[:12]}, "
+                                     f"the snapshot record says {expected[:12]})", field="manifest_digest")
+
+
 def chunk_count(arena_bytes: int, chunk_bytes: int) -> int:
     return -(-arena_bytes // chunk_bytes) if chunk_bytes > 0 else 0
 
@@ -51,7 +59,12 @@ def sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def validate(m: Manifest, sid: str | None = None, need_checksums: bool = True) -> Manifest:
+# The largest chunk a sender may declare: a receiver buffers one chunk before it checks it.
+MAX_CHUNK_BYTES = 256 << 20
+
+
+def validate(m: Manifest, sid: str | None = None, need_checksums: bool = True,
+             max_chunk_bytes: int = MAX_CHUNK_BYTES) -> Manifest:
     """Checks a manifest's geometry; every problem is InvalidArgument naming the field."""
     check_snapshot_id(m.snapshot_id, "manifest.snapshot_id")
     if sid is not None and m.snapshot_id != sid:
@@ -59,6 +72,10 @@ def validate(m: Manifest, sid: str | None = None, need_checksums: bool = True) -
             f"manifest.snapshot_id: {m.snapshot_id!r} does not match {sid!r}", field="manifest.snapshot_id")
     if m.chunk_bytes <= 0:
         raise errors.InvalidArgument("manifest.chunk_bytes: must be > 0", field="manifest.chunk_bytes")
+    if m.chunk_bytes > max_chunk_bytes:
+        raise errors.InvalidArgument(f"manifest.chunk_bytes: {m.chunk_bytes} is over the limit of {max_chunk_bytes} "
+                                     "bytes (a chunk is buffered whole before its checksum is checked)",
+                                     field="manifest.chunk_bytes")
     n = chunk_count(m.arena_bytes, m.chunk_bytes)
     if (need_checksums or m.chunk_sha256) and len(m.chunk_sha256) != n:
         raise errors.InvalidArgument(

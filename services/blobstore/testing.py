@@ -13,6 +13,7 @@ from services.blobstore import manifest as mf
 from services.blobstore.app import BlobstoreApp
 from services.blobstore.config import BlobstoreConfig
 from snapwake.grpcserver import channel
+from snapwake.tlsconfig import ClientTls
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc
 
 __all__ = ["put_snapshot", "running_blobstore"]
@@ -42,8 +43,10 @@ async def running_blobstore(root: Path, peers: tuple[str, ...] = (), stripes: in
 
 
 async def put_snapshot(address: str, sid: str, data: bytes, chunk_bytes: int,
-                       message_bytes: int = 100_000, deadline: float = 30.0) -> blobstore_pb2.PutSnapshotResponse:
-    """Streams ``data`` as snapshot ``sid`` to the blobstore at ``address``."""
+                       message_bytes: int = 100_000, deadline: float = 30.0,
+                       tls: ClientTls | None = None) -> blobstore_pb2.PutSnapshotResponse:
+    """Streams ``data`` as snapshot ``sid`` to the blobstore at ``address`` (presenting ``tls``'s
+    certificate: its node's nodeagent's, where the blobstore runs with TLS)."""
     m = mf.fill_checksums(blobstore_pb2.Manifest(snapshot_id=sid, arena_bytes=len(data)), memoryview(data), chunk_bytes)
 
     async def messages() -> AsyncIterator[blobstore_pb2.PutSnapshotRequest]:
@@ -51,6 +54,6 @@ async def put_snapshot(address: str, sid: str, data: bytes, chunk_bytes: int,
         for off in range(0, len(data), message_bytes):
             yield blobstore_pb2.PutSnapshotRequest(data=data[off:off + message_bytes])
 
-    async with channel(address) as ch:
+    async with channel(address, tls) as ch:
         stub = blobstore_pb2_grpc.BlobstoreServiceStub(ch)
         return await stub.PutSnapshot(messages(), timeout=deadline)

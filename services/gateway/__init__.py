@@ -5,7 +5,8 @@ function, and the proxy (with SSE streaming) to a claimed instance.
     models.py            OpenAI model id <-> function id, and the cached function catalogue
     protocol.py          what is checked before a claim (the shared schema, for built-in functions)
     errors.py            the gateway's error leaves and its OpenAI error response
-    keys.py              API keys at rest (SHA-256 digests, constant-time lookup) and their CLI
+    keys.py              API keys at rest: the admin API's (HMAC-SHA256, refreshed from the scheduler)
+                         and the config's (SHA-256); constant-time lookup
     limits.py            the edge limits: body caps per field, per-key rate and in-flight limits (pure)
     middleware.py        request id, API-key auth (operator keys for /metrics), per-key limits; plain ASGI
     queue.py             the bounded per-function queue: a pure core and its asyncio edge

@@ -7,6 +7,7 @@ import logging
 import sys
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from services.gateway.app import build_app
 from services.gateway.config import GatewayConfig
@@ -22,19 +23,25 @@ except ImportError:  # tracing is optional
 log = logging.getLogger("services.gateway")
 
 
+def uvicorn_config(app: ASGIApp, config: GatewayConfig) -> uvicorn.Config:
+    """uvicorn's settings for ``app``: ``listen``, the shutdown grace, and TLS when configured."""
+    host, port = parse_address(config.listen)
+    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                          timeout_graceful_shutdown=int(config.shutdown_grace), lifespan="on",
+                          ssl_certfile=config.tls_certfile or None, ssl_keyfile=config.tls_keyfile or None)
+
+
 async def serve(config: GatewayConfig) -> None:
     """Runs until a signal; uvicorn stops accepting, lets requests finish for ``shutdown_grace``."""
-    client = GrpcSchedulerClient(config.scheduler, config.gateway_id, config.rpc_timeout, config.leader_wait)
+    client = GrpcSchedulerClient(config.scheduler, config.gateway_id, config.rpc_timeout, config.leader_wait,
+                                 config.admin_token, tls=config.client_tls())
     try:
         app = build_app(client, config)
-        host, port = parse_address(config.listen)
         if StarletteInstrumentor is not None:
             StarletteInstrumentor.instrument_app(app)
-        server = uvicorn.Server(uvicorn.Config(
-            app, host=host, port=port, log_config=None, access_log=False,
-            timeout_graceful_shutdown=int(config.shutdown_grace), lifespan="on"))
-        log.info("gateway %s listening on %s, scheduler %s", config.gateway_id, config.listen,
-                 ",".join(config.scheduler))
+        server = uvicorn.Server(uvicorn_config(app, config))
+        log.info("gateway %s listening on %s (%s), scheduler %s", config.gateway_id, config.listen,
+                 "https" if config.tls_certfile else "http", ",".join(config.scheduler))
         await server.serve()  # installs SIGINT/SIGTERM handlers itself
     finally:
         await client.close()

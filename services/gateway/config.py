@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from services.gateway.keys import KeyStore
 from services.gateway.limits import EdgeLimits
 from snapwake.config import parse_address
+from snapwake.credentials import load_secret
+from snapwake.tlsconfig import TlsSettings
 
 __all__ = ["GatewayConfig", "parse_api_keys"]
 
@@ -29,7 +33,7 @@ def _field(default: T, help: str) -> T:
 
 
 @dataclass(frozen=True)
-class GatewayConfig:
+class GatewayConfig(TlsSettings):
     """Snapwake gateway: OpenAI REST API in front of the scheduler's claims."""
 
     listen: str = _field("127.0.0.1:8000", "host:port the HTTP server listens on.")
@@ -42,6 +46,16 @@ class GatewayConfig:
     operator_keys: tuple[str, ...] = _field(
         (), "Operator keys (same forms as api_keys; the tenant part names the operator): the only keys "
             "/metrics accepts. With api_keys set and none here, /metrics answers nobody.")
+    tls_certfile: str = _field("", "PEM certificate (chain) to serve HTTPS with; with tls_keyfile. Empty: plain HTTP.")
+    tls_keyfile: str = _field("", "PEM private key of tls_certfile.")
+    api_key_secret_file: str = _field(
+        "", "File holding the scheduler's API-key secret (its api_key_secret_file): turns on the keys made through "
+            "the admin API (snapwake apikey create), checked as HMAC-SHA256 under it.")
+    api_key_refresh: float = _field(
+        2.0, "Seconds between refreshes of the admin API's keys: a created or revoked key counts within this.")
+    admin_token_file: str = _field(
+        "", "File holding the admin bearer token sent on the scheduler's SchedulerService calls (the function "
+            "list, the dashboard) when the scheduler runs with admin_auth.")
     gateway_id: str = _field("", "This gateway's id for claims and queue reports; random when empty.")
     connect_timeout: float = _field(5.0, "Seconds to connect to an instance.")
     read_timeout: float = _field(
@@ -76,7 +90,7 @@ class GatewayConfig:
 
     def validate(self) -> list[str]:
         """Every problem, each naming its key (called by ``snapwake.config.load``)."""
-        errors: list[str] = []
+        errors: list[str] = self.tls_problems("gateway")
         try:
             parse_address(self.listen)
         except ValueError as exc:
@@ -93,7 +107,17 @@ class GatewayConfig:
                 parse_api_keys(getattr(self, what), what)
             except ValueError as exc:
                 errors.append(str(exc))
-        for name in ("connect_timeout", "read_timeout", "dead_node_timeout", "rpc_timeout", "leader_wait", "default_queue_timeout",
+        if self.api_key_secret_file:
+            try:
+                load_secret(self.api_key_secret_file)
+            except ValueError as exc:
+                errors.append(str(exc))
+        if self.admin_token_file:
+            try:
+                _ = self.admin_token
+            except ValueError as exc:
+                errors.append(str(exc))
+        for name in ("api_key_refresh", "connect_timeout", "read_timeout", "dead_node_timeout", "rpc_timeout", "leader_wait", "default_queue_timeout",
                      "models_cache_seconds", "report_interval", "shutdown_grace"):
             if getattr(self, name) <= 0:
                 errors.append(f"{name}: must be > 0, got {getattr(self, name)}")
@@ -107,6 +131,11 @@ class GatewayConfig:
                 errors.append(f"{name}: must be >= 0 (0: off), got {getattr(self, name)}")
         if self.rate_limit_burst < 1:
             errors.append(f"rate_limit_burst: must be >= 1, got {self.rate_limit_burst}")
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            errors.append("tls_certfile, tls_keyfile: set both (HTTPS) or neither (plain HTTP)")
+        for name in ("tls_certfile", "tls_keyfile"):
+            if getattr(self, name) and not os.access(getattr(self, name), os.R_OK):
+                errors.append(f"{name}: cannot read {getattr(self, name)}")
         if self.retry_after < 0:
             errors.append(f"retry_after: must be >= 0, got {self.retry_after}")
         return errors
@@ -120,6 +149,19 @@ class GatewayConfig:
     def operators(self) -> KeyStore:
         """The operator keys' digests."""
         return parse_api_keys(self.operator_keys, "operator_keys")
+
+    @property
+    def admin_token(self) -> str:
+        """The token in ``admin_token_file`` ("" without one); ValueError naming the key."""
+        if not self.admin_token_file:
+            return ""
+        try:
+            token = Path(self.admin_token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"admin_token_file: cannot read {self.admin_token_file}: {exc.strerror}") from None
+        if not token:
+            raise ValueError(f"admin_token_file: {self.admin_token_file} is empty")
+        return token
 
     @property
     def edge_limits(self) -> EdgeLimits:

@@ -1,4 +1,18 @@
-"""API keys at rest: only a SHA-256 digest of each key is kept, and keys are compared in constant time.
+"""API keys at rest: only a digest of each key is kept, and keys are compared in constant time.
+
+Two sources of keys, checked in this order:
+
+- keys made through the scheduler's admin API (``snapwake apikey create TENANT``), of the form
+  ``sk-sw-<id>-<secret>`` (``snapwake.credentials``). The scheduler keeps each as
+  HMAC-SHA256 under the server secret in etcd; the gateway holds that secret too
+  (``api_key_secret_file``) and an ``ApiKeyTable`` of id -> (tenant, digest), which
+  ``refresh_forever`` replaces from the scheduler's ``ClaimService.SyncApiKeys`` every
+  ``api_key_refresh`` seconds. A key created or revoked is therefore honoured by every gateway
+  within ``api_key_refresh`` plus one scheduler call (2 s by default), without a restart.
+  While the scheduler cannot be reached the last table stays in force (requests need the
+  scheduler for their claims anyway). A presented key is found by its id, then its HMAC is
+  compared with ``hmac.compare_digest``: one hash per request.
+- keys written into the config (below), kept for existing deployments and tests.
 
 A Snapwake key is 32 random bytes (``sk-`` + 43 url-safe characters, ``new_key``). For a key of
 that entropy a plain SHA-256 digest is what the best-run services store: nobody can search a
@@ -24,16 +38,22 @@ much of a digest did shows in the time taken.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import NamedTuple
 
-__all__ = ["HASH_PREFIX", "KeyStore", "Principal", "hash_entry", "hash_key", "new_key"]
+from snapwake import credentials
 
+__all__ = ["HASH_PREFIX", "ApiKeyTable", "KeyStore", "refresh_forever", "Principal", "hash_entry", "hash_key", "new_key"]
+
+log = logging.getLogger(__name__)
 HASH_PREFIX = "sha256:"
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -80,11 +100,61 @@ def _parse(entry: str, number: int, what: str) -> _Entry:
     return _Entry(digest, Principal(tenant, digest.hex()[:12]), plaintext=True)
 
 
-class KeyStore:
-    """The digests of the configured keys, and the tenant of each."""
+class ApiKeyTable:
+    """The admin API's keys: id -> (tenant, HMAC-SHA256 hex under ``secret``), replaced whole."""
 
-    def __init__(self, entries: Iterable[_Entry] = ()) -> None:
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+        self._keys: dict[str, tuple[str, str]] = {}
+        self.refreshed_at = 0.0  # monotonic time of the last replace
+
+    def replace(self, records: Iterable[tuple[str, str, str]]) -> None:
+        """``(id, tenant, hmac hex)`` of every live key."""
+        self._keys = {kid: (tenant, digest) for kid, tenant, digest in records}
+        self.refreshed_at = time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def lookup(self, key: str) -> Principal | None:
+        cred = credentials.parse(key, credentials.API_KEY_PREFIX)
+        if cred is None:
+            return None
+        tenant, stored = self._keys.get(cred.id, ("", ""))
+        # Hashed and compared even for an unknown id, so the time taken says no more than the id.
+        ok = credentials.matches(stored or "0" * 64, credentials.hmac_digest(self._secret, cred.text))
+        return Principal(tenant, cred.id) if ok and stored else None
+
+
+async def refresh_forever(table: ApiKeyTable, fetch: Callable[[], Awaitable[Iterable[tuple[str, str, str]]]],
+                          interval_s: float) -> None:
+    """Replaces ``table`` from ``fetch()`` every ``interval_s``; a failed fetch keeps the last table."""
+    failing = False
+    while True:
+        try:
+            table.replace(await fetch())
+            if failing:
+                log.info("API keys refreshed again (%d keys)", len(table))
+            failing = False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - keep the last table; say so once
+            if not failing:
+                log.warning("API key refresh failed (%s); the last %d keys stay in force", exc, len(table))
+            failing = True
+        await asyncio.sleep(interval_s)
+
+
+class KeyStore:
+    """The digests of the configured keys and the tenant of each, plus the admin API's keys
+    (``table``) when the gateway has the API-key secret."""
+
+    def __init__(self, entries: Iterable[_Entry] = (), table: ApiKeyTable | None = None) -> None:
         self._entries = tuple(entries)
+        self.table = table
+
+    def with_table(self, table: ApiKeyTable | None) -> KeyStore:
+        return KeyStore(self._entries, table)
 
     @classmethod
     def parse(cls, entries: Iterable[str], what: str = "api_keys") -> KeyStore:
@@ -92,7 +162,8 @@ class KeyStore:
         return cls(_parse(entry, n, what) for n, entry in enumerate(entries, 1))
 
     def __bool__(self) -> bool:
-        return bool(self._entries)
+        """Whether auth is on: keys are configured, or the admin API's keys are taken."""
+        return bool(self._entries) or self.table is not None
 
     @property
     def plaintext(self) -> int:
@@ -105,6 +176,8 @@ class KeyStore:
 
     def lookup(self, key: str) -> Principal | None:
         """The owner of ``key``, or None; compares with every digest in constant time."""
+        if self.table is not None and key.startswith(credentials.API_KEY_PREFIX):
+            return self.table.lookup(key)
         digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         found: Principal | None = None
         for entry in self._entries:

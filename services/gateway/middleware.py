@@ -2,12 +2,15 @@
 
 They store what they learn in the ASGI scope under ``snapwake.*`` keys; read them with
 ``request_id(scope)``, ``tenant(scope)``, ``key_id(scope)`` and ``arrival(scope)`` rather than
-a state bag. ``/healthz`` and ``/openapi.json`` are open; ``/metrics`` takes only an operator key (``operator_keys``)
-once API keys are configured, since its labels name every tenant's functions.
+a state bag. ``/healthz`` and ``/openapi.json`` are open; ``/metrics`` takes only an operator key
+(``operator_keys``) once API keys are configured, since its labels name every tenant's functions.
+With no keys at all (auth off), ``/metrics`` and the dashboard answer loopback clients only
+(``LoopbackOnlyMiddleware``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import time
 import uuid
@@ -24,7 +27,7 @@ from services.gateway.errors import (
 from services.gateway.keys import KeyStore
 from services.gateway.limits import KeyLimiter
 
-__all__ = ["AuthMiddleware", "LimitMiddleware", "RequestIdMiddleware", "arrival", "key_id", "request_id", "tenant"]
+__all__ = ["AuthMiddleware", "LimitMiddleware", "LoopbackOnlyMiddleware", "RequestIdMiddleware", "arrival", "key_id", "request_id", "tenant"]
 
 DEFAULT_TENANT = "default"
 ANONYMOUS_KEY = "anonymous"  # the one key of a gateway without keys (auth off)
@@ -147,3 +150,35 @@ class LimitMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.limiter.done(key)
+
+
+def _loopback(scope: Scope) -> bool:
+    """True for a client on this host: a loopback address, or a Unix socket (no address)."""
+    client = scope.get("client")
+    if not client:
+        return True
+    try:
+        address = ipaddress.ip_address(client[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+class LoopbackOnlyMiddleware:
+    """With auth off (no API or operator keys), ``/metrics`` and the dashboard, which show
+    every function of every tenant, answer only clients on this host; others get a 403. The
+    API itself stays open (a development gateway). Put it first: it needs no other state."""
+
+    def __init__(self, app: ASGIApp, enabled: bool, prefixes: tuple[str, ...] = ("/metrics", "/dashboard")) -> None:
+        self.app, self.enabled, self.prefixes = app, enabled, prefixes
+
+    def _guarded(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in self.prefixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.enabled or scope["type"] != "http" or not self._guarded(scope["path"]) or _loopback(scope):
+            return await self.app(scope, receive, send)
+        exc = PermissionDenied(f"{scope['path']} answers only this host while the gateway has no API keys "
+                               "(auth off); configure api_keys and operator_keys to open it to others")
+        await error_response(exc)(scope, receive, send)

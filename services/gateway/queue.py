@@ -6,7 +6,8 @@ worker task asks the scheduler for a claim with the deadline that is left of the
 ``queue_timeout`` (503 when it runs out). The OpenTelemetry context is captured at enqueue time
 and attached in the worker, so the claim span sits under the request's trace. Every claim
 acquired and not yet released is listed in the periodic report, so a newly elected scheduler
-counts it too.
+counts it too, and the scheduler keeps it only while the reports list it: the report period is
+kept to at most a third of the claims' TTL, so one or two lost reports never cost a claim.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class ClaimQueue:
         self._held: dict[str, HeldClaim] = {}  # acquired, not yet released
         self._releasing: dict[str, asyncio.Task[None]] = {}  # ReleaseClaim calls under way
         self._reported_held = False  # the last report listed claims: the next must say if they went
+        self._claim_ttl = 0.0  # the shortest TTL the scheduler gave a claim (0: none said)
 
     def limits(self, fn: FunctionInfo) -> tuple[int, float]:
         """The function's (queue_len, queue_timeout), with the gateway's defaults for zeros."""
@@ -119,6 +121,8 @@ class ClaimQueue:
             async with telemetry.traced("claim.acquire", attributes={"snapwake.function_id": function_id}):
                 claim = await self._client.acquire_claim(function_id, request_id, max_wait)
                 self._held[claim.claim_id] = HeldClaim(claim.claim_id, claim.instance_id, function_id)
+                if claim.ttl_seconds > 0:
+                    self._claim_ttl = min(self._claim_ttl or claim.ttl_seconds, claim.ttl_seconds)
                 return claim
         finally:
             if token is not None:
@@ -147,6 +151,8 @@ class ClaimQueue:
     async def _release(self, claim: Claim, instance_failed: bool) -> None:
         try:
             await self._client.release_claim(claim.claim_id, instance_failed)
+        except errors.NotFound as exc:  # it expired, or a report already released it
+            log.info("ReleaseClaim %s: %s", claim.claim_id, exc.message)
         except errors.SnapwakeError as exc:  # the claim's TTL reclaims it
             log.warning("ReleaseClaim %s failed: %s", claim.claim_id, exc.message)
 
@@ -158,9 +164,10 @@ class ClaimQueue:
 
     async def report_forever(self, interval: float) -> None:
         """Sends queue depths and held claims to the scheduler every ``interval`` seconds until
-        cancelled; the scheduler's grace after an election assumes this period."""
+        cancelled (more often while the claims' TTL is under 3 periods); the scheduler's grace
+        after an election assumes this period."""
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.report_period(interval))
             depths, held = self._book.depths(), list(self._held.values())
             if not depths and not held and not self._reported_held:
                 continue
@@ -171,6 +178,10 @@ class ClaimQueue:
                 continue
             self._reported_held = bool(held)
             self._book.prune()
+
+    def report_period(self, interval: float) -> float:
+        """``interval``, or a third of the claims' TTL if that is shorter."""
+        return min(interval, self._claim_ttl / 3) if self._claim_ttl else interval
 
     def held(self) -> list[HeldClaim]:
         """Claims acquired and not yet released, as the next report lists them."""

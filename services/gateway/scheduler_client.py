@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -29,6 +30,7 @@ from snapwake import errors
 from snapwake.grpcclient import call, channel
 from snapwake.imageref import is_builtin
 from snapwake.openai import ModelLimits
+from snapwake.tlsconfig import ClientTls
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 __all__ = ["Claim", "ClaimSource", "FunctionInfo", "GrpcSchedulerClient", "HeldClaim", "SchedulerClient"]
@@ -62,6 +64,7 @@ class Claim:
     endpoint: str  # host:port of the instance's OpenAI server
     source: ClaimSource = ClaimSource.WARM
     wait_seconds: float = 0.0
+    ttl_seconds: float = 0.0  # it expires unless reported within this long; 0: not said
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,11 @@ class SchedulerClient(abc.ABC):
         """Reports waiting requests per function id (the autoscaler's input) and every claim
         held (the leader's count of them survives a failover)."""
 
+    async def fetch_api_keys(self) -> list[tuple[str, str, str]]:
+        """``(id, tenant, hmac hex)`` of every API key made through the admin API
+        (``services.gateway.keys.ApiKeyTable``); none by default."""
+        return []
+
     async def close(self) -> None:  # noqa: B027 - an optional hook; most fakes hold nothing
         """Releases connections."""
 
@@ -135,10 +143,13 @@ class GrpcSchedulerClient(SchedulerClient):
     """``SchedulerClient`` over gRPC, with leader failover across ``addresses``."""
 
     def __init__(self, addresses: Sequence[str], gateway_id: str, rpc_timeout: float = 5.0,
-                 leader_wait: float = 10.0) -> None:
+                 leader_wait: float = 10.0, admin_token: str = "", tls: ClientTls | None = None) -> None:
+        """``admin_token``: the bearer token sent on SchedulerService calls (the function list
+        and the dashboard's lists) when the scheduler requires one. ``tls``: the gateway's
+        certificate, for the schedulers' mutual-TLS port; None: plaintext."""
         if not addresses:
             raise errors.InvalidArgument("at least one scheduler address is required", field="scheduler")
-        self._channels = [channel(a) for a in addresses]
+        self._channels = [channel(a, tls, server_role="scheduler") for a in addresses]
         self._addresses = list(addresses)
         self._admin = [scheduler_pb2_grpc.SchedulerServiceStub(c) for c in self._channels]
         self._claims = [scheduler_pb2_grpc.ClaimServiceStub(c) for c in self._channels]
@@ -147,6 +158,7 @@ class GrpcSchedulerClient(SchedulerClient):
         self._rpc_timeout = rpc_timeout
         self._leader_wait = leader_wait
         self._leaderless_since: float | None = None  # monotonic; None while a leader answers
+        self._admin_metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
 
     async def _call(self, invoke: Callable[[int, float], Awaitable[R]], budget: float) -> R:
         """Runs ``invoke(index, remaining)`` on the leader, trying each address in turn.
@@ -197,28 +209,32 @@ class GrpcSchedulerClient(SchedulerClient):
     async def list_function_records(self) -> list[types_pb2.Function]:
         """Every deployed function, as the scheduler's ``Function`` records."""
         async def invoke(i: int, t: float) -> Any:
-            return await call(self._admin[i].ListFunctions, scheduler_pb2.ListFunctionsRequest(), timeout=t)
+            return await call(functools.partial(self._admin[i].ListFunctions, metadata=self._admin_metadata),
+                              scheduler_pb2.ListFunctionsRequest(), timeout=t)
 
         return list((await self._call(invoke, self._rpc_timeout)).functions)
 
     async def list_instances(self) -> list[types_pb2.Instance]:
         """Every instance of every function, in any state."""
         async def invoke(i: int, t: float) -> Any:
-            return await call(self._admin[i].ListInstances, scheduler_pb2.ListInstancesRequest(), timeout=t)
+            return await call(functools.partial(self._admin[i].ListInstances, metadata=self._admin_metadata),
+                              scheduler_pb2.ListInstancesRequest(), timeout=t)
 
         return list((await self._call(invoke, self._rpc_timeout)).instances)
 
     async def list_nodes(self) -> list[types_pb2.Node]:
         """Every registered node with its GPUs and cached snapshots."""
         async def invoke(i: int, t: float) -> Any:
-            return await call(self._admin[i].ListNodes, scheduler_pb2.ListNodesRequest(), timeout=t)
+            return await call(functools.partial(self._admin[i].ListNodes, metadata=self._admin_metadata),
+                              scheduler_pb2.ListNodesRequest(), timeout=t)
 
         return list((await self._call(invoke, self._rpc_timeout)).nodes)
 
     async def list_snapshots(self) -> list[types_pb2.Snapshot]:
         """Every snapshot record, with where it is stored."""
         async def invoke(i: int, t: float) -> Any:
-            return await call(self._admin[i].ListSnapshots, scheduler_pb2.ListSnapshotsRequest(), timeout=t)
+            return await call(functools.partial(self._admin[i].ListSnapshots, metadata=self._admin_metadata),
+                              scheduler_pb2.ListSnapshotsRequest(), timeout=t)
 
         return list((await self._call(invoke, self._rpc_timeout)).snapshots)
 
@@ -233,10 +249,12 @@ class GrpcSchedulerClient(SchedulerClient):
         return Claim(claim_id=r.claim_id, instance_id=r.instance_id, endpoint=r.endpoint,
                      source=ClaimSource(r.source) if r.source in ClaimSource._value2member_map_
                      else ClaimSource.UNSPECIFIED,
-                     wait_seconds=r.wait.ToTimedelta().total_seconds())
+                     wait_seconds=r.wait.ToTimedelta().total_seconds(),
+                     ttl_seconds=r.ttl.ToTimedelta().total_seconds())
 
     async def release_claim(self, claim_id: str, instance_failed: bool = False) -> None:
-        request = scheduler_pb2.ReleaseClaimRequest(claim_id=claim_id, instance_failed=instance_failed)
+        request = scheduler_pb2.ReleaseClaimRequest(claim_id=claim_id, instance_failed=instance_failed,
+                                                    gateway_id=self._gateway_id)
 
         async def invoke(i: int, t: float) -> Any:
             return await call(self._claims[i].ReleaseClaim, request, timeout=t)
@@ -252,6 +270,12 @@ class GrpcSchedulerClient(SchedulerClient):
             return await call(self._claims[i].ReportQueue, request, timeout=t)
 
         await self._call(invoke, self._rpc_timeout)
+
+    async def fetch_api_keys(self) -> list[tuple[str, str, str]]:
+        async def invoke(i: int, t: float) -> Any:
+            return await call(self._claims[i].SyncApiKeys, scheduler_pb2.SyncApiKeysRequest(), timeout=t)
+
+        return [(k.id, k.tenant, k.hmac_sha256) for k in (await self._call(invoke, self._rpc_timeout)).keys]
 
     async def close(self) -> None:
         for c in self._channels:

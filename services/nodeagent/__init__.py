@@ -17,7 +17,9 @@
     agent.py         node registration under an etcd lease, orphan clean-up, reconcile loop
     operations.py    start / restore / suspend / stop flows; api.py the thin gRPC servicer
     process_mode.py  PROCESS snapshots: the driver checkpoints the whole container process
-    probe.py         one container's model server: HTTP health, control socket, /proc, log
+    probe.py         one container's model server: HTTP health, control socket, /proc
+    logs.py          output.log: the container's output through a size-capped relay (rotated),
+                     written and read without following symlinks
     integrity.py     snapshot pre-warm before a standby attaches; marking corrupt copies
     modelinfo.py     model metadata (context, vocabulary, chat template) read at start
     tracing.py       spans around awaitables

@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 import httpx
 
-from services.nodeagent import cgroups, fencing, handover, hostmem, probe
+from services.nodeagent import cgroups, fencing, handover, hostmem, logs, probe
 from services.nodeagent.admission import DriverGate
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.container import cgroup_path, control_socket
@@ -135,7 +135,7 @@ class NodeAgent:
                                  on_expired=self._on_lease_expired)
         self.standing = fencing.Standing.SERVING
         self.http = httpx.AsyncClient()
-        self._blob_channel = channel(config.blobstore)
+        self._blob_channel = channel(config.blobstore, config.client_tls(), server_role="blobstore")
         self._reconciler: asyncio.Task[None] | None = None
         self._registered_at = float("-inf")
 
@@ -410,7 +410,7 @@ class NodeAgent:
         if state is None or not state.alive:
             # Reported once, FAILED: the scheduler counts it against the revision's crash loop.
             how = state.ended() if state is not None else "exit status unknown"
-            await self.fail(live, await self.exit_reason(live, how) + "; output:\n" + probe.tail(live.log_path, 1500))
+            await self.fail(live, await self.exit_reason(live, how) + "; output:\n" + logs.tail(live.log_path, 1500))
             return
         if gpu_usage is not None and self._gpu_watched(live) and await self._over_gpu_slice(live, gpu_usage):
             return

@@ -118,7 +118,8 @@ class BundleSpec:
 
 def modelserver_args(python: str, *, model_dir: str, port: int, device: str, gpu_index: int,
                  gpu_memory_bytes: int, start_mode: str, control_socket: str, handover_socket: str,
-                 snapshot_id: str = "", sample_request: str = "", cuda_device: int = -1) -> tuple[str, ...]:
+                 snapshot_id: str = "", sample_request: str = "", cuda_device: int = -1,
+                 chat_template: str = "") -> tuple[str, ...]:
     """The model server's command line, as pinned in docs/CONTRACTS.md."""
     args = [python, "-m", "modelserver", "--model-dir", model_dir, "--host", "127.0.0.1", "--port", str(port),
             "--device", device, "--gpu-index", str(gpu_index), "--gpu-memory-bytes", str(gpu_memory_bytes),
@@ -130,6 +131,8 @@ def modelserver_args(python: str, *, model_dir: str, port: int, device: str, gpu
         args += ["--sample-request", sample_request]
     if cuda_device >= 0:
         args += ["--cuda-device", str(cuda_device)]
+    if chat_template:
+        args += ["--chat-template", chat_template]
     return tuple(args)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from services.nodeagent.seccomp import DEFAULT_PROFILE
 from snapwake.config import is_wildcard, parse_address, parse_endpoints
+from snapwake.tlsconfig import ServerSettings
 
 __all__ = ["NodeAgentConfig"]
 
@@ -32,7 +33,7 @@ def _help(text: str) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class NodeAgentConfig:
+class NodeAgentConfig(ServerSettings):
     """Snapwake nodeagent: runs instance containers on one node."""
 
     name: str = field(default="node-1", metadata=_help("node name; its etcd key is /snapwake/nodes/{name}"))
@@ -65,6 +66,9 @@ class NodeAgentConfig:
     reconcile_interval: float = field(default=1.0, metadata=_help("seconds between reconcile passes"))
     ended_linger: float = field(default=5.0, metadata=_help("seconds an ENDED/FAILED key stays visible"))
     log_level: str = field(default="INFO", metadata=_help("logging level"))
+    log_max_bytes: int = field(default=16 << 20, metadata=_help(
+        "bytes of container output kept per output.log; it is then rotated to output.log.1 (the "
+        "older one goes), so an instance's output takes at most twice this on disk"))
     metrics_port: int = field(default=0, metadata=_help("port serving Prometheus /metrics (0: off)"))
     max_concurrent_restores: int = field(default=4, metadata=_help(
         "driver restores (with their weight DMA) run at once on this node; more wait their turn"))
@@ -159,7 +163,7 @@ class NodeAgentConfig:
 
     def validate(self) -> list[str]:
         """Every bad key, by name."""
-        bad = []
+        bad = self.tls_problems("nodeagent")
         for key in ("listen", "etcd", "blobstore"):
             try:
                 (parse_endpoints if key == "etcd" else parse_address)(getattr(self, key))
@@ -193,6 +197,8 @@ class NodeAgentConfig:
             bad.append(f"repo_root: {self.repo_root} has no modelserver package")
         if not 0 <= self.metrics_port < 65536:
             bad.append(f"metrics_port: out of range: {self.metrics_port}")
+        if self.log_max_bytes < 4096:
+            bad.append(f"log_max_bytes: must be at least 4096, got {self.log_max_bytes}")
         bad.extend(f"container_env: expected KEY=VALUE, got {item!r}"
                    for item in self.container_env if not item.partition("=")[0] or "=" not in item)
         for key in ("max_concurrent_restores", "max_concurrent_checkpoints"):

@@ -180,7 +180,7 @@ def bundle_spec(config: NodeAgentConfig, req: nodeagent_pb2.StartInstanceRequest
         start_mode=modelserver_start_mode(plan, process_mode(spec)), control_socket=control,
         handover_socket=handover,
         snapshot_id=keys.snapshot_id(req.function_id, req.revision), sample_request=spec.sample_request,
-        cuda_device=0 if gpu else -1)
+        cuda_device=0 if gpu else -1, chat_template=spec.chat_template)
     env = {**dict(spec.env), "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
            "PYTHONUNBUFFERED": "1", "PYTHONPATH": ":".join([*config.python_path, config.repo_root]), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "SNAPWAKE_CONTROL_SOCKET": control,

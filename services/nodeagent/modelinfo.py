@@ -5,6 +5,10 @@ it reads what the gateway needs to refuse a request that cannot fit (``types.Mod
 and reports it on the instance; the scheduler copies it onto the function. Only small JSON
 files are read, no weights and no tokenizer. A directory it cannot read gives no metadata: the
 start itself then says what is wrong.
+
+A config.json that names an architecture or a quantisation the built-in model server does not
+run is refused here, at deploy, with an error naming it (``snapwake.modelsupport``), before any
+container starts.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from snapwake.modelsupport import check_model_config
 from snapwake.v1 import types_pb2
 
 __all__ = ["read_model_metadata"]
@@ -40,7 +45,8 @@ def _count(config: dict[str, Any], key: str) -> int:
 
 
 def read_model_metadata(model_dir: Path) -> types_pb2.ModelMetadata | None:
-    """What ``model_dir``'s config.json and tokenizer files say; None if they cannot be read."""
+    """What ``model_dir``'s config.json and tokenizer files say; None if they cannot be read.
+    InvalidArgument naming the architecture or quantisation when the model server cannot run it."""
     try:
         config = _json(model_dir / "config.json")
         tokenizer = _json(model_dir / "tokenizer_config.json")
@@ -49,6 +55,8 @@ def read_model_metadata(model_dir: Path) -> types_pb2.ModelMetadata | None:
         return None
     if not config:
         return None
+    if "model_type" in config:  # without one, the model server's load says what is wrong
+        check_model_config(config)
     template = bool(tokenizer.get("chat_template")) or any((model_dir / f).is_file() for f in _TEMPLATE_FILES)
     return types_pb2.ModelMetadata(max_context_tokens=_count(config, "max_position_embeddings"),
                                    vocab_size=_count(config, "vocab_size"), has_chat_template=template)

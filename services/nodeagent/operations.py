@@ -17,11 +17,11 @@ import re
 import time
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry import trace
 
-from services.nodeagent import handover, hostmem, integrity, probe, process_mode, spec_checks, userimage
+from services.nodeagent import handover, hostmem, integrity, logs, probe, process_mode, spec_checks, userimage
 from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.bundle import IdMap, write_bundle
 from services.nodeagent.container import (
@@ -46,6 +46,7 @@ __all__ = ["get_logs", "restore_instance", "start_instance", "stop_instance", "s
 log = logging.getLogger(__name__)
 _INSTANCE_ID = re.compile(r"^i-[0-9a-f]{12}$")
 _POLL = 0.25
+_MAX_LOG_TAIL = 1 << 20  # GetInstanceLogs answers stay well under gRPC's message limit
 
 
 def validate_target(req: nodeagent_pb2.StartInstanceRequest) -> StartPlan:
@@ -190,6 +191,8 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
     spec_checks.check_env(req.spec.env)
     # Read first: nothing may await between the checks below and the instance's registration.
     model = await asyncio.to_thread(read_model_metadata, Path(model_dir))
+    if model is not None and req.spec.chat_template:
+        model.has_chat_template = True
     if req.instance_id in agent.instances:
         raise errors.AlreadyExists(f"instance {req.instance_id} already exists on {agent.config.name}")
     timeout = userimage.start_timeout(agent, req)
@@ -245,7 +248,7 @@ async def start_instance(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReque
         except asyncio.CancelledError:  # the caller gave up: leave no half-started container
             await asyncio.shield(agent.fail(live, "start cancelled by the caller"))
             raise
-        output = probe.tail(live.log_path, 1500).strip()
+        output = logs.tail(live.log_path, 1500).strip()
         reason += f"; container output:\n{output}" if output else "; the container wrote no output"
         await integrity.note_failure(agent.etcd, agent.config.name, inst, reason)
         await agent.fail(live, reason)
@@ -285,7 +288,7 @@ async def _restore_arena(agent: NodeAgent, live: Live, started: float,
     restore: Awaitable[float] = agent.checkpointer.restore_all(_checkpointed(live)) if live.gpu else _zero()
     try:
         _, restore_s, _ = await asyncio.wait_for(asyncio.gather(
-            _prepare(agent.config.handover_socket, sid, gpu, limit_s), in_span("driver_restore", restore),
+            _prepare(agent, inst, sid, gpu, limit_s), in_span("driver_restore", restore),
             handover.open_socket(agent.blob_channel, live)), limit_s)
         async with telemetry.traced("attach"):
             attach = await probe.control(live.control_socket, {"op": "attach", "snapshot_id": sid, "gpu": gpu,
@@ -293,7 +296,7 @@ async def _restore_arena(agent: NodeAgent, live: Live, started: float,
     except (TimeoutError, errors.SnapwakeError) as exc:
         reason = f"restore of {inst.id} failed: {getattr(exc, 'message', None) or 'timed out'}"
         await integrity.note_failure(agent.etcd, agent.config.name, inst, reason)
-        await agent.fail(live, reason + "; output:\n" + probe.tail(live.log_path, 1500))
+        await agent.fail(live, reason + "; output:\n" + logs.tail(live.log_path, 1500))
         raise errors.StartFailed(reason) from exc
     total = time.perf_counter() - started
     inst.last_start_seconds = total
@@ -324,7 +327,7 @@ async def _restore_process(agent: NodeAgent, live: Live, started: float,
             agent.checkpointer, agent.http, _checkpointed(live), inst.endpoint, live.gpu, live.health_path), limit_s)
     except (TimeoutError, errors.SnapwakeError) as exc:
         reason = f"restore of {inst.id} failed: {getattr(exc, 'message', None) or 'timed out'}"
-        await agent.fail(live, reason + "; output:\n" + probe.tail(live.log_path, 1500))
+        await agent.fail(live, reason + "; output:\n" + logs.tail(live.log_path, 1500))
         raise errors.StartFailed(reason) from exc
     total = time.perf_counter() - started
     inst.last_start_seconds = total
@@ -335,11 +338,20 @@ async def _restore_process(agent: NodeAgent, live: Live, started: float,
     return resp
 
 
-async def _prepare(handover_socket: str, sid: str, gpu: int, limit_s: float) -> dict[str, Any]:
-    """Asks the blobstore to start the DMA now, inside a span it continues (``traceparent``)."""
+async def _prepare(agent: NodeAgent, inst: types_pb2.Instance, sid: str, gpu: int, limit_s: float) -> dict[str, Any]:
+    """Asks the blobstore to start the DMA now, inside a span it continues (``traceparent``), with
+    the snapshot record's manifest digest, so that only the recorded copy is loaded."""
     async with telemetry.traced("dma.prepare"):
-        return await probe.handover(handover_socket, {"op": "prepare", "snapshot_id": sid, "gpu": gpu,
-                                                      **telemetry.traceparent()}, limit_s)
+        digest = ""
+        try:
+            entry = await agent.etcd.get(keys.snapshot_key(inst.function_id, inst.revision), types_pb2.Snapshot)
+            digest = cast(types_pb2.Snapshot, entry.value).manifest_digest if entry is not None else ""
+        except errors.SnapwakeError as exc:  # the blobstore still checks the digest its pre-warm named
+            log.warning("snapshot record of %s unreadable (%s); preparing without its digest", sid, exc.message,
+                        extra={"instance_id": inst.id})
+        return await probe.handover(agent.config.handover_socket, {
+            "op": "prepare", "snapshot_id": sid, "gpu": gpu, **({"manifest_digest": digest} if digest else {}),
+            **telemetry.traceparent()}, limit_s)
 
 
 async def suspend_instance(agent: NodeAgent, instance_id: str, limit_s: float = 60.0) -> types_pb2.Instance:
@@ -385,6 +397,6 @@ async def stop_instance(agent: NodeAgent, instance_id: str) -> None:
 
 
 def get_logs(agent: NodeAgent, instance_id: str, tail_bytes: int) -> str:
-    """The tail of the container's output.log."""
+    """The tail of the container's output (``logs.tail``: no symlink followed), at most 1 MiB."""
     live = _get(agent, instance_id)
-    return probe.tail(live.log_path, tail_bytes or 64 << 10)
+    return logs.tail(live.log_path, min(tail_bytes or 64 << 10, _MAX_LOG_TAIL))

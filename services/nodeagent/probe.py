@@ -16,7 +16,7 @@ import httpx
 from snapwake import errors, protocols
 
 __all__ = ["HostMemory", "control", "handover", "health_phase", "host_memory", "host_rss_bytes",
-           "parse_smaps_rollup", "tail"]
+           "parse_smaps_rollup"]
 
 
 async def health_phase(client: httpx.AsyncClient, endpoint: str, limit_s: float = 2.0,
@@ -115,18 +115,3 @@ def host_memory(pid: int) -> HostMemory:
         return parse_smaps_rollup(Path(f"/proc/{pid}/smaps_rollup").read_text())
     except (OSError, ValueError):
         return HostMemory(host_rss_bytes(pid), 0, 0)
-
-
-def tail(path: Path, max_bytes: int = 4096) -> str:
-    """The last ``max_bytes`` of a log file, starting at a line boundary where possible."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except OSError:
-        return ""
-    if size > max_bytes and b"\n" in data:
-        data = data.split(b"\n", 1)[1]
-    return data.decode(errors="replace")

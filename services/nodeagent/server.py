@@ -49,8 +49,8 @@ class Running:
 
 def _containers(config: NodeAgentConfig) -> Containers:
     if config.containers == "fake":
-        return FakeContainers()
-    return RuncContainers(config.runc_root, binary=config.runc_binary)
+        return FakeContainers(log_max_bytes=config.log_max_bytes)
+    return RuncContainers(config.runc_root, binary=config.runc_binary, log_max_bytes=config.log_max_bytes)
 
 
 def _checkpointer(has_gpu: bool) -> Checkpointer:
@@ -91,7 +91,12 @@ async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
         agent = NodeAgent(config, etcd, containers, _checkpointer(bool(gpus)), gpus, host_memory_bytes(),
                           node_gpus=node_gpus, images=images,
                           sandbox=RuncSandbox(config, node_gpus, containers.isolates_network))
-        server = GrpcServer(config.listen, [SERVICE_NAME])
+        tls = config.server_tls()
+        if tls and tls.identity.name != config.name:
+            # One Secret for every node of a DaemonSet gives them one identity: the per-node
+            # rule (snapwake.authz) then cannot tell this node's blobstore from another's.
+            log.warning("certificate identity %s does not name this node %s", tls.identity, config.name)
+        server = GrpcServer(config.listen, [SERVICE_NAME], tls=tls, health_bind=config.health_listen)
         nodeagent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(agent), server.server)
         await agent.start()
         try:

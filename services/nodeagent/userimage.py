@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from services.nodeagent import hostmem, probe, process_mode, spec_checks
+from services.nodeagent import hostmem, logs, process_mode, spec_checks
 from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.container import container_limits
 from services.nodeagent.machine import InstanceMachine, StartPlan
@@ -147,7 +147,7 @@ async def start_user_image(agent: NodeAgent, req: nodeagent_pb2.StartInstanceReq
         except asyncio.CancelledError:  # the caller gave up: leave no half-started container
             await asyncio.shield(agent.fail(live, "start cancelled by the caller"))
             raise
-        output = probe.tail(live.log_path, 1500).strip()
+        output = logs.tail(live.log_path, 1500).strip()
         reason += f"; container output:\n{output}" if output else "; the container wrote no output"
         await agent.fail(live, reason)
         raise refused(reason)

@@ -12,5 +12,9 @@
     election.py      leader election through an etcd lease
     nodes_base.py    the Nodes interface; nodes.py its gRPC client, nodes_fake.py the fake
     api.py           the thin gRPC servicers: SchedulerService (admin) and ClaimService
+    access.py        admin bearer tokens and tenant scoping (Caller, Authenticator)
+    quota.py         per-tenant quotas: limits, use, checks (pure)
+    audit.py         the admin audit log (JSON lines, size-capped rotation)
+    bootstrap.py     python -m services.scheduler.bootstrap: an operator token and the API-key secret in files
     metrics.py       Prometheus series from the etcd mirror
 """

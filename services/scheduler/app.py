@@ -8,7 +8,9 @@ import logging
 import secrets
 import time
 
+from services.scheduler.access import Authenticator
 from services.scheduler.api import ClaimServicer, SchedulerServicer
+from services.scheduler.audit import AuditLog
 from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.claimtable import ClaimTable
 from services.scheduler.config import SchedulerConfig
@@ -16,9 +18,11 @@ from services.scheduler.controller import Controller
 from services.scheduler.crashloop import CrashLoop
 from services.scheduler.election import Election
 from services.scheduler.nodes import NodeClient
+from services.scheduler.quota import Limits, Quotas
 from services.scheduler.snapshots import SnapshotBuilder
 from services.scheduler.starter import Starter
 from services.scheduler.state import ClusterState
+from snapwake.credentials import load_secret
 from snapwake.etcd import EtcdClient
 from snapwake.grpcserver import GrpcServer
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -35,23 +39,36 @@ class Scheduler:
     def __init__(self, cfg: SchedulerConfig, etcd: EtcdClient) -> None:
         self.cfg, self.etcd = cfg, etcd
         self.state = ClusterState(etcd)
-        self.nodes = NodeClient(cfg.node_rpc_timeout_s)
+        tls = cfg.server_tls()
+        self.nodes = NodeClient(cfg.node_rpc_timeout_s, tls.client() if tls else None)
         self.table = ClaimTable(time.monotonic, cfg.claim_ttl_s)
         self.queues = QueueDepths(time.monotonic)
-        self.starter = Starter(self.state, self.nodes, self.table, cfg.node_stale_s)
+        self.quotas = Quotas(Limits(cfg.quota_functions, cfg.quota_standbys, cfg.quota_snapshot_bytes,
+                                    cfg.quota_gpu_memory_bytes), self.state.quota)
+        self.starter = Starter(self.state, self.nodes, self.table, cfg.node_stale_s, self.quotas)
         self.broker = ClaimBroker(self.state, self.starter, self.table)
         self.controller = Controller(self.state, self.starter, self.broker, self.queues,
                                      SnapshotBuilder(self.state, self.starter, cfg.snapshot_attempts),
                                      cfg.reconcile_interval_s,
                                      CrashLoop(cfg.crash_loop_limit, cfg.crash_loop_window_s))
-        self.server = GrpcServer(cfg.listen, SERVICES)
+        # Admin callers (no client certificate) reach SchedulerService on admin_listen only; the
+        # gateways' ClaimService needs their certificate (snapwake.authz).
+        self.server = GrpcServer(cfg.listen, SERVICES, tls=tls, admin_bind=cfg.admin_listen,
+                                 health_bind=cfg.health_listen, anonymous_services=SERVICES[:1])
         self.port = self.server.port
+        self.admin_port = self.server.admin_port
         host = cfg.listen.rpartition(":")[0]
         self.address = cfg.advertise or f"{host}:{self.port}"
         self.election = Election(etcd, "sched-" + secrets.token_hex(4), self.address, cfg.election_ttl_s,
                                  self._elected, self._deposed)
+        if not cfg.admin_auth:
+            log.warning("admin_auth is off: anyone reaching %s may call every admin RPC as an operator", cfg.listen)
+        self.audit = AuditLog(cfg.audit_log, cfg.audit_log_bytes, cfg.audit_log_backups)
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(
-            SchedulerServicer(self.state, self.nodes, self.election), self.server.server)
+            SchedulerServicer(self.state, self.nodes, self.election, Authenticator(etcd, cfg.admin_auth), self.audit,
+                              self.quotas.defaults,
+                              load_secret(cfg.api_key_secret_file) if cfg.api_key_secret_file else None),
+            self.server.server)
         scheduler_pb2_grpc.add_ClaimServiceServicer_to_server(
             ClaimServicer(self.broker, self.queues, self.election), self.server.server)
         self._election_task: asyncio.Task[None] | None = None
@@ -98,3 +115,4 @@ class Scheduler:
         await self.controller.stop()
         await self.state.stop()
         await self.nodes.close()
+        self.audit.close()

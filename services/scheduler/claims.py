@@ -159,7 +159,13 @@ class ClaimBroker:
 
     def report(self, gateway_id: str, held: Sequence[HeldClaim]) -> dict[str, Adoption]:
         """Takes one gateway's list of the claims it holds: known ones live on, unknown ones on
-        live instances are adopted, and its earlier-reported ones left out are released."""
+        live instances are adopted, and its earlier-reported ones left out are released.
+
+        The whole report is refused, before anything changes, if it lists a claim another
+        gateway holds (``PermissionDenied``) or a claim of a function that does not exist and
+        that this gateway did not hold here before (``NotFound``; a claim whose function was
+        deleted while its request ran was dropped with its instance and is remembered)."""
+        self._check_report(gateway_id, held)
         outcomes: dict[str, Adoption] = {}
         for h in held:
             inst = self.state.instance(h.instance_id)
@@ -174,6 +180,19 @@ class ClaimBroker:
                      extra={"instance_id": claim.instance_id})
             self.wake(claim.function_id)
         return outcomes
+
+    def _check_report(self, gateway_id: str, held: Sequence[HeldClaim]) -> None:
+        for n, h in enumerate(held):
+            known = self.table.get(h.claim_id)
+            if known is not None and known.gateway_id != gateway_id:
+                log.warning("gateway %s reported claim %s, which another gateway holds; refused",
+                            gateway_id, h.claim_id)
+                raise errors.PermissionDenied(f"claims[{n}]: claim {h.claim_id} is held by another gateway",
+                                              field=f"claims[{n}].claim_id")
+            if known is None and self.state.function(h.function_id) is None \
+                    and not self.table.was_released(gateway_id, h.claim_id):
+                raise errors.NotFound(f"claims[{n}]: claim {h.claim_id} names function {h.function_id}, "
+                                      "which does not exist", field=f"claims[{n}].function_id")
 
     @telemetry.traced("claim")
     async def acquire(self, function_id: str, gateway_id: str, timeout_s: float) -> Grant:
@@ -208,7 +227,13 @@ class ClaimBroker:
                 why = " (a new leader is collecting the gateways' claims)" if settling else why
                 raise errors.DeadlineExceeded(
                     f"no instance of {function_id} became free within {time.monotonic() - began:.1f}s{why}")
-            await self._wait(fn.id, task, min(remaining, _NO_ROOM_BACKOFF_S * 4, settling or math.inf))
+            await self._wait(fn.id, task, min(remaining, _NO_ROOM_BACKOFF_S * 4, settling or math.inf,
+                                              self._until_expiry(fn.id)))
+
+    def _until_expiry(self, fid: str) -> float:
+        """Seconds until one of ``fid``'s claims expires (its gateway went quiet): a slot frees then."""
+        at = self.table.next_expiry(fid)
+        return math.inf if at is None else max(0.01, at - self.table.clock())
 
     async def _wait(self, fid: str, task: asyncio.Task[StartResult | None] | None, bound_s: float) -> None:
         event = self._event(fid)
@@ -231,8 +256,16 @@ class ClaimBroker:
             raise errors.FailedPrecondition(f"function {function_id} failed: {fn.status_message}")
         return fn
 
-    def release(self, claim_id: str, instance_failed: bool) -> Claim | None:
-        claim = self.table.release(claim_id)
+    def release(self, claim_id: str, gateway_id: str, instance_failed: bool) -> Claim | None:
+        """Returns ``gateway_id``'s claim; None if it is not held here (released, expired, or
+        granted by an earlier leader and not reported yet). ``PermissionDenied`` if another
+        gateway holds it: that one's request is still in flight."""
+        known = self.table.get(claim_id)
+        if known is not None and known.gateway_id != gateway_id:
+            log.warning("gateway %s tried to release claim %s of another gateway; refused", gateway_id, claim_id,
+                        extra={"instance_id": known.instance_id})
+            raise errors.PermissionDenied(f"claim {claim_id} is held by another gateway", field="claim_id")
+        claim = self.table.release(claim_id, gateway_id)
         if claim is None:
             return None
         if instance_failed:

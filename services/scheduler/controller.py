@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
+from services.scheduler import quota
 from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.crashloop import CrashLoop, Restarts
 from services.scheduler.nodes import NodeFull
@@ -203,6 +204,8 @@ class Controller:
         self._standbys_started = {k: v for k, v in self._standbys_started.items()
                                   if k not in seen and now - v[1] < 30}
         self._standbys_deferred = {k: v for k, v in self._standbys_deferred.items() if v > now}
+        tenant = quota.tenant_of(fn.id)
+        room = self.starter.standby_room(tenant, sum(1 for k in self._ops if k.startswith(f"standby {tenant}/")))
         for node in self.state.nodes():
             if (fn.id, node.name) in self._standbys_deferred:
                 continue
@@ -217,14 +220,26 @@ class Controller:
             # could not park because of them).
             have |= {i.id for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision
                      and i.node == node.name and (i.state in SERVING or i.state == InstanceState.INSTANCE_STATE_RESTORING)}
-            if len(have) < per_node:
-                self._spawn(f"standby {fn.id}@{fn.revision} on {node.name}", self._standby_op(fn, node.name))
+            key = f"standby {fn.id}@{fn.revision} on {node.name}"
+            if len(have) < per_node and key not in self._ops:
+                if room <= 0:  # every pass while the tenant stays there, hence debug
+                    log.debug("no more standbys: tenant %s is at its standbys quota", tenant,
+                              extra={"function_id": fn.id})
+                    return
+                room -= 1
+                self._spawn(key, self._standby_op(fn, node.name))
 
     def _standby_op(self, fn: Function, node_name: str) -> Callable[[], Awaitable[None]]:
         return lambda: self._start_standby(fn, node_name)
 
     async def _start_standby(self, fn: Function, node_name: str) -> None:
-        placement = await self.starter.place(fn, {node_name})
+        placement = None
+        if fn.spec.resources.gpu_count:
+            # A standby restores onto the GPU it was made on: spread them over the node's GPUs
+            # (fewest standbys first), so the functions parked on one node can serve at once.
+            placement = await self.starter.place(fn, {node_name}, self._emptiest_gpus(node_name))
+        if placement is None:
+            placement = await self.starter.place(fn, {node_name})
         if placement is None:
             return
         try:
@@ -236,6 +251,19 @@ class Controller:
                      extra={"function_id": fn.id})
             return
         self._standbys_started[inst.id] = (node_name, time.monotonic())
+
+    def _emptiest_gpus(self, node_name: str) -> frozenset[tuple[str, int]] | None:
+        node = self.state.node(node_name)
+        if node is None or not node.gpus:
+            return None
+        count = dict.fromkeys((g.index for g in node.gpus), 0)
+        starting = [i for i in self.starter.pending.values() if i.state == InstanceState.INSTANCE_STATE_CREATING]
+        for i in [*self.state.instances(), *starting]:
+            if i.node == node_name and i.gpu_index in count and i.state in (
+                    InstanceState.INSTANCE_STATE_STANDBY, InstanceState.INSTANCE_STATE_CREATING):
+                count[i.gpu_index] += 1
+        least = min(count.values())
+        return frozenset((node_name, idx) for idx, n in count.items() if n == least)
 
     def _cleanup(self, functions: dict[str, Function]) -> None:
         for inst in self.state.instances():

@@ -13,6 +13,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from snapwake import errors
 from snapwake.grpcclient import call, channel
+from snapwake.tlsconfig import ClientTls
 from snapwake.v1 import nodeagent_pb2
 from snapwake.v1.nodeagent_pb2_grpc import NodeAgentServiceStub
 from snapwake.v1.types_pb2 import FunctionSpec, Instance, Node
@@ -59,8 +60,9 @@ def _start_error(node: Node, what: str, err: errors.SnapwakeError) -> errors.Sta
 class NodeClient:
     """Calls ``NodeAgentService`` on ``Node.address``."""
 
-    def __init__(self, rpc_timeout_s: float) -> None:
+    def __init__(self, rpc_timeout_s: float, tls: ClientTls | None = None) -> None:
         self.rpc_timeout_s = rpc_timeout_s
+        self.tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._unreachable: dict[str, float] = {}  # node name -> monotonic time it may be tried again
 
@@ -76,7 +78,7 @@ class NodeClient:
 
     def _stub(self, node: Node) -> NodeAgentServiceStub:
         if node.address not in self._channels:
-            self._channels[node.address] = channel(node.address)
+            self._channels[node.address] = channel(node.address, self.tls, server_role="nodeagent")
         return NodeAgentServiceStub(self._channels[node.address])
 
     async def start(self, node: Node, instance_id: str, function_id: str, revision: int, spec: FunctionSpec,

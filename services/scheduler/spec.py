@@ -19,7 +19,7 @@ from snapwake.imageref import is_builtin
 from snapwake.imageref import parse as parse_image
 from snapwake.v1.types_pb2 import FunctionSpec, SnapshotMode
 
-__all__ = ["BUILTIN_IMAGE", "DEFAULT_SAMPLE_REQUEST", "function_id", "normalize", "split_function_id",
+__all__ = ["BUILTIN_IMAGE", "DEFAULT_SAMPLE_REQUEST", "check_tenant", "function_id", "normalize", "split_function_id",
            "validated_at_deploy"]
 
 DEFAULT_SAMPLE_REQUEST = json.dumps(
@@ -36,6 +36,7 @@ _MAX_INSTANCES = 1000
 _MAX_CONCURRENCY = 1024
 _MAX_QUEUE_LEN = 100_000
 _MAX_DURATION_S = 24 * 3600
+_MAX_CHAT_TEMPLATE = 64 << 10
 
 
 def _check_part(value: str, field: str) -> None:
@@ -43,6 +44,12 @@ def _check_part(value: str, field: str) -> None:
         raise InvalidArgument(
             f"{field} {value!r} must be 1-63 chars of [a-z0-9-], starting and ending alphanumeric",
             field=field)
+
+
+def check_tenant(tenant: str, field: str = "tenant") -> str:
+    """``tenant`` if it is a valid tenant name (the first part of a function id)."""
+    _check_part(tenant, field)
+    return tenant
 
 
 def split_function_id(fid: str, field: str = "function_id") -> tuple[str, str, str]:
@@ -127,10 +134,30 @@ def _builtin_only(spec: FunctionSpec) -> None:
     for field in ("command", "args", "served_model_name", "registry_secret"):
         if getattr(spec, field):
             raise InvalidArgument(f"spec.{field} must be empty for the builtin image", field=f"spec.{field}")
+    if spec.chat_template:
+        _chat_template(spec.chat_template)
+
+
+def _chat_template(text: str) -> None:
+    """A chat template override must be a Jinja template the model server can compile."""
+    if len(text.encode()) > _MAX_CHAT_TEMPLATE or "\0" in text:
+        raise InvalidArgument(f"spec.chat_template must be at most {_MAX_CHAT_TEMPLATE} bytes without NUL",
+                              field="spec.chat_template")
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().parse(text)
+    except TemplateSyntaxError as exc:
+        raise InvalidArgument(f"spec.chat_template is not a valid Jinja template: {exc.message} (line {exc.lineno})",
+                              field="spec.chat_template") from exc
 
 
 def _user_image(spec: FunctionSpec) -> None:
     parse_image(spec.image)
+    if spec.chat_template:
+        raise InvalidArgument("spec.chat_template is for the builtin image; a user image uses its own",
+                              field="spec.chat_template")
     if spec.model_dir and not spec.model_dir.startswith("/"):
         raise InvalidArgument("spec.model_dir must be an absolute path (or empty for a user image)",
                               field="spec.model_dir")

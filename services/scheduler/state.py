@@ -1,4 +1,5 @@
-"""The scheduler's view of etcd: functions, nodes, instances, snapshots and node cordons.
+"""The scheduler's view of etcd: functions, nodes, instances, snapshots, node cordons and
+tenants' quota overrides.
 
 On start every prefix is listed and then watched from the listed revision + 1, so the
 in-memory mirror is always a replay of etcd and a restarted scheduler rebuilds it the same
@@ -22,6 +23,7 @@ from google.protobuf.message import Message
 from snapwake import errors, keys
 from snapwake.etcd import EtcdClient
 from snapwake.lifecycle import GONE, SERVING
+from snapwake.v1.scheduler_pb2 import TenantQuota
 from snapwake.v1.types_pb2 import Function, Instance, Node, NodeCordon, Snapshot
 
 __all__ = ["ClusterState", "Mirror"]
@@ -70,7 +72,7 @@ class ClusterState:
         self.mirrors = {name: Mirror(prefix, cls) for name, prefix, cls in (
             ("functions", keys.FUNCTIONS, Function), ("nodes", keys.NODES, Node),
             ("instances", keys.INSTANCES, Instance), ("snapshots", keys.SNAPSHOTS, Snapshot),
-            ("cordons", keys.CORDONS, NodeCordon))}
+            ("cordons", keys.CORDONS, NodeCordon), ("quotas", keys.QUOTAS, TenantQuota))}
         self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._fresh: dict[str, tuple[Instance, float]] = {}
@@ -148,6 +150,11 @@ class ClusterState:
         """Whether ``node``'s instances are being moved off it."""
         cordon = self.cordon(node)
         return cordon is not None and cordon.drain
+
+    def quota(self, tenant: str) -> TenantQuota | None:
+        """The operator's quota overrides for ``tenant``, if any (``services.scheduler.quota``)."""
+        held = self.mirrors["quotas"].items.get(keys.quota_key(tenant))
+        return held[0] if held else None  # type: ignore[return-value]
 
     def snapshots(self) -> list[Snapshot]:
         return self.mirrors["snapshots"].values()  # type: ignore[return-value]

@@ -55,10 +55,12 @@ class PutSnapshotResponse(_message.Message):
     def __init__(self, snapshot_id: _Optional[str] = ..., bytes_written: _Optional[int] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
 
 class GetSnapshotRequest(_message.Message):
-    __slots__ = ("snapshot_id",)
+    __slots__ = ("snapshot_id", "manifest_digest")
     SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     snapshot_id: str
-    def __init__(self, snapshot_id: _Optional[str] = ...) -> None: ...
+    manifest_digest: str
+    def __init__(self, snapshot_id: _Optional[str] = ..., manifest_digest: _Optional[str] = ...) -> None: ...
 
 class GetSnapshotResponse(_message.Message):
     __slots__ = ("manifest", "data")

@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from snapwake.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -21,6 +22,166 @@ CLAIM_SOURCE_UNSPECIFIED: ClaimSource
 CLAIM_SOURCE_WARM: ClaimSource
 CLAIM_SOURCE_COLD_START: ClaimSource
 CLAIM_SOURCE_NORMAL_START: ClaimSource
+
+class AdminToken(_message.Message):
+    __slots__ = ("id", "tenant", "operator", "sha256", "description", "create_time")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    tenant: str
+    operator: bool
+    sha256: str
+    description: str
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., operator: _Optional[bool] = ..., sha256: _Optional[str] = ..., description: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateAdminTokenRequest(_message.Message):
+    __slots__ = ("tenant", "operator", "description")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    operator: bool
+    description: str
+    def __init__(self, tenant: _Optional[str] = ..., operator: _Optional[bool] = ..., description: _Optional[str] = ...) -> None: ...
+
+class CreateAdminTokenResponse(_message.Message):
+    __slots__ = ("token", "secret")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    token: AdminToken
+    secret: str
+    def __init__(self, token: _Optional[_Union[AdminToken, _Mapping]] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class ListAdminTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdminTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[AdminToken]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[AdminToken, _Mapping]]] = ...) -> None: ...
+
+class RevokeAdminTokenRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class RevokeAdminTokenResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ApiKey(_message.Message):
+    __slots__ = ("id", "tenant", "hmac_sha256", "description", "create_time")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    HMAC_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    tenant: str
+    hmac_sha256: str
+    description: str
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., tenant: _Optional[str] = ..., hmac_sha256: _Optional[str] = ..., description: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateApiKeyRequest(_message.Message):
+    __slots__ = ("tenant", "description")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    description: str
+    def __init__(self, tenant: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class CreateApiKeyResponse(_message.Message):
+    __slots__ = ("key", "secret")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    key: ApiKey
+    secret: str
+    def __init__(self, key: _Optional[_Union[ApiKey, _Mapping]] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class ListApiKeysRequest(_message.Message):
+    __slots__ = ("id_prefix", "tenant")
+    ID_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    id_prefix: str
+    tenant: str
+    def __init__(self, id_prefix: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class ListApiKeysResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[ApiKey]
+    def __init__(self, keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ...) -> None: ...
+
+class RevokeApiKeyRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class RevokeApiKeyResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TenantQuota(_message.Message):
+    __slots__ = ("tenant", "max_functions", "max_standbys", "max_snapshot_bytes", "max_gpu_memory_bytes")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MAX_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STANDBYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SNAPSHOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    max_functions: int
+    max_standbys: int
+    max_snapshot_bytes: int
+    max_gpu_memory_bytes: int
+    def __init__(self, tenant: _Optional[str] = ..., max_functions: _Optional[int] = ..., max_standbys: _Optional[int] = ..., max_snapshot_bytes: _Optional[int] = ..., max_gpu_memory_bytes: _Optional[int] = ...) -> None: ...
+
+class TenantUsage(_message.Message):
+    __slots__ = ("functions", "standbys", "snapshot_bytes", "gpu_memory_bytes")
+    FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    STANDBYS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    functions: int
+    standbys: int
+    snapshot_bytes: int
+    gpu_memory_bytes: int
+    def __init__(self, functions: _Optional[int] = ..., standbys: _Optional[int] = ..., snapshot_bytes: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ...) -> None: ...
+
+class GetTenantQuotaRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class GetTenantQuotaResponse(_message.Message):
+    __slots__ = ("quota", "usage")
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    quota: TenantQuota
+    usage: TenantUsage
+    def __init__(self, quota: _Optional[_Union[TenantQuota, _Mapping]] = ..., usage: _Optional[_Union[TenantUsage, _Mapping]] = ...) -> None: ...
+
+class SetTenantQuotaRequest(_message.Message):
+    __slots__ = ("quota",)
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    quota: TenantQuota
+    def __init__(self, quota: _Optional[_Union[TenantQuota, _Mapping]] = ...) -> None: ...
+
+class SetTenantQuotaResponse(_message.Message):
+    __slots__ = ("quota",)
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
+    quota: TenantQuota
+    def __init__(self, quota: _Optional[_Union[TenantQuota, _Mapping]] = ...) -> None: ...
 
 class CreateFunctionRequest(_message.Message):
     __slots__ = ("spec",)
@@ -156,6 +317,16 @@ class UncordonNodeResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SyncApiKeysRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SyncApiKeysResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[ApiKey]
+    def __init__(self, keys: _Optional[_Iterable[_Union[ApiKey, _Mapping]]] = ...) -> None: ...
+
 class AcquireClaimRequest(_message.Message):
     __slots__ = ("function_id", "request_id", "gateway_id")
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -183,12 +354,14 @@ class AcquireClaimResponse(_message.Message):
     def __init__(self, claim_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., source: _Optional[_Union[ClaimSource, str]] = ..., wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ReleaseClaimRequest(_message.Message):
-    __slots__ = ("claim_id", "instance_failed")
+    __slots__ = ("claim_id", "instance_failed", "gateway_id")
     CLAIM_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FAILED_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     claim_id: str
     instance_failed: bool
-    def __init__(self, claim_id: _Optional[str] = ..., instance_failed: _Optional[bool] = ...) -> None: ...
+    gateway_id: str
+    def __init__(self, claim_id: _Optional[str] = ..., instance_failed: _Optional[bool] = ..., gateway_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseClaimResponse(_message.Message):
     __slots__ = ()

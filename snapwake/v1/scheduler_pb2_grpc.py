@@ -90,6 +90,46 @@ class SchedulerServiceStub:
                 request_serializer=snapwake_dot_v1_dot_scheduler__pb2.UncordonNodeRequest.SerializeToString,
                 response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.UncordonNodeResponse.FromString,
                 _registered_method=True)
+        self.CreateAdminToken = channel.unary_unary(
+                '/snapwake.v1.SchedulerService/CreateAdminToken',
+                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.CreateAdminTokenRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.CreateAdminTokenResponse.FromString,
+                _registered_method=True)
+        self.ListAdminTokens = channel.unary_unary(
+                '/snapwake.v1.SchedulerService/ListAdminTokens',
+                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.ListAdminTokensRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.ListAdminTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeAdminToken = channel.unary_unary(
+                '/snapwake.v1.SchedulerService/RevokeAdminToken',
+                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.RevokeAdminTokenRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.RevokeAdminTokenResponse.FromString,
+                _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/snapwake.v1.SchedulerService/CreateApiKey',
+                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/snapwake.v1.SchedulerService/ListApiKeys',
+                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/snapwake.v1.SchedulerService/RevokeApiKey',
+                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
+        self.GetTenantQuota = channel.unary_unary(
+                '/snapwake.v1.SchedulerService/GetTenantQuota',
+                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.GetTenantQuotaRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.GetTenantQuotaResponse.FromString,
+                _registered_method=True)
+        self.SetTenantQuota = channel.unary_unary(
+                '/snapwake.v1.SchedulerService/SetTenantQuota',
+                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.SetTenantQuotaRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.SetTenantQuotaResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -165,6 +205,59 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAdminToken(self, request, context):
+        """Admin bearer tokens (operator only). The token itself is answered once, at creation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdminTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAdminToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiKey(self, request, context):
+        """Gateway API keys (operator only). The key itself is answered once, at creation; gateways
+        pick up a new or revoked key within their refresh interval, without a restart.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenantQuota(self, request, context):
+        """A tenant's quota limits and current use (an operator, or that tenant's own token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTenantQuota(self, request, context):
+        """Sets a tenant's quota overrides (operator only); unset fields take the scheduler's defaults.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +315,46 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.UncordonNode,
                     request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.UncordonNodeRequest.FromString,
                     response_serializer=snapwake_dot_v1_dot_scheduler__pb2.UncordonNodeResponse.SerializeToString,
+            ),
+            'CreateAdminToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAdminToken,
+                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.CreateAdminTokenRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.CreateAdminTokenResponse.SerializeToString,
+            ),
+            'ListAdminTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdminTokens,
+                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.ListAdminTokensRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.ListAdminTokensResponse.SerializeToString,
+            ),
+            'RevokeAdminToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAdminToken,
+                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.RevokeAdminTokenRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.RevokeAdminTokenResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'GetTenantQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenantQuota,
+                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.GetTenantQuotaRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.GetTenantQuotaResponse.SerializeToString,
+            ),
+            'SetTenantQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantQuota,
+                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.SetTenantQuotaRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.SetTenantQuotaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -532,6 +665,222 @@ class SchedulerService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def CreateAdminToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapwake.v1.SchedulerService/CreateAdminToken',
+            snapwake_dot_v1_dot_scheduler__pb2.CreateAdminTokenRequest.SerializeToString,
+            snapwake_dot_v1_dot_scheduler__pb2.CreateAdminTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdminTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapwake.v1.SchedulerService/ListAdminTokens',
+            snapwake_dot_v1_dot_scheduler__pb2.ListAdminTokensRequest.SerializeToString,
+            snapwake_dot_v1_dot_scheduler__pb2.ListAdminTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAdminToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapwake.v1.SchedulerService/RevokeAdminToken',
+            snapwake_dot_v1_dot_scheduler__pb2.RevokeAdminTokenRequest.SerializeToString,
+            snapwake_dot_v1_dot_scheduler__pb2.RevokeAdminTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapwake.v1.SchedulerService/CreateApiKey',
+            snapwake_dot_v1_dot_scheduler__pb2.CreateApiKeyRequest.SerializeToString,
+            snapwake_dot_v1_dot_scheduler__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapwake.v1.SchedulerService/ListApiKeys',
+            snapwake_dot_v1_dot_scheduler__pb2.ListApiKeysRequest.SerializeToString,
+            snapwake_dot_v1_dot_scheduler__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapwake.v1.SchedulerService/RevokeApiKey',
+            snapwake_dot_v1_dot_scheduler__pb2.RevokeApiKeyRequest.SerializeToString,
+            snapwake_dot_v1_dot_scheduler__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenantQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapwake.v1.SchedulerService/GetTenantQuota',
+            snapwake_dot_v1_dot_scheduler__pb2.GetTenantQuotaRequest.SerializeToString,
+            snapwake_dot_v1_dot_scheduler__pb2.GetTenantQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapwake.v1.SchedulerService/SetTenantQuota',
+            snapwake_dot_v1_dot_scheduler__pb2.SetTenantQuotaRequest.SerializeToString,
+            snapwake_dot_v1_dot_scheduler__pb2.SetTenantQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ClaimServiceStub:
     """ClaimService hands gateways an instance to send one request to.
@@ -557,6 +906,11 @@ class ClaimServiceStub:
                 '/snapwake.v1.ClaimService/ReportQueue',
                 request_serializer=snapwake_dot_v1_dot_scheduler__pb2.ReportQueueRequest.SerializeToString,
                 response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.ReportQueueResponse.FromString,
+                _registered_method=True)
+        self.SyncApiKeys = channel.unary_unary(
+                '/snapwake.v1.ClaimService/SyncApiKeys',
+                request_serializer=snapwake_dot_v1_dot_scheduler__pb2.SyncApiKeysRequest.SerializeToString,
+                response_deserializer=snapwake_dot_v1_dot_scheduler__pb2.SyncApiKeysResponse.FromString,
                 _registered_method=True)
 
 
@@ -584,6 +938,13 @@ class ClaimServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SyncApiKeys(self, request, context):
+        """Every live gateway API key with its keyed digest, for the gateways' key table (polled).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClaimServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -601,6 +962,11 @@ def add_ClaimServiceServicer_to_server(servicer, server):
                     servicer.ReportQueue,
                     request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.ReportQueueRequest.FromString,
                     response_serializer=snapwake_dot_v1_dot_scheduler__pb2.ReportQueueResponse.SerializeToString,
+            ),
+            'SyncApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncApiKeys,
+                    request_deserializer=snapwake_dot_v1_dot_scheduler__pb2.SyncApiKeysRequest.FromString,
+                    response_serializer=snapwake_dot_v1_dot_scheduler__pb2.SyncApiKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -685,6 +1051,33 @@ class ClaimService:
             '/snapwake.v1.ClaimService/ReportQueue',
             snapwake_dot_v1_dot_scheduler__pb2.ReportQueueRequest.SerializeToString,
             snapwake_dot_v1_dot_scheduler__pb2.ReportQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapwake.v1.ClaimService/SyncApiKeys',
+            snapwake_dot_v1_dot_scheduler__pb2.SyncApiKeysRequest.SerializeToString,
+            snapwake_dot_v1_dot_scheduler__pb2.SyncApiKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

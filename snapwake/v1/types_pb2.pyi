@@ -106,7 +106,7 @@ class Policy(_message.Message):
     def __init__(self, min_instances: _Optional[int] = ..., max_instances: _Optional[int] = ..., standby_per_node: _Optional[int] = ..., concurrency: _Optional[int] = ..., queue_len: _Optional[int] = ..., queue_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., snapshot_mode: _Optional[_Union[SnapshotMode, str]] = ..., start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class FunctionSpec(_message.Message):
-    __slots__ = ("tenant", "namespace", "name", "image", "model_dir", "command", "http_port", "health_path", "sample_request", "resources", "policy", "env", "args", "served_model_name", "registry_secret")
+    __slots__ = ("tenant", "namespace", "name", "image", "model_dir", "command", "http_port", "health_path", "sample_request", "resources", "policy", "env", "args", "served_model_name", "registry_secret", "chat_template")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,7 @@ class FunctionSpec(_message.Message):
     ARGS_FIELD_NUMBER: _ClassVar[int]
     SERVED_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_SECRET_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     namespace: str
     name: str
@@ -144,7 +145,8 @@ class FunctionSpec(_message.Message):
     args: _containers.RepeatedScalarFieldContainer[str]
     served_model_name: str
     registry_secret: str
-    def __init__(self, tenant: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., model_dir: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., http_port: _Optional[int] = ..., health_path: _Optional[str] = ..., sample_request: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., args: _Optional[_Iterable[str]] = ..., served_model_name: _Optional[str] = ..., registry_secret: _Optional[str] = ...) -> None: ...
+    chat_template: str
+    def __init__(self, tenant: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., model_dir: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., http_port: _Optional[int] = ..., health_path: _Optional[str] = ..., sample_request: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., args: _Optional[_Iterable[str]] = ..., served_model_name: _Optional[str] = ..., registry_secret: _Optional[str] = ..., chat_template: _Optional[str] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
     __slots__ = ("max_context_tokens", "vocab_size", "has_chat_template")

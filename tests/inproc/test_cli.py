@@ -156,7 +156,7 @@ def sched() -> Iterator[tuple[FakeScheduler, str]]:
 
 
 def _cli(capsys: pytest.CaptureFixture[str], address: str, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(["--scheduler", address, "--timeout", "5", *argv])
+    code = cli.main(["--scheduler", address, "--plaintext", "--timeout", "5", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 

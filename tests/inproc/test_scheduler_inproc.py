@@ -143,9 +143,10 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
 
 
 def cfg(etcd: EtcdProcess, **overrides: object) -> SchedulerConfig:
-    # No gateway reports to these schedulers unless a test does: a short grace window will do.
+    # No gateway reports to these schedulers unless a test does: a short grace window will do,
+    # and claims must outlive the tests that hold them without reporting.
     base = SchedulerConfig(listen="127.0.0.1:0", etcd=etcd.address, election_ttl_s=2, reconcile_interval_s=0.1,
-                           claim_adopt_grace_s=0.3)
+                           claim_adopt_grace_s=0.3, claim_ttl_s=60.0)
     return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
 
@@ -277,7 +278,7 @@ async def test_burst_never_exceeds_concurrency(leader: Scheduler, node: FakeNode
         peak = max(peak, holding[got.instance_id])
         await asyncio.sleep(0.05)
         holding[got.instance_id] -= 1
-        await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
+        await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id, gateway_id="gw"), timeout=5)
 
     await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(20))), 30)
     assert peak == 2 and len(sources) == 20
@@ -309,9 +310,9 @@ async def test_wait_times_out_when_max_is_busy(leader: Scheduler, node: FakeNode
     fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function.id
     held = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
     assert held.source == scheduler_pb2.CLAIM_SOURCE_NORMAL_START and held.endpoint
-    code, details = await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid), timeout=10))
+    code, details = await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and fid in details
-    assert (await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id="a/b/none"), timeout=5)))[0] \
+    assert (await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id="a/b/none", gateway_id="gw"), timeout=5)))[0] \
         == grpc.StatusCode.NOT_FOUND
     logs = await admin.GetInstanceLogs(scheduler_pb2.GetInstanceLogsRequest(instance_id=held.instance_id), timeout=5)
     assert logs.logs == f"log of {held.instance_id} tail=65536"
@@ -333,7 +334,7 @@ async def test_arena_function_snapshot_standby_and_cold_start(leader: Scheduler,
     await asyncio.sleep(1.5)
     assert node.count("start", nodeagent_pb2.START_TARGET_STANDBY) == 1
     # Once idle past idle_timeout it is parked back into the standby (suspend, not stop) ...
-    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id, gateway_id="gw"), timeout=5)
     entry = await leader.etcd.get(keys.instance_key(got.instance_id), Instance)
     assert entry is not None
     idle = entry.value
@@ -369,7 +370,7 @@ async def test_each_revision_records_the_model_its_first_instance_reported(leade
     assert created.state == FunctionState.FUNCTION_STATE_READY and not created.HasField("model")
     got = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=created.id, gateway_id="gw"), timeout=10)
     await wait_until(lambda: recorded(created.id) == node.model, 10, "the first start's model recorded")
-    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id, gateway_id="gw"), timeout=5)
     listed = (await admin.ListFunctions(scheduler_pb2.ListFunctionsRequest(), timeout=5)).functions
     assert FunctionInfo.from_proto(next(f for f in listed if f.id == created.id)).limits is not None
 
@@ -394,7 +395,7 @@ async def test_a_standby_being_restored_still_covers_the_standby_need(leader: Sc
     assert got.source == scheduler_pb2.CLAIM_SOURCE_COLD_START
     await asyncio.sleep(1.0)
     assert node.count("start", nodeagent_pb2.START_TARGET_STANDBY) == 1
-    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id), timeout=5)
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id, gateway_id="gw"), timeout=5)
 
 
 async def test_snapshot_build_fails_after_three_attempts(leader: Scheduler, node: FakeNode) -> None:
@@ -407,7 +408,7 @@ async def test_snapshot_build_fails_after_three_attempts(leader: Scheduler, node
     fn = leader.state.function(fid)
     assert fn is not None and "after 3 attempts" in fn.status_message and "out of host memory" in fn.status_message
     assert node.count("start", nodeagent_pb2.START_TARGET_SNAPSHOT) == 3
-    code, details = await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid), timeout=5))
+    code, details = await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=5))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "out of host memory" in details
     entry = await leader.etcd.get(keys.snapshot_key(fid, 1), Snapshot)
     assert entry is not None and entry.value.state == SnapshotState.SNAPSHOT_STATE_FAILED
@@ -431,7 +432,7 @@ async def test_a_user_image_is_pending_until_validated_then_ready_with_its_diges
     held = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
     assert held.source in (scheduler_pb2.CLAIM_SOURCE_NORMAL_START, scheduler_pb2.CLAIM_SOURCE_COLD_START)
     assert len(node.pinned) >= 2 and set(node.pinned[1:]) == {got.image_digest}
-    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=held.claim_id), timeout=5)
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=held.claim_id, gateway_id="gw"), timeout=5)
     # A new revision resolves its image again.
     spec = user_image("byo")
     spec.served_model_name = "acme/Echo-1B-v2"
@@ -457,7 +458,7 @@ async def test_a_user_image_that_fails_validation_fails_its_deploy_with_the_node
     assert "exit status 3" in got.status_message and "No module named 'vllm'" in got.status_message
     assert got.image_digest == "" and node.count("start") == 3  # never once READY, never a serving start
     assert node.count("start", nodeagent_pb2.START_TARGET_SNAPSHOT) == 3
-    code, details = await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=created.id),
+    code, details = await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=created.id, gateway_id="gw"),
                                                       timeout=5))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "No module named 'vllm'" in details
 
@@ -531,7 +532,7 @@ async def test_idle_scale_in_and_old_revision_drain(leader: Scheduler, node: Fak
     assert a.instance_id != b.instance_id
     # Instance a goes idle (as its nodeagent would report) long ago; b is updated to revision 2's
     # predecessor and keeps its claim, so it must not be drained until released.
-    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=a.claim_id), timeout=5)
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=a.claim_id, gateway_id="gw"), timeout=5)
     got = await store.get(keys.instance_key(a.instance_id), Instance)
     assert got is not None
     idle = got.value
@@ -543,7 +544,7 @@ async def test_idle_scale_in_and_old_revision_drain(leader: Scheduler, node: Fak
     await admin.UpdateFunction(scheduler_pb2.UpdateFunctionRequest(spec=spec), timeout=5)
     await asyncio.sleep(0.5)
     assert leader.state.instance(b.instance_id) is not None  # still claimed: not drained yet
-    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=b.claim_id), timeout=5)
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=b.claim_id, gateway_id="gw"), timeout=5)
     await wait_until(lambda: leader.state.instance(b.instance_id) is None, 10, "old revision drained")
     c = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
     inst = leader.state.instance(c.instance_id)
@@ -560,7 +561,7 @@ async def idle_instance_of(leader: Scheduler, store: Etcd, spec: FunctionSpec) -
     admin, claims = stubs(leader)
     fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function.id
     held = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
-    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=held.claim_id), timeout=5)
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=held.claim_id, gateway_id="gw"), timeout=5)
     got = await store.get(keys.instance_key(held.instance_id), Instance)
     assert got is not None
     got.value.state = InstanceState.INSTANCE_STATE_IDLE
@@ -660,7 +661,11 @@ async def test_reported_leases_are_adopted_once_and_never_resurrected(leader: Sc
     assert leader.table.in_use(iid) == 2
     code, _ = await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=5))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id="c-prev-term"), timeout=5)
+    # Only the gateway that reported it may release it.
+    code, details = await code_of(claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(
+        claim_id="c-prev-term", gateway_id="gw"), timeout=5))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "c-prev-term" in details
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id="c-prev-term", gateway_id="gw-r"), timeout=5)
     third = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=5)
     assert third.instance_id == iid
     await report(held.claim_id, "c-prev-term")  # sent before the release, arriving after it
@@ -675,3 +680,81 @@ async def test_reported_leases_are_adopted_once_and_never_resurrected(leader: Sc
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "claims[0].instance_id" in details
     code, details = await code_of(report("c-x", gateway_id=""))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "gateway_id" in details
+
+
+# --- claims belong to a gateway, and go when it goes quiet ---------------------------------
+
+async def test_a_gateway_that_stops_reporting_loses_its_claims_within_the_ttl(
+        store: Etcd, etcd_server: EtcdProcess, node: FakeNode) -> None:
+    """A real gateway queue holds both slots and reports every 0.2 s; while it reports, the
+    claims outlive their 1 s TTL. Its reports stop (the gateway died): within the TTL plus one
+    expiry check another gateway gets a slot, where before it waited out its queue timeout."""
+    async with running(store, etcd_server, claim_ttl_s=1.0) as sched:
+        await wait_until(lambda: sched.election.is_leader and not sched.broker.settling_s(), 10, "leadership")
+        admin, claims = stubs(sched)
+        spec = custom("silent", concurrency=2, max_instances=1)
+        spec.policy.queue_timeout.FromSeconds(5)
+        fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+        client = GrpcSchedulerClient([sched.address], "gw-silent", rpc_timeout=2)
+        queue = ClaimQueue(client, default_len=10, default_timeout=5)
+        info = FunctionInfo(fid, queue_len=10, queue_timeout=5)
+        try:
+            held = [await queue.acquire(info, f"r{k}") for k in range(2)]
+            assert held[0].ttl_seconds == 1.0 and queue.report_period(1.0) == pytest.approx(1 / 3)
+            reporter = asyncio.create_task(queue.report_forever(0.2))
+            await asyncio.sleep(1.6)  # past the TTL: the reports kept both claims
+            assert sched.table.in_use(held[0].instance_id) == 2
+            code, _ = await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(
+                function_id=fid, gateway_id="gw-other"), timeout=0.5))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            reporter.cancel()  # the gateway dies: no report, no release
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+            began = time.monotonic()
+            got = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw-other"),
+                                            timeout=5)
+            assert got.instance_id == held[0].instance_id and time.monotonic() - began < 1.5
+            assert [c.gateway_id for c in [sched.table.get(got.claim_id)] if c] == ["gw-other"]
+            assert sched.table.in_use(got.instance_id) == 1  # the silent gateway's two are gone
+        finally:
+            await client.close()
+
+
+async def test_claims_and_reports_touch_only_the_callers_own_claims(leader: Scheduler, node: FakeNode) -> None:
+    admin, claims = stubs(leader)
+    spec = custom("owned", concurrency=2, max_instances=1)
+    fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function.id
+    mine = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw-a"), timeout=10)
+    iid = mine.instance_id
+
+    def held(claim_id: str, function_id: str = fid) -> scheduler_pb2.HeldClaim:
+        return scheduler_pb2.HeldClaim(claim_id=claim_id, instance_id=iid, function_id=function_id)
+
+    # Another gateway can neither release nor report (keep alive) gw-a's claim.
+    code, details = await code_of(claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(
+        claim_id=mine.claim_id, gateway_id="gw-b"), timeout=5))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and mine.claim_id in details
+    code, details = await code_of(claims.ReportQueue(scheduler_pb2.ReportQueueRequest(
+        gateway_id="gw-b", depths={fid: 1}, claims=[held("c-b-own"), held(mine.claim_id)]), timeout=5))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and mine.claim_id in details and "claims[1]" in details
+    assert leader.table.get("c-b-own") is None and leader.queues.total(fid) == 0  # refused whole
+    # A claim (or a depth) of a function that does not exist is refused, naming it.
+    code, details = await code_of(claims.ReportQueue(scheduler_pb2.ReportQueueRequest(
+        gateway_id="gw-b", claims=[held("c-made-up", "t/d/none")]), timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND and "c-made-up" in details and "t/d/none" in details
+    await claims.ReportQueue(scheduler_pb2.ReportQueueRequest(gateway_id="gw-b", depths={"t/d/none": 9, fid: 2}),
+                             timeout=5)
+    assert leader.queues.total("t/d/none") == 0 and leader.queues.total(fid) == 2
+    await claims.ReportQueue(scheduler_pb2.ReportQueueRequest(gateway_id="gw-b"), timeout=5)
+    # A release needs the gateway id, and an id not held here is NOT_FOUND, naming it.
+    code, details = await code_of(claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=mine.claim_id),
+                                                      timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "gateway_id" in details
+    code, details = await code_of(claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid), timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "gateway_id" in details
+    code, details = await code_of(claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(
+        claim_id="c-nobody-1", gateway_id="gw-a"), timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND and "c-nobody-1" in details
+    assert leader.table.in_use(iid) == 1
+    await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=mine.claim_id, gateway_id="gw-a"), timeout=5)
+    assert leader.table.in_use(iid) == 0

@@ -49,7 +49,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, debian_python_image: Any) 
 
 
 def _cli(cluster: Cluster, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = cli.main(["--scheduler", cluster.scheduler_address, "--timeout", "20", *argv])
+    code = cli.main(["--scheduler", cluster.scheduler_address, *cluster.cli_args(), "--timeout", "20", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -66,7 +66,7 @@ def _client(cluster: Cluster) -> openai.OpenAI:
 
 
 def _admin(cluster: Cluster) -> tuple[grpc.Channel, scheduler_pb2_grpc.SchedulerServiceStub]:
-    ch = grpc.insecure_channel(cluster.scheduler_address)
+    ch = cluster.admin_channel()
     return ch, scheduler_pb2_grpc.SchedulerServiceStub(ch)
 
 
@@ -80,7 +80,7 @@ def deployed(cluster: Cluster, debian_python_image: Any) -> dict[str, Any]:
     """The image deployed once as "byo" through the CLI (module scoped, so capsys cannot be used)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli.main(["--scheduler", cluster.scheduler_address, "--timeout", "20", "-o", "json", "deploy",
+        code = cli.main(["--scheduler", cluster.scheduler_address, *cluster.cli_args(), "--timeout", "20", "-o", "json", "deploy",
                          "--name", "byo", "--image", debian_python_image.ref("serve"),
                          "--served-model-name", debian_python_image.served_model,
                          "--port", str(debian_python_image.port), "--start-timeout", f"{START_TIMEOUT_S}s",

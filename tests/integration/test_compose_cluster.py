@@ -17,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import openai
 import pytest
 
+from snapwake.grpcclient import blocking_channel
 from snapwake.testing import free_port
+from snapwake.tlsconfig import ClientTls
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
@@ -71,7 +72,9 @@ def compose() -> Iterator[Compose]:
 
 
 def _instance_nodes(admin: str) -> dict[str, str]:
-    with grpc.insecure_channel(admin) as ch:
+    # The admin port is TLS; cluster.sh made the CA in var/compose/pki (no client certificate).
+    tls = ClientTls((ROOT / "var" / "compose" / "pki" / "ca.crt").read_bytes())
+    with blocking_channel(admin, tls, server_role="scheduler") as ch:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
         got = stub.ListInstances(scheduler_pb2.ListInstancesRequest(function_id="default/default/demo"), timeout=10)
     return {i.id: i.node for i in got.instances}

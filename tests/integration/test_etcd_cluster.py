@@ -43,6 +43,7 @@ from tcp_proxy import TcpProxy
 
 from snapwake import cli
 from snapwake.devcluster import Cluster, ClusterConfig
+from snapwake.pki import Identity
 from snapwake.testing import EtcdCluster, wait_for
 from snapwake.v1 import nodeagent_pb2, nodeagent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from snapwake.v1.types_pb2 import InstanceState
@@ -79,8 +80,8 @@ class Setup:
 
 # --- helpers ------------------------------------------------------------------------------
 
-def _admin(address: str) -> scheduler_pb2_grpc.SchedulerServiceStub:
-    return scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(address))
+def _admin(cluster: Cluster, name: str) -> scheduler_pb2_grpc.SchedulerServiceStub:
+    return scheduler_pb2_grpc.SchedulerServiceStub(cluster.admin_channel(name))
 
 
 def leader(cluster: Cluster) -> str | None:
@@ -88,7 +89,7 @@ def leader(cluster: Cluster) -> str | None:
     found = []
     for name in cluster.names("scheduler"):
         try:
-            _admin(cluster.address(name)).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=3)
+            _admin(cluster, name).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=3)
             found.append(name)
         except grpc.RpcError as err:
             assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), err
@@ -98,7 +99,7 @@ def leader(cluster: Cluster) -> str | None:
 
 def admin(cluster: Cluster) -> scheduler_pb2_grpc.SchedulerServiceStub:
     wait_for(lambda: leader(cluster) is not None, 30, "a scheduler leader", interval=0.2)
-    return _admin(cluster.address(leader(cluster)))  # type: ignore[arg-type]
+    return _admin(cluster, leader(cluster))  # type: ignore[arg-type]
 
 
 def instances(cluster: Cluster) -> list[types_pb2.Instance]:
@@ -143,7 +144,7 @@ def log_times(cluster: Cluster, name: str, pattern: str) -> list[float]:
 def node_call(cluster: Cluster, agent: str) -> grpc.StatusCode:
     """What the nodeagent answers a start it must refuse: INVALID_ARGUMENT while it takes work,
     UNAVAILABLE naming the fence while fenced."""
-    stub = nodeagent_pb2_grpc.NodeAgentServiceStub(grpc.insecure_channel(cluster.address(agent)))
+    stub = nodeagent_pb2_grpc.NodeAgentServiceStub(cluster.channel_as(agent, Identity("scheduler", "scheduler")))
     try:
         stub.StartInstance(nodeagent_pb2.StartInstanceRequest(), timeout=5)
     except grpc.RpcError as err:
@@ -278,7 +279,7 @@ def test_drain_from_the_cli_moves_instances_off_a_node_under_load(setup: Setup, 
     assert moved and not on_node(cluster, kept, *SERVING)
     with Stream(cluster) as stream:
         began = time.monotonic()
-        code = cli.main(["--scheduler", schedulers, "node", "drain", drained, "--reason", "test",
+        code = cli.main(["--scheduler", schedulers, *cluster.cli_args(), "node", "drain", drained, "--reason", "test",
                          "--wait-timeout", "200"])
         out, err = capsys.readouterr()
         assert (code, out) == (0, f"node {drained} drained\n"), err
@@ -290,11 +291,11 @@ def test_drain_from_the_cli_moves_instances_off_a_node_under_load(setup: Setup, 
     live = {i.id: i for i in instances(cluster)}
     assert {live[iid].node for at, iid in stream.served[-3:]} == {kept}
     assert any(iid in moved for at, iid in stream.served if at < began + drain_s)  # served until drained
-    code = cli.main(["--scheduler", schedulers, "nodes"])
+    code = cli.main(["--scheduler", schedulers, *cluster.cli_args(), "nodes"])
     out, _ = capsys.readouterr()
     assert code == 0 and re.search(rf"^{drained}\s+Draining \(test\)", out, re.M), out
-    assert cli.main(["--scheduler", schedulers, "node", "uncordon", drained]) == 0
-    code = cli.main(["--scheduler", schedulers, "nodes"])
+    assert cli.main(["--scheduler", schedulers, *cluster.cli_args(), "node", "uncordon", drained]) == 0
+    code = cli.main(["--scheduler", schedulers, *cluster.cli_args(), "nodes"])
     out, _ = capsys.readouterr()
     assert code == 0 and re.search(rf"^{drained}\s+Ready", out, re.M), out
     print(f"drained {drained} in {drain_s:.1f}s under load: {len(stream.served)} requests, none failed")
@@ -324,7 +325,7 @@ def test_a_node_cut_off_from_etcd_fences_itself_then_rejoins(setup: Setup) -> No
         rejoined_s = time.monotonic() - healed
     nodes = admin(cluster).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=5).nodes
     assert node in [n.name for n in nodes]
-    agent_side = nodeagent_pb2_grpc.NodeAgentServiceStub(grpc.insecure_channel(cluster.address(agent))).ListInstances(
+    agent_side = nodeagent_pb2_grpc.NodeAgentServiceStub(cluster.channel_as(agent, Identity("scheduler", "scheduler"))).ListInstances(
         nodeagent_pb2.NodeAgentServiceListInstancesRequest(), timeout=5).instances
     assert all(i.state not in SERVING for i in agent_side if i.id in serving)  # stopped while fenced
     # What etcd holds of the node after it rejoined is what the node runs, nothing older.
@@ -336,9 +337,9 @@ def test_a_node_cut_off_from_etcd_fences_itself_then_rejoins(setup: Setup) -> No
     assert stream.failures == []
 
 
-def _grants(address: str, stop: threading.Event, out: list[float]) -> None:
+def _grants(ch: grpc.Channel, stop: threading.Event, out: list[float]) -> None:
     """AcquireClaim (then ReleaseClaim) on one scheduler as fast as it answers; notes each grant."""
-    stub = scheduler_pb2_grpc.ClaimServiceStub(grpc.insecure_channel(address))
+    stub = scheduler_pb2_grpc.ClaimServiceStub(ch)
     while not stop.is_set():
         try:
             got = stub.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=FID, gateway_id="probe",
@@ -348,7 +349,7 @@ def _grants(address: str, stop: threading.Event, out: list[float]) -> None:
             continue
         out.append(time.monotonic())
         with contextlib.suppress(grpc.RpcError):
-            stub.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id), timeout=2)
+            stub.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id, gateway_id="probe"), timeout=2)
 
 
 def test_a_leader_cut_off_from_etcd_stops_granting_before_the_next_one_starts(setup: Setup) -> None:
@@ -360,7 +361,7 @@ def test_a_leader_cut_off_from_etcd_stops_granting_before_the_next_one_starts(se
         cluster.start_service(new)
     granted: dict[str, list[float]] = {old: [], new: []}
     stop = threading.Event()
-    probes = [threading.Thread(target=_grants, args=(cluster.address(n), stop, granted[n]), daemon=True)
+    probes = [threading.Thread(target=_grants, args=(cluster.channel_as(n, Identity("gateway", "probe")), stop, granted[n]), daemon=True)
               for n in (old, new)]
     for probe in probes:
         probe.start()
@@ -442,7 +443,7 @@ def test_quorum_loss_fails_new_requests_with_503_within_the_bound_then_recovers(
 
     # Deploys (and any admin write) fail with a clear UNAVAILABLE too, within the bound.
     began = time.monotonic()
-    code = cli.main(["--scheduler", ",".join(cluster.scheduler_addresses), "--timeout", "8", "deploy",
+    code = cli.main(["--scheduler", ",".join(cluster.scheduler_addresses), *cluster.cli_args(), "--timeout", "8", "deploy",
                      "--name", "late", "--model-dir", str(demo_model_dir)])
     _, err = capsys.readouterr()
     assert code == 5 and re.search(r"Unavailable: .*(leader|etcd)", err), err

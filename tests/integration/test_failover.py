@@ -43,8 +43,8 @@ SERVING = (InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_ID
 
 # --- helpers ------------------------------------------------------------------------------
 
-def _admin(address: str) -> scheduler_pb2_grpc.SchedulerServiceStub:
-    return scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(address))
+def _admin(cluster: Cluster, name: str) -> scheduler_pb2_grpc.SchedulerServiceStub:
+    return scheduler_pb2_grpc.SchedulerServiceStub(cluster.admin_channel(name))
 
 
 def leader(cluster: Cluster, names: list[str] | None = None) -> str | None:
@@ -53,7 +53,7 @@ def leader(cluster: Cluster, names: list[str] | None = None) -> str | None:
     found = []
     for name in names or [n for n in cluster.names("scheduler") if n in cluster.procs]:
         try:
-            _admin(cluster.address(name)).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=2)
+            _admin(cluster, name).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=2)
             found.append(name)
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.UNAVAILABLE, err
@@ -64,7 +64,7 @@ def leader(cluster: Cluster, names: list[str] | None = None) -> str | None:
 def admin(cluster: Cluster) -> scheduler_pb2_grpc.SchedulerServiceStub:
     """The leader's admin stub (waits up to 20 s for an election)."""
     wait_for(lambda: leader(cluster) is not None, 20, "a scheduler leader", interval=0.2)
-    return _admin(cluster.address(leader(cluster)))  # type: ignore[arg-type]
+    return _admin(cluster, leader(cluster))  # type: ignore[arg-type]
 
 
 def instances(cluster: Cluster, fid: str) -> list[types_pb2.Instance]:

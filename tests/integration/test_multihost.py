@@ -23,13 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import openai
 import pytest
 from netns import Network
 
 from services.nodeagent.config import NodeAgentConfig
 from snapwake.devcluster import Cluster, ClusterConfig, Host
+from snapwake.pki import Identity
 from snapwake.testing import wait_for
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from snapwake.v1.types_pb2 import InstanceState
@@ -43,7 +43,7 @@ SERVING = (InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_ID
 
 
 def admin(cluster: Cluster) -> scheduler_pb2_grpc.SchedulerServiceStub:
-    return scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(cluster.scheduler_address))
+    return scheduler_pb2_grpc.SchedulerServiceStub(cluster.admin_channel())
 
 
 def instances(cluster: Cluster) -> list[types_pb2.Instance]:
@@ -166,7 +166,7 @@ def test_snapshot_built_on_node_1_reaches_node_2_by_peer_fetch(cluster: Cluster,
     wait_for(lambda: any(i.node == node2 and i.state == InstanceState.INSTANCE_STATE_STANDBY
                          for i in instances(cluster)), 120, "a standby on node 2", interval=0.5)
     sid = f"{FID}@{snap.revision}"
-    with grpc.insecure_channel(cluster.address("blobstore-1")) as ch:
+    with cluster.channel_as("blobstore-1", Identity("nodeagent", cluster.node_name("blobstore-1"))) as ch:
         stat = blobstore_pb2_grpc.BlobstoreServiceStub(ch).StatSnapshot(
             blobstore_pb2.StatSnapshotRequest(snapshot_id=sid), timeout=10)
     assert stat.on_disk and stat.in_cache and stat.manifest_digest == snap.manifest_digest

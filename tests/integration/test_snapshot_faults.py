@@ -24,7 +24,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import openai
 import pytest
 
@@ -32,6 +31,7 @@ from snapwake import keys
 from snapwake.devcluster import Cluster, ClusterConfig, deploy_demo
 from snapwake.etcd import Etcd
 from snapwake.lifecycle import TERMINAL
+from snapwake.pki import Identity
 from snapwake.testing import wait_for
 from snapwake.v1 import (
     blobstore_pb2,
@@ -54,11 +54,11 @@ MESSAGES = [{"role": "user", "content": "hello there"}]
 # --- helpers ------------------------------------------------------------------------------
 
 def _admin(cluster: Cluster) -> scheduler_pb2_grpc.SchedulerServiceStub:
-    return scheduler_pb2_grpc.SchedulerServiceStub(grpc.insecure_channel(cluster.scheduler_address))
+    return scheduler_pb2_grpc.SchedulerServiceStub(cluster.admin_channel())
 
 
 def _agent(cluster: Cluster) -> nodeagent_pb2_grpc.NodeAgentServiceStub:
-    return nodeagent_pb2_grpc.NodeAgentServiceStub(grpc.insecure_channel(f"127.0.0.1:{cluster.ports['nodeagent']}"))
+    return nodeagent_pb2_grpc.NodeAgentServiceStub(cluster.channel_as("nodeagent", Identity("scheduler", "scheduler")))
 
 
 def _instances(cluster: Cluster, fid: str) -> list[types_pb2.Instance]:
@@ -149,7 +149,7 @@ def cluster(demo_model_dir: Path) -> Iterator[Cluster]:
                            blobstore_port=0, etcd_port=0)
     try:
         with Cluster(config) as c:
-            asyncio.run(deploy_demo(c.scheduler_address, demo_model_dir, timeout=240))
+            asyncio.run(deploy_demo(c.scheduler_address, demo_model_dir, timeout=240, tls=c.client_tls()))
             yield c
     finally:
         shutil.rmtree(var, ignore_errors=True)
@@ -266,7 +266,7 @@ def test_corrupt_chunk_is_never_served_and_the_snapshot_is_rebuilt(cluster: Clus
     insts = asyncio.run(_history(cluster.etcd.address, keys.INSTANCES, types_pb2.Instance, since, 5))
     failed = [e.value.message for e in insts if e.value is not None and e.value.state == InstanceState.INSTANCE_STATE_FAILED]
     assert any("is corrupt: chunk 0" in m for m in failed), failed
-    with grpc.insecure_channel(f"127.0.0.1:{cluster.ports['blobstore']}") as ch:
+    with cluster.channel_as("blobstore", Identity("nodeagent", cluster.node_name("nodeagent"))) as ch:
         verified = blobstore_pb2_grpc.BlobstoreServiceStub(ch).VerifySnapshot(
             blobstore_pb2.VerifySnapshotRequest(snapshot_id=keys.snapshot_id(DEMO, 1)), timeout=30)
     assert verified.ok, verified.message

@@ -83,15 +83,15 @@ def cluster(receiver: tuple[Receiver, int], demo_model_dir: Path) -> Iterator[Cl
                            blobstore_port=0, etcd_port=0, extra_env=env)
     try:
         with Cluster(config) as c:
-            asyncio.run(deploy_demo(c.scheduler_address, demo_model_dir, timeout=240))
+            asyncio.run(deploy_demo(c.scheduler_address, demo_model_dir, timeout=240, tls=c.client_tls()))
             yield c
     finally:
         shutil.rmtree(var, ignore_errors=True)
 
 
-def _wait_standby(scheduler: str, timeout: float = 120.0) -> None:
+def _wait_standby(cluster: Cluster, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(scheduler) as ch:
+    with cluster.admin_channel() as ch:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
         while time.monotonic() < deadline:
             got = stub.ListInstances(scheduler_pb2.ListInstancesRequest(function_id="default/default/demo"),
@@ -125,7 +125,7 @@ def _ancestors(span: trace_pb2.Span, by_id: dict[bytes, Got]) -> list[str]:
 
 def test_cold_start_request_is_one_trace_across_every_process(cluster: Cluster,
                                                               receiver: tuple[Receiver, int]) -> None:
-    _wait_standby(cluster.scheduler_address)
+    _wait_standby(cluster)
     body = {"model": "demo", "messages": [{"role": "user", "content": "trace me"}], "max_tokens": 4,
             "stream": True}
     with httpx.stream("POST", cluster.gateway_url + "/v1/chat/completions", json=body, timeout=120) as r:

@@ -43,8 +43,9 @@ CONFIGS: dict[str, type] = {"gateway": GatewayConfig, "scheduler": SchedulerConf
                             "nodeagent": NodeAgentConfig, "blobstore": BlobstoreConfig}
 # Config fields that hold the address of another process (snapwake.config.parse_address).
 ADDRESS_FIELDS = ("etcd", "scheduler", "blobstore", "advertise", "peers")
-# NodeAgentConfig.validate checks that these name files in the image, which this machine need not have.
-IMAGE_FILE_KEYS = ("repo_root", "seccomp_profile", "repo_root/python_path/python")
+# NodeAgentConfig.validate checks that these name files in the image, which this machine need not have
+# (the tls_* files are the mounted Secrets).
+IMAGE_FILE_KEYS = ("repo_root", "seccomp_profile", "repo_root/python_path/python", "tls_ca", "tls_cert", "tls_key")
 # What the downward API would give, for loading configs that use it.
 FIELD_REFS = {"metadata.name": "{workload}-0", "status.podIP": "10.0.0.7", "spec.nodeName": "gpu-node-1"}
 # Variables that are not Snapwake config keys but that the platform reads.
@@ -274,10 +275,15 @@ def test_container_ports_are_the_ports_the_config_listens_on(target: str) -> Non
         assert named.pop("grpc" if service != "gateway" else "http") == listen, f"{w.name}/{c['name']}"
         if getattr(config, "metrics_port", 0):
             assert named.pop("metrics") == config.metrics_port, f"{w.name}/{c['name']}"
+        for name, setting in (("admin", "admin_listen"), ("health", "health_listen")):
+            if getattr(config, setting, ""):
+                assert named.pop(name) == parse_address(getattr(config, setting))[1], f"{w.name}/{c['name']}"
         assert not named, f"{w.name}/{c['name']}: ports nothing listens on: {named}"
         for probe in ("readinessProbe", "livenessProbe"):
             port = c[probe].get("grpc", c[probe].get("httpGet", {})).get("port")
-            assert port in (listen, "grpc", "http"), f"{w.name}/{c['name']}: {probe} on {port}"
+            health = parse_address(config.health_listen)[1] if getattr(config, "health_listen", "") else None
+            # With TLS the probes (no TLS) go to the plaintext health port.
+            assert port in ((health, "health") if health else (listen, "grpc", "http")), f"{w.name}/{c['name']}: {probe} on {port}"
 
 
 def _resolve(host: str, port: int, own: Workload, docs: tuple[Doc, ...]) -> Workload:
@@ -426,13 +432,13 @@ def allowed(docs: tuple[Doc, ...], src: Workload, dst: Workload, port: int) -> b
 
 
 # (from, to, port): every path the design uses, then paths it must not open.
-OPEN = [("gateway", "scheduler", 7001), ("gateway", "node", 40000), ("gateway", "node", 60999),
+OPEN = [("gateway", "scheduler", 7000), ("gateway", "node", 40000), ("gateway", "node", 60999),
         ("scheduler", "node", 7070), ("scheduler", "etcd", 2379), ("node", "etcd", 2379),
         ("etcd", "etcd", 2380), ("node", "node", 7080)]
 CLOSED = [("gateway", "etcd", 2379), ("gateway", "node", 7070), ("gateway", "node", 7080),
           ("gateway", "node", 39999), ("scheduler", "node", 7080), ("scheduler", "node", 45000),
-          ("node", "scheduler", 7001), ("node", "gateway", 8000), ("node", "etcd", 2380),
-          ("etcd", "scheduler", 7001), ("scheduler", "etcd", 2380), ("gateway", "gateway", 8000)]
+          ("node", "scheduler", 7000), ("node", "gateway", 8000), ("node", "etcd", 2380),
+          ("etcd", "scheduler", 7000), ("gateway", "scheduler", 7001), ("scheduler", "etcd", 2380), ("gateway", "gateway", 8000)]
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -30,9 +30,9 @@ def test_release_frees_a_slot_and_unknown_release_is_noop() -> None:
     table = ClaimTable(Clock(), ttl_s=60)
     a = table.try_grant("i-1", "t/d/f", "gw", 1)
     assert a is not None and table.try_grant("i-1", "t/d/f", "gw", 1) is None
-    assert table.release(a.claim_id) == a
-    assert table.release(a.claim_id) is None
-    assert table.release("c-unknown") is None
+    assert table.release(a.claim_id, "gw") == a
+    assert table.release(a.claim_id, "gw") is None
+    assert table.release("c-unknown", "gw") is None
     assert table.try_grant("i-1", "t/d/f", "gw", 1) is not None
 
 
@@ -85,7 +85,7 @@ def test_adopted_leases_count_against_concurrency() -> None:
     assert table.adopt("c-old-2", "i-1", "t/d/f", "gw") is Adoption.ADOPTED
     assert (table.in_use("i-1"), table.free("i-1", 2)) == (2, 0)
     assert table.try_grant("i-1", "t/d/f", "gw2", 2) is None
-    assert table.release("c-old-1") is not None
+    assert table.release("c-old-1", "gw") is not None
     assert table.try_grant("i-1", "t/d/f", "gw2", 2) is not None
 
 
@@ -103,7 +103,7 @@ def test_released_or_expired_lease_is_never_adopted(gone: str) -> None:
     claim = table.try_grant("i-1", "t/d/f", "gw", 1)
     assert claim is not None
     if gone == "release":
-        table.release(claim.claim_id)
+        table.release(claim.claim_id, "gw")
     elif gone == "expire":
         clock.now += 10
         assert table.expire() == [claim]
@@ -117,7 +117,7 @@ def test_released_or_expired_lease_is_never_adopted(gone: str) -> None:
 def test_release_of_unknown_id_blocks_a_later_adoption() -> None:
     """After a failover the gateway's ReleaseClaim can reach the new leader before its report."""
     table = ClaimTable(Clock(), ttl_s=10)
-    assert table.release("c-from-old-leader") is None
+    assert table.release("c-from-old-leader", "gw") is None
     assert table.adopt("c-from-old-leader", "i-1", "t/d/f", "gw") is Adoption.RELEASED
     assert len(table) == 0
 
@@ -171,7 +171,7 @@ def test_clear_forgets_leases_but_not_released_ids() -> None:
     held = table.try_grant("i-1", "t/d/f", "gw", 2)
     gone = table.try_grant("i-1", "t/d/f", "gw", 2)
     assert held and gone
-    table.release(gone.claim_id)
+    table.release(gone.claim_id, "gw")
     table.clear()  # deposed, then elected again: the gateway still holds ``held``
     assert table.adopt(held.claim_id, "i-1", "t/d/f", "gw") is Adoption.ADOPTED
     assert table.adopt(gone.claim_id, "i-1", "t/d/f", "gw") is Adoption.RELEASED
@@ -180,6 +180,25 @@ def test_clear_forgets_leases_but_not_released_ids() -> None:
 def test_released_ids_are_remembered_boundedly() -> None:
     table = ClaimTable(Clock(), ttl_s=60)
     for n in range(_REMEMBER_RELEASED + 1):
-        table.release(f"c-{n}")
+        table.release(f"c-{n}", "gw")
     assert table.adopt("c-0", "i-1", "t/d/f", "gw") is Adoption.ADOPTED  # the oldest was forgotten
     assert table.adopt("c-1", "i-1", "t/d/f", "gw") is Adoption.RELEASED
+
+
+# Ownership: a claim belongs to the gateway it was granted to (or that reported it first).
+
+def test_another_gateway_cannot_release_refresh_or_poison_a_claim() -> None:
+    clock = Clock()
+    table = ClaimTable(clock, ttl_s=10)
+    mine = table.try_grant("i-1", "t/d/f", "gw-a", 2)
+    assert mine is not None and table.get(mine.claim_id) == mine
+    assert table.release(mine.claim_id, "gw-b") is None  # not gw-b's: it stays
+    assert table.in_use("i-1") == 1
+    clock.now += 9
+    assert table.adopt(mine.claim_id, "i-1", "t/d/f", "gw-b") is Adoption.FOREIGN  # no refresh
+    clock.now += 1
+    assert table.expire() == [mine]
+    # gw-b released an id gw-a holds on a leader that has not adopted it yet: gw-a still can.
+    assert table.release("c-prev-term", "gw-b") is None
+    assert table.adopt("c-prev-term", "i-1", "t/d/f", "gw-a") is Adoption.ADOPTED
+    assert table.was_released("gw-b", "c-prev-term") and not table.was_released("gw-a", "c-prev-term")

@@ -229,6 +229,50 @@ async def test_a_standby_is_restored_only_while_its_snapshot_is_usable(
     assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_RUNNING
 
 
+@pytest.mark.parametrize(("standby_gpu", "busy_gpu", "op", "lands_on"), [
+    (1, None, "restore", 1),  # both GPUs empty: restored on its own GPU 1, not the first-fit GPU 0
+    (0, 0, "start", 1),       # its GPU is held by a busy instance: a normal start on the GPU with room
+])
+async def test_a_standby_restores_only_onto_the_gpu_it_was_checkpointed_on(
+        core: Core, standby_gpu: int, busy_gpu: int | None, op: str, lands_on: int) -> None:
+    fn = function(gib=50, mode=SnapshotMode.SNAPSHOT_MODE_ARENA, standby_per_node=1)
+    other = function("g", gib=50)
+    standby = instance("i-00000000000a", fn, InstanceState.INSTANCE_STATE_STANDBY)
+    standby.gpu_index = standby_gpu
+    busy = instance("i-00000000000b", other, InstanceState.INSTANCE_STATE_RUNNING)
+    busy.gpu_index = busy_gpu or 0
+    await core.put(node(gpus=2), fn, other, snapshot(fn, SnapshotState.SNAPSHOT_STATE_READY), standby,
+                   *([busy] if busy_gpu is not None else []))
+    result = await core.starter.start(fn)
+    assert result is not None
+    assert [c.op for c in core.nodes.calls] == [op]
+    assert result.instance.gpu_index == lands_on
+    assert (result.instance.id == standby.id) == (op == "restore")
+
+
+@pytest.mark.parametrize(("standby_gpu", "victim", "op"), [
+    (0, "lru", "restore"),     # the least recently used idles on the standby's GPU
+    (1, "recent", "restore"),  # a restore after evicting a more recent one beats a normal start
+    (None, "lru", "start"),    # no standby: least recently used, then a normal start
+])
+async def test_a_full_node_evicts_least_recently_used_on_the_gpus_a_standby_can_restore_onto(
+        core: Core, standby_gpu: int | None, victim: str, op: str) -> None:
+    fn = function(gib=50, mode=SnapshotMode.SNAPSHOT_MODE_ARENA, standby_per_node=1)
+    others = [function(name, gib=50) for name in ("old", "new")]
+    standby = instance("i-00000000000a", fn, InstanceState.INSTANCE_STATE_STANDBY)
+    standby.gpu_index = standby_gpu or 0
+    lru = instance("i-00000000000b", others[0], InstanceState.INSTANCE_STATE_IDLE, idle_for_s=100)
+    recent = instance("i-00000000000c", others[1], InstanceState.INSTANCE_STATE_IDLE, idle_for_s=10)
+    recent.gpu_index = 1
+    await core.put(node(gpus=2), fn, *others, snapshot(fn, SnapshotState.SNAPSHOT_STATE_READY), lru, recent,
+                   *([standby] if standby_gpu is not None else []))
+    result = await core.starter.start(fn)
+    evicted = lru if victim == "lru" else recent
+    assert result is not None and result.instance.gpu_index == evicted.gpu_index
+    assert [(c.op, c.instance_id) for c in core.nodes.calls] == [
+        ("stop", evicted.id), (op, standby.id if op == "restore" else result.instance.id)]
+
+
 async def test_no_room_is_none_and_calls_no_node(core: Core) -> None:
     fn = function(gib=100)
     await core.put(node(gib=80), fn)
@@ -296,7 +340,7 @@ async def test_a_drained_node_loses_its_instances_once_they_serve_no_request(cor
     # starts on the other node, and the next request is served there, not on the drained one.
     moved = await core.broker.acquire(fn.id, "gw", timeout_s=1)
     assert moved.instance.node == "node-b" and core.nodes.count("start") == 1
-    core.broker.release(held.claim.claim_id, instance_failed=False)
+    core.broker.release(held.claim.claim_id, "gw", instance_failed=False)
     core.controller.reconcile()
     await until(lambda: core.nodes.count("stop") == 1, "the drained instance stopped")
     assert [c.instance_id for c in core.nodes.calls if c.op == "stop"] == [busy.id]
@@ -310,7 +354,7 @@ async def test_a_drained_instance_serves_until_its_replacement_does(core: Core) 
     await asyncio.sleep(0.1)
     grant = await core.broker.acquire(fn.id, "gw", timeout_s=1)
     assert grant.instance.id == old.id  # the only instance still serves
-    core.broker.release(grant.claim.claim_id, instance_failed=False)
+    core.broker.release(grant.claim.claim_id, "gw", instance_failed=False)
     core.controller.reconcile()
     await asyncio.sleep(0.1)
     assert core.nodes.count("stop") == 0
@@ -373,7 +417,7 @@ async def test_at_max_instances_a_waiter_gets_a_released_slot_or_times_out(core:
     waiting = asyncio.ensure_future(core.broker.acquire(fn.id, "gw", timeout_s=2))
     await asyncio.sleep(0.05)
     assert not waiting.done()
-    core.broker.release(first.claim.claim_id, instance_failed=False)
+    core.broker.release(first.claim.claim_id, "gw", instance_failed=False)
     second = await waiting
     assert second.instance.id == first.instance.id and core.nodes.calls == []
 
@@ -443,6 +487,16 @@ async def test_an_instance_idle_past_its_timeout_is_stopped_or_parked(
     await until(lambda: (i := core.state.instance(idle.id)) is None and after is None
                 or i is not None and i.state == after, "the instance's new state")
     assert [c.op for c in core.nodes.calls] == [op]
+
+
+async def test_standbys_are_spread_over_the_gpus_of_a_node(core: Core) -> None:
+    fns = [function(name, gib=20, standby_per_node=1, mode=SnapshotMode.SNAPSHOT_MODE_ARENA) for name in "abcd"]
+    await core.put(node(gpus=2), *fns, *(snapshot(f, SnapshotState.SNAPSHOT_STATE_READY) for f in fns))
+    # Several at a time: a standby start holds its slice until it checkpoints.
+    await until(lambda: core.controller.reconcile() or sum(
+        i.state == InstanceState.INSTANCE_STATE_STANDBY for i in core.state.instances()) == 4, "four standbys")
+    on_gpu = sorted(i.gpu_index for i in core.state.instances() if i.state == InstanceState.INSTANCE_STATE_STANDBY)
+    assert on_gpu == [0, 0, 1, 1]
 
 
 async def test_a_node_without_host_memory_for_a_standby_is_not_asked_again_at_once(core: Core) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from services.blobstore.core import Blobstore
 from services.blobstore.handover.grants import Grant
-from services.blobstore.handover.session import HandoverLimits, Session, peer
+from services.blobstore.handover.session import HandoverLimits, LoadBudget, Session, peer
 from services.blobstore.handover.sockets import Bound, bind_instance, bind_node
 
 __all__ = ["HandoverServer"]
@@ -36,6 +36,7 @@ class _Listener:
     bound: Bound
     grant: Grant | None
     instance_dir: Path | None = None
+    budget: LoadBudget | None = None  # an instance socket's loads until it is opened again
     conns: set[socket.socket] = field(default_factory=set)
     closed: bool = False
     refused: int = 0
@@ -85,6 +86,8 @@ class HandoverServer:
             with self._lock:
                 old = self._instances.get(grant.instance_id)
             if old is not None and old.grant == grant and old.instance_dir == instance_dir and old.bound.still_ours():
+                if old.budget is not None:
+                    old.budget.rearm()  # a restore: its model server loads again
                 return old.bound.path
             if old is not None:
                 self._drop(grant.instance_id)
@@ -130,7 +133,8 @@ class HandoverServer:
 
     # -- listening and admitting -----------------------------------------------------------------
     def _listen(self, bound: Bound, grant: Grant | None, instance_dir: Path | None = None) -> _Listener:
-        listener = _Listener(bound, grant, instance_dir)
+        listener = _Listener(bound, grant, instance_dir,
+                             None if grant is None else LoadBudget(self.limits.max_loads_per_open))
         name = "handover-accept" if grant is None else f"handover-accept-{grant.instance_id}"
         threading.Thread(target=self._accept, args=(listener,), name=name, daemon=True).start()
         return listener
@@ -187,7 +191,7 @@ class HandoverServer:
 
     def _serve(self, listener: _Listener, conn: socket.socket) -> None:
         try:
-            Session(conn, self.core, self.limits, listener.grant, self.on_progress).run(
+            Session(conn, self.core, self.limits, listener.grant, self.on_progress, listener.budget).run(
                 lambda: self.stopping.is_set() or listener.closed)
         finally:
             with self._lock:

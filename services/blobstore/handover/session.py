@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from snapwake.protocols import (
     send_message,
 )
 
-__all__ = ["HandoverLimits", "Session"]
+__all__ = ["HandoverLimits", "LoadBudget", "Session"]
 
 log = logging.getLogger(__name__)
 OPS = ("load", "prepare", "store")
@@ -55,6 +56,29 @@ class HandoverLimits:
     """Seconds a request may take to arrive once begun; also bounds sending a reply."""
     mapped_timeout: float = 60.0
     """Seconds exported memory is held for the client's ``mapped`` after a ``load``."""
+    max_loads_per_open: int = 2
+    """Loads one instance socket serves each time the nodeagent opens it (before the container
+    starts and before each restore): a restore needs one, so a hostile instance cannot make the
+    blobstore fill exportable memory again and again."""
+
+
+class LoadBudget:
+    """The loads an instance socket may still serve; ``rearm`` when the nodeagent opens it again."""
+
+    def __init__(self, loads: int) -> None:
+        self.loads, self._left, self._lock = loads, loads, threading.Lock()
+
+    def rearm(self) -> None:
+        with self._lock:
+            self._left = self.loads
+
+    def take(self) -> bool:
+        """Takes one load; False when none is left."""
+        with self._lock:
+            if self._left <= 0:
+                return False
+            self._left -= 1
+            return True
 
 
 def _field(msg: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
@@ -85,8 +109,8 @@ class Session:
     """Serves one connection of the node socket (``grant`` None) or of an instance socket."""
 
     def __init__(self, conn: socket.socket, core: Blobstore, limits: HandoverLimits, grant: Grant | None,
-                 on_progress: Callable[[str, int], None] | None = None) -> None:
-        self.conn, self.core, self.limits, self.grant = conn, core, limits, grant
+                 on_progress: Callable[[str, int], None] | None = None, budget: LoadBudget | None = None) -> None:
+        self.conn, self.core, self.limits, self.grant, self.budget = conn, core, limits, grant, budget
         self.on_progress = on_progress
         self.reader = MessageReader(conn, limits.max_message_bytes, MAX_FDS)
         self.who = f"{'node socket' if grant is None else f'instance {grant.instance_id}'} ({peer(conn)})"
@@ -133,9 +157,13 @@ class Session:
             if len(received):
                 raise errors.InvalidArgument(f"fd: {op} takes no file descriptor, got {len(received)}", field="fd")
             if op == "load":
+                if self.budget is not None and not self.budget.take():
+                    raise errors.ResourceExhausted(
+                        f"load {sid}: this instance socket already served its {self.budget.loads} load(s) "
+                        "for this start or restore")
                 self._load(sid, gpu)
                 return None
-            self.core.prepare(sid, gpu)
+            self.core.prepare(sid, gpu, _field(msg, "manifest_digest", str, ""))
             return {"ok": True}
         except ProtocolError:
             raise

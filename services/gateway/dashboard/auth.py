@@ -2,7 +2,7 @@
 
 A browser cannot put ``Authorization: Bearer`` on a page load, so with keys configured the
 dashboard is opened once as ``/dashboard/?key=KEY``. A known key is moved into an HttpOnly,
-SameSite=Strict cookie scoped to ``/dashboard`` and the browser is redirected to the bare URL
+SameSite=Strict cookie scoped to ``/dashboard`` (``Secure`` when served over TLS) and the browser is redirected to the bare URL
 (so the key leaves the address bar and history). On later requests the cookie becomes the Bearer
 header, and ``AuthMiddleware`` (which runs after this) checks it exactly as for the API; an
 unknown key is passed on the same way, so it gets the API's usual 401.
@@ -44,7 +44,9 @@ class DashboardKeyMiddleware:
         key = query.get("key", [""])[-1]
         if key and self.keys.lookup(key) is not None:
             response = RedirectResponse(scope["path"], status_code=303, headers={"Cache-Control": "no-store"})
-            response.set_cookie(COOKIE, key, path=self.prefix, httponly=True, samesite="strict")
+            # Secure when this request came over TLS: the browser then never sends it in clear.
+            response.set_cookie(COOKIE, key, path=self.prefix, httponly=True, samesite="strict",
+                                secure=scope.get("scheme") == "https")
             return await response(scope, receive, send)
         headers = dict(scope["headers"])
         if b"authorization" not in headers:

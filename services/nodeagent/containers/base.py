@@ -62,7 +62,8 @@ class Containers(abc.ABC):
     @abc.abstractmethod
     async def run(self, container_id: str, bundle: Path, log_path: Path) -> int:
         """Creates and starts the container from ``bundle``; its stdout and stderr are appended
-        to ``log_path``. Returns the host pid of its init."""
+        to ``log_path``, size-capped and rotated (``services.nodeagent.logs``). Returns the host
+        pid of its init."""
 
     @abc.abstractmethod
     async def state(self, container_id: str) -> ContainerState | None:

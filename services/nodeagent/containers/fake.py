@@ -14,6 +14,7 @@ import signal as signals
 import subprocess
 from pathlib import Path
 
+from services.nodeagent import logs
 from services.nodeagent.containers.base import Containers, ContainerState, ContainerStatus
 from snapwake import errors
 
@@ -25,8 +26,8 @@ class FakeContainers(Containers):
 
     isolates_network = False
 
-    def __init__(self, prefix: str = "sw-") -> None:
-        self.prefix = prefix
+    def __init__(self, prefix: str = "sw-", log_max_bytes: int = logs.DEFAULT_MAX_BYTES) -> None:
+        self.prefix, self.log_max_bytes = prefix, log_max_bytes
         self._procs: dict[str, asyncio.subprocess.Process] = {}
 
     async def run(self, container_id: str, bundle: Path, log_path: Path) -> int:
@@ -34,11 +35,11 @@ class FakeContainers(Containers):
             raise errors.Unavailable(f"container {container_id} already exists")
         process = json.loads((bundle / "config.json").read_text())["process"]
         env = dict(e.split("=", 1) for e in process.get("env", []))
-        with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - an append-open, no I/O wait
+        with logs.container_output(log_path, self.log_max_bytes) as output:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     *process["args"], env=env, cwd=process.get("cwd") or "/", stdin=subprocess.DEVNULL,
-                    stdout=log_file, stderr=log_file, start_new_session=True)
+                    stdout=output.write_fd, stderr=output.write_fd, start_new_session=True)
             except OSError as exc:
                 raise errors.Unavailable(f"cannot start {process['args'][0]}: {exc}") from exc
         self._procs[container_id] = proc

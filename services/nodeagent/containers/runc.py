@@ -20,6 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from services.nodeagent import logs
 from services.nodeagent.containers.base import Containers, ContainerState, ContainerStatus
 from snapwake import errors
 
@@ -29,16 +30,16 @@ log = logging.getLogger(__name__)
 
 
 def _tail(path: Path, limit: int = 2000) -> str:
-    with contextlib.suppress(OSError):
-        return path.read_bytes()[-limit:].decode(errors="replace").strip()
-    return ""
+    return logs.tail(path, limit).strip()
 
 
 class RuncContainers(Containers):
     """Containers under ``root`` (``runc --root``), ids starting with ``prefix``."""
 
-    def __init__(self, root: Path, binary: str = "runc", prefix: str = "sw-", timeout: float = 20.0) -> None:
+    def __init__(self, root: Path, binary: str = "runc", prefix: str = "sw-", timeout: float = 20.0,
+                 log_max_bytes: int = logs.DEFAULT_MAX_BYTES) -> None:
         self.root, self.binary, self.prefix, self.timeout = Path(root), binary, prefix, timeout
+        self.log_max_bytes = log_max_bytes
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Container id -> its foreground ``runc run``, until the container is deleted.
         self._runs: dict[str, asyncio.subprocess.Process] = {}
@@ -65,12 +66,12 @@ class RuncContainers(Containers):
         pid_file = bundle / "init.pid"
         pid_file.unlink(missing_ok=True)
         # runc relays the container's stdout/stderr to its own: the log file (its own errors too).
-        with open(log_path, "ab") as log_file:  # noqa: ASYNC230 - an append-open, no I/O wait
+        with logs.container_output(log_path, self.log_max_bytes) as output:
             try:
                 proc = await asyncio.create_subprocess_exec(
                     self.binary, "--root", str(self.root), "run", "--keep", "--bundle", str(bundle), "--pid-file",
-                    str(pid_file), container_id, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                    start_new_session=True)
+                    str(pid_file), container_id, stdin=subprocess.DEVNULL, stdout=output.write_fd,
+                    stderr=output.write_fd, start_new_session=True)
             except OSError as exc:
                 raise errors.Unavailable(f"cannot execute runc ({self.binary}): {exc}") from exc
         self._runs[container_id] = proc
@@ -81,6 +82,7 @@ class RuncContainers(Containers):
                     proc.kill()
                 rc = await proc.wait()
                 self._runs.pop(container_id, None)
+                await asyncio.to_thread(output.wait, 2.0)  # its last words reach the file
                 raise errors.Unavailable(f"runc run {container_id} failed (rc {rc}): {_tail(log_path, 600)}")
             await asyncio.sleep(0.01)
         return int(pid_file.read_text().strip())

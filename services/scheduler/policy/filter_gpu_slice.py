@@ -34,7 +34,10 @@ class GpuSlice:
             return Status()
         if not node.gpus:
             return Status.unschedulable("no GPUs")
-        free = gpu_free_bytes(node, view.on_node(node.name))
+        free = {idx: f for idx, f in gpu_free_bytes(node, view.on_node(node.name)).items()
+                if req.allows(node.name, idx)}
+        if not free:
+            return Status.unschedulable("none of its GPUs is one the request may use")
         fits = {idx: f for idx, f in free.items() if f >= req.gpu_memory_bytes}
         if not fits:
             most = max(free.values())

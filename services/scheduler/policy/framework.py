@@ -51,6 +51,12 @@ class Request:
     snapshot_id: str = ""
     # Wall clock (unix seconds) of this attempt; plugins never read the clock themselves.
     now: float = 0.0
+    # When set, only these (node, GPU index) pairs may take it: a standby restores onto the GPU
+    # its driver checkpoint was taken on (the sandbox grants a container one GPU's device node).
+    gpus: frozenset[tuple[str, int]] | None = None
+
+    def allows(self, node: str, gpu_index: int) -> bool:
+        return self.gpus is None or (node, gpu_index) in self.gpus
 
 
 @dataclass(frozen=True)
