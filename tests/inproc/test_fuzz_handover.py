@@ -31,7 +31,7 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +95,7 @@ def failures() -> Iterator[Failures]:
 class Sockets:
     node: str
     instance: str
+    reopen: Callable[[], object]  # what the nodeagent does before each restore (the instance's loads rearm)
 
 
 def _memfd(data: bytes, seal: bool = True) -> int:
@@ -122,9 +123,10 @@ def sockets(tmp_path_factory: pytest.TempPathFactory, failures: Failures) -> Ite
     instance_dir = Path(tempfile.mkdtemp(prefix="fz-", dir="/tmp")) / INSTANCE
     instance_dir.mkdir()
     try:
-        path = app.handover.open_instance(grant(INSTANCE, FUNCTION, -1), instance_dir)
+        granted = grant(INSTANCE, FUNCTION, -1)
+        path = app.handover.open_instance(granted, instance_dir)
         client.store(app.cfg.handover_socket, SID, _manifest(SID, 4096), -1, _memfd(os.urandom(4096)), 10)
-        yield Sockets(app.cfg.handover_socket, str(path))
+        yield Sockets(app.cfg.handover_socket, str(path), lambda: app.handover.open_instance(granted, instance_dir))
     finally:
         asyncio.run_coroutine_threadsafe(blobstore.__aexit__(None, None, None), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
@@ -286,6 +288,7 @@ def test_handover_answers_any_frame_and_lives_on(sockets: Sockets, failures: Fai
         assert failures.seen == []
 
     run()
+    sockets.reopen()
     _round_trip(path, os.urandom(4096 + 7))
     assert failures.seen == []
 
@@ -327,6 +330,7 @@ def test_a_stored_arena_loads_back_byte_for_byte(sockets: Sockets, failures: Fai
                                                  prepared: bool) -> None:
     if prepared:  # of the copy the store below replaces
         _prepare(sockets.node, SID)
+    sockets.reopen()
     _round_trip(sockets.instance, random.Random(seed).randbytes(size))
     assert failures.seen == []
 
