@@ -67,18 +67,30 @@ class ControlServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while line := await reader.readline():
+            while True:
                 try:
-                    msg = json.loads(line)
-                    if not isinstance(msg, dict):
-                        raise ValueError("not an object")
-                except ValueError as exc:
-                    reply: dict[str, Any] = {"ok": False, "error": f"bad request: {exc}"}
-                else:
-                    reply = await asyncio.to_thread(handle, self.instance, msg)
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
+                    line = await reader.readline()
+                except ValueError:  # over the limit: the rest of the stream cannot be framed
+                    await self._reply(writer, {"ok": False, "error": f"bad request: longer than {MAX_LINE} bytes"})
+                    return
+                if not line:
+                    return
+                await self._reply(writer, await self._answer(line))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            msg = json.loads(line)
+            if not isinstance(msg, dict):
+                raise ValueError("not an object")
+        except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested too deep
+            return {"ok": False, "error": f"bad request: {exc}"}
+        return await asyncio.to_thread(handle, self.instance, msg)
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+        writer.write(json.dumps(reply).encode() + b"\n")
+        await writer.drain()

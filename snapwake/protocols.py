@@ -264,8 +264,20 @@ def memfd_problem(fd: int, min_bytes: int = 0) -> str | None:
     return None
 
 
+def _reply(line: bytes) -> dict[str, Any]:
+    """A reply line as a JSON object; ``ProtocolError`` for anything else (deep JSON included)."""
+    try:
+        reply = json.loads(line)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"reply: not valid JSON ({exc})") from None
+    if not isinstance(reply, dict):
+        raise ProtocolError(f"reply: expected a JSON object, got {type(reply).__name__}")
+    return reply
+
+
 async def request(path: str, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request/reply on a Unix socket without fds (the nodeagent's side of control)."""
+    """One request/reply on a Unix socket without fds (the nodeagent's side of control); a reply
+    that is not a JSON object is a ``ProtocolError``."""
     async def _go() -> dict[str, Any]:
         reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE)
         try:
@@ -274,7 +286,7 @@ async def request(path: str, msg: dict[str, Any], timeout: float) -> dict[str, A
             line = await reader.readline()
             if not line:
                 raise ConnectionError(f"{path} closed without a reply to {msg.get('op')}")
-            return json.loads(line)
+            return _reply(line)
         finally:
             writer.close()
     return await asyncio.wait_for(_go(), timeout)

@@ -14,6 +14,7 @@ import mmap
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from services.blobstore.manifest import Manifest
 from snapwake import errors
@@ -64,12 +65,14 @@ class LruPlan:
         self.budget = budget
         self.alloc = Allocator(budget, align)
         self.slots: OrderedDict[str, Slot] = OrderedDict()  # oldest first
-        self.refs: dict[str, int] = {}
-        self.doomed: dict[str, Slot] = {}
+        self.refs: dict[str, int] = {}  # references to each snapshot's live slot
+        # Removed slots still referenced: [sid, slot, references]. A snapshot stored again while
+        # its old copy is being read has two slots, and each holder releases the one it holds.
+        self.doomed: list[list[Any]] = []
 
     @property
     def used(self) -> int:
-        return sum(s.size for s in self.slots.values()) + sum(s.size for s in self.doomed.values())
+        return sum(s.size for s in self.slots.values()) + sum(d[1].size for d in self.doomed)
 
     def touch(self, sid: str) -> Slot | None:
         if sid in self.slots:
@@ -97,19 +100,26 @@ class LruPlan:
     def acquire(self, sid: str) -> None:
         self.refs[sid] = self.refs.get(sid, 0) + 1
 
-    def release(self, sid: str) -> None:
-        self.refs[sid] -= 1
-        if self.refs[sid] == 0:
-            del self.refs[sid]
-            if sid in self.doomed:
-                self.alloc.free(self.doomed.pop(sid))
+    def release(self, sid: str, slot: Slot | None = None) -> None:
+        """Drops a reference to ``slot`` of ``sid`` (None: its live slot, else its removed one)."""
+        if (slot is None or slot is self.slots.get(sid)) and self.refs.get(sid):
+            self.refs[sid] -= 1
+            if self.refs[sid] == 0:
+                del self.refs[sid]
+            return
+        entry = next(d for d in self.doomed if d[0] == sid and (slot is None or d[1] is slot))
+        entry[2] -= 1
+        if entry[2] == 0:
+            self.doomed.remove(entry)
+            self.alloc.free(entry[1])
 
     def remove(self, sid: str) -> bool:
         slot = self.slots.pop(sid, None)
         if slot is None:
             return False
-        if self.refs.get(sid):
-            self.doomed[sid] = slot
+        refs = self.refs.pop(sid, 0)
+        if refs:
+            self.doomed.append([sid, slot, refs])
         else:
             self.alloc.free(slot)
         return True
@@ -168,7 +178,7 @@ class HostCache:
         finally:
             if slot is not None:
                 with self.lock:
-                    self.plan.release(sid)
+                    self.plan.release(sid, slot)  # the slot it used, though a store may have replaced it
 
     def reserve(self, m: Manifest) -> tuple[CacheEntry, list[str]]:
         """Room for ``m``, referenced once; call ``commit`` once filled (or ``abandon``)."""

@@ -130,6 +130,7 @@ class Blobstore:
                 commit()
                 # The remembered digest stays: the record in etcd, not an upload, says which copy counts.
                 self.cache.remove(m.snapshot_id)
+                self._drop_prepared(m.snapshot_id)
         writer.commit = commit_and_invalidate  # type: ignore[method-assign]
         return writer
 
@@ -151,6 +152,7 @@ class Blobstore:
                 self._write(full, entry.view, progress)
                 self.cache.commit(sid, full)
                 self._digests[sid] = mf.digest(full)  # what its record will say once the store is noted
+                self._drop_prepared(sid)
             except BaseException:
                 self.cache.abandon(sid)
                 raise
@@ -301,6 +303,13 @@ class Blobstore:
         timer.daemon = True
         timer.start()
 
+    def _drop_prepared(self, sid: str) -> None:
+        """Prepared memory of ``sid`` holds the copy a store just replaced: freed, never handed out."""
+        with self._meta:
+            stale = [self._prepared.pop(key) for key in [k for k in self._prepared if k[0] == sid]]
+        for fut in stale:
+            fut.add_done_callback(_release)
+
     def _expire(self, key: tuple[str, int], fut: Future[Exported]) -> None:
         with self._meta:
             if self._prepared.get(key) is not fut:
@@ -319,3 +328,8 @@ class Blobstore:
                 fut.result().release()
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.store.close()
+
+
+def _release(fut: Future[Exported]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().release()

@@ -14,6 +14,7 @@ function, and the proxy (with SSE streaming) to a claimed instance.
     proxy.py             relaying a request to an instance (JSON or SSE)
     serving.py           the logic behind each endpoint
     api_router.py        HTTP only: routes to serving
+    openapi.py           the OpenAPI document at /openapi.json, generated from the request models
     app.py               build_app()
     metrics.py           the gateway's Prometheus series, in their own registry
     dashboard/           the web dashboard (one page polling api/state)

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp
 
 from services.gateway import middleware
 from services.gateway.errors import BodyTooLarge
+from services.gateway.openapi import openapi_document
 from services.gateway.proxy import wait_disconnect
 from services.gateway.serving import ENDPOINTS, OpenAIServing, RequestContext
 from snapwake import errors
@@ -80,6 +81,11 @@ def routes(serving: OpenAIServing) -> list[BaseRoute]:
     async def health(request: Request) -> Response:
         return Response(status_code=200)  # as vLLM's /health: 200, no body
 
+    document = openapi_document(serving.limits, serving.max_body_bytes)
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
     async def metrics(request: Request) -> Response:
         return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -111,6 +117,8 @@ def routes(serving: OpenAIServing) -> list[BaseRoute]:
     return [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+
+        Route("/openapi.json", openapi, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),

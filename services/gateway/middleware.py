@@ -2,9 +2,10 @@
 
 They store what they learn in the ASGI scope under ``snapwake.*`` keys; read them with
 ``request_id(scope)``, ``tenant(scope)``, ``key_id(scope)`` and ``arrival(scope)`` rather than
-a state bag. ``/healthz`` is open; ``/metrics`` takes only an operator key (``operator_keys``)
-once API keys are configured, since its labels name every tenant's functions. With no keys at
-all (auth off), ``/metrics`` and the dashboard answer loopback clients only (``LoopbackOnlyMiddleware``).
+a state bag. ``/healthz`` and ``/openapi.json`` are open; ``/metrics`` takes only an operator key
+(``operator_keys``) once API keys are configured, since its labels name every tenant's functions.
+With no keys at all (auth off), ``/metrics`` and the dashboard answer loopback clients only
+(``LoopbackOnlyMiddleware``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ __all__ = ["AuthMiddleware", "LimitMiddleware", "LoopbackOnlyMiddleware", "Reque
 DEFAULT_TENANT = "default"
 ANONYMOUS_KEY = "anonymous"  # the one key of a gateway without keys (auth off)
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Probes carry no key.
-_OPEN_PATHS = ("/healthz", "/health")
+# Probes carry no key; the API's description names nothing of any tenant's.
+_OPEN_PATHS = ("/healthz", "/health", "/openapi.json")
 _OPERATOR_PATHS = ("/metrics",)
 
 

@@ -31,8 +31,8 @@ def resolve_model_dir(model_dir: str, roots: Iterable[str], private: Iterable[st
     def refuse(why: str) -> errors.InvalidArgument:
         return errors.InvalidArgument(f"spec.model_dir: {model_dir!r} {why}", field="spec.model_dir")
 
-    if not model_dir.startswith("/") or ".." in PurePosixPath(model_dir).parts:
-        raise refuse("must be an absolute path without '..'")
+    if not model_dir.startswith("/") or ".." in PurePosixPath(model_dir).parts or "\0" in model_dir:
+        raise refuse("must be an absolute path without '..' or NUL")
     real = os.path.realpath(model_dir)
     real_roots = [os.path.realpath(r) for r in roots]
     if real == "/" or not any(_below(real, r) for r in real_roots if r != "/"):

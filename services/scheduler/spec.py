@@ -104,6 +104,9 @@ def _image(spec: FunctionSpec) -> None:
     for field in ("command", "args"):
         if any("\0" in part for part in getattr(spec, field)):
             raise InvalidArgument(f"spec.{field} must not contain NUL characters", field=f"spec.{field}")
+    # A NUL cannot be in a path, an argv or an environment string: refused here, not at exec.
+    if "\0" in spec.model_dir:
+        raise InvalidArgument("spec.model_dir must not contain NUL characters", field="spec.model_dir")
     spec.http_port = spec.http_port or 8000
     _bounded(spec.http_port, 1, 65535, "spec.http_port")
     if is_builtin(spec.image):
@@ -120,6 +123,8 @@ def _image(spec: FunctionSpec) -> None:
         why = forbidden_env_key(key)
         if why is not None:
             raise InvalidArgument(f"spec.env: {key} may not be set (it steers {why})", field="spec.env")
+        if "\0" in spec.env[key]:
+            raise InvalidArgument(f"spec.env: the value of {key} must not contain NUL characters", field="spec.env")
 
 
 def _builtin_only(spec: FunctionSpec) -> None:
@@ -170,6 +175,8 @@ def _sample_request(text: str) -> None:
         body = json.loads(text)
     except ValueError as exc:
         raise InvalidArgument(f"spec.sample_request is not JSON: {exc}", field="spec.sample_request") from exc
+    except RecursionError:
+        raise InvalidArgument("spec.sample_request: JSON nested too deep", field="spec.sample_request") from None
     if not isinstance(body, dict):
         raise InvalidArgument("spec.sample_request must be a JSON object", field="spec.sample_request")
     if "model" in body and not isinstance(body["model"], str):

@@ -182,3 +182,18 @@ def test_writer_rejects_data_that_does_not_match() -> None:
     with pytest.raises(errors.InvalidArgument, match="never written"):
         writer.commit()
     assert not store.contains("t/n/f@1")
+
+
+def test_lru_a_snapshot_stored_again_while_its_old_copy_is_read() -> None:
+    """Found by the handover fuzz suite: a prepare's read of the old copy and a store of a new one
+    shared one reference count, so the store's commit raised KeyError (and could free the new slot)."""
+    plan = LruPlan(4 * 4096)
+    old, _ = plan.admit("a", 4096)
+    plan.release("a")  # filled
+    plan.acquire("a")  # a load reads the old copy
+    assert plan.remove("a")  # a store replaces it...
+    new, _ = plan.admit("a", 4096)  # ...and fills a new slot
+    plan.release("a", old)  # the load ends: the old slot is freed, the new one kept
+    assert plan.used == 4096 and plan.slots["a"] is new
+    plan.release("a")  # the store commits
+    assert plan.used == 4096 and not plan.refs and not plan.doomed
