@@ -174,7 +174,11 @@ def _sample_rows(x: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
     """One token per row of ``x`` (every row samples: temperature > 0)."""
     dev, vocab = x.device, x.shape[1]
     params = [s.params for s in states]
+    unscaled = x
     x = x / _column([p.temperature for p in params], dev)
+    # A temperature so small (1e-38) that logits overflow to inf: softmax would give NaNs. Such a
+    # row samples greedily (found by the fuzz suite: it stopped the engine for good).
+    overflow = (torch.isposinf(x) | torch.isnan(x)).any(dim=-1) | torch.isneginf(x).all(dim=-1)
     if any(p.top_k or p.top_p < 1.0 for p in params):
         ordered, order = torch.sort(x, dim=-1, descending=True)
         ks = torch.tensor([p.top_k or vocab for p in params], device=dev)[:, None]
@@ -182,7 +186,9 @@ def _sample_rows(x: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
         probs = torch.softmax(ordered, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         before = torch.cumsum(probs, dim=-1) - probs
-        ordered = ordered.masked_fill(before >= _column([p.top_p for p in params], dev), float("-inf"))
+        drop = before >= _column([p.top_p for p in params], dev)
+        drop[:, 0] = False  # a top_p below float32's least value (5e-324) compares as 0
+        ordered = ordered.masked_fill(drop, float("-inf"))
         x = torch.full_like(x, float("-inf")).scatter_(1, order, ordered)
     probs = torch.softmax(x, dim=-1)
     if any(p.min_p for p in params):
@@ -191,7 +197,8 @@ def _sample_rows(x: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
     q = torch.empty_like(probs)
     for row, state in enumerate(states):
         q[row].exponential_(generator=state.gen)
-    return torch.argmax(probs / q, dim=-1)
+    picked = torch.argmax(probs / q, dim=-1)
+    return torch.where(overflow, torch.argmax(unscaled, dim=-1), picked)
 
 
 def _mask(x: torch.Tensor, rows: list[int], states: list[SamplerState]) -> None:

@@ -14,8 +14,7 @@ from fuzzing import fuzz_settings
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from modelserver.engine import next_token
-from modelserver.sampling import SamplingParams
+from modelserver.sampling import SamplerState, SamplingParams, sample
 
 _LOGITS = st.lists(st.floats(-1e4, 1e4, width=32), min_size=1, max_size=64)
 _TEMPERATURE = st.one_of(st.floats(0, 2), st.sampled_from([5e-324, 1e-45, 1e-40, 1e-38, 1e-30]))
@@ -29,10 +28,14 @@ _TOP_P = st.one_of(st.floats(0, 1, exclude_min=True), st.sampled_from([5e-324, 1
 @example(logits=[1.0, 3.0, 2.0], temperature=5e-324, top_p=5e-324, seed=0)
 def test_every_accepted_temperature_and_top_p_picks_a_token(logits: list[float], temperature: float, top_p: float,
                                                             seed: int) -> None:
-    tensor = torch.tensor(logits, dtype=torch.float32)
-    params = SamplingParams(max_tokens=1, temperature=temperature, top_p=top_p)
-    token = next_token(tensor, params, torch.Generator().manual_seed(seed))
+    tensor = torch.tensor([logits], dtype=torch.float32)
+    params = SamplingParams(max_tokens=1, temperature=temperature, top_p=top_p, seed=seed)
+
+    def pick() -> int:
+        return sample(tensor, [SamplerState.create(params, [], torch.device("cpu"))])[0].token
+
+    token = pick()
     assert 0 <= token < len(logits)
-    if temperature < 1e-38 and max(logits) - min(logits) > 1:  # far below any spread: greedy
+    if 0 < temperature < 1e-38 and max(logits) - min(logits) > 1:  # far below any spread: greedy
         assert logits[token] == max(logits)
-    assert next_token(tensor, params, torch.Generator().manual_seed(seed)) == token  # a seed decides
+    assert pick() == token  # a seed decides
