@@ -62,6 +62,13 @@ _COMPLETION: Json = {
                    "model": {"type": "string"}, "choices": {"type": "array", "items": {"type": "object"}},
                    "usage": {"type": "object"}},
 }
+_RESPONSE: Json = {
+    "type": "object", "required": ["id", "object", "created_at", "model", "status", "output"],
+    "description": "A Responses API answer (``/v1/responses``).",
+    "properties": {"id": {"type": "string"}, "object": {"const": "response"}, "created_at": {"type": "integer"},
+                   "model": {"type": "string"}, "status": {"type": "string"},
+                   "output": {"type": "array", "items": {"type": "object"}}, "usage": {"type": ["object", "null"]}},
+}
 # One server-sent event (OpenAPI before 3.2: ``schema`` describes each event of a stream).
 _EVENT: Json = {
     "type": "object", "required": ["data"],
@@ -70,11 +77,13 @@ _EVENT: Json = {
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
 }
 _NOTES = {
-    "/v1/chat/completions": "The built-in model server takes only n = 1; a prompt and max_tokens must fit "
-                            "the model's context.",
-    "/v1/completions": "The built-in model server takes one prompt; echo, logprobs, best_of and suffix are "
-                       "refused; a prompt and max_tokens must fit the model's context.",
+    "/v1/chat/completions": "For the built-in model server, every field is honoured or refused with a 400 "
+                            "naming it; a prompt and max_tokens must fit the model's context.",
+    "/v1/completions": "The built-in model server takes one prompt; echo, best_of and suffix are refused; a "
+                       "prompt and max_tokens must fit the model's context.",
     "/v1/embeddings": "Served by user images only; the built-in model server's functions answer 400.",
+    "/v1/responses": "The Responses API, text in and out (streamed as typed events or not); tools, reasoning "
+                     "and previous_response_id are refused with a 400.",
 }
 
 
@@ -121,7 +130,8 @@ def _generation(path: str, per_function: bool) -> Json:
         "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
         "responses": {
             "200": {"description": "The function's answer: JSON, or server-sent events when ``stream`` is true.",
-                    "content": {"application/json": {"schema": {"$ref": _REF.format(model="Completion")}},
+                    "content": {"application/json": {"schema": {"$ref": _REF.format(
+                        model="Response" if path == "/v1/responses" else "Completion")}},
                                 "text/event-stream": {"schema": _EVENT}}},
             **_errors("400", "401", "404", "409", "413", "429", "503")},
     }}
@@ -171,7 +181,7 @@ def openapi_document(limits: EdgeLimits, max_body_bytes: int) -> Json:
         "paths": paths,
         "components": {
             "schemas": {**_body_schemas(limits), "Error": _ERROR_BODY, "Model": _MODEL, "ModelList": _MODEL_LIST,
-                        "Completion": _COMPLETION},
+                        "Completion": _COMPLETION, "Response": _RESPONSE},
             "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"apiKey": []}],
