@@ -154,8 +154,11 @@ async def test_uploads_declaring_oversized_chunks_or_extra_data_are_refused(tmp_
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert f"manifest.chunk_bytes: {2 * CHUNK} is over the limit of {CHUNK} bytes" in err.details()
         err = await upload(manifest(data), data + b"x" * (4 << 20))  # would be buffered without end
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert f"data: more than the manifest's {len(data)} bytes" in err.details()
+        # The refusal comes while the client still streams: its next send may fail first, and then
+        # gRPC reports that failure ("Internal error from Core") instead of the server's status.
+        if err.code() != grpc.StatusCode.INTERNAL or err.details() != "Internal error from Core":
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"data: more than the manifest's {len(data)} bytes" in err.details()
         listing = await stub.ListSnapshots(blobstore_pb2.BlobstoreServiceListSnapshotsRequest(), timeout=T)
         assert list(listing.snapshots) == []
 
