@@ -136,12 +136,14 @@ def short_dir() -> Iterator[Path]:
 
 def _service_args(name: str, etcd: str, d: Path) -> list[str]:
     return {
-        "scheduler": ["--listen", f"127.0.0.1:{free_port()}", "--etcd", etcd, "--etcd-plaintext", "true"],
+        "scheduler": ["--listen", f"127.0.0.1:{free_port()}", "--etcd", etcd, "--etcd-plaintext", "true",
+                      "--dev-plaintext"],
         "blobstore": ["--listen", f"127.0.0.1:{free_port()}", "--dirs", str(d / "b0"),
-                      "--handover-socket", str(d / "h.sock"), "--gpu", "false", "--cache-bytes", str(1 << 20)],
+                      "--handover-socket", str(d / "h.sock"), "--gpu", "false", "--cache-bytes", str(1 << 20),
+                      "--dev-plaintext"],
         "nodeagent": ["--name", f"metrics-{secrets.token_hex(3)}", "--listen", f"127.0.0.1:{free_port()}",
                       "--etcd", etcd, "--containers", "fake", "--gpus", "none", "--state-dir", str(d / "na"),
-                      "--handover-socket", str(d / "h.sock"), "--etcd-plaintext", "true"],
+                      "--handover-socket", str(d / "h.sock"), "--etcd-plaintext", "true", "--dev-plaintext"],
     }[name]
 
 
