@@ -46,7 +46,7 @@ class Agent:
         args = [sys.executable, "-m", "services.nodeagent", "--name", name, "--listen", f"127.0.0.1:{self.port}",
                 "--etcd", etcd, "--blobstore", f"127.0.0.1:{free_port()}", "--state-dir", str(state),
                 "--handover-socket", str(state / "hs" / "handover.sock"), "--gpus", "none",
-                "--reconcile-interval", "0.5", "--etcd-plaintext", "true"]
+                "--reconcile-interval", "0.5", "--etcd-plaintext", "true", "--dev-plaintext"]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
 

@@ -42,7 +42,8 @@ def _spawn_blobstore(address: str, state: Path, handover: Path, log: Path) -> su
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "services.blobstore", "--listen", address,
                                  "--dirs", f"{state}/d0,{state}/d1", "--handover-socket", str(handover),
-                                 "--gpu", "false"], cwd=REPO, stdout=out, stderr=out, stdin=subprocess.DEVNULL)
+                                 "--gpu", "false", "--dev-plaintext"], cwd=REPO, stdout=out, stderr=out,
+                                stdin=subprocess.DEVNULL)
 
 
 async def _healthy(address: str, proc: subprocess.Popen[bytes], log: Path, limit_s: float = 30.0) -> None:
