@@ -295,7 +295,8 @@ CLIENT_CASES: list[tuple[grpc.StatusCode, str, type[errors.SnapwakeError], str]]
     (Code.UNAVAILABLE, "start failed: runc exited 1", errors.StartFailed, "runc exited 1"),
     (Code.RESOURCE_EXHAUSTED, "full", errors.ResourceExhausted, "full"),
     (Code.DEADLINE_EXCEEDED, "late", errors.DeadlineExceeded, "late"),
-    (Code.PERMISSION_DENIED, "no", errors.SnapwakeError, "no"),
+    (Code.PERMISSION_DENIED, "no", errors.PermissionDenied, "no"),
+    (Code.UNAUTHENTICATED, "who", errors.Unauthenticated, "who"),
     (Code.INTERNAL, "internal error: ValueError: boom", errors.SnapwakeError, "internal error: ValueError: boom"),
     (Code.UNIMPLEMENTED, "", errors.SnapwakeError, "StatusCode.UNIMPLEMENTED"),
 ]
