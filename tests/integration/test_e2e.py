@@ -229,7 +229,7 @@ def test_the_gateway_refuses_what_the_recorded_model_cannot_serve(cluster: Clust
     assert fn.model.max_context_tokens > 0 and fn.model.vocab_size > 0 and fn.model.has_chat_template
     client = _client(cluster)
     for kwargs, param in [({"max_tokens": fn.model.max_context_tokens}, "max_tokens"),
-                          ({"logit_bias": {str(fn.model.vocab_size): 1}}, "logit_bias"), ({"n": 2}, "n")]:
+                          ({"logit_bias": {str(fn.model.vocab_size): 1}}, "logit_bias"), ({"n": 1000}, "n")]:
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "x"}], **kwargs)
         assert err.value.body["param"] == param
