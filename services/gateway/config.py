@@ -79,7 +79,7 @@ class GatewayConfig(TlsSettings):
         2_000_000, "Most characters of text in messages, or in prompt (token ids count one each); 400 above; 0: no cap.")
     max_tokens_cap: int = _field(
         131072, "Largest max_tokens / max_completion_tokens accepted (400 above it, never lowered); 0: no cap.")
-    max_n: int = _field(16, "Largest n accepted (400 above it); the built-in model server takes only 1; 0: no cap.")
+    max_n: int = _field(16, "Largest n accepted (400 above it; the built-in model server shares the prefill among them); 0: no cap.")
     rate_limit_rps: float = _field(
         50.0, "Requests per second per API key, in this gateway replica (429 above it); 0: no limit.")
     rate_limit_burst: int = _field(100, "Requests an idle API key may send at once before rate_limit_rps applies.")
