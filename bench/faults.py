@@ -249,11 +249,11 @@ def kill_all_containers(cluster: Cluster) -> None:
 
 
 def etcd_leader(etcd: EtcdCluster) -> int:
-    out = subprocess.run(["etcdctl", "--endpoints", ",".join(etcd.endpoints), "endpoint", "status", "-w", "json"],
+    out = subprocess.run([*etcd.etcdctl(), "endpoint", "status", "-w", "json"],
                          capture_output=True, text=True, timeout=20).stdout
     for status in json.loads(out or "[]"):
         if status["Status"]["leader"] == status["Status"]["header"]["member_id"]:
-            return etcd.endpoints.index(status["Endpoint"].removeprefix("http://"))
+            return etcd.endpoints.index(status["Endpoint"].removeprefix("https://").removeprefix("http://"))
     return 0
 
 
@@ -293,7 +293,7 @@ def cluster_up(*, etcd_members: int = 3, nodes: int = 2, snapshots: bool = True,
     extra_args = {k: list(v) for k, v in (extra_args or {}).items()}
     # A container start on a loaded two-core machine can take minutes (Python and torch imports).
     extra_args.setdefault("nodeagent", []).extend(["--model-roots", str(var / "models"), "--start-timeout", "300"])
-    etcd = EtcdCluster(var / "etcd", size=etcd_members) if etcd_members > 1 else None
+    etcd = EtcdCluster(var / "etcd", size=etcd_members, pki=var / "pki") if etcd_members > 1 else None
     tmpfs: list[Path] = []
     if disk_tmpfs_mib:
         for blob in ("blobstore", *(f"blobstore-{i}" for i in range(1, nodes))):
