@@ -178,6 +178,12 @@ class Cluster:
         issue_dir(create_ca(self.pki_dir), out, identity, hosts)
         return out
 
+    def issue_certificates(self) -> None:
+        """Every process's certificate (a caller that starts the processes itself calls this
+        first, as ``start`` does); nothing when the cluster runs plaintext."""
+        if self.config.tls:
+            self._issue_all()
+
     def _issue_all(self) -> None:
         for kind in ("gateway", "scheduler", "nodeagent", "blobstore"):
             for name in self.names(kind):
@@ -389,8 +395,7 @@ class Cluster:
 
     def start(self) -> Cluster:
         self.config.var_dir.mkdir(parents=True, exist_ok=True)
-        if self.config.tls:
-            self._issue_all()
+        self.issue_certificates()
         self.start_etcd()
         for blob, agent in zip(self.names("blobstore"), self.names("nodeagent"), strict=True):
             self.start_service(blob)

@@ -107,6 +107,7 @@ def cluster(request: pytest.FixtureRequest, net: Network, demo_model_dir: Path) 
     up = False
     try:
         var.mkdir(exist_ok=True)
+        c.issue_certificates()
         c.start_etcd()
         for name in ("blobstore", "nodeagent", "scheduler", "gateway"):
             c.start_service(name)
