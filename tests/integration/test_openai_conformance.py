@@ -30,7 +30,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> I
     config = ClusterConfig(var_dir=tmp_path_factory.mktemp("conformance"), gateway_port=0, scheduler_port=0,
                            nodeagent_port=0, blobstore_port=0, etcd_port=0)
     with Cluster(config) as c:
-        asyncio.run(deploy_demo(c.scheduler_address, demo_model_dir, timeout=240))
+        asyncio.run(deploy_demo(c.scheduler_address, demo_model_dir, timeout=240, tls=c.client_tls()))
         _warm(c)
         yield c
 
