@@ -42,13 +42,13 @@ ERROR_STATUSES: dict[str, str] = {
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Whole seconds to wait before retrying.", "required": True,
                                 "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
-_ERROR_BODY: Json = {
-    "type": "object", "required": ["error"], "additionalProperties": False,
-    "properties": {"error": {
-        "type": "object", "required": ["message", "type", "param", "code"],
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
-}
+# The schema of snapwake.openai.error_body's answer (which alone builds one).
+_ERROR_FIELDS: Json = {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}
+_ERROR_BODY: Json = {"type": "object", "required": ["error"], "additionalProperties": False,
+                     "properties": {"error": _ERROR_FIELDS}}
 _MODEL: Json = {"type": "object", "required": ["id", "object", "created", "owned_by"],
                 "properties": {"id": {"type": "string"}, "object": {"const": "model"},
                                "created": {"type": "integer"}, "owned_by": {"type": "string"}}}

@@ -200,6 +200,9 @@ def _steer(case: Any, data: st.DataObject) -> None:
     # one prompt, so random lists mostly meet a 400: some cases get a plain text one.
     if isinstance(case.body, dict) and "prompt" in case.body and data.draw(st.booleans(), "steer the prompt"):
         case.body["prompt"] = data.draw(st.text(max_size=24), "prompt")
+    # Likewise random message lists mostly meet a 400 (roles, fields): some get one plain message.
+    if isinstance(case.body, dict) and "messages" in case.body and data.draw(st.booleans(), "steer the messages"):
+        case.body["messages"] = [{"role": "user", "content": data.draw(st.text(max_size=24), "content")}]
 
 
 def _headers(path: str) -> dict[str, str]:

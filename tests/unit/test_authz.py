@@ -98,17 +98,22 @@ def pkidir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_service_takes_its_tls_files_from_a_folder(cls: type, role: str, pkidir: Path) -> None:
     assert set(TLS_FIELDS) - {"health_listen"} <= {f.name for f in dataclasses.fields(cls)}
     name = ["--name", "node-1"] if role == "nodeagent" else []
-    cfg = load(cls, ["--tls-dir", str(pkidir / role), *name], env={})
+    cfg = load(cls, ["--tls-dir", str(pkidir / role), *name, *_etcd_plain(cls)], env={})
     tls = cfg.server_tls()
     assert tls is not None and tls.identity.role == role and tls.ca == (pkidir / "ca.crt").read_bytes()
     assert cfg.plaintext_refusal() is None
 
 
+def _etcd_plain(cls: type) -> list[str]:
+    """Services that talk to etcd need its TLS keys too (another test's matter): plaintext here."""
+    return ["--etcd-plaintext", "true"] if "etcd_plaintext" in {f.name for f in dataclasses.fields(cls)} else []
+
+
 @pytest.mark.parametrize(("cls", "role"), CONFIGS)
 def test_without_a_certificate_a_service_may_start_only_with_dev_plaintext(cls: type, role: str) -> None:
-    refusal = load(cls, [], env={}).plaintext_refusal()
+    refusal = load(cls, [*_etcd_plain(cls)], env={}).plaintext_refusal()
     assert refusal is not None and "tls_dir" in refusal and "--dev-plaintext" in refusal
-    plain = load(cls, ["--dev-plaintext"], env={})
+    plain = load(cls, ["--dev-plaintext", *_etcd_plain(cls)], env={})
     assert plain.plaintext_refusal() is None and plain.server_tls() is None
 
 
