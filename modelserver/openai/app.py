@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -31,6 +32,19 @@ def error_response(exc: SnapwakeError) -> JSONResponse:
     status, body = openai_error(exc)
     headers = {"Retry-After": "1"} if status in RETRYABLE else None
     return JSONResponse(body, status, headers=headers)
+
+
+async def _answer(request: Request, streaming: bool, cancel: threading.Event,
+                  stream: Callable[[], AsyncIterator[bytes]],
+                  collect: Callable[[], Awaitable[dict[str, Any]]]) -> Response:
+    """SSE events, or the whole answer as JSON while a watcher cancels it if the client leaves."""
+    if streaming:
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    watcher = asyncio.create_task(_watch_disconnect(request, cancel))
+    try:
+        return JSONResponse(await collect())
+    finally:
+        watcher.cancel()
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
@@ -92,14 +106,8 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
         else:
             req = prepare_completion(body, instance.tokenizer, engine.max_context)
         cancel = threading.Event()
-        if req.params.stream:
-            return StreamingResponse(serving.stream(instance, req, chat, cancel, metrics),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        watcher = asyncio.create_task(_watch_disconnect(request, cancel))
-        try:
-            return JSONResponse(await serving.collect(instance, req, chat, cancel, metrics))
-        finally:
-            watcher.cancel()
+        return await _answer(request, req.params.stream, cancel, lambda: serving.stream(instance, req, chat, cancel, metrics),
+                             lambda: serving.collect(instance, req, chat, cancel, metrics))
 
     async def create_response(request: Request) -> Response:
         gate()
@@ -109,14 +117,9 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
             raise Unavailable("the model is not serving")
         req, parsed = responses.prepare(body, instance.tokenizer, engine.max_context)
         cancel = threading.Event()
-        if req.params.stream:
-            return StreamingResponse(responses.stream(instance, req, parsed, cancel, metrics),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        watcher = asyncio.create_task(_watch_disconnect(request, cancel))
-        try:
-            return JSONResponse(await responses.collect(instance, req, parsed, cancel, metrics))
-        finally:
-            watcher.cancel()
+        return await _answer(request, req.params.stream, cancel,
+                             lambda: responses.stream(instance, req, parsed, cancel, metrics),
+                             lambda: responses.collect(instance, req, parsed, cancel, metrics))
 
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
