@@ -36,7 +36,9 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	# Architecture contracts (pyproject.toml [tool.importlinter]): layering and the edge modules.
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q --timeout=600 $(PYTEST_ARGS); rc=$$?; \
+	# Unbuffered and one line per test file, so that a CI log cut off by its time limit shows where it stood; the
+	# slowest tests are listed at the end.
+	PYTHONUNBUFFERED=1 $(PY) -m pytest --timeout=600 --durations=25 $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest ran no test: failing"; exit 1; fi; exit $$rc
 
 test-unit: $(STAMP)
