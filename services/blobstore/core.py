@@ -313,8 +313,10 @@ class Blobstore:
             entry = admitted[0] if admitted is not None else None
             room = None if entry is None or entry.room is None else (entry.room, entry.address)
             try:
-                with telemetry.traced("disk_stream", attributes={"snapwake.snapshot_id": sid, "snapwake.gpu": gpu,
-                                                                 "snapwake.cached": entry is not None}):
+                # The same span as a hit's DMA (the fill of exportable memory), marked as read from disk.
+                with telemetry.traced("dma", attributes={"snapwake.snapshot_id": sid, "snapwake.gpu": gpu,
+                                                         "snapwake.source": "disk",
+                                                         "snapwake.cached_on_the_way": entry is not None}):
                     exported = loader.export_stream(m.arena_bytes, gpu, lambda sink: streamer.stream(m, sink, room))
             except CorruptSnapshot as exc:
                 if entry is not None:
