@@ -383,9 +383,14 @@ def main() -> int:
                 drop_cache(files)
                 r, exported = timed_load(core, gpu.index)
                 res["miss"]["runs"].append(r)
-                if k == 0:
-                    res["miss"]["verify"] = verify_on_gpu(gpu, exported, m)
-                exported.release()
+                try:
+                    if k == 0:
+                        res["miss"]["verify"] = verify_on_gpu(gpu, exported, m)
+                except Exception as exc:  # noqa: BLE001 - the timing runs go on
+                    log.error("verify failed: %s\n%s", exc, traceback.format_exc())
+                    res["miss"]["verify"] = {"ok": None, "error": f"{type(exc).__name__}: {exc}"}
+                finally:
+                    exported.release()
                 save()
             res["miss"]["store_o_direct_after"] = list(store.direct)
             close_core(core)

@@ -213,7 +213,7 @@ class Blobstore:
                 self._refetch(sid, exc, peers, digest)
                 from_peer = True
                 m = self._read_to_cache(sid)
-        log.info("cached %s (%d bytes%s)", sid, m.arena_bytes, ", from a peer" if from_peer else "")
+        log.info("pre-warmed %s (%d bytes%s)", sid, m.arena_bytes, ", from a peer" if from_peer else "")
         return Prewarmed(False, from_peer, m.arena_bytes)
 
     def _matches(self, m: Manifest, digest: str, what: str) -> bool:
@@ -248,7 +248,17 @@ class Blobstore:
 
     def _read_to_cache(self, sid: str) -> Manifest:
         m = self.store.manifest(sid)
-        entry, _evicted = self.cache.reserve(m)
+        if self.streamer is not None and self.streamer.can_stage(m):
+            admitted = self.cache.try_reserve(m)
+            if admitted is None:
+                # Not admitted (larger than the cache takes, or the room is in use): every chunk on
+                # disk is verified instead, and a start streams it from disk (``_export_from_disk``).
+                self.streamer.stream(m, lambda _offset, _data, _address: None)
+                log.info("verified %s on disk (%d bytes); the cache does not admit it", sid, m.arena_bytes)
+                return m
+            entry = admitted[0]
+        else:
+            entry, _evicted = self.cache.reserve(m)
         try:
             self.store.read_into(m, entry.view)
         except BaseException:
@@ -277,18 +287,19 @@ class Blobstore:
 
     def _export(self, sid: str, gpu: int) -> Exported:
         loader = self._loader(gpu)
-        streamed = self._export_from_disk(sid, gpu, loader)
-        if streamed is not None:
-            return streamed
         for _attempt in range(2):  # an eviction between fill and use is retried once
-            self.prewarm(sid)
+            streamed = self._export_from_disk(sid, gpu, loader)  # a miss with a good copy on disk
+            if streamed is not None:
+                return streamed
+            self.prewarm(sid)  # a hit, or a copy fetched (and cached if admitted), or a bad one refetched
             with self.cache.use(sid) as entry:
                 if entry is not None:
                     with telemetry.traced("dma", attributes={"snapwake.snapshot_id": sid, "snapwake.gpu": gpu}):
                         exported = loader.export(entry, gpu)
                     self.stats.dma(exported.nbytes, exported.dma_seconds)
                     return exported
-        raise errors.ResourceExhausted(f"cache: {sid} was evicted twice while loading; cache too small")
+        raise errors.ResourceExhausted(f"cache: {sid} was neither streamed from disk nor kept in the cache "
+                                       f"(evicted twice while loading); cache too small")
 
     def _export_from_disk(self, sid: str, gpu: int, loader: Loader) -> Exported | None:
         """The miss path: ``sid``'s chunks streamed from disk into exportable memory, verified on

@@ -226,3 +226,18 @@ def test_a_refused_admission_evicts_nothing() -> None:
     cache = HostCache(HostArena.anonymous(4 * 4096), 4 * 4096, admit_fraction=0.5)
     assert cache.try_reserve(mf.Manifest(snapshot_id=_sid(1), arena_bytes=3 * 4096)) is None  # over half
     assert cache.try_reserve(mf.Manifest(snapshot_id=_sid(2), arena_bytes=2 * 4096)) is not None
+
+
+def test_prewarm_of_a_snapshot_the_cache_does_not_admit_verifies_it_on_disk(store: StripedStore) -> None:
+    data = _data(6 * CHUNK + 99)
+    _put(store, data, _sid(1))
+    core = _core(store, 2 * CHUNK)
+    r = core.prewarm(_sid(1))
+    assert not r.was_cached and r.nbytes == len(data) and not core.cache.contains(_sid(1))
+    assert _read_back(core.load(_sid(1), -1)) == data  # the start streams it
+    generation = json.loads((store.dirs[0] / "snapshots" / "t.n.f1.1" / "manifest.json").read_text())["generation"]
+    path = chunk_path(store.dirs, "t.n.f1.1", generation, 5)
+    path.write_bytes(b"\0" * CHUNK)
+    with pytest.raises(CorruptSnapshot, match="chunk 5: checksum failed; local copy dropped"):
+        core.prewarm(_sid(1))
+    assert not store.contains(_sid(1))
