@@ -201,7 +201,13 @@ def raw_direct_read(files: list[Path], threads: int, block: int) -> dict[str, An
                     except OSError:
                         direct[0] = False
                         fds[path] = os.open(path, os.O_RDONLY)
-                got += os.preadv(fds[path], [view[:round_up(length, ALIGN)]], off)
+                try:
+                    got += os.preadv(fds[path], [view[:round_up(length, ALIGN)]], off)
+                except OSError:  # O_DIRECT opened but refused on read: buffered from here on
+                    direct[0] = False
+                    os.close(fds[path])
+                    fds[path] = os.open(path, os.O_RDONLY)
+                    got += os.preadv(fds[path], [view[:length]], off)
         finally:
             for fd in fds.values():
                 os.close(fd)

@@ -241,3 +241,85 @@ def test_prewarm_of_a_snapshot_the_cache_does_not_admit_verifies_it_on_disk(stor
     with pytest.raises(CorruptSnapshot, match="chunk 5: checksum failed; local copy dropped"):
         core.prewarm(_sid(1))
     assert not store.contains(_sid(1))
+
+
+class _FakeDriver:
+    """Just enough of ``cuda.bindings.driver`` for ``CudaLoader.export_stream``: device memory is
+    a host buffer, a copy is a memmove; every call is recorded."""
+
+    BASE = 1 << 40
+
+    class _Enum:
+        def __getattr__(self, name: str) -> str:
+            return name
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.device = bytearray()
+        self.lock = threading.Lock()
+        for enum in ("CUmemAllocationType", "CUmemLocationType", "CUmemAllocationHandleType", "CUmemAccess_flags",
+                     "CUmemAllocationGranularity_flags", "CUstream_flags"):
+            setattr(self, enum, self._Enum())
+
+    def __getattr__(self, name: str) -> object:
+        def call(*args: object) -> tuple[int, ...]:
+            with self.lock:
+                self.calls.append(name)
+            return (0, 1)
+        return call
+
+    def CUmemAllocationProp(self) -> object:  # noqa: N802 - the binding's name
+        class Loc:
+            type = id = None
+
+        class Prop:
+            location = Loc()
+            type = requestedHandleTypes = None
+        return Prop()
+
+    def CUmemAccessDesc(self) -> object:  # noqa: N802
+        return type("Desc", (), {})()
+
+    def cuMemGetAllocationGranularity(self, *_: object) -> tuple[int, int]:  # noqa: N802
+        return 0, 2 << 20
+
+    def cuMemCreate(self, size: int, *_: object) -> tuple[int, str]:  # noqa: N802
+        self.device = bytearray(size)
+        self.calls.append("cuMemCreate")
+        return 0, "handle"
+
+    def cuMemAddressReserve(self, *_: object) -> tuple[int, int]:  # noqa: N802
+        return 0, self.BASE
+
+    def cuMemcpyHtoDAsync(self, dst: int, src: int, n: int, _stream: object) -> tuple[int]:  # noqa: N802
+        import ctypes
+        buf = (ctypes.c_char * len(self.device)).from_buffer(self.device)
+        ctypes.memmove(ctypes.addressof(buf) + dst - self.BASE, src, n)
+        with self.lock:
+            self.calls.append("cuMemcpyHtoDAsync")
+        return (0,)
+
+    def cuMemExportToShareableHandle(self, *_: object) -> tuple[int, int]:  # noqa: N802
+        self.calls.append("cuMemExportToShareableHandle")
+        return 0, os.memfd_create("fake-export")
+
+
+def test_cuda_loader_streams_chunks_into_device_memory(store: StripedStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.blobstore import device
+
+    fake = _FakeDriver()
+    monkeypatch.setattr(device, "driver", lambda: fake)
+    data = _data(5 * CHUNK + 321)
+    m = _put(store, data, _sid(1))
+    exported = device.CudaLoader().export_stream(len(data), 0, lambda sink: _streamer(store).stream(m, sink))
+    assert bytes(fake.device[:len(data)]) == data and exported.nbytes == len(data)
+    assert exported.alloc_bytes == 2 << 20 and fake.calls.count("cuMemcpyHtoDAsync") == 6
+    exported.release()
+    assert fake.calls[-1] == "cuMemRelease"
+    # A corrupt chunk: the memory is freed and nothing is exported.
+    path = next((store.dirs[1] / "snapshots" / "t.n.f1.1").glob("*/000001.chunk"))
+    path.write_bytes(b"\0" * CHUNK)
+    fake.calls.clear()
+    with pytest.raises(CorruptSnapshot, match="chunk 1"):
+        device.CudaLoader().export_stream(len(data), 0, lambda sink: _streamer(store).stream(m, sink))
+    assert "cuMemRelease" in fake.calls and "cuMemExportToShareableHandle" not in fake.calls
