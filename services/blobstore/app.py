@@ -14,6 +14,7 @@ from services.blobstore.handover import HandoverLimits, HandoverServer
 from services.blobstore.metrics import BlobstoreCollector
 from services.blobstore.peers import PeerFetcher
 from services.blobstore.store.striped import StripedStore
+from services.blobstore.stream import StagingPool, Streamer, round_up
 from snapwake.grpcserver import GrpcServer
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc
 
@@ -41,10 +42,16 @@ class BlobstoreApp:
         # Pinned once here, at start-up: pinning costs ~44 ms/GiB and must never be on the hot path.
         arena = pinned_arena(cfg.cache_bytes) if gpus else HostArena.anonymous(cfg.cache_bytes)
         log.info("cache: %d bytes, %s; %d GPU(s)", cfg.cache_bytes, "pinned" if arena.pinned else "pageable", gpus)
-        self.core = Blobstore(StripedStore([Path(d) for d in cfg.dirs]), HostCache(arena, cfg.cache_bytes),
+        store = StripedStore([Path(d) for d in cfg.dirs])
+        stage = round_up(cfg.chunk_bytes)
+        staging = pinned_arena(cfg.staging_buffers * stage) if gpus else HostArena.anonymous(cfg.staging_buffers * stage)
+        log.info("miss path: %d readers, %d staging buffers of %d bytes (%s)", cfg.disk_readers, cfg.staging_buffers,
+                 stage, "pinned" if staging.pinned else "pageable")
+        streamer = Streamer(store, StagingPool(staging, cfg.staging_buffers, stage), cfg.disk_readers)
+        self.core = Blobstore(store, HostCache(arena, cfg.cache_bytes),
                               PeerFetcher(cfg.peers, max_chunk_bytes=cfg.max_chunk_bytes, tls=tls.client() if tls else None),
                               MemfdLoader(), CudaLoader() if gpus else None, gpus, cfg.chunk_bytes,
-                              max_chunk_bytes=cfg.max_chunk_bytes)
+                              max_chunk_bytes=cfg.max_chunk_bytes, streamer=streamer)
         limits = HandoverLimits(
             max_connections=cfg.handover_max_connections,
             max_connections_per_instance=cfg.handover_max_connections_per_instance,

@@ -81,18 +81,25 @@ class LruPlan:
         return None
 
     def admit(self, sid: str, nbytes: int) -> tuple[Slot, list[str]]:
-        """Places ``sid`` (referenced once), evicting LRU snapshots until it fits."""
+        """Places ``sid`` (referenced once), evicting LRU snapshots until it fits. When it cannot
+        fit even with every unreferenced snapshot gone, nothing is evicted (ResourceExhausted)."""
         if sid in self.slots:
             raise errors.AlreadyExists(f"snapshot {sid} is already cached")
+        trial = Allocator(self.alloc.capacity, self.alloc.align)
+        trial.free_list = list(self.alloc.free_list)
         evicted: list[str] = []
-        while (slot := self.alloc.alloc(nbytes)) is None:
-            victim = next((s for s in self.slots if not self.refs.get(s)), None)
+        while trial.alloc(nbytes) is None:  # planned on a copy first: a refusal evicts nothing
+            victim = next((s for s in self.slots if not self.refs.get(s) and s not in evicted), None)
             if victim is None:
                 raise errors.ResourceExhausted(
                     f"cache: {sid} needs {nbytes} bytes; budget {self.budget}, {self.used} in use by "
                     f"snapshots being loaded")
-            self.alloc.free(self.slots.pop(victim))
+            trial.free(self.slots[victim])
             evicted.append(victim)
+        for victim in evicted:
+            self.alloc.free(self.slots.pop(victim))
+        slot = self.alloc.alloc(nbytes)
+        assert slot is not None  # the trial above found room
         self.slots[sid] = slot
         self.refs[sid] = 1
         return slot, evicted
@@ -150,13 +157,15 @@ class CacheEntry:
     manifest: Manifest
     view: memoryview
     address: int
+    room: memoryview | None = None  # the whole slot (``view`` rounded up to the alignment)
 
 
 class HostCache:
     """Thread-safe cache of whole snapshots in one ``HostArena``."""
 
-    def __init__(self, arena: HostArena, budget: int, align: int = 4096) -> None:
+    def __init__(self, arena: HostArena, budget: int, align: int = 4096, admit_fraction: float = 1.0) -> None:
         self.arena, self.plan = arena, LruPlan(budget, align)
+        self.admit_fraction = admit_fraction  # the miss path caches no snapshot above this share of the budget
         self.lock = threading.Lock()
         self.manifests: dict[str, Manifest] = {}
         self.ready: set[str] = set()
@@ -164,7 +173,7 @@ class HostCache:
     def _entry(self, sid: str, slot: Slot) -> CacheEntry:
         m = self.manifests[sid]
         return CacheEntry(m, self.arena.view[slot.offset:slot.offset + m.arena_bytes],
-                          self.arena.address + slot.offset)
+                          self.arena.address + slot.offset, self.arena.view[slot.offset:slot.offset + slot.size])
 
     @contextlib.contextmanager
     def use(self, sid: str) -> Iterator[CacheEntry | None]:
@@ -189,6 +198,17 @@ class HostCache:
                 self.ready.discard(sid)
             self.manifests[m.snapshot_id] = m
             return self._entry(m.snapshot_id, slot), evicted
+
+    def try_reserve(self, m: Manifest) -> tuple[CacheEntry, list[str]] | None:
+        """Admission for a snapshot read on a miss: ``reserve``, or None when the cache does not
+        take it (more than ``admit_fraction`` of the budget, or no room even with every snapshot
+        not in use evicted); it then streams past the cache and nothing is evicted for it."""
+        if m.arena_bytes > self.plan.budget * self.admit_fraction:
+            return None
+        try:
+            return self.reserve(m)
+        except (errors.ResourceExhausted, errors.AlreadyExists):
+            return None
 
     def commit(self, sid: str, manifest: Manifest | None = None) -> None:
         """Marks a reserved entry filled (``manifest`` replaces one that lacked checksums)."""

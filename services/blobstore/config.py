@@ -28,6 +28,8 @@ class BlobstoreConfig(ServerSettings):
     handover_max_loads_per_open: int = field(default=2, metadata={"help": "loads one instance socket serves each time the nodeagent opens it (its start, each restore); more are refused"})
     cache_bytes: int = field(default=1 << 30, metadata={"help": "host-memory cache budget in bytes (pinned once on GPU hosts)"})
     chunk_bytes: int = field(default=64 << 20, metadata={"help": "chunk size for new snapshots (a multiple of 4096 allows O_DIRECT)"})
+    staging_buffers: int = field(default=8, metadata={"help": "staging buffers of chunk_bytes each (pinned once on GPU hosts) for snapshots read from disk past the cache"})
+    disk_readers: int = field(default=8, metadata={"help": "chunks read from disk at once on a cache miss"})
     max_chunk_bytes: int = field(default=256 << 20, metadata={"help": "largest chunk a PutSnapshot upload or a peer's manifest may declare (each is buffered whole)"})
     peers: tuple[str, ...] = field(default=(), metadata={"help": "comma list of peer blobstores host:port to fetch missing snapshots from"})
     gpu: str = field(default="auto", metadata={"help": "use CUDA: true, false or auto (true when a GPU is visible)"})
@@ -50,6 +52,10 @@ class BlobstoreConfig(ServerSettings):
             problems.append(f"cache_bytes: must be >= 0, got {self.cache_bytes}")
         if self.chunk_bytes <= 0:
             problems.append(f"chunk_bytes: must be > 0, got {self.chunk_bytes}")
+        if self.staging_buffers <= 0:
+            problems.append(f"staging_buffers: must be > 0, got {self.staging_buffers}")
+        if self.disk_readers <= 0:
+            problems.append(f"disk_readers: must be > 0, got {self.disk_readers}")
         if self.max_chunk_bytes < self.chunk_bytes:
             problems.append(f"max_chunk_bytes: must be >= chunk_bytes ({self.chunk_bytes}), got {self.max_chunk_bytes}")
         if self.gpu.lower() not in ("auto", "true", "false", "1", "0", "yes", "no"):

@@ -28,6 +28,7 @@ from services.blobstore.manifest import Manifest
 from services.blobstore.metrics import BlobStats
 from services.blobstore.peers import PeerFetcher
 from services.blobstore.store.base import CorruptSnapshot, SnapshotStore, SnapshotWriter, check_chunk
+from services.blobstore.stream import Streamer
 from snapwake import errors, telemetry
 
 __all__ = ["Blobstore", "Prewarmed", "Stat"]
@@ -63,8 +64,10 @@ class Blobstore:
 
     def __init__(self, store: SnapshotStore, cache: HostCache, peers: PeerFetcher, memfd: Loader,
                  cuda: Loader | None = None, gpu_count: int = 0, chunk_bytes: int = 64 << 20,
-                 prepare_ttl: float = 60.0, max_chunk_bytes: int = mf.MAX_CHUNK_BYTES) -> None:
+                 prepare_ttl: float = 60.0, max_chunk_bytes: int = mf.MAX_CHUNK_BYTES,
+                 streamer: Streamer | None = None) -> None:
         self.store, self.cache, self.peers = store, cache, peers
+        self.streamer = streamer  # the miss path: disk straight into exportable memory (None: via the cache)
         self.memfd, self.cuda, self.gpu_count = memfd, cuda, gpu_count
         self.chunk_bytes, self.prepare_ttl, self.max_chunk_bytes = chunk_bytes, prepare_ttl, max_chunk_bytes
         self._digests: dict[str, str] = {}  # the manifest digest each snapshot's record says (pre-warms)
@@ -210,7 +213,7 @@ class Blobstore:
                 self._refetch(sid, exc, peers, digest)
                 from_peer = True
                 m = self._read_to_cache(sid)
-        log.info("cached %s (%d bytes%s)", sid, m.arena_bytes, ", from a peer" if from_peer else "")
+        log.info("pre-warmed %s (%d bytes%s)", sid, m.arena_bytes, ", from a peer" if from_peer else "")
         return Prewarmed(False, from_peer, m.arena_bytes)
 
     def _matches(self, m: Manifest, digest: str, what: str) -> bool:
@@ -245,7 +248,17 @@ class Blobstore:
 
     def _read_to_cache(self, sid: str) -> Manifest:
         m = self.store.manifest(sid)
-        entry, _evicted = self.cache.reserve(m)
+        if self.streamer is not None and self.streamer.can_stage(m):
+            admitted = self.cache.try_reserve(m)
+            if admitted is None:
+                # Not admitted (larger than the cache takes, or the room is in use): every chunk on
+                # disk is verified instead, and a start streams it from disk (``_export_from_disk``).
+                self.streamer.stream(m, lambda _offset, _data, _address: None)
+                log.info("verified %s on disk (%d bytes); the cache does not admit it", sid, m.arena_bytes)
+                return m
+            entry = admitted[0]
+        else:
+            entry, _evicted = self.cache.reserve(m)
         try:
             self.store.read_into(m, entry.view)
         except BaseException:
@@ -275,14 +288,66 @@ class Blobstore:
     def _export(self, sid: str, gpu: int) -> Exported:
         loader = self._loader(gpu)
         for _attempt in range(2):  # an eviction between fill and use is retried once
-            self.prewarm(sid)
+            streamed = self._export_from_disk(sid, gpu, loader)  # a miss with a good copy on disk
+            if streamed is not None:
+                return streamed
+            self.prewarm(sid)  # a hit, or a copy fetched (and cached if admitted), or a bad one refetched
             with self.cache.use(sid) as entry:
                 if entry is not None:
                     with telemetry.traced("dma", attributes={"snapwake.snapshot_id": sid, "snapwake.gpu": gpu}):
                         exported = loader.export(entry, gpu)
                     self.stats.dma(exported.nbytes, exported.dma_seconds)
                     return exported
-        raise errors.ResourceExhausted(f"cache: {sid} was evicted twice while loading; cache too small")
+        raise errors.ResourceExhausted(f"cache: {sid} was neither streamed from disk nor kept in the cache "
+                                       f"(evicted twice while loading); cache too small")
+
+    def _export_from_disk(self, sid: str, gpu: int, loader: Loader) -> Exported | None:
+        """The miss path: ``sid``'s chunks streamed from disk into exportable memory, verified on
+        the way, read into its cache slot when the cache admits it, else through staging buffers.
+        None (the caller takes the cache path, which refetches what is bad or missing) when it is
+        cached, not on disk, not the recorded manifest, or a chunk fails its checksum."""
+        streamer = self.streamer
+        if streamer is None:
+            return None
+        with self._lock(sid):
+            if self.cache.contains(sid) or not self.store.contains(sid):
+                return None
+            m = self.store.manifest(sid)
+            if not self._matches(m, self._digests.get(sid, ""), "the copy on disk"):
+                return None
+            admitted = self.cache.try_reserve(m)
+            if admitted is None and not streamer.can_stage(m):
+                log.warning("%s: chunks of %d bytes exceed the staging buffers and the cache does not take it; "
+                            "reading it through the cache", sid, m.chunk_bytes)
+                return None
+            self.stats.lookup(False)
+            entry = admitted[0] if admitted is not None else None
+            room = None if entry is None or entry.room is None else (entry.room, entry.address)
+            try:
+                # The same span as a hit's DMA (the fill of exportable memory), marked as read from disk.
+                with telemetry.traced("dma", attributes={"snapwake.snapshot_id": sid, "snapwake.gpu": gpu,
+                                                         "snapwake.source": "disk",
+                                                         "snapwake.cached_on_the_way": entry is not None}):
+                    exported = loader.export_stream(m.arena_bytes, gpu, lambda sink: streamer.stream(m, sink, room))
+            except CorruptSnapshot as exc:
+                if entry is not None:
+                    self.cache.abandon(sid)
+                log.error("%s; reading it through the cache path, which drops it and refetches it", exc.message)
+                return None
+            except BaseException:
+                if entry is not None:
+                    self.cache.abandon(sid)
+                raise
+            if entry is not None:
+                self.cache.commit(sid)
+        self.stats.dma(exported.nbytes, exported.dma_seconds)
+        self.stats.disk(exported.nbytes, exported.dma_seconds)
+        rate = exported.nbytes / exported.dma_seconds / 1e9 if exported.dma_seconds > 0 else 0.0
+        log.info("loaded %s from disk into %s: %d bytes in %.3f s (%.2f GB/s), %s", sid,
+                 f"gpu {gpu}" if gpu >= 0 else "a memfd", exported.nbytes, exported.dma_seconds, rate,
+                 f"cached on the way (evicted {', '.join(admitted[1]) or 'nothing'})" if admitted is not None
+                 else "past the cache (not admitted)")
+        return exported
 
     def prepare(self, sid: str, gpu: int, digest: str = "") -> None:
         """Starts filling memory for a later ``load``; unclaimed memory is freed after ``prepare_ttl``.
@@ -327,6 +392,8 @@ class Blobstore:
             if fut.done() and fut.exception() is None:
                 fut.result().release()
         self.workers.shutdown(wait=False, cancel_futures=True)
+        if self.streamer is not None:
+            self.streamer.close()
         self.store.close()
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from services.blobstore.cache import CacheEntry, HostArena
+from services.blobstore.stream import Sink
 from snapwake import errors
 from snapwake.cuda import check, driver
 from snapwake.protocols import memfd_problem, seal_memfd
@@ -51,6 +52,11 @@ class Loader(Protocol):
     def import_into(self, fd: int, nbytes: int, gpu: int, dest: memoryview, dest_address: int) -> None:
         """Copies the first ``nbytes`` of the memory behind ``fd`` into ``dest``."""
 
+    def export_stream(self, nbytes: int, gpu: int, fill: Callable[[Sink], object]) -> Exported:
+        """Allocates exportable memory of ``nbytes`` and calls ``fill(sink)``, which hands every
+        chunk to ``sink`` (from any thread) before it returns; then exports it. The memory is
+        freed if ``fill`` raises. ``dma_seconds`` is the whole fill."""
+
 
 def _close(fd: int) -> Callable[[], None]:
     return lambda: os.close(fd)
@@ -73,6 +79,25 @@ class MemfdLoader:
             os.close(fd)
             raise
         return Exported(fd, n, n, time.perf_counter() - t0, _close(fd))
+
+    def export_stream(self, nbytes: int, gpu: int, fill: Callable[[Sink], object]) -> Exported:
+        fd = os.memfd_create("snapwake-stream", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, nbytes)
+            seal_memfd(fd)
+            t0 = time.perf_counter()
+            if nbytes:
+                with mmap.mmap(fd, nbytes) as dst:
+                    def sink(offset: int, data: memoryview, _address: int) -> None:
+                        dst[offset:offset + len(data)] = data
+                    fill(sink)
+            else:
+                fill(lambda _o, _d, _a: None)
+            seconds = time.perf_counter() - t0
+        except BaseException:
+            os.close(fd)
+            raise
+        return Exported(fd, nbytes, nbytes, seconds, _close(fd))
 
     def import_into(self, fd: int, nbytes: int, gpu: int, dest: memoryview, dest_address: int) -> None:
         # Unsealed, the sender could shrink the memfd under our mapping: SIGBUS, the blobstore gone.
@@ -171,6 +196,38 @@ class CudaLoader:
         try:
             va = self._mapped(handle, size, prop)
             seconds = self._copy(va, entry.address, nbytes, to_device=True)
+            fd = int(check(cu.cuMemExportToShareableHandle(
+                handle, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+                "cuMemExportToShareableHandle"))
+        except BaseException:
+            self._free(va, size, handle, None)
+            raise
+        return Exported(fd, nbytes, size, seconds, lambda: self._free(va, size, handle, fd))
+
+    def export_stream(self, nbytes: int, gpu: int, fill: Callable[[Sink], object]) -> Exported:
+        cu = driver()
+        _use_device(gpu)
+        prop = self._prop(gpu)
+        size = self._size(nbytes, prop)
+        handle = check(cu.cuMemCreate(size, prop, 0), f"cuMemCreate({size}) on gpu {gpu}")
+        va = None
+        try:
+            va = self._mapped(handle, size, prop)
+            base = int(va)
+
+            def sink(offset: int, data: memoryview, address: int) -> None:
+                # Called from the reader threads: each makes the context current and waits for its
+                # own copy, so the staging buffer may be reused once this returns.
+                _use_device(gpu)
+                stream = check(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+                try:
+                    check(cu.cuMemcpyHtoDAsync(base + offset, address, len(data), stream), "cuMemcpyHtoDAsync")
+                    check(cu.cuStreamSynchronize(stream), "cuStreamSynchronize")
+                finally:
+                    cu.cuStreamDestroy(stream)
+            t0 = time.perf_counter()
+            fill(sink)
+            seconds = time.perf_counter() - t0
             fd = int(check(cu.cuMemExportToShareableHandle(
                 handle, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
                 "cuMemExportToShareableHandle"))

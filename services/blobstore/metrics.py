@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 __all__ = ["BlobStats", "BlobstoreCollector", "CACHE_BYTES_BUDGET", "CACHE_BYTES_USED", "CACHE_HIT_RATIO",
-           "CACHE_HITS", "CACHE_MISSES", "DMA_BYTES", "DMA_SECONDS"]
+           "CACHE_HITS", "CACHE_MISSES", "DISK_BYTES", "DISK_SECONDS", "DMA_BYTES", "DMA_SECONDS"]
 
 CACHE_BYTES_USED = "snapwake_blobstore_cache_used_bytes"
 CACHE_BYTES_BUDGET = "snapwake_blobstore_cache_budget_bytes"
@@ -24,6 +24,8 @@ CACHE_MISSES = "snapwake_blobstore_cache_misses"
 CACHE_HIT_RATIO = "snapwake_blobstore_cache_hit_ratio"
 DMA_BYTES = "snapwake_blobstore_dma_bytes"
 DMA_SECONDS = "snapwake_blobstore_dma_seconds"
+DISK_BYTES = "snapwake_blobstore_disk_stream_bytes"
+DISK_SECONDS = "snapwake_blobstore_disk_stream_seconds"
 
 
 @dataclass
@@ -34,6 +36,8 @@ class BlobStats:
     misses: int = 0
     dma_bytes: int = 0
     dma_seconds: float = 0.0
+    disk_bytes: int = 0
+    disk_seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def lookup(self, hit: bool) -> None:
@@ -49,6 +53,12 @@ class BlobStats:
         with self.lock:
             self.dma_bytes += nbytes
             self.dma_seconds += seconds
+
+    def disk(self, nbytes: int, seconds: float) -> None:
+        """One miss streamed from disk into exportable memory (included in ``dma`` too)."""
+        with self.lock:
+            self.disk_bytes += nbytes
+            self.disk_seconds += seconds
 
     def hit_ratio(self) -> float | None:
         """Hits over lookups; None before the first lookup (no number rather than a made-up one)."""
@@ -80,3 +90,8 @@ class BlobstoreCollector(Collector):
             yield GaugeMetricFamily(CACHE_HIT_RATIO, "Cache hits over lookups since start.", value=ratio)
         yield CounterMetricFamily(DMA_BYTES, "Bytes filled into exportable memory for handover.", value=dma_bytes)
         yield CounterMetricFamily(DMA_SECONDS, "Seconds spent filling exportable memory.", value=dma_seconds)
+        with s.lock:
+            disk_bytes, disk_seconds = s.disk_bytes, s.disk_seconds
+        yield CounterMetricFamily(DISK_BYTES, "Bytes streamed from disk into exportable memory on a miss.",
+                                  value=disk_bytes)
+        yield CounterMetricFamily(DISK_SECONDS, "Seconds spent streaming misses from disk.", value=disk_seconds)

@@ -104,6 +104,15 @@ class SnapshotStore(abc.ABC):
             writer.abort()
             raise
 
+    def chunk_reader(self, m: Manifest) -> Callable[[int, memoryview], memoryview]:
+        """``read(index, room)``: chunk ``index`` of ``m`` read into the start of ``room`` (at
+        least the chunk's length), verified; returns the chunk's bytes (a prefix of ``room``)."""
+        def read(index: int, room: memoryview) -> memoryview:
+            length = mf.chunk_span(m, index)[1]
+            self.read_chunk_into(m, index, room[:length])
+            return room[:length]
+        return read
+
     def read_into(self, m: Manifest, dest: memoryview) -> None:
         """Reads every chunk of ``m`` into ``dest`` in parallel, verifying each."""
         self.each_chunk(m, lambda i, s, n: self.read_chunk_into(m, i, dest[s:s + n]))

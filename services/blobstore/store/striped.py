@@ -21,6 +21,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from services.blobstore import manifest as mf
@@ -153,6 +154,70 @@ class StripedStore(SnapshotStore):
             raise CorruptSnapshot(m.snapshot_id, index, f"short file ({got} of {len(dest)} bytes)")
         check_chunk(m, index, dest)
 
+    def chunk_reader(self, m: Manifest) -> Callable[[int, memoryview], memoryview]:
+        """The miss path's reader (``SnapshotStore.chunk_reader``): the generation is looked up
+        once; a chunk is read with O_DIRECT when ``room`` is aligned and holds the chunk rounded
+        up to 4096 (the tail of the last one included), else buffered; then verified."""
+        safe = safe_name(m.snapshot_id)
+        rec = self._record(safe)
+
+        def read(index: int, room: memoryview) -> memoryview:
+            length = mf.chunk_span(m, index)[1]
+            if rec is None:
+                raise CorruptSnapshot(m.snapshot_id, index, "manifest missing")
+            stripe = stripe_of(index, len(self.dirs))
+            path = chunk_path(self.dirs, safe, rec[0], index)
+            want = -(-length // ALIGN) * ALIGN
+            direct = self.direct[stripe] and len(room) >= want and address(room) % ALIGN == 0
+            try:
+                got = self._read_chunk_file(path, room[:want if direct else length], stripe, direct,
+                                           length, (m.snapshot_id, index))
+            except FileNotFoundError:
+                raise CorruptSnapshot(m.snapshot_id, index, f"missing file {path}") from None
+            if got != length:
+                raise CorruptSnapshot(m.snapshot_id, index, f"short file ({got} of {length} bytes)")
+            data = room[:length]
+            check_chunk(m, index, data)
+            return data
+        return read
+
+    def _read_chunk_file(self, path: Path, dest: memoryview, stripe: int, direct: bool, length: int,
+                         chunk: tuple[str, int]) -> int:
+        """Reads the file at ``path`` into ``dest``; bytes read. A file of another size than
+        ``length`` is corrupt (checked before reading). Falls back to buffered I/O, and says so
+        once, where the filesystem refuses O_DIRECT."""
+        fd = -1
+        if direct:
+            try:
+                fd = os.open(path, os.O_RDONLY | _O_DIRECT)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._refused_direct(stripe, exc)
+                direct = False
+        if fd < 0:
+            fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size != length:
+                raise CorruptSnapshot(*chunk, f"file {path} holds {size} bytes, expected {length}")
+            try:
+                return _pread_all(fd, dest, direct)
+            except OSError as exc:
+                if not direct or exc.errno != errno.EINVAL:
+                    raise
+                self._refused_direct(stripe, exc)
+        finally:
+            os.close(fd)
+        return self._read_chunk_file(path, dest[:length], stripe, False, length, chunk)
+
+    def _refused_direct(self, stripe: int, exc: OSError) -> None:
+        with self.lock:
+            if self.direct[stripe]:
+                self.direct[stripe] = False
+                log.warning("stripe %s: O_DIRECT refused (%s); reading it with buffered I/O from now on",
+                            self.dirs[stripe], exc)
+
     def delete(self, sid: str) -> bool:
         safe = safe_name(sid)
         with self.lock:
@@ -219,6 +284,19 @@ class StripedStore(SnapshotStore):
                 for gen in snap.iterdir():
                     if gen.is_dir() and (rec is None or gen.name != rec[0]):
                         shutil.rmtree(gen, ignore_errors=True)
+
+
+def _pread_all(fd: int, dest: memoryview, direct: bool) -> int:
+    """Reads from offset 0 until ``dest`` is full or the file ends; bytes read."""
+    done = 0
+    while done < len(dest):
+        n = os.preadv(fd, [dest[done:]], done)
+        if n == 0:
+            break
+        done += n
+        if direct and done % ALIGN:
+            break  # a direct read comes back unaligned only at the end of the file
+    return done
 
 
 def _fsync_dir(path: Path) -> None:
