@@ -445,6 +445,66 @@ def pageout(pid: int) -> dict[str, Any]:
             "errors": errors, "seconds": round(time.monotonic() - t0, 3)}
 
 
+FLOOR_CHILD = r"""
+import sys
+from cuda.bindings import driver as cu
+if sys.argv[1] == "torch":
+    import torch
+    torch.ones(1 << 20, device="cuda").sum().item()
+else:
+    cu.cuInit(0); _, d = cu.cuDeviceGet(0); _, c = cu.cuDevicePrimaryCtxRetain(d); cu.cuCtxSetCurrent(c)
+    cu.cuMemAlloc(1 << 20)
+if sys.argv[2] != "default":
+    print("set", cu.cuCtxSetLimit(cu.CUlimit.CU_LIMIT_STACK_SIZE, int(sys.argv[2])), file=sys.stderr)
+print("ready", cu.cuCtxGetLimit(cu.CUlimit.CU_LIMIT_STACK_SIZE)[1], flush=True)
+sys.stdin.readline()
+"""
+
+
+def floor_probe(dev: Device, work: Path) -> dict[str, Any]:
+    """The floor under a standby: a process with only a CUDA context (or torch and one tensor),
+    with the driver's default stack and with it at 0, checkpointed."""
+    out: dict[str, Any] = {}
+    for what in ("context", "torch"):
+        for stack in ("default", "0"):
+            name = f"{what}_stack_{stack}"
+            err = work / f"floor-{name}.err"
+            p = subprocess.Popen([sys.executable, "-c", FLOOR_CHILD, what, stack], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=open(err, "w"), text=True)
+            r: dict[str, Any] = {}
+            try:
+                line = p.stdout.readline().strip() if p.stdout else ""
+                if not line.startswith("ready"):
+                    p.kill()
+                    p.wait(10)
+                    raise RuntimeError(f"child: {line!r} {err.read_text(errors='replace')[-800:]}")
+                r["stack_bytes"] = int(line.split()[1])
+                time.sleep(0.3)
+                r["before"] = smaps_mib(p.pid)
+                used = dev.used_mib()
+                r["checkpoint_s"] = dev.checkpoint(p.pid)
+                r["device_mib_checkpointed"] = round(used - dev.used_mib(), 1)
+                time.sleep(0.3)
+                r["checkpointed"] = smaps_mib(p.pid)
+                r["restore_s"] = dev.restore(p.pid)
+            except Exception as exc:  # noqa: BLE001 - recorded
+                r["error"] = repr(exc)[:1500]
+                with contextlib.suppress(Exception):
+                    dev.restore(p.pid)
+            finally:
+                with contextlib.suppress(Exception):
+                    if p.stdin:
+                        p.stdin.write("\n")
+                        p.stdin.flush()
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(10)
+            out[name] = r
+    return out
+
+
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "kernel": platform.release()}
     with contextlib.suppress(Exception):
@@ -533,6 +593,13 @@ def main(argv: list[str] | None = None) -> None:
     handover = Handover(str(opts.work / "handover.sock"), opts.device == "cuda")
     dev = Device(opts.device)
     results["device_mib_used_at_start"] = dev.used_mib()
+    if dev.gpu:
+        try:
+            results["floor"] = floor_probe(dev, opts.work)
+        except Exception as exc:  # noqa: BLE001 - the standbys are what matters
+            results["floor"] = {"error": repr(exc)[:1500]}
+        print("floor:", json.dumps(results["floor"])[:2000], flush=True)
+        save()
     src = Server("source", opts.work, model, handover.path, "snapshot", slice_bytes, device=opts.device)
     try:
         results["source_start_s"] = round(src.wait_phase("serving", 300), 2)
