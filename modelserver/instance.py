@@ -251,14 +251,11 @@ def trim_host() -> int:
     """Frees what released objects left behind in host memory: reference cycles, then the C
     heap's free pages (glibc ``malloc_trim``, every arena). Returns the objects collected."""
     import ctypes
-    import ctypes.util
     import gc
 
     collected = gc.collect()
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        trimmed = bool(libc.malloc_trim(0))
+        trimmed = bool(ctypes.CDLL(None).malloc_trim(0))  # the process's own symbols: its libc
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to trim
         trimmed = False
     log.info("release: %d objects collected; malloc_trim %s", collected, "returned memory" if trimmed else "no-op")
