@@ -545,6 +545,9 @@ def summarize(results: dict[str, Any]) -> None:
         s["hot_standby_pss_mb"] = round(pss * 1.048576, 1) if pss is not None else None
         s["meets_800_mb"] = pss is not None and pss * 1.048576 <= 800
         summary[variant] = s
+    if "old" in summary and "new" in summary:  # new minus old, where both were measured
+        summary["new_minus_old"] = {k: round(v - summary["old"][k], 4) for k, v in summary["new"].items()
+                                    if isinstance(v, float) and isinstance(summary["old"].get(k), float)}
     results["summary"] = summary
 
 
