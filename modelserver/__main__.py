@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -76,8 +77,9 @@ async def serve(cfg: ModelServerConfig) -> int:
     model_dir = Path(cfg.model_dir)
     instance = Instance(Settings(model_dir, cfg.handover_socket, cfg.dtype or None,
                                  gpu_memory_bytes=cfg.gpu_memory_bytes, max_batch=cfg.max_batch,
-                                 cuda_graphs=cfg.cuda_graphs),
-                        make_arena(cfg.device, cfg.gpu_index, cfg.gpu_memory_bytes, cfg.cuda_device),
+                                 cuda_graphs=cfg.cuda_graphs, trim_on_release=cfg.standby_trim),
+                        make_arena(cfg.device, cfg.gpu_index, cfg.gpu_memory_bytes, cfg.cuda_device,
+                                   cfg.standby_trim),
                         await asyncio.to_thread(load_tokenizer, model_dir, cfg.chat_template))
     control = ControlServer(instance, cfg.control_socket) if cfg.control_socket else None
     if control:
@@ -103,6 +105,9 @@ async def serve(cfg: ModelServerConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Kernels are loaded when first used, not all at context creation (torch sets the same when
+    # it initialises CUDA; set here so it holds whoever creates the context first).
+    os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
     # As the services: a bad flag is one line naming it and exit status 2.
     cfg = bootstrap(ModelServerConfig, "modelserver", argv, prog="python -m modelserver")
     raise SystemExit(asyncio.run(serve(cfg)))

@@ -25,6 +25,9 @@ class ModelServerConfig:
     gpu_memory_bytes: int = field(default=0, metadata={"help": "GPU memory slice; sizes the reserved address range"})
     max_batch: int = field(default=64, metadata={"help": "requests decoded together at most"})
     cuda_graphs: bool = field(default=True, metadata={"help": "replay decode steps as CUDA graphs (cuda only)"})
+    standby_trim: bool = field(default=True, metadata={"help": "at release, also shrink the CUDA context's "
+                                                       "stack and hand freed host memory back (malloc_trim), "
+                                                       "so a standby's checkpoint is small"})
     start_mode: str = field(default="load", metadata={"help": "load, snapshot or standby"})
     control_socket: str = field(default="", metadata={"help": "Unix socket path the model server listens on"})
     handover_socket: str = field(default="", metadata={"help": "the blobstore's handover socket path"})

@@ -65,3 +65,34 @@ def test_model_on_cuda_arena_matches_cpu(torch_cuda, demo_model_dir: Path) -> No
     gpu.release()
     cpu.release()
     assert torch.cuda.memory_allocated(0) < (1 << 20)  # weights and KV are gone
+
+
+def test_release_trims_the_stack_and_attach_sets_it_back(torch_cuda) -> None:  # noqa: ANN001
+    from modelserver.arena.cuda import FALLBACK_STACK_BYTES, CudaArena
+    from snapwake.cuda import check, driver
+
+    torch = torch_cuda
+    cu = driver()
+    stack = cu.CUlimit.CU_LIMIT_STACK_SIZE
+    owner, user, untrimmed = CudaArena(0, trim=False), CudaArena(0), CudaArena(0, trim=False)
+    owner.allocate(3 << 20)
+    # The driver's default; an earlier test's trimmed release may have left it lower.
+    check(cu.cuCtxSetLimit(stack, 1024), "cuCtxSetLimit")
+    data = torch.arange(owner.size, device="cuda:0", dtype=torch.int64).to(torch.uint8)
+    owner.tensor().copy_(data)
+    user.attach(owner.export_fd(), owner.size)
+    before = int(check(cu.cuCtxGetLimit(stack), "cuCtxGetLimit"))
+    assert before >= 1024
+    torch.cuda.empty_cache()  # what release frees besides the stack, freed before the measure
+    free = torch.cuda.mem_get_info(0)[0]
+    user.release()
+    assert int(check(cu.cuCtxGetLimit(stack), "cuCtxGetLimit")) <= FALLBACK_STACK_BYTES
+    assert torch.cuda.mem_get_info(0)[0] > free  # the context's local memory shrank
+    user.attach(owner.export_fd(), owner.size)
+    assert int(check(cu.cuCtxGetLimit(stack), "cuCtxGetLimit")) == before
+    assert torch.equal(user.tensor(), data)
+    untrimmed.attach(owner.export_fd(), owner.size)
+    untrimmed.release()  # trim off: today's release leaves the stack as it is
+    assert int(check(cu.cuCtxGetLimit(stack), "cuCtxGetLimit")) == before
+    user.release()
+    owner.release()
