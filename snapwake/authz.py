@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 from snapwake.pki import Identity
 
-__all__ = ["GRANTS", "HEALTH", "REFLECTION", "Code", "Grant", "Refusal", "Transport", "decide", "split_method"]
+__all__ = ["GATEWAY_ID_SEPARATOR", "GRANTS", "HEALTH", "REFLECTION", "Code", "Grant", "Refusal", "Transport", "decide",
+           "gateway_id_problem", "split_method"]
 
 _V1 = "snapwake.v1."
 HEALTH = "grpc.health.v1.Health"
@@ -90,6 +91,25 @@ GRANTS: tuple[Grant, ...] = (
 class Refusal:
     code: Code
     message: str
+
+
+GATEWAY_ID_SEPARATOR = ":"
+"""Between a gateway certificate's name and a replica's suffix in a ``gateway_id``; not a name
+character (``snapwake.pki``), so no certificate's name can begin another's ids."""
+
+
+def gateway_id_problem(caller: Identity, gateway_id: str) -> str | None:
+    """Why ``caller`` may not speak as ``gateway_id``; None if it may.
+
+    The scheduler records claims and queue reports as owned by the ``gateway_id`` a gateway
+    sends. On mutual TLS that id is tied to the certificate: it is the certificate's name, or the
+    name, ``GATEWAY_ID_SEPARATOR`` and a suffix (replicas sharing one certificate, as a
+    Kubernetes Deployment's do, each add their own). So a gateway's certificate cannot claim,
+    release or report as another gateway, whatever id it sends."""
+    if gateway_id == caller.name or gateway_id.startswith(caller.name + GATEWAY_ID_SEPARATOR):
+        return None
+    return (f"gateway_id {gateway_id!r} is not {caller}'s: it must be its certificate's name {caller.name!r} "
+            f"or {caller.name + GATEWAY_ID_SEPARATOR}<replica>")
 
 
 def split_method(full: str) -> tuple[str, str]:

@@ -9,24 +9,29 @@ and their certificates are refused every key)::
     role                 read                                    read and write
     scheduler            nodes/, instances/                      functions/, snapshots/, cordons/,
                                                                  leader (election: create, watch)
-    nodeagent            functions/ (fencing), nodes/ (peers),   instances/, snapshots/
-                         instances/, snapshots/
-    nodeagent/{node}                                             nodes/{node} (its own key only)
+    nodeagent            functions/ (fencing), nodes/ (peers),   snapshots/
+                         snapshots/
+    nodeagent/{node}                                             nodes/{node} (its own key only),
+                                                                 instances/{node}/ (its own instances)
     root                 everything: the operator's ``admin/...`` certificate the bootstrap uses
 
 Leases need no grant (etcd 3.4 lets any user take and refresh one); revoking one, or putting a
 key under one, needs write permission on every key already attached to it, so a node cannot
 revoke another's lease.
 
-What a compromised node can still do (residual, the key layout is unchanged): the instance
-records (``/snapwake/instances/{id}``) and snapshot records (``/snapwake/snapshots/...``) of
-every node are under prefixes without the node in them, so its certificate can write and delete
-other nodes' instance records (the scheduler would count, or lose, their instances) and any
-snapshot record (its holders, its manifest digest, its corrupt mark). It cannot write another
-node's node record, functions, cordons or the leader key, nor read or write anything else.
-Closing that needs instances keyed under their node (``/snapwake/instances/{node}/{id}``) and
-snapshot holders recorded per node (``/snapwake/snapshots/.../holders/{node}``), a layout
-change for the scheduler's mirrors, its GetInstance and every test that builds the keys.
+Instance records are keyed under their node (``/snapwake/instances/{node}/{id}``), so etcd
+itself refuses a node's certificate every other node's instance records: it can neither write,
+delete nor read them. The scheduler, for its part, ignores a record whose ``node`` or ``id``
+differs from its key (``keys.instance_matches_key``).
+
+What a compromised node can still do (residual): snapshot records (``/snapwake/snapshots/...``)
+are one record per function revision that every holding node updates, so its certificate can
+write any snapshot record (its holders, its manifest digest, its corrupt mark); closing that
+needs holders recorded per node (``/snapwake/snapshots/.../holders/{node}``), a change of the
+checkpoint path. Under its own prefix it can also record made-up instances (any function, any
+endpoint, an id another node's instance has), which the scheduler believes as it believes that
+node's real ones. It cannot write another node's node or instance records, functions, cordons
+or the leader key, nor read or write anything else.
 
 ``python -m snapwake.etcdauth --etcd host:port --etcd-ca ca.crt --etcd-cert admin.crt
 --etcd-key admin.key --users scheduler/scheduler,nodeagent/node-0`` creates the roles, the
@@ -81,7 +86,8 @@ ROLE_PERMISSIONS: dict[str, tuple[Permission, ...]] = {
     # keys.ACCESS: admin tokens, API keys and tenant quotas (the admin API's, services/scheduler/access.py).
     "scheduler": (_rw(keys.FUNCTIONS), _rw(keys.SNAPSHOTS), _rw(keys.CORDONS), _rw(keys.LEADER), _rw(keys.ACCESS),
                   Permission(keys.NODES), Permission(keys.INSTANCES)),
-    "nodeagent": (Permission(keys.FUNCTIONS), Permission(keys.NODES), _rw(keys.INSTANCES), _rw(keys.SNAPSHOTS)),
+    # Its own node record and instance records: the per-node role (_permissions).
+    "nodeagent": (Permission(keys.FUNCTIONS), Permission(keys.NODES), _rw(keys.SNAPSHOTS)),
 }
 
 
@@ -107,7 +113,8 @@ def roles_of(identity: Identity) -> tuple[str, ...]:
 
 def _permissions(role: str) -> tuple[Permission, ...]:
     if role.startswith("nodeagent/"):
-        return (_rw(keys.node_key(role.removeprefix("nodeagent/")), prefix=False),)
+        node = role.removeprefix("nodeagent/")
+        return (_rw(keys.node_key(node), prefix=False), _rw(keys.instance_prefix(node)))
     return ROLE_PERMISSIONS[role]
 
 

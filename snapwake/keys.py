@@ -6,7 +6,8 @@ Desired state (written by the scheduler):
     /snapwake/cordons/{node}                          NodeCordon (an operator's cordon or drain)
 Actual state (written by nodeagents, under their own etcd lease):
     /snapwake/nodes/{node}                            Node
-    /snapwake/instances/{id}                          Instance
+    /snapwake/instances/{node}/{id}                   Instance (only that node's etcd user may write
+                                                      under instances/{node}/, snapwake.etcdauth)
 Access (written by the scheduler's admin API, operator calls only):
     /snapwake/access/tokens/{id}                      AdminToken (SHA-256 of the token, never the token)
     /snapwake/access/apikeys/{id}                     ApiKey (HMAC-SHA256 of the key, never the key)
@@ -18,7 +19,7 @@ Coordination:
 from __future__ import annotations
 
 __all__ = ["ACCESS", "ADMIN_TOKENS", "API_KEYS", "QUOTAS", "admin_token_key", "api_key_key", "quota_key", "CORDONS", "FUNCTIONS", "INSTANCES", "LEADER", "NODES", "PREFIX", "SNAPSHOTS", "cordon_key",
-           "function_key", "instance_key", "node_key", "snapshot_id", "snapshot_key", "split_snapshot_id"]
+           "function_key", "instance_key", "instance_matches_key", "instance_prefix", "node_key", "split_instance_key", "snapshot_id", "snapshot_key", "split_snapshot_id"]
 
 PREFIX = "/snapwake/"
 FUNCTIONS = PREFIX + "functions/"
@@ -45,8 +46,28 @@ def cordon_key(node: str) -> str:
     return CORDONS + node
 
 
-def instance_key(instance_id: str) -> str:
-    return INSTANCES + instance_id
+def instance_prefix(node: str) -> str:
+    """The prefix of ``node``'s instance records: the only instance keys its etcd user may write."""
+    return f"{INSTANCES}{node}/"
+
+
+def instance_key(node: str, instance_id: str) -> str:
+    return instance_prefix(node) + instance_id
+
+
+def split_instance_key(key: str) -> tuple[str, str] | None:
+    """``/snapwake/instances/{node}/{id}`` -> (node, id); None for any other key."""
+    node, sep, instance_id = key.removeprefix(INSTANCES).partition("/")
+    if not key.startswith(INSTANCES) or not sep or not node or not instance_id or "/" in instance_id:
+        return None
+    return node, instance_id
+
+
+def instance_matches_key(key: str, node: str, instance_id: str) -> bool:
+    """Whether a record read at ``key`` is the instance it says it is (``node``, ``instance_id``):
+    a node's etcd user writes only under its own prefix, so a record naming another node (or
+    an id other than its key's) is forged or corrupt, and the scheduler ignores it."""
+    return split_instance_key(key) == (node, instance_id)
 
 
 def snapshot_id(function_id: str, revision: int) -> str:

@@ -8,7 +8,9 @@
 #
 # Environment: SNAPWAKE_GATEWAY_PORT (8000), SNAPWAKE_ADMIN_PORT (7001), SNAPWAKE_API_KEY (made
 # once and kept in var/compose/api-key), SNAPWAKE_PKI_DIR (var/compose/pki: the development CA
-# and the services' certificates, made once), COMPOSE_PROFILES (cpu), SNAPWAKE_COMPOSE_TIMEOUT
+# and the services' certificates, made once), SNAPWAKE_ACCESS_DIR (var/compose/access: the admin
+# API's operator token, the gateway's token and the API-key secret, made once, registered by the
+# scheduler at start-up), COMPOSE_PROFILES (cpu), SNAPWAKE_COMPOSE_TIMEOUT
 # (seconds for the gateway and the demo deploy, 600).
 set -euo pipefail
 
@@ -81,10 +83,22 @@ certificates() {
     etcd/etcd=etcd admin/etcd-root >/dev/null)
 }
 
+# The admin API's first credentials (kept once made): the operator's token (printed by `up`),
+# the gateway's, and the API-key secret. Made here without etcd; the scheduler stores each
+# token's digest in etcd when it starts (SNAPWAKE_ADMIN_TOKEN_FILES, docker-compose.yml).
+access() {
+  export SNAPWAKE_ACCESS_DIR=${SNAPWAKE_ACCESS_DIR:-$STATE/access}
+  (cd "$ROOT" \
+    && "$PY" -m services.scheduler.bootstrap --generate --token-file "$SNAPWAKE_ACCESS_DIR/operator/operator.token" \
+    && "$PY" -m services.scheduler.bootstrap --generate --token-file "$SNAPWAKE_ACCESS_DIR/gateway/gateway.token" \
+         --secret-file "$SNAPWAKE_ACCESS_DIR/gateway/apikey.secret") >/dev/null
+}
+
 up() {
   ensure_docker
   api_key
   certificates
+  access
   "$ROOT/deploy/compose/build-images.sh" services
   compose up -d --no-build
   local url=http://localhost:$SNAPWAKE_GATEWAY_PORT
@@ -104,9 +118,11 @@ Snapwake is up (docker-compose project $PROJECT, profiles $COMPOSE_PROFILES).
   OpenAI base URL: $url/v1
   API key: $SNAPWAKE_API_KEY
   admin API (gRPC over TLS): 127.0.0.1:$SNAPWAKE_ADMIN_PORT (CA $SNAPWAKE_PKI_DIR/ca.crt)
+  admin token: $(cat "$SNAPWAKE_ACCESS_DIR/operator/operator.token") (operator; file $SNAPWAKE_ACCESS_DIR/operator/operator.token)
   dashboard: $url/dashboard/
 
 Try:
+  snapwake --scheduler 127.0.0.1:$SNAPWAKE_ADMIN_PORT --ca $SNAPWAKE_PKI_DIR/ca.crt --token-file $SNAPWAKE_ACCESS_DIR/operator/operator.token list
   curl $url/v1/chat/completions -H "Authorization: Bearer $SNAPWAKE_API_KEY" -H 'Content-Type: application/json' -d '{"model": "demo", "messages": [{"role": "user", "content": "hello"}]}'
 
 make compose-down removes it all.

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from services.gateway.keys import KeyStore
 from services.gateway.limits import EdgeLimits
+from snapwake.authz import GATEWAY_ID_SEPARATOR, gateway_id_problem
 from snapwake.config import parse_address
 from snapwake.credentials import load_secret
 from snapwake.tlsconfig import TlsSettings
@@ -56,7 +57,9 @@ class GatewayConfig(TlsSettings):
     admin_token_file: str = _field(
         "", "File holding the admin bearer token sent on the scheduler's SchedulerService calls (the function "
             "list, the dashboard) when the scheduler runs with admin_auth.")
-    gateway_id: str = _field("", "This gateway's id for claims and queue reports; random when empty.")
+    gateway_id: str = _field(
+        "", "This gateway's id for claims and queue reports. With a certificate it must be the certificate's "
+            "name or NAME:SUFFIX (the scheduler refuses any other); empty: NAME:<random> (gw-<random> without TLS).")
     connect_timeout: float = _field(5.0, "Seconds to connect to an instance.")
     read_timeout: float = _field(
         600.0, "Seconds to wait between bytes from an instance (a long generation stays inside it).")
@@ -91,6 +94,10 @@ class GatewayConfig(TlsSettings):
     def validate(self) -> list[str]:
         """Every problem, each naming its key (called by ``snapwake.config.load``)."""
         errors: list[str] = self.tls_problems("gateway")
+        if self.gateway_id and not errors and (tls := self.server_tls()) is not None:
+            problem = gateway_id_problem(tls.identity, self.gateway_id)
+            if problem is not None:
+                errors.append(f"gateway_id: {problem}")
         try:
             parse_address(self.listen)
         except ValueError as exc:
@@ -168,7 +175,10 @@ class GatewayConfig(TlsSettings):
         return EdgeLimits(self.max_messages, self.max_prompt_chars, self.max_tokens_cap, self.max_n)
 
     def with_gateway_id(self) -> GatewayConfig:
-        """This config with a random ``gateway_id`` filled in when none was set."""
+        """This config with a random ``gateway_id`` filled in when none was set: under its
+        certificate's name when it has one (``snapwake.authz.gateway_id_problem``)."""
         if self.gateway_id:
             return self
-        return dataclasses.replace(self, gateway_id="gw-" + uuid.uuid4().hex[:12])
+        tls = self.server_tls()
+        prefix = tls.identity.name + GATEWAY_ID_SEPARATOR if tls is not None else "gw-"
+        return dataclasses.replace(self, gateway_id=prefix + uuid.uuid4().hex[:12])

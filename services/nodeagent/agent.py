@@ -195,9 +195,8 @@ class NodeAgent:
         old = await self.etcd.get(keys.node_key(self.config.name), types_pb2.Node)
         if old is not None and old.lease:  # the old lease may still run for a few seconds
             await self.etcd.revoke_lease(old.lease)
-        for entry in await self.etcd.list(keys.INSTANCES, types_pb2.Instance):
-            if entry.value.node == self.config.name:  # type: ignore[attr-defined]
-                await self.etcd.delete(entry.key, entry.mod_revision)
+        for entry in await self.etcd.list(keys.instance_prefix(self.config.name), types_pb2.Instance):
+            await self.etcd.delete(entry.key, entry.mod_revision)
 
     # --- etcd ----------------------------------------------------------------------------
     def node_record(self) -> types_pb2.Node:
@@ -247,7 +246,7 @@ class NodeAgent:
             await self.write_instance(live)
 
     async def write_instance(self, live: Live) -> None:
-        await self.etcd.put(keys.instance_key(live.id), live.machine.instance, lease=self.lease.lease_id)
+        await self.etcd.put(keys.instance_key(self.config.name, live.id), live.machine.instance, lease=self.lease.lease_id)
 
     async def move(self, live: Live, new: types_pb2.InstanceState, message: str = "") -> None:
         live.machine.move(new, self.clock(), message)
@@ -316,7 +315,7 @@ class NodeAgent:
         """Deletes the key and the instance dir of an instance that is over."""
         self.instances.pop(live.id, None)
         with contextlib.suppress(Exception):
-            await self.etcd.delete(keys.instance_key(live.id))
+            await self.etcd.delete(keys.instance_key(self.config.name, live.id))
         shutil.rmtree(live.dir, ignore_errors=True)
         shutil.rmtree(self.rootfs_path(live.id), ignore_errors=True)
 

@@ -112,8 +112,8 @@ async def rejoin(agent: NodeAgent) -> None:
 
 async def _reconcile(agent: NodeAgent) -> None:
     name, lease = agent.config.name, agent.lease.lease_id
-    for entry in await agent.etcd.list(keys.INSTANCES, types_pb2.Instance):
-        if entry.value.node == name and entry.lease != lease:  # type: ignore[attr-defined]
+    for entry in await agent.etcd.list(keys.instance_prefix(name), types_pb2.Instance):
+        if entry.lease != lease:
             await agent.etcd.delete(entry.key, entry.mod_revision)
     revisions = {e.value.id: e.value.revision  # type: ignore[attr-defined]
                  for e in await agent.etcd.list(keys.FUNCTIONS, types_pb2.Function)}

@@ -15,6 +15,7 @@ PERMISSION_DENIED. Quotas (``quota``) are checked where functions are created or
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Awaitable, Callable
 from operator import attrgetter
@@ -31,7 +32,7 @@ from services.scheduler.audit import AuditLog
 from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.nodes import NodeClient
 from services.scheduler.state import ClusterState
-from snapwake import credentials, errors, keys, pki
+from snapwake import authz, credentials, errors, keys, pki
 from snapwake.v1 import scheduler_pb2, scheduler_pb2_grpc
 from snapwake.v1.scheduler_pb2 import AdminToken, ApiKey, TenantQuota
 from snapwake.v1.types_pb2 import (
@@ -47,6 +48,7 @@ from snapwake.v1.types_pb2 import (
 __all__ = ["ClaimServicer", "Leadership", "SchedulerServicer", "certificate_identity", "initial_state"]
 
 _DEFAULT_LOG_TAIL = 64 << 10
+log = logging.getLogger(__name__)
 _MAX_GATEWAY_ID = 128
 
 
@@ -160,6 +162,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.quota_defaults = quotas or quota.Limits()
         self.api_key_secret = api_key_secret
 
+    async def _instances(self) -> list[Instance]:
+        """Every instance record in etcd that is what its key says (``keys.instance_matches_key``:
+        a node writes only under its own prefix, so a record naming another node is ignored)."""
+        return [e.value for e in await self.state.etcd.list(keys.INSTANCES, Instance)  # type: ignore[misc]
+                if keys.instance_matches_key(e.key, e.value.node, e.value.id)]  # type: ignore[attr-defined]
+
     # Quotas ----------------------------------------------------------------------------
     async def _limits(self, tenant: str) -> quota.Limits:
         entry = await self.state.etcd.get(keys.quota_key(tenant), TenantQuota)
@@ -168,7 +176,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def _usage(self, tenant: str) -> tuple[quota.Usage, list[Function]]:
         """The tenant's use, read from etcd, and its functions."""
         fns: list[Function] = [e.value for e in await self.state.etcd.list(f"{keys.FUNCTIONS}{tenant}/", Function)]  # type: ignore[misc]
-        insts: list[Instance] = [e.value for e in await self.state.etcd.list(keys.INSTANCES, Instance)]  # type: ignore[misc]
+        insts = await self._instances()
         snaps: list[Snapshot] = [e.value for e in await self.state.etcd.list(f"{keys.SNAPSHOTS}{tenant}/", Snapshot)]  # type: ignore[misc]
         return quota.usage(tenant, fns, insts, snaps), fns
 
@@ -284,7 +292,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                             ) -> scheduler_pb2.ListInstancesResponse:
         if request.function_id:
             caller.require_function(request.function_id, "function_id")
-        every: list[Instance] = [e.value for e in await self.state.etcd.list(keys.INSTANCES, Instance)]  # type: ignore[misc]
+        every = await self._instances()
         found = [i for i in every if (not request.function_id or i.function_id == request.function_id)
                  and caller.may(quota.tenant_of(i.function_id))]
         return scheduler_pb2.ListInstancesResponse(instances=sorted(found, key=attrgetter("id")))
@@ -292,9 +300,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     @_admin(change=False, resource=lambda r: r.instance_id)
     async def GetInstanceLogs(self, request: scheduler_pb2.GetInstanceLogsRequest, caller: Caller
                               ) -> scheduler_pb2.GetInstanceLogsResponse:
-        entry = await self.state.etcd.get(keys.instance_key(request.instance_id), Instance) \
-            if request.instance_id and "/" not in request.instance_id else None
-        inst: Instance | None = entry.value if entry is not None else None  # type: ignore[assignment]
+        inst = next((i for i in await self._instances() if i.id == request.instance_id), None) \
+            if request.instance_id else None
         if not caller.operator and (inst is None or not caller.may(quota.tenant_of(inst.function_id))):
             raise _instance_refused(caller, request.instance_id)
         if inst is None:
@@ -440,10 +447,19 @@ class ClaimServicer(scheduler_pb2_grpc.ClaimServiceServicer):
         self.broker, self.queues, self.leader, self.caller = broker, queues, leader, caller
 
     def _holder(self, context: grpc.aio.ServicerContext, gateway_id: str) -> str:
-        """The claim holder a call speaks for: its certificate identity and its gateway id."""
+        """The claim holder a call speaks for: its certificate identity and its gateway id,
+        which must be the certificate's (``authz.gateway_id_problem``: PERMISSION_DENIED naming
+        the field otherwise). Without a certificate (``--dev-plaintext``) the id is taken as sent."""
         identity = self.caller(context)
         gateway_id = _required_gateway_id(gateway_id)
-        return f"{identity}#{gateway_id}" if identity else gateway_id
+        if not identity:
+            return gateway_id
+        role, _, name = identity.partition("/")
+        problem = authz.gateway_id_problem(pki.Identity(role, name), gateway_id)
+        if problem is not None:
+            log.warning("refused a claim call from %s: %s", identity, problem)
+            raise errors.PermissionDenied(problem, field="gateway_id")
+        return f"{identity}#{gateway_id}"
 
     async def AcquireClaim(self, request: scheduler_pb2.AcquireClaimRequest, context: grpc.aio.ServicerContext
                            ) -> scheduler_pb2.AcquireClaimResponse:

@@ -11,6 +11,7 @@ import time
 from services.scheduler.access import Authenticator
 from services.scheduler.api import ClaimServicer, SchedulerServicer
 from services.scheduler.audit import AuditLog
+from services.scheduler.bootstrap import read_token_file, register_operator_token
 from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.claimtable import ClaimTable
 from services.scheduler.config import SchedulerConfig
@@ -99,6 +100,10 @@ class Scheduler:
         self.broker.reset()
 
     async def start(self) -> None:
+        for path in self.cfg.admin_token_files:
+            cred = read_token_file(path)
+            if await register_operator_token(self.etcd, cred, f"bootstrap: {path}"):
+                log.info("registered operator token %s from %s", cred.id, path)
         await self.state.start()
         await self.server.start()
         self._election_task = asyncio.create_task(self.election.run(), name="election")

@@ -13,6 +13,13 @@ token id (not the token) is printed. Use the file with ``snapwake --token-file P
 gateways (their ``api_key_secret_file``); created only when absent.
 
 ``make run`` (``snapwake.devcluster``) runs this before it starts the scheduler.
+
+``--generate``: writes a fresh operator token to ``--token-file`` (when the file is absent),
+and the API-key secret with ``--secret-file``, without reaching etcd. The scheduler registers
+such files itself at start-up (its ``admin_token_files``, ``register_operator_token``): how the
+compose cluster and Kubernetes (a Secret) get their first token without a step that writes
+etcd. Revoking a token registered that way lasts until a scheduler restarts with the file
+still listed: remove it from ``admin_token_files`` (the Secret) too.
 """
 
 from __future__ import annotations
@@ -29,10 +36,10 @@ from pathlib import Path
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from snapwake import credentials, keys
-from snapwake.etcd import Etcd, EtcdTls
+from snapwake.etcd import Etcd, EtcdClient, EtcdTls
 from snapwake.v1.scheduler_pb2 import AdminToken
 
-__all__ = ["ensure_operator_token", "ensure_secret", "main"]
+__all__ = ["ensure_operator_token", "ensure_secret", "main", "read_token_file", "register_operator_token"]
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -75,6 +82,47 @@ async def ensure_operator_token(etcd: Etcd, path: Path, description: str, held: 
     return cred.id, True
 
 
+def read_token_file(path: str | Path) -> credentials.Credential:
+    """The admin token in ``path``; ValueError naming the file (never its content)."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    cred = credentials.parse(text, credentials.TOKEN_PREFIX)
+    if cred is None:
+        raise ValueError(f"{path} holds no admin token ({credentials.TOKEN_PREFIX}<id>-<secret>; "
+                         "python -m services.scheduler.bootstrap --generate --token-file PATH makes one)")
+    return cred
+
+
+async def register_operator_token(etcd: EtcdClient, cred: credentials.Credential, description: str) -> bool:
+    """Stores ``cred`` as an operator token (its SHA-256) unless etcd holds it already; True
+    when it was stored now. ValueError when its id is another token's."""
+    digest = credentials.sha256_digest(cred.text)
+    entry = await etcd.get(keys.admin_token_key(cred.id), AdminToken)
+    if entry is None:
+        now = Timestamp()
+        now.FromDatetime(datetime.now(UTC))
+        token = AdminToken(id=cred.id, operator=True, sha256=digest, description=description, create_time=now)
+        if await etcd.create(keys.admin_token_key(cred.id), token):
+            return True
+        entry = await etcd.get(keys.admin_token_key(cred.id), AdminToken)  # another replica, just now
+    if entry is None or not credentials.matches(entry.value.sha256, digest):  # type: ignore[attr-defined]
+        raise ValueError(f"admin token id {cred.id} belongs to another token in etcd")
+    return False
+
+
+def _generate(opts: argparse.Namespace) -> None:
+    if opts.secret_file is not None and ensure_secret(opts.secret_file):
+        print(f"API-key secret written to {opts.secret_file}")
+    if opts.token_file.exists():
+        print(f"{opts.token_file} exists; kept")
+        return
+    cred = credentials.new_credential(credentials.TOKEN_PREFIX)
+    _write_private(opts.token_file, cred.text)
+    print(f"operator token {cred.id} written to {opts.token_file}")
+
+
 async def _run(opts: argparse.Namespace) -> None:
     tls = None if opts.etcd_plaintext else EtcdTls(opts.etcd_ca, opts.etcd_cert, opts.etcd_key)
     async with Etcd.connect(opts.etcd, tls=tls) as etcd:
@@ -94,7 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--etcd-key", default="", help="PEM private key of --etcd-cert")
     parser.add_argument("--etcd-plaintext", nargs="?", const="true", default="false", choices=("true", "false"),
                         help="development only: etcd without TLS")
+    parser.add_argument("--generate", action="store_true",
+                        help="write a new token to --token-file (and --secret-file) without etcd; the "
+                             "scheduler registers it (its admin_token_files)")
     opts = parser.parse_args(argv)
+    if opts.generate:
+        _generate(opts)
+        return 0
     opts.etcd_plaintext = opts.etcd_plaintext == "true"
     if not opts.etcd_plaintext and not (opts.etcd_ca and opts.etcd_cert and opts.etcd_key):
         parser.error("--etcd-ca, --etcd-cert and --etcd-key are required, unless --etcd-plaintext (development)")

@@ -99,8 +99,11 @@ class ClaimBroker:
         elif isinstance(value, Function):
             self.wake(value.id)
         else:
-            if value is None and key.startswith(keys.INSTANCES):
-                self.table.drop_instance(key.removeprefix(keys.INSTANCES))
+            # Only when no node records that instance any more: a record deleted under another
+            # node's prefix must not drop the claims of the instance that runs.
+            if value is None and (where := keys.split_instance_key(key)) is not None \
+                    and self.state.instance(where[1]) is None:
+                self.table.drop_instance(where[1])
             self.wake()
 
     # Decisions --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.scheduler.bootstrap import read_token_file
 from snapwake.config import EtcdTlsConfig, parse_address, parse_endpoints
 from snapwake.credentials import load_secret
 from snapwake.tlsconfig import ServerSettings
@@ -47,6 +48,10 @@ class SchedulerConfig(ServerSettings, EtcdTlsConfig):
         "help": "file the admin audit log's JSON lines go to, rotated by size (empty: the service log)"})
     audit_log_bytes: int = field(default=10 << 20, metadata={"help": "audit log size before it is rotated"})
     audit_log_backups: int = field(default=5, metadata={"help": "rotated audit log files kept"})
+    admin_token_files: tuple[str, ...] = field(default=(), metadata={
+        "help": "files (a mounted Secret) each holding an operator token (python -m services.scheduler.bootstrap "
+                "--generate), registered in etcd at start-up when it is not there yet: the first token of a "
+                "compose or Kubernetes cluster, and the gateways' admin_token_file"})
     api_key_secret_file: str = field(default="", metadata={
         "help": "file holding the secret (32+ bytes) that keys the gateways' API-key digests; the gateways "
                 "read the same file (empty: CreateApiKey is refused)"})
@@ -84,6 +89,11 @@ class SchedulerConfig(ServerSettings, EtcdTlsConfig):
                 load_secret(self.api_key_secret_file)
             except ValueError as exc:
                 problems.append(str(exc))
+        for path in self.admin_token_files:
+            try:
+                read_token_file(path)
+            except ValueError as exc:
+                problems.append(f"admin_token_files: {exc}")
         if self.claim_adopt_grace_s < 0:
             problems.append("claim_adopt_grace_s: must not be negative")
         if not 0 <= self.metrics_port < 65536:

@@ -109,13 +109,13 @@ class FakeNodeClient:
         inst.message = message or inst.message
         inst.update_time.FromNanoseconds(time.time_ns())
         if self.etcd is not None:
-            await self.etcd.put(keys.instance_key(inst.id), inst)
+            await self.etcd.put(keys.instance_key(inst.node, inst.id), inst)
         out = Instance()
         out.CopyFrom(inst)
         return out
 
     async def _stored(self, node: Node, instance_id: str) -> Instance:
-        entry = None if self.etcd is None else await self.etcd.get(keys.instance_key(instance_id), Instance)
+        entry = None if self.etcd is None else await self.etcd.get(keys.instance_key(node.name, instance_id), Instance)
         return entry.value if entry is not None else Instance(id=instance_id, node=node.name)  # type: ignore[return-value]
 
     async def start(self, node: Node, instance_id: str, function_id: str, revision: int, spec: FunctionSpec,
@@ -129,7 +129,7 @@ class FakeNodeClient:
         await self._end(outcome, failed=inst)
         if target == StartTarget.START_TARGET_SNAPSHOT:
             if self.etcd is not None:
-                await self.etcd.delete(keys.instance_key(instance_id))
+                await self.etcd.delete(keys.instance_key(node.name, instance_id))
             inst.state = InstanceState.INSTANCE_STATE_ENDED
             return inst
         if target == StartTarget.START_TARGET_STANDBY:
@@ -158,7 +158,7 @@ class FakeNodeClient:
     async def stop(self, node: Node, instance_id: str) -> None:
         await self._end(await self._begin("stop", node, instance_id))
         if self.etcd is not None:
-            await self.etcd.delete(keys.instance_key(instance_id))
+            await self.etcd.delete(keys.instance_key(node.name, instance_id))
 
     async def logs(self, node: Node, instance_id: str, tail_bytes: int) -> str:
         await self._end(await self._begin("logs", node, instance_id))

@@ -43,9 +43,17 @@ class Mirror:
     items: dict[str, tuple[Message, int]] = field(default_factory=dict)
     # Revision of the last delete per key, so a stale put replayed after it is ignored.
     tombstones: dict[str, int] = field(default_factory=dict)
+    accept: Callable[[str, Message], bool] | None = None
+    """Whether a record belongs at its key; one that does not is held as absent (and logged)."""
+
+    def _accepted(self, key: str, value: Message) -> bool:
+        if self.accept is None or self.accept(key, value):
+            return True
+        log.warning("ignoring %s: the record does not belong at its key (forged or corrupt)", key)
+        return False
 
     def reset(self, entries: list[tuple[str, Message, int]]) -> None:
-        self.items = {k: (v, rev) for k, v, rev in entries}
+        self.items = {k: (v, rev) for k, v, rev in entries if self._accepted(k, v)}
         self.tombstones = {}
 
     def apply(self, key: str, value: Message | None, revision: int) -> bool:
@@ -53,6 +61,10 @@ class Mirror:
         held = self.items.get(key)
         if held is not None and held[1] >= revision or self.tombstones.get(key, 0) >= revision:
             return False
+        if value is not None and not self._accepted(key, value):
+            if held is None:
+                return False
+            value = None  # a record that belonged here was overwritten with one that does not
         if value is None:
             self.items.pop(key, None)
             self.tombstones[key] = revision
@@ -73,6 +85,10 @@ class ClusterState:
             ("functions", keys.FUNCTIONS, Function), ("nodes", keys.NODES, Node),
             ("instances", keys.INSTANCES, Instance), ("snapshots", keys.SNAPSHOTS, Snapshot),
             ("cordons", keys.CORDONS, NodeCordon), ("quotas", keys.QUOTAS, TenantQuota))}
+        # A node writes only under its own prefix (snapwake.etcdauth): a record naming another
+        # node, or an id other than its key's, is not believed.
+        self.mirrors["instances"].accept = lambda key, inst: keys.instance_matches_key(
+            key, inst.node, inst.id)  # type: ignore[attr-defined]
         self._listeners: list[Listener] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._fresh: dict[str, tuple[Instance, float]] = {}
@@ -106,7 +122,8 @@ class ClusterState:
                 async for ev in self.etcd.watch(mirror.prefix, mirror.cls, start_revision=rev + 1):
                     rev = max(rev, ev.revision)
                     if mirror.apply(ev.key, ev.value, ev.revision):
-                        self._notify(ev.key, ev.value)
+                        held = mirror.items.get(ev.key)  # None where the record was not believed
+                        self._notify(ev.key, held[0] if held else None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - etcd hiccup or compaction: relist and rewatch
@@ -168,7 +185,7 @@ class ClusterState:
         mirror = self.mirrors["instances"]
         now = time.monotonic()
         for iid, (fresh, at) in list(self._fresh.items()):
-            key = keys.instance_key(iid)
+            key = keys.instance_key(fresh.node, iid)
             seen = mirror.items.get(key)
             gone = key in mirror.tombstones
             # The mirror's copy at least as new as the answer (the node stamps every move) wins:
@@ -189,7 +206,7 @@ class ClusterState:
     def note_started(self, inst: Instance) -> None:
         """Records a ready instance from a nodeagent's answer until the watch shows it."""
         self._fresh[inst.id] = (inst, time.monotonic())
-        self._notify(keys.instance_key(inst.id), inst)
+        self._notify(keys.instance_key(inst.node, inst.id), inst)
 
     # Writes ----------------------------------------------------------------------------
     async def create_function(self, fn: Function) -> None:

@@ -1,5 +1,6 @@
 """etcd with client-certificate TLS and auth (``snapwake.etcdauth``), against a real etcd: each
-service's certificate reaches only its key prefixes, a node only its own node key, and a client
+service's certificate reaches only its key prefixes, a node only its own node key and instance
+records, and a client
 without a certificate of the cluster CA gets nowhere."""
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ async def test_scheduler_writes_desired_state_and_only_reads_actual_state(secure
         await etcd.list(keys.NODES, Node)
         await etcd.list(keys.INSTANCES, Node)
         await denied(etcd.put(keys.node_key("node-a"), Node(name="node-a")))
-        await denied(etcd.put(keys.instance_key("i-1"), Node()))
+        await denied(etcd.put(keys.instance_key("node-a", "i-1"), Node()))
         await denied(etcd.put("/elsewhere", Node()))
         await denied(etcd.get("/elsewhere", Node))
 
@@ -90,7 +91,7 @@ async def test_gateway_and_blobstore_certificates_reach_no_key(secured: EtcdProc
             await denied(etcd.list(keys.PREFIX, Function))
 
 
-async def test_node_writes_only_its_own_node_key(secured: EtcdProcess) -> None:
+async def test_node_writes_only_its_own_node_key_and_instance_records(secured: EtcdProcess) -> None:
     async with as_(secured, NODE_A) as a, as_(secured, NODE_B) as b:
         lease_a, lease_b = await a.grant_lease(5), await b.grant_lease(5)
         await a.put(keys.node_key("node-a"), Node(name="node-a"), lease=lease_a)
@@ -105,8 +106,19 @@ async def test_node_writes_only_its_own_node_key(secured: EtcdProcess) -> None:
         await denied(a.put(keys.LEADER, Node()))
         assert [e.key for e in await a.list(keys.NODES, Node)] == [keys.node_key("node-a"), keys.node_key("node-b")]
         await a.list(keys.FUNCTIONS, Function)
-        await a.put(keys.instance_key("i-auth"), Node(), lease=lease_a)  # the residual: instances/ ...
-        await a.put(keys.snapshot_key("t/n/auth-f", 2), Snapshot())  # ... and snapshots/ are shared
+        # Instance records: its own prefix only; another node's it can neither write, delete nor read.
+        await a.put(keys.instance_key("node-a", "i-auth"), Node(), lease=lease_a)
+        await b.put(keys.instance_key("node-b", "i-auth-b"), Node(), lease=lease_b)
+        assert [e.key for e in await a.list(keys.instance_prefix("node-a"), Node)] == [
+            keys.instance_key("node-a", "i-auth")]
+        await denied(a.put(keys.instance_key("node-b", "i-auth-b"), Node(name="forged")))
+        await denied(a.put(keys.instance_key("node-b", "i-new"), Node()))
+        await denied(a.delete(keys.instance_key("node-b", "i-auth-b")))
+        await denied(a.get(keys.instance_key("node-b", "i-auth-b"), Node))
+        await denied(a.list(keys.INSTANCES, Node))
+        await denied(a.put(keys.instance_key("node-a2", "i-x"), Node()))  # its name is no prefix of others'
+        await denied(a.put(keys.INSTANCES + "i-flat", Node()))  # nor the old, node-less layout
+        await a.put(keys.snapshot_key("t/n/auth-f", 2), Snapshot())  # the residual: snapshots/ are shared
         assert await b.revoke_lease(lease_b) and await a.revoke_lease(lease_a)
 
 

@@ -83,7 +83,7 @@ async def test_scheduler_instances_gauge_follows_etcd(etcd_server: EtcdProcess, 
         try:
             for iid, st in zip(iids, (InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_STANDBY, InstanceState.INSTANCE_STATE_STANDBY),
                                strict=True):
-                await store.put(keys.instance_key(iid), types_pb2.Instance(id=iid, function_id=fid, state=st))
+                await store.put(keys.instance_key("node-m", iid), types_pb2.Instance(id=iid, node="node-m", function_id=fid, state=st))
             want = {(("function", fid), ("state", "RUNNING")): 1.0, (("function", fid), ("state", "STANDBY")): 2.0}
 
             async def shown() -> dict[tuple[tuple[str, str], ...], float]:
@@ -99,7 +99,7 @@ async def test_scheduler_instances_gauge_follows_etcd(etcd_server: EtcdProcess, 
         finally:
             REGISTRY.unregister(collector)
             for iid in iids:
-                await store.delete(keys.instance_key(iid))
+                await store.delete(keys.instance_key("node-m", iid))
             await state.stop()
 
 

@@ -119,13 +119,13 @@ async def test_crash_leaves_orphans_that_the_next_run_removes(
         assert not _alive(orphan_pid)
         assert not (state_dir / "instances" / "i-00000000e001").exists()
         async with Etcd.connect(etcd_server.address) as store:
-            assert await store.get(keys.instance_key("i-00000000e001"), types_pb2.Instance) is None
+            assert await store.get(keys.instance_key(name, "i-00000000e001"), types_pb2.Instance) is None
             assert await store.get(keys.node_key(name), types_pb2.Node) is not None
             inst = await _start(second, "i-00000000e002", demo_model_dir)
             assert inst.state == types_pb2.INSTANCE_STATE_RUNNING
             assert second.stop(signal.SIGTERM) == 0  # graceful: containers stopped, lease revoked
             assert runc_ids(root) == []
-            assert await store.get(keys.instance_key("i-00000000e002"), types_pb2.Instance) is None
+            assert await store.get(keys.instance_key(name, "i-00000000e002"), types_pb2.Instance) is None
             assert await store.get(keys.node_key(name), types_pb2.Node) is None
     finally:
         second.stop(signal.SIGKILL)

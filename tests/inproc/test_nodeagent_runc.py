@@ -54,7 +54,9 @@ async def node(etcd_server: EtcdProcess) -> AsyncIterator[Node]:
 
 
 async def _instance(store: Etcd, instance_id: str) -> types_pb2.Instance | None:
-    entry = await store.get(keys.instance_key(instance_id), types_pb2.Instance)
+    """The instance's record, whichever node wrote it."""
+    entry = next((e for e in await store.list(keys.INSTANCES, types_pb2.Instance)
+                  if e.value.id == instance_id), None)  # type: ignore[attr-defined]
     return None if entry is None else entry.value  # type: ignore[return-value]
 
 

@@ -493,7 +493,7 @@ async def test_oom_killed_start_is_reported_as_such(hog_node: tuple[Any, Etcd]) 
     req.spec.resources.host_memory_bytes = 96 << 20
     with pytest.raises(errors.StartFailed, match=r"exited before it was ready: out of memory \(limit 96 MiB\)"):
         await operations.start_instance(running.agent, req)
-    entry = await store.get(keys.instance_key(req.instance_id), types_pb2.Instance)
+    entry = await store.get(keys.instance_key(running.agent.config.name, req.instance_id), types_pb2.Instance)
     assert entry is not None and "out of memory (limit 96 MiB)" in entry.value.message  # type: ignore[attr-defined]
 
 
@@ -508,7 +508,7 @@ async def test_oom_killed_instance_is_reported_as_such(hog_node: tuple[Any, Etcd
     deadline = time.monotonic() + 20
     stored = None
     while time.monotonic() < deadline:
-        entry = await store.get(keys.instance_key(iid), types_pb2.Instance)
+        entry = await store.get(keys.instance_key(running.agent.config.name, iid), types_pb2.Instance)
         stored = entry.value if entry else None  # type: ignore[assignment]
         if stored is not None and stored.state == InstanceState.INSTANCE_STATE_FAILED:
             break

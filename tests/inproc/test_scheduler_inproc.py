@@ -73,7 +73,7 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
         await self.store.put(keys.node_key(self.name), node)
 
     async def _put(self, inst: Instance) -> Instance:
-        await self.store.put(keys.instance_key(inst.id), inst)
+        await self.store.put(keys.instance_key(inst.node, inst.id), inst)
         return inst
 
     async def StartInstance(self, request: nodeagent_pb2.StartInstanceRequest, context: grpc.aio.ServicerContext
@@ -92,7 +92,7 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
             await self._put(inst)
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self.fail_reason)
         if request.target == nodeagent_pb2.START_TARGET_SNAPSHOT:
-            await self.store.delete(keys.instance_key(inst.id))
+            await self.store.delete(keys.instance_key(inst.node, inst.id))
             return nodeagent_pb2.StartInstanceResponse(instance=inst)
         inst.state = InstanceState.INSTANCE_STATE_STANDBY if request.target == nodeagent_pb2.START_TARGET_STANDBY else InstanceState.INSTANCE_STATE_RUNNING
         inst.endpoint = f"127.0.0.1:9{len(self.calls):03d}"
@@ -101,7 +101,7 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
     async def RestoreInstance(self, request: nodeagent_pb2.RestoreInstanceRequest, context: grpc.aio.ServicerContext
                               ) -> nodeagent_pb2.RestoreInstanceResponse:
         self.calls.append(("restore", 0))
-        got = await self.store.get(keys.instance_key(request.instance_id), Instance)
+        got = await self.store.get(keys.instance_key(self.name, request.instance_id), Instance)
         assert got is not None
         inst = Instance()
         inst.CopyFrom(got.value)
@@ -115,7 +115,7 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
     async def SuspendInstance(self, request: nodeagent_pb2.SuspendInstanceRequest, context: grpc.aio.ServicerContext
                               ) -> nodeagent_pb2.SuspendInstanceResponse:
         self.calls.append(("suspend", 0))
-        got = await self.store.get(keys.instance_key(request.instance_id), Instance)
+        got = await self.store.get(keys.instance_key(self.name, request.instance_id), Instance)
         assert got is not None
         inst = Instance()
         inst.CopyFrom(got.value)
@@ -129,7 +129,7 @@ class FakeNode(nodeagent_pb2_grpc.NodeAgentServiceServicer):
         self.stops_in_flight_peak = max(self.stops_in_flight_peak, self.stops_in_flight)
         try:
             await asyncio.sleep(self.stop_delay_s)
-            await self.store.delete(keys.instance_key(request.instance_id))
+            await self.store.delete(keys.instance_key(self.name, request.instance_id))
         finally:
             self.stops_in_flight -= 1
         return nodeagent_pb2.StopInstanceResponse()
@@ -335,12 +335,12 @@ async def test_arena_function_snapshot_standby_and_cold_start(leader: Scheduler,
     assert node.count("start", nodeagent_pb2.START_TARGET_STANDBY) == 1
     # Once idle past idle_timeout it is parked back into the standby (suspend, not stop) ...
     await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=got.claim_id, gateway_id="gw"), timeout=5)
-    entry = await leader.etcd.get(keys.instance_key(got.instance_id), Instance)
+    entry = await leader.etcd.get(keys.instance_key("node-a", got.instance_id), Instance)
     assert entry is not None
     idle = entry.value
     idle.state = InstanceState.INSTANCE_STATE_IDLE
     idle.update_time.FromSeconds(int(time.time()) - 3600)
-    await leader.etcd.put(keys.instance_key(got.instance_id), idle)
+    await leader.etcd.put(keys.instance_key("node-a", got.instance_id), idle)
     await wait_until(lambda: node.count("suspend") == 1, 10, "idle instance parked")
     assert node.count("stop") == 0
     await wait_until(lambda: (i := leader.state.instance(got.instance_id)) is not None
@@ -533,12 +533,12 @@ async def test_idle_scale_in_and_old_revision_drain(leader: Scheduler, node: Fak
     # Instance a goes idle (as its nodeagent would report) long ago; b is updated to revision 2's
     # predecessor and keeps its claim, so it must not be drained until released.
     await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=a.claim_id, gateway_id="gw"), timeout=5)
-    got = await store.get(keys.instance_key(a.instance_id), Instance)
+    got = await store.get(keys.instance_key("node-a", a.instance_id), Instance)
     assert got is not None
     idle = got.value
     idle.state = InstanceState.INSTANCE_STATE_IDLE
     idle.update_time.FromSeconds(int(time.time()) - 60)
-    await store.put(keys.instance_key(a.instance_id), idle)
+    await store.put(keys.instance_key("node-a", a.instance_id), idle)
     await wait_until(lambda: leader.state.instance(a.instance_id) is None, 10, "idle instance stopped")
     spec.policy.concurrency = 2
     await admin.UpdateFunction(scheduler_pb2.UpdateFunctionRequest(spec=spec), timeout=5)
@@ -562,11 +562,11 @@ async def idle_instance_of(leader: Scheduler, store: Etcd, spec: FunctionSpec) -
     fid = (await admin.CreateFunction(scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=5)).function.id
     held = await claims.AcquireClaim(scheduler_pb2.AcquireClaimRequest(function_id=fid, gateway_id="gw"), timeout=10)
     await claims.ReleaseClaim(scheduler_pb2.ReleaseClaimRequest(claim_id=held.claim_id, gateway_id="gw"), timeout=5)
-    got = await store.get(keys.instance_key(held.instance_id), Instance)
+    got = await store.get(keys.instance_key("node-a", held.instance_id), Instance)
     assert got is not None
     got.value.state = InstanceState.INSTANCE_STATE_IDLE
     got.value.update_time.FromSeconds(int(time.time()))
-    await store.put(keys.instance_key(held.instance_id), got.value)
+    await store.put(keys.instance_key("node-a", held.instance_id), got.value)
     await wait_until(lambda: (i := leader.state.instance(held.instance_id)) is not None
                      and i.state == InstanceState.INSTANCE_STATE_IDLE, 5, "idle visible")
     return held.instance_id

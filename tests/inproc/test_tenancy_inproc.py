@@ -108,7 +108,7 @@ async def env(etcd_server: EtcdProcess, tmp_path_factory: pytest.TempPathFactory
                         e.acme_id = made.token.id
                     await e.call(operator, "CreateFunction", pb.CreateFunctionRequest(spec=spec(tenant, "chat")))
                     fid = f"{tenant}/prod/chat"
-                    await store.put(keys.instance_key(f"i-{tenant}"), Instance(
+                    await store.put(keys.instance_key("node-a", f"i-{tenant}"), Instance(
                         id=f"i-{tenant}", function_id=fid, revision=1, node="node-a",
                         state=InstanceState.INSTANCE_STATE_STANDBY))
                     await store.put(keys.snapshot_key(fid, 1), Snapshot(id=keys.snapshot_id(fid, 1), function_id=fid,

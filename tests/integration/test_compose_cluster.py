@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 
@@ -36,6 +37,7 @@ class Compose:
     base_url: str
     api_key: str
     admin: str
+    token: str
 
 
 def _make(target: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -63,20 +65,26 @@ def compose() -> Iterator[Compose]:
         print(f"make compose-up: {time.monotonic() - started:.0f} s")
         url = re.search(r"OpenAI base URL: (\S+)", out)
         key = re.search(r"API key: (\S+)", out)
-        assert url and key, out
-        yield Compose(url.group(1), key.group(1), f"127.0.0.1:{env['SNAPWAKE_ADMIN_PORT']}")
+        token = re.search(r"admin token: (\S+)", out)
+        assert url and key and token, out
+        yield Compose(url.group(1), key.group(1), f"127.0.0.1:{env['SNAPWAKE_ADMIN_PORT']}", token.group(1))
     finally:
         _make("compose-down", env, timeout=300)
         left = {kind: _left(kind) for kind in ("container", "network", "volume")}
         assert left == {"container": [], "network": [], "volume": []}, left
 
 
-def _instance_nodes(admin: str) -> dict[str, str]:
-    # The admin port is TLS; cluster.sh made the CA in var/compose/pki (no client certificate).
+def _instance_nodes(compose: Compose) -> dict[str, str]:
+    # The admin port is TLS; cluster.sh made the CA in var/compose/pki (no client certificate)
+    # and printed the operator's token, which the admin API requires.
     tls = ClientTls((ROOT / "var" / "compose" / "pki" / "ca.crt").read_bytes())
-    with blocking_channel(admin, tls, server_role="scheduler") as ch:
+    with blocking_channel(compose.admin, tls, server_role="scheduler") as ch:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
-        got = stub.ListInstances(scheduler_pb2.ListInstancesRequest(function_id="default/default/demo"), timeout=10)
+        request = scheduler_pb2.ListInstancesRequest(function_id="default/default/demo")
+        with pytest.raises(grpc.RpcError) as refused:  # no token: refused
+            stub.ListInstances(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, refused.value
+        got = stub.ListInstances(request, timeout=10, metadata=[("authorization", f"Bearer {compose.token}")])
     return {i.id: i.node for i in got.instances}
 
 
@@ -96,7 +104,7 @@ def test_compose_serves_the_demo_on_both_nodes(compose: Compose) -> None:
     with ThreadPoolExecutor(2) as pool:
         for _ in range(10):
             served |= set(pool.map(ask, range(2)))
-            nodes = _instance_nodes(compose.admin)
+            nodes = _instance_nodes(compose)
             if {nodes.get(i) for i in served} >= {"node-1", "node-2"}:
                 break
     assert {nodes.get(i) for i in served} == {"node-1", "node-2"}, (served, nodes)

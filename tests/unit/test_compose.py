@@ -98,3 +98,13 @@ def test_prometheus_scrapes_every_service() -> None:
     scrape = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
     jobs = {j["job_name"] for j in scrape["scrape_configs"]}
     assert {"gateway", "scheduler", "nodeagent", "blobstore"} <= jobs
+
+
+def test_the_admin_api_requires_a_token_and_the_gateway_holds_a_registered_one() -> None:
+    services = _doc()["services"]
+    scheduler, gateway = services["scheduler"]["environment"], services["gateway"]["environment"]
+    assert scheduler["SNAPWAKE_ADMIN_AUTH"] == "true"
+    assert gateway["SNAPWAKE_ADMIN_TOKEN_FILE"] in scheduler["SNAPWAKE_ADMIN_TOKEN_FILES"].split(",")
+    assert services["deploy-demo"]["environment"]["SNAPWAKE_TOKEN_FILE"] in scheduler["SNAPWAKE_ADMIN_TOKEN_FILES"].split(",")
+    # The gateway mounts its own folder only, not the operator's token.
+    assert not any("/operator" in v for v in services["gateway"]["volumes"])

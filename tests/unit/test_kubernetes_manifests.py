@@ -30,6 +30,7 @@ from services.blobstore.config import BlobstoreConfig
 from services.gateway.config import GatewayConfig
 from services.nodeagent.config import NodeAgentConfig
 from services.scheduler.config import SchedulerConfig
+from snapwake import credentials
 from snapwake.config import ConfigError, load, parse_address
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,8 +45,9 @@ CONFIGS: dict[str, type] = {"gateway": GatewayConfig, "scheduler": SchedulerConf
 # Config fields that hold the address of another process (snapwake.config.parse_address).
 ADDRESS_FIELDS = ("etcd", "scheduler", "blobstore", "advertise", "peers")
 # NodeAgentConfig.validate checks that these name files in the image, which this machine need not have
-# (the tls_* files are the mounted Secrets).
-IMAGE_FILE_KEYS = ("repo_root", "seccomp_profile", "repo_root/python_path/python", "tls_ca", "tls_cert", "tls_key")
+# (the tls_* files and the admin credentials are the mounted Secrets).
+IMAGE_FILE_KEYS = ("repo_root", "seccomp_profile", "repo_root/python_path/python", "tls_ca", "tls_cert", "tls_key",
+                   "admin_token_files", "admin_token_file", "api_key_secret_file")
 # What the downward API would give, for loading configs that use it.
 FIELD_REFS = {"metadata.name": "{workload}-0", "status.podIP": "10.0.0.7", "spec.nodeName": "gpu-node-1"}
 # Variables that are not Snapwake config keys but that the platform reads.
@@ -468,3 +470,26 @@ def test_policy_ports_are_ports_that_pods_listen_on(target: str) -> None:
                     assert (p["port"], p["endPort"]) == forwarders, key(policy)
                 elif p["port"] not in (53, 443):  # DNS and registries, outside these manifests
                     assert p["port"] in listening, f"{key(policy)}: nothing listens on {p['port']}"
+
+
+# --- the admin API's credentials -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_admin_api_requires_a_token_and_the_gateway_holds_a_registered_one(target: str) -> None:
+    docs = rendered(target)
+    envs = {service: env_of(w, c, docs) for w, c, service in snapwake_containers(docs) if service in CONFIGS}
+    scheduler, gateway = envs["scheduler"], envs["gateway"]
+    assert scheduler["SNAPWAKE_ADMIN_AUTH"] == "true"
+    registered = scheduler["SNAPWAKE_ADMIN_TOKEN_FILES"].split(",")
+    assert gateway["SNAPWAKE_ADMIN_TOKEN_FILE"] in registered
+    assert gateway["SNAPWAKE_API_KEY_SECRET_FILE"] == scheduler["SNAPWAKE_API_KEY_SECRET_FILE"]
+    # The gateway's projection of the Secret leaves the operator's token out.
+    gw = next(w for w in workloads(docs) if w.name == "gateway")
+    access = next(v["secret"] for v in gw.pod["volumes"] if v.get("secret", {}).get("secretName") == "scheduler-access")
+    assert {i["key"] for i in access["items"]} == {"gateway.token", "apikey.secret"}
+    if target == "overlays/dev":  # its well-known values must load, or the pods would not start
+        data = next(d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "scheduler-access")["stringData"]
+        for name in ("operator.token", "gateway.token"):
+            assert credentials.parse(data[name], credentials.TOKEN_PREFIX) is not None, name
+        assert len(data["apikey.secret"].encode()) >= 32

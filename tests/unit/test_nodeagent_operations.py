@@ -76,7 +76,7 @@ class Harness:
         return self.agent
 
     async def instance(self, iid: str) -> types_pb2.Instance | None:
-        entry = await self.etcd.get(keys.instance_key(iid), types_pb2.Instance)
+        entry = await self.etcd.get(keys.instance_key(self.config.name, iid), types_pb2.Instance)
         return None if entry is None else entry.value  # type: ignore[return-value]
 
     async def node(self) -> types_pb2.Node:
@@ -164,15 +164,15 @@ async def test_start_cleans_up_a_previous_run_and_registers_under_a_lease(harnes
     (harness.config.instances_dir / "i-00000000dead").mkdir(parents=True)
     old_lease = await etcd.grant_lease(30)  # the crashed run's lease, still running
     await etcd.put(keys.node_key(name), types_pb2.Node(name=name), lease=old_lease)
-    await etcd.put(keys.instance_key("i-00000000dead"), types_pb2.Instance(id="i-00000000dead", node=name))
-    await etcd.put(keys.instance_key("i-00000000beef"), types_pb2.Instance(id="i-00000000beef", node="other"))
+    await etcd.put(keys.instance_key(name, "i-00000000dead"), types_pb2.Instance(id="i-00000000dead", node=name))
+    await etcd.put(keys.instance_key("other", "i-00000000beef"), types_pb2.Instance(id="i-00000000beef", node="other"))
 
     agent = await harness.start()
 
     assert await harness.containers.list() == [] and _gone(orphan_pid)
     assert list(harness.config.instances_dir.iterdir()) == []
     assert [e.key for e in await etcd.list(keys.INSTANCES, types_pb2.Instance)] == [
-        keys.instance_key("i-00000000beef")]  # another node's key is not ours to remove
+        keys.instance_key("other", "i-00000000beef")]  # another node's key is not ours to remove
     assert await etcd.refresh_lease(old_lease) == 0
     entry = await etcd.get(keys.node_key(name), types_pb2.Node)
     assert entry is not None and entry.lease == agent.lease.lease_id != old_lease
@@ -187,7 +187,7 @@ async def test_start_running_then_stop_and_forget(harness: Harness, agent: NodeA
     assert inst.state == InstanceState.INSTANCE_STATE_RUNNING and inst.endpoint.startswith("127.0.0.1:")
     stored = await harness.instance(iid)
     assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_RUNNING and stored.node == "node-u"
-    entry = await harness.etcd.get(keys.instance_key(iid), types_pb2.Instance)
+    entry = await harness.etcd.get(keys.instance_key(harness.config.name, iid), types_pb2.Instance)
     assert entry is not None and entry.lease == agent.lease.lease_id  # dies with the node
     assert (await harness.node()).gpus[0].memory_reserved_bytes == 20 * GIB
     with pytest.raises(errors.AlreadyExists):
@@ -445,7 +445,7 @@ async def test_a_node_cut_off_from_etcd_fences_itself_then_reconciles_before_ser
     stored = await harness.instance(parked)
     assert stored is not None and stored.state == InstanceState.INSTANCE_STATE_STANDBY
     assert await harness.instance(idle) is None and await harness.instance(busy) is None
-    entry = await harness.etcd.get(keys.instance_key(parked), types_pb2.Instance)
+    entry = await harness.etcd.get(keys.instance_key(harness.config.name, parked), types_pb2.Instance)
     assert entry is not None and entry.lease == agent.lease.lease_id
     resp = await operations.restore_instance(agent, nodeagent_pb2.RestoreInstanceRequest(instance_id=parked))
     assert resp.instance.state == InstanceState.INSTANCE_STATE_RUNNING

@@ -143,7 +143,7 @@ class Node:
     gpu: FakeProcessMemory = field(default_factory=FakeProcessMemory)
 
     async def stored(self, iid: str) -> types_pb2.Instance:
-        entry = await self.etcd.get(keys.instance_key(iid), types_pb2.Instance)
+        entry = await self.etcd.get(keys.instance_key(self.agent.config.name, iid), types_pb2.Instance)
         assert entry is not None
         return entry.value  # type: ignore[return-value]
 

@@ -117,8 +117,8 @@ class Core:
         return None
 
     async def stored(self, iid: str) -> Instance | None:
-        entry = await self.etcd.get(keys.instance_key(iid), Instance)
-        return None if entry is None else entry.value  # type: ignore[return-value]
+        found = [e.value for e in await self.etcd.list(keys.INSTANCES, Instance) if e.value.id == iid]  # type: ignore[attr-defined]
+        return found[0] if found else None  # type: ignore[return-value]
 
 
 def _key(value: Message) -> str:
@@ -127,7 +127,7 @@ def _key(value: Message) -> str:
     if isinstance(value, Node):
         return keys.node_key(value.name)
     if isinstance(value, Instance):
-        return keys.instance_key(value.id)
+        return keys.instance_key(value.node, value.id)
     if isinstance(value, NodeCordon):
         return keys.cordon_key(value.node)
     assert isinstance(value, Snapshot)
@@ -159,11 +159,11 @@ async def test_state_lists_then_follows_the_watch() -> None:
     try:
         assert state.function(fn.id) == fn  # listed before start returned
         inst = instance("i-000000000001", fn, InstanceState.INSTANCE_STATE_RUNNING)
-        await etcd.put(keys.instance_key(inst.id), inst)
+        await etcd.put(keys.instance_key(inst.node, inst.id), inst)
         await etcd.delete(keys.function_key(fn.id))
         await until(lambda: state.function(fn.id) is None, "the delete")
         assert state.instance(inst.id) == inst
-        assert (keys.instance_key(inst.id), False) in seen and (keys.function_key(fn.id), True) in seen
+        assert (keys.instance_key(inst.node, inst.id), False) in seen and (keys.function_key(fn.id), True) in seen
     finally:
         await state.stop()
 
@@ -181,7 +181,7 @@ async def test_state_relists_after_the_watch_breaks() -> None:
         await etcd.delete(keys.function_key(gone.id))
         await until(lambda: state.function(fn.id) == fn and state.function(gone.id) is None, "relist")
         later = instance("i-000000000002", fn, InstanceState.INSTANCE_STATE_IDLE)
-        await etcd.put(keys.instance_key(later.id), later)
+        await etcd.put(keys.instance_key(later.node, later.id), later)
         await until(lambda: state.instance(later.id) == later, "the watch after the relist")
     finally:
         await state.stop()
