@@ -75,12 +75,16 @@ async def serve(cfg: ModelServerConfig) -> int:
     import uvicorn
 
     model_dir = Path(cfg.model_dir)
+    # The tokenizer loads here, on the main thread, before any other thread imports: transformers'
+    # lazy imports run on a worker thread beside the telemetry threads' own imports once left a
+    # package half-found ("No module named 'httpcore2._trace'") inside a container under load.
+    tokenizer = load_tokenizer(model_dir, cfg.chat_template)
     instance = Instance(Settings(model_dir, cfg.handover_socket, cfg.dtype or None,
                                  gpu_memory_bytes=cfg.gpu_memory_bytes, max_batch=cfg.max_batch,
                                  cuda_graphs=cfg.cuda_graphs, trim_on_release=cfg.standby_trim),
                         make_arena(cfg.device, cfg.gpu_index, cfg.gpu_memory_bytes, cfg.cuda_device,
                                    cfg.standby_trim),
-                        await asyncio.to_thread(load_tokenizer, model_dir, cfg.chat_template))
+                        tokenizer)
     control = ControlServer(instance, cfg.control_socket) if cfg.control_socket else None
     if control:
         await control.start()
@@ -110,7 +114,15 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
     # As the services: a bad flag is one line naming it and exit status 2.
     cfg = bootstrap(ModelServerConfig, "modelserver", argv, prog="python -m modelserver")
-    raise SystemExit(asyncio.run(serve(cfg)))
+    try:
+        code = asyncio.run(serve(cfg))
+    except Exception:  # noqa: BLE001 - any failure to start is fatal, and must be fast
+        # Exit now, with the trace in the log: an orderly interpreter exit waits for worker and
+        # exporter threads, and the nodeagent would see a hung start instead of a failed one.
+        log.exception("model server failed")
+        logging.shutdown()
+        os._exit(1)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -73,3 +73,16 @@ def test_the_runtime_cli_refuses_a_bad_tracing_setting_in_one_line_with_exit_2()
     assert got.returncode == 2
     assert got.stderr.strip().splitlines() == [
         "OTEL_TRACES_EXPORTER: unsupported exporter 'zipkin' (expected otlp, console or none)"]
+
+
+def test_a_failed_start_exits_at_once_with_status_1_and_the_reason(tmp_path: Path) -> None:
+    """A model dir without a tokenizer: the process must exit (not wait on its threads), so the
+    nodeagent sees a failed start rather than a start that times out."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text("{}")
+    got = subprocess.run([sys.executable, "-m", "modelserver", "--model-dir", str(tmp_path), "--device", "cpu",
+                          "--port", "0"], capture_output=True, text=True, timeout=90)
+    assert got.returncode == 1, got.stderr[-2000:]
+    assert "model server failed" in got.stderr
