@@ -123,6 +123,7 @@ async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
             relay = ModelServerMetrics(lambda: [live.machine.instance for live in list(agent.instances.values())
                                                 if not live.user_image])
             REGISTRY.register(relay)
+            REGISTRY.register(agent.cold_metrics.registry)  # the cold-standby tier's (coldstandby)
         try:
             await server.start()
             log.info("nodeagent %s serving on port %d", config.name, server.port)
@@ -130,6 +131,7 @@ async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
         finally:
             if relay is not None:
                 REGISTRY.unregister(relay)
+                REGISTRY.unregister(agent.cold_metrics.registry)
             await server.stop(grace=2.0)
             await agent.stop()
             await images.close()
