@@ -495,15 +495,20 @@ class NodeAgent:
             return
         due = self.cold_due()
         if due and self.swap_ready():
-            self._pageout = asyncio.create_task(self.page_out(due[0]), name=f"pageout-{due[0].id}")
+            live = due[0]
+            # Its stop signal exists before the task runs: a restore from here on sets it.
+            live.pageout_cancel, live.pageout_tried = threading.Event(), True
+            self._pageout = asyncio.create_task(self.page_out(live, live.pageout_cancel), name=f"pageout-{live.id}")
 
-    async def page_out(self, live: Live) -> None:
-        """Pages ``live``'s container out to swap (off the event loop; stops once it is restored)
-        and, when that worked, counts it as cold at what it keeps resident. Never raises."""
-        cancel = live.pageout_cancel = threading.Event()
-        live.pageout_tried = True
+    async def page_out(self, live: Live, cancel: threading.Event) -> None:
+        """Pages ``live``'s container out to swap (off the event loop; stops once ``cancel`` is
+        set, as a restore does) and, when that worked, counts it as cold at what it keeps
+        resident. Never raises."""
         metrics, extra = self.cold_metrics, {"instance_id": live.id}
         try:
+            if cancel.is_set():
+                metrics.pageouts.labels("cancelled").inc()
+                return
             try:
                 pids = await self.containers.pids(live.container_id) or [live.pid]
             except errors.SnapwakeError:
