@@ -128,3 +128,15 @@ def test_negative_tier_settings_are_refused(tmp_path: Path) -> None:
     bad = _config(tmp_path, cold_standby_after_s=-1.0).validate()
     assert any(b.startswith("cold_standby_after_s") and "negative" in b for b in bad)
     assert not any(b.startswith("cold_standby") for b in _config(tmp_path, cold_standby_after_s=60.0).validate())
+
+
+def test_the_cli_shows_a_cold_standby() -> None:
+    from snapwake import cli
+    from snapwake.v1 import scheduler_pb2
+
+    resp = scheduler_pb2.ListInstancesResponse(instances=[
+        types_pb2.Instance(id="i-1", state=types_pb2.INSTANCE_STATE_STANDBY, standby_tier=types_pb2.STANDBY_TIER_COLD),
+        types_pb2.Instance(id="i-2", state=types_pb2.INSTANCE_STATE_STANDBY, standby_tier=types_pb2.STANDBY_TIER_HOT)])
+    header, rows = cli._rows("instances", resp)
+    states = [row[header.index("STATE")] for row in rows]
+    assert states == ["STANDBY (cold)", "STANDBY"]
