@@ -513,7 +513,9 @@ class NodeAgent:
                 pids = await self.containers.pids(live.container_id) or [live.pid]
             except errors.SnapwakeError:
                 pids = [live.pid]
-            result = await asyncio.to_thread(coldstandby.page_out_all, pids, cancel)
+            # runc's containers have their own cgroup: a pid reused since it was listed is not in it.
+            cgroup = cgroup_path(self.config, live.id) if self.config.containers == "runc" else ""
+            result = await asyncio.to_thread(coldstandby.page_out_all, pids, cancel, cgroup)
             if result.errors:
                 log.warning("page-out: refused calls %s", result.errors, extra=extra)
             if result.cancelled or cancel.is_set():

@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from snapwake import telemetry
 
-__all__ = ["HOT", "COLD", "ColdStandbyMetrics", "PageOut", "Range", "SmapsMemory", "due", "page_out",
+__all__ = ["HOT", "COLD", "ColdStandbyMetrics", "PageOut", "Range", "SmapsMemory", "due", "in_cgroup", "page_out",
            "page_out_all", "pageout_ranges", "read_smaps", "swap_devices"]
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ _SYS_PIDFD_OPEN = 434
 _SYS_PROCESS_MADVISE = 440
 # The most bytes one process_madvise call advises: the cancel check runs between pieces.
 _PIECE = 256 << 20
+# The most ranges advised per process (the kernel allows ~65530 mappings by default).
+_MAX_RANGES = 1 << 16
 # Pseudo-mappings the kernel refuses to advise (or that are not memory of the process).
 _SPECIAL = frozenset({"[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]"})
 
@@ -100,6 +102,17 @@ def pageout_ranges(maps: str) -> list[Range]:
     return out
 
 
+def in_cgroup(proc_cgroup: str, path: str) -> bool:
+    """Whether a ``/proc/PID/cgroup`` text puts the process in cgroup ``path`` (or below it), in
+    any hierarchy (v1 lists one line per controller, v2 one ``0::`` line)."""
+    path = "/" + path.strip("/")
+    for line in proc_cgroup.splitlines():
+        where = line.split(":", 2)[-1] if line.count(":") >= 2 else ""
+        if where == path or where.startswith(path + "/"):
+            return True
+    return False
+
+
 def swap_devices(swaps: str) -> int:
     """The swap devices a ``/proc/swaps`` text lists (its first line is the header)."""
     return sum(1 for line in swaps.splitlines()[1:] if line.strip())
@@ -138,23 +151,31 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
-def page_out(pid: int, result: PageOut, cancel: threading.Event | None = None) -> None:
+def page_out(pid: int, result: PageOut, cancel: threading.Event | None = None, cgroup: str = "") -> None:
     """Advises ``MADV_PAGEOUT`` over ``pid``'s ``pageout_ranges``, adding to ``result``; stops
-    between pieces once ``cancel`` is set. Never raises for the process or the kernel: what
-    failed is counted in ``result.errors``."""
+    between pieces once ``cancel`` is set. With ``cgroup``, a process not in it (its pid reused
+    since the container's were listed) is left alone. Never raises for the process or the
+    kernel: what failed is counted in ``result.errors``."""
     libc = _libc()
-    try:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-    except OSError as exc:
-        result.error(f"maps: {exc.strerror or exc}")
-        return
+    # The pidfd first: the checks below then name the process it holds, not a later one.
     pidfd = libc.syscall(_SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
     if pidfd < 0:
         result.error(f"pidfd_open: {os.strerror(ctypes.get_errno())}")
         return
-    result.processes += 1
     try:
-        for start, length in pageout_ranges(maps):
+        try:
+            if cgroup and not in_cgroup(Path(f"/proc/{pid}/cgroup").read_text(), cgroup):
+                result.error("not in the container's cgroup")
+                return
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError as exc:
+            result.error(f"maps: {exc.strerror or exc}")
+            return
+        result.processes += 1
+        ranges = pageout_ranges(maps)
+        if len(ranges) > _MAX_RANGES:
+            result.error(f"more than {_MAX_RANGES} mappings")
+        for start, length in ranges[:_MAX_RANGES]:
             result.ranges += 1
             for offset in range(0, length, _PIECE):
                 if cancel is not None and cancel.is_set():
@@ -171,15 +192,16 @@ def page_out(pid: int, result: PageOut, cancel: threading.Event | None = None) -
         os.close(pidfd)
 
 
-def page_out_all(pids: Iterable[int], cancel: threading.Event | None = None) -> PageOut:
-    """``page_out`` over each of ``pids`` (a container's processes), stopping once ``cancel``
-    is set. Blocks for as long as the kernel writes to swap: call it off the event loop."""
+def page_out_all(pids: Iterable[int], cancel: threading.Event | None = None, cgroup: str = "") -> PageOut:
+    """``page_out`` over each of ``pids`` (a container's processes, in ``cgroup`` when given),
+    stopping once ``cancel`` is set. Blocks for as long as the kernel writes to swap: call it
+    off the event loop."""
     result, t0 = PageOut(), time.monotonic()
     for pid in pids:
         if cancel is not None and cancel.is_set():
             result.cancelled = True
             break
-        page_out(pid, result, cancel)
+        page_out(pid, result, cancel, cgroup)
     result.seconds = time.monotonic() - t0
     return result
 

@@ -92,7 +92,24 @@ def test_a_page_out_of_a_gone_process_counts_the_refusal_and_raises_nothing() ->
     child.wait()
     result = coldstandby.page_out_all([child.pid])  # reaped: its pid names nothing now
     assert result.processes == 0 and result.advised_bytes == 0 and not result.cancelled
-    assert sum(result.errors.values()) == 1 and next(iter(result.errors)).startswith("maps:")
+    assert sum(result.errors.values()) == 1 and next(iter(result.errors)).startswith("pidfd_open:")
+
+
+@pytest.mark.parametrize(("text", "path", "want"), [
+    ("0::/snapwake/i-1\n", "/snapwake/i-1", True),
+    ("0::/snapwake/i-1/sub\n", "/snapwake/i-1", True),  # a child cgroup of the container's
+    ("0::/snapwake/i-10\n", "/snapwake/i-1", False),  # a prefix of another name is not it
+    ("4:memory:/snapwake/i-1\n1:cpu:/\n", "snapwake/i-1/", True),  # v1: one line per controller
+    ("4:memory:/process_api/x\n0::/\n", "/snapwake/i-1", False),
+    ("", "/snapwake/i-1", False),
+])
+def test_in_cgroup(text: str, path: str, want: bool) -> None:
+    assert coldstandby.in_cgroup(text, path) is want
+
+
+def test_a_process_outside_the_cgroup_is_left_alone() -> None:
+    result = coldstandby.page_out_all([os.getpid()], cgroup="/snapwake/i-not-me")
+    assert result.errors == {"not in the container's cgroup": 1} and result.advised_bytes == 0
 
 
 def test_a_cancelled_page_out_advises_nothing() -> None:
