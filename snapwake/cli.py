@@ -533,7 +533,8 @@ def _rows(kind: str, value: Any) -> tuple[list[str], list[list[Any]]]:
     if kind == "instances":
         return ["ID", "FUNCTION", "REV", "NODE", "GPU", "MEM", "STATE", "ENDPOINT", "LAST START", "AGE"], [
             [i.id, i.function_id, i.revision, i.node or "-", i.gpu_index, _gib(i.gpu_memory_bytes),
-             _enum(i.state, types_pb2.InstanceState, "INSTANCE_STATE_"), i.endpoint or "-",
+             _enum(i.state, types_pb2.InstanceState, "INSTANCE_STATE_")
+             + (" (cold)" if i.standby_tier == types_pb2.STANDBY_TIER_COLD else ""), i.endpoint or "-",
              f"{i.last_start_seconds:.3f}s" if i.last_start_seconds else "-", _age(i.create_time)]
             for i in value.instances]
     if kind == "nodes":

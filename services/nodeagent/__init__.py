@@ -17,6 +17,7 @@
     agent.py         node registration under an etcd lease, orphan clean-up, reconcile loop
     operations.py    start / restore / suspend / stop flows; api.py the thin gRPC servicer
     process_mode.py  PROCESS snapshots: the driver checkpoints the whole container process
+    coldstandby.py   the cold-standby tier: long-parked standbys paged out to swap (MADV_PAGEOUT)
     probe.py         one container's model server: HTTP health, control socket, /proc
     logs.py          output.log: the container's output through a size-capped relay (rotated),
                      written and read without following symlinks

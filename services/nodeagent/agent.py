@@ -10,6 +10,9 @@ Each reconcile pass moves serving instances RUNNING <-> IDLE (``machine.activity
 their requests in flight: the model server's count from its control socket, or, for a user
 image, whether bytes moved through its listener lately (``machine.traffic_inflight``).
 
+A standby parked longer than ``cold_standby_after_s`` is paged out to swap, one at a time, off
+the event loop (``coldstandby``; ``cold_pass``): the cold tier.
+
 A node whose lease is gone (by its own clock) fences itself and rejoins once etcd answers
 again (``fencing``): meanwhile it takes no new work and writes nothing to etcd.
 """
@@ -22,6 +25,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +34,7 @@ from pathlib import Path
 import grpc
 import httpx
 
-from services.nodeagent import cgroups, fencing, handover, hostmem, logs, probe
+from services.nodeagent import cgroups, coldstandby, fencing, handover, hostmem, logs, probe
 from services.nodeagent.admission import DriverGate
 from services.nodeagent.config import NodeAgentConfig
 from services.nodeagent.container import cgroup_path, control_socket
@@ -85,6 +89,13 @@ class Live:
     # What it was admitted with as a whole-process standby (``hostmem``): counted as its host
     # memory, at least, from the admission until it is restored; 0 otherwise.
     standby_host_bytes: int = 0
+    # When it was last parked (the agent's clock; 0 while it is no standby), whether its
+    # page-out to the cold tier was tried since, whether it is in that tier (``coldstandby``),
+    # and the stop signal of a page-out under way (set once it is restored or stopped).
+    standby_since: float = 0.0
+    pageout_tried: bool = False
+    cold: bool = False
+    pageout_cancel: threading.Event | None = None
     # Serialises the flows on one instance; the reconcile loop skips a locked instance.
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -138,6 +149,13 @@ class NodeAgent:
         self._blob_channel = channel(config.blobstore, config.client_tls(), server_role="blobstore")
         self._reconciler: asyncio.Task[None] | None = None
         self._registered_at = float("-inf")
+        # The cold-standby tier (``coldstandby``): its one page-out at a time, where it reads
+        # the node's swap devices, and whether it said it has none.
+        self.cold_metrics = coldstandby.ColdStandbyMetrics()
+        self.cold_metrics.cold.set_function(lambda: sum(live.cold for live in self.instances.values()))
+        self.swaps_path = Path("/proc/swaps")
+        self._pageout: asyncio.Task[None] | None = None
+        self._no_swap_said = False
 
     def rootfs_path(self, instance_id: str) -> Path:
         """Where the instance's container gets its private root dir (``write_bundle``'s ``rootfs``)."""
@@ -170,6 +188,12 @@ class NodeAgent:
             self._reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconciler
+        for live in self.instances.values():
+            if live.pageout_cancel is not None:
+                live.pageout_cancel.set()
+        if self._pageout is not None:
+            with contextlib.suppress(Exception):
+                await self._pageout
         await asyncio.gather(*(self.destroy(live) for live in list(self.instances.values())),
                              return_exceptions=True)
         for live in list(self.instances.values()):
@@ -250,8 +274,19 @@ class NodeAgent:
 
     async def move(self, live: Live, new: types_pb2.InstanceState, message: str = "") -> None:
         live.machine.move(new, self.clock(), message)
+        inst = live.machine.instance
         if new in SERVING:  # restored (or never parked): the driver gave the GPU state back
             live.standby_host_bytes = 0
+        if new == InstanceState.INSTANCE_STATE_STANDBY:  # parked: the cold tier's clock starts
+            live.standby_since, live.pageout_tried, live.cold = self.clock(), False, False
+            inst.standby_tier, inst.host_swap_bytes = types_pb2.STANDBY_TIER_HOT, 0
+        else:
+            live.standby_since = 0.0
+            if live.pageout_cancel is not None:  # a restore does not wait for the page-out
+                live.pageout_cancel.set()
+            if new != InstanceState.INSTANCE_STATE_RESTORING:  # a restoring one still says its tier
+                live.cold = False
+                inst.standby_tier, inst.host_swap_bytes = types_pb2.STANDBY_TIER_UNSPECIFIED, 0
         await self.publish(live)
         if live.gpu:  # the node record's reserved GPU memory follows its instances
             await self.register()
@@ -392,6 +427,7 @@ class NodeAgent:
                 continue
             async with live.lock:
                 await self._reconcile_instance(live, gpu_usage)
+        await self.cold_pass()
         await self._poll_blobstore()
         # The heartbeat: schedulers stop placing on a node whose record has not been
         # rewritten lately, even while its etcd lease is alive (a stuck agent).
@@ -424,6 +460,95 @@ class NodeAgent:
             changed = True
         if changed:
             await self.publish(live)
+
+    # --- the cold-standby tier (``coldstandby``) -------------------------------------------
+    def cold_due(self) -> list[Live]:
+        """Standbys parked past ``cold_standby_after_s`` and not tried since, holding at least
+        ``cold_standby_min_bytes`` (as last measured), oldest first."""
+        now, config = self.clock(), self.config
+        due = [live for live in self.instances.values()
+               if live.machine.state == InstanceState.INSTANCE_STATE_STANDBY and not live.pageout_tried
+               and not live.lock.locked() and coldstandby.due(live.standby_since, now, config.cold_standby_after_s)
+               and hostmem.measured(live.machine.instance.host_rss_bytes, live.machine.instance.host_pss_bytes)
+               >= config.cold_standby_min_bytes]
+        return sorted(due, key=lambda live: live.standby_since)
+
+    def swap_ready(self) -> bool:
+        """Whether the node has a swap device to page standbys out to (said once when not)."""
+        try:
+            devices = coldstandby.swap_devices(self.swaps_path.read_text())
+        except OSError as exc:
+            devices, why = 0, f"{self.swaps_path} unreadable ({exc.strerror or exc})"
+        else:
+            why = f"{self.swaps_path} lists no swap device"
+        if devices == 0 and not self._no_swap_said:
+            log.warning("cold standbys off: %s; standbys stay in host memory (swapon a device to use "
+                        "cold_standby_after_s)", why)
+            self._no_swap_said = True
+        return devices > 0
+
+    async def cold_pass(self) -> None:
+        """Starts the page-out of the standby longest due for the cold tier, unless one is under
+        way, the tier is off or the node has no swap."""
+        if self.config.cold_standby_after_s <= 0 or (self._pageout is not None and not self._pageout.done()):
+            return
+        due = self.cold_due()
+        if due and self.swap_ready():
+            live = due[0]
+            # Its stop signal exists before the task runs: a restore from here on sets it.
+            live.pageout_cancel, live.pageout_tried = threading.Event(), True
+            self._pageout = asyncio.create_task(self.page_out(live, live.pageout_cancel), name=f"pageout-{live.id}")
+
+    async def page_out(self, live: Live, cancel: threading.Event) -> None:
+        """Pages ``live``'s container out to swap (off the event loop; stops once ``cancel`` is
+        set, as a restore does) and, when that worked, counts it as cold at what it keeps
+        resident. Never raises."""
+        metrics, extra = self.cold_metrics, {"instance_id": live.id}
+        try:
+            if cancel.is_set():
+                metrics.pageouts.labels("cancelled").inc()
+                return
+            try:
+                pids = await self.containers.pids(live.container_id) or [live.pid]
+            except errors.SnapwakeError:
+                pids = [live.pid]
+            # runc's containers have their own cgroup: a pid reused since it was listed is not in it.
+            cgroup = cgroup_path(self.config, live.id) if self.config.containers == "runc" else ""
+            result = await asyncio.to_thread(coldstandby.page_out_all, pids, cancel, cgroup)
+            if result.errors:
+                log.warning("page-out: refused calls %s", result.errors, extra=extra)
+            if result.cancelled or cancel.is_set():
+                metrics.pageouts.labels("cancelled").inc()
+                log.info("page-out stopped after %.2fs: the standby left its tier", result.seconds, extra=extra)
+                return
+            if result.advised_bytes == 0:
+                metrics.pageouts.labels("error").inc()
+                log.warning("page-out moved nothing (%d processes, %d ranges); it stays hot",
+                            result.processes, result.ranges, extra=extra)
+                return
+            mems = await asyncio.to_thread(lambda: [coldstandby.read_smaps(pid) for pid in pids])
+            first = await asyncio.to_thread(probe.host_memory, live.pid)
+            if cancel.is_set() or live.machine.state != InstanceState.INSTANCE_STATE_STANDBY:
+                metrics.pageouts.labels("cancelled").inc()
+                return
+            inst = live.machine.instance
+            resident, swapped = sum(m.pss for m in mems), sum(m.swap_pss for m in mems)
+            live.cold = True
+            # hostmem counts it at what it keeps resident from here on, not its admission estimate.
+            live.standby_host_bytes = resident
+            inst.standby_tier, inst.host_swap_bytes = types_pb2.STANDBY_TIER_COLD, swapped
+            inst.host_rss_bytes, inst.host_pss_bytes, inst.host_private_bytes = first
+            metrics.pageouts.labels("ok").inc()
+            metrics.pageout_bytes.inc(result.advised_bytes)
+            log.info("standby paged out in %.2fs: %d MiB resident, %d MiB in swap (%d processes)", result.seconds,
+                     resident >> 20, swapped >> 20, result.processes, extra=extra)
+            await self.publish(live)
+        except Exception:  # noqa: BLE001 - the standby stays as it was, hot
+            metrics.pageouts.labels("error").inc()
+            log.exception("page-out failed; the standby stays hot", extra=extra)
+        finally:
+            if live.pageout_cancel is cancel:
+                live.pageout_cancel = None
 
     def _gpu_watched(self, live: Live) -> bool:
         """Whether the slice watch applies: a serving GPU instance with a slice (``gpu.memory``)."""

@@ -76,6 +76,9 @@ class Limits:
     pids: int = 0
     # Size of /tmp and of /dev/shm (each); their pages are charged to the memory limit too.
     tmp_bytes: int = 256 << 20
+    # Swap the container may use beside memory_bytes (cgroup v2 memory.swap.max); 0 leaves
+    # runc's default (the cold-standby tier sets it: ``coldstandby``).
+    swap_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,8 @@ def _resources(spec: BundleSpec) -> dict[str, Any]:
     lim = spec.limits
     if lim.memory_bytes:
         out["memory"] = {"limit": lim.memory_bytes}
+        if lim.swap_bytes:  # OCI's swap is memory plus swap (runc writes swap.max = swap - limit)
+            out["memory"]["swap"] = lim.memory_bytes + lim.swap_bytes
     if lim.cpu_millis:
         out["cpu"] = {"quota": lim.cpu_millis * _CPU_PERIOD_US // 1000, "period": _CPU_PERIOD_US}
     if lim.pids:

@@ -78,6 +78,13 @@ class NodeAgentConfig(ServerSettings, EtcdTlsConfig):
         "share of the node's host memory that its instances may hold with one more PROCESS-mode "
         "standby (whose GPU state waits in host memory); a standby that would pass it is refused "
         "(see hostmem.py); the rest is left to the kernel, this agent and the blobstore's cache"))
+    cold_standby_after_s: float = field(default=0.0, metadata=_help(
+        "a standby parked this many seconds is paged out to the node's swap (the cold tier, "
+        "coldstandby.py): it keeps ~0.2 GB resident instead of its checkpoint, and its restore "
+        "reads it back; 0 turns the tier off. Needs swap on the node; containers may then swap "
+        "up to their memory limit"))
+    cold_standby_min_bytes: int = field(default=64 << 20, metadata=_help(
+        "a standby holding less host memory (PSS) than this is not worth paging out"))
     container_env: tuple[str, ...] = field(default=(), metadata=_help(
         "extra KEY=VALUE variables for every container, comma separated; main adds the OTEL_* "
         "tracing variables it was started with"))
@@ -205,6 +212,9 @@ class NodeAgentConfig(ServerSettings, EtcdTlsConfig):
         for key in ("max_concurrent_restores", "max_concurrent_checkpoints"):
             if getattr(self, key) < 1:
                 bad.append(f"{key}: must be at least 1, got {getattr(self, key)}")
+        if self.cold_standby_after_s < 0 or self.cold_standby_min_bytes < 0:
+            bad.append(f"cold_standby_after_s, cold_standby_min_bytes: must not be negative, got "
+                       f"{self.cold_standby_after_s}, {self.cold_standby_min_bytes}")
         if not 0.0 < self.standby_host_memory_fraction <= 1.0:
             bad.append(f"standby_host_memory_fraction: must be above 0 and at most 1, "
                        f"got {self.standby_host_memory_fraction}")

@@ -101,8 +101,11 @@ def container_limits(config: NodeAgentConfig, spec: types_pb2.FunctionSpec, gpu:
     memory = res.host_memory_bytes or config.default_memory_bytes
     if gpu and process_mode(spec):  # the driver checkpoint parks the GPU state in the process's memory
         memory += res.gpu_memory_bytes
+    # The cold-standby tier pages a parked standby out to swap: its cgroup must allow as much
+    # swap as it may hold in memory (``coldstandby``).
+    swap = memory if config.cold_standby_after_s > 0 else 0
     return Limits(memory_bytes=memory, cpu_millis=res.cpu_millis or config.default_cpu_millis,
-                  pids=config.pids_limit, tmp_bytes=config.tmp_bytes)
+                  pids=config.pids_limit, tmp_bytes=config.tmp_bytes, swap_bytes=swap)
 
 
 def _etc(hostname: str) -> tuple[tuple[str, str], ...]:

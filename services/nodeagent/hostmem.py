@@ -20,6 +20,8 @@ idle instance parked), the node checks::
   later, and only the container's first process, so the admitted number is the floor until it
   is restored; it also counts from the admission on, so two parks at once cannot both take the
   last room;
+- a cold standby (paged out to swap, ``coldstandby``) is counted at the PSS its container keeps
+  resident, re-read after the page-out: its ``admitted`` is replaced by that number;
 - ``standby_host_memory_fraction`` (default 0.8): the rest of the host is left to the kernel,
   the nodeagent, the blobstore and its cache (lower it when the blobstore's ``cache_bytes`` is a
   large share of the host).

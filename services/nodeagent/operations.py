@@ -21,7 +21,17 @@ from typing import Any, cast
 
 from opentelemetry import trace
 
-from services.nodeagent import handover, hostmem, integrity, logs, probe, process_mode, spec_checks, userimage
+from services.nodeagent import (
+    coldstandby,
+    handover,
+    hostmem,
+    integrity,
+    logs,
+    probe,
+    process_mode,
+    spec_checks,
+    userimage,
+)
 from services.nodeagent.agent import Live, NodeAgent
 from services.nodeagent.bundle import IdMap, write_bundle
 from services.nodeagent.container import (
@@ -274,9 +284,15 @@ async def restore_instance(agent: NodeAgent, req: nodeagent_pb2.RestoreInstanceR
         # Waiting for a slot leaves the standby as it is: a wait that runs out fails nothing.
         async with agent.gate.restore(limit_s) as waited:
             trace.get_current_span().set_attribute("snapwake.driver_gate.wait_seconds", waited)
+            # A cold standby needs no step of its own: its pages fault back in (``coldstandby``).
+            tier = coldstandby.COLD if live.cold else coldstandby.HOT
+            trace.get_current_span().set_attribute("snapwake.standby.tier", tier)
             await agent.move(live, InstanceState.INSTANCE_STATE_RESTORING)
             restore = _restore_process if live.process_mode or live.user_image else _restore_arena
-            return await restore(agent, live, started, max(0.1, limit_s - waited))
+            resp = await restore(agent, live, started, max(0.1, limit_s - waited))
+            agent.cold_metrics.restore.labels(tier).observe(inst.last_start_seconds)
+            log.info("restored from the %s tier in %.3fs", tier, inst.last_start_seconds, extra={"instance_id": inst.id})
+            return resp
 
 
 async def _restore_arena(agent: NodeAgent, live: Live, started: float,

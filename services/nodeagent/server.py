@@ -118,11 +118,16 @@ async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
         server = GrpcServer(config.listen, [SERVICE_NAME], tls=tls, health_bind=config.health_listen)
         nodeagent_pb2_grpc.add_NodeAgentServiceServicer_to_server(NodeAgentServicer(agent), server.server)
         await agent.start()
-        relay = None
+        relay, cold_registered = None, False
         if config.metrics_port:  # the model servers' metrics, scraped through the node's /metrics
             relay = ModelServerMetrics(lambda: [live.machine.instance for live in list(agent.instances.values())
                                                 if not live.user_image])
             REGISTRY.register(relay)
+            try:  # the cold-standby tier's (coldstandby); one node's per process
+                REGISTRY.register(agent.cold_metrics.registry)
+                cold_registered = True
+            except ValueError as exc:
+                log.warning("cold-standby metrics not served: %s", exc)
         try:
             await server.start()
             log.info("nodeagent %s serving on port %d", config.name, server.port)
@@ -130,6 +135,8 @@ async def serve(config: NodeAgentConfig) -> AsyncIterator[Running]:
         finally:
             if relay is not None:
                 REGISTRY.unregister(relay)
+            if cold_registered:
+                REGISTRY.unregister(agent.cold_metrics.registry)
             await server.stop(grace=2.0)
             await agent.stop()
             await images.close()

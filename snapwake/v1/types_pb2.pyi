@@ -39,6 +39,12 @@ class InstanceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSTANCE_STATE_ENDED: _ClassVar[InstanceState]
     INSTANCE_STATE_FAILED: _ClassVar[InstanceState]
 
+class StandbyTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STANDBY_TIER_UNSPECIFIED: _ClassVar[StandbyTier]
+    STANDBY_TIER_HOT: _ClassVar[StandbyTier]
+    STANDBY_TIER_COLD: _ClassVar[StandbyTier]
+
 class SnapshotState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SNAPSHOT_STATE_UNSPECIFIED: _ClassVar[SnapshotState]
@@ -65,6 +71,9 @@ INSTANCE_STATE_IDLE: InstanceState
 INSTANCE_STATE_STOPPING: InstanceState
 INSTANCE_STATE_ENDED: InstanceState
 INSTANCE_STATE_FAILED: InstanceState
+STANDBY_TIER_UNSPECIFIED: StandbyTier
+STANDBY_TIER_HOT: StandbyTier
+STANDBY_TIER_COLD: StandbyTier
 SNAPSHOT_STATE_UNSPECIFIED: SnapshotState
 SNAPSHOT_STATE_BUILDING: SnapshotState
 SNAPSHOT_STATE_READY: SnapshotState
@@ -181,7 +190,7 @@ class Function(_message.Message):
     def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[FunctionSpec, _Mapping]] = ..., revision: _Optional[int] = ..., state: _Optional[_Union[FunctionState, str]] = ..., status_message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[_Union[ModelMetadata, _Mapping]] = ..., image_digest: _Optional[str] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("id", "function_id", "revision", "node", "gpu_index", "gpu_memory_bytes", "state", "endpoint", "message", "create_time", "update_time", "last_start_seconds", "host_rss_bytes", "host_pss_bytes", "host_private_bytes", "model", "image_digest")
+    __slots__ = ("id", "function_id", "revision", "node", "gpu_index", "gpu_memory_bytes", "state", "endpoint", "message", "create_time", "update_time", "last_start_seconds", "host_rss_bytes", "host_pss_bytes", "host_private_bytes", "model", "image_digest", "standby_tier", "host_swap_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +208,8 @@ class Instance(_message.Message):
     HOST_PRIVATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_TIER_FIELD_NUMBER: _ClassVar[int]
+    HOST_SWAP_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     function_id: str
     revision: int
@@ -216,7 +227,9 @@ class Instance(_message.Message):
     host_private_bytes: int
     model: ModelMetadata
     image_digest: str
-    def __init__(self, id: _Optional[str] = ..., function_id: _Optional[str] = ..., revision: _Optional[int] = ..., node: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[InstanceState, str]] = ..., endpoint: _Optional[str] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_start_seconds: _Optional[float] = ..., host_rss_bytes: _Optional[int] = ..., host_pss_bytes: _Optional[int] = ..., host_private_bytes: _Optional[int] = ..., model: _Optional[_Union[ModelMetadata, _Mapping]] = ..., image_digest: _Optional[str] = ...) -> None: ...
+    standby_tier: StandbyTier
+    host_swap_bytes: int
+    def __init__(self, id: _Optional[str] = ..., function_id: _Optional[str] = ..., revision: _Optional[int] = ..., node: _Optional[str] = ..., gpu_index: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ..., state: _Optional[_Union[InstanceState, str]] = ..., endpoint: _Optional[str] = ..., message: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_start_seconds: _Optional[float] = ..., host_rss_bytes: _Optional[int] = ..., host_pss_bytes: _Optional[int] = ..., host_private_bytes: _Optional[int] = ..., model: _Optional[_Union[ModelMetadata, _Mapping]] = ..., image_digest: _Optional[str] = ..., standby_tier: _Optional[_Union[StandbyTier, str]] = ..., host_swap_bytes: _Optional[int] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "name", "memory_total_bytes", "memory_reserved_bytes")
