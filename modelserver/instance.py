@@ -22,6 +22,7 @@ from typing import Any
 from modelserver import handover, manifest
 from modelserver.arena import Arena
 from modelserver.budget import kv_bytes_per_token, plan_slice
+from modelserver.embedding import Embedder
 from modelserver.engine import Engine, Piece
 from modelserver.kvcache import BLOCK_SIZE, KVPool
 from modelserver.manifest import TensorSpec
@@ -38,6 +39,7 @@ from modelserver.model import (
 from modelserver.model import modelserver_config as make_modelserver_config
 from modelserver.sampling import SamplingParams
 from snapwake.errors import FailedPrecondition, InvalidArgument, Unavailable
+from snapwake.modelsupport import Embedding, read_embedding
 
 __all__ = ["Instance", "Phase", "Settings"]
 
@@ -91,6 +93,8 @@ class Instance:
         self.arena_bytes = 0
         self.modelserver_config: dict[str, Any] = {}
         self.engine: Engine | None = None
+        self.embedder: Embedder | None = None
+        """Set instead of ``engine`` for an embedding model."""
         self.inflight = 0
         # The most requests ever in this process at once: lets tests check the scheduler's
         # concurrency limit from the instance's side, not from the scheduler's own books.
@@ -109,6 +113,11 @@ class Instance:
         assert self.skeleton is not None
         bind(self.skeleton, self.specs, self.arena.tensor())
         config = self.skeleton.config
+        if self.skeleton.embedding is not None:  # no KV pool, no token loop
+            self.embedder = Embedder(self.skeleton.model, self.skeleton.embedding,
+                                     int(getattr(config, "max_position_embeddings", 0) or 0))
+            log.info("embedding model: %d-dimensional vectors", self.skeleton.embedding.size)
+            return
         dtype_bytes = next(self.skeleton.model.parameters()).element_size()  # the KV cache's dtype too
         import torch
 
@@ -141,9 +150,10 @@ class Instance:
         with self.lock:
             try:
                 model_config = read_model_config(self.settings.model_dir)
-                self.skeleton = build_skeleton(model_config, self.settings.dtype)
+                embedding = read_embedding(self.settings.model_dir, model_config)
+                self.skeleton = build_skeleton(model_config, self.settings.dtype, embedding)
                 self.specs, self.arena_bytes = layout(self.skeleton)
-                self.modelserver_config = make_modelserver_config(model_config, self.skeleton.dtype)
+                self.modelserver_config = make_modelserver_config(model_config, self.skeleton.dtype, embedding)
                 self.arena.allocate(self.arena_bytes)
                 fill_from_safetensors(self.settings.model_dir, self.specs, self.arena.tensor())
                 self._bind()
@@ -180,7 +190,8 @@ class Instance:
             raise InvalidArgument(f"handed-over memory ({size} B) is smaller than the arena ({arena_bytes} B)",
                                   field="alloc_bytes")
         if self.skeleton is None:  # standby: the manifest is the source of the skeleton config
-            self.skeleton = build_skeleton(modelserver_config["model_config"], modelserver_config.get("dtype"))
+            self.skeleton = build_skeleton(modelserver_config["model_config"], modelserver_config.get("dtype"),
+                                           Embedding.from_json(modelserver_config.get("embedding")))
         self.specs, self.arena_bytes, self.modelserver_config = specs, arena_bytes, modelserver_config
         self.arena.attach(fd, size)
         self._bind()
@@ -190,6 +201,7 @@ class Instance:
             self.engine.close()  # requests in it finish first (bounded)
             self.engine.pool.free()
         self.engine = None
+        self.embedder = None
         if self.skeleton is not None:
             unbind(self.skeleton)
         self.arena.release()

@@ -468,7 +468,6 @@ REFUSED_BY_THE_SCHEMA = [
     ("chat", "/v1/completions", {"logprobs": 21}, "logprobs"),
     ("chat", "/v1/completions", {"echo": True}, "echo"),
     ("chat", "/v1/completions", {"prompt": ["one", "two"]}, "prompt"),
-    ("chat", "/v1/embeddings", {}, "model"),  # the built-in model server does not serve embeddings
 ]
 REFUSED_BY_THE_LIMITS = [
     ("small", "/v1/chat/completions", {"max_tokens": 64}, "max_tokens"),
@@ -477,6 +476,7 @@ REFUSED_BY_THE_LIMITS = [
     ("small", "/v1/chat/completions", {"stop_token_ids": [7, 100]}, "stop_token_ids"),
     ("small", "/v1/completions", {"prompt": [1] * 60, "max_tokens": 5}, "max_tokens"),
     ("small", "/v1/completions", {"prompt": [5, 100]}, "prompt"),
+    ("small", "/v1/embeddings", {}, "model"),  # a chat model serves no embeddings
 ]
 
 

@@ -287,3 +287,9 @@ def test_metrics_count_tokens_latencies_and_the_kv_pool(base_url: str, client: o
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = httpx.get(base_url + "/v1/models/" + MODEL, timeout=5)
     assert r.json()["id"] == MODEL and r.json()["max_model_len"] > 0
+
+
+def test_a_chat_model_refuses_embeddings(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model=MODEL, input="hello")
+    assert err.value.body["param"] == "model" and "not an embedding model" in err.value.body["message"]

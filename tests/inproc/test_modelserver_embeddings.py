@@ -1,0 +1,163 @@
+"""An embedding model on the model server, on the CPU: a small seeded random Qwen3 model saved as
+Qwen3-Embedding is (the bare decoder, sentence-transformers' last-token Pooling and Normalize
+modules), loaded through the model server's own path (skeleton, arena, checkpoint fill, bind) and
+asked over real HTTP with the real openai client; every vector must be what transformers' own
+``AutoModel`` gives for that input alone (its last token's final hidden state, L2-normalised)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from modelserver.__main__ import load_tokenizer
+from modelserver.arena import MemfdArena
+from modelserver.demo import make_demo_model
+from modelserver.instance import Instance, Settings
+from modelserver.openai import create_app
+from snapwake.modelsupport import Embedding
+from snapwake.testing import free_port, wait_for
+
+MODEL = "emb"
+TEXTS = ["Hello, world!", "The quick brown fox jumps over the lazy dog. One two three four five.", "A"]
+IDS = [[5, 9, 33, 7], [11] * 23, [300]]
+
+
+def make_embedding_model(path: Path, seed: int = 0) -> Path:
+    from transformers import AutoModel
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    make_demo_model(path)
+    (path / "model.safetensors").unlink()
+    config = CONFIG_MAPPING["qwen3"](vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1,
+                                     eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[-1] ** -0.5)
+            elif "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.save_pretrained(str(path), max_shard_size="100KB")
+    config_json = json.loads((path / "config.json").read_text())
+    config_json["architectures"] = ["Qwen3ForCausalLM"]  # as Qwen3-Embedding publishes it: modules.json decides
+    (path / "config.json").write_text(json.dumps(config_json))
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 64, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+         "pooling_mode_lasttoken": True}))
+    return path
+
+
+def reference(path: Path, inputs: list[list[int]]) -> torch.Tensor:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        rows = [model(torch.tensor([ids])).last_hidden_state[0, -1] for ids in inputs]
+    return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_embedding_model(tmp_path_factory.mktemp("models") / "emb")
+
+
+@pytest.fixture(scope="module")
+def instance(model_dir: Path) -> Iterator[Instance]:
+    inst = Instance(Settings(model_dir), MemfdArena(), load_tokenizer(model_dir))
+    inst.load_from_dir()
+    yield inst
+    inst.release()
+
+
+@pytest.fixture(scope="module")
+def base_url(instance: Instance) -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(instance, MODEL), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 20, "model server HTTP server")
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_loads_as_an_embedding_model(instance: Instance) -> None:
+    assert instance.engine is None and instance.embedder is not None
+    assert not any(name.startswith("lm_head") for name, _, _ in instance.skeleton.entries)  # type: ignore[union-attr]
+    # The manifest says so too: an instance attached from the snapshot rebuilds the same skeleton.
+    assert Embedding.from_json(instance.modelserver_config["embedding"]) == Embedding(64, True, False)
+
+
+def test_string_batch_matches_transformers(model_dir: Path, instance: Instance, client: openai.OpenAI) -> None:
+    out = client.embeddings.create(model=MODEL, input=TEXTS)  # the client asks for base64 and decodes it
+    ids = [list(instance.tokenizer(t)["input_ids"]) for t in TEXTS]
+    want = reference(model_dir, ids)
+    got = torch.tensor([d.embedding for d in out.data])
+    assert [d.index for d in out.data] == [0, 1, 2] and got.shape == (3, 64)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert out.usage.prompt_tokens == out.usage.total_tokens == sum(map(len, ids))
+    # Distinct inputs, distinct vectors: the comparison above is not between constants.
+    assert torch.cdist(got, got).fill_diagonal_(1).min() > 1e-3
+
+
+def test_token_ids_as_floats_and_base64(model_dir: Path, base_url: str) -> None:
+    want = reference(model_dir, IDS)
+    bodies = {fmt: httpx.post(base_url + "/v1/embeddings", timeout=30, json={
+        "model": MODEL, "input": IDS, "encoding_format": fmt}).json() for fmt in ("float", "base64")}
+    floats = torch.tensor([d["embedding"] for d in bodies["float"]["data"]])
+    torch.testing.assert_close(floats, want, atol=1e-4, rtol=1e-4)
+    raw = [torch.frombuffer(bytearray(base64.b64decode(d["embedding"])), dtype=torch.float32)
+           for d in bodies["base64"]["data"]]
+    assert torch.equal(torch.stack(raw), floats)
+    assert bodies["float"]["usage"]["prompt_tokens"] == sum(map(len, IDS))
+    one = httpx.post(base_url + "/v1/embeddings", timeout=30, json={"model": MODEL, "input": IDS[0]}).json()
+    torch.testing.assert_close(torch.tensor(one["data"][0]["embedding"]), want[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"input": "x", "dimensions": 32}, "dimensions"),  # not trained for shorter vectors
+    ({"input": "x", "dimensions": 65}, "dimensions"),
+    ({"input": [[1, 512]]}, "input"),  # past the vocabulary
+    ({"input": [[1] * 129]}, "input"),  # past the context
+    ({"input": ""}, "input"),
+    ({"input": []}, "input"),
+    ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+    ({"input": "x", "pooling": "mean"}, "pooling"),
+])
+def test_bad_requests_are_400_naming_the_field(base_url: str, body: dict[str, Any], param: str) -> None:
+    r = httpx.post(base_url + "/v1/embeddings", json={"model": MODEL, **body}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_an_embedding_model_refuses_generation(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert err.value.body["param"] == "model" and "embedding model" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="hi")
+    assert err.value.body["param"] == "model"
