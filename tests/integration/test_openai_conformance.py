@@ -262,7 +262,11 @@ def test_forced_tool_calls_come_back_as_tool_calls(client: openai.OpenAI, choice
         assert args == {}
     chunks = list(_chat(client, max_tokens=100, temperature=0, tools=TOOLS, tool_choice=choice, stream=True))
     deltas = [d for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls for d in ch.choices[0].delta.tool_calls]
-    assert [(d.function.name, d.function.arguments) for d in deltas] == [(call.function.name, call.function.arguments)]
+    # Incremental, as OpenAI streams them: id, type and name first, then the arguments in fragments.
+    first, rest = deltas[0], deltas[1:]
+    assert first.id.startswith("call_") and first.type == "function" and first.function.name == call.function.name
+    assert all(d.index == 0 and d.id is None and d.function.name is None for d in rest) and rest
+    assert json.loads(first.function.arguments + "".join(d.function.arguments for d in rest)) == args
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
