@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from modelserver.metrics import ServerMetrics
-from services.blobstore.metrics import BlobstoreCollector, BlobStats
+from services.blobstore.metrics import BlobStats, BlobstoreCollector
 from services.gateway.metrics import GatewayMetrics
 from snapwake import telemetry
 
