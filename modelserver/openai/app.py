@@ -139,7 +139,13 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
         embedder = instance.embedder
         if embedder is None:
             raise Unavailable("the model is not serving")
-        return JSONResponse(await embed(body, embedder, instance.tokenizer, limits(), metrics))
+        instance.inflight += 1
+        instance.inflight_peak = max(instance.inflight_peak, instance.inflight)
+        try:
+            return JSONResponse(await embed(body, embedder, instance.tokenizer, limits(), metrics))
+        finally:
+            instance.inflight -= 1
+            instance.last_request_unix = time.time()
 
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
