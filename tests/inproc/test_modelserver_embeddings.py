@@ -19,7 +19,7 @@ import pytest
 import torch
 import uvicorn
 
-from modelserver.__main__ import load_tokenizer
+from modelserver.__main__ import DEFAULT_SAMPLE, load_tokenizer, warm_up
 from modelserver.arena import MemfdArena
 from modelserver.demo import make_demo_model
 from modelserver.instance import Instance, Settings
@@ -108,6 +108,8 @@ def client(base_url: str) -> openai.OpenAI:
 
 def test_loads_as_an_embedding_model(instance: Instance) -> None:
     assert instance.engine is None and instance.embedder is not None
+    for sample in (DEFAULT_SAMPLE, {"input": "Hello there"}):  # the snapshot and standby starts' warm-up
+        warm_up(instance, sample)
     assert not any(name.startswith("lm_head") for name, _, _ in instance.skeleton.entries)  # type: ignore[union-attr]
     # The manifest says so too: an instance attached from the snapshot rebuilds the same skeleton.
     assert Embedding.from_json(instance.modelserver_config["embedding"]) == Embedding(64, True, False)
