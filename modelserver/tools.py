@@ -24,6 +24,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from snapwake.openai.structured import forced_schema
+
 __all__ = ["ParsedCalls", "ToolCallStream", "ToolMode", "fallback_system_message", "family_of", "forced_schema",
            "parse"]
 
@@ -66,19 +68,6 @@ def fallback_system_message(tools: list[dict[str, Any]]) -> dict[str, str]:
     return {"role": "system", "content": (
         "You may call functions. The available functions:\n" + listed + "\nTo call one, answer with "
         '<tool_call>{"name": <function name>, "arguments": <arguments object>}</tool_call>')}
-
-
-def forced_schema(tools: list[dict[str, Any]], name: str | None) -> dict[str, Any]:
-    """The JSON schema of one call to ``name`` (or to any of ``tools`` when None)."""
-    options = []
-    for tool in tools:
-        fn = tool["function"]
-        if name is not None and fn["name"] != name:
-            continue
-        params = fn.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
-        options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
-                        "required": ["name", "arguments"], "additionalProperties": False})
-    return options[0] if len(options) == 1 else {"anyOf": options}
 
 
 def _call(name: Any, arguments: Any) -> dict[str, Any] | None:

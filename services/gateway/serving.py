@@ -30,7 +30,7 @@ from services.gateway.rewrite import ModelRewrite
 from services.gateway.scheduler_client import Claim, FunctionInfo, SchedulerClient
 from snapwake import errors, telemetry
 from snapwake.openai import SCHEMAS, parse_json, validate
-from snapwake.openai.structured import SchemaChecker
+from snapwake.openai.structured import SchemaChecker, forced_schema
 from snapwake.v1 import types_pb2
 
 __all__ = ["ENDPOINTS", "OpenAIServing", "RequestContext"]
@@ -116,12 +116,18 @@ class OpenAIServing:
         return response
 
     async def _check_schema(self, path: str, body: dict[str, Any]) -> None:
-        """The ``response_format`` JSON schema of a (valid) chat request must compile (bounded:
-        ``snapwake.openai.structured``)."""
-        fmt = body.get("response_format") if path == "/v1/chat/completions" else None
+        """The ``response_format`` JSON schema of a (valid) chat request, and a forced tool call's,
+        must compile (bounded: ``snapwake.openai.structured``)."""
+        if path != "/v1/chat/completions":
+            return
+        fmt = body.get("response_format")
         if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
             spec = fmt["json_schema"]
             await self.schemas.check(spec.get("schema"), bool(spec.get("strict")))
+        choice, tools = body.get("tool_choice"), body.get("tools")
+        if tools and (choice == "required" or isinstance(choice, dict)):  # a forced call: its grammar
+            name = choice["function"]["name"] if isinstance(choice, dict) else None
+            await self.schemas.check(forced_schema(tools, name), True, field="tools")
 
     async def _resolve(self, model: str | None, ctx: RequestContext) -> FunctionInfo:
         if ctx.fixed_function is not None:

@@ -2,8 +2,8 @@
 
 The gateway refuses a built-in function's request whose schema xgrammar (the model server's
 grammar engine, ``modelserver.grammar``) cannot compile, with the same 400 naming
-``response_format.json_schema.schema`` the model server would answer, before any claim or cold
-start. The check is xgrammar's own tokenizer-free ``Grammar.from_json_schema``, with the options
+``response_format.json_schema.schema`` (or ``tools``, for a forced call's schema) the model
+server would answer, before any claim or cold start. The check is xgrammar's own tokenizer-free ``Grammar.from_json_schema``, with the options
 the model server compiles with, so what it accepts the model server accepts.
 
 xgrammar imports torch (seconds, hundreds of MB), and a hostile schema can make it work for
@@ -34,7 +34,8 @@ from typing import Any
 
 from snapwake.errors import InvalidArgument, Unavailable
 
-__all__ = ["FIELD", "MAX_GRAMMAR_CHARS", "MAX_SCHEMA_BYTES", "SchemaChecker", "prewarm", "xgrammar_message"]
+__all__ = ["FIELD", "MAX_GRAMMAR_CHARS", "MAX_SCHEMA_BYTES", "SchemaChecker", "forced_schema", "prewarm",
+           "xgrammar_message"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,20 @@ MAX_SCHEMA_BYTES = 128 * 1024
 MAX_GRAMMAR_CHARS = 1 << 20
 _WORKER_EXTRA_BYTES = 2 << 30  # address space the worker may add to what it has after its imports
 _PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
+
+
+def forced_schema(tools: list[dict[str, Any]], name: str | None) -> dict[str, Any]:
+    """The JSON schema of one call to ``name`` (or to any of ``tools`` when None): what a
+    ``required`` or named ``tool_choice`` compiles to (``modelserver.tools``); checked here too."""
+    options = []
+    for tool in tools:
+        fn = tool["function"]
+        if name is not None and fn["name"] != name:
+            continue
+        params = fn.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
+        options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                        "required": ["name", "arguments"], "additionalProperties": False})
+    return options[0] if len(options) == 1 else {"anyOf": options}
 
 
 def xgrammar_message(exc: BaseException) -> str:
@@ -105,11 +120,11 @@ class SchemaChecker:
         self._conn: Connection | None = None
         self._thread_lock = threading.Lock()
 
-    async def check(self, schema: Any, strict: bool) -> None:
-        """InvalidArgument naming ``response_format.json_schema.schema`` if the schema cannot be used."""
+    async def check(self, schema: Any, strict: bool, field: str = FIELD) -> None:
+        """InvalidArgument naming ``field`` if the schema cannot be used."""
         text = json.dumps(schema if schema is not None else {"type": "object"})
         if len(text.encode()) > MAX_SCHEMA_BYTES:
-            raise InvalidArgument(f"{FIELD}: longer than {MAX_SCHEMA_BYTES} bytes", field=FIELD)
+            raise InvalidArgument(f"{field}: longer than {MAX_SCHEMA_BYTES} bytes", field=field)
         key = (text, strict)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -121,7 +136,7 @@ class SchemaChecker:
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         if verdict is not None:
-            raise InvalidArgument(f"{FIELD}: cannot be used: {verdict}", field=FIELD)
+            raise InvalidArgument(f"{field}: cannot be used: {verdict}", field=field)
 
     def _compile(self, text: str, strict: bool) -> str | None:
         """None if ``text`` compiles within the bounds, else why not."""

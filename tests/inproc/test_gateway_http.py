@@ -471,6 +471,8 @@ REFUSED_BY_THE_SCHEMA = [
     # A schema the grammar engine cannot compile (xgrammar, in the gateway's checker process).
     ("chat", "/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "frob"}}}}, "response_format.json_schema.schema"),
+    ("chat", "/v1/chat/completions", {"tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}}]}, "tools"),
 ]
 REFUSED_BY_THE_LIMITS = [
     ("small", "/v1/chat/completions", {"max_tokens": 64}, "max_tokens"),

@@ -14,7 +14,7 @@ from modelserver.__main__ import load_tokenizer
 from modelserver.grammar import Grammars
 from snapwake.errors import InvalidArgument
 from snapwake.openai.schema import JsonSchemaResponseFormat
-from snapwake.openai.structured import FIELD, MAX_SCHEMA_BYTES, SchemaChecker
+from snapwake.openai.structured import FIELD, MAX_SCHEMA_BYTES, SchemaChecker, forced_schema
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,13 @@ async def test_verdicts_match_the_model_servers_compile(checker: SchemaChecker, 
             await checker.check(schema, True)
         assert info.value.field == FIELD and words in info.value.message
         assert server is not None and server.message == info.value.message  # the same words on both sides
+    # A forced tool call's schema (its parameters inside), refused naming tools on both sides.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "frob"}}}]
+    with pytest.raises(InvalidArgument) as info:
+        await checker.check(forced_schema(tools, "f"), True, field="tools")
+    with pytest.raises(InvalidArgument) as there:
+        grammars.compile_schema(forced_schema(tools, "f"), "tools")
+    assert info.value.field == there.value.field == "tools" and info.value.message == there.value.message
 
 
 async def test_a_hostile_schema_is_cut_off_and_the_worker_replaced(checker: SchemaChecker) -> None:
