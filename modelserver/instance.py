@@ -38,7 +38,7 @@ from modelserver.model import (
 )
 from modelserver.model import modelserver_config as make_modelserver_config
 from modelserver.sampling import SamplingParams
-from snapwake.errors import FailedPrecondition, InvalidArgument, Unavailable
+from snapwake.errors import FailedPrecondition, InvalidArgument, StartFailed, Unavailable
 from snapwake.modelsupport import Embedding, read_embedding
 
 __all__ = ["Instance", "Phase", "Settings"]
@@ -113,15 +113,22 @@ class Instance:
         assert self.skeleton is not None
         bind(self.skeleton, self.specs, self.arena.tensor())
         config = self.skeleton.config
-        if self.skeleton.embedding is not None:  # no KV pool, no token loop
-            self.embedder = Embedder(self.skeleton.model, self.skeleton.embedding,
-                                     int(getattr(config, "max_position_embeddings", 0) or 0))
-            log.info("embedding model: %d-dimensional vectors", self.skeleton.embedding.size)
-            return
         dtype_bytes = next(self.skeleton.model.parameters()).element_size()  # the KV cache's dtype too
         import torch
 
         gpu = getattr(self.arena, "ordinal", -1)
+        if self.skeleton.embedding is not None:  # no KV pool, no token loop: the slice's rest is activations
+            room = self.settings.gpu_memory_bytes - self.arena_bytes
+            if self.settings.gpu_memory_bytes > 0 and gpu >= 0:
+                if room <= 0:
+                    raise StartFailed(f"gpu_memory_bytes: a slice of {self.settings.gpu_memory_bytes / 2**30:.2f} GiB "
+                                      f"cannot hold the weights ({self.arena_bytes / 2**30:.2f} GiB)")
+                total = torch.cuda.get_device_properties(gpu).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, room / total), gpu)
+            self.embedder = Embedder(self.skeleton.model, self.skeleton.embedding,
+                                     int(getattr(config, "max_position_embeddings", 0) or 0))
+            log.info("embedding model: %d-dimensional vectors", self.skeleton.embedding.size)
+            return
         free = torch.cuda.mem_get_info(gpu)[0] if gpu >= 0 else 0
         budget = plan_slice(self.settings.gpu_memory_bytes, self.arena_bytes,
                             kv_bytes_per_token(config, dtype_bytes),
