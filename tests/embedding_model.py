@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,10 +21,10 @@ def make_embedding_model(path: Path, seed: int = 0) -> Path:
 
     make_demo_model(path)
     (path / "model.safetensors").unlink()
-    config = CONFIG_MAPPING["qwen3"](vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                     max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=1,
-                                     eos_token_id=2, pad_token_id=0)
+    qwen3: Any = CONFIG_MAPPING["qwen3"]
+    config = qwen3(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
+                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     model = AutoModel.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)

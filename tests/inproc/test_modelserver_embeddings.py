@@ -124,7 +124,9 @@ def test_bad_requests_are_400_naming_the_field(base_url: str, body: dict[str, An
 def test_an_embedding_model_refuses_generation(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
-    assert err.value.body["param"] == "model" and "embedding model" in err.value.body["message"]
+    body: Any = err.value.body
+    assert body["param"] == "model" and "embedding model" in body["message"]
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL, prompt="hi")
-    assert err.value.body["param"] == "model"
+    body = err.value.body
+    assert body["param"] == "model"
