@@ -204,13 +204,64 @@ def _scan_object(text: str, p: int) -> tuple[dict[str, tuple[int, int | None]], 
         i = end
 
 
+class _Scanner:
+    """Where the JSON value starting at ``start`` ends, found resumably: each character is read
+    once however often the text grows (a call's arguments may run to thousands of tokens)."""
+
+    def __init__(self, start: int) -> None:
+        self.start = self.pos = start
+        self.depth = 0
+        self.in_str = self.esc = False
+        self.end: int | None = None
+
+    def advance(self, text: str) -> int | None:
+        if self.end is not None or self.pos >= len(text):
+            return self.end
+        if self.pos == self.start and text[self.start] not in '{["':  # a number or literal: short
+            end = _value_end(text, self.start)
+            self.end = end
+            return end
+        i, n = self.pos, len(text)
+        while i < n:
+            c = text[i]
+            if self.in_str:
+                if self.esc:
+                    self.esc = False
+                elif c == "\\":
+                    self.esc = True
+                elif c == '"':
+                    self.in_str = False
+                    if self.depth == 0:
+                        self.end = i + 1
+                        break
+            elif c == '"':
+                self.in_str = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.end = i + 1
+                    break
+            i += 1
+        self.pos = i
+        return self.end
+
+
+# Before a call's name and arguments are known, its object is parsed from its start on each
+# piece; past this many characters without them, the call goes out whole when its object ends.
+_HEADER_SCAN_CHARS = 4096
+
+
 @dataclass
 class _StreamedCall:
-    """One call being streamed: where its object starts, what went out of it."""
+    """One call being streamed: where its object starts and ends, what went out of it."""
 
     start: int
-    index: int
+    obj: _Scanner
+    index: int = 0
     header_sent: bool = False
+    args: _Scanner | None = None
     args_sent: int = 0
     done: bool = False
 
@@ -313,8 +364,8 @@ class ToolCallStream:
         while 0 <= i < len(self.text):
             call = self._call_at(i)
             out += self._stream_call(call, final)
-            _, end, bad = _scan_object(self.text, i)
-            if end is None or bad:
+            end = call.obj.end
+            if end is None:
                 break
             i = _skip_ws(self.text, end)
             if i < len(self.text) and self.text[i] == ";":
@@ -324,40 +375,44 @@ class ToolCallStream:
         return out
 
     def _call_at(self, start: int) -> _StreamedCall:
+        if self.calls and self.calls[-1].start == start:
+            return self.calls[-1]
         for call in self.calls:
             if call.start == start:
                 return call
-        call = _StreamedCall(start, 0)  # its index is set when its first delta goes out
+        call = _StreamedCall(start, _Scanner(start))  # its index is set when its first delta goes out
         self.calls.append(call)
         return call
 
     def _stream_call(self, call: _StreamedCall, closed: bool) -> list[dict[str, Any]]:
         if call.done:
             return []
-        fields, end, bad = _scan_object(self.text, call.start)
-        index = sum(1 for c in self.calls if c.header_sent and c is not call)
         out: list[dict[str, Any]] = []
-        name = fields.get("name")
-        args_key = next((k for k in self.args_keys if k in fields), None)
-        if not call.header_sent and name is not None and name[1] is not None and args_key is not None and not bad:
-            try:
-                fn_name = json.loads(self.text[name[0]:name[1]])
-            except ValueError:
-                fn_name = None
-            if isinstance(fn_name, str) and fn_name:
-                call.header_sent, call.index = True, index
-                out.append({"tool_calls": [{"index": index, "id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                                            "function": {"name": fn_name, "arguments": ""}}]})
-        if call.header_sent and args_key is not None:
-            start, stop = fields[args_key]
+        end = call.obj.advance(self.text)
+        index = sum(1 for c in self.calls if c.header_sent)
+        if not call.header_sent and call.args is None and len(self.text) - call.start <= _HEADER_SCAN_CHARS:
+            fields, _, bad = _scan_object(self.text, call.start)
+            name = fields.get("name")
+            args_key = next((k for k in self.args_keys if k in fields), None)
+            if name is not None and name[1] is not None and args_key is not None and not bad:
+                try:
+                    fn_name = json.loads(self.text[name[0]:name[1]])
+                except ValueError:
+                    fn_name = None
+                if isinstance(fn_name, str) and fn_name:
+                    call.header_sent, call.index, call.args = True, index, _Scanner(fields[args_key][0])
+                    out.append({"tool_calls": [{"index": index, "id": "call_" + uuid.uuid4().hex[:24],
+                                                "type": "function", "function": {"name": fn_name, "arguments": ""}}]})
+        if call.header_sent and call.args is not None:
+            stop = call.args.advance(self.text)
             upto = stop if stop is not None else len(self.text)
-            piece = self.text[start + call.args_sent:upto]
+            piece = self.text[call.args.start + call.args_sent:upto]
             if piece:
                 call.args_sent += len(piece)
                 out.append({"tool_calls": [{"index": call.index, "function": {"arguments": piece}}]})
-        if end is not None or bad or closed:
+        if end is not None or closed:
             call.done = True
-            if not call.header_sent and end is not None and not bad:  # arguments before the name: whole
+            if not call.header_sent and end is not None:  # arguments before the name, or a long prefix: whole
                 whole = _from_json(self.text[call.start:end], self.args_keys[0])
                 if whole is not None:
                     call.header_sent, call.index = True, index

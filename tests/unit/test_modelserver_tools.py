@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -156,3 +157,18 @@ def test_a_call_streams_before_it_is_complete(demo_tokenizer: Any) -> None:
     contents = [i for i, d in flat if "content" in d]
     assert contents and max(contents) < first_call and len(contents) > 1
     assert all("<" not in d["content"] for _, d in flat if "content" in d)
+
+
+@pytest.mark.parametrize("mode", [HERMES, LLAMA, FORCED])
+def test_long_arguments_stream_in_linear_time(mode: ToolMode) -> None:
+    """Each piece reads only what is new: 40k characters of arguments, one at a time, stay fast."""
+    code = "x = 1\\n" * 6000  # a JSON string of about 40k characters
+    key = "parameters" if mode is LLAMA else "arguments"
+    obj = '{"name": "run", "' + key + '": {"code": "' + code + '"}}'
+    text = "<tool_call>" + obj + "</tool_call>" if mode is HERMES else obj
+    stream = ToolCallStream(mode)
+    started = time.monotonic()
+    steps = [stream.feed(ch) for ch in text]
+    steps.append(stream.finish())
+    assert time.monotonic() - started < 5  # quadratic rescans took minutes
+    assert _fold(steps)[1] == [("run", {"code": code.replace("\\n", "\n")})]
