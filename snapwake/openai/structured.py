@@ -17,12 +17,17 @@ milliseconds), bounded:
   again for the next schema) and the schema is refused as too complex;
 - the compiled grammar may have at most ``MAX_GRAMMAR_CHARS`` characters (the model server's
   per-tokenizer compile grows with it), and the worker's address space is capped;
-- verdicts are cached (a client sends the same schema again and again).
+- verdicts are cached by the schema's digest (a client sends the same schema again and again).
+
+One worker compiles one schema at a time, so a tenant sending many distinct slow schemas delays
+other tenants' structured requests by up to ``timeout`` each (the gateway's per-tenant limits
+bound how many it can send).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -113,7 +118,7 @@ class SchemaChecker:
     def __init__(self, timeout: float = 2.0, start_timeout: float = 120.0, cache_size: int = 1024) -> None:
         self.timeout = timeout
         self.start_timeout = start_timeout
-        self._cache: OrderedDict[tuple[str, bool], str | None] = OrderedDict()
+        self._cache: OrderedDict[tuple[bytes, bool], str | None] = OrderedDict()
         self._cache_size = cache_size
         self._lock = asyncio.Lock()
         self._proc: Any = None
@@ -125,7 +130,7 @@ class SchemaChecker:
         text = json.dumps(schema if schema is not None else {"type": "object"})
         if len(text.encode()) > MAX_SCHEMA_BYTES:
             raise InvalidArgument(f"{field}: longer than {MAX_SCHEMA_BYTES} bytes", field=field)
-        key = (text, strict)
+        key = (hashlib.sha256(text.encode()).digest(), strict)  # not the text: 1024 large schemas would be 128 MiB
         if key in self._cache:
             self._cache.move_to_end(key)
             verdict = self._cache[key]
