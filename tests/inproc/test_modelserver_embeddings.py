@@ -21,6 +21,7 @@ from embedding_model import make_embedding_model
 
 from modelserver.__main__ import DEFAULT_SAMPLE, load_tokenizer, warm_up
 from modelserver.arena import MemfdArena
+from modelserver.embedding import shorten
 from modelserver.instance import Instance, Settings
 from modelserver.openai import create_app
 from snapwake.modelsupport import Embedding
@@ -130,3 +131,27 @@ def test_an_embedding_model_refuses_generation(client: openai.OpenAI) -> None:
         client.completions.create(model=MODEL, prompt="hi")
     body = err.value.body
     assert body["param"] == "model"
+
+
+def test_small_batches_give_the_same_vectors(model_dir: Path, instance: Instance) -> None:
+    """A request's inputs split over several padded batches (a token budget of 30) embed alike."""
+    assert instance.embedder is not None
+    inputs = [*IDS, [7] * 20, [8, 9]]
+    whole = instance.embedder.embed(inputs)
+    budget = instance.embedder.token_budget
+    instance.embedder.token_budget = 30
+    try:
+        split = instance.embedder.embed(inputs)
+    finally:
+        instance.embedder.token_budget = budget
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole, reference(model_dir, inputs), atol=1e-4, rtol=1e-4)
+
+
+def test_matryoshka_vectors_are_cut_and_normalised_again() -> None:
+    vectors = torch.nn.functional.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    short = shorten(vectors, 16, normalize=True)
+    assert short.shape == (3, 16)
+    torch.testing.assert_close(short.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(short * vectors[:, :16].norm(dim=-1, keepdim=True), vectors[:, :16])
+    assert shorten(vectors, None, True) is vectors and shorten(vectors, 64, True) is vectors
