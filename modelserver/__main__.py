@@ -48,7 +48,12 @@ def load_tokenizer(model_dir: Path, chat_template: str = "") -> Any:
 
 
 def warm_up(instance: Instance, sample: dict[str, Any]) -> None:
-    """Runs the sample request once (loads every kernel; checks the weights answer)."""
+    """Runs the sample request once (loads every kernel; checks the weights answer). An embedding
+    model embeds the sample's ``input`` string (a chat sample: "Hello")."""
+    if instance.embedder is not None:
+        text = sample.get("input") if isinstance(sample.get("input"), str) and sample["input"] else "Hello"
+        instance.embedder.embed([list(instance.tokenizer(text)["input_ids"])])
+        return
     assert instance.engine is not None
     body = {"model": "warm-up", **sample, "stream": False}
     prepare = prepare_completion if "prompt" in body else prepare_chat

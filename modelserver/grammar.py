@@ -21,6 +21,7 @@ from typing import Any
 
 from snapwake.errors import InvalidArgument
 from snapwake.openai.schema import JsonObjectFormat, JsonSchemaResponseFormat
+from snapwake.openai.structured import FIELD, xgrammar_message
 
 __all__ = ["Grammars"]
 
@@ -48,7 +49,7 @@ class Grammars:
         try:
             return self._get_compiler().compile_json_schema(json.dumps(schema), any_whitespace=False)
         except (RuntimeError, ValueError) as exc:
-            raise InvalidArgument(f"{field}: cannot be used: {str(exc).splitlines()[-1]}", field=field) from None
+            raise InvalidArgument(f"{field}: cannot be used: {xgrammar_message(exc)}", field=field) from None
 
     def compile(self, fmt: JsonObjectFormat | JsonSchemaResponseFormat) -> Any:
         """The compiled grammar of ``fmt``; ``InvalidArgument`` naming the schema if xgrammar refuses it.
@@ -61,5 +62,4 @@ class Grammars:
         try:
             return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=bool(fmt.json_schema.strict))
         except (RuntimeError, ValueError) as exc:
-            raise InvalidArgument(f"response_format.json_schema.schema: cannot be used: {str(exc).splitlines()[-1]}",
-                                  field="response_format.json_schema.schema") from None
+            raise InvalidArgument(f"{FIELD}: cannot be used: {xgrammar_message(exc)}", field=FIELD) from None

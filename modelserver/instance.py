@@ -22,6 +22,7 @@ from typing import Any
 from modelserver import handover, manifest
 from modelserver.arena import Arena
 from modelserver.budget import kv_bytes_per_token, plan_slice
+from modelserver.embedding import Embedder
 from modelserver.engine import Engine, Piece
 from modelserver.kvcache import BLOCK_SIZE, KVPool
 from modelserver.manifest import TensorSpec
@@ -37,7 +38,8 @@ from modelserver.model import (
 )
 from modelserver.model import modelserver_config as make_modelserver_config
 from modelserver.sampling import SamplingParams
-from snapwake.errors import FailedPrecondition, InvalidArgument, Unavailable
+from snapwake.errors import FailedPrecondition, InvalidArgument, StartFailed, Unavailable
+from snapwake.modelsupport import Embedding, read_embedding
 
 __all__ = ["Instance", "Phase", "Settings"]
 
@@ -93,6 +95,8 @@ class Instance:
         self.arena_bytes = 0
         self.modelserver_config: dict[str, Any] = {}
         self.engine: Engine | None = None
+        self.embedder: Embedder | None = None
+        """Set instead of ``engine`` for an embedding model."""
         self.inflight = 0
         # The most requests ever in this process at once: lets tests check the scheduler's
         # concurrency limit from the instance's side, not from the scheduler's own books.
@@ -115,6 +119,18 @@ class Instance:
         import torch
 
         gpu = getattr(self.arena, "ordinal", -1)
+        if self.skeleton.embedding is not None:  # no KV pool, no token loop: the slice's rest is activations
+            room = self.settings.gpu_memory_bytes - self.arena_bytes
+            if self.settings.gpu_memory_bytes > 0 and gpu >= 0:
+                if room <= 0:
+                    raise StartFailed(f"gpu_memory_bytes: a slice of {self.settings.gpu_memory_bytes / 2**30:.2f} GiB "
+                                      f"cannot hold the weights ({self.arena_bytes / 2**30:.2f} GiB)")
+                total = torch.cuda.get_device_properties(gpu).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, room / total), gpu)
+            self.embedder = Embedder(self.skeleton.model, self.skeleton.embedding,
+                                     int(getattr(config, "max_position_embeddings", 0) or 0))
+            log.info("embedding model: %d-dimensional vectors", self.skeleton.embedding.size)
+            return
         free = torch.cuda.mem_get_info(gpu)[0] if gpu >= 0 else 0
         budget = plan_slice(self.settings.gpu_memory_bytes, self.arena_bytes,
                             kv_bytes_per_token(config, dtype_bytes),
@@ -143,9 +159,10 @@ class Instance:
         with self.lock:
             try:
                 model_config = read_model_config(self.settings.model_dir)
-                self.skeleton = build_skeleton(model_config, self.settings.dtype)
+                embedding = read_embedding(self.settings.model_dir, model_config)
+                self.skeleton = build_skeleton(model_config, self.settings.dtype, embedding)
                 self.specs, self.arena_bytes = layout(self.skeleton)
-                self.modelserver_config = make_modelserver_config(model_config, self.skeleton.dtype)
+                self.modelserver_config = make_modelserver_config(model_config, self.skeleton.dtype, embedding)
                 self.arena.allocate(self.arena_bytes)
                 fill_from_safetensors(self.settings.model_dir, self.specs, self.arena.tensor())
                 self._bind()
@@ -182,7 +199,8 @@ class Instance:
             raise InvalidArgument(f"handed-over memory ({size} B) is smaller than the arena ({arena_bytes} B)",
                                   field="alloc_bytes")
         if self.skeleton is None:  # standby: the manifest is the source of the skeleton config
-            self.skeleton = build_skeleton(modelserver_config["model_config"], modelserver_config.get("dtype"))
+            self.skeleton = build_skeleton(modelserver_config["model_config"], modelserver_config.get("dtype"),
+                                           Embedding.from_json(modelserver_config.get("embedding")))
         self.specs, self.arena_bytes, self.modelserver_config = specs, arena_bytes, modelserver_config
         self.arena.attach(fd, size)
         self._bind()
@@ -192,6 +210,7 @@ class Instance:
             self.engine.close()  # requests in it finish first (bounded)
             self.engine.pool.free()
         self.engine = None
+        self.embedder = None
         if self.skeleton is not None:
             unbind(self.skeleton)
         self.arena.release()

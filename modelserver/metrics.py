@@ -7,10 +7,16 @@ when a stop string or an incomplete UTF-8 sequence held text back):
     snapwake_model_inter_token_seconds          between pieces, divided by the tokens they carry
     snapwake_model_prompt_tokens_total          tokens in
     snapwake_model_generation_tokens_total      tokens out
-    snapwake_model_requests_total{finish}       finished requests by finish reason
+    snapwake_model_requests_total{finish}       finished requests by finish reason ("embedding" for
+                                                an embeddings request, whose inputs count as prompt tokens)
     snapwake_model_requests_running             sequences in the running batch (at scrape time)
     snapwake_model_requests_waiting             sequences waiting for KV blocks or a batch slot
     snapwake_model_kv_blocks_used / _total      the KV pool's blocks in use / allocated
+
+The engine keeps no prefix cache (every prompt is prefilled; ``n`` > 1 shares one prefill), so
+there are no KV cache hits to count: the cache whose hits decide a start's speed is the node's
+snapshot host cache, counted by the blobstore (``snapwake_blobstore_cache_hits_total`` and
+``_misses_total``), and plotted beside these on the dashboard (deploy/compose/grafana).
 """
 
 from __future__ import annotations

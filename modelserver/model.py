@@ -29,7 +29,7 @@ from torch import nn
 from modelserver.fp8 import quantise_skeleton
 from modelserver.manifest import TensorSpec, plan
 from snapwake.errors import InvalidArgument, NotFound
-from snapwake.modelsupport import check_model_config, fp8_scheme, text_config
+from snapwake.modelsupport import Embedding, check_model_config, fp8_scheme, text_config
 
 __all__ = ["Skeleton", "bind", "build_skeleton", "fill_from_safetensors", "generation_defaults",
            "read_model_config", "modelserver_config", "unbind"]
@@ -48,6 +48,8 @@ class Skeleton:
     """Arena tensor name -> every module path it is bound under (tied weights have several)."""
     cpu_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     """Non-persistent buffers, computed on the CPU, copied to the device at bind."""
+    embedding: Embedding | None = None
+    """Set for an embedding model: the bare decoder (no LM head), pooled by ``modelserver.embedding``."""
 
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:
@@ -61,9 +63,13 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
         raise InvalidArgument(f"{path} is not valid JSON: {exc}", field="model_dir") from exc
 
 
-def modelserver_config(model_config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+def modelserver_config(model_config: dict[str, Any], dtype: torch.dtype,
+                       embedding: Embedding | None = None) -> dict[str, Any]:
     """What goes into the manifest's ``modelserver_config_json``: enough to rebuild the skeleton."""
-    return {"model_config": model_config, "dtype": str(dtype).removeprefix("torch.")}
+    out: dict[str, Any] = {"model_config": model_config, "dtype": str(dtype).removeprefix("torch.")}
+    if embedding is not None:
+        out["embedding"] = embedding.to_json()
+    return out
 
 
 def _dtype(model_config: dict[str, Any], override: str | None) -> torch.dtype:
@@ -74,9 +80,11 @@ def _dtype(model_config: dict[str, Any], override: str | None) -> torch.dtype:
     return dtype
 
 
-def build_skeleton(model_config: dict[str, Any], dtype: str | None = None) -> Skeleton:
-    """Builds the model on the meta device (no weight memory) from a config dict."""
-    from transformers import AutoModelForCausalLM
+def build_skeleton(model_config: dict[str, Any], dtype: str | None = None,
+                   embedding: Embedding | None = None) -> Skeleton:
+    """Builds the model on the meta device (no weight memory) from a config dict; for an
+    ``embedding`` model, the bare decoder (no LM head)."""
+    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     check_model_config(model_config)
@@ -89,11 +97,11 @@ def build_skeleton(model_config: dict[str, Any], dtype: str | None = None) -> Sk
     if scheme is not None and torch_dtype.itemsize < 2:
         raise InvalidArgument(f"dtype {torch_dtype} cannot compute an fp8 model; use bfloat16", field="dtype")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        model = (AutoModel if embedding is not None else AutoModelForCausalLM).from_config(config, dtype=torch_dtype)
     if scheme is not None:
         quantise_skeleton(model, scheme)
     model.eval().requires_grad_(False)
-    sk = Skeleton(model, config, torch_dtype, [])
+    sk = Skeleton(model, config, torch_dtype, [], embedding=embedding)
     seen: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
@@ -160,7 +168,8 @@ def _sources(name: str, shape: tuple[int, ...], where: dict[str, Path]) -> list[
     fills (``...`` for all of it); None when the checkpoint has none of them."""
     # A multimodal checkpoint keeps its language model under a prefix (both layouts exist).
     rest = name.removeprefix("model.")
-    for alias in (name, "language_model." + name, "model.language_model." + rest):
+    # A bare decoder (an embedding model) may come from a checkpoint of the causal LM ("model.").
+    for alias in (name, "language_model." + name, "model.language_model." + rest, "model." + name):
         if alias in where:
             return [(alias, ...)]
     if name.endswith(".mlp.gate.weight"):  # Mixtral's router

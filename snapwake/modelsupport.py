@@ -12,18 +12,27 @@ fp8 (e4m3) weights, from ``quantization_config`` ``quant_method`` "fp8" (per-ten
 block ``weight_scale``), dense models only. A multimodal checkpoint of ``TEXT_OF_MULTIMODAL``
 (Gemma-3 4B and up) is served as its language model, text only (``text_config``). ``fp8_scheme`` says how such a checkpoint's scales
 are laid out, for the loader.
+
+Embedding models (Qwen3-Embedding and the like: a decoder whose last token's final hidden state,
+L2-normalised, is the vector) are told apart by their checkpoint, as sentence-transformers and
+vLLM tell them: a ``modules.json`` with a ``Pooling`` module (whose ``pooling_mode_lasttoken``
+must be set: other poolings are refused by name), or ``architectures`` naming a bare decoder
+(``Qwen3Model``) rather than a ``...ForCausalLM``. ``embedding_of`` says which; ``read_embedding``
+reads those small files of a model directory.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from snapwake.errors import InvalidArgument
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "TEXT_OF_MULTIMODAL", "Fp8Scheme", "check_model_config", "fp8_scheme",
-           "text_config"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "TEXT_OF_MULTIMODAL", "Embedding", "Fp8Scheme", "check_model_config",
+           "embedding_of", "fp8_scheme", "read_embedding", "text_config"]
 
 # model_type -> the family as users know it (for messages).
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -166,3 +175,79 @@ def _names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _refuse(f"the quantisation ignore list must be a list of names, got {value!r}")
     return tuple(value)
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """How an embedding model makes its vectors: the last token's final hidden state."""
+
+    size: int
+    """The vector's length (the hidden size)."""
+    normalize: bool = True
+    """L2-normalised (sentence-transformers' ``Normalize`` module, or a bare decoder's default)."""
+    matryoshka: bool = False
+    """Trained for shorter vectors: any ``dimensions`` up to ``size`` (cut, then normalised)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": self.size, "normalize": self.normalize, "matryoshka": self.matryoshka}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Embedding | None:
+        if not isinstance(data, dict):
+            return None
+        return cls(int(data["size"]), bool(data.get("normalize", True)), bool(data.get("matryoshka", False)))
+
+
+_POOLING_MODULE = "sentence_transformers.models.Pooling"
+_NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
+
+
+def embedding_of(config: dict[str, Any], modules: list[Any] | None = None,
+                 pooling: dict[str, Any] | None = None) -> Embedding | None:
+    """The embedding a checkpoint makes (None: a generative model). ``modules`` is its
+    sentence-transformers ``modules.json``, ``pooling`` its Pooling module's config.json.
+    InvalidArgument naming a pooling the model server does not do (only last-token)."""
+    cfg = text_config(config)
+    size = cfg.get("hidden_size")
+    matryoshka = bool(cfg.get("is_matryoshka")) or bool(cfg.get("matryoshka_dimensions"))
+    types = [str(m.get("type", "")) for m in modules or () if isinstance(m, dict)]
+    if _POOLING_MODULE in types:
+        modes = sorted(k.removeprefix("pooling_mode_") for k, v in (pooling or {}).items()
+                       if k.startswith("pooling_mode_") and v is True)
+        if modes != ["lasttoken"]:
+            raise _refuse(f"embedding pooling {'+'.join(modes) or '(none)'} is not supported by the built-in "
+                          "model server (only last-token pooling, as Qwen3-Embedding uses)")
+        normalize = _NORMALIZE_MODULE in types
+    else:
+        archs = config.get("architectures")
+        bare = isinstance(archs, list) and len(archs) == 1 and isinstance(archs[0], str) \
+            and archs[0].endswith("Model") and not archs[0].endswith("PreTrainedModel")
+        if not bare:
+            return None
+        normalize = True
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size < 1 << 20:
+        raise _refuse("an embedding model's config needs its hidden_size")
+    return Embedding(size, normalize, matryoshka)
+
+
+def read_embedding(model_dir: Path, config: dict[str, Any]) -> Embedding | None:
+    """``embedding_of`` for a model directory (reads ``modules.json`` and its Pooling config)."""
+    modules: Any = None
+    pooling: Any = None
+    path = Path(model_dir) / "modules.json"
+    if path.is_file():
+        try:
+            modules = json.loads(path.read_text())
+        except ValueError as exc:
+            raise _refuse(f"modules.json is not valid JSON: {exc}") from None
+        if not isinstance(modules, list):
+            raise _refuse("modules.json must be a list")
+        for m in modules:
+            sub = m.get("path") if isinstance(m, dict) and m.get("type") == _POOLING_MODULE else None
+            if isinstance(sub, str) and ".." not in Path(sub).parts and not sub.startswith("/"):
+                pool_path = Path(model_dir) / sub / "config.json"
+                try:
+                    pooling = json.loads(pool_path.read_text()) if pool_path.is_file() else None
+                except ValueError as exc:
+                    raise _refuse(f"{sub}/config.json is not valid JSON: {exc}") from None
+    return embedding_of(config, modules, pooling if isinstance(pooling, dict) else None)

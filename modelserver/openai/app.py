@@ -20,9 +20,10 @@ from modelserver.grammar import Grammars
 from modelserver.instance import Instance, Phase
 from modelserver.metrics import ServerMetrics
 from modelserver.openai import responses, serving
+from modelserver.openai.embeddings import embed
 from modelserver.openai.requests import prepare_chat, prepare_completion
 from snapwake.errors import NotFound, SnapwakeError, Unavailable
-from snapwake.openai import RETRYABLE, error_body, openai_error, parse_json
+from snapwake.openai import RETRYABLE, ModelLimits, check_serves, error_body, openai_error, parse_json
 
 __all__ = ["create_app"]
 
@@ -66,9 +67,19 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
             compilers.append(Grammars(instance.tokenizer, int(config.vocab_size), engine.eos_ids))
         return compilers[0]
 
-    def gate() -> None:
+    def gate(path: str | None = None) -> None:
+        """Serving, and (for ``path``) a model that serves it: embeddings or generation."""
         if instance.phase is not Phase.SERVING:
             raise Unavailable(f"the model is not serving (phase {instance.phase.value})")
+        if path is not None:
+            check_serves(path, limits(), served_model)
+
+    def limits() -> ModelLimits:
+        embedder = instance.embedder
+        if embedder is None:
+            return ModelLimits()
+        return ModelLimits(embedder.max_context, len(instance.tokenizer), True, embedder.embedding.size,
+                           embedder.embedding.matryoshka)
 
     async def health(request: Request) -> Response:
         code = 200 if instance.phase is Phase.SERVING else 503
@@ -78,7 +89,8 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
         engine = instance.engine
         return {"id": served_model, "object": "model", "created": created, "owned_by": "snapwake",
                 "root": served_model, "parent": None,
-                "max_model_len": engine.max_context if engine is not None else None}
+                "max_model_len": engine.max_context if engine is not None else (
+                    instance.embedder.max_context if instance.embedder is not None else None)}
 
     async def models(request: Request) -> Response:
         gate()
@@ -92,7 +104,7 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
         return JSONResponse(card())
 
     async def complete(request: Request, chat: bool) -> Response:
-        gate()
+        gate(request.url.path)
         body = parse_json(await request.body())
         engine = instance.engine
         if engine is None:
@@ -110,7 +122,7 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
                              lambda: serving.collect(instance, req, chat, cancel, metrics))
 
     async def create_response(request: Request) -> Response:
-        gate()
+        gate(request.url.path)
         body = parse_json(await request.body())
         engine = instance.engine
         if engine is None:
@@ -120,6 +132,20 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
         return await _answer(request, req.params.stream, cancel,
                              lambda: responses.stream(instance, req, parsed, cancel, metrics),
                              lambda: responses.collect(instance, req, parsed, cancel, metrics))
+
+    async def embeddings(request: Request) -> Response:
+        gate(request.url.path)
+        body = parse_json(await request.body())
+        embedder = instance.embedder
+        if embedder is None:
+            raise Unavailable("the model is not serving")
+        instance.inflight += 1
+        instance.inflight_peak = max(instance.inflight_peak, instance.inflight)
+        try:
+            return JSONResponse(await embed(body, embedder, instance.tokenizer, limits(), metrics))
+        finally:
+            instance.inflight -= 1
+            instance.last_request_unix = time.time()
 
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -145,5 +171,6 @@ def create_app(instance: Instance, served_model: str) -> Starlette:
     routes = [Route("/health", health), Route("/v1/models", models), Route("/v1/models/{model:path}", model),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/responses", create_response, methods=["POST"]), Route("/metrics", prometheus)]
+              Route("/v1/responses", create_response, methods=["POST"]),
+              Route("/v1/embeddings", embeddings, methods=["POST"]), Route("/metrics", prometheus)]
     return Starlette(routes=routes, exception_handlers={SnapwakeError: on_error, HTTPException: on_http_error})

@@ -153,18 +153,19 @@ async def stream(instance: Instance, req: Prepared, chat: bool, cancel: threadin
     # a client (or the gateway's CS-TTFT metric) sees is then the first token's.
     started: set[int] = set()
     want_lp = req.params.logprobs is not None
-    # With tools, a choice's text is held until it ends, then sent as content or tool-call deltas.
-    held: dict[int, list[str]] = {i: [] for i in range(req.params.n)}
+    # With tools, each choice's text goes through a tool-call reader: content and calls as deltas.
+    readers = {i: toolcalls.ToolCallStream(req.tools) for i in range(req.params.n)} if req.tools is not None else {}
     splitters = {i: ReasoningSplitter(req.reasoning) for i in range(req.params.n)} if req.reasoning is not None else {}
     try:
         async for p in pieces(instance, req, cancel, metrics):
             i = p.index
             if chat and req.tools is not None:
-                held[i].append(p.text)
+                if i not in started:
+                    started.add(i)
+                    yield sse.event(sse.chat_chunk(rid, req.model, created, {"role": "assistant", "content": ""},
+                                                   None, index=i))
                 tokens[i] = p.completion_tokens
-                if p.finish_reason is None:
-                    continue
-                for chunk in _tool_chunks(rid, req, created, i, "".join(held[i]), p.finish_reason):
+                for chunk in _tool_chunks(rid, req, created, i, p, readers[i], splitters.get(i)):
                     yield sse.event(chunk)
                 continue
             if chat and i not in started:
@@ -197,23 +198,26 @@ async def stream(instance: Instance, req: Prepared, chat: bool, cancel: threadin
     yield sse.DONE
 
 
-def _tool_chunks(rid: str, req: Prepared, created: int, index: int, text: str,
-                 reason: str) -> list[dict[str, Any]]:
-    """A finished choice of a request with tools, as chunks: the role, the content (if any), one
-    delta per tool call (its name and whole arguments), and the finish."""
-    assert req.tools is not None
-    chunks = [sse.chat_chunk(rid, req.model, created, {"role": "assistant", "content": ""}, None, index=index)]
-    if req.reasoning is not None:
-        reasoning, text = split_reasoning(text, req.reasoning)
+def _tool_chunks(rid: str, req: Prepared, created: int, index: int, piece: Piece,
+                 reader: toolcalls.ToolCallStream, splitter: ReasoningSplitter | None) -> list[dict[str, Any]]:
+    """The chunks one piece of a request with tools allows: its reasoning, its content, its tool
+    calls' deltas (``modelserver.tools.ToolCallStream``), and with the last piece the finish
+    (``tool_calls`` when a call went out)."""
+    text, deltas = piece.text, []
+    if splitter is not None:
+        reasoning, text = splitter.feed(piece.text)
+        if piece.finish_reason is not None:
+            more = splitter.flush()
+            reasoning, text = reasoning + more[0], text + more[1]
         if reasoning:
-            chunks.append(sse.chat_chunk(rid, req.model, created, {"reasoning_content": reasoning}, None, index=index))
-    parsed = toolcalls.parse(text, req.tools)
-    if parsed.content:
-        chunks.append(sse.chat_chunk(rid, req.model, created, {"content": parsed.content}, None, index=index))
-    for k, call in enumerate(parsed.calls):
-        delta = {"tool_calls": [{"index": k, **call}]}
-        chunks.append(sse.chat_chunk(rid, req.model, created, delta, None, index=index))
-    chunks.append(sse.chat_chunk(rid, req.model, created, {}, "tool_calls" if parsed.calls else reason, index=index))
+            deltas.append({"reasoning_content": reasoning})
+    deltas += reader.feed(text)
+    if piece.finish_reason is not None:
+        deltas += reader.finish()
+    chunks = [sse.chat_chunk(rid, req.model, created, d, None, index=index) for d in deltas]
+    if piece.finish_reason is not None:
+        chunks.append(sse.chat_chunk(rid, req.model, created, {}, "tool_calls" if reader.called
+                                     else piece.finish_reason, index=index))
     return chunks
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -13,6 +14,7 @@ from services.gateway.app import build_app
 from services.gateway.config import GatewayConfig
 from services.gateway.scheduler_client import GrpcSchedulerClient
 from snapwake.config import parse_address
+from snapwake.openai.structured import prewarm
 from snapwake.service import bootstrap
 
 try:
@@ -35,6 +37,8 @@ async def serve(config: GatewayConfig) -> None:
     """Runs until a signal; uvicorn stops accepting, lets requests finish for ``shutdown_grace``."""
     client = GrpcSchedulerClient(config.scheduler, config.gateway_id, config.rpc_timeout, config.leader_wait,
                                  config.admin_token, tls=config.client_tls())
+    # The JSON schema checker's process imports xgrammar (seconds): now, not on the first schema.
+    threading.Thread(target=prewarm, name="schema-check-prewarm", daemon=True).start()
     try:
         app = build_app(client, config)
         if StarletteInstrumentor is not None:

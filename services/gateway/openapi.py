@@ -81,7 +81,8 @@ _NOTES = {
                             "naming it; a prompt and max_tokens must fit the model's context.",
     "/v1/completions": "The built-in model server takes one prompt; echo, best_of and suffix are refused; a "
                        "prompt and max_tokens must fit the model's context.",
-    "/v1/embeddings": "Served by user images only; the built-in model server's functions answer 400.",
+    "/v1/embeddings": "For a built-in function of an embedding model (last-token pooled, normalised): strings or "
+                      "token ids, float or base64; a chat model's function answers 400.",
     "/v1/responses": "The Responses API, text in and out (streamed as typed events or not); tools, reasoning "
                      "and previous_response_id are refused with a 400.",
 }

@@ -30,6 +30,7 @@ from services.gateway.rewrite import ModelRewrite
 from services.gateway.scheduler_client import Claim, FunctionInfo, SchedulerClient
 from snapwake import errors, telemetry
 from snapwake.openai import SCHEMAS, parse_json, validate
+from snapwake.openai.structured import SchemaChecker, forced_schema
 from snapwake.v1 import types_pb2
 
 __all__ = ["ENDPOINTS", "OpenAIServing", "RequestContext"]
@@ -65,6 +66,7 @@ class OpenAIServing:
         self.retry_after = config.retry_after
         self.max_body_bytes = config.max_body_bytes
         self.limits = config.edge_limits
+        self.schemas = SchemaChecker()
 
     @staticmethod
     def _model_card(fn: FunctionInfo) -> dict[str, Any]:
@@ -86,7 +88,8 @@ class OpenAIServing:
     async def generate(self, path: str, raw: bytes, ctx: RequestContext) -> ASGIApp:
         """``POST`` of a generation endpoint; every failure comes back as an OpenAI error.
 
-        The body is checked (the edge limits, then ``protocol.check_request``) before the queue:
+        The body is checked (the edge limits, then ``protocol.check_request``, then a structured
+        output schema's compile) before the queue:
         a request over a limit, or one the function's server would refuse, costs no claim and no
         start. The metrics' function label is a function the catalogue knows, else "unknown":
         made-up URLs and model names add no series."""
@@ -97,6 +100,8 @@ class OpenAIServing:
             fn = await self._resolve(validate(body, Routing).model, ctx)
             label = fn.function_id
             streaming = check_request(path, body, fn)
+            if fn.builtin:  # a schema the grammar engine cannot compile: refused here too
+                await self._check_schema(path, body)
             if "model" not in body:  # a per-function URL needs none; the instance may want one
                 raw = json.dumps({**body, "model": model_id_for(fn.function_id)}).encode()
             rewrite = None
@@ -109,6 +114,20 @@ class OpenAIServing:
         status = getattr(response, "status_code", 200)
         self.metrics.requests.labels(label, str(status)).inc()
         return response
+
+    async def _check_schema(self, path: str, body: dict[str, Any]) -> None:
+        """The ``response_format`` JSON schema of a (valid) chat request, and a forced tool call's,
+        must compile (bounded: ``snapwake.openai.structured``)."""
+        if path != "/v1/chat/completions":
+            return
+        fmt = body.get("response_format")
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            spec = fmt["json_schema"]
+            await self.schemas.check(spec.get("schema"), bool(spec.get("strict")))
+        choice, tools = body.get("tool_choice"), body.get("tools")
+        if tools and (choice == "required" or isinstance(choice, dict)):  # a forced call: its grammar
+            name = choice["function"]["name"] if isinstance(choice, dict) else None
+            await self.schemas.check(forced_schema(tools, name), True, field="tools")
 
     async def _resolve(self, model: str | None, ctx: RequestContext) -> FunctionInfo:
         if ctx.fixed_function is not None:

@@ -8,7 +8,8 @@ start itself then says what is wrong.
 
 A config.json that names an architecture or a quantisation the built-in model server does not
 run is refused here, at deploy, with an error naming it (``snapwake.modelsupport``), before any
-container starts.
+container starts. An embedding model is recorded as one (``embedding_size``), so the gateway
+sends it /v1/embeddings only, and a chat model never.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from snapwake.modelsupport import check_model_config
+from snapwake.modelsupport import check_model_config, read_embedding
 from snapwake.v1 import types_pb2
 
 __all__ = ["read_model_metadata"]
@@ -58,5 +59,8 @@ def read_model_metadata(model_dir: Path) -> types_pb2.ModelMetadata | None:
     if "model_type" in config:  # without one, the model server's load says what is wrong
         check_model_config(config)
     template = bool(tokenizer.get("chat_template")) or any((model_dir / f).is_file() for f in _TEMPLATE_FILES)
+    embedding = read_embedding(model_dir, config)
     return types_pb2.ModelMetadata(max_context_tokens=_count(config, "max_position_embeddings"),
-                                   vocab_size=_count(config, "vocab_size"), has_chat_template=template)
+                                   vocab_size=_count(config, "vocab_size"), has_chat_template=template,
+                                   embedding_size=embedding.size if embedding else 0,
+                                   matryoshka=bool(embedding and embedding.matryoshka))

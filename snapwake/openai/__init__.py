@@ -23,6 +23,7 @@ from snapwake.openai.schema import (
     GenerationRequest,
     ModelName,
     OpenAIRequest,
+    check_serves,
     parse_body,
     parse_json,
     validate,
@@ -31,6 +32,6 @@ from snapwake.openai.schema import (
 __all__ = [
     "CODES", "MODEL_SERVER_PATHS", "RETRYABLE", "SCHEMAS", "ChatCompletionRequest", "ChatMessage",
     "CompletionRequest", "EmbeddingRequest", "GenerationRequest", "ModelLimits", "ModelName", "OpenAIRequest",
-    "check_length", "check_token_ids", "error_body", "model_id", "openai_error", "parse_body", "parse_json",
+    "check_length", "check_serves", "check_token_ids", "error_body", "model_id", "openai_error", "parse_body", "parse_json",
     "validate",
 ]

@@ -27,10 +27,15 @@ class ModelLimits:
     """Token ids are below it; 0: unknown."""
     has_chat_template: bool = True
     """Whether the tokenizer has a chat template (tools need one to be rendered)."""
+    embedding_size: int = 0
+    """An embedding model's vector size; 0: a generative model (no /v1/embeddings)."""
+    matryoshka: bool = False
+    """Whether an embedding model takes any ``dimensions`` up to ``embedding_size``."""
 
     @classmethod
     def from_proto(cls, meta: types_pb2.ModelMetadata) -> ModelLimits:
-        return cls(meta.max_context_tokens, meta.vocab_size, meta.has_chat_template)
+        return cls(meta.max_context_tokens, meta.vocab_size, meta.has_chat_template, meta.embedding_size,
+                   meta.matryoshka)
 
 
 def check_length(prompt_tokens: int, max_tokens: int | None, max_context: int, field: str,

@@ -21,7 +21,7 @@ The extra fields vLLM takes (``top_k``, ``min_p``, ``repetition_penalty``, ``sto
      |    +-- ChatCompletionRequest   POST /v1/chat/completions
      |    +-- CompletionRequest       POST /v1/completions
      +-- ResponsesRequest         POST /v1/responses (text in and out)
-     +-- EmbeddingRequest         POST /v1/embeddings (not served by the built-in model server)
+     +-- EmbeddingRequest         POST /v1/embeddings (embedding models only: ``check_serves``)
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ from snapwake.openai.limits import ModelLimits, check_length, check_token_ids
 
 __all__ = [
     "MAX_JSON_DEPTH", "MAX_LOGIT_BIAS", "MAX_N", "MAX_STOPS", "MAX_TOP_LOGPROBS", "MODEL_SERVER_PATHS", "SCHEMAS", "ChatCompletionRequest", "ChatMessage",
-    "CompletionRequest", "EmbeddingRequest", "GenerationRequest", "ModelName", "OpenAIRequest", "ResponsesRequest", "json_depth",
+    "CompletionRequest", "EMBEDDING_PATHS", "EmbeddingRequest", "GenerationRequest", "MAX_EMBEDDING_INPUTS", "ModelName",
+    "OpenAIRequest", "ResponsesRequest", "check_serves", "json_depth",
     "parse_body", "parse_json", "validate",
 ]
 
@@ -443,12 +444,45 @@ class ResponsesRequest(OpenAIRequest):
                                   "tokens", field="max_output_tokens")
 
 
-class EmbeddingRequest(OpenAIRequest):
-    """``POST /v1/embeddings``."""
+MAX_EMBEDDING_INPUTS = 2048
+"""Inputs of one ``/v1/embeddings`` request (OpenAI's own cap)."""
 
-    input: str | list[str] | list[int] | list[list[int]]
+_EmbeddingText = Annotated[str, Field(min_length=1)]
+
+
+class EmbeddingRequest(OpenAIRequest):
+    """``POST /v1/embeddings``: one input or a batch (strings, or token ids), as floats or base64
+    (little-endian float32, as OpenAI sends them); ``dimensions`` only for a model trained for
+    shorter vectors (Matryoshka), as vLLM takes it."""
+
+    input: (_EmbeddingText | Annotated[list[_EmbeddingText], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+            | _TokenIds | Annotated[list[_TokenIds], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)])
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: Annotated[int, Field(ge=1)] | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        """Every input of the batch (a string, or token ids)."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if all(isinstance(x, int) for x in self.input):
+            return [list(self.input)]  # type: ignore[arg-type]
+        return list(self.input)  # type: ignore[arg-type]
+
+    def check_limits(self, limits: ModelLimits) -> None:
+        size = limits.embedding_size
+        if size and self.dimensions is not None:
+            if self.dimensions > size:
+                raise InvalidArgument(f"dimensions: {self.dimensions} is more than this model's {size}",
+                                      field="dimensions")
+            if not limits.matryoshka and self.dimensions != size:
+                raise InvalidArgument(f"dimensions: this model makes {size}-dimensional vectors and was not trained "
+                                      "for shorter ones (Matryoshka)", field="dimensions")
+        for ids in self.inputs():
+            if isinstance(ids, list):
+                check_token_ids(ids, limits.vocab_size, "input")
+                if limits.max_context_tokens and len(ids) > limits.max_context_tokens:
+                    raise InvalidArgument(f"input: {len(ids)} tokens do not fit the context of "
+                                          f"{limits.max_context_tokens}", field="input")
 
 
 # Path -> the body it takes.
@@ -459,7 +493,18 @@ SCHEMAS: dict[str, type[OpenAIRequest]] = {
     "/v1/responses": ResponsesRequest,
 }
 # What the built-in model server serves (modelserver/openai/app.py).
-MODEL_SERVER_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+MODEL_SERVER_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
+EMBEDDING_PATHS = frozenset({"/v1/embeddings"})
+"""What an embedding model serves; a generative model serves the rest of ``MODEL_SERVER_PATHS``."""
+
+
+def check_serves(path: str, limits: ModelLimits, model: str) -> None:
+    """InvalidArgument naming ``model`` when the model (embedding or generative) does not serve ``path``."""
+    if limits.embedding_size and path not in EMBEDDING_PATHS:
+        raise InvalidArgument(f"model: {model} is an embedding model; it serves /v1/embeddings only, not {path}",
+                              field="model")
+    if not limits.embedding_size and path in EMBEDDING_PATHS:
+        raise InvalidArgument(f"model: {model} is not an embedding model; it does not serve {path}", field="model")
 
 _TYPE_TAGS = frozenset({"str", "int", "bool", "float", "dict", "list", "none"})
 

@@ -158,14 +158,18 @@ class FunctionSpec(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., namespace: _Optional[str] = ..., name: _Optional[str] = ..., image: _Optional[str] = ..., model_dir: _Optional[str] = ..., command: _Optional[_Iterable[str]] = ..., http_port: _Optional[int] = ..., health_path: _Optional[str] = ..., sample_request: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., args: _Optional[_Iterable[str]] = ..., served_model_name: _Optional[str] = ..., registry_secret: _Optional[str] = ..., chat_template: _Optional[str] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("max_context_tokens", "vocab_size", "has_chat_template")
+    __slots__ = ("max_context_tokens", "vocab_size", "has_chat_template", "embedding_size", "matryoshka")
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MATRYOSHKA_FIELD_NUMBER: _ClassVar[int]
     max_context_tokens: int
     vocab_size: int
     has_chat_template: bool
-    def __init__(self, max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+    embedding_size: int
+    matryoshka: bool
+    def __init__(self, max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., embedding_size: _Optional[int] = ..., matryoshka: _Optional[bool] = ...) -> None: ...
 
 class Function(_message.Message):
     __slots__ = ("id", "spec", "revision", "state", "status_message", "create_time", "update_time", "model", "image_digest")

@@ -3,6 +3,7 @@ on the demo model loaded in ``load`` mode."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -287,3 +288,27 @@ def test_metrics_count_tokens_latencies_and_the_kv_pool(base_url: str, client: o
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = httpx.get(base_url + "/v1/models/" + MODEL, timeout=5)
     assert r.json()["id"] == MODEL and r.json()["max_model_len"] > 0
+
+
+def test_a_chat_model_refuses_embeddings(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model=MODEL, input="hello")
+    assert err.value.body["param"] == "model" and "not an embedding model" in err.value.body["message"]
+
+
+def test_a_forced_tool_call_streams_as_incremental_deltas(client: openai.OpenAI) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "pattern": "^[a-z]{3,6}$"}},
+        "required": ["city"], "additionalProperties": False}}}]
+    kw: dict = dict(model=MODEL, messages=CHAT, max_tokens=60, temperature=0, tools=tools,
+                    tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    args = json.loads(whole.message.tool_calls[0].function.arguments)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    deltas = [d for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls for d in ch.choices[0].delta.tool_calls]
+    first, rest = deltas[0], deltas[1:]
+    assert first.id.startswith("call_") and first.function.name == "get_weather" and first.function.arguments == ""
+    assert len(rest) > 2 and all(d.id is None and d.function.name is None for d in rest)  # fragments
+    assert json.loads("".join(d.function.arguments for d in rest)) == args
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"

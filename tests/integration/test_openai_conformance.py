@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from embedding_model import make_embedding_model
 
 from snapwake.devcluster import Cluster, ClusterConfig, deploy_demo
 
@@ -87,6 +88,35 @@ def test_embeddings_for_a_chat_model_is_a_400_at_once(client: openai.OpenAI) -> 
     with pytest.raises(openai.BadRequestError) as err:
         client.embeddings.create(model="demo", input="hello")
     assert err.value.body["param"] == "model" and "embeddings" in err.value.body["message"]
+
+
+@pytest.fixture(scope="module")
+def embedder(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An embedding model (Qwen3-Embedding-shaped) deployed beside the demo, its first start done."""
+    path = make_embedding_model(tmp_path_factory.mktemp("models") / "emb")
+    asyncio.run(deploy_demo(cluster.scheduler_address, path, name="emb", timeout=240, tls=cluster.client_tls()))
+    deadline = time.monotonic() + 180
+    while True:  # the first request starts an instance (a 503 if that outlasts the queue timeout)
+        r = httpx.post(cluster.gateway_url + "/v1/embeddings", timeout=120, json={"model": "emb", "input": "hi"})
+        if r.status_code == 200:
+            return "emb"
+        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+        time.sleep(1)
+
+
+def test_an_embedding_model_embeds_and_refuses_generation(client: openai.OpenAI, embedder: str) -> None:
+    out = client.embeddings.create(model=embedder, input=["The quick brown fox", "hello"])  # base64, decoded
+    vectors = [d.embedding for d in out.data]
+    assert [d.index for d in out.data] == [0, 1] and all(len(v) == 64 for v in vectors) and vectors[0] != vectors[1]
+    assert all(abs(sum(x * x for x in v) - 1) < 1e-4 for v in vectors)  # normalised
+    assert out.usage.prompt_tokens == out.usage.total_tokens > 2
+    floats = client.embeddings.create(model=embedder, input="hello", encoding_format="float")
+    assert max(abs(a - b) for a, b in zip(floats.data[0].embedding, vectors[1], strict=True)) < 1e-5
+    for call in (lambda: client.chat.completions.create(model=embedder, messages=CHAT),
+                 lambda: client.embeddings.create(model=embedder, input="x", dimensions=32)):
+        with pytest.raises(openai.BadRequestError) as err:
+            call()
+        assert err.value.body["param"] in ("model", "dimensions") and err.value.body["type"] == "invalid_request_error"
 
 
 def test_health_model_card_and_unknown_routes(cluster: Cluster, client: openai.OpenAI) -> None:
@@ -262,7 +292,11 @@ def test_forced_tool_calls_come_back_as_tool_calls(client: openai.OpenAI, choice
         assert args == {}
     chunks = list(_chat(client, max_tokens=100, temperature=0, tools=TOOLS, tool_choice=choice, stream=True))
     deltas = [d for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls for d in ch.choices[0].delta.tool_calls]
-    assert [(d.function.name, d.function.arguments) for d in deltas] == [(call.function.name, call.function.arguments)]
+    # Incremental, as OpenAI streams them: id, type and name first, then the arguments in fragments.
+    first, rest = deltas[0], deltas[1:]
+    assert first.id.startswith("call_") and first.type == "function" and first.function.name == call.function.name
+    assert all(d.index == 0 and d.id is None and d.function.name is None for d in rest) and rest
+    assert json.loads(first.function.arguments + "".join(d.function.arguments for d in rest)) == args
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 

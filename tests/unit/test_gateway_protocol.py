@@ -89,6 +89,31 @@ def test_valid_chat_bodies(body: dict[str, object], streaming: bool) -> None:
 
 BUILTIN = FunctionInfo("acme/default/m", 8, 5.0, image="builtin", limits=ModelLimits(64, 100))
 USER_IMAGE = FunctionInfo("acme/default/u", 8, 5.0, image="docker://registry.local/echo:1")
+EMBEDDER = FunctionInfo("acme/default/e", 8, 5.0, image="builtin", limits=ModelLimits(64, 100, embedding_size=32))
+
+
+@pytest.mark.parametrize(("fn", "change", "field"), [
+    (EMBEDDER, {"input": ["a", "b"], "encoding_format": "base64"}, None),
+    (EMBEDDER, {"input": [[1, 2], [99]], "dimensions": 32}, None),
+    (EMBEDDER, {"input": "a", "dimensions": 16}, "dimensions"),  # not Matryoshka
+    (replace(EMBEDDER, limits=ModelLimits(64, 100, embedding_size=32, matryoshka=True)),
+     {"input": "a", "dimensions": 16}, None),
+    (EMBEDDER, {"input": "a", "dimensions": 33}, "dimensions"),
+    (EMBEDDER, {"input": [[1, 100]]}, "input"),  # the recorded vocabulary
+    (EMBEDDER, {"input": [1] * 65}, "input"),  # the recorded context
+    (EMBEDDER, {"input": ["a"] * 2049}, "input"),
+    (EMBEDDER, {"input": ["a", ""]}, "input"),
+    (EMBEDDER, {"input": "a", "messages": []}, "messages"),
+    (replace(EMBEDDER, limits=None), {"input": "a"}, None),  # nothing recorded yet: the model server decides
+])
+def test_embedding_requests(fn: FunctionInfo, change: dict[str, object], field: str | None) -> None:
+    body = {"model": "e", **change}
+    if field is None:
+        assert check_request("/v1/embeddings", body, fn) is False
+        return
+    with pytest.raises(errors.InvalidArgument) as info:
+        check_request("/v1/embeddings", body, fn)
+    assert info.value.field == field
 
 
 @pytest.mark.parametrize(("fn", "path", "change", "field"), [
@@ -103,6 +128,9 @@ USER_IMAGE = FunctionInfo("acme/default/u", 8, 5.0, image="docker://registry.loc
     (USER_IMAGE, "/v1/chat/completions", {"n": 2, "top_p": 0, "max_tokens": 10**6}, None),
     (USER_IMAGE, "/v1/embeddings", {"input": 5}, None),
     (USER_IMAGE, "/v1/chat/completions", {"stream": "yes"}, "stream"),
+    (EMBEDDER, "/v1/chat/completions", {}, "model"),  # an embedding model generates nothing
+    (EMBEDDER, "/v1/responses", {}, "model"),
+    (EMBEDDER, "/v1/completions", {}, "model"),
 ])
 def test_check_request_applies_the_schema_to_builtin_functions_only(
         fn: FunctionInfo, path: str, change: dict[str, object], field: str | None) -> None:

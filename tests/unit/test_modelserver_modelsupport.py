@@ -5,6 +5,7 @@ and by quantisation method, at the node (deploy) and in the loader; never a sile
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,14 @@ from modelserver.manifest import plan
 from modelserver.model import fill_from_safetensors, generation_defaults
 from services.nodeagent.modelinfo import read_model_metadata
 from snapwake.errors import InvalidArgument
-from snapwake.modelsupport import SUPPORTED_MODEL_TYPES, check_model_config, fp8_scheme, text_config
+from snapwake.modelsupport import (
+    SUPPORTED_MODEL_TYPES,
+    Embedding,
+    check_model_config,
+    embedding_of,
+    fp8_scheme,
+    text_config,
+)
 
 CT_FP8 = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head", "re:.*gate$"],
           "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
@@ -118,3 +126,29 @@ def test_generation_defaults(tmp_path: Path) -> None:
     assert generation_defaults(tmp_path) == {}
     (tmp_path / "generation_config.json").write_text("[not json")
     assert generation_defaults(tmp_path) == {}
+
+
+_ST = "sentence_transformers.models."
+
+
+@pytest.mark.parametrize(("config", "modules", "pooling", "want"), [
+    ({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 8}, None, None, None),  # a chat model
+    ({"architectures": ["Qwen3Model"], "hidden_size": 8}, None, None, Embedding(8)),  # a bare decoder
+    ({"architectures": ["Qwen3PreTrainedModel"], "hidden_size": 8}, None, None, None),
+    ({"architectures": ["Qwen3ForCausalLM"], "hidden_size": 8, "matryoshka_dimensions": [4, 8]},
+     [{"type": _ST + "Pooling", "path": "p"}, {"type": _ST + "Normalize"}], {"pooling_mode_lasttoken": True},
+     Embedding(8, True, True)),
+    ({"architectures": ["X"], "hidden_size": 8}, [{"type": _ST + "Pooling", "path": "p"}],
+     {"pooling_mode_lasttoken": True, "pooling_mode_cls_token": False}, Embedding(8, False)),  # no Normalize
+])
+def test_embedding_models_are_told_apart(config: dict[str, Any], modules: Any, pooling: Any, want: Any) -> None:
+    assert embedding_of(config, modules, pooling) == want
+
+
+@pytest.mark.parametrize(("pooling", "named"), [
+    ({"pooling_mode_mean_tokens": True}, "mean_tokens"), ({"pooling_mode_cls_token": True}, "cls_token"),
+    ({}, "(none)"), ({"pooling_mode_lasttoken": True, "pooling_mode_mean_tokens": True}, "lasttoken+mean_tokens"),
+])
+def test_other_poolings_are_refused_by_name(pooling: dict[str, Any], named: str) -> None:
+    with pytest.raises(InvalidArgument, match=re.escape(f"pooling {named} is not supported")):
+        embedding_of({"hidden_size": 8}, [{"type": _ST + "Pooling", "path": "p"}], pooling)

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from services.nodeagent.modelinfo import read_model_metadata
+from snapwake import errors
 from snapwake.v1 import types_pb2
 
 
@@ -45,3 +46,26 @@ def test_the_demo_model(demo_model_dir: Path) -> None:
     assert read_model_metadata(demo_model_dir) == types_pb2.ModelMetadata(
         max_context_tokens=config["max_position_embeddings"], vocab_size=config["vocab_size"],
         has_chat_template=True)
+
+
+_POOLING = [{"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+
+
+def test_an_embedding_model_is_recorded_as_one(tmp_path: Path) -> None:
+    _dir(tmp_path, {"config.json": {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 1024,
+                                    "vocab_size": 151669, "max_position_embeddings": 32768, "is_matryoshka": True},
+                    "modules.json": _POOLING})
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_lasttoken": True}))
+    meta = read_model_metadata(tmp_path)
+    assert meta is not None and (meta.embedding_size, meta.matryoshka) == (1024, True)
+    # A mean-pooled model is refused at deploy, naming its pooling, not served wrongly.
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    with pytest.raises(errors.InvalidArgument, match="pooling mean_tokens"):
+        read_model_metadata(tmp_path)
+
+
+def test_a_chat_model_is_not_an_embedding_model(demo_model_dir: Path) -> None:
+    meta = read_model_metadata(demo_model_dir)
+    assert meta is not None and meta.embedding_size == 0
