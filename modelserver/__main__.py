@@ -95,8 +95,10 @@ async def serve(cfg: ModelServerConfig) -> int:
         await control.start()
     app = create_app(instance, cfg.served_model or model_dir.name)
     StarletteInstrumentor.instrument_app(app)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower(),
-                                           lifespan="off", timeout_graceful_shutdown=5))
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level.lower(),
+                            lifespan="off", timeout_graceful_shutdown=5)
+    config.load()  # its protocol imports on the main thread too, before the start thread runs
+    server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
     try:
         await asyncio.to_thread(start, cfg, instance)
