@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -23,6 +22,7 @@ from services.scheduler.quota import Limits, Quotas
 from services.scheduler.snapshots import SnapshotBuilder
 from services.scheduler.starter import Starter
 from services.scheduler.state import ClusterState
+from snapwake.aio import cancel_and_wait
 from snapwake.credentials import load_secret
 from snapwake.etcd import EtcdClient
 from snapwake.grpcserver import GrpcServer
@@ -92,9 +92,7 @@ class Scheduler:
 
     async def _deposed(self) -> None:
         if self._settling is not None:
-            self._settling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._settling
+            await cancel_and_wait([self._settling], what="claim settling")
             self._settling = None
         await self.controller.stop()
         self.broker.reset()
@@ -112,10 +110,7 @@ class Scheduler:
     async def stop(self, grace_s: float = 2.0) -> None:
         """Drains the server, resigns leadership so a standby takes over at once, closes clients."""
         await self.server.stop(grace_s)
-        if self._election_task is not None:
-            self._election_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._election_task
+        await cancel_and_wait([self._election_task], what="election")
         await self.election.resign()
         await self.controller.stop()
         await self.state.stop()

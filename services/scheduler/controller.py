@@ -19,7 +19,6 @@ waiting for them. A replacement that cannot be placed keeps the drain from finis
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -34,6 +33,7 @@ from services.scheduler.spec import seconds
 from services.scheduler.starter import Starter, snapshot_usable
 from services.scheduler.state import ClusterState
 from snapwake import errors, keys
+from snapwake.aio import cancel_and_wait
 from snapwake.lifecycle import LIVE, SERVING
 from snapwake.v1.nodeagent_pb2 import StartTarget
 from snapwake.v1.types_pb2 import (
@@ -69,12 +69,7 @@ class Controller:
         self._task = asyncio.create_task(self._loop(), name="controller")
 
     async def stop(self) -> None:
-        tasks = [t for t in [self._task, *self._ops.values()] if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([self._task, *self._ops.values()], what="controller")
         self._task = None
         self._ops.clear()
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import Message
 
 from snapwake import errors, keys
+from snapwake.aio import cancel_and_wait
 from snapwake.etcd import EtcdClient
 from snapwake.lifecycle import GONE, SERVING
 from snapwake.v1.scheduler_pb2 import TenantQuota
@@ -103,11 +104,7 @@ class ClusterState:
             self._tasks.append(asyncio.create_task(self._watch(mirror, rev), name=f"watch {mirror.prefix}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks, what="state watches")
         self._tasks.clear()
 
     async def _relist(self, mirror: Mirror) -> int:
