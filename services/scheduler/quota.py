@@ -22,22 +22,34 @@ Where each is enforced:
 Every refusal is ``errors.ResourceExhausted`` naming the quota, the tenant, the limit and the
 current use.
 
-The admin checks read etcd and then write, without one transaction over the tenant's whole
-prefix: two CreateFunction calls racing at the limit may both pass. The runtime checks read the
-mirror plus the starts in flight, so a tenant's own concurrent starts are counted.
+The admin checks and their write are one: CreateFunction and UpdateFunction read the tenant's
+functions (``list_at``), check, and write the function in an etcd transaction that holds only
+if no function of the tenant was written since that read (``EtcdClient.put_if_unchanged``).
+Two calls racing at a limit cannot both pass: the loser's transaction fails, it reads again
+(``write_checked``) and is refused with the quota named. A conflict that leaves room (another
+function of the tenant changed its state) is retried, at most ``ATTEMPTS`` times (then
+ABORTED). Snapshot bytes are read beside that transaction, as their limit is approximate
+anyway (above). The runtime checks run on the leader alone and read the mirror plus the
+starts in flight, so a tenant's own concurrent starts are counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, fields
+from typing import TypeVar
 
 from snapwake import errors
 from snapwake.lifecycle import CLAIMS_GPU
 from snapwake.v1.scheduler_pb2 import TenantQuota, TenantUsage
 from snapwake.v1.types_pb2 import Function, Instance, InstanceState, Snapshot
 
-__all__ = ["Limits", "Quotas", "Usage", "check", "check_spec", "limits_for", "tenant_of", "usage"]
+__all__ = ["ATTEMPTS", "Limits", "Quotas", "Usage", "check", "check_spec", "limits_for", "tenant_of", "usage",
+           "write_checked"]
+
+T = TypeVar("T")
+# How many times a checked write whose transaction lost to an unrelated change is tried.
+ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,18 @@ def check_spec(fn: Function, limits: Limits, use: Usage, others: Iterable[Functi
                         for f in others if f.id != fn.id)
         check("gpu_memory_bytes", tenant, limits.gpu_memory_bytes, committed,
               max(1, fn.spec.policy.min_instances) * per_instance)
+
+
+async def write_checked(what: str, attempt: Callable[[], Awaitable[tuple[T, bool]]], attempts: int = ATTEMPTS) -> T:
+    """Runs ``attempt`` (read, check the quotas, write in a transaction conditional on that read;
+    it returns what it wrote and whether the write landed) until a write lands. A refusal from a
+    check propagates; a lost transaction means something changed since the read, so the checks
+    run again on a fresh read. Aborted after ``attempts`` lost transactions."""
+    for _ in range(attempts):
+        value, written = await attempt()
+        if written:
+            return value
+    raise errors.Aborted(f"{what}: changed concurrently {attempts} times while its quotas were checked; try again")
 
 
 class Quotas:
