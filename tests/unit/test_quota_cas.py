@@ -132,8 +132,12 @@ async def test_an_unrelated_change_between_read_and_write_is_retried_not_refused
     etcd.put_if_unchanged = recorded  # type: ignore[method-assign]
 
     async def churn() -> None:  # the controller moving "a" through states meanwhile
-        for n in range(3):
-            await etcd.update(key, Function, lambda f, n=n: (setattr(f, "status_message", str(n)), f)[1])
+        def mark(fn: Function) -> Function:
+            fn.status_message += "."
+            return fn
+
+        for _ in range(3):
+            await etcd.update(key, Function, mark)
 
     made, _ = await asyncio.gather(sv.CreateFunction(pb.CreateFunctionRequest(spec=spec("b")), Context()), churn())
     assert made.function.id == "acme/prod/b"
