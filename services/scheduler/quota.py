@@ -30,7 +30,9 @@ Two calls racing at a limit cannot both pass: the loser's transaction fails, it 
 function of the tenant changed its state) is retried, at most ``ATTEMPTS`` times (then
 ABORTED). Snapshot bytes are read beside that transaction, as their limit is approximate
 anyway (above). The runtime checks run on the leader alone and read the mirror plus the
-starts in flight, so a tenant's own concurrent starts are counted.
+starts in flight, so a tenant's own concurrent starts are counted; the starter checks GPU
+memory again once a start is placed (placing may wait on an eviction, while another start
+goes ahead), with no wait between that check and the start being counted.
 """
 
 from __future__ import annotations

@@ -6,19 +6,33 @@ write). The same race over a real etcd: tests/inproc/test_tenancy_inproc.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from services.scheduler import quota
 from services.scheduler.api import SchedulerServicer
+from services.scheduler.claimtable import ClaimTable
 from services.scheduler.nodes_fake import FakeNodeClient
+from services.scheduler.starter import Starter, StartResult
 from services.scheduler.state import ClusterState
 from snapwake import errors, keys
 from snapwake.etcd_fake import FakeEtcd
 from snapwake.v1 import scheduler_pb2 as pb
 from snapwake.v1.scheduler_pb2 import TenantQuota
-from snapwake.v1.types_pb2 import Function, FunctionSpec, FunctionState, Policy, Resources
+from snapwake.v1.types_pb2 import (
+    Function,
+    FunctionSpec,
+    FunctionState,
+    Gpu,
+    Instance,
+    InstanceState,
+    Node,
+    Policy,
+    Resources,
+)
 
 GIB = 1 << 30
 
@@ -156,3 +170,51 @@ async def test_create_of_an_existing_function_and_update_of_a_missing_one_are_na
         await sv.UpdateFunction(pb.UpdateFunctionRequest(spec=spec("zz")), Context())
     got = await sv.UpdateFunction(pb.UpdateFunctionRequest(spec=spec("a", gib=1)), Context())
     assert got.function.revision == 2 and got.function.create_time == made.function.create_time
+
+
+# The starter's GPU memory quota: a start that waits on an eviction is checked again ----------
+
+def _gpu_fn(name: str, gib: int, tenant: str = "acme") -> Function:
+    policy = Policy(concurrency=1, max_instances=4, idle_timeout=Duration(seconds=60),
+                    queue_timeout=Duration(seconds=2), start_timeout=Duration(seconds=10))
+    return Function(id=f"{tenant}/d/{name}", revision=1, state=FunctionState.FUNCTION_STATE_READY,
+                    spec=FunctionSpec(tenant=tenant, namespace="d", name=name, policy=policy,
+                                      resources=Resources(gpu_count=1, gpu_memory_bytes=gib * GIB)))
+
+
+async def _mirrored(state: ClusterState, etcd: FakeEtcd, key: str, value: Any) -> None:
+    await etcd.put(key, value)
+    for _ in range(100):
+        if any(key in m.items for m in state.mirrors.values()):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the mirror never showed {key}")
+
+
+async def test_a_start_that_evicted_first_counts_a_start_made_meanwhile() -> None:
+    """acme may hold 50 GiB. ``big`` (45) must evict globex's idle instance first and waits on
+    it; meanwhile ``small`` (10) fits at once and starts. Checked only before the eviction,
+    ``big`` would start too (55 GiB); checked again as it is given its slice, it is refused."""
+    etcd = FakeEtcd()
+    state, nodes, table = ClusterState(etcd), FakeNodeClient(etcd), ClaimTable(time.monotonic, 30.0)
+    starter = Starter(state, nodes, table, 30.0, quota.Quotas(quota.Limits(gpu_memory_bytes=50 * GIB), state.quota))
+    await state.start()
+    try:
+        node = Node(name="node-a", address="node-a:7070", gpus=[Gpu(index=0, memory_total_bytes=80 * GIB)])
+        node.heartbeat_time.FromNanoseconds(time.time_ns())
+        await _mirrored(state, etcd, keys.node_key("node-a"), node)
+        big, small, other = _gpu_fn("big", 45), _gpu_fn("small", 10), _gpu_fn("x", 40, tenant="globex")
+        for fn in (big, small, other):
+            await _mirrored(state, etcd, keys.function_key(fn.id), fn)
+        idle = Instance(id="i-idle", function_id=other.id, revision=1, node="node-a", gpu_index=0,
+                        gpu_memory_bytes=40 * GIB, state=InstanceState.INSTANCE_STATE_IDLE, endpoint="127.0.0.1:9")
+        await _mirrored(state, etcd, keys.instance_key("node-a", idle.id), idle)
+        got = await asyncio.gather(starter.start(big), starter.start(small), return_exceptions=True)
+        assert isinstance(got[1], StartResult), got
+        assert isinstance(got[0], errors.ResourceExhausted) and "quota gpu_memory_bytes of tenant acme" in \
+            got[0].message, got
+        assert ("stop", "i-idle") in [(c.op, c.instance_id) for c in nodes.calls]  # it did wait on the eviction
+        held = sum(quota.gpu_bytes(i) for i in starter.view().instances if quota.tenant_of(i.function_id) == "acme")
+        assert held == 10 * GIB
+    finally:
+        await state.stop()
