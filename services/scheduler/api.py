@@ -187,24 +187,25 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         against (``quota.write_checked``): of two calls racing at a limit, the loser reads again
         and is refused. AlreadyExists / NotFound as the call expects."""
         tenant = quota.tenant_of(fid)
-        prefix = f"{keys.FUNCTIONS}{tenant}/"
+        prefix, key = f"{keys.FUNCTIONS}{tenant}/", keys.function_key(fid)
 
         async def attempt() -> tuple[Function, bool]:
             limits = await self._limits(tenant)
             entries, revision = await self.state.etcd.list_at(prefix, Function)
             fns: list[Function] = [e.value for e in entries]  # type: ignore[misc]
-            current = next((f for f in fns if f.id == fid), None)
+            stored = next((e for e in entries if e.key == key), None)
+            current: Function | None = stored.value if stored is not None else None  # type: ignore[assignment]
             if creating and current is not None:
                 raise errors.AlreadyExists(f"function {fid} already exists", field="spec.name")
             if not creating and current is None:
                 raise errors.NotFound(f"function {fid} does not exist", field="spec.name")
             fn = make(current)
-            if limits != quota.Limits():  # no limit at all: spare the reads
-                use, _ = await self._usage(tenant, fns)
-                quota.check_spec(fn, limits, use, fns,
-                                 fn.spec.policy.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_ARENA, creating)
-            return fn, await self.state.etcd.put_if_unchanged(keys.function_key(fid), fn, prefix, revision,
-                                                              create=creating)
+            if limits == quota.Limits():  # no limit at all: spare the reads, and race no other function
+                return fn, await self.state.etcd.swap(key, fn, stored.mod_revision if stored is not None else 0)
+            use, _ = await self._usage(tenant, fns)
+            quota.check_spec(fn, limits, use, fns, fn.spec.policy.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_ARENA,
+                             creating)
+            return fn, await self.state.etcd.put_if_unchanged(key, fn, prefix, revision, create=creating)
 
         return await quota.write_checked(f"function {fid}", attempt)
 

@@ -113,6 +113,19 @@ async def test_concurrent_creates_at_the_function_quota_pass_exactly_up_to_it() 
     assert len(await etcd.list(keys.FUNCTIONS + "acme/", Function)) == 3
 
 
+@pytest.mark.parametrize("limit", [0, 100])
+async def test_concurrent_creates_below_the_limit_all_land(limit: int) -> None:
+    """Each lost transaction means another create landed, so 20 racing creates under a limit
+    of 100 (or none) are retried until each lands, never refused or aborted."""
+    etcd = FakeEtcd()
+    sv = servicer(etcd)
+    await etcd.put(keys.quota_key("acme"), TenantQuota(tenant="acme", max_functions=limit))
+    ok, refused = await outcomes([sv.CreateFunction(pb.CreateFunctionRequest(spec=spec(f"f{n}")), Context())
+                                  for n in range(20)])
+    assert (ok, refused) == (20, [])
+    assert len(await etcd.list(keys.FUNCTIONS + "acme/", Function)) == 20
+
+
 async def test_concurrent_updates_cannot_commit_more_gpu_memory_than_the_quota() -> None:
     etcd = FakeEtcd()
     sv = servicer(etcd)
