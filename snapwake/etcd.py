@@ -6,7 +6,9 @@ Services are typed against ``EtcdClient``. ``Etcd`` talks to a real etcd; ``Fake
 
 Values are protobuf messages stored as JSON (readable with etcdctl). Every read-modify-write
 goes through ``update``, a transaction that compares the key's mod revision and retries a
-bounded number of times on a lost race. Expected outcomes are values, not exceptions: a missing
+bounded number of times on a lost race. A write that must hold only while a whole prefix is as it was
+read (a limit counted over it) goes through ``put_if_unchanged``, one transaction comparing
+every key under the prefix. Expected outcomes are values, not exceptions: a missing
 key reads as None, a lost compare-and-swap returns False, an unknown lease refreshes to 0.
 
 Every call to etcd is bounded by the client's timeout, and every exception from aetcd, gRPC or
