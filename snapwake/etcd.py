@@ -6,7 +6,9 @@ Services are typed against ``EtcdClient``. ``Etcd`` talks to a real etcd; ``Fake
 
 Values are protobuf messages stored as JSON (readable with etcdctl). Every read-modify-write
 goes through ``update``, a transaction that compares the key's mod revision and retries a
-bounded number of times on a lost race. Expected outcomes are values, not exceptions: a missing
+bounded number of times on a lost race. A write that must hold only while a whole prefix is as it was
+read (a limit counted over it) goes through ``put_if_unchanged``, one transaction comparing
+every key under the prefix. Expected outcomes are values, not exceptions: a missing
 key reads as None, a lost compare-and-swap returns False, an unknown lease refreshes to 0.
 
 Every call to etcd is bounded by the client's timeout, and every exception from aetcd, gRPC or
@@ -83,6 +85,7 @@ from typing import TypeVar
 import aetcd
 import aetcd.exceptions as aetcd_errors
 import aetcd.rpc
+import aetcd.utils
 import aetcd.watcher
 import grpc
 from cryptography import x509
@@ -156,6 +159,15 @@ class EtcdClient(abc.ABC):
     @abc.abstractmethod
     async def swap(self, key: str, value: Message, mod_revision: int, lease: int | None = None) -> bool:
         """Writes ``key`` only if its mod revision is still ``mod_revision`` (0: absent)."""
+
+    @abc.abstractmethod
+    async def put_if_unchanged(self, key: str, value: Message, prefix: str, revision: int,
+                               create: bool = False) -> bool:
+        """Writes ``key`` only if no key under ``prefix`` was written since ``revision`` (the
+        revision a ``list_at(prefix)`` returned) and, with ``create``, ``key`` does not exist;
+        False when a compare failed. A check over what ``list_at`` read then holds when the
+        write lands (a deleted key is not noticed: the caller counted it, which errs on the
+        safe side for a limit). One transaction, sent once, like ``swap``."""
 
     @abc.abstractmethod
     async def delete(self, key: str, mod_revision: int | None = None) -> bool:
@@ -530,8 +542,9 @@ class Etcd(EtcdClient):
                                    lambda: self._client.put(key.encode(), encode_value(value), lease=lease or None))
         return int(done.header.revision)
 
-    async def _txn(self, what: str, compare: object, success: builtins.list[object]) -> bool:
-        ok, _ = await self._call(what, self._client.transaction(compare=[compare], success=success, failure=[]))
+    async def _txn(self, what: str, compare: object | builtins.list[object], success: builtins.list[object]) -> bool:
+        compares = compare if isinstance(compare, builtins.list) else [compare]
+        ok, _ = await self._call(what, self._client.transaction(compare=compares, success=success, failure=[]))
         return bool(ok)
 
     async def create(self, key: str, value: Message, lease: int | None = None) -> bool:
@@ -543,6 +556,17 @@ class Etcd(EtcdClient):
         tx = self._client.transactions
         return await self._txn(f"swap {key}", tx.mod(key.encode()) == mod_revision,
                                [tx.put(key.encode(), encode_value(value), lease or None)])
+
+    async def put_if_unchanged(self, key: str, value: Message, prefix: str, revision: int,
+                               create: bool = False) -> bool:
+        tx = self._client.transactions
+        start = prefix.encode()
+        # etcd compares every key in [start, end): all were last written at or before ``revision``.
+        compare: builtins.list[object] = [tx.mod(start, aetcd.utils.prefix_range_end(start)) < revision + 1]
+        if create:
+            compare.append(tx.version(key.encode()) == 0)
+        return await self._txn(f"put {key} unless {prefix}* changed", compare,
+                               [tx.put(key.encode(), encode_value(value), None)])
 
     async def delete(self, key: str, mod_revision: int | None = None) -> bool:
         if mod_revision is None:

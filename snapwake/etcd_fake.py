@@ -164,6 +164,16 @@ class FakeEtcd(EtcdClient):
         self._commit([(key, encode_value(value), self._check_lease(lease))])
         return True
 
+    async def put_if_unchanged(self, key: str, value: Message, prefix: str, revision: int,
+                               create: bool = False) -> bool:
+        await self._enter(f"put {key} unless {prefix}* changed")
+        if any(k.startswith(prefix) and kv.mod_revision > revision for k, kv in self._kvs.items()):
+            return False
+        if create and key in self._kvs:
+            return False
+        self._commit([(key, encode_value(value), 0)])
+        return True
+
     async def delete(self, key: str, mod_revision: int | None = None) -> bool:
         await self._enter(f"delete {key}")
         if mod_revision is not None and self._mod(key) != mod_revision:

@@ -173,21 +173,41 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         entry = await self.state.etcd.get(keys.quota_key(tenant), TenantQuota)
         return quota.limits_for(self.quota_defaults, entry.value if entry else None)  # type: ignore[arg-type]
 
-    async def _usage(self, tenant: str) -> tuple[quota.Usage, list[Function]]:
-        """The tenant's use, read from etcd, and its functions."""
-        fns: list[Function] = [e.value for e in await self.state.etcd.list(f"{keys.FUNCTIONS}{tenant}/", Function)]  # type: ignore[misc]
+    async def _usage(self, tenant: str, fns: list[Function] | None = None) -> tuple[quota.Usage, list[Function]]:
+        """The tenant's use, read from etcd (its functions too, unless given), and its functions."""
+        if fns is None:
+            fns = [e.value for e in await self.state.etcd.list(f"{keys.FUNCTIONS}{tenant}/", Function)]  # type: ignore[misc]
         insts = await self._instances()
         snaps: list[Snapshot] = [e.value for e in await self.state.etcd.list(f"{keys.SNAPSHOTS}{tenant}/", Snapshot)]  # type: ignore[misc]
         return quota.usage(tenant, fns, insts, snaps), fns
 
-    async def _check_quota(self, fn: Function, creating: bool) -> None:
-        tenant = quota.tenant_of(fn.id)
-        limits = await self._limits(tenant)
-        if limits == quota.Limits():
-            return  # no limit at all: spare the reads
-        use, fns = await self._usage(tenant)
-        quota.check_spec(fn, limits, use, fns, fn.spec.policy.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_ARENA,
-                         creating)
+    async def _write_function(self, fid: str, make: Callable[[Function | None], Function], creating: bool) -> Function:
+        """Writes the function ``make`` builds from the stored one (None when ``creating``) once
+        its tenant's quotas pass, in one etcd transaction with the read they were checked
+        against (``quota.write_checked``): of two calls racing at a limit, the loser reads again
+        and is refused. AlreadyExists / NotFound as the call expects."""
+        tenant = quota.tenant_of(fid)
+        prefix, key = f"{keys.FUNCTIONS}{tenant}/", keys.function_key(fid)
+
+        async def attempt() -> tuple[Function, bool]:
+            limits = await self._limits(tenant)
+            entries, revision = await self.state.etcd.list_at(prefix, Function)
+            fns: list[Function] = [e.value for e in entries]  # type: ignore[misc]
+            stored = next((e for e in entries if e.key == key), None)
+            current: Function | None = stored.value if stored is not None else None  # type: ignore[assignment]
+            if creating and current is not None:
+                raise errors.AlreadyExists(f"function {fid} already exists", field="spec.name")
+            if not creating and current is None:
+                raise errors.NotFound(f"function {fid} does not exist", field="spec.name")
+            fn = make(current)
+            if limits == quota.Limits():  # no limit at all: spare the reads, and race no other function
+                return fn, await self.state.etcd.swap(key, fn, stored.mod_revision if stored is not None else 0)
+            use, _ = await self._usage(tenant, fns)
+            quota.check_spec(fn, limits, use, fns, fn.spec.policy.snapshot_mode == SnapshotMode.SNAPSHOT_MODE_ARENA,
+                             creating)
+            return fn, await self.state.etcd.put_if_unchanged(key, fn, prefix, revision, create=creating)
+
+        return await quota.write_checked(f"function {fid}", attempt)
 
     # Functions -------------------------------------------------------------------------
     @_admin(change=True, resource=_spec_id)
@@ -196,10 +216,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         caller.require_tenant(request.spec.tenant, "spec.tenant")
         spec = specs.normalize(request.spec)
         now = _now()
-        fn = Function(id=specs.function_id(spec), spec=spec, revision=1, state=initial_state(spec),  # type: ignore[arg-type]
-                      create_time=now, update_time=now)
-        await self._check_quota(fn, creating=True)
-        await self.state.create_function(fn)
+
+        def make(_: Function | None) -> Function:
+            return Function(id=specs.function_id(spec), spec=spec, revision=1, state=initial_state(spec),  # type: ignore[arg-type]
+                            create_time=now, update_time=now)
+
+        fn = await self._write_function(specs.function_id(spec), make, creating=True)
         return scheduler_pb2.CreateFunctionResponse(function=fn)
 
     @_admin(change=False, resource=_fid)
@@ -228,9 +250,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         caller.require_tenant(request.spec.tenant, "spec.tenant")
         spec = specs.normalize(request.spec)
         fid = specs.function_id(spec)
-        await self._check_quota(Function(id=fid, spec=spec), creating=False)
 
-        def bump(fn: Function) -> Function:
+        def bump(current: Function | None) -> Function:
+            fn = Function()
+            fn.CopyFrom(current)
             fn.spec.CopyFrom(spec)
             fn.revision += 1
             fn.state = initial_state(spec)  # type: ignore[assignment]
@@ -240,10 +263,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             fn.update_time.CopyFrom(_now())
             return fn
 
-        try:
-            fn = await self.state.update_function(fid, bump)
-        except errors.NotFound as exc:
-            raise errors.NotFound(f"function {fid} does not exist", field="spec.name") from exc
+        fn = await self._write_function(fid, bump, creating=False)
         return scheduler_pb2.UpdateFunctionResponse(function=fn)
 
     @_admin(change=True, resource=_fid)

@@ -22,22 +22,41 @@ Where each is enforced:
 Every refusal is ``errors.ResourceExhausted`` naming the quota, the tenant, the limit and the
 current use.
 
-The admin checks read etcd and then write, without one transaction over the tenant's whole
-prefix: two CreateFunction calls racing at the limit may both pass. The runtime checks read the
-mirror plus the starts in flight, so a tenant's own concurrent starts are counted.
+The admin checks and their write are one: CreateFunction and UpdateFunction read the tenant's
+functions (``list_at``), check, and write the function in an etcd transaction that holds only
+if no function of the tenant was written since that read (``EtcdClient.put_if_unchanged``).
+Two calls racing at a limit cannot both pass: the loser's transaction fails, it reads again
+(``write_checked``) and is refused with the quota named. A conflict that leaves room (another
+function of the tenant changed its state, or another call created one below the limit) is
+retried, at most ``ATTEMPTS`` times (then ABORTED). Without any limit for the tenant, the write
+compares only its own key, as no check depends on the others. Snapshot bytes are read beside that transaction, as their limit is approximate
+anyway (above). The runtime checks run on the leader alone and read the mirror plus the
+starts in flight, so a tenant's own concurrent starts are counted; the starter checks GPU
+memory again once a start is placed (placing may wait on an eviction, while another start
+goes ahead), with no wait between that check and the start being counted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, fields
+from typing import TypeVar
 
 from snapwake import errors
 from snapwake.lifecycle import CLAIMS_GPU
 from snapwake.v1.scheduler_pb2 import TenantQuota, TenantUsage
 from snapwake.v1.types_pb2 import Function, Instance, InstanceState, Snapshot
 
-__all__ = ["Limits", "Quotas", "Usage", "check", "check_spec", "limits_for", "tenant_of", "usage"]
+__all__ = ["ATTEMPTS", "MAX_PAUSE_S", "PAUSE_S", "Limits", "Quotas", "Usage", "check", "check_spec", "limits_for", "tenant_of", "usage",
+           "write_checked"]
+
+T = TypeVar("T")
+# How many times a checked write is tried. Each lost transaction means another write of the
+# tenant's functions landed, so this bounds how many such writes may race one call.
+ATTEMPTS = 32
+PAUSE_S, MAX_PAUSE_S = 0.002, 0.05
 
 
 @dataclass(frozen=True)
@@ -121,6 +140,22 @@ def check_spec(fn: Function, limits: Limits, use: Usage, others: Iterable[Functi
                         for f in others if f.id != fn.id)
         check("gpu_memory_bytes", tenant, limits.gpu_memory_bytes, committed,
               max(1, fn.spec.policy.min_instances) * per_instance)
+
+
+async def write_checked(what: str, attempt: Callable[[], Awaitable[tuple[T, bool]]], attempts: int = ATTEMPTS,
+                        pause_s: float = PAUSE_S) -> T:
+    """Runs ``attempt`` (read, check the quotas, write in a transaction conditional on that read;
+    it returns what it wrote and whether the write landed) until a write lands. A refusal from a
+    check propagates; a lost transaction means another write landed since the read, so the
+    checks run again on a fresh read, after a random pause of up to ``pause_s`` times the
+    attempt (capped at ``MAX_PAUSE_S``) that spreads the racers out. Aborted after ``attempts``
+    lost transactions."""
+    for n in range(1, attempts + 1):
+        value, written = await attempt()
+        if written:
+            return value
+        await asyncio.sleep(random.uniform(0, min(MAX_PAUSE_S, pause_s * n)))
+    raise errors.Aborted(f"{what}: changed concurrently {attempts} times while its quotas were checked; try again")
 
 
 class Quotas:

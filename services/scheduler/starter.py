@@ -220,6 +220,7 @@ class Starter:
                 chosen = next((i for i in standbys if i.node == placement.node.name
                                and (not on_gpu or i.gpu_index == placement.gpu_index)), None)
                 if chosen is not None:
+                    self.check_gpu_quota(fn)  # again: placing may have waited on an eviction
                     try:
                         return await self._restore(fn, chosen, placement)
                     except NodeUnreachable as exc:
@@ -229,6 +230,7 @@ class Starter:
             placement = await self.place(fn)
         if placement is None:
             return None
+        self.check_gpu_quota(fn)  # again, with no wait before ``_start`` counts this one as pending
         try:
             inst = await self._start(fn, placement.node, placement.gpu_index, StartTarget.START_TARGET_RUNNING)
         except NodeUnreachable as exc:  # a dead node whose keys have not expired yet

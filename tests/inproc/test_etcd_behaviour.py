@@ -105,6 +105,24 @@ async def test_swap_with_a_stale_revision_fails(backend: Backend) -> None:
     assert last is not None and last.value.spec.name == "v2" and last.mod_revision > first.mod_revision  # type: ignore[attr-defined]
 
 
+async def test_put_if_unchanged_holds_only_while_the_prefix_is_as_read(backend: Backend) -> None:
+    etcd, group = backend.etcd, backend.key("group/")
+    _, empty = await etcd.list_at(group, Function)
+    assert await etcd.put_if_unchanged(group + "a", function("a"), group, empty, create=True)  # an empty range holds
+    assert not await etcd.put_if_unchanged(group + "b", function("b"), group, empty)  # "a" came after the read
+    listed, rev = await etcd.list_at(group, Function)
+    assert [e.key for e in listed] == [group + "a"]
+    assert not await etcd.put_if_unchanged(group + "a", function("a2"), group, rev, create=True)  # exists
+    await etcd.put(backend.key("groupie"), function("outside"))  # a key beside the prefix is no conflict
+    assert await etcd.put_if_unchanged(group + "a", function("a2"), group, rev)
+    assert not await etcd.put_if_unchanged(group + "c", function("c"), group, rev)  # "a" was rewritten
+    _, rev = await etcd.list_at(group, Function)
+    assert await etcd.delete(group + "a")
+    assert await etcd.put_if_unchanged(group + "c", function("c"), group, rev)  # a delete is not noticed
+    got = await etcd.get(group + "c", Function)
+    assert got is not None and got.value.spec.name == "c" and got.lease == 0  # type: ignore[attr-defined]
+
+
 async def test_delete_with_revision(backend: Backend) -> None:
     etcd, key = backend.etcd, backend.key("del")
     rev = await etcd.put(key, function("x"))

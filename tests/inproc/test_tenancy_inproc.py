@@ -215,6 +215,25 @@ async def test_quotas_refuse_with_the_quota_the_limit_and_the_use(env: Env) -> N
     await env.call(env.acme, "UpdateFunction", pb.UpdateFunctionRequest(spec=spec("acme", "chat", gib=40)))
 
 
+async def test_concurrent_creates_at_a_quota_pass_exactly_up_to_it(env: Env) -> None:
+    """N CreateFunction calls at once against a quota of K free slots: exactly K land (the
+    check and the write are one etcd transaction), the others are refused naming the quota."""
+    tenant, n, k = "initech", 12, 4
+    await env.call(env.operator, "SetTenantQuota", pb.SetTenantQuotaRequest(quota=pb.TenantQuota(
+        tenant=tenant, max_functions=k)))
+    done = await asyncio.gather(*(env.call(env.operator, "CreateFunction", pb.CreateFunctionRequest(
+        spec=spec(tenant, f"race{i}"))) for i in range(n)), return_exceptions=True)
+    refused = [d for d in done if isinstance(d, BaseException)]
+    assert len(done) - len(refused) == k
+    assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+               and f"quota functions of tenant {tenant} exceeded: limit {k}, in use {k}" in (r.details() or "")
+               for r in refused), refused
+    listed = await env.call(env.operator, "ListFunctions", pb.ListFunctionsRequest(tenant=tenant))
+    assert len(listed.functions) == k
+    for fn in listed.functions:
+        await env.call(env.operator, "DeleteFunction", pb.DeleteFunctionRequest(function_id=fn.id))
+
+
 async def test_changes_and_refusals_are_audited_without_secrets(env: Env) -> None:
     await env.refused(env.acme, "DeleteFunction", pb.DeleteFunctionRequest(function_id="globex/prod/chat"))
     await env.refused(None, "ListNodes", pb.ListNodesRequest())

@@ -60,6 +60,10 @@ class Reach(EtcdClient):
     async def swap(self, key: str, value: Message, mod_revision: int, lease: int | None = None) -> bool:
         return await self._through(lambda: self.etcd.swap(key, value, mod_revision, lease))
 
+    async def put_if_unchanged(self, key: str, value: Message, prefix: str, revision: int,
+                               create: bool = False) -> bool:
+        return await self._through(lambda: self.etcd.put_if_unchanged(key, value, prefix, revision, create))
+
     async def delete(self, key: str, mod_revision: int | None = None) -> bool:
         return await self._through(lambda: self.etcd.delete(key, mod_revision))
 
