@@ -8,6 +8,7 @@ and their certificates are refused every key)::
 
     role                 read                                    read and write
     scheduler            nodes/, instances/                      functions/, snapshots/, cordons/,
+                                                                 intents/, access/,
                                                                  leader (election: create, watch)
     nodeagent            functions/ (fencing), nodes/ (peers),   snapshots/
                          snapshots/
@@ -84,8 +85,9 @@ def _rw(key: str, prefix: bool = True) -> Permission:
 ROLE_PERMISSIONS: dict[str, tuple[Permission, ...]] = {
     # keys.LEADER as a prefix: the election watches it with a prefix watch.
     # keys.ACCESS: admin tokens, API keys and tenant quotas (the admin API's, services/scheduler/access.py).
+    # keys.INTENTS: what it asked each node to start; no node may read or write them.
     "scheduler": (_rw(keys.FUNCTIONS), _rw(keys.SNAPSHOTS), _rw(keys.CORDONS), _rw(keys.LEADER), _rw(keys.ACCESS),
-                  Permission(keys.NODES), Permission(keys.INSTANCES)),
+                  _rw(keys.INTENTS), Permission(keys.NODES), Permission(keys.INSTANCES)),
     # Its own node record and instance records: the per-node role (_permissions).
     "nodeagent": (Permission(keys.FUNCTIONS), Permission(keys.NODES), _rw(keys.SNAPSHOTS)),
 }

@@ -4,6 +4,10 @@ Desired state (written by the scheduler):
     /snapwake/functions/{tenant}/{namespace}/{name}   Function
     /snapwake/snapshots/{tenant}/{namespace}/{name}/{revision}   Snapshot
     /snapwake/cordons/{node}                          NodeCordon (an operator's cordon or drain)
+    /snapwake/intents/{id}                            Instance: what the scheduler asked a node to start
+                                                      (id, function_id, revision, node, create_time);
+                                                      an instance record is believed only if it
+                                                      matches one (services.scheduler.state)
 Actual state (written by nodeagents, under their own etcd lease):
     /snapwake/nodes/{node}                            Node
     /snapwake/instances/{node}/{id}                   Instance (only that node's etcd user may write
@@ -18,13 +22,14 @@ Coordination:
 
 from __future__ import annotations
 
-__all__ = ["ACCESS", "ADMIN_TOKENS", "API_KEYS", "QUOTAS", "admin_token_key", "api_key_key", "quota_key", "CORDONS", "FUNCTIONS", "INSTANCES", "LEADER", "NODES", "PREFIX", "SNAPSHOTS", "cordon_key",
-           "function_key", "instance_key", "instance_matches_key", "instance_prefix", "node_key", "split_instance_key", "snapshot_id", "snapshot_key", "split_snapshot_id"]
+__all__ = ["ACCESS", "ADMIN_TOKENS", "API_KEYS", "QUOTAS", "admin_token_key", "api_key_key", "quota_key", "CORDONS", "FUNCTIONS", "INSTANCES", "INTENTS", "LEADER", "NODES", "PREFIX", "SNAPSHOTS", "cordon_key",
+           "function_key", "instance_key", "instance_matches_key", "intent_key", "split_intent_key", "instance_prefix", "node_key", "split_instance_key", "snapshot_id", "snapshot_key", "split_snapshot_id"]
 
 PREFIX = "/snapwake/"
 FUNCTIONS = PREFIX + "functions/"
 NODES = PREFIX + "nodes/"
 INSTANCES = PREFIX + "instances/"
+INTENTS = PREFIX + "intents/"
 SNAPSHOTS = PREFIX + "snapshots/"
 LEADER = PREFIX + "leader"
 CORDONS = PREFIX + "cordons/"
@@ -68,6 +73,19 @@ def instance_matches_key(key: str, node: str, instance_id: str) -> bool:
     a node's etcd user writes only under its own prefix, so a record naming another node (or
     an id other than its key's) is forged or corrupt, and the scheduler ignores it."""
     return split_instance_key(key) == (node, instance_id)
+
+
+def intent_key(instance_id: str) -> str:
+    """Where the scheduler records an instance it asked a node to start (only it writes here)."""
+    return INTENTS + instance_id
+
+
+def split_intent_key(key: str) -> str | None:
+    """``/snapwake/intents/{id}`` -> id; None for any other key."""
+    instance_id = key.removeprefix(INTENTS)
+    if not key.startswith(INTENTS) or not instance_id or "/" in instance_id:
+        return None
+    return instance_id
 
 
 def snapshot_id(function_id: str, revision: int) -> str:

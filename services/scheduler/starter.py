@@ -250,23 +250,28 @@ class Starter:
             self.pending.pop(standby.id, None)
             self.restoring.discard(standby.id)
             self._end(standby.id)
+        _check_answer(standby, inst)
         self.state.note_started(inst)
         return StartResult(inst, ClaimSource.CLAIM_SOURCE_COLD_START)
 
     @telemetry.traced("start")
     async def _start(self, fn: Function, node: Node, gpu_index: int, target: int) -> Instance:
         iid = new_instance_id()
-        self.pending[iid] = Instance(id=iid, function_id=fn.id, revision=fn.revision, node=node.name,
-                                     gpu_index=gpu_index, gpu_memory_bytes=fn.spec.resources.gpu_memory_bytes,
-                                     state=InstanceState.INSTANCE_STATE_CREATING)
+        asked = Instance(id=iid, function_id=fn.id, revision=fn.revision, node=node.name,
+                         gpu_index=gpu_index, gpu_memory_bytes=fn.spec.resources.gpu_memory_bytes,
+                         state=InstanceState.INSTANCE_STATE_CREATING)
+        self.pending[iid] = asked
         if target == StartTarget.START_TARGET_RUNNING:
             self._begin(iid, ClaimSource.CLAIM_SOURCE_NORMAL_START)
         try:
+            # Persisted before the node is asked: only what the scheduler asked for is believed.
+            await self.state.record_intent(asked)
             inst = await self.nodes.start(node, iid, fn.id, fn.revision, fn.spec, target, gpu_index,
                                           seconds(fn.spec.policy.start_timeout), fn.image_digest)
         finally:
             self.pending.pop(iid, None)
             self._end(iid)
+        _check_answer(asked, inst)
         if target == StartTarget.START_TARGET_RUNNING:
             self.state.note_started(inst)
         return inst
@@ -281,6 +286,14 @@ class Starter:
         for iid, inst in list(self.pending.items()):
             if inst.state == InstanceState.INSTANCE_STATE_STOPPING and iid not in live:
                 del self.pending[iid]
+
+
+def _check_answer(asked: Instance, got: Instance) -> None:
+    """StartFailed when a node answers with another instance than the one asked for (a
+    compromised node must not route requests to something else)."""
+    if (got.id, got.node, got.function_id, got.revision) != (asked.id, asked.node, asked.function_id, asked.revision):
+        raise errors.StartFailed(f"node {asked.node} answered the start of {asked.id} with another instance "
+                                 f"({got.id or '?'} of {got.function_id or '?'} on {got.node or '?'})")
 
 
 def _with_state(inst: Instance, state: InstanceState) -> Instance:
