@@ -125,7 +125,7 @@ class Controller:
                     self.builder.reconcile(fn, self._spawn)
         self._cleanup(functions)
         self._drain()
-        self._spawn("forget intents", lambda: self.forget_intents(functions, time.time()))
+        self._spawn("forget intents", lambda: self._forget_intents(functions))
 
     def _restarts(self, fn: Function) -> Restarts:
         """Counts the revision's FAILED instances and says what may start; in a crash loop the
@@ -279,12 +279,15 @@ class Controller:
                     and not self._bridging(fn, inst):
                 self._stop(inst, "its function was deleted" if fn is None else "old revision, drained")
 
+    async def _forget_intents(self, functions: dict[str, Function]) -> None:
+        await self.forget_intents(functions, time.time())
+
     async def forget_intents(self, functions: dict[str, Function], now: float) -> int:
         """Deletes the intents no instance record needs any more (see ``INTENT_GRACE_S``);
         returns how many went."""
         recorded = {i.id for i in self.state.instances()} | set(self.starter.pending)
         gone = 0
-        for key, (intent, rev) in list(self.state.mirrors["intents"].items.items()):
+        for intent, rev in list(self.state.mirrors["intents"].items.values()):
             assert isinstance(intent, Instance)
             fn = functions.get(intent.function_id)
             timeout = seconds(fn.spec.policy.start_timeout) if fn is not None else 0.0
