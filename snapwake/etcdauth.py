@@ -23,16 +23,20 @@ revoke another's lease.
 Instance records are keyed under their node (``/snapwake/instances/{node}/{id}``), so etcd
 itself refuses a node's certificate every other node's instance records: it can neither write,
 delete nor read them. The scheduler, for its part, ignores a record whose ``node`` or ``id``
-differs from its key (``keys.instance_matches_key``).
+differs from its key (``keys.instance_matches_key``), and one that matches no intent
+(``/snapwake/intents/{id}``, which only the scheduler reads and writes): it records what it asks
+a node to start (id, node, function, revision) before it asks, and believes only records that
+match (``services.scheduler.state``). So a node's certificate cannot make up instances under
+its own prefix either (another function, an id the scheduler never minted, an id another node's
+instance has): they are ignored, logged once and counted, and never routed to.
 
 What a compromised node can still do (residual): snapshot records (``/snapwake/snapshots/...``)
 are one record per function revision that every holding node updates, so its certificate can
-write any snapshot record (its holders, its manifest digest, its corrupt mark); closing that
-needs holders recorded per node (``/snapwake/snapshots/.../holders/{node}``), a change of the
-checkpoint path. Under its own prefix it can also record made-up instances (any function, any
-endpoint, an id another node's instance has), which the scheduler believes as it believes that
-node's real ones. It cannot write another node's node or instance records, functions, cordons
-or the leader key, nor read or write anything else.
+write any snapshot record (its holders, its manifest digest, its state and corrupt mark);
+closing that needs holders recorded per node (``/snapwake/snapshots/.../holders/{node}``), a
+change of the checkpoint path. Of the instances the scheduler did ask it for, it can report any
+state and endpoint (requests for them go where it says). It cannot write another node's node or
+instance records, functions, cordons, intents or the leader key, nor read or write anything else.
 
 ``python -m snapwake.etcdauth --etcd host:port --etcd-ca ca.crt --etcd-cert admin.crt
 --etcd-key admin.key --users scheduler/scheduler,nodeagent/node-0`` creates the roles, the
