@@ -8,10 +8,10 @@ and their certificates are refused every key)::
 
     role                 read                                    read and write
     scheduler            nodes/, instances/                      functions/, snapshots/, cordons/,
-                                                                 intents/, access/,
+                                                                 intents/, snapshot-pins/, access/,
                                                                  leader (election: create, watch)
     nodeagent            functions/ (fencing), nodes/ (peers),   snapshots/
-                         snapshots/
+                         snapshots/, snapshot-pins/
     nodeagent/{node}                                             nodes/{node} (its own key only),
                                                                  instances/{node}/ (its own instances)
     root                 everything: the operator's ``admin/...`` certificate the bootstrap uses
@@ -91,9 +91,11 @@ ROLE_PERMISSIONS: dict[str, tuple[Permission, ...]] = {
     # keys.ACCESS: admin tokens, API keys and tenant quotas (the admin API's, services/scheduler/access.py).
     # keys.INTENTS: what it asked each node to start; no node may read or write them.
     "scheduler": (_rw(keys.FUNCTIONS), _rw(keys.SNAPSHOTS), _rw(keys.CORDONS), _rw(keys.LEADER), _rw(keys.ACCESS),
-                  _rw(keys.INTENTS), Permission(keys.NODES), Permission(keys.INSTANCES)),
+                  _rw(keys.INTENTS), _rw(keys.SNAPSHOT_PINS), Permission(keys.NODES), Permission(keys.INSTANCES)),
     # Its own node record and instance records: the per-node role (_permissions).
-    "nodeagent": (Permission(keys.FUNCTIONS), Permission(keys.NODES), _rw(keys.SNAPSHOTS)),
+    # keys.SNAPSHOT_PINS: the digests the scheduler pinned, the only ones a node attaches.
+    "nodeagent": (Permission(keys.FUNCTIONS), Permission(keys.NODES), _rw(keys.SNAPSHOTS),
+                  Permission(keys.SNAPSHOT_PINS)),
 }
 
 

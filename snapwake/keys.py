@@ -4,6 +4,10 @@ Desired state (written by the scheduler):
     /snapwake/functions/{tenant}/{namespace}/{name}   Function
     /snapwake/snapshots/{tenant}/{namespace}/{name}/{revision}   Snapshot
     /snapwake/cordons/{node}                          NodeCordon (an operator's cordon or drain)
+    /snapwake/snapshot-pins/{tenant}/{namespace}/{name}/{revision}   Snapshot: the manifest digest the
+                                                      node the scheduler asked to build it recorded
+                                                      (only the scheduler writes here; nodes attach
+                                                      only that digest, services.nodeagent.integrity)
     /snapwake/intents/{id}                            Instance: what the scheduler asked a node to start
                                                       (id, function_id, revision, node, create_time);
                                                       an instance record is believed only if it
@@ -22,8 +26,8 @@ Coordination:
 
 from __future__ import annotations
 
-__all__ = ["ACCESS", "ADMIN_TOKENS", "API_KEYS", "QUOTAS", "admin_token_key", "api_key_key", "quota_key", "CORDONS", "FUNCTIONS", "INSTANCES", "INTENTS", "LEADER", "NODES", "PREFIX", "SNAPSHOTS", "cordon_key",
-           "function_key", "instance_key", "instance_matches_key", "intent_key", "split_intent_key", "instance_prefix", "node_key", "split_instance_key", "snapshot_id", "snapshot_key", "split_snapshot_id"]
+__all__ = ["ACCESS", "ADMIN_TOKENS", "API_KEYS", "QUOTAS", "admin_token_key", "api_key_key", "quota_key", "CORDONS", "FUNCTIONS", "INSTANCES", "INTENTS", "LEADER", "NODES", "PREFIX", "SNAPSHOTS", "SNAPSHOT_PINS", "cordon_key",
+           "function_key", "instance_key", "instance_matches_key", "intent_key", "split_intent_key", "instance_prefix", "node_key", "split_instance_key", "snapshot_id", "snapshot_key", "snapshot_pin_key", "split_snapshot_id"]
 
 PREFIX = "/snapwake/"
 FUNCTIONS = PREFIX + "functions/"
@@ -31,6 +35,7 @@ NODES = PREFIX + "nodes/"
 INSTANCES = PREFIX + "instances/"
 INTENTS = PREFIX + "intents/"
 SNAPSHOTS = PREFIX + "snapshots/"
+SNAPSHOT_PINS = PREFIX + "snapshot-pins/"
 LEADER = PREFIX + "leader"
 CORDONS = PREFIX + "cordons/"
 ACCESS = PREFIX + "access/"
@@ -102,6 +107,10 @@ def split_snapshot_id(sid: str) -> tuple[str, int]:
 
 def snapshot_key(function_id: str, revision: int) -> str:
     return f"{SNAPSHOTS}{function_id}/{revision}"
+
+
+def snapshot_pin_key(function_id: str, revision: int) -> str:
+    return f"{SNAPSHOT_PINS}{function_id}/{revision}"
 
 
 def admin_token_key(token_id: str) -> str:

@@ -118,7 +118,7 @@ class Controller:
                 if restarts is Restarts.STOP:
                     continue  # a crash loop: the function is being marked FAILED
                 self._scale(fn, start=restarts is Restarts.START)
-                if snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
+                if snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision), self.state.snapshot_pin(fn.id, fn.revision)):
                     if restarts is Restarts.START:
                         self._standbys(fn)
                 else:  # marked corrupt by a node (or lost): rebuild it; requests get normal starts meanwhile

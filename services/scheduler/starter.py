@@ -42,12 +42,14 @@ __all__ = ["StartResult", "Starter", "new_instance_id", "snapshot_usable"]
 log = logging.getLogger(__name__)
 
 
-def snapshot_usable(fn: Function, snap: Snapshot | None) -> bool:
+def snapshot_usable(fn: Function, snap: Snapshot | None, pin: Snapshot | None = None) -> bool:
     """Whether ``fn``'s standbys may attach its snapshot: always outside ARENA mode (nothing to
-    attach), else only while the record is READY (never a corrupt or rebuilding one)."""
+    attach), else only while the record is READY (never a corrupt or rebuilding one) and, once
+    the scheduler pinned its manifest digest (``ClusterState.pin_snapshot``), of that digest."""
     if fn.spec.policy.snapshot_mode != SnapshotMode.SNAPSHOT_MODE_ARENA:
         return True
-    return snap is not None and snap.state == SnapshotState.SNAPSHOT_STATE_READY
+    return snap is not None and snap.state == SnapshotState.SNAPSHOT_STATE_READY and (
+        pin is None or pin.manifest_digest == snap.manifest_digest)
 
 
 def new_instance_id() -> str:
@@ -148,7 +150,7 @@ class Starter:
             return False
         if fn.spec.policy.snapshot_mode not in (SnapshotMode.SNAPSHOT_MODE_ARENA, SnapshotMode.SNAPSHOT_MODE_PROCESS):
             return False
-        if not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
+        if not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision), self.state.snapshot_pin(fn.id, fn.revision)):
             return False
         standbys = [i for i in self.state.instances() if i.function_id == fn.id and i.node == inst.node
                     and i.revision == fn.revision and i.state == InstanceState.INSTANCE_STATE_STANDBY]
@@ -201,7 +203,7 @@ class Starter:
         self.check_gpu_quota(fn)
         standbys = [i for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision
                     and i.state == InstanceState.INSTANCE_STATE_STANDBY and i.id not in self.restoring]
-        if standbys and not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
+        if standbys and not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision), self.state.snapshot_pin(fn.id, fn.revision)):
             standbys = []  # its snapshot is corrupt or being rebuilt: never attach it, start normally
         placement = None
         if standbys:

@@ -136,6 +136,7 @@ class ClusterState:
             ("functions", keys.FUNCTIONS, Function), ("nodes", keys.NODES, Node),
             ("intents", keys.INTENTS, Instance),
             ("instances", keys.INSTANCES, Instance), ("snapshots", keys.SNAPSHOTS, Snapshot),
+            ("pins", keys.SNAPSHOT_PINS, Snapshot),
             ("cordons", keys.CORDONS, NodeCordon), ("quotas", keys.QUOTAS, TenantQuota))}
         self.mirrors["intents"].accept = lambda key, intent: (
             None if keys.split_intent_key(key) == intent.id else "misplaced")  # type: ignore[attr-defined]
@@ -267,6 +268,11 @@ class ClusterState:
         held = self.mirrors["snapshots"].items.get(keys.snapshot_key(function_id, revision))
         return held[0] if held else None  # type: ignore[return-value]
 
+    def snapshot_pin(self, function_id: str, revision: int) -> Snapshot | None:
+        """The manifest digest the scheduler pinned for a revision's snapshot (``pin_snapshot``)."""
+        held = self.mirrors["pins"].items.get(keys.snapshot_pin_key(function_id, revision))
+        return held[0] if held else None  # type: ignore[return-value]
+
     def instances(self) -> list[Instance]:
         """Instances in etcd, plus those an RPC answer reported that the watch has not shown yet."""
         mirror = self.mirrors["instances"]
@@ -334,5 +340,18 @@ class ClusterState:
     async def put_snapshot(self, snap: Snapshot) -> None:
         await self.etcd.put(keys.snapshot_key(snap.function_id, snap.revision), snap)
 
+    async def pin_snapshot(self, snap: Snapshot, node: str) -> None:
+        """Records ``snap``'s manifest digest, as ``node`` (the node asked to build it) stored
+        it, where only the scheduler writes: nodes attach only a copy of that digest, whatever
+        the shared snapshot record says later (``services.nodeagent.integrity``)."""
+        pin = Snapshot(id=snap.id, function_id=snap.function_id, revision=snap.revision,
+                       manifest_digest=snap.manifest_digest, total_bytes=snap.total_bytes, disk_nodes=[node])
+        key = keys.snapshot_pin_key(snap.function_id, snap.revision)
+        rev = await self.etcd.put(key, pin)
+        mirror = self.mirrors["pins"]
+        if mirror.apply(key, pin, rev):
+            self._applied(mirror, key)
+
     async def delete_snapshots(self, function_id: str) -> None:
         await self.etcd.delete_prefix(f"{keys.SNAPSHOTS}{function_id}/")
+        await self.etcd.delete_prefix(f"{keys.SNAPSHOT_PINS}{function_id}/")
