@@ -76,6 +76,7 @@ async def test_scheduler_writes_desired_state_and_only_reads_actual_state(secure
         assert await etcd.create(keys.LEADER, Node(name="s0"), lease=lease)
         assert await etcd.revoke_lease(lease)
         await etcd.put(keys.intent_key("i-auth"), Instance(id="i-auth", node="node-a"))
+        await etcd.put(keys.snapshot_pin_key("t/n/auth-f", 1), Snapshot(id="t/n/auth-f@1", manifest_digest="sha256:a"))
         assert [e.key for e in await etcd.list(keys.INTENTS, Instance)] == [keys.intent_key("i-auth")]
         await etcd.list(keys.NODES, Node)
         await etcd.list(keys.INSTANCES, Node)
@@ -125,6 +126,11 @@ async def test_node_writes_only_its_own_node_key_and_instance_records(secured: E
         await denied(a.put(keys.intent_key("i-made-up"), Instance(id="i-made-up", node="node-a")))
         await denied(a.delete(keys.intent_key("i-auth")))
         await denied(a.get(keys.intent_key("i-auth"), Instance))
+        # The manifest digests the scheduler pinned: a node reads them, never writes them.
+        pinned = await a.get(keys.snapshot_pin_key("t/n/auth-f", 1), Snapshot)
+        assert pinned is not None and pinned.value.manifest_digest == "sha256:a"  # type: ignore[attr-defined]
+        await denied(a.put(keys.snapshot_pin_key("t/n/auth-f", 1), Snapshot(manifest_digest="sha256:evil")))
+        await denied(a.delete(keys.snapshot_pin_key("t/n/auth-f", 1)))
         assert await b.revoke_lease(lease_b) and await a.revoke_lease(lease_a)
 
 

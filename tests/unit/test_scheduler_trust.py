@@ -1,14 +1,16 @@
 """The scheduler believes only the instance records it asked for (``ClusterState.why_not_believed``):
 a node's stolen certificate cannot make up instances, reuse another's id, move one to another
 function, or have its start answered with something else; intents survive a leader change and
-are forgotten once no node needs them."""
+are forgotten once no node needs them. Snapshots attach only the manifest digest the scheduler
+pinned from the node it asked to build them."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
@@ -19,7 +21,8 @@ from services.scheduler.controller import INTENT_GRACE_S, Controller
 from services.scheduler.metrics import InstancesCollector
 from services.scheduler.nodes_fake import FakeNodeClient
 from services.scheduler.snapshots import SnapshotBuilder
-from services.scheduler.starter import Starter
+from services.nodeagent.integrity import attach_digest
+from services.scheduler.starter import Starter, snapshot_usable
 from services.scheduler.state import ClusterState, intent_of
 from snapwake import errors, keys
 from snapwake.etcd_fake import FakeEtcd
@@ -33,7 +36,9 @@ from snapwake.v1.types_pb2 import (
     Node,
     Policy,
     Resources,
+    Snapshot,
     SnapshotMode,
+    SnapshotState,
 )
 
 GIB = 1 << 30
@@ -201,3 +206,82 @@ async def test_intents_no_node_records_are_forgotten_after_the_grace() -> None:
         assert core.state.instance(live.id) == live
     finally:
         await core.stop()
+
+
+# --- Snapshot records: the manifest digest the scheduler pins -----------------------------
+def _arena(name: str = "f") -> Function:
+    fn = _function(name)
+    fn.state = FunctionState.FUNCTION_STATE_PENDING
+    fn.spec.policy.snapshot_mode = SnapshotMode.SNAPSHOT_MODE_ARENA
+    return fn
+
+
+async def _core_building(fn: Function, writes: Callable[[str], Snapshot]) -> Core:
+    """A core whose fake node, asked to build ``fn``'s snapshot, stores ``writes(node)`` as the
+    record (what a nodeagent's ``_record_snapshot`` does) before it answers."""
+    etcd = FakeEtcd()
+    await etcd.put(keys.node_key("node-a"), _node("node-a"))  # the builds go there
+    await etcd.put(keys.function_key(fn.id), fn)
+    core = Core(etcd)
+    real_start = core.nodes.start
+
+    async def start(node: Node, instance_id: str, function_id: str, revision: int, *args: Any, **kw: Any) -> Instance:
+        got = await real_start(node, instance_id, function_id, revision, *args, **kw)
+        await etcd.put(keys.snapshot_key(function_id, revision), writes(node.name))
+        return got
+
+    core.nodes.start = start  # type: ignore[method-assign]
+    await core.state.start()
+    return core
+
+
+def _ready(fn: Function, digest: str, *holders: str) -> Snapshot:
+    return Snapshot(id=keys.snapshot_id(fn.id, fn.revision), function_id=fn.id, revision=fn.revision,
+                    state=SnapshotState.SNAPSHOT_STATE_READY, manifest_digest=digest, disk_nodes=list(holders))
+
+
+async def test_a_build_pins_its_builders_digest_and_a_record_moved_off_it_is_rebuilt() -> None:
+    fn = _arena()
+    core = await _core_building(fn, lambda node: _ready(fn, "sha256:good", node))
+    try:
+        await core.controller.builder._build(fn, None)
+        pin = core.state.snapshot_pin(fn.id, fn.revision)
+        assert pin is not None and pin.manifest_digest == "sha256:good" and list(pin.disk_nodes) == ["node-a"]
+        fn.state = FunctionState.FUNCTION_STATE_READY
+        assert snapshot_usable(fn, core.state.snapshot(fn.id, fn.revision), pin)
+        # Another node's certificate points the shared record at its own copy.
+        await core.etcd.put(keys.snapshot_key(fn.id, fn.revision), _ready(fn, "sha256:evil", "node-b"))
+        await _until(lambda: core.state.snapshot(fn.id, fn.revision).manifest_digest == "sha256:evil",  # type: ignore[union-attr]
+                     "the forged record")
+        assert not snapshot_usable(fn, core.state.snapshot(fn.id, fn.revision), pin)  # no standby attaches it
+        spawned: list[Callable[[], Awaitable[None]]] = []
+        core.controller.builder.reconcile(fn, lambda key, make: spawned.append(make))
+        await spawned[0]()
+        entry = await core.etcd.get(keys.snapshot_key(fn.id, fn.revision), Snapshot)
+        assert entry is not None and entry.value.state == SnapshotState.SNAPSHOT_STATE_CORRUPT  # type: ignore[attr-defined]
+        assert core.state.snapshot_pin(fn.id, fn.revision).manifest_digest == "sha256:good"  # type: ignore[union-attr]
+    finally:
+        await core.stop()
+
+
+async def test_a_built_record_that_does_not_name_its_builder_is_not_pinned() -> None:
+    fn = _arena()
+    core = await _core_building(fn, lambda node: _ready(fn, "sha256:evil", "node-b"))  # written over by node-b
+    try:
+        await core.controller.builder._build(fn, None)
+        assert core.state.snapshot_pin(fn.id, fn.revision) is None
+        entry = await core.etcd.get(keys.snapshot_key(fn.id, fn.revision), Snapshot)
+        assert entry is not None and entry.value.state == SnapshotState.SNAPSHOT_STATE_CORRUPT  # type: ignore[attr-defined]
+        assert "node-a" in entry.value.message  # type: ignore[attr-defined]
+    finally:
+        await core.stop()
+
+
+async def test_nodes_attach_only_the_pinned_digest() -> None:
+    etcd, fn = FakeEtcd(), _arena()
+    inst = _instance("i-00000000000d", fn)
+    forged = _ready(fn, "sha256:evil", "node-b")
+    assert await attach_digest(etcd, inst, forged) == "sha256:evil"  # no pin (tools, older builds): the record's
+    await etcd.put(keys.snapshot_pin_key(fn.id, fn.revision), _ready(fn, "sha256:good", "node-a"))
+    assert await attach_digest(etcd, inst, forged) == "sha256:good"
+    assert await attach_digest(etcd, inst, None) == "sha256:good"
