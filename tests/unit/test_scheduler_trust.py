@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from services.nodeagent.integrity import attach_digest
 from services.scheduler.claims import ClaimBroker, QueueDepths
 from services.scheduler.claimtable import ClaimTable
 from services.scheduler.controller import INTENT_GRACE_S, Controller
 from services.scheduler.metrics import InstancesCollector
 from services.scheduler.nodes_fake import FakeNodeClient
 from services.scheduler.snapshots import SnapshotBuilder
-from services.nodeagent.integrity import attach_digest
 from services.scheduler.starter import Starter, snapshot_usable
 from services.scheduler.state import ClusterState, intent_of
 from snapwake import errors, keys
