@@ -30,13 +30,22 @@ match (``services.scheduler.state``). So a node's certificate cannot make up ins
 its own prefix either (another function, an id the scheduler never minted, an id another node's
 instance has): they are ignored, logged once and counted, and never routed to.
 
-What a compromised node can still do (residual): snapshot records (``/snapwake/snapshots/...``)
-are one record per function revision that every holding node updates, so its certificate can
-write any snapshot record (its holders, its manifest digest, its state and corrupt mark);
-closing that needs holders recorded per node (``/snapwake/snapshots/.../holders/{node}``), a
-change of the checkpoint path. Of the instances the scheduler did ask it for, it can report any
-state and endpoint (requests for them go where it says). It cannot write another node's node or
-instance records, functions, cordons, intents or the leader key, nor read or write anything else.
+Snapshot records (``/snapwake/snapshots/...``) are one record per function revision that every
+holding node updates, so any node's certificate can write them. Their manifest digest is no
+longer what gets attached: the scheduler pins the digest the node it asked to build the
+snapshot recorded (``/snapwake/snapshot-pins/...``, scheduler-only, nodes read), and nodes hand
+the blobstore the pinned digest (``services.nodeagent.integrity.attach_digest``); a record whose
+digest moved off its pin is not attached and is rebuilt.
+
+What a compromised node can still do (residual): write any snapshot record's holders, state and
+corrupt mark (wasted peer fetches, forced rebuilds: availability, not integrity; closing that
+needs holders recorded per node, ``/snapwake/snapshots/.../holders/{node}``, a change of the
+checkpoint path); a snapshot without a pin (built before pins, or whose building leader died
+before pinning: its successor pins the record as it stands) is trusted on first read. Of the
+instances the scheduler did ask it for, it can report any state and endpoint (requests for them
+go where it says). It cannot write another node's node or
+instance records, functions, cordons, intents, snapshot pins or the leader key, nor read or
+write anything else.
 
 ``python -m snapwake.etcdauth --etcd host:port --etcd-ca ca.crt --etcd-cert admin.crt
 --etcd-key admin.key --users scheduler/scheduler,nodeagent/node-0`` creates the roles, the
