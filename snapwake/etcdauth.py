@@ -41,7 +41,9 @@ What a compromised node can still do (residual): write any snapshot record's hol
 corrupt mark (wasted peer fetches, forced rebuilds: availability, not integrity; closing that
 needs holders recorded per node, ``/snapwake/snapshots/.../holders/{node}``, a change of the
 checkpoint path); a snapshot without a pin (built before pins, or whose building leader died
-before pinning: its successor pins the record as it stands) is trusted on first read. Of the
+before pinning: its successor pins the record as it stands) is trusted on first read, and so is
+a record overwritten (still naming the builder) in the moment between the builder's write and
+the scheduler's read of it (the build's answer does not carry the digest). Of the
 instances the scheduler did ask it for, it can report any state and endpoint (requests for them
 go where it says). It cannot write another node's node or
 instance records, functions, cordons, intents, snapshot pins or the leader key, nor read or
