@@ -8,9 +8,10 @@ and their certificates are refused every key)::
 
     role                 read                                    read and write
     scheduler            nodes/, instances/                      functions/, snapshots/, cordons/,
+                                                                 intents/, snapshot-pins/, access/,
                                                                  leader (election: create, watch)
     nodeagent            functions/ (fencing), nodes/ (peers),   snapshots/
-                         snapshots/
+                         snapshots/, snapshot-pins/
     nodeagent/{node}                                             nodes/{node} (its own key only),
                                                                  instances/{node}/ (its own instances)
     root                 everything: the operator's ``admin/...`` certificate the bootstrap uses
@@ -22,16 +23,31 @@ revoke another's lease.
 Instance records are keyed under their node (``/snapwake/instances/{node}/{id}``), so etcd
 itself refuses a node's certificate every other node's instance records: it can neither write,
 delete nor read them. The scheduler, for its part, ignores a record whose ``node`` or ``id``
-differs from its key (``keys.instance_matches_key``).
+differs from its key (``keys.instance_matches_key``), and one that matches no intent
+(``/snapwake/intents/{id}``, which only the scheduler reads and writes): it records what it asks
+a node to start (id, node, function, revision) before it asks, and believes only records that
+match (``services.scheduler.state``). So a node's certificate cannot make up instances under
+its own prefix either (another function, an id the scheduler never minted, an id another node's
+instance has): they are ignored, logged once and counted, and never routed to.
 
-What a compromised node can still do (residual): snapshot records (``/snapwake/snapshots/...``)
-are one record per function revision that every holding node updates, so its certificate can
-write any snapshot record (its holders, its manifest digest, its corrupt mark); closing that
-needs holders recorded per node (``/snapwake/snapshots/.../holders/{node}``), a change of the
-checkpoint path. Under its own prefix it can also record made-up instances (any function, any
-endpoint, an id another node's instance has), which the scheduler believes as it believes that
-node's real ones. It cannot write another node's node or instance records, functions, cordons
-or the leader key, nor read or write anything else.
+Snapshot records (``/snapwake/snapshots/...``) are one record per function revision that every
+holding node updates, so any node's certificate can write them. Their manifest digest is no
+longer what gets attached: the scheduler pins the digest the node it asked to build the
+snapshot recorded (``/snapwake/snapshot-pins/...``, scheduler-only, nodes read), and nodes hand
+the blobstore the pinned digest (``services.nodeagent.integrity.attach_digest``); a record whose
+digest moved off its pin is not attached and is rebuilt.
+
+What a compromised node can still do (residual): write any snapshot record's holders, state and
+corrupt mark (wasted peer fetches, forced rebuilds: availability, not integrity; closing that
+needs holders recorded per node, ``/snapwake/snapshots/.../holders/{node}``, a change of the
+checkpoint path); a snapshot without a pin (built before pins, or whose building leader died
+before pinning: its successor pins the record as it stands) is trusted on first read, and so is
+a record overwritten (still naming the builder) in the moment between the builder's write and
+the scheduler's read of it (the build's answer does not carry the digest). Of the
+instances the scheduler did ask it for, it can report any state and endpoint (requests for them
+go where it says). It cannot write another node's node or
+instance records, functions, cordons, intents, snapshot pins or the leader key, nor read or
+write anything else.
 
 ``python -m snapwake.etcdauth --etcd host:port --etcd-ca ca.crt --etcd-cert admin.crt
 --etcd-key admin.key --users scheduler/scheduler,nodeagent/node-0`` creates the roles, the
@@ -84,10 +100,13 @@ def _rw(key: str, prefix: bool = True) -> Permission:
 ROLE_PERMISSIONS: dict[str, tuple[Permission, ...]] = {
     # keys.LEADER as a prefix: the election watches it with a prefix watch.
     # keys.ACCESS: admin tokens, API keys and tenant quotas (the admin API's, services/scheduler/access.py).
+    # keys.INTENTS: what it asked each node to start; no node may read or write them.
     "scheduler": (_rw(keys.FUNCTIONS), _rw(keys.SNAPSHOTS), _rw(keys.CORDONS), _rw(keys.LEADER), _rw(keys.ACCESS),
-                  Permission(keys.NODES), Permission(keys.INSTANCES)),
+                  _rw(keys.INTENTS), _rw(keys.SNAPSHOT_PINS), Permission(keys.NODES), Permission(keys.INSTANCES)),
     # Its own node record and instance records: the per-node role (_permissions).
-    "nodeagent": (Permission(keys.FUNCTIONS), Permission(keys.NODES), _rw(keys.SNAPSHOTS)),
+    # keys.SNAPSHOT_PINS: the digests the scheduler pinned, the only ones a node attaches.
+    "nodeagent": (Permission(keys.FUNCTIONS), Permission(keys.NODES), _rw(keys.SNAPSHOTS),
+                  Permission(keys.SNAPSHOT_PINS)),
 }
 
 

@@ -4,6 +4,14 @@ Desired state (written by the scheduler):
     /snapwake/functions/{tenant}/{namespace}/{name}   Function
     /snapwake/snapshots/{tenant}/{namespace}/{name}/{revision}   Snapshot
     /snapwake/cordons/{node}                          NodeCordon (an operator's cordon or drain)
+    /snapwake/snapshot-pins/{tenant}/{namespace}/{name}/{revision}   Snapshot: the manifest digest the
+                                                      node the scheduler asked to build it recorded
+                                                      (only the scheduler writes here; nodes attach
+                                                      only that digest, services.nodeagent.integrity)
+    /snapwake/intents/{id}                            Instance: what the scheduler asked a node to start
+                                                      (id, function_id, revision, node, create_time);
+                                                      an instance record is believed only if it
+                                                      matches one (services.scheduler.state)
 Actual state (written by nodeagents, under their own etcd lease):
     /snapwake/nodes/{node}                            Node
     /snapwake/instances/{node}/{id}                   Instance (only that node's etcd user may write
@@ -18,14 +26,16 @@ Coordination:
 
 from __future__ import annotations
 
-__all__ = ["ACCESS", "ADMIN_TOKENS", "API_KEYS", "QUOTAS", "admin_token_key", "api_key_key", "quota_key", "CORDONS", "FUNCTIONS", "INSTANCES", "LEADER", "NODES", "PREFIX", "SNAPSHOTS", "cordon_key",
-           "function_key", "instance_key", "instance_matches_key", "instance_prefix", "node_key", "split_instance_key", "snapshot_id", "snapshot_key", "split_snapshot_id"]
+__all__ = ["ACCESS", "ADMIN_TOKENS", "API_KEYS", "QUOTAS", "admin_token_key", "api_key_key", "quota_key", "CORDONS", "FUNCTIONS", "INSTANCES", "INTENTS", "LEADER", "NODES", "PREFIX", "SNAPSHOTS", "SNAPSHOT_PINS", "cordon_key",
+           "function_key", "instance_key", "instance_matches_key", "intent_key", "split_intent_key", "instance_prefix", "node_key", "split_instance_key", "snapshot_id", "snapshot_key", "snapshot_pin_key", "split_snapshot_id"]
 
 PREFIX = "/snapwake/"
 FUNCTIONS = PREFIX + "functions/"
 NODES = PREFIX + "nodes/"
 INSTANCES = PREFIX + "instances/"
+INTENTS = PREFIX + "intents/"
 SNAPSHOTS = PREFIX + "snapshots/"
+SNAPSHOT_PINS = PREFIX + "snapshot-pins/"
 LEADER = PREFIX + "leader"
 CORDONS = PREFIX + "cordons/"
 ACCESS = PREFIX + "access/"
@@ -70,6 +80,19 @@ def instance_matches_key(key: str, node: str, instance_id: str) -> bool:
     return split_instance_key(key) == (node, instance_id)
 
 
+def intent_key(instance_id: str) -> str:
+    """Where the scheduler records an instance it asked a node to start (only it writes here)."""
+    return INTENTS + instance_id
+
+
+def split_intent_key(key: str) -> str | None:
+    """``/snapwake/intents/{id}`` -> id; None for any other key."""
+    instance_id = key.removeprefix(INTENTS)
+    if not key.startswith(INTENTS) or not instance_id or "/" in instance_id:
+        return None
+    return instance_id
+
+
 def snapshot_id(function_id: str, revision: int) -> str:
     """The id of a function revision's snapshot, ``{tenant}/{namespace}/{name}@{revision}``."""
     return f"{function_id}@{revision}"
@@ -84,6 +107,10 @@ def split_snapshot_id(sid: str) -> tuple[str, int]:
 
 def snapshot_key(function_id: str, revision: int) -> str:
     return f"{SNAPSHOTS}{function_id}/{revision}"
+
+
+def snapshot_pin_key(function_id: str, revision: int) -> str:
+    return f"{SNAPSHOT_PINS}{function_id}/{revision}"
 
 
 def admin_token_key(token_id: str) -> str:

@@ -29,7 +29,7 @@ from snapwake.etcd import EtcdClient
 from snapwake.grpcclient import call
 from snapwake.v1 import blobstore_pb2, blobstore_pb2_grpc, types_pb2
 
-__all__ = ["corrupt_detail", "note_failure", "peer_blobstores", "prewarm"]
+__all__ = ["attach_digest", "corrupt_detail", "note_failure", "peer_blobstores", "prewarm"]
 
 log = logging.getLogger(__name__)
 _CORRUPT = re.compile(r"snapshot \S+ is corrupt: chunk \d+.*", re.DOTALL)
@@ -70,6 +70,22 @@ async def note_failure(etcd: EtcdClient, node: str, inst: types_pb2.Instance, me
         return
 
 
+async def attach_digest(etcd: EtcdClient, inst: types_pb2.Instance, snap: types_pb2.Snapshot | None) -> str:
+    """The manifest digest a copy of the instance's snapshot must have to be attached: the one
+    the scheduler pinned when the node it asked built it (``/snapwake/snapshot-pins/...``, which
+    no node can write), not the shared record's, which any node's certificate can overwrite;
+    the record's only where there is no pin (built before pins, or by tools and tests)."""
+    entry = await etcd.get(keys.snapshot_pin_key(inst.function_id, inst.revision), types_pb2.Snapshot)
+    recorded = snap.manifest_digest if snap is not None else ""
+    if entry is None:
+        return recorded
+    pinned = cast(types_pb2.Snapshot, entry.value).manifest_digest
+    if recorded and recorded != pinned:
+        log.error("snapshot %s: the record's manifest digest %s is not the pinned %s; attaching only the pinned",
+                  keys.snapshot_id(inst.function_id, inst.revision), recorded, pinned, extra={"instance_id": inst.id})
+    return pinned
+
+
 def peer_blobstores(snap: types_pb2.Snapshot | None, nodes: Sequence[types_pb2.Node], me: str) -> list[str]:
     """The advertised blobstore addresses of the live nodes (those with a node record) that hold
     ``snap`` on disk, other than ``me``; every other live node's when there is no record."""
@@ -99,7 +115,7 @@ async def prewarm(channel: grpc.aio.Channel, etcd: EtcdClient, node: str, inst: 
         nodes = [cast(types_pb2.Node, e.value) for e in await etcd.list(keys.NODES, types_pb2.Node)]
         request = blobstore_pb2.PrewarmSnapshotRequest(
             snapshot_id=sid, peers=peer_blobstores(snap, nodes, node),
-            manifest_digest=snap.manifest_digest if snap is not None else "")
+            manifest_digest=await attach_digest(etcd, inst, snap))
         reply = await call(stub.PrewarmSnapshot, request, timeout=limit_s)
     except errors.SnapwakeError as exc:
         message = f"pre-warm of {sid} failed: {exc.message}"

@@ -361,7 +361,8 @@ async def _prepare(agent: NodeAgent, inst: types_pb2.Instance, sid: str, gpu: in
         digest = ""
         try:
             entry = await agent.etcd.get(keys.snapshot_key(inst.function_id, inst.revision), types_pb2.Snapshot)
-            digest = cast(types_pb2.Snapshot, entry.value).manifest_digest if entry is not None else ""
+            digest = await integrity.attach_digest(
+                agent.etcd, inst, cast(types_pb2.Snapshot, entry.value) if entry is not None else None)
         except errors.SnapwakeError as exc:  # the blobstore still checks the digest its pre-warm named
             log.warning("snapshot record of %s unreadable (%s); preparing without its digest", sid, exc.message,
                         extra={"instance_id": inst.id})

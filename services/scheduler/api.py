@@ -163,10 +163,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.api_key_secret = api_key_secret
 
     async def _instances(self) -> list[Instance]:
-        """Every instance record in etcd that is what its key says (``keys.instance_matches_key``:
-        a node writes only under its own prefix, so a record naming another node is ignored)."""
+        """Every instance record in etcd that the scheduler believes (``ClusterState.why_not_believed``:
+        where its node writes, and matching what the scheduler asked that node to start)."""
         return [e.value for e in await self.state.etcd.list(keys.INSTANCES, Instance)  # type: ignore[misc]
-                if keys.instance_matches_key(e.key, e.value.node, e.value.id)]  # type: ignore[attr-defined]
+                if self.state.why_not_believed(e.key, e.value) is None]  # type: ignore[arg-type]
 
     # Quotas ----------------------------------------------------------------------------
     async def _limits(self, tenant: str) -> quota.Limits:

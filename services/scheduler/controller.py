@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 # How long a node that had no room for a function's standby (``NodeFull``) is not asked for
 # another: asking every pass would be refused every pass, or start a container only to end it.
 _STANDBY_BACKOFF_S = 30.0
+# An intent (what the scheduler asked a node to start) is forgotten once no node records its
+# instance, and its start timeout plus this long have passed since it was recorded: a node
+# whose etcd lease lapsed that long has lost its instances' records, and re-recording them
+# afterwards is not believed.
+INTENT_GRACE_S = 600.0
 
 
 class Controller:
@@ -108,13 +113,14 @@ class Controller:
                 if restarts is Restarts.STOP:
                     continue  # a crash loop: the function is being marked FAILED
                 self._scale(fn, start=restarts is Restarts.START)
-                if snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
+                if snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision), self.state.snapshot_pin(fn.id, fn.revision)):
                     if restarts is Restarts.START:
                         self._standbys(fn)
                 else:  # marked corrupt by a node (or lost): rebuild it; requests get normal starts meanwhile
                     self.builder.reconcile(fn, self._spawn)
         self._cleanup(functions)
         self._drain()
+        self._spawn("forget intents", lambda: self._forget_intents(functions))
 
     def _restarts(self, fn: Function) -> Restarts:
         """Counts the revision's FAILED instances and says what may start; in a crash loop the
@@ -267,6 +273,26 @@ class Controller:
             if stale and inst.state in LIVE and self.broker.table.in_use(inst.id) == 0 \
                     and not self._bridging(fn, inst):
                 self._stop(inst, "its function was deleted" if fn is None else "old revision, drained")
+
+    async def _forget_intents(self, functions: dict[str, Function]) -> None:
+        await self.forget_intents(functions, time.time())
+
+    async def forget_intents(self, functions: dict[str, Function], now: float) -> int:
+        """Deletes the intents no instance record needs any more (see ``INTENT_GRACE_S``);
+        returns how many went."""
+        recorded = {i.id for i in self.state.instances()} | set(self.starter.pending)
+        gone = 0
+        for intent, rev in list(self.state.mirrors["intents"].items.values()):
+            assert isinstance(intent, Instance)
+            fn = functions.get(intent.function_id)
+            timeout = seconds(fn.spec.policy.start_timeout) if fn is not None else 0.0
+            age = now - intent.create_time.ToNanoseconds() / 1e9
+            if intent.id not in recorded and age > timeout + INTENT_GRACE_S \
+                    and await self.state.forget_intent(intent, rev):
+                log.info("forgot the intent of %s on %s: no node records it", intent.id, intent.node,
+                         extra={"instance_id": intent.id})
+                gone += 1
+        return gone
 
     def _drain(self) -> None:
         every = self.state.instances()

@@ -1,11 +1,12 @@
-"""The scheduler's Prometheus series: instances per function and state, from its etcd mirror."""
+"""The scheduler's Prometheus series: instances per function and state, from its etcd mirror,
+and the instance records it does not believe (``ClusterState.why_not_believed``), by reason."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.scheduler.state import ClusterState
@@ -32,7 +33,7 @@ class InstancesCollector(Collector):
     def describe(self) -> list[GaugeMetricFamily]:
         return []  # read only at scrape time
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         family = GaugeMetricFamily(telemetry.INSTANCES, "Instances per function and lifecycle state.",
                                    labels=["function", "state"])
         # Scrapes run on the metrics server's thread: copy the mirror in one C-level step
@@ -41,3 +42,10 @@ class InstancesCollector(Collector):
         for (function_id, state), n in sorted(count_instances(m for m, _ in held).items()):
             family.add_metric([function_id, state], n)
         yield family
+        ignored = CounterMetricFamily(
+            "snapwake_scheduler_ignored_instance_records",
+            "Instance records not believed: misplaced (not at their node's key), unknown (never asked "
+            "of that node), mismatch (another function, revision or node than asked).", labels=["reason"])
+        for reason, n in sorted(dict(self.state.ignored_records()).items()):
+            ignored.add_metric([reason], n)
+        yield ignored

@@ -50,7 +50,14 @@ class SnapshotBuilder:
             else:
                 spawn(key, lambda: self._build(fn, snap))
         elif snap.state == SnapshotState.SNAPSHOT_STATE_READY:
-            spawn(f"ready {fn.id}", lambda: self._set_function(fn, FunctionState.FUNCTION_STATE_READY, ""))
+            pin = self.state.snapshot_pin(fn.id, fn.revision)
+            if snap.manifest_digest and (pin is None or pin.manifest_digest != snap.manifest_digest):
+                # Pinned by the build once it ends (same key: nothing while it runs). A build
+                # whose leader died before pinning is pinned from the record as it stands; a
+                # record whose digest moved off its pin since is not trusted: rebuilt.
+                spawn(key, lambda: self._pin_from_record(fn))
+            elif fn.state == FunctionState.FUNCTION_STATE_PENDING:
+                spawn(f"ready {fn.id}", lambda: self._set_function(fn, FunctionState.FUNCTION_STATE_READY, ""))
         elif not self._building_somewhere(fn):
             # BUILDING with no node working on it: a previous leader died mid-build. Retry.
             spawn(key, lambda: self._build(fn, snap))
@@ -82,6 +89,43 @@ class SnapshotBuilder:
         if built.image_digest:  # before READY: no start of this revision may go unpinned
             await self._pin(fn, built.image_digest)
         await self._mark(fn, SnapshotState.SNAPSHOT_STATE_READY, "", time.monotonic() - began)
+        await self._pin_snapshot(fn, placement.node.name)
+
+    async def _pin_snapshot(self, fn: Function, node: str) -> None:
+        """Pins the manifest digest ``node`` recorded for the snapshot it was asked to build."""
+        entry = await self.state.etcd.get(keys.snapshot_key(fn.id, fn.revision), Snapshot)
+        snap = entry.value if entry is not None else None
+        if not isinstance(snap, Snapshot) or snap.state != SnapshotState.SNAPSHOT_STATE_READY \
+                or not snap.manifest_digest:
+            return  # no arena snapshot (another mode, a user image): nothing to attach
+        if node not in snap.disk_nodes:
+            # The node asked to build it is not a holder: the record was written by another.
+            await self._mark_failed_record(fn, f"the snapshot record does not name {node}, the node that built it")
+            return
+        await self.state.pin_snapshot(snap, node)
+        log.info("snapshot pinned to manifest %s built on %s", snap.manifest_digest, node,
+                 extra={"function_id": fn.id})
+
+    async def _pin_from_record(self, fn: Function) -> None:
+        snap = self.state.snapshot(fn.id, fn.revision)
+        pin = self.state.snapshot_pin(fn.id, fn.revision)
+        if snap is None or snap.state != SnapshotState.SNAPSHOT_STATE_READY:
+            return
+        if pin is None and snap.disk_nodes:
+            await self._pin_snapshot(fn, snap.disk_nodes[0])
+        elif pin is not None and pin.manifest_digest != snap.manifest_digest:
+            await self._mark_failed_record(fn, f"its manifest digest {snap.manifest_digest} is not the one "
+                                               f"pinned at its build ({pin.manifest_digest})")
+
+    async def _mark_failed_record(self, fn: Function, why: str) -> None:
+        log.error("snapshot of revision %d not trusted: %s; rebuilding", fn.revision, why,
+                  extra={"function_id": fn.id})
+
+        def mutate(snap: Snapshot) -> Snapshot:
+            snap.state, snap.message = SnapshotState.SNAPSHOT_STATE_CORRUPT, why  # type: ignore[assignment]
+            return snap
+
+        await self.state.etcd.update(keys.snapshot_key(fn.id, fn.revision), Snapshot, mutate)
 
     async def _pin(self, fn: Function, digest: str) -> None:
         def mutate(cur: Function) -> Function | None:

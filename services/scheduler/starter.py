@@ -42,12 +42,14 @@ __all__ = ["StartResult", "Starter", "new_instance_id", "snapshot_usable"]
 log = logging.getLogger(__name__)
 
 
-def snapshot_usable(fn: Function, snap: Snapshot | None) -> bool:
+def snapshot_usable(fn: Function, snap: Snapshot | None, pin: Snapshot | None = None) -> bool:
     """Whether ``fn``'s standbys may attach its snapshot: always outside ARENA mode (nothing to
-    attach), else only while the record is READY (never a corrupt or rebuilding one)."""
+    attach), else only while the record is READY (never a corrupt or rebuilding one) and, once
+    the scheduler pinned its manifest digest (``ClusterState.pin_snapshot``), of that digest."""
     if fn.spec.policy.snapshot_mode != SnapshotMode.SNAPSHOT_MODE_ARENA:
         return True
-    return snap is not None and snap.state == SnapshotState.SNAPSHOT_STATE_READY
+    return snap is not None and snap.state == SnapshotState.SNAPSHOT_STATE_READY and (
+        pin is None or pin.manifest_digest == snap.manifest_digest)
 
 
 def new_instance_id() -> str:
@@ -148,7 +150,7 @@ class Starter:
             return False
         if fn.spec.policy.snapshot_mode not in (SnapshotMode.SNAPSHOT_MODE_ARENA, SnapshotMode.SNAPSHOT_MODE_PROCESS):
             return False
-        if not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
+        if not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision), self.state.snapshot_pin(fn.id, fn.revision)):
             return False
         standbys = [i for i in self.state.instances() if i.function_id == fn.id and i.node == inst.node
                     and i.revision == fn.revision and i.state == InstanceState.INSTANCE_STATE_STANDBY]
@@ -201,7 +203,7 @@ class Starter:
         self.check_gpu_quota(fn)
         standbys = [i for i in self.state.instances() if i.function_id == fn.id and i.revision == fn.revision
                     and i.state == InstanceState.INSTANCE_STATE_STANDBY and i.id not in self.restoring]
-        if standbys and not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision)):
+        if standbys and not snapshot_usable(fn, self.state.snapshot(fn.id, fn.revision), self.state.snapshot_pin(fn.id, fn.revision)):
             standbys = []  # its snapshot is corrupt or being rebuilt: never attach it, start normally
         placement = None
         if standbys:
@@ -252,23 +254,28 @@ class Starter:
             self.pending.pop(standby.id, None)
             self.restoring.discard(standby.id)
             self._end(standby.id)
+        _check_answer(standby, inst)
         self.state.note_started(inst)
         return StartResult(inst, ClaimSource.CLAIM_SOURCE_COLD_START)
 
     @telemetry.traced("start")
     async def _start(self, fn: Function, node: Node, gpu_index: int, target: int) -> Instance:
         iid = new_instance_id()
-        self.pending[iid] = Instance(id=iid, function_id=fn.id, revision=fn.revision, node=node.name,
-                                     gpu_index=gpu_index, gpu_memory_bytes=fn.spec.resources.gpu_memory_bytes,
-                                     state=InstanceState.INSTANCE_STATE_CREATING)
+        asked = Instance(id=iid, function_id=fn.id, revision=fn.revision, node=node.name,
+                         gpu_index=gpu_index, gpu_memory_bytes=fn.spec.resources.gpu_memory_bytes,
+                         state=InstanceState.INSTANCE_STATE_CREATING)
+        self.pending[iid] = asked
         if target == StartTarget.START_TARGET_RUNNING:
             self._begin(iid, ClaimSource.CLAIM_SOURCE_NORMAL_START)
         try:
+            # Persisted before the node is asked: only what the scheduler asked for is believed.
+            await self.state.record_intent(asked)
             inst = await self.nodes.start(node, iid, fn.id, fn.revision, fn.spec, target, gpu_index,
                                           seconds(fn.spec.policy.start_timeout), fn.image_digest)
         finally:
             self.pending.pop(iid, None)
             self._end(iid)
+        _check_answer(asked, inst)
         if target == StartTarget.START_TARGET_RUNNING:
             self.state.note_started(inst)
         return inst
@@ -283,6 +290,14 @@ class Starter:
         for iid, inst in list(self.pending.items()):
             if inst.state == InstanceState.INSTANCE_STATE_STOPPING and iid not in live:
                 del self.pending[iid]
+
+
+def _check_answer(asked: Instance, got: Instance) -> None:
+    """StartFailed when a node answers with another instance than the one asked for (a
+    compromised node must not route requests to something else)."""
+    if (got.id, got.node, got.function_id, got.revision) != (asked.id, asked.node, asked.function_id, asked.revision):
+        raise errors.StartFailed(f"node {asked.node} answered the start of {asked.id} with another instance "
+                                 f"({got.id or '?'} of {got.function_id or '?'} on {got.node or '?'})")
 
 
 def _with_state(inst: Instance, state: InstanceState) -> Instance:

@@ -17,6 +17,7 @@ import pytest_asyncio
 from services.gateway.config import GatewayConfig
 from services.scheduler.app import Scheduler
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.state import intent_of
 from snapwake import keys
 from snapwake.etcd import Etcd
 from snapwake.grpcclient import channel
@@ -69,9 +70,10 @@ async def scheduler(etcd_server: EtcdProcess, pki: Path) -> AsyncIterator[tuple[
             async with channel(f"127.0.0.1:{sched.admin_port}", tls(pki), server_role="scheduler") as ch:
                 fn = (await scheduler_pb2_grpc.SchedulerServiceStub(ch).CreateFunction(
                     scheduler_pb2.CreateFunctionRequest(spec=spec), timeout=T)).function
-            await store.put(keys.instance_key("node-a", "i-0000000000aa"), Instance(
-                id="i-0000000000aa", function_id=fn.id, revision=fn.revision, node="node-a",
-                state=InstanceState.INSTANCE_STATE_RUNNING, endpoint="127.0.0.1:9"))
+            inst = Instance(id="i-0000000000aa", function_id=fn.id, revision=fn.revision, node="node-a",
+                            state=InstanceState.INSTANCE_STATE_RUNNING, endpoint="127.0.0.1:9")
+            await store.put(keys.intent_key(inst.id), intent_of(inst))  # as if the scheduler had started it
+            await store.put(keys.instance_key("node-a", inst.id), inst)
             deadline = time.monotonic() + 10
             while sched.state.instance("i-0000000000aa") is None:
                 assert time.monotonic() < deadline, "the instance never reached the scheduler's mirror"

@@ -20,7 +20,7 @@ from snapwake import errors, etcdauth, keys
 from snapwake.etcd import Etcd, EtcdAuthApi, EtcdTls, KeyPermission
 from snapwake.pki import Identity, create_ca, identity_from_pem, issue
 from snapwake.testing import ETCD_ROOT, EtcdProcess
-from snapwake.v1.types_pb2 import Function, Node, NodeCordon, Snapshot
+from snapwake.v1.types_pb2 import Function, Instance, Node, NodeCordon, Snapshot
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -75,6 +75,9 @@ async def test_scheduler_writes_desired_state_and_only_reads_actual_state(secure
         lease = await etcd.grant_lease(5)
         assert await etcd.create(keys.LEADER, Node(name="s0"), lease=lease)
         assert await etcd.revoke_lease(lease)
+        await etcd.put(keys.intent_key("i-auth"), Instance(id="i-auth", node="node-a"))
+        await etcd.put(keys.snapshot_pin_key("t/n/auth-f", 1), Snapshot(id="t/n/auth-f@1", manifest_digest="sha256:a"))
+        assert [e.key for e in await etcd.list(keys.INTENTS, Instance)] == [keys.intent_key("i-auth")]
         await etcd.list(keys.NODES, Node)
         await etcd.list(keys.INSTANCES, Node)
         await denied(etcd.put(keys.node_key("node-a"), Node(name="node-a")))
@@ -119,6 +122,15 @@ async def test_node_writes_only_its_own_node_key_and_instance_records(secured: E
         await denied(a.put(keys.instance_key("node-a2", "i-x"), Node()))  # its name is no prefix of others'
         await denied(a.put(keys.INSTANCES + "i-flat", Node()))  # nor the old, node-less layout
         await a.put(keys.snapshot_key("t/n/auth-f", 2), Snapshot())  # the residual: snapshots/ are shared
+        # The scheduler's intents (what it asked nodes to start): no node writes or reads them.
+        await denied(a.put(keys.intent_key("i-made-up"), Instance(id="i-made-up", node="node-a")))
+        await denied(a.delete(keys.intent_key("i-auth")))
+        await denied(a.get(keys.intent_key("i-auth"), Instance))
+        # The manifest digests the scheduler pinned: a node reads them, never writes them.
+        pinned = await a.get(keys.snapshot_pin_key("t/n/auth-f", 1), Snapshot)
+        assert pinned is not None and pinned.value.manifest_digest == "sha256:a"  # type: ignore[attr-defined]
+        await denied(a.put(keys.snapshot_pin_key("t/n/auth-f", 1), Snapshot(manifest_digest="sha256:evil")))
+        await denied(a.delete(keys.snapshot_pin_key("t/n/auth-f", 1)))
         assert await b.revoke_lease(lease_b) and await a.revoke_lease(lease_a)
 
 

@@ -21,7 +21,7 @@ from modelserver import handover
 from services.blobstore import metrics as bm
 from services.blobstore.testing import put_snapshot, running_blobstore
 from services.scheduler.metrics import InstancesCollector, count_instances
-from services.scheduler.state import ClusterState
+from services.scheduler.state import ClusterState, intent_of
 from snapwake import keys, telemetry
 from snapwake.etcd import Etcd
 from snapwake.testing import EtcdProcess, free_port, wait_for
@@ -83,7 +83,9 @@ async def test_scheduler_instances_gauge_follows_etcd(etcd_server: EtcdProcess, 
         try:
             for iid, st in zip(iids, (InstanceState.INSTANCE_STATE_RUNNING, InstanceState.INSTANCE_STATE_STANDBY, InstanceState.INSTANCE_STATE_STANDBY),
                                strict=True):
-                await store.put(keys.instance_key("node-m", iid), types_pb2.Instance(id=iid, node="node-m", function_id=fid, state=st))
+                inst = types_pb2.Instance(id=iid, node="node-m", function_id=fid, state=st)
+                await store.put(keys.intent_key(iid), intent_of(inst))  # as if the scheduler had started it
+                await store.put(keys.instance_key("node-m", iid), inst)
             want = {(("function", fid), ("state", "RUNNING")): 1.0, (("function", fid), ("state", "STANDBY")): 2.0}
 
             async def shown() -> dict[tuple[tuple[str, str], ...], float]:

@@ -29,6 +29,7 @@ from services.gateway.scheduler_client import GrpcSchedulerClient
 from services.scheduler.app import Scheduler
 from services.scheduler.bootstrap import ensure_operator_token, ensure_secret
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.state import intent_of
 from snapwake import cli, keys
 from snapwake.etcd import Etcd
 from snapwake.grpcclient import channel
@@ -108,9 +109,10 @@ async def env(etcd_server: EtcdProcess, tmp_path_factory: pytest.TempPathFactory
                         e.acme_id = made.token.id
                     await e.call(operator, "CreateFunction", pb.CreateFunctionRequest(spec=spec(tenant, "chat")))
                     fid = f"{tenant}/prod/chat"
-                    await store.put(keys.instance_key("node-a", f"i-{tenant}"), Instance(
-                        id=f"i-{tenant}", function_id=fid, revision=1, node="node-a",
-                        state=InstanceState.INSTANCE_STATE_STANDBY))
+                    inst = Instance(id=f"i-{tenant}", function_id=fid, revision=1, node="node-a",
+                                    state=InstanceState.INSTANCE_STATE_STANDBY)
+                    await store.put(keys.intent_key(inst.id), intent_of(inst))  # as if the scheduler had started it
+                    await store.put(keys.instance_key("node-a", inst.id), inst)
                     await store.put(keys.snapshot_key(fid, 1), Snapshot(id=keys.snapshot_id(fid, 1), function_id=fid,
                                                                         revision=1, total_bytes=GIB))
                 yield e

@@ -16,7 +16,7 @@ from services.scheduler.claims import ClaimBroker
 from services.scheduler.claimtable import ClaimTable
 from services.scheduler.nodes_fake import FakeNodeClient
 from services.scheduler.starter import Starter
-from services.scheduler.state import ClusterState
+from services.scheduler.state import ClusterState, intent_of
 from snapwake import keys
 from snapwake.etcd_fake import FakeEtcd
 from snapwake.v1.types_pb2 import Instance, InstanceState
@@ -53,6 +53,8 @@ async def test_the_scheduler_ignores_records_that_do_not_belong_at_their_key() -
     forged = Instance(id="i-00000000000b", function_id="t/n/f", revision=1, node="node-a", state=RUNNING,
                       endpoint="10.6.6.6:9000")
     await etcd.put(keys.instance_key("node-b", forged.id), forged)
+    for asked in (real, forged):  # the scheduler asked node-a for both
+        await etcd.put(keys.intent_key(asked.id), intent_of(asked))
     state = ClusterState(etcd)
     table = ClaimTable(time.monotonic, 30.0)
     ClaimBroker(state, Starter(state, FakeNodeClient(etcd), table, stale_after_s=30.0), table)  # follows state

@@ -24,7 +24,7 @@ from services.scheduler.nodes_base import Nodes
 from services.scheduler.nodes_fake import Call, FakeNodeClient, Outcome, fake_digest
 from services.scheduler.snapshots import SnapshotBuilder
 from services.scheduler.starter import Starter
-from services.scheduler.state import ClusterState
+from services.scheduler.state import ClusterState, intent_of
 from snapwake import errors, keys
 from snapwake.etcd_fake import FakeEtcd
 from snapwake.v1.nodeagent_pb2 import StartTarget
@@ -105,8 +105,11 @@ class Core:
         self.controller = Controller(self.state, self.starter, self.broker, self.queues, self.builder, 0.05, crashes)
 
     async def put(self, *values: Message) -> None:
-        """Writes values to etcd under their keys and waits until the mirror shows them."""
+        """Writes values to etcd under their keys and waits until the mirror shows them
+        (instances with the intent the scheduler records when it starts one)."""
         for value in values:
+            if isinstance(value, Instance):
+                await self.etcd.put(keys.intent_key(value.id), intent_of(value))
             await self.etcd.put(_key(value), value)
         await until(lambda: all(self._held(_key(v)) == v for v in values), "the mirror")
 
@@ -159,6 +162,7 @@ async def test_state_lists_then_follows_the_watch() -> None:
     try:
         assert state.function(fn.id) == fn  # listed before start returned
         inst = instance("i-000000000001", fn, InstanceState.INSTANCE_STATE_RUNNING)
+        await etcd.put(keys.intent_key(inst.id), intent_of(inst))
         await etcd.put(keys.instance_key(inst.node, inst.id), inst)
         await etcd.delete(keys.function_key(fn.id))
         await until(lambda: state.function(fn.id) is None, "the delete")
@@ -181,6 +185,7 @@ async def test_state_relists_after_the_watch_breaks() -> None:
         await etcd.delete(keys.function_key(gone.id))
         await until(lambda: state.function(fn.id) == fn and state.function(gone.id) is None, "relist")
         later = instance("i-000000000002", fn, InstanceState.INSTANCE_STATE_IDLE)
+        await etcd.put(keys.intent_key(later.id), intent_of(later))
         await etcd.put(keys.instance_key(later.node, later.id), later)
         await until(lambda: state.instance(later.id) == later, "the watch after the relist")
     finally:
@@ -190,6 +195,7 @@ async def test_state_relists_after_the_watch_breaks() -> None:
 async def test_an_instance_reported_by_rpc_counts_until_the_watch_shows_it(core: Core) -> None:
     fn = function()
     reported = instance("i-000000000003", fn, InstanceState.INSTANCE_STATE_RUNNING)
+    await core.state.record_intent(reported)  # as the starter does before it asks the node
     core.state.note_started(reported)
     assert core.state.instance(reported.id) == reported
     stopped = instance(reported.id, fn, InstanceState.INSTANCE_STATE_STOPPING)
