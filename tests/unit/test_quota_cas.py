@@ -17,7 +17,7 @@ from services.scheduler.api import SchedulerServicer
 from services.scheduler.claimtable import ClaimTable
 from services.scheduler.nodes_fake import FakeNodeClient
 from services.scheduler.starter import Starter, StartResult
-from services.scheduler.state import ClusterState
+from services.scheduler.state import ClusterState, intent_of
 from snapwake import errors, keys
 from snapwake.etcd_fake import FakeEtcd
 from snapwake.v1 import scheduler_pb2 as pb
@@ -221,6 +221,7 @@ async def test_a_start_that_evicted_first_counts_a_start_made_meanwhile() -> Non
             await _mirrored(state, etcd, keys.function_key(fn.id), fn)
         idle = Instance(id="i-idle", function_id=other.id, revision=1, node="node-a", gpu_index=0,
                         gpu_memory_bytes=40 * GIB, state=InstanceState.INSTANCE_STATE_IDLE, endpoint="127.0.0.1:9")
+        await etcd.put(keys.intent_key(idle.id), intent_of(idle))  # the scheduler asked for it
         await _mirrored(state, etcd, keys.instance_key("node-a", idle.id), idle)
         got = await asyncio.gather(starter.start(big), starter.start(small), return_exceptions=True)
         assert isinstance(got[1], StartResult), got
