@@ -187,32 +187,13 @@ class CudaLoader:
         return time.perf_counter() - t0
 
     def export(self, entry: CacheEntry, gpu: int) -> Exported:
-        cu = driver()
-        _use_device(gpu)
-        prop, nbytes = self._prop(gpu), entry.manifest.arena_bytes
-        size = self._size(nbytes, prop)
-        handle = check(cu.cuMemCreate(size, prop, 0), f"cuMemCreate({size}) on gpu {gpu}")
-        va = None
-        try:
-            va = self._mapped(handle, size, prop)
-            seconds = self._copy(va, entry.address, nbytes, to_device=True)
-            fd = int(check(cu.cuMemExportToShareableHandle(
-                handle, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
-                "cuMemExportToShareableHandle"))
-        except BaseException:
-            self._free(va, size, handle, None)
-            raise
-        return Exported(fd, nbytes, size, seconds, lambda: self._free(va, size, handle, fd))
+        return self._exported(entry.manifest.arena_bytes, gpu,
+                              lambda va: self._copy(va, entry.address, entry.manifest.arena_bytes, to_device=True))
 
     def export_stream(self, nbytes: int, gpu: int, fill: Callable[[Sink], object]) -> Exported:
         cu = driver()
-        _use_device(gpu)
-        prop = self._prop(gpu)
-        size = self._size(nbytes, prop)
-        handle = check(cu.cuMemCreate(size, prop, 0), f"cuMemCreate({size}) on gpu {gpu}")
-        va = None
-        try:
-            va = self._mapped(handle, size, prop)
+
+        def stream_in(va: Any) -> float:
             base = int(va)
 
             def sink(offset: int, data: memoryview, address: int) -> None:
@@ -227,7 +208,21 @@ class CudaLoader:
                     cu.cuStreamDestroy(stream)
             t0 = time.perf_counter()
             fill(sink)
-            seconds = time.perf_counter() - t0
+            return time.perf_counter() - t0
+        return self._exported(nbytes, gpu, stream_in)
+
+    def _exported(self, nbytes: int, gpu: int, fill: Callable[[Any], float]) -> Exported:
+        """Exportable memory for ``nbytes`` on ``gpu``, mapped and filled by ``fill(va)`` (which
+        returns the seconds its copy took), then exported as an fd; freed again on any failure."""
+        cu = driver()
+        _use_device(gpu)
+        prop = self._prop(gpu)
+        size = self._size(nbytes, prop)
+        handle = check(cu.cuMemCreate(size, prop, 0), f"cuMemCreate({size}) on gpu {gpu}")
+        va = None
+        try:
+            va = self._mapped(handle, size, prop)
+            seconds = fill(va)
             fd = int(check(cu.cuMemExportToShareableHandle(
                 handle, cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
                 "cuMemExportToShareableHandle"))
